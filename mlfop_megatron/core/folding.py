@@ -1,0 +1,144 @@
+"""Multi-level folding of one accumulation window (K micro-steps) into a single gradient.
+
+Level 0 is micro-step 1; level j >= 1 covers micro-steps L_{j-1}+1 .. L_j. Its mean gradient
+h_j is folded into the running estimate z by FOP with weights (L_{j-1}, L_j - L_{j-1}).
+The metric (and basis) is the one from the previous optimizer step, fixed for the window.
+With folding off there is a single level and the result is the plain mean, bitwise.
+This module knows nothing about torch.distributed: callers pass level means that are already
+reduced across data-parallel ranks, and a ``reduce_fn`` for tensor-parallel inner products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mlfop_megatron.config import FoldingConfig
+from mlfop_megatron.core.fop import FoldCoefficients, ReduceFn, apply_fold, fold_coefficients
+from mlfop_megatron.core.levels import LevelSchedule
+
+RotateFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LevelDiagnostics:
+    """Per-block scalars of one fold (tensors of length num_blocks)."""
+
+    level: int
+    s: torch.Tensor
+    beta: torch.Tensor
+    cosine: torch.Tensor
+    ratio: torch.Tensor
+    sums: torch.Tensor
+
+    def summary(self) -> dict[str, float]:
+        """Aggregates over blocks: norm-weighted cosine and ratio, mean s and beta."""
+        from mlfop_megatron.core.fop import AA, AD, DD
+
+        total = self.sums.sum(dim=0)
+        return {
+            "level": float(self.level),
+            "s_mean": float(self.s.mean()),
+            "beta_mean": float(self.beta.mean()),
+            "beta_absmax": float(self.beta.abs().max()),
+            "ratio": float(total[DD].sqrt() / total[AA].clamp_min(1e-300).sqrt()),
+            "a_dot_d": float(total[AD]),
+            "cosine_mean": float(self.cosine.mean()),
+        }
+
+
+@dataclass
+class WindowFolder:
+    """Accumulates and folds the micro-step gradients of one window for a list of blocks."""
+
+    schedule: LevelSchedule
+    cfg: FoldingConfig
+    rotate_fns: Sequence[RotateFn]
+    metric_diags: Sequence[torch.Tensor | None]
+    reduce_fn: ReduceFn | None = None
+    micro_steps: int = 0
+    level_sums: list[torch.Tensor | None] = field(default_factory=list)
+    estimate: list[torch.Tensor | None] = field(default_factory=list)
+    estimate_rot: list[torch.Tensor | None] = field(default_factory=list)
+    diagnostics: list[LevelDiagnostics] = field(default_factory=list)
+    finite: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.rotate_fns)
+        if len(self.metric_diags) != n:
+            raise ValueError("WindowFolder needs one metric diagonal per block")
+        self.level_sums = [None] * n
+        self.estimate = [None] * n
+        self.estimate_rot = [None] * n
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.rotate_fns)
+
+    @property
+    def complete(self) -> bool:
+        return self.micro_steps == self.schedule.accumulation_steps
+
+    def add_micro_step(self, grads: Sequence[torch.Tensor]) -> None:
+        """Add one micro-step's gradients (one per block); folds when a level ends."""
+        if len(grads) != self.num_blocks:
+            raise ValueError(f"expected {self.num_blocks} gradients, got {len(grads)}")
+        if self.complete:
+            raise ValueError(
+                f"more than accumulation_steps={self.schedule.accumulation_steps} micro-steps "
+                "in one window; call step() after the last micro-step"
+            )
+        flags = []
+        for i, g in enumerate(grads):
+            flags.append(torch.isfinite(g).all())
+            current = self.level_sums[i]
+            if current is None:
+                self.level_sums[i] = g.detach().clone()
+            else:
+                current.add_(g)
+        step_finite = torch.stack(flags).all()
+        self.finite = step_finite if self.finite is None else self.finite & step_finite
+        self.micro_steps += 1
+        level = self.schedule.level_ending_at(self.micro_steps)
+        if level is not None:
+            size = self.schedule.level_size(level)
+            means = []
+            for i in range(self.num_blocks):
+                mean = self.level_sums[i]
+                mean.div_(size)
+                means.append(mean)
+                self.level_sums[i] = None
+            self.fold_level(level, means)
+
+    def fold_level(self, level: int, level_means: Sequence[torch.Tensor]) -> None:
+        """Fold a completed level's mean gradients (taken over by the folder, not copied)."""
+        last = level == self.schedule.num_levels - 1
+        if level == 0:
+            for i, mean in enumerate(level_means):
+                self.estimate[i] = mean
+                if not last:
+                    self.estimate_rot[i] = self.rotate_fns[i](mean)
+            return
+        n_z, n_h = self.schedule.fold_weights(level)
+        h_rot = [rot(h) for rot, h in zip(self.rotate_fns, level_means)]
+        coef: FoldCoefficients = fold_coefficients(
+            self.estimate_rot, h_rot, self.metric_diags, n_z, n_h, self.cfg, self.reduce_fn
+        )
+        for i, h in enumerate(level_means):
+            apply_fold(self.estimate[i], h, coef.cz[i], coef.ch[i])
+            apply_fold(self.estimate_rot[i], h_rot[i], coef.cz[i], coef.ch[i])
+        if self.cfg.diagnostics:
+            self.diagnostics.append(
+                LevelDiagnostics(level, coef.s, coef.beta, coef.cosine, coef.ratio, coef.sums)
+            )
+
+    def result(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The folded gradient per block and its rotated form (None where not computed)."""
+        if not self.complete:
+            raise ValueError(
+                f"the window has {self.micro_steps} micro-steps but accumulation_steps="
+                f"{self.schedule.accumulation_steps}; call accumulate() once per micro-batch"
+            )
+        return list(self.estimate), list(self.estimate_rot)

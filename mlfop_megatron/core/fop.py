@@ -1,0 +1,148 @@
+"""Fisher-Orthogonal Projection (FOP) between two gradient estimates.
+
+All inner products are taken in the rotated (eigen) coordinates of the SOAP preconditioner,
+where the metric is diagonal: M = diag(D) with D = sqrt(v_hat) + eps, or M = I (D is None)
+before the first basis exists. For two estimates z, h with weights wz + wh = 1:
+
+    a = wz z + wh h,  d = z - h
+    s = <d, M a> / (<a, M a> + eps);          d_perp = d - s a
+    beta = <a, M^-1 d_perp> / (<d_perp, M^-1 d_perp> + eps)
+    FOP_accum(z, h) = a + beta d_perp = cz z + ch h
+
+Because the result is a linear combination of z and h with scalar coefficients, the caller can
+update both the original-space and the rotated-space estimate without extra rotations.
+Scalars stay as tensors (no host sync) and are computed for many blocks at once; an optional
+``reduce_fn`` sums the partial inner products across ranks (tensor parallelism).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mlfop_megatron.config import FoldingConfig
+
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Column indices of the phase-1 and phase-2 partial sums.
+AMA, DMA, AA, AD, DD = range(5)
+A_MI_DP, DP_MI_DP, D_MI_D = range(3)
+
+
+@dataclass
+class FoldCoefficients:
+    """Per-block results of one fold: z_new = cz z + ch h, plus diagnostics."""
+
+    cz: torch.Tensor
+    ch: torch.Tensor
+    s: torch.Tensor
+    beta: torch.Tensor
+    cosine: torch.Tensor  # Euclidean cosine between z and h (before the fold)
+    ratio: torch.Tensor  # ||d|| / ||a||, the variance ratio
+    sums: torch.Tensor  # phase-1 sums [n, 5], kept for aggregated diagnostics
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.dot(x.reshape(-1), y.reshape(-1))
+
+
+def phase1_sums(a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
+    """[<a,Ma>, <d,Ma>, <a,a>, <a,d>, <d,d>] for one block in rotated coordinates."""
+    ma = a if diag is None else a * diag
+    return torch.stack([_dot(a, ma), _dot(d, ma), _dot(a, a), _dot(a, d), _dot(d, d)])
+
+
+def phase2_sums(
+    a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None, s: torch.Tensor
+) -> torch.Tensor:
+    """[<a,M^-1 d_perp>, <d_perp,M^-1 d_perp>, <d,M^-1 d>] with d_perp = d - s a."""
+    d_perp = d - s * a
+    mi_dp = d_perp if diag is None else d_perp / diag
+    mi_d = d if diag is None else d / diag
+    return torch.stack([_dot(a, mi_dp), _dot(d_perp, mi_dp), _dot(d, mi_d)])
+
+
+def default_parallel_tol(dtype: torch.dtype) -> float:
+    """Relative size below which d_perp is rounding noise: 10 sqrt(machine eps)."""
+    return 10.0 * float(torch.finfo(dtype).eps) ** 0.5
+
+
+def fold_coefficients(
+    z_rot: Sequence[torch.Tensor],
+    h_rot: Sequence[torch.Tensor],
+    diags: Sequence[torch.Tensor | None],
+    n_z: int,
+    n_h: int,
+    cfg: FoldingConfig,
+    reduce_fn: ReduceFn | None = None,
+) -> FoldCoefficients:
+    """FOP coefficients for a batch of blocks (rotated estimates z, h; metric diagonals)."""
+    if not (len(z_rot) == len(h_rot) == len(diags)) or not z_rot:
+        raise ValueError("fold_coefficients needs equally many (>0) z, h and metric blocks")
+    wz, wh = n_z / (n_z + n_h), n_h / (n_z + n_h)
+    acc_dtype = torch.float64
+    a_list = [wz * z + wh * h for z, h in zip(z_rot, h_rot)]
+    d_list = [z - h for z, h in zip(z_rot, h_rot)]
+    sums1 = torch.stack(
+        [phase1_sums(a, d, m).to(acc_dtype) for a, d, m in zip(a_list, d_list, diags)]
+    )
+    if reduce_fn is not None:
+        sums1 = reduce_fn(sums1)
+    eps = cfg.fop_eps
+    if cfg.project:
+        s = sums1[:, DMA] / (sums1[:, AMA] + eps)
+    else:
+        s = torch.zeros_like(sums1[:, DMA])
+    if cfg.fixed_beta is not None:
+        beta = torch.full_like(s, cfg.fixed_beta)
+    else:
+        sums2 = torch.stack(
+            [
+                phase2_sums(a, d, m, s_i.to(a.dtype)).to(acc_dtype)
+                for a, d, m, s_i in zip(a_list, d_list, diags, s)
+            ]
+        )
+        if reduce_fn is not None:
+            sums2 = reduce_fn(sums2)
+        tol = cfg.parallel_tol
+        if tol is None:
+            tol = default_parallel_tol(z_rot[0].dtype)
+        beta = sums2[:, A_MI_DP] / (sums2[:, DP_MI_DP] + eps)
+        parallel = sums2[:, DP_MI_DP] <= (tol * tol) * sums2[:, D_MI_D]
+        beta = torch.where(parallel, torch.zeros_like(beta), beta)
+        if cfg.beta_max is not None:
+            beta = beta.clamp(-cfg.beta_max, cfg.beta_max)
+    keep = 1.0 - beta * s
+    cz = keep * wz + beta
+    ch = keep * wh - beta
+    aa, ad, dd = sums1[:, AA], sums1[:, AD], sums1[:, DD]
+    zh = aa + (wh - wz) * ad - wz * wh * dd
+    zz = aa + 2 * wh * ad + wh * wh * dd
+    hh = aa - 2 * wz * ad + wz * wz * dd
+    cosine = zh / (zz * hh).clamp_min(1e-300).sqrt()
+    ratio = dd.sqrt() / aa.clamp_min(1e-300).sqrt()
+    return FoldCoefficients(cz, ch, s, beta, cosine, ratio, sums1)
+
+
+def apply_fold(
+    z: torch.Tensor, h: torch.Tensor, cz: torch.Tensor, ch: torch.Tensor
+) -> torch.Tensor:
+    """In place z <- cz z + ch h (0-d tensor coefficients, no host sync)."""
+    return z.mul_(cz.to(z.dtype)).addcmul_(h, ch.to(z.dtype))
+
+
+def fop_accum(
+    z: torch.Tensor,
+    h: torch.Tensor,
+    n_z: int,
+    n_h: int,
+    cfg: FoldingConfig,
+    rotate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    diag: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, FoldCoefficients]:
+    """FOP_accum(z, h) for one block in original coordinates (convenience, not the hot path)."""
+    rot = rotate if rotate is not None else (lambda x: x)
+    coef = fold_coefficients([rot(z)], [rot(h)], [diag], n_z, n_h, cfg)
+    return apply_fold(z.clone(), h, coef.cz[0], coef.ch[0]), coef

@@ -1,0 +1,174 @@
+"""SOAP on one matrix block: Adam in the eigenbasis of Shampoo's Kronecker factors.
+
+State of a block (a plain dict so torch's optimizer state_dict can carry it):
+  step         number of moment updates done so far (t)
+  initialized  True once the first (statistics-only) step has run
+  L, R         Kronecker factors (absent on a side that is not rotated)
+  QL, QR       orthogonal bases, eigenvectors by descending eigenvalue (absent: identity)
+  exp_avg      first moment, in rotated coordinates
+  exp_avg_sq   second moment, in rotated coordinates
+A block whose sides are both identity is plain AdamW (used for 1-D params).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mlfop_megatron.config import SOAPConfig
+from mlfop_megatron.core.linalg import LinalgCounters, qr_refresh_basis, robust_eigh_basis
+
+State = dict
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How a parameter is viewed as a matrix and which sides get a rotation."""
+
+    rows: int
+    cols: int
+    rotate_left: bool
+    rotate_right: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+
+def block_layout(shape: torch.Size | tuple[int, ...], cfg: SOAPConfig) -> BlockLayout:
+    """Matrix view of a parameter: n-D tensors merge to (dim0, prod(rest)); 1-D -> (1, n)."""
+    if len(shape) == 0:
+        return BlockLayout(1, 1, False, False)
+    if len(shape) == 1:
+        n = int(shape[0])
+        return BlockLayout(1, n, False, cfg.precondition_1d and n <= cfg.max_precond_dim)
+    rows = int(shape[0])
+    cols = math.prod(int(s) for s in shape[1:])
+    return BlockLayout(rows, cols, rows <= cfg.max_precond_dim, cols <= cfg.max_precond_dim)
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Optimizer state precision: fp64 for fp64 params, fp32 otherwise (bf16/fp16 included)."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def init_state(layout: BlockLayout, dtype: torch.dtype, device: torch.device) -> State:
+    """Zero state for a block; bases are created by the first step."""
+    state: State = {
+        "step": 0,
+        "initialized": False,
+        "exp_avg": torch.zeros(layout.shape, dtype=dtype, device=device),
+        "exp_avg_sq": torch.zeros(layout.shape, dtype=dtype, device=device),
+    }
+    if layout.rotate_left:
+        state["L"] = torch.zeros(layout.rows, layout.rows, dtype=dtype, device=device)
+    if layout.rotate_right:
+        state["R"] = torch.zeros(layout.cols, layout.cols, dtype=dtype, device=device)
+    return state
+
+
+def rotate(x: torch.Tensor, state: State) -> torch.Tensor:
+    """rot(X) = QL^T X QR (identity on a side without a basis)."""
+    if "QL" in state:
+        x = state["QL"].T @ x
+    if "QR" in state:
+        x = x @ state["QR"]
+    return x
+
+
+def unrotate(x: torch.Tensor, state: State) -> torch.Tensor:
+    """unrot(X) = QL X QR^T."""
+    if "QL" in state:
+        x = state["QL"] @ x
+    if "QR" in state:
+        x = x @ state["QR"].T
+    return x
+
+
+def metric_diag(state: State, cfg: SOAPConfig) -> torch.Tensor | None:
+    """Diagonal of the SOAP metric in rotated coordinates, sqrt(v_hat)+eps; None means M = I."""
+    t = state.get("step", 0)
+    if not state.get("initialized", False) or t == 0:
+        return None
+    v_hat = state["exp_avg_sq"] / (1.0 - cfg.betas[1] ** t)
+    return v_hat.sqrt_().add_(cfg.eps)
+
+
+def update_factors(state: State, grad: torch.Tensor, factor_beta: float) -> None:
+    """L <- b L + (1-b) G G^T and R <- b R + (1-b) G^T G."""
+    if "L" in state:
+        state["L"].mul_(factor_beta).addmm_(grad, grad.T, alpha=1.0 - factor_beta)
+    if "R" in state:
+        state["R"].mul_(factor_beta).addmm_(grad.T, grad, alpha=1.0 - factor_beta)
+
+
+def init_bases(state: State, counters: LinalgCounters) -> None:
+    """First bases from a full eigendecomposition of the factors."""
+    if "L" in state:
+        state["QL"] = robust_eigh_basis(state["L"], state.get("QL"), counters)
+    if "R" in state:
+        state["QR"] = robust_eigh_basis(state["R"], state.get("QR"), counters)
+    state["initialized"] = True
+
+
+def refresh_bases(state: State, method: str, counters: LinalgCounters) -> None:
+    """Refresh the bases; permute v with the basis, re-express m exactly in the new basis."""
+    for factor_key, basis_key, dim in (("L", "QL", 0), ("R", "QR", 1)):
+        if factor_key not in state:
+            continue
+        old = state[basis_key]
+        if method == "qr":
+            new, order = qr_refresh_basis(state[factor_key], old, counters)
+            if order is not None:
+                state["exp_avg_sq"] = state["exp_avg_sq"].index_select(dim, order)
+        else:
+            new = robust_eigh_basis(state[factor_key], old, counters)
+        if new is old:
+            continue
+        change = new.T @ old  # maps old rotated coordinates to new rotated coordinates
+        if dim == 0:
+            state["exp_avg"] = change @ state["exp_avg"]
+        else:
+            state["exp_avg"] = state["exp_avg"] @ change.T
+        state[basis_key] = new
+
+
+def soap_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: State,
+    cfg: SOAPConfig,
+    counters: LinalgCounters,
+    lr: float,
+    weight_decay: float,
+    grad_rot: torch.Tensor | None = None,
+) -> bool:
+    """One SOAP step on a matrix view ``param`` with gradient ``grad`` (same 2-D shape).
+
+    ``grad_rot`` may pass rot(grad) when the caller already has it (folding computes it).
+    Returns False on the first, statistics-only step (no parameter change), True otherwise.
+    """
+    if not state["initialized"]:
+        update_factors(state, grad, cfg.factor_beta)
+        init_bases(state, counters)
+        return False
+    beta1, beta2 = cfg.betas
+    g_rot = rotate(grad, state) if grad_rot is None else grad_rot
+    state["step"] += 1
+    t = state["step"]
+    state["exp_avg"].mul_(beta1).add_(g_rot, alpha=1.0 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(g_rot, g_rot, value=1.0 - beta2)
+    step_size = lr
+    if cfg.correct_bias:
+        step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+    normalized = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(cfg.eps)
+    direction = unrotate(normalized, state)
+    param.add_(direction.to(param.dtype), alpha=-step_size)
+    if weight_decay > 0.0:
+        param.add_(param, alpha=-lr * weight_decay)
+    update_factors(state, grad, cfg.factor_beta)
+    if t % cfg.precondition_frequency == 0:
+        refresh_bases(state, cfg.refresh_method, counters)
+    return True

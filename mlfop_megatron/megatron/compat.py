@@ -1,0 +1,124 @@
+"""Single home for every private or version-dependent megatron-core access.
+
+The plugin supports megatron-core 0.16 to 0.19 (0.16.1 is what pip resolves on Python 3.11;
+0.17+ need Python >= 3.12). Anything that reaches into a private module, a leading-underscore
+name or behaviour that changed between releases must be imported from here, so that a new
+megatron-core release means editing one file. Public, documented entry points
+(``megatron.core.parallel_state``, ``megatron.core.distributed.DistributedDataParallel``, ...)
+may be imported directly elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Callable
+from importlib import metadata
+from types import ModuleType
+from typing import Any
+
+import torch
+
+MIN_VERSION: tuple[int, int, int] = (0, 16, 1)
+MAX_VERSION_EXCLUSIVE: tuple[int, int, int] = (0, 20, 0)
+
+# Message logged by megatron's CudaRNGStatesTracker.fork (tensor_parallel/random.py, 0.16-0.19).
+_RNG_FORK_WARNING = "CPU RNG state changed within GPU RNG context"
+_RNG_LOGGER = "megatron.core.tensor_parallel.random"
+
+
+def _parse_version(text: str) -> tuple[int, int, int]:
+    """Parse 'X.Y.Z[suffix]' into a comparable (X, Y, Z) tuple without needing packaging."""
+    nums = [int(n) for n in re.findall(r"\d+", text)[:3]]
+    return tuple(nums + [0] * (3 - len(nums)))  # type: ignore[return-value]
+
+
+def megatron_core_version() -> tuple[int, int, int]:
+    """Installed megatron-core version as (major, minor, patch); raises if not installed."""
+    try:
+        text = metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:
+        from megatron.core import package_info  # source checkout without dist metadata
+
+        text = package_info.__version__
+    return _parse_version(text)
+
+
+def check_megatron_core_version(strict: bool = False) -> tuple[int, int, int]:
+    """Warn (or raise when strict) if megatron-core is outside the supported range."""
+    version = megatron_core_version()
+    if not MIN_VERSION <= version < MAX_VERSION_EXCLUSIVE:
+        msg = (
+            f"megatron-core {'.'.join(map(str, version))} is outside the supported range "
+            f">={'.'.join(map(str, MIN_VERSION))},<{'.'.join(map(str, MAX_VERSION_EXCLUSIVE))}"
+        )
+        if strict:
+            raise RuntimeError(msg)
+        warnings.warn(msg, stacklevel=2)
+    return version
+
+
+def rng_module() -> ModuleType:
+    """Megatron's tensor_parallel.random module (home of the private CUDA RNG state helpers)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    return mrandom
+
+
+def patch_rng_state_functions(
+    get_state: Callable[..., torch.Tensor], set_state: Callable[..., None]
+) -> Callable[[], None]:
+    """Replace megatron's private _get/_set_cuda_rng_state; returns a function that restores them.
+
+    CudaRNGStatesTracker.fork/add and the activation-checkpoint code look these names up as
+    module globals at call time, so rebinding the module attributes is sufficient.
+    """
+    mod = rng_module()
+    old_get, old_set = mod._get_cuda_rng_state, mod._set_cuda_rng_state
+    mod._get_cuda_rng_state = get_state
+    mod._set_cuda_rng_state = set_state
+
+    def restore() -> None:
+        mod._get_cuda_rng_state = old_get
+        mod._set_cuda_rng_state = old_set
+
+    return restore
+
+
+class _DropMessage(logging.Filter):
+    """Logging filter that drops records whose message starts with a fixed prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def silence_rng_fork_warning() -> Callable[[], None]:
+    """Drop the tracker's 'CPU RNG state changed' warning (expected when cuda RNG == CPU RNG)."""
+    logger = logging.getLogger(_RNG_LOGGER)
+    flt = _DropMessage(_RNG_FORK_WARNING)
+    logger.addFilter(flt)
+    return lambda: logger.removeFilter(flt)
+
+
+def reset_rng_tracker() -> None:
+    """Drop megatron's global RNG tracker so the next seeding call builds a fresh one."""
+    mod = rng_module()
+    if hasattr(mod, "initialize_rng_tracker"):
+        mod.initialize_rng_tracker(force_reset=True)
+    else:  # older layouts kept only the module global
+        mod._CUDA_RNG_STATE_TRACKER = mod.CudaRNGStatesTracker()
+
+
+def ddp_bucket_groups(ddp_model: Any) -> list[Any]:
+    """All bucket groups (dense + expert) of a megatron DistributedDataParallel instance."""
+    return list(ddp_model.bucket_groups) + list(ddp_model.expert_parallel_bucket_groups)
+
+
+def ddp_buffers(ddp_model: Any) -> list[Any]:
+    """All param-and-grad buffers (dense + expert) of a megatron DistributedDataParallel."""
+    return list(ddp_model.buffers) + list(ddp_model.expert_parallel_buffers)

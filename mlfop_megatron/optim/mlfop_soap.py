@@ -1,0 +1,233 @@
+"""``MLFOPSOAP``: ML-FOP-SOAP as a torch.optim.Optimizer for plain PyTorch training loops.
+
+Gradient accumulation with folding::
+
+    opt = MLFOPSOAP(model.parameters(), lr=3e-3, accumulation_steps=4)
+    for batch in loader:
+        for micro in split(batch, 4):
+            loss_fn(model(micro)).backward()   # per-micro-batch mean loss, not divided by K
+            opt.accumulate()                    # folds p.grad into the window, clears p.grad
+        opt.step()
+
+Calling ``step()`` without ``accumulate()`` uses ``p.grad`` as the step's gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from mlfop_megatron.config import FoldingConfig, MLFOPConfig, SOAPConfig
+from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder
+from mlfop_megatron.core.levels import LevelSchedule
+from mlfop_megatron.core.linalg import LinalgCounters
+from mlfop_megatron.core.soap import (
+    block_layout,
+    init_state,
+    metric_diag,
+    rotate,
+    soap_step,
+    state_dtype,
+)
+
+STATS_KEY = "__mlfop_stats__"
+# Per-group options that may differ between param groups (everything in SOAPConfig).
+_GROUP_OPTIONS = tuple(asdict(SOAPConfig()).keys())
+
+
+class MLFOPSOAP(torch.optim.Optimizer):
+    """SOAP preconditioning + FOP multi-level folding of accumulated micro-step gradients."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        config: MLFOPConfig | None = None,
+        **options: Any,
+    ) -> None:
+        if config is None:
+            config = MLFOPConfig.from_kwargs(**options)
+        elif options:
+            raise ValueError("pass either config=MLFOPConfig(...) or keyword options, not both")
+        self.config = config
+        self.folding_config: FoldingConfig = config.folding
+        self.schedule = LevelSchedule.from_config(config.folding)
+        defaults = {name: getattr(config.soap, name) for name in _GROUP_OPTIONS}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._group_config(group)  # validate per-group overrides now
+        self.counters = LinalgCounters()
+        self.skipped_steps = 0
+        self.steps = 0
+        self._folder: WindowFolder | None = None
+        self._window_params: list[torch.Tensor] = []
+        self.last_diagnostics: list[LevelDiagnostics] = []
+
+    # ----------------------------------------------------------------- helpers
+    @staticmethod
+    def _group_config(group: dict[str, Any]) -> SOAPConfig:
+        """The validated SOAP config of a param group (groups may override any option)."""
+        return SOAPConfig(**{name: group[name] for name in _GROUP_OPTIONS})
+
+    def _param_state(self, p: torch.Tensor, cfg: SOAPConfig) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            layout = block_layout(p.shape, cfg)
+            state.update(init_state(layout, state_dtype(p.dtype), p.device))
+        return state
+
+    def _matrix_grad(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Gradient as the block's matrix view, in state precision."""
+        shape = self.state[p]["exp_avg"].shape
+        return grad.detach().reshape(shape).to(state_dtype(p.dtype))
+
+    def _trainable(self) -> list[tuple[torch.Tensor, SOAPConfig]]:
+        """(param, its group's config) for every trainable param, in group order."""
+        out = []
+        for group in self.param_groups:
+            cfg = self._group_config(group)
+            out.extend((p, cfg) for p in group["params"] if p.requires_grad)
+        return out
+
+    def _groups_by_param(self) -> dict[torch.Tensor, tuple[SOAPConfig, dict[str, Any]]]:
+        return {
+            p: (self._group_config(group), group)
+            for group in self.param_groups
+            for p in group["params"]
+        }
+
+    # ------------------------------------------------------------ accumulation
+    def accumulate(self) -> None:
+        """Fold the current ``p.grad`` of every param into the window as one micro-step.
+
+        Clears ``p.grad`` so the next backward produces a fresh micro-step gradient.
+        """
+        pairs = [(p, cfg) for p, cfg in self._trainable() if p.grad is not None]
+        if self._folder is None:
+            if not pairs:
+                raise ValueError("accumulate() found no parameter with a gradient")
+            params = [p for p, _ in pairs]
+            states = [self._param_state(p, cfg) for p, cfg in pairs]
+            self._window_params = params
+            self._folder = WindowFolder(
+                self.schedule,
+                self.folding_config,
+                rotate_fns=[lambda x, s=s: rotate(x, s) for s in states],
+                metric_diags=[metric_diag(s, cfg) for s, (_, cfg) in zip(states, pairs)],
+            )
+        elif [p for p, _ in pairs] != self._window_params:
+            raise ValueError(
+                "the set of parameters with gradients changed inside an accumulation window; "
+                "every micro-step must produce gradients for the same parameters"
+            )
+        grads = [self._matrix_grad(p, p.grad) for p, _ in pairs]
+        self._folder.add_micro_step(grads)
+        for p, _ in pairs:
+            p.grad = None
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Apply one optimizer step; a non-finite gradient skips it without touching state."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params, grads, grads_rot, finite = self._collect_gradients()
+        self._folder = None
+        if not params:
+            return loss
+        if not bool(finite):
+            self.skipped_steps += 1
+            return loss
+        groups = self._groups_by_param()
+        for p, g, g_rot in zip(params, grads, grads_rot):
+            cfg, group = groups[p]
+            state = self.state[p]
+            soap_step(
+                p.data.view(state["exp_avg"].shape),
+                g,
+                state,
+                cfg,
+                self.counters,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                grad_rot=g_rot,
+            )
+        self.steps += 1
+        return loss
+
+    def _collect_gradients(self):
+        """(params, grads, rotated grads, finite flag) from the window or from p.grad."""
+        if self._folder is not None:
+            grads, grads_rot = self._folder.result()
+            self.last_diagnostics = self._folder.diagnostics
+            finite = self._folder.finite
+            return self._window_params, grads, grads_rot, finite
+        if self.schedule.accumulation_steps > 1:
+            raise ValueError(
+                f"accumulation_steps={self.schedule.accumulation_steps} but step() was called "
+                "without accumulate(); call accumulate() after each micro-batch backward, or "
+                "set accumulation_steps=1"
+            )
+        params, grads = [], []
+        for p, cfg in self._trainable():
+            if p.grad is None:
+                continue
+            self._param_state(p, cfg)
+            params.append(p)
+            grads.append(self._matrix_grad(p, p.grad))
+        self.last_diagnostics = []
+        flags = [torch.isfinite(g).all() for g in grads]
+        finite = torch.stack(flags).all() if flags else torch.tensor(True)
+        return params, grads, [None] * len(grads), finite
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        """Counters and the last window's per-level folding diagnostics."""
+        out: dict[str, Any] = {"steps": self.steps, "skipped_steps": self.skipped_steps}
+        out.update(self.counters.as_dict())
+        out["levels"] = [d.summary() for d in self.last_diagnostics]
+        return out
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self._folder is not None:
+            raise RuntimeError(
+                "state_dict() called inside an accumulation window; checkpoint after step()"
+            )
+        self.state[STATS_KEY] = {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "counters": self.counters.as_dict(),
+        }
+        try:
+            return super().state_dict()
+        finally:
+            del self.state[STATS_KEY]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load; tensors keep their saved dtype (torch would cast factors to the param dtype)."""
+        saved = copy.deepcopy(state_dict)
+        super().load_state_dict(state_dict)
+        stats = self.state.pop(STATS_KEY, None)
+        if stats is not None:
+            self.steps = stats["steps"]
+            self.skipped_steps = stats["skipped_steps"]
+            self.counters = LinalgCounters(**stats["counters"])
+        id_to_param = {}
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                id_to_param[index] = p
+                index += 1
+        for key, value in saved["state"].items():
+            if key in id_to_param:
+                p = id_to_param[key]
+                self.state[p] = {
+                    k: v.to(p.device) if torch.is_tensor(v) else v for k, v in value.items()
+                }
+        self._folder = None

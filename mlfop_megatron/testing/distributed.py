@@ -1,0 +1,194 @@
+"""Run a function in N spawned gloo processes and initialise megatron parallel state on CPU.
+
+Used by the tests and the CPU demo. ``run_distributed(fn, world_size, *args)`` spawns one
+process per rank (``spawn`` start method, so ``fn`` must be a module-level function and the
+calling script needs an ``if __name__ == "__main__"`` guard), initialises a gloo world on a free
+127.0.0.1 port, calls ``fn(*args)`` and returns every rank's return value in rank order. A rank
+that raises, dies, or a run that exceeds ``timeout`` stops all ranks and raises
+:class:`DistributedRunError` with the failing rank's traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class DistributedRunError(RuntimeError):
+    """A spawned rank failed, died or timed out; the message carries its traceback."""
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _child(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    args: tuple[Any, ...],
+    results: Any,
+    threads: int,
+    emulate_cuda: bool,
+    pg_timeout_s: float,
+) -> None:
+    """Per-rank entry point: set up the gloo world, run fn, report result or traceback."""
+    try:
+        torch.set_num_threads(threads)
+        if emulate_cuda:
+            from mlfop_megatron.testing.cpu_emulation import install_cpu_emulation
+
+            install_cpu_emulation()
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=pg_timeout_s),
+        )
+        # Plain pickle (not the queue's ForkingPickler) so tensors travel by value, not by
+        # shared-memory handles that die with this process.
+        message = (rank, True, pickle.dumps(fn(*args)))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        message = (rank, False, traceback.format_exc())
+    results.put(message)
+    with contextlib.suppress(Exception):
+        destroy_megatron_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Temporarily set environment variables (inherited by processes started inside)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300.0,
+    threads: int = 1,
+    emulate_cuda: bool = True,
+) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the results in rank order.
+
+    Inside ``fn`` use ``torch.distributed.get_rank()`` for the rank. ``emulate_cuda`` installs
+    :mod:`mlfop_megatron.testing.cpu_emulation` in every rank before the world is created.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = find_free_port()
+    procs = []
+    with _env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)):
+        for rank in range(world_size):
+            p = ctx.Process(
+                target=_child,
+                args=(fn, rank, world_size, port, args, results, threads, emulate_cuda, timeout),
+                daemon=True,
+            )
+            p.start()
+            procs.append(p)
+    outputs: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outputs) < world_size:
+            try:
+                rank, ok, payload = results.get(timeout=0.2)
+            except queue.Empty:
+                _check_alive(procs, outputs, deadline, timeout)
+                continue
+            if not ok:
+                raise DistributedRunError(f"rank {rank} of {world_size} failed:\n{payload}")
+            outputs[rank] = pickle.loads(payload)
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+        results.close()
+    return [outputs[r] for r in range(world_size)]
+
+
+def _check_alive(procs: list[Any], outputs: dict[int, Any], deadline: float, timeout: float):
+    """Raise if a rank exited without reporting or the deadline passed."""
+    for rank, p in enumerate(procs):
+        if rank not in outputs and not p.is_alive() and p.exitcode not in (None, 0):
+            raise DistributedRunError(f"rank {rank} died with exit code {p.exitcode}")
+    if time.monotonic() > deadline:
+        missing = sorted(set(range(len(procs))) - set(outputs))
+        raise DistributedRunError(f"timeout after {timeout:.0f}s; ranks {missing} did not finish")
+
+
+def init_megatron_parallel(
+    tp: int = 1, pp: int = 1, seed: int = 1234, **parallel_kwargs: Any
+) -> None:
+    """Initialise megatron parallel_state (TP x PP x DP over the world) and seed every RNG.
+
+    Requires an initialised torch.distributed world; DP = world_size / (tp * pp). On CPU the
+    cuda emulation must be installed first (run_distributed does that) because seeding goes
+    through megatron's CUDA RNG tracker.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from mlfop_megatron.megatron import compat
+
+    compat.check_megatron_core_version()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **parallel_kwargs
+    )
+    compat.reset_rng_tracker()
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def destroy_megatron_parallel() -> None:
+    """Tear down megatron parallel_state if megatron is loaded (safe to call repeatedly)."""
+    import sys
+
+    if "megatron.core.parallel_state" in sys.modules:
+        sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
+
+
+@contextlib.contextmanager
+def megatron_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, **kw: Any) -> Iterator[None]:
+    """Context manager: init_megatron_parallel on entry, destroy_megatron_parallel on exit."""
+    init_megatron_parallel(tp=tp, pp=pp, seed=seed, **kw)
+    try:
+        yield
+    finally:
+        destroy_megatron_parallel()

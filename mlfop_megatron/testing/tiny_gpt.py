@@ -1,0 +1,194 @@
+"""A tiny megatron-core GPTModel wrapped in Megatron DDP, plus a one-iteration training driver.
+
+For tests and the CPU demo: builds the model for the current megatron parallel_state (TP/PP
+from parallel_state, fp32, CPU initialisation, no dropout), wraps it in Megatron's
+DistributedDataParallel (or a subclass passed as ``ddp_class``) and runs one iteration through
+``get_forward_backward_func``. Synthetic tokens depend only on the *global* sample index, laid
+out as in Megatron (global batch = microbatches x DP x micro-batch, each microbatch slice is
+split across DP ranks), so DP=N with micro-batch b sees exactly the samples of DP=1 with
+micro-batch N*b.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer import TransformerConfig
+
+
+@dataclass(frozen=True)
+class TinyGPTConfig:
+    """Shape and DDP settings of the tiny GPT (TP/PP sizes come from parallel_state)."""
+
+    num_layers: int = 2
+    hidden_size: int = 32
+    num_attention_heads: int = 4
+    vocab_size: int = 64
+    seq_length: int = 16
+    tie_embeddings: bool = False
+    overlap_grad_reduce: bool = True
+    bucket_size: int | None = 2000  # elements; small so the tiny model gets several buckets
+    grad_reduce_in_fp32: bool = True
+    data_seed: int = 0
+
+
+def transformer_config(cfg: TinyGPTConfig) -> TransformerConfig:
+    """TransformerConfig for ``cfg`` on the current parallel_state (fp32, CPU init, no dropout)."""
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def build_tiny_gpt(
+    cfg: TinyGPTConfig | None = None,
+    ddp_class: type[DistributedDataParallel] = DistributedDataParallel,
+    ddp_config: DistributedDataParallelConfig | None = None,
+    **ddp_kwargs: Any,
+) -> DistributedDataParallel:
+    """Build this rank's GPTModel stage wrapped in ``ddp_class`` and wire the schedule hooks.
+
+    Weights depend only on the CPU RNG (seed it first, e.g. init_megatron_parallel), so DP
+    replicas are identical and TP shards are slices of the TP=1 weights. Sets
+    ``config.no_sync_func``, ``grad_sync_func`` and ``finalize_model_grads_func`` like
+    Megatron-LM's training loop so the schedules drive the DDP bucket machinery.
+    """
+    cfg = cfg or TinyGPTConfig()
+    config = transformer_config(cfg)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type="learned_absolute",
+    )
+    if ddp_config is None:
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
+            overlap_grad_reduce=cfg.overlap_grad_reduce,
+            use_distributed_optimizer=False,
+            bucket_size=cfg.bucket_size,
+        )
+    ddp = ddp_class(config=config, ddp_config=ddp_config, module=model, **ddp_kwargs)
+    config.no_sync_func = ddp.no_sync
+    config.grad_sync_func = ddp.start_grad_sync if ddp_config.overlap_grad_reduce else None
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def synthetic_sample(index: int, cfg: TinyGPTConfig) -> torch.Tensor:
+    """Tokens (seq_length + 1) of global sample ``index``: a learnable arithmetic progression."""
+    gen = torch.Generator().manual_seed(cfg.data_seed * 1_000_003 + index)
+    start = int(torch.randint(cfg.vocab_size, (1,), generator=gen))
+    step = 1 + index % 3
+    return (start + step * torch.arange(cfg.seq_length + 1)) % cfg.vocab_size
+
+
+def global_sample_indices(
+    iteration: int, microbatch: int, num_microbatches: int, micro_batch_size: int
+) -> list[int]:
+    """Global sample indices this DP rank uses for one microbatch of one iteration."""
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    first = (
+        iteration * num_microbatches * dp_size * micro_batch_size
+        + microbatch * dp_size * micro_batch_size
+        + dp_rank * micro_batch_size
+    )
+    return list(range(first, first + micro_batch_size))
+
+
+def microbatches(
+    cfg: TinyGPTConfig, iteration: int, num_microbatches: int, micro_batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This DP rank's microbatches for ``iteration`` (every PP stage gets the same stream)."""
+    for k in range(num_microbatches):
+        idx = global_sample_indices(iteration, k, num_microbatches, micro_batch_size)
+        tokens = torch.stack([synthetic_sample(i, cfg) for i in idx])
+        yield {
+            "tokens": tokens[:, :-1].contiguous(),
+            "labels": tokens[:, 1:].contiguous(),
+            "loss_mask": torch.ones(len(idx), cfg.seq_length),
+            "position_ids": torch.arange(cfg.seq_length).expand(len(idx), -1).contiguous(),
+        }
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Mean token loss of one microbatch (the schedule divides it by the microbatch count)."""
+    loss = (output_tensor.float() * loss_mask).sum() / loss_mask.sum()
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
+    """forward_step_func for megatron schedules: (output_tensor, loss_func)."""
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"], batch["position_ids"], None, labels=batch["labels"]
+    )
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def train_iteration(
+    model: DistributedDataParallel,
+    cfg: TinyGPTConfig,
+    iteration: int,
+    num_microbatches: int,
+    micro_batch_size: int,
+    zero_grad: bool = True,
+    forward_only: bool = False,
+) -> list[float]:
+    """Run forward+backward over ``num_microbatches``; grads end up reduced in main_grad.
+
+    Returns this rank's per-microbatch losses on the last pipeline stage, [] elsewhere.
+    """
+    if zero_grad and not forward_only:
+        model.zero_grad_buffer()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=microbatches(cfg, iteration, num_microbatches, micro_batch_size),
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=cfg.seq_length,
+        micro_batch_size=micro_batch_size,
+        decoder_seq_length=cfg.seq_length,
+        forward_only=forward_only,
+    )
+    return [float(d["lm loss"]) for d in losses] if losses else []
+
+
+def global_mean_loss(losses: list[float]) -> float:
+    """Mean loss over microbatches and DP ranks, broadcast from the last PP stage to all ranks."""
+    value = torch.tensor([sum(losses) / len(losses) if losses else 0.0], dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage():
+        torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= parallel_state.get_data_parallel_world_size()
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    torch.distributed.broadcast(value, src=last, group=pp_group)
+    return float(value)

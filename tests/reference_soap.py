@@ -1,0 +1,142 @@
+"""Dense, obviously-correct reference implementations used by the tests.
+
+Written straight from the equations in DESIGN.md section 1, with no shared code from the
+package: the first moment is kept in the ORIGINAL coordinates (the package keeps it rotated),
+so agreement checks the exact re-expression of m at every basis refresh. The same LAPACK
+routines (torch.linalg.eigh / qr) are used so that arbitrary choices inside degenerate
+eigenspaces (a tall gradient gives a rank-deficient factor) are made identically.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def eig_desc(f: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.eigh(f)[1].flip(1)
+
+
+class ReferenceSOAP:
+    """SOAP on one parameter, straight from the equations (1-D params: plain AdamW)."""
+
+    def __init__(self, w, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=None, eps=1e-8,
+                 weight_decay=0.01, precondition_frequency=10, max_precond_dim=10000,
+                 precondition_1d=False, correct_bias=True, refresh_method="qr"):
+        self.w = w.clone()
+        self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
+        self.bs = betas[1] if shampoo_beta is None else shampoo_beta
+        self.f, self.correct_bias, self.method = precondition_frequency, correct_bias, refresh_method
+        if w.ndim == 1:
+            self.rows, self.cols = 1, w.shape[0]
+            self.left, self.right = False, precondition_1d and w.shape[0] <= max_precond_dim
+        else:
+            self.rows, self.cols = w.shape[0], math.prod(w.shape[1:])
+            self.left = self.rows <= max_precond_dim
+            self.right = self.cols <= max_precond_dim
+        z = torch.zeros(self.rows, self.cols, dtype=w.dtype)
+        self.m, self.v = z.clone(), z.clone()  # m: ORIGINAL coordinates; v: rotated
+        self.L = torch.zeros(self.rows, self.rows, dtype=w.dtype)
+        self.R = torch.zeros(self.cols, self.cols, dtype=w.dtype)
+        self.QL = torch.eye(self.rows, dtype=w.dtype)
+        self.QR = torch.eye(self.cols, dtype=w.dtype)
+        self.t, self.started = 0, False
+
+    def adopt_initial_bases(self, ql, qr):
+        """Take another implementation's first bases after checking they solve L Q = Q diag.
+
+        A rank-deficient factor (tall or wide gradient) has a degenerate zero eigenspace in
+        which any orthonormal basis is a correct answer; adopting a verified one removes that
+        arbitrary choice from the comparison without trusting the other implementation.
+        """
+        for f, q, side in ((self.L, ql, self.left), (self.R, qr, self.right)):
+            if not side:
+                assert q is None
+                continue
+            eye = torch.eye(q.shape[0], dtype=q.dtype)
+            assert torch.allclose(q.T @ q, eye, atol=1e-10), "basis not orthonormal"
+            lam = torch.diag(q.T @ f @ q)
+            resid = (f @ q - q * lam).abs().max() / f.abs().max()
+            assert resid < 1e-10, f"not an eigenbasis (residual {resid:.1e})"
+            assert (lam[:-1] >= lam[1:] - 1e-12 * lam.abs().max()).all(), "not descending"
+        if self.left:
+            self.QL = ql.clone()
+        if self.right:
+            self.QR = qr.clone()
+
+    def rot(self, x):
+        return self.QL.T @ x @ self.QR
+
+    def unrot(self, x):
+        return self.QL @ x @ self.QR.T
+
+    def metric_diag(self):
+        if not self.started or self.t == 0:
+            return None
+        return (self.v / (1 - self.b2**self.t)).sqrt() + self.eps
+
+    def step(self, grad):
+        g = grad.reshape(self.rows, self.cols)
+        if not self.started:
+            self._factors(g)
+            if self.left:
+                self.QL = eig_desc(self.L)
+            if self.right:
+                self.QR = eig_desc(self.R)
+            self.started = True
+            return
+        self.t += 1
+        self.m = self.b1 * self.m + (1 - self.b1) * g
+        self.v = self.b2 * self.v + (1 - self.b2) * self.rot(g) ** 2
+        size = self.lr
+        if self.correct_bias:
+            size = self.lr * math.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
+        w = self.w.reshape(self.rows, self.cols)
+        w = w - size * self.unrot(self.rot(self.m) / (self.v.sqrt() + self.eps))
+        w = w - self.lr * self.wd * w
+        self.w = w.reshape(self.w.shape)
+        self._factors(g)
+        if self.t % self.f == 0:
+            self._refresh()
+
+    def _factors(self, g):
+        self.L = self.bs * self.L + (1 - self.bs) * (g @ g.T)
+        self.R = self.bs * self.R + (1 - self.bs) * (g.T @ g)
+
+    def _refresh(self):
+        if self.left:
+            self.QL, order = self._new_basis(self.L, self.QL)
+            if order is not None:
+                self.v = self.v[order, :]
+        if self.right:
+            self.QR, order = self._new_basis(self.R, self.QR)
+            if order is not None:
+                self.v = self.v[:, order]
+
+    def _new_basis(self, f, q):
+        if self.method == "eigh":
+            return eig_desc(f), None
+        order = torch.argsort(torch.diag(q.T @ f @ q), descending=True)
+        return torch.linalg.qr(f @ q[:, order])[0], order
+
+
+def reference_fop(z, h, nz, nh, diag=None, rot=None, eps=1e-30, beta_max=None):
+    """FOP_accum(z, h) with explicit dense metric matrices; returns (result, s, beta, d_perp)."""
+    rot = rot or (lambda x: x)
+    a = (nz * z + nh * h) / (nz + nh)
+    d = z - h
+    mdiag = torch.ones_like(rot(z)) if diag is None else diag
+
+    def m_inner(x, y):
+        return (rot(x) * mdiag * rot(y)).sum()
+
+    def mi_inner(x, y):
+        return (rot(x) / mdiag * rot(y)).sum()
+
+    s = m_inner(d, a) / (m_inner(a, a) + eps)
+    d_perp = d - s * a
+    beta = mi_inner(a, d_perp) / (mi_inner(d_perp, d_perp) + eps)
+    if beta_max is not None:
+        beta = beta.clamp(-beta_max, beta_max)
+    return a + beta * d_perp, s, beta, d_perp
