@@ -16,10 +16,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from mlfop_megatron.distributed.assignment import (
     Assignment,
+    Block,
     BlockingConfig,
     CostModel,
     LoadStats,
@@ -46,19 +47,27 @@ class SimRow:
     block_size: int | None
     stats: LoadStats
     speedup_vs_pingpong: float  # pingpong max flops / this max flops (step-time ratio)
+    work_vs_whole: float  # total flops / whole-param total flops (blocking changes the math)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _params(model: str, tp: int, include_adam: bool, fused: bool) -> tuple[ParamSpec, ...]:
     specs = model_shapes(model, tp, fuse_qkv=fused, fuse_gate_up=fused)
     return tuple(s for s in specs if include_adam or s.preconditioned)
 
 
 @lru_cache(maxsize=64)
-def _blocks(model: str, tp: int, include_adam: bool, fused: bool, block_size: int | None,
-            max_precond_dim: int) -> tuple:
-    return make_blocks(_params(model, tp, include_adam, fused),
-                       BlockingConfig(block_size, max_precond_dim))
+def _blocks(
+    model: str,
+    tp: int,
+    include_adam: bool,
+    fused: bool,
+    block_size: int | None,
+    max_precond_dim: int,
+) -> tuple[Block, ...]:
+    return make_blocks(
+        _params(model, tp, include_adam, fused), BlockingConfig(block_size, max_precond_dim)
+    )
 
 
 def simulate(
@@ -92,16 +101,28 @@ def simulate(
         return built[bs]
 
     pp = pingpong_assignment(params, dp, cost_model, max_precond_dim).stats(dtype_bytes)
-    rows = [SimRow(model, tp, dp, "pingpong", None, pp, 1.0)]
+    rows = [SimRow(model, tp, dp, "pingpong", None, pp, 1.0, 1.0)]
 
     def add(label: str, bs: int | None) -> None:
         st = lpt(bs).stats(dtype_bytes)
-        rows.append(SimRow(model, tp, dp, label, bs, st, pp.max_flops / st.max_flops))
+        rows.append(
+            SimRow(
+                model,
+                tp,
+                dp,
+                label,
+                bs,
+                st,
+                pp.max_flops / st.max_flops,
+                st.total_flops / pp.total_flops,
+            )
+        )
 
     if whole_lpt:
         add("lpt-whole", None)
     for bs in block_sizes:
-        add(f"lpt-b{bs}" if bs else "lpt-whole", bs)
+        if bs is not None or not whole_lpt:
+            add(f"lpt-b{bs}" if bs else "lpt-whole", bs)
     if auto_candidates:
         best: int | None = None
         for bs in sorted(auto_candidates, reverse=True):
@@ -115,9 +136,9 @@ def simulate(
 
 
 HEADER = (
-    f"{'model':<11}{'TP':>3}{'DP':>6}  {'strategy':<13}{'blocks':>7}{'idle':>6}"
-    f"{'cmp max/mean':>13}{'max GFLOP':>11}{'vs pp':>7}{'mem max/mean':>13}"
-    f"{'max GiB':>9}{'AG MiB':>9}{'padAG MiB':>11}"
+    f"{'model':<11}{'TP':>3}{'DP':>6}  {'strategy':<12}{'blocks':>7}{'idle':>5}"
+    f"{'cmp max/mean':>13}{'max GFLOP':>12}{'work':>6}{'vs pp':>8}{'mem max/mean':>13}"
+    f"{'max GiB':>9}{'AG MiB':>9}{'padAG MiB':>10}"
 )
 
 
@@ -125,10 +146,10 @@ def format_row(r: SimRow) -> str:
     """One fixed-width table line."""
     s = r.stats
     return (
-        f"{r.model:<11}{r.tp:>3}{r.dp:>6}  {r.strategy:<13}{s.num_blocks:>7}{s.idle_ranks:>6}"
-        f"{s.compute_balance:>13.3f}{s.max_flops / 1e9:>11.1f}{r.speedup_vs_pingpong:>6.2f}x"
-        f"{s.memory_balance:>13.3f}{s.max_memory_gib:>9.2f}"
-        f"{s.allgather_bytes / MIB:>9.0f}{s.padded_allgather_bytes / MIB:>11.0f}"
+        f"{r.model:<11}{r.tp:>3}{r.dp:>6}  {r.strategy:<12}{s.num_blocks:>7}{s.idle_ranks:>5}"
+        f"{s.compute_balance:>13.3f}{s.max_flops / 1e9:>12.1f}{r.work_vs_whole:>6.2f}"
+        f"{r.speedup_vs_pingpong:>7.1f}x{s.memory_balance:>13.3f}{s.max_memory_gib:>9.2f}"
+        f"{s.allgather_bytes / MIB:>9.0f}{s.padded_allgather_bytes / MIB:>10.0f}"
     )
 
 
@@ -156,11 +177,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--block-sizes", nargs="+", type=int, default=list(DEFAULT_BLOCKS))
     ap.add_argument("--auto-candidates", nargs="*", type=int, default=list(AUTO_CANDIDATES))
     ap.add_argument("--target", type=float, default=1.05, help="max/mean target for auto")
-    ap.add_argument("--include-adam", action="store_true",
-                    help="also shard AdamW params (embeddings, output, norms) in both strategies")
+    ap.add_argument(
+        "--include-adam",
+        action="store_true",
+        help="also shard AdamW params (embeddings, output, norms) in both strategies",
+    )
     ap.add_argument("--unfused", action="store_true", help="separate q,k,v and gate,up matrices")
-    ap.add_argument("--memory-weight", type=float, default=0.0,
-                    help="LPT on (1-w)*compute + w*memory (normalized); 0 = compute only")
+    ap.add_argument(
+        "--memory-weight",
+        type=float,
+        default=0.0,
+        help="LPT on (1-w)*compute + w*memory (normalized); 0 = compute only",
+    )
     ap.add_argument("--max-precond-dim", type=int, default=10000)
     ap.add_argument("--precondition-frequency", type=int, default=10)
     ap.add_argument("--dtype-bytes", type=int, default=2, help="param bytes in the all-gather")
@@ -170,21 +198,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     cost = CostModel(precondition_frequency=args.precondition_frequency)
     print("Simulated SOAP work per data-parallel rank (same cost model for every strategy).")
-    print(f"cost model: {cost}; max_precond_dim={args.max_precond_dim}; "
-          f"params: {'all' if args.include_adam else 'SOAP matrices only'}; "
-          f"layout: {'unfused' if args.unfused else 'Megatron fused'}")
-    print("pingpong = our re-implementation of Megatron LayerWiseDistributedOptimizer "
-          "(whole params, numel-sorted snake); lpt-* = ours (LPT bin packing, blocked); "
-          f"auto = largest of {args.auto_candidates} with compute max/mean <= {args.target}.")
-    print("vs pp = pingpong max GFLOP / this max GFLOP; AG = all_gather_v bytes one rank "
-          f"receives per step ({args.dtype_bytes}-byte params); padAG = equal-size all-gather.")
+    print(
+        f"cost model: {cost}; max_precond_dim={args.max_precond_dim}; "
+        f"params: {'all' if args.include_adam else 'SOAP matrices only'}; "
+        f"layout: {'unfused' if args.unfused else 'Megatron fused'}"
+    )
+    print(
+        "pingpong = our re-implementation of Megatron LayerWiseDistributedOptimizer "
+        "(whole params, numel-sorted snake); lpt-* = ours (LPT bin packing, blocked); "
+        f"auto = largest of {args.auto_candidates} with compute max/mean <= {args.target}."
+    )
+    print(
+        "max GFLOP = busiest rank's optimizer flops per step; work = total flops / whole-param "
+        "total (blocking is a block-diagonal preconditioner: less work, and sides > "
+        "max_precond_dim become rotated blocks); vs pp = pingpong max GFLOP / this max GFLOP "
+        "(includes that work change); max GiB = busiest rank's fp32 optimizer state "
+        "(factors, bases, moments; no main params/grads); AG = all_gather_v bytes one rank "
+        f"receives per step ({args.dtype_bytes}-byte params); padAG = equal-size all-gather."
+    )
+    print(
+        "Block size changes the optimizer's math, so fix it for a run (pick it for the "
+        "largest DP you plan); 'auto' is a planning aid, not a per-DP switch."
+    )
     print(HEADER)
     rows: list[SimRow] = []
     for model in args.models:
         for tp in args.tp:
             for dp in args.dp:
                 new = simulate(
-                    model, tp, dp,
+                    model,
+                    tp,
+                    dp,
                     block_sizes=args.block_sizes,
                     auto_candidates=args.auto_candidates,
                     target_balance=args.target,
@@ -199,20 +243,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for r in new:
                     print(format_row(r))
             print()
-    print("Reference check, ping-pong on Llama-3-8B TP=1 SOAP matrices "
-          "(design brief quotes ~2.3x at DP=256, ~9x at DP=1024):")
+    print(
+        "Reference check, ping-pong on Llama-3-8B TP=1 SOAP matrices "
+        "(design brief quotes ~2.3x at DP=256, ~9x at DP=1024):"
+    )
     print("\n".join(reference_check()))
-    target_rows = [r for r in rows if r.model == "llama3-8b" and r.dp == 1024
-                   and r.strategy.startswith("auto")]
+    target_rows = [
+        r for r in rows if r.model == "llama3-8b" and r.dp == 1024 and r.strategy.startswith("auto")
+    ]
     for r in target_rows:
         ok = "meets" if r.stats.compute_balance <= args.target else "MISSES"
-        print(f"Target: llama3-8b TP={r.tp} DP=1024 {r.strategy} max/mean "
-              f"{r.stats.compute_balance:.3f} {ok} <= {args.target}")
+        print(
+            f"Target: llama3-8b TP={r.tp} DP=1024 {r.strategy} max/mean "
+            f"{r.stats.compute_balance:.3f} {ok} <= {args.target}"
+        )
     print(f"simulation wall time: {time.perf_counter() - t0:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{**asdict(r), "compute_balance": r.stats.compute_balance,
-                        "memory_balance": r.stats.memory_balance} for r in rows], f, indent=1)
+            json.dump(
+                [
+                    {
+                        **asdict(r),
+                        "compute_balance": r.stats.compute_balance,
+                        "memory_balance": r.stats.memory_balance,
+                    }
+                    for r in rows
+                ],
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -27,7 +27,8 @@ class ReferenceSOAP:
         self.w = w.clone()
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
         self.bs = betas[1] if shampoo_beta is None else shampoo_beta
-        self.f, self.correct_bias, self.method = precondition_frequency, correct_bias, refresh_method
+        self.f, self.method = precondition_frequency, refresh_method
+        self.correct_bias = correct_bias
         if w.ndim == 1:
             self.rows, self.cols = 1, w.shape[0]
             self.left, self.right = False, precondition_1d and w.shape[0] <= max_precond_dim
@@ -66,7 +67,7 @@ class ReferenceSOAP:
             self.QR = qr.clone()
 
     def rot(self, x):
-        return self.QL.T @ x @ self.QR
+        return self.QL.T @ x.reshape(self.rows, self.cols) @ self.QR
 
     def unrot(self, x):
         return self.QL @ x @ self.QR.T

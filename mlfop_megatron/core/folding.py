@@ -119,7 +119,9 @@ class WindowFolder:
             for i, mean in enumerate(level_means):
                 self.estimate[i] = mean
                 if not last:
-                    self.estimate_rot[i] = self.rotate_fns[i](mean)
+                    rotated = self.rotate_fns[i](mean)
+                    # An identity rotation returns its input; the two estimates must not alias.
+                    self.estimate_rot[i] = rotated.clone() if rotated is mean else rotated
             return
         n_z, n_h = self.schedule.fold_weights(level)
         h_rot = [rot(h) for rot, h in zip(self.rotate_fns, level_means)]

@@ -199,8 +199,10 @@ class CostModel:
     def memory_floats(self, block: Block) -> int:
         """Optimizer-state floats: factor + basis per rotated side, plus the two moments."""
         m, n = block.rows, block.cols
-        return 2 * m * n + (2 * m * m if block.rotate_rows else 0) + (
-            2 * n * n if block.rotate_cols else 0
+        return (
+            2 * m * n
+            + (2 * m * m if block.rotate_rows else 0)
+            + (2 * n * n if block.rotate_cols else 0)
         )
 
     def memory_bytes(self, block: Block) -> int:
@@ -216,6 +218,8 @@ def lpt_partition(weights: Sequence[float], world_size: int) -> tuple[int, ...]:
     max <= (4/3 - 1/(3W)) * optimum.
     """
     _check_world_size(world_size)
+    if any(not (math.isfinite(w) and w >= 0) for w in weights):
+        raise ValueError("weights must be finite and >= 0")
     order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
     heap = [(0.0, rank) for rank in range(world_size)]
     owners = [0] * len(weights)
@@ -461,7 +465,8 @@ def choose_block_size(
     """Largest candidate block size (None = whole params) whose LPT balance meets the target.
 
     Larger blocks precondition more of each matrix jointly, so we prefer them; if no
-    candidate meets the target the best-balanced one is returned.
+    candidate meets the target the best-balanced one is returned. The block size changes
+    the optimizer's math: choose it once for the largest DP size planned, not per run size.
     """
     if not candidates:
         raise ValueError("candidates must be a non-empty sequence of block sizes")

@@ -145,9 +145,7 @@ def _cuda_patches() -> dict[tuple[Any, str], Any]:
     patches: dict[tuple[Any, str], Any] = {}
     for mod in (torch.cuda, cuda_random):
         patches[(mod, "get_rng_state")] = lambda device="cuda": _get_rng_state()
-        patches[(mod, "set_rng_state")] = lambda new_state, device="cuda": _set_rng_state(
-            new_state
-        )
+        patches[(mod, "set_rng_state")] = lambda new_state, device="cuda": _set_rng_state(new_state)
         patches[(mod, "manual_seed")] = _manual_seed
     patches.update(
         {

@@ -11,6 +11,8 @@ micro-batch N*b.
 
 from __future__ import annotations
 
+import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -102,6 +104,61 @@ def build_tiny_gpt(
     return ddp
 
 
+def canonical_param_names(model: torch.nn.Module) -> dict[torch.nn.Parameter, str]:
+    """Layout-independent parameter names: no 'module.' prefix, global decoder layer index.
+
+    The same weight gets the same name under any TP/PP/DP layout (PP stages number their
+    layers locally; megatron's ``layer_number`` is global and 1-based).
+    """
+    layers = {}
+    for name, mod in model.named_modules():
+        m = re.search(r"decoder\.layers\.(\d+)$", name)
+        if m and hasattr(mod, "layer_number"):
+            layers[m.group(1)] = str(mod.layer_number - 1)
+    names = {}
+    for name, param in model.named_parameters():
+        name = name.removeprefix("module.")
+        name = re.sub(
+            r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{layers[m.group(1)]}.", name
+        )
+        names[param] = name
+    return names
+
+
+def tp_shard(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """This TP rank's slice of the full (TP=1) tensor ``full`` for a possibly TP-split param."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return torch.chunk(full, tp, dim=param.partition_dim)[rank]
+
+
+def full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
+    """Shape of the unsplit (TP=1) tensor behind a possibly TP-split param."""
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    return tuple(shape)
+
+
+@torch.no_grad()
+def deterministic_init_(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Re-initialise every param from (seed, canonical name) so all layouts hold one model.
+
+    Matrices/embeddings ~ N(0, std), norm weights = 1, biases = 0; TP shards are slices of
+    the full tensor. Makes TP=2/PP=2 runs directly comparable with TP=1/PP=1.
+    """
+    for param, name in canonical_param_names(model).items():
+        if param.dim() == 1:
+            value = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            param.fill_(value)
+            continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        full = torch.randn(full_shape(param), generator=gen, dtype=torch.float32) * std
+        param.copy_(tp_shard(full, param))
+
+
 def synthetic_sample(index: int, cfg: TinyGPTConfig) -> torch.Tensor:
     """Tokens (seq_length + 1) of global sample ``index``: a learnable arithmetic progression."""
     gen = torch.Generator().manual_seed(cfg.data_seed * 1_000_003 + index)
@@ -148,9 +205,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
     """forward_step_func for megatron schedules: (output_tensor, loss_func)."""
     batch = next(data_iterator)
-    output = model(
-        batch["tokens"], batch["position_ids"], None, labels=batch["labels"]
-    )
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"])
 
 
