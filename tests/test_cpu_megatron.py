@@ -17,7 +17,15 @@ pytest.importorskip("megatron.core")
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.distributed import DistributedDataParallel  # noqa: E402
 
-from mlfop_megatron.testing.distributed import init_megatron_parallel, run_distributed  # noqa: E402
+from mlfop_megatron.testing.cpu_emulation import (  # noqa: E402
+    cpu_emulation,
+    is_cpu_emulation_installed,
+)
+from mlfop_megatron.testing.distributed import (  # noqa: E402
+    DistributedRunError,
+    init_megatron_parallel,
+    run_distributed,
+)
 from mlfop_megatron.testing.tiny_gpt import (  # noqa: E402
     TinyGPTConfig,
     build_tiny_gpt,
@@ -51,7 +59,9 @@ class CountingDDP(DistributedDataParallel):
 def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Train ITERS iterations of plain SGD on main_grad for one layout; report what tests need."""
     init_megatron_parallel(tp=spec.get("tp", 1), pp=spec.get("pp", 1), seed=1234)
-    cfg = TinyGPTConfig(overlap_grad_reduce=spec.get("overlap", True))
+    cfg = TinyGPTConfig(
+        overlap_grad_reduce=spec.get("overlap", True), tie_embeddings=spec.get("tie", False)
+    )
     model = build_tiny_gpt(cfg, ddp_class=spec.get("ddp_class", DistributedDataParallel))
     deterministic_init_(model, seed=0)
     names = canonical_param_names(model)
@@ -87,9 +97,15 @@ def _worker(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, Any]:
-    """Single-process TP=PP=DP=1 run with micro-batch GLOBAL_MICRO."""
-    return run_distributed(_worker, 1, [{}], timeout=120)[0][0]
+def references() -> list[dict[str, Any]]:
+    """Single-process TP=PP=DP=1 runs with micro-batch GLOBAL_MICRO: [untied, tied embeddings]."""
+    return run_distributed(_worker, 1, [{}, {"tie": True}], timeout=120)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(references: list[dict[str, Any]]) -> dict[str, Any]:
+    """The untied-embedding reference run."""
+    return references[0]
 
 
 def _assert_matches_reference(out: dict[str, Any], ref: dict[str, Any]) -> None:
@@ -131,14 +147,59 @@ def test_tp2_matches_tp1(reference: dict[str, Any]) -> None:
     for r in ranks:
         _assert_matches_reference(r, reference)
     for name, dim in ranks[0]["split_dim"].items():
-        if dim is None:  # replicated params (norms, row-parallel bias) get identical grads
+        if dim is None:  # replicated params (norms, position embedding) get identical grads
             assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
 
 
-def test_pp2_matches_pp1(reference: dict[str, Any]) -> None:
-    ranks = [r[0] for r in run_distributed(_worker, 2, [{"pp": 2}], timeout=120)]
-    stage0, stage1 = (set(r["grads"]) for r in ranks)
-    assert not stage0 & stage1 and stage0 | stage1 == set(reference["grads"])
-    assert "embedding.word_embeddings.weight" in stage0 and "output_layer.weight" in stage1
-    for r in ranks:
-        _assert_matches_reference(r, reference)
+def test_pp2_matches_pp1(references: list[dict[str, Any]]) -> None:
+    specs = [{"pp": 2}, {"pp": 2, "tie": True}]
+    ranks = run_distributed(_worker, 2, specs, timeout=120)
+    for i, spec in enumerate(specs):
+        stage0, stage1 = ranks[0][i], ranks[1][i]
+        names0, names1 = set(stage0["grads"]), set(stage1["grads"])
+        shared = {"embedding.word_embeddings.weight"} if spec.get("tie") else set()
+        assert names0 & names1 == shared and names0 | names1 == set(references[i]["grads"])
+        assert "embedding.word_embeddings.weight" in names0
+        assert "output_layer.weight" in names1 or spec.get("tie")
+        for r in (stage0, stage1):  # tied copies hold the summed grad after finalize_model_grads
+            _assert_matches_reference(r, references[i])
+
+
+def _fail_on_rank1() -> None:
+    """Rank 1 raises while rank 0 waits in a collective that can never complete."""
+    if torch.distributed.get_rank() == 1:
+        raise ValueError("boom on rank 1")
+    torch.distributed.barrier()
+
+
+def _hang_on_rank1() -> int:
+    """Rank 1 never returns."""
+    if torch.distributed.get_rank() == 1:
+        import time
+
+        time.sleep(60)
+    return 0
+
+
+def test_harness_reports_failing_rank_and_timeout() -> None:
+    with pytest.raises(DistributedRunError, match=r"(?s)rank 1 raised.*boom on rank 1"):
+        run_distributed(_fail_on_rank1, 2, timeout=30, emulate_cuda=False)
+    with pytest.raises(DistributedRunError, match=r"ranks \[(0, )?1\]: no report"):
+        run_distributed(_hang_on_rank1, 2, timeout=1.5, emulate_cuda=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="emulation refuses to install with CUDA")
+def test_cpu_emulation_context_is_idempotent_and_reversible() -> None:
+    if is_cpu_emulation_installed():
+        pytest.skip("emulation already installed process-wide by another test")
+    with cpu_emulation(), cpu_emulation():
+        assert is_cpu_emulation_installed()
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+        assert torch.ones(1, device=torch.cuda.current_device()).cuda().device.type == "cpu"
+        state = torch.cuda.get_rng_state()
+        a = torch.rand(3)
+        torch.cuda.set_rng_state(state)
+        assert torch.equal(a, torch.rand(3))  # the "cuda" RNG is the CPU generator
+    assert not is_cpu_emulation_installed()
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.zeros(1, device="cuda")

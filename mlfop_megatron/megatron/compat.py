@@ -122,3 +122,8 @@ def ddp_bucket_groups(ddp_model: Any) -> list[Any]:
 def ddp_buffers(ddp_model: Any) -> list[Any]:
     """All param-and-grad buffers (dense + expert) of a megatron DistributedDataParallel."""
     return list(ddp_model.buffers) + list(ddp_model.expert_parallel_buffers)
+
+
+def queue_backward_callback(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the current autograd backward pass finishes (torch private API)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)

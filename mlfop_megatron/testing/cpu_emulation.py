@@ -46,12 +46,12 @@ def _is_cuda_like(device: Any) -> bool:
 class CpuDeviceMode(TorchFunctionMode):
     """Redirects CUDA device arguments of torch calls to CPU (see module docstring, (a))."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
-        if func in (torch.Tensor.record_stream, torch.Tensor.pin_memory):
-            return None if func is torch.Tensor.record_stream else args[0]
+        if func is torch.Tensor.record_stream:
+            return None
         if "device" in kwargs and _is_cuda_like(kwargs["device"]):
             kwargs = dict(kwargs, device=_CPU)
         if kwargs.get("pin_memory"):

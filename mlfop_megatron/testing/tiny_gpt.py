@@ -45,6 +45,12 @@ class TinyGPTConfig:
     bucket_size: int | None = 2000  # elements; small so the tiny model gets several buckets
     grad_reduce_in_fp32: bool = True
     data_seed: int = 0
+    # Linear biases off by default: the attention key bias has an exactly-zero gradient, and
+    # Adam's g/(|g|+eps) turns rounding noise in it into layout-dependent updates.
+    add_bias_linear: bool = False
+    # fp64 makes cross-layout comparisons meaningful for SOAP, whose eigenbases amplify
+    # last-bit differences between reduction orders (see tests/test_megatron_dp.py).
+    dtype: torch.dtype = torch.float32
 
 
 def transformer_config(cfg: TinyGPTConfig) -> TransformerConfig:
@@ -55,13 +61,14 @@ def transformer_config(cfg: TinyGPTConfig) -> TransformerConfig:
         num_attention_heads=cfg.num_attention_heads,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        pipeline_dtype=torch.float32,
-        params_dtype=torch.float32,
+        pipeline_dtype=cfg.dtype,
+        params_dtype=cfg.dtype,
         use_cpu_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
+        add_bias_linear=cfg.add_bias_linear,
     )
 
 
@@ -92,7 +99,7 @@ def build_tiny_gpt(
     )
     if ddp_config is None:
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
+            grad_reduce_in_fp32=cfg.grad_reduce_in_fp32 and cfg.dtype != torch.float64,
             overlap_grad_reduce=cfg.overlap_grad_reduce,
             use_distributed_optimizer=False,
             bucket_size=cfg.bucket_size,
@@ -108,7 +115,8 @@ def canonical_param_names(model: torch.nn.Module) -> dict[torch.nn.Parameter, st
     """Layout-independent parameter names: no 'module.' prefix, global decoder layer index.
 
     The same weight gets the same name under any TP/PP/DP layout (PP stages number their
-    layers locally; megatron's ``layer_number`` is global and 1-based).
+    layers locally; megatron's ``layer_number`` is global and 1-based). With tied embeddings
+    and PP > 1 the last stage's output_layer.weight copy is named like the word embedding.
     """
     layers = {}
     for name, mod in model.named_modules():
@@ -118,6 +126,8 @@ def canonical_param_names(model: torch.nn.Module) -> dict[torch.nn.Parameter, st
     names = {}
     for name, param in model.named_parameters():
         name = name.removeprefix("module.")
+        if name == "output_layer.weight" and getattr(param, "shared_embedding", False):
+            name = "embedding.word_embeddings.weight"  # tied copy on the last PP stage
         name = re.sub(
             r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{layers[m.group(1)]}.", name
         )
@@ -155,7 +165,7 @@ def deterministic_init_(model: torch.nn.Module, seed: int = 0, std: float = 0.02
             param.fill_(value)
             continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        full = torch.randn(full_shape(param), generator=gen, dtype=torch.float32) * std
+        full = torch.randn(full_shape(param), generator=gen, dtype=param.dtype) * std
         param.copy_(tp_shard(full, param))
 
 

@@ -1,0 +1,234 @@
+"""Owner-computes ML-FOP-SOAP over parameter blocks shared by a data-parallel group.
+
+Every rank builds the same :class:`Assignment`; a block's owner keeps its SOAP state, folds
+its level gradients, runs its update, and broadcasts the updated block to the group. Non-owners
+hold no state for it, so per-rank optimizer memory and compute fall as 1/N.
+This layer uses torch.distributed but knows nothing about Megatron.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder
+from mlfop_megatron.core.levels import LevelSchedule
+from mlfop_megatron.core.linalg import LinalgCounters
+from mlfop_megatron.core.soap import (
+    BlockLayout,
+    init_state,
+    metric_diag,
+    rotate,
+    soap_step,
+    state_dtype,
+)
+from mlfop_megatron.distributed.assignment import (
+    Assignment,
+    Block,
+    BlockingConfig,
+    ParamSpec,
+    make_blocks,
+)
+
+
+@dataclass
+class OwnedBlock:
+    """A block this rank owns: where it lives in its param, and its SOAP state."""
+
+    block: Block
+    param: torch.Tensor
+    state: dict[str, Any]
+
+    def view(self, full: torch.Tensor) -> torch.Tensor:
+        """This block's region of a tensor shaped like the param (a view, no copy)."""
+        b = self.block
+        matrix = full.view(full.shape[0], -1) if full.dim() > 1 else full.view(1, -1)
+        return matrix[b.row_offset : b.row_offset + b.rows, b.col_offset : b.col_offset + b.cols]
+
+
+class ShardedSOAP:
+    """SOAP + folding over blocks of ``params``, with block ownership spread over ``group``.
+
+    ``group=None`` (or a group of one) keeps every block on this rank (replicated mode).
+    ``reduce_group`` sums the FOP inner products of blocks that are shards of one tensor
+    (tensor parallelism, blockwise mode): its ranks must hold the same block structure.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        names: Sequence[str],
+        config: MLFOPConfig,
+        group: dist.ProcessGroup | None = None,
+        reduce_group: dist.ProcessGroup | None = None,
+        block_size: int | None = None,
+    ) -> None:
+        if not params:
+            raise ValueError("ShardedSOAP needs at least one parameter")
+        for p, name in zip(params, names):
+            if p.dim() < 2:
+                raise ValueError(f"param {name!r} is {p.dim()}-D; SOAP blocks are matrices")
+        self.params = list(params)
+        self.names = list(names)
+        self.config = config
+        self.schedule = LevelSchedule.from_config(config.folding)
+        self.group = group
+        self.reduce_group = reduce_group
+        self.world_size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        specs = [ParamSpec(n, tuple(p.shape)) for p, n in zip(self.params, self.names)]
+        blocking = BlockingConfig(block_size, config.soap.max_precond_dim)
+        self.assignment = Assignment.build(make_blocks(specs, blocking), self.world_size)
+        self.owned = [self._own(b) for b in self.assignment.blocks_of(self.rank)]
+        self.counters = LinalgCounters()
+        self._folder: WindowFolder | None = None
+        self.last_diagnostics: list[LevelDiagnostics] = []
+
+    def _own(self, block: Block) -> OwnedBlock:
+        param = self.params[block.param_index]
+        layout = BlockLayout(block.rows, block.cols, block.rotate_rows, block.rotate_cols)
+        return OwnedBlock(block, param, init_state(layout, state_dtype(param.dtype), param.device))
+
+    # ----------------------------------------------------------------- folding
+    def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(sums, group=self.reduce_group)
+        return sums
+
+    def fold_level(
+        self, level: int, level_grads: Sequence[torch.Tensor], scale: float = 1.0
+    ) -> None:
+        """Fold one level's DP-reduced gradient (one tensor per param, times ``scale``)."""
+        if level == 0 or self._folder is None:
+            if level != 0:
+                raise RuntimeError(f"level {level} folded before level 0 in this window")
+            self._folder = WindowFolder(
+                self.schedule,
+                self.config.folding,
+                rotate_fns=[lambda x, s=o.state: rotate(x, s) for o in self.owned],
+                metric_diags=[metric_diag(o.state, self.config.soap) for o in self.owned],
+                reduce_fn=self._reduce if self.reduce_group is not None else None,
+            )
+            self._folder.micro_steps = 0
+        dtype_of = [state_dtype(o.param.dtype) for o in self.owned]
+        slices = [
+            o.view(level_grads[o.block.param_index]).to(dtype, copy=True)
+            for o, dtype in zip(self.owned, dtype_of)
+        ]
+        if scale != 1.0:
+            for s in slices:
+                s.mul_(scale)
+        if self.owned:
+            self._folder.fold_level(level, slices)
+        self._folder.micro_steps = self.schedule.boundaries[level]
+
+    def has_window(self) -> bool:
+        return self._folder is not None and self._folder.complete
+
+    def window_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        if self._folder is None:
+            raise RuntimeError("no folded gradients: the backward passes did not reach the DDP")
+        return self._folder.result()
+
+    def local_grad_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of squares, non-finite flag) over this rank's owned folded gradients."""
+        grads, _ = self.window_gradients()
+        sq = torch.zeros((), dtype=torch.float64)
+        bad = torch.zeros((), dtype=torch.bool)
+        for g in grads:
+            sq = sq + g.double().pow(2).sum()
+            bad = bad | ~torch.isfinite(g).all()
+        return sq, bad
+
+    # -------------------------------------------------------------------- step
+    def step(self, lr: float, weight_decay: float, grad_scale: float = 1.0) -> None:
+        """Update owned blocks with the folded gradients (times ``grad_scale``), then share."""
+        grads, grads_rot = self.window_gradients()
+        self.last_diagnostics = self._folder.diagnostics
+        for owned, g, g_rot in zip(self.owned, grads, grads_rot):
+            if grad_scale != 1.0:
+                g.mul_(grad_scale)
+                if g_rot is not None:
+                    g_rot.mul_(grad_scale)
+            soap_step(
+                owned.view(owned.param.data),
+                g,
+                owned.state,
+                self.config.soap,
+                self.counters,
+                lr=lr,
+                weight_decay=weight_decay,
+                grad_rot=g_rot,
+            )
+        self._folder = None
+        self.broadcast_params()
+
+    def discard_window(self) -> None:
+        """Drop the folded gradients of a skipped step (state is untouched)."""
+        self._folder = None
+
+    def broadcast_params(self) -> None:
+        """Every owner sends its updated blocks to the rest of the group (one message each)."""
+        if self.world_size == 1:
+            return
+        for rank in range(self.world_size):
+            blocks = self.assignment.blocks_of(rank)
+            if not blocks:
+                continue
+            views = [
+                OwnedBlock(b, self.params[b.param_index], {}).view(
+                    self.params[b.param_index].data
+                )
+                for b in blocks
+            ]
+            flat = torch.cat([v.reshape(-1) for v in views])
+            dist.broadcast(flat, src=dist.get_global_rank(self.group, rank), group=self.group)
+            if rank != self.rank:
+                offset = 0
+                for v in views:
+                    v.copy_(flat[offset : offset + v.numel()].view_as(v))
+                    offset += v.numel()
+
+    def communication_bytes_per_step(self) -> int:
+        """Bytes each rank receives per step for the parameter broadcast."""
+        if self.world_size == 1:
+            return 0
+        elem = self.params[0].element_size()
+        total = sum(b.numel for b in self.assignment.blocks)
+        mine = sum(o.block.numel for o in self.owned)
+        return (total - mine) * elem
+
+    # ------------------------------------------------------------------ state
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held by this rank."""
+        return sum(
+            v.numel() * v.element_size()
+            for o in self.owned
+            for v in o.state.values()
+            if torch.is_tensor(v)
+        )
+
+    def block_name(self, owned: OwnedBlock) -> str:
+        b = owned.block
+        return f"{b.param_name}@{b.row_offset},{b.col_offset}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "blocks": {self.block_name(o): dict(o.state) for o in self.owned},
+            "counters": self.counters.as_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        blocks = state["blocks"]
+        for o in self.owned:
+            saved = blocks[self.block_name(o)]
+            o.state.clear()
+            o.state.update(
+                {k: v.to(o.param.device) if torch.is_tensor(v) else v for k, v in saved.items()}
+            )
+        self.counters = LinalgCounters(**state["counters"])
+        self._folder = None

@@ -1,0 +1,125 @@
+"""Megatron DistributedDataParallel whose level boundaries are gradient sync points.
+
+Megatron's DDP reduces the gradient buckets once, after the last micro-batch. For multi-level
+folding every level boundary L_j must be a sync point: at the end of the backward pass of
+micro-step L_j the buckets are all-reduced (Megatron's own bucket machinery, with overlap when
+``overlap_grad_reduce`` is on) and a callback hands the reduced level gradients to the
+optimizer, which folds them and zeroes the folded params' slices of ``main_grad``.
+
+Params that are not folded (those handled by Adam) keep accumulating in ``main_grad``: each
+sync averages over the data-parallel group, and averaging a value that is already equal on all
+ranks leaves it unchanged, so their final ``main_grad`` is the ordinary DP mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from megatron.core.distributed import DistributedDataParallel
+
+from mlfop_megatron.core.levels import LevelSchedule
+from mlfop_megatron.megatron import compat
+
+# (level index, number of micro-steps in that level) -> None
+LevelCallback = Callable[[int, int], None]
+
+
+class FoldingDistributedDataParallel(DistributedDataParallel):
+    """Megatron DDP that syncs gradients at every folding level boundary."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._schedule: LevelSchedule | None = None
+        self._level_callback: LevelCallback | None = None
+        self._micro_step = 0
+        self._in_backward = False
+        self._window_done = False
+        super().__init__(*args, **kwargs)
+        if self.ddp_config.use_distributed_optimizer:
+            raise ValueError(
+                "FoldingDistributedDataParallel needs DistributedDataParallelConfig("
+                "use_distributed_optimizer=False): ML-FOP-SOAP shards its own state by block"
+            )
+
+    # ------------------------------------------------------------- attachment
+    def attach_folding(self, schedule: LevelSchedule, callback: LevelCallback) -> None:
+        """Called by the ML-FOP-SOAP optimizer: level schedule and per-level fold callback."""
+        self._schedule = schedule
+        self._level_callback = callback
+
+    @property
+    def folding_attached(self) -> bool:
+        return self._level_callback is not None
+
+    # ---------------------------------------------------------------- hooks
+    def _make_backward_post_hook(self, param: torch.nn.Parameter):  # noqa: D102
+        megatron_hook = super()._make_backward_post_hook(param)
+
+        def hook(*unused: Any) -> None:
+            if self._level_callback is not None and not self._in_backward:
+                self._begin_micro_step()
+            megatron_hook(*unused)
+
+        return hook
+
+    def _begin_micro_step(self) -> None:
+        """First grad of a backward pass: mark whether this micro-step ends a level."""
+        self._in_backward = True
+        if self._window_done:
+            raise RuntimeError(
+                "a backward pass ran after the accumulation window was complete: the schedule "
+                f"ran more micro-batches than accumulation_steps={self._schedule.boundaries[-1]}"
+                "; set FoldingConfig.accumulation_steps to the schedule's num_microbatches"
+            )
+        boundary = self._schedule.level_ending_at(self._micro_step + 1) is not None
+        for group in compat.ddp_bucket_groups(self):
+            group.is_last_microbatch = boundary
+        compat.queue_backward_callback(self._end_micro_step)
+
+    def _end_micro_step(self) -> None:
+        """End of a backward pass: at a level boundary, reduce and hand the level over."""
+        self._in_backward = False
+        self._micro_step += 1
+        level = self._schedule.level_ending_at(self._micro_step)
+        if level is None:
+            return
+        super().finish_grad_sync()
+        for group in compat.ddp_bucket_groups(self):
+            group.reset()
+        self._level_callback(level, self._schedule.level_size(level))
+        if level == self._schedule.num_levels - 1:
+            self._window_done = True
+
+    # ------------------------------------------------- schedule entry points
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Sync points are chosen per micro-step by the level schedule, not by the schedule."""
+        if self._level_callback is None:
+            with super().no_sync():
+                yield
+        else:
+            yield
+
+    def start_grad_sync(self, *unused: Any) -> None:
+        if self._level_callback is None:
+            super().start_grad_sync(*unused)
+
+    def finish_grad_sync(self, force_all_reduce: bool | None = False) -> None:
+        """With folding attached the reductions already happened at the level boundaries."""
+        if self._level_callback is None:
+            super().finish_grad_sync(force_all_reduce=force_all_reduce)
+            return
+        if not self._window_done:
+            raise RuntimeError(
+                f"gradient sync requested after {self._micro_step} micro-steps, but folding "
+                f"expects accumulation_steps={self._schedule.boundaries[-1]}; set "
+                "FoldingConfig.accumulation_steps to the schedule's num_microbatches"
+            )
+
+    def zero_grad_buffer(self) -> None:
+        super().zero_grad_buffer()
+        self._micro_step = 0
+        self._in_backward = False
+        self._window_done = False

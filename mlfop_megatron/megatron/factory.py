@@ -1,0 +1,109 @@
+"""Factory with the shape of megatron.core.optimizer.get_megatron_optimizer for ML-FOP-SOAP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core.optimizer import FP32Optimizer, OptimizerConfig
+
+from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+from mlfop_megatron.megatron.optimizer import MLFOPChainedOptimizer, MLFOPMegatronOptimizer
+
+# Matrices that stay with Adam: vocabulary-sized embeddings and the output projection.
+ADAM_MATRIX_MARKERS = ("embedding", "output_layer")
+TP_MODES = ("blockwise",)
+
+
+def is_soap_param(name: str, param: torch.nn.Parameter) -> bool:
+    """SOAP takes the transformer's linear weights; embeddings, output, norms, biases -> Adam."""
+    return param.dim() >= 2 and not any(m in name for m in ADAM_MATRIX_MARKERS)
+
+
+def _check_config(config: OptimizerConfig, tp_mode: str) -> None:
+    if config.fp16:
+        raise ValueError(
+            "ML-FOP-SOAP does not support fp16 training (OptimizerConfig.fp16=True): fp16 "
+            "needs loss scaling that this optimizer does not implement; use bf16=False (fp32) "
+            "or bf16"
+        )
+    if config.bf16:
+        raise ValueError(
+            "OptimizerConfig.bf16=True is not supported by this release of the Megatron "
+            "adapter; train with fp32 params (bf16=False), or use MLFOPSOAP directly"
+        )
+    if config.use_distributed_optimizer:
+        raise ValueError(
+            "set OptimizerConfig.use_distributed_optimizer=False: ML-FOP-SOAP shards its own "
+            "state by block across the data-parallel group (sharded=True)"
+        )
+    if tp_mode not in TP_MODES:
+        raise ValueError(f"tp_mode must be one of {TP_MODES} (got {tp_mode!r})")
+
+
+def get_mlfop_optimizer(
+    config: OptimizerConfig,
+    model_chunks: list[Any],
+    mlfop_config: MLFOPConfig | None = None,
+    sharded: bool = True,
+    block_size: int | None = None,
+    tp_mode: str = "blockwise",
+) -> MLFOPChainedOptimizer:
+    """ML-FOP-SOAP for the matrices, Megatron's Adam (FP32Optimizer) for everything else.
+
+    ``config`` supplies lr, weight_decay, clip_grad and the Adam hyperparameters; ``mlfop_config``
+    the SOAP and folding options (its accumulation_steps must equal the schedule's
+    num_microbatches). ``sharded`` spreads SOAP state over the data-parallel group.
+    """
+    mlfop_config = mlfop_config or MLFOPConfig()
+    _check_config(config, tp_mode)
+    if len(model_chunks) != 1:
+        raise ValueError(
+            "virtual pipeline stages (several model chunks per rank) are not supported; "
+            "use one model chunk per pipeline stage"
+        )
+    chunk = model_chunks[0]
+    if not isinstance(chunk, FoldingDistributedDataParallel):
+        raise TypeError(
+            "wrap the model in mlfop_megatron.megatron.FoldingDistributedDataParallel (a "
+            f"subclass of Megatron's DistributedDataParallel), got {type(chunk).__name__}"
+        )
+    soap, adam_decay, adam_no_decay = [], [], []
+    for name, param in chunk.named_parameters():
+        if not param.requires_grad:
+            continue
+        name = name.removeprefix("module.")
+        if is_soap_param(name, param):
+            soap.append((param, name))
+        elif param.dim() >= 2:
+            adam_decay.append(param)
+        else:
+            adam_no_decay.append(param)
+    chained = []
+    if soap:
+        ours = MLFOPMegatronOptimizer(
+            config,
+            mlfop_config,
+            model_chunks,
+            [p for p, _ in soap],
+            [n for _, n in soap],
+            sharded=sharded,
+            block_size=block_size,
+        )
+        chunk.attach_folding(ours.schedule, ours.on_level)
+        chained.append(ours)
+    groups = [
+        {"params": ps, "weight_decay": wd}
+        for ps, wd in ((adam_decay, config.weight_decay), (adam_no_decay, 0.0))
+        if ps
+    ]
+    if groups:
+        adam = torch.optim.AdamW(
+            groups,
+            lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_eps,
+        )
+        chained.append(FP32Optimizer(adam, config, lambda opt, cfg=None: None))
+    return MLFOPChainedOptimizer(chained)

@@ -1,0 +1,268 @@
+"""ML-FOP-SOAP as a Megatron-core optimizer, chained with Megatron's Adam for non-matrix params.
+
+``MLFOPMegatronOptimizer`` owns the SOAP matrices of one pipeline stage; their state is sharded
+over the data-parallel group by block (``ShardedSOAP``). It receives each level's reduced
+gradient from ``FoldingDistributedDataParallel`` and folds it into the owner's fp32 buffer.
+``MLFOPChainedOptimizer.step`` keeps Megatron's contract, (success, grad_norm, num_zeros), with
+the inf/NaN check and the gradient norm reduced over every rank that holds a piece of the
+model, so a skipped step is skipped everywhere and clipping uses the true global norm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer, OptimizerConfig
+
+from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.core.levels import LevelSchedule
+from mlfop_megatron.distributed.sharded_soap import ShardedSOAP
+
+
+class _ParamGroups(torch.optim.Optimizer):
+    """Holds param_groups (lr, weight_decay) for Megatron's LR scheduler; state is elsewhere."""
+
+    def step(self, closure: Any = None) -> None:  # pragma: no cover - never called
+        raise RuntimeError("stepped through MLFOPMegatronOptimizer, not directly")
+
+
+class MLFOPMegatronOptimizer(MegatronOptimizer):
+    """SOAP + multi-level FOP folding for the matrix params of one pipeline stage."""
+
+    def __init__(
+        self,
+        config: OptimizerConfig,
+        mlfop_config: MLFOPConfig,
+        model_chunks: list[Any],
+        params: list[torch.nn.Parameter],
+        names: list[str],
+        sharded: bool = True,
+        block_size: int | None = None,
+    ) -> None:
+        holder = _ParamGroups(
+            [{"params": params, "lr": config.lr, "weight_decay": config.weight_decay}], {}
+        )
+        super().__init__(holder, config)
+        self.model_chunks = model_chunks
+        self.mlfop_config = mlfop_config
+        self.schedule = LevelSchedule.from_config(mlfop_config.folding)
+        self.sharded = sharded
+        dp_group = parallel_state.get_data_parallel_group()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        tp_group = parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None
+        split = [getattr(p, "tensor_model_parallel", False) for p in params]
+        self.engines: list[ShardedSOAP] = []
+        for tp_sharded in (True, False):
+            chosen = [(p, n) for p, n, s in zip(params, names, split) if s == tp_sharded]
+            if not chosen:
+                continue
+            self.engines.append(
+                ShardedSOAP(
+                    [p for p, _ in chosen],
+                    [n for _, n in chosen],
+                    mlfop_config,
+                    group=dp_group if sharded else None,
+                    reduce_group=tp_group if tp_sharded else None,
+                    block_size=block_size,
+                )
+            )
+        self._grad_scale = 1.0
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------ folding hook
+    @torch.no_grad()
+    def on_level(self, level: int, level_size: int) -> None:
+        """DDP callback after a level's reduction: fold it, then clear the folded grads."""
+        scale = self.schedule.accumulation_steps / level_size
+        for engine in self.engines:
+            engine.fold_level(level, [p.main_grad for p in engine.params], scale=scale)
+            for p in engine.params:
+                p.main_grad.zero_()
+
+    # --------------------------------------------------------------- grad stats
+    def _counts_on_this_rank(self) -> bool:
+        """Replicated state: only DP rank 0 contributes, so norms are not counted N times."""
+        return self.sharded or parallel_state.get_data_parallel_rank() == 0
+
+    def local_grad_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of squares, non-finite flag) of this rank's share of the folded gradients."""
+        sq = torch.zeros((), dtype=torch.float64)
+        bad = torch.zeros((), dtype=torch.bool)
+        for engine in self.engines:
+            s, b = engine.local_grad_stats()
+            sq, bad = sq + s, bad | b
+        if not self._counts_on_this_rank():
+            sq = torch.zeros_like(sq)
+        return sq, bad
+
+    def get_grad_stats_parallel_group(self) -> dist.ProcessGroup:
+        return dist.group.WORLD
+
+    def get_grad_norm(self) -> float:
+        sq, _ = self.local_grad_stats()
+        dist.all_reduce(sq)
+        return math.sqrt(float(sq))
+
+    def count_zeros(self) -> float:
+        zeros = torch.zeros((), dtype=torch.float64)
+        if self._counts_on_this_rank():
+            for engine in self.engines:
+                grads, _ = engine.window_gradients()
+                for g in grads:
+                    zeros += (g == 0).sum()
+        dist.all_reduce(zeros)
+        return float(zeros)
+
+    def set_grad_scale(self, scale: float) -> None:
+        """Clipping factor applied to the folded gradients in the next step."""
+        self._grad_scale = scale
+
+    # ------------------------------------------------------------------ steps
+    def prepare_grads(self) -> bool:
+        for engine in self.engines:
+            if not engine.has_window():
+                raise RuntimeError(
+                    "no folded gradients for this step: wrap the model with "
+                    "FoldingDistributedDataParallel and run num_microbatches == "
+                    f"accumulation_steps={self.schedule.accumulation_steps} micro-batches"
+                )
+        return False
+
+    def step_with_ready_grads(self) -> bool:
+        group = self.optimizer.param_groups[0]
+        for engine in self.engines:
+            engine.step(group["lr"], group["weight_decay"], grad_scale=self._grad_scale)
+        self._grad_scale = 1.0
+        return True
+
+    def discard_step(self) -> None:
+        for engine in self.engines:
+            engine.discard_window()
+        self.skipped_steps += 1
+
+    def step(self):
+        return MLFOPChainedOptimizer([self]).step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.get_parameters():
+            p.grad = None
+
+    def get_loss_scale(self) -> torch.Tensor:
+        return torch.ones(1)
+
+    def reload_model_params(self, state_dict: Any = None) -> None:
+        """Model params are the fp32 master params here; nothing to copy."""
+
+    # ------------------------------------------------------------ checkpoints
+    def state_bytes(self) -> int:
+        return sum(e.state_bytes() for e in self.engines)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "engines": [e.state_dict() for e in self.engines],
+            "param_groups": [
+                {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+            ],
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for engine, saved in zip(self.engines, state_dict["engines"]):
+            engine.load_state_dict(saved)
+        for group, saved in zip(self.optimizer.param_groups, state_dict["param_groups"]):
+            group.update(saved)
+        self.skipped_steps = state_dict["skipped_steps"]
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
+        from mlfop_megatron.megatron.checkpointing import optimizer_sharded_state_dict
+
+        return optimizer_sharded_state_dict(self, is_loading)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and the last window's folding diagnostics (cheap scalars)."""
+        out: dict[str, Any] = {"skipped_steps": self.skipped_steps}
+        for engine in self.engines:
+            for k, v in engine.counters.as_dict().items():
+                out[k] = out.get(k, 0) + v
+        levels = [d.summary() for e in self.engines for d in e.last_diagnostics]
+        out["levels"] = levels
+        return out
+
+
+class MLFOPChainedOptimizer(ChainedOptimizer):
+    """ChainedOptimizer whose step reduces inf checks and norms over every rank (see module)."""
+
+    @property
+    def mlfop(self) -> list[MLFOPMegatronOptimizer]:
+        return [o for o in self.chained_optimizers if isinstance(o, MLFOPMegatronOptimizer)]
+
+    @property
+    def others(self) -> list[MegatronOptimizer]:
+        return [o for o in self.chained_optimizers if not isinstance(o, MLFOPMegatronOptimizer)]
+
+    def _other_grads(self) -> list[torch.Tensor]:
+        grads = []
+        for opt in self.others:
+            grads.extend(g for g in opt.get_main_grads_for_grad_norm() if g is not None)
+        return grads
+
+    @torch.no_grad()
+    def _global_stats(self) -> tuple[float, bool]:
+        """Global gradient norm and whether any rank saw a non-finite gradient."""
+        sq_ours = torch.zeros((), dtype=torch.float64)
+        bad = torch.zeros((), dtype=torch.bool)
+        for opt in self.mlfop:
+            s, b = opt.local_grad_stats()
+            sq_ours, bad = sq_ours + s, bad | b
+        sq_other = torch.zeros((), dtype=torch.float64)
+        for g in self._other_grads():
+            sq_other += g.double().pow(2).sum()
+            bad |= ~torch.isfinite(g).all()
+        # Non-matrix params are replicated over DP: count them on DP rank 0 only.
+        if parallel_state.get_data_parallel_rank() != 0:
+            sq_other.zero_()
+        packed = torch.stack([sq_ours + sq_other, bad.double()])
+        dist.all_reduce(packed)  # every rank: DP x TP x PP
+        return math.sqrt(float(packed[0])), bool(packed[1] > 0)
+
+    @torch.no_grad()
+    def step(self):
+        self.prepare_grads()
+        grad_norm, found_inf = self._global_stats()
+        if found_inf:
+            for opt in self.mlfop:
+                opt.discard_step()
+            return False, None, None
+        clip = self.config.clip_grad
+        if clip > 0.0 and grad_norm > clip:
+            coeff = clip / (grad_norm + 1.0e-6)
+            for opt in self.mlfop:
+                opt.set_grad_scale(coeff)
+            for g in self._clip_targets():
+                g.mul_(coeff)
+        num_zeros = None
+        if self.config.log_num_zeros_in_grad:
+            num_zeros = sum(opt.count_zeros() for opt in self.mlfop)
+        success = self.step_with_ready_grads()
+        return success, grad_norm, num_zeros
+
+    def _clip_targets(self) -> list[torch.Tensor]:
+        """Every non-matrix grad once (shared params included), for in-place clipping."""
+        seen, out = set(), []
+        for opt in self.others:
+            for p in opt.get_parameters():
+                if p.grad is not None and id(p.grad) not in seen:
+                    seen.add(id(p.grad))
+                    out.append(p.grad)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for opt in self.mlfop:
+            for k, v in opt.stats().items():
+                merged[k] = merged.get(k, 0 if not isinstance(v, list) else []) + v
+        return merged

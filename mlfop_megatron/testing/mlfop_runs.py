@@ -1,0 +1,94 @@
+"""Training runs of the tiny GPT with ML-FOP-SOAP through the Megatron adapter (tests, demo)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig
+
+from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+from mlfop_megatron.megatron.factory import get_mlfop_optimizer
+from mlfop_megatron.testing.distributed import init_megatron_parallel
+from mlfop_megatron.testing.tiny_gpt import (
+    TinyGPTConfig,
+    build_tiny_gpt,
+    canonical_param_names,
+    deterministic_init_,
+    global_mean_loss,
+    train_iteration,
+)
+
+
+def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train the tiny GPT for spec['iters'] steps; return params by canonical name and stats.
+
+    spec keys: tp, pp, iters, microbatches, global_micro (samples per micro-batch over all DP
+    ranks), lr, clip_grad, sharded, enabled (folding), overlap, dtype, max_precond_dim,
+    nan_at (iteration, rank) to poison one backward, discard_at (iteration) to drop a step.
+    """
+    init_megatron_parallel(tp=spec.get("tp", 1), pp=spec.get("pp", 1), seed=1234)
+    # Megatron's torch LayerNorm wrapper allocates in the default dtype.
+    torch.set_default_dtype(spec.get("dtype", torch.float32))
+    k = spec.get("microbatches", 4)
+    cfg = TinyGPTConfig(
+        overlap_grad_reduce=spec.get("overlap", True), dtype=spec.get("dtype", torch.float32)
+    )
+    model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
+    deterministic_init_(model, seed=0)
+    mlfop = MLFOPConfig.from_kwargs(
+        lr=spec.get("lr", 1e-2),
+        precondition_frequency=spec.get("precondition_frequency", 3),
+        accumulation_steps=k,
+        enabled=spec.get("enabled", True),
+        max_precond_dim=spec.get("max_precond_dim", 10000),
+    )
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=spec.get("lr", 1e-2),
+        weight_decay=0.01,
+        clip_grad=spec.get("clip_grad", 0.0),
+        bf16=False,
+        fp16=False,
+    )
+    optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=spec.get("sharded", True))
+    dp = parallel_state.get_data_parallel_world_size()
+    mbs = spec.get("global_micro", 2) // dp
+    losses, results = [], []
+    for it in range(spec.get("iters", 10)):
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        nan_at = spec.get("nan_at")
+        if nan_at is not None and nan_at[0] == it and nan_at[1] == torch.distributed.get_rank():
+            _poison_next_backward(model)
+        local = train_iteration(model, cfg, it, k, mbs, zero_grad=False)
+        losses.append(global_mean_loss(local))
+        if spec.get("discard_at") == it:  # reference for the NaN test: drop this step
+            for opt in optimizer.mlfop:
+                opt.discard_step()
+            results.append((False, None, None))
+            continue
+        results.append(optimizer.step())
+    names = canonical_param_names(model)
+    return {
+        "params": {names[p]: p.detach().clone() for p in model.parameters()},
+        "losses": losses,
+        "results": [(ok, norm) for ok, norm, _ in results],
+        "state_bytes": sum(o.state_bytes() for o in optimizer.mlfop),
+        "stats": optimizer.stats(),
+    }
+
+
+def _poison_next_backward(model: torch.nn.Module) -> None:
+    """Make the next backward produce a NaN gradient in one weight (fault injection)."""
+    param = next(p for p in model.parameters() if p.dim() >= 2)
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        handle.remove()
+        grad = grad.clone()
+        grad.view(-1)[0] = float("nan")
+        return grad
+
+    handle = param.register_hook(hook)
