@@ -74,6 +74,11 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     names = canonical_param_names(model)
     return {
         "params": {names[p]: p.detach().clone() for p in model.parameters()},
+        "partition_dims": {
+            names[p]: p.partition_dim
+            for p in model.parameters()
+            if getattr(p, "tensor_model_parallel", False)
+        },
         "losses": losses,
         "results": [(ok, norm) for ok, norm, _ in results],
         "state_bytes": sum(o.state_bytes() for o in optimizer.mlfop),

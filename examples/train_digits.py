@@ -1,0 +1,762 @@
+"""Train a miniature Janus/Emu3-style unified image+text model on the digits corpus.
+
+One megatron-core GPTModel predicts one token stream that mixes two tasks (see
+``digits_data.py``): text -> image generation (loss on the 64 image tokens) and image -> text
+understanding (loss on the caption words). It trains through the ML-FOP-SOAP Megatron
+integration: ``FoldingDistributedDataParallel`` + ``get_mlfop_optimizer`` and Megatron's
+``get_forward_backward_func`` schedules, exactly as a Megatron-LM job would.
+
+CPU (spawns the gloo ranks itself, installs the CUDA emulation of mlfop_megatron.testing)::
+
+    python examples/train_digits.py --nproc 2 --out runs/demo
+    python examples/train_digits.py --nproc 2 --out runs/compare --compare
+    python examples/train_digits.py --nproc 2 --out runs/ci --quick
+
+GPUs (torchrun or srun set RANK/WORLD_SIZE; NCCL, one GPU per rank, TE layers if installed)::
+
+    torchrun --nproc-per-node 8 examples/train_digits.py --tp 2 --out runs/gpu
+
+Optimizers: ``mlfop`` (SOAP + multi-level FOP folding), ``soap`` (the same code with folding
+off: plain SOAP on the mean gradient) and ``adamw`` (Megatron's own optimizer from
+``megatron.core.optimizer.get_megatron_optimizer`` with Megatron's plain DDP). Every run writes
+metrics.csv / metrics.jsonl (one row per step), checkpoint/<optimizer>/ (torch.save per rank,
+written atomically), loss.png / cosine.png / beta.png and summary.json into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+EXAMPLES = Path(__file__).resolve().parent
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+
+from digits_data import (  # noqa: E402
+    TASK_GEN,
+    TASK_UND,
+    DigitsData,
+    causal_attention_mask,
+    collate,
+    num_micro_batches,
+)
+
+OPTIMIZERS = ("mlfop", "soap", "adamw")
+# Peak learning rates from a short sweep on this model (3e-3 / 1e-2 / 3e-2 each); --lr overrides.
+DEFAULT_LR = {"mlfop": 1e-2, "soap": 1e-2, "adamw": 1e-2}
+LEVEL_FIELDS = ("beta", "s", "ratio", "cosine")
+BASE_COLUMNS = (
+    "step", "optimizer", "loss", "image_loss", "text_loss", "tokens_per_s", "grad_norm", "lr",
+    "step_time_s", "elapsed_s", "skipped_steps", "modality_cosine",
+)
+Batch = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one training run needs (picklable: it travels to every rank)."""
+
+    optimizer: str
+    out: str
+    steps: int
+    global_batch: int
+    micro_batch: int
+    lr: float
+    seed: int
+    tp: int = 1
+    pp: int = 1
+    num_layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    warmup_frac: float = 0.1
+    min_lr_frac: float = 0.1
+    precondition_frequency: int = 10
+    diag_every: int = 5
+    log_every: int = 1
+    save_interval: int = 0
+    num_levels: int = 8
+    threads: int = 1
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nproc", type=int, default=2, help="ranks to spawn (CPU, no torchrun)")
+    p.add_argument("--out", default="runs/demo", help="run folder")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 150)")
+    p.add_argument("--global-batch", type=int, default=None, help="samples per step (32)")
+    p.add_argument("--micro-batch", type=int, default=None, help="samples per micro-batch (4)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="mlfop")
+    p.add_argument("--lr", type=float, default=None, help="peak lr (default: per optimizer)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--compare", action="store_true", help="train mlfop, soap and adamw in turn")
+    p.add_argument("--quick", action="store_true", help="tiny run for CI")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--diag-every", type=int, default=None,
+                   help="steps between inter-modality gradient cosines (0: never)")
+    p.add_argument("--save-interval", type=int, default=0,
+                   help="also checkpoint every N steps (0: only at the end)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="spawned-run timeout (s)")
+    return p.parse_args(argv)
+
+
+def specs_from_args(args: argparse.Namespace, world_size: int) -> list[RunSpec]:
+    """One RunSpec per optimizer to train (three with --compare)."""
+    quick = args.quick
+    steps = args.steps or (30 if quick else 150)
+    global_batch = args.global_batch or (16 if quick else 32)
+    micro = args.micro_batch or (2 if quick else 4)
+    dp = world_size // (args.tp * args.pp)
+    if dp < 1 or world_size % (args.tp * args.pp):
+        raise SystemExit(f"world size {world_size} is not a multiple of tp*pp={args.tp * args.pp}")
+    num_micro_batches(global_batch, micro, dp)  # raises unless it divides
+    names = OPTIMIZERS if args.compare else (args.optimizer,)
+    threads = max(1, (os.cpu_count() or 1) // max(1, world_size))
+    base = RunSpec(
+        optimizer=names[0], out=str(args.out), steps=steps, global_batch=global_batch,
+        micro_batch=micro, lr=0.0, seed=args.seed, tp=args.tp, pp=args.pp,
+        num_layers=args.layers, hidden=args.hidden, heads=args.heads,
+        weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+        diag_every=args.diag_every if args.diag_every is not None else (3 if quick else 5),
+        save_interval=args.save_interval, threads=threads,
+    )
+    return [replace(base, optimizer=n, lr=args.lr or DEFAULT_LR[n]) for n in names]
+
+
+def fold_levels(spec: RunSpec, dp: int) -> list[int]:
+    """Folding levels with diagnostics (1..J) for this batch layout (dyadic schedule)."""
+    from mlfop_megatron.core.levels import dyadic_boundaries
+
+    k = num_micro_batches(spec.global_batch, spec.micro_batch, dp)
+    return list(range(1, len(dyadic_boundaries(k))))
+
+
+def metric_columns(levels: Sequence[int]) -> list[str]:
+    """CSV header: base columns, then beta/s/ratio/cosine of every folding level."""
+    return [*BASE_COLUMNS, *(f"level{j}_{f}" for j in levels for f in LEVEL_FIELDS)]
+
+
+def lr_at(step: int, spec: RunSpec) -> float:
+    """Linear warmup then cosine decay to min_lr_frac * lr (step counts from 0)."""
+    warm = max(1, int(spec.warmup_frac * spec.steps))
+    if step < warm:
+        return spec.lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, spec.steps - warm))
+    floor = spec.min_lr_frac * spec.lr
+    return floor + 0.5 * (spec.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------- devices
+def use_cuda() -> bool:
+    """Whether this process trains on a GPU."""
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device of this rank (its local GPU, else CPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda() else torch.device("cpu")
+
+
+def to_device(batch: Batch) -> Batch:
+    """Move a collated batch to this rank's device."""
+    dev = device()
+    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------- model
+def layer_spec() -> Any:
+    """TransformerEngine layer spec on CUDA when TE imports, else megatron's local spec."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_cuda():
+        try:
+            import transformer_engine  # noqa: F401
+
+            return specs.get_gpt_layer_with_transformer_engine_spec()
+        except ImportError:
+            pass
+    return specs.get_gpt_layer_local_spec()
+
+
+def build_model(spec: RunSpec, data: DigitsData) -> Any:
+    """This rank's GPTModel stage (current parallel_state) wrapped in the right Megatron DDP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+
+    from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+
+    config = TransformerConfig(
+        num_layers=spec.num_layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=torch.float32, params_dtype=torch.float32,
+        use_cpu_initialization=not use_cuda(), hidden_dropout=0.0, attention_dropout=0.0,
+        bias_dropout_fusion=False, gradient_accumulation_fusion=False, add_bias_linear=False,
+    )
+    model = GPTModel(
+        config=config, transformer_layer_spec=layer_spec(), vocab_size=data.vocab_size,
+        max_sequence_length=data.seq_length, pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=False,
+        position_embedding_type="learned_absolute",
+    )
+    if use_cuda():
+        model.cuda(torch.cuda.current_device())
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=False,
+    )
+    ddp_class = DistributedDataParallel if spec.optimizer == "adamw" else (
+        FoldingDistributedDataParallel
+    )
+    ddp = ddp_class(config=config, ddp_config=ddp_config, module=model)
+    # The hooks Megatron-LM's training loop installs, so the schedules drive the DDP buckets.
+    config.no_sync_func = ddp.no_sync
+    config.grad_sync_func = ddp.start_grad_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def build_optimizer(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
+    """ML-FOP-SOAP / SOAP through our factory, or Megatron's own AdamW."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from mlfop_megatron.config import MLFOPConfig
+    from mlfop_megatron.megatron.factory import get_mlfop_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam", lr=spec.lr, min_lr=spec.lr * spec.min_lr_frac,
+        weight_decay=spec.weight_decay, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
+        clip_grad=spec.clip_grad, bf16=False, fp16=False, use_distributed_optimizer=False,
+    )
+    if spec.optimizer == "adamw":
+        # Megatron's FP32Optimizer + clip_grad_norm_fp32 (torch AdamW on CPU, TE/apex fused
+        # Adam on GPU) run unchanged under the CPU emulation, so no fallback is needed here.
+        return get_megatron_optimizer(config, [model])
+    mlfop = MLFOPConfig.from_kwargs(
+        lr=spec.lr, betas=(0.95, 0.95), weight_decay=spec.weight_decay,
+        precondition_frequency=spec.precondition_frequency,
+        accumulation_steps=accumulation_steps, enabled=spec.optimizer == "mlfop",
+    )
+    return get_mlfop_optimizer(config, [model], mlfop, sharded=True)
+
+
+def torch_param_groups(optimizer: Any) -> list[dict[str, Any]]:
+    """Param groups of the torch optimizers inside a (chained) Megatron optimizer.
+
+    Not ``optimizer.param_groups``: MLFOPMegatronOptimizer never sets ``is_stub_optimizer``,
+    which megatron-core 0.16's ``MegatronOptimizer.param_groups`` property reads, so that
+    property raises AttributeError on our chained optimizer (and would break Megatron's
+    OptimizerParamScheduler the same way).
+    """
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [g for opt in subs if opt.optimizer is not None for g in opt.optimizer.param_groups]
+
+
+def set_lr(optimizer: Any, lr: float) -> None:
+    """Set the learning rate of every param group (weight decay is left alone)."""
+    for group in torch_param_groups(optimizer):
+        group["lr"] = lr
+
+
+# -------------------------------------------------------------------------------------- data
+def attention_mask(seq_length: int) -> torch.Tensor | None:
+    """None on GPU (causal mask type); an explicit causal mask on CPU (see digits_data)."""
+    return None if use_cuda() else causal_attention_mask(seq_length).to(device())
+
+
+def train_microbatches(data: DigitsData, spec: RunSpec, step: int) -> Iterator[Batch]:
+    """This DP rank's micro-batches of one step (every TP/PP rank of the replica: the same)."""
+    from megatron.core import parallel_state as ps
+
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    k = num_micro_batches(spec.global_batch, spec.micro_batch, dp)
+    for i in range(k):
+        yield to_device(
+            data.micro_batch(step, spec.global_batch, spec.micro_batch, i, rank, dp)
+        )
+
+
+def eval_microbatches(data: DigitsData, micro_batch: int) -> list[Batch]:
+    """This DP rank's share of the validation split (both tasks), padded with zero-mask rows."""
+    from megatron.core import parallel_state as ps
+
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    items = [(int(r), t) for t in (TASK_GEN, TASK_UND) for r in data.split_indices("val")]
+    per_rank = -(-len(items) // dp)
+    per_rank = -(-per_rank // micro_batch) * micro_batch  # equal micro-batch count everywhere
+    mine = items[rank::dp]
+    real = [True] * len(mine) + [False] * (per_rank - len(mine))
+    mine = mine + [items[0]] * (per_rank - len(mine))
+    batches = []
+    for k in range(0, per_rank, micro_batch):
+        batch = collate([data.sample(r, t) for r, t in mine[k : k + micro_batch]])
+        keep = torch.tensor(real[k : k + micro_batch], dtype=torch.float32)[:, None]
+        for name in ("loss_mask", "image_loss_mask", "text_loss_mask"):
+            batch[name] = batch[name] * keep
+        batches.append(to_device(batch))
+    return batches
+
+
+# ------------------------------------------------------------------------------ forward step
+def loss_func(batch: Batch, output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Token-mean loss of one micro-batch, plus per-modality (sum, count) for logging."""
+    per_token = output_tensor.float()
+    mask = batch["loss_mask"]
+    loss = (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+    img, txt = batch["image_loss_mask"], batch["text_loss_mask"]
+    sums = torch.stack([(per_token * img).sum(), img.sum(), (per_token * txt).sum(), txt.sum()])
+    return loss, {"sums": sums.detach().double()}
+
+
+def forward_step(mask: torch.Tensor | None, data_iterator: Iterator[Batch], model: Any):
+    """forward_step_func for Megatron's schedules: (per-token loss, loss_func)."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+    return output, partial(loss_func, batch)
+
+
+def run_schedule(
+    model: Any, batches: Iterator[Batch] | list[Batch], n: int, spec: RunSpec, seq: int,
+    forward_only: bool = False,
+) -> torch.Tensor:
+    """Forward(+backward) over ``n`` micro-batches; returns global [img_sum, img_n, txt_sum,
+    txt_n] reduced over DP and broadcast from the last pipeline stage (float64, CPU)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    out = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, attention_mask(seq)),
+        data_iterator=iter(batches), model=[model], num_microbatches=n, seq_length=seq,
+        micro_batch_size=spec.micro_batch, decoder_seq_length=seq, forward_only=forward_only,
+    )
+    local = torch.zeros(4, dtype=torch.float64, device=device())
+    for d in out or []:
+        local += d["sums"].to(local.device)
+    return reduce_modality_sums(local)
+
+
+def reduce_modality_sums(local: torch.Tensor) -> torch.Tensor:
+    """Sum over DP on the last stage, then broadcast over the pipeline group."""
+    from megatron.core import parallel_state as ps
+
+    if ps.is_pipeline_last_stage():
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
+    dist.broadcast(local, src=ps.get_pipeline_model_parallel_last_rank(),
+                   group=ps.get_pipeline_model_parallel_group())
+    return local.cpu()
+
+
+def modality_losses(sums: torch.Tensor) -> dict[str, float]:
+    """Token-mean loss overall and per modality from [img_sum, img_n, txt_sum, txt_n]."""
+    s = sums.tolist()
+    return {
+        "loss": (s[0] + s[2]) / max(1.0, s[1] + s[3]),
+        "image_loss": s[0] / max(1.0, s[1]),
+        "text_loss": s[2] / max(1.0, s[3]),
+    }
+
+
+# ------------------------------------------------------------------------------ diagnostics
+def decoder_matrices(model: Any) -> list[torch.nn.Parameter]:
+    """The shared transformer trunk's matrices (what SOAP preconditions and FOP folds)."""
+    return [p for n, p in model.named_parameters() if "decoder" in n and p.dim() >= 2]
+
+
+def modality_cosine(model: Any, batch: Batch, seq: int) -> float:
+    """Cosine between the gradients of the image and the text loss over the decoder matrices.
+
+    Gradients of the summed per-modality losses of this rank's micro-batch, summed over DP
+    (so it is the cosine on the union of the DP ranks' micro-batches), inner products summed
+    over TP shards. Uses torch.autograd.grad on the unwrapped module, which neither touches
+    main_grad nor fires the DDP hooks. NaN with pipeline parallelism (needs the schedule).
+    """
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        return float("nan")
+    params = decoder_matrices(model)
+    # Logits (gathered over TP) and torch's cross-entropy: Megatron's fused vocab-parallel
+    # cross-entropy overwrites its saved softmax in backward, so it cannot be differentiated
+    # twice, which the two per-modality gradients of one forward need.
+    logits = model.module(
+        batch["tokens"], batch["position_ids"], attention_mask(seq), runtime_gather_output=True
+    ).float()
+    per_token = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), batch["labels"], reduction="none"
+    )
+    img = (per_token * batch["image_loss_mask"]).sum()
+    txt = (per_token * batch["text_loss_mask"]).sum()
+    gi = torch.autograd.grad(img, params, retain_graph=True)
+    gt = torch.autograd.grad(txt, params)
+    flat = torch.cat([torch.cat([g.reshape(-1) for g in gi]), torch.cat([g.reshape(-1) for g in gt])])
+    dist.all_reduce(flat, group=ps.get_data_parallel_group())
+    n = flat.numel() // 2
+    a, b = flat[:n].double(), flat[n:].double()
+    sums = torch.stack([a @ b, a @ a, b @ b])
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        # Every decoder matrix is a TP shard (column/row parallel), so the pieces add up.
+        assert all(getattr(p, "tensor_model_parallel", False) for p in params)
+        dist.all_reduce(sums, group=ps.get_tensor_model_parallel_group())
+    return float(sums[0] / (sums[1] * sums[2]).clamp_min(1e-300).sqrt())
+
+
+def folding_diagnostics(optimizer: Any, levels: Sequence[int]) -> dict[str, float]:
+    """Per-level beta/s (block means), ratio and cosine (norm-weighted) over ALL ranks.
+
+    Every rank only holds the diagnostics of the blocks it owns (state is sharded over DP, and
+    PP stages hold different layers), so the per-level sums are all-reduced over the world.
+    Collective: call it on every rank after each step (also for optimizers without folding).
+    """
+    from mlfop_megatron.core.fop import AA, AD, DD
+
+    width = 6  # count, sum s, sum beta, sum aa, sum ad, sum dd
+    table = torch.zeros(len(levels), width, dtype=torch.float64)
+    row = {lvl: i for i, lvl in enumerate(levels)}
+    for opt in getattr(optimizer, "mlfop", []):
+        for engine in opt.engines:
+            for diag in engine.last_diagnostics:
+                if diag.level not in row:
+                    continue
+                sums = diag.sums.double().sum(dim=0)
+                table[row[diag.level]] += torch.stack([
+                    torch.tensor(float(diag.s.numel()), dtype=torch.float64),
+                    diag.s.double().sum(), diag.beta.double().sum(), sums[AA], sums[AD], sums[DD],
+                ])
+    table = table.to(device())
+    dist.all_reduce(table)
+    return level_columns(table.cpu(), levels, optimizer)
+
+
+def level_columns(table: torch.Tensor, levels: Sequence[int], optimizer: Any) -> dict[str, float]:
+    """Turn the reduced per-level sums into the level{j}_* metric columns."""
+    out: dict[str, float] = {}
+    schedule = next((o.schedule for o in getattr(optimizer, "mlfop", [])), None)
+    for i, lvl in enumerate(levels):
+        n, s, beta, aa, ad, dd = table[i].tolist()
+        if n == 0 or schedule is None or lvl >= schedule.num_levels:
+            out.update({f"level{lvl}_{f}": float("nan") for f in LEVEL_FIELDS})
+            continue
+        nz, nh = schedule.fold_weights(lvl)
+        wz, wh = nz / (nz + nh), nh / (nz + nh)
+        zh = aa + (wh - wz) * ad - wz * wh * dd
+        zz = aa + 2 * wh * ad + wh * wh * dd
+        hh = aa - 2 * wz * ad + wz * wz * dd
+        out.update({
+            f"level{lvl}_beta": beta / n,
+            f"level{lvl}_s": s / n,
+            f"level{lvl}_ratio": math.sqrt(dd / max(aa, 1e-300)),
+            f"level{lvl}_cosine": zh / math.sqrt(max(zz * hh, 1e-300)),
+        })
+    return out
+
+
+# ------------------------------------------------------------------------------- run folder
+def clean(value: Any) -> Any:
+    """JSON-safe scalar: non-finite floats become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """Appends one row per step to metrics.csv and metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, out: Path, columns: Sequence[str]) -> None:
+        self.columns = list(columns)
+        self.csv_path, self.jsonl_path = out / "metrics.csv", out / "metrics.jsonl"
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append ``row`` (missing columns are left empty / null)."""
+        full = {c: clean(row.get(c)) for c in self.columns}
+        with open(self.csv_path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=self.columns).writerow(
+                {k: "" if v is None else v for k, v in full.items()}
+            )
+        with open(self.jsonl_path, "a") as fh:
+            fh.write(json.dumps(full) + "\n")
+
+
+def start_metric_files(out: Path, columns: Sequence[str]) -> None:
+    """Create the run folder and fresh metric files with the CSV header."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.csv", "w", newline="") as fh:
+        csv.writer(fh).writerow(columns)
+    (out / "metrics.jsonl").write_text("")
+
+
+def save_checkpoint(
+    out: Path, name: str, model: Any, optimizer: Any, step: int, spec: RunSpec,
+) -> Path:
+    """torch.save model + optimizer state of every rank into checkpoint/<name>/, atomically.
+
+    Ranks write ``rank_XXXXX.pt`` into a temporary sibling folder, then rank 0 swaps it in with
+    a rename, so a crash never leaves a half-written checkpoint/<name>/ behind. All ranks need
+    the same filesystem (one node, or a shared one under Slurm). Optimizer state is sharded by
+    block over DP, so every rank's file is needed to resume.
+    """
+    root = out / "checkpoint"
+    final, tmp, old = root / name, root / f".{name}.tmp", root / f".{name}.old"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    payload = {
+        "step": step, "spec": asdict(spec), "model": model.module.state_dict(),
+        "optimizer": optimizer.state_dict(), "rank": rank, "world_size": dist.get_world_size(),
+    }
+    part = tmp / f"rank_{rank:05d}.pt.part"
+    torch.save(payload, part)
+    os.replace(part, tmp / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        meta = {"step": step, "optimizer": name, "world_size": dist.get_world_size(),
+                "tp": spec.tp, "pp": spec.pp}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+# ---------------------------------------------------------------------------------- training
+def make_progress(spec: RunSpec) -> Any:
+    """tqdm bar on global rank 0 (None elsewhere)."""
+    if dist.get_rank() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=spec.steps, desc=f"{spec.optimizer:>5}", unit="step", dynamic_ncols=True,
+                file=sys.stderr, mininterval=0.5)
+
+
+def train_step(
+    model: Any, optimizer: Any, data: DigitsData, spec: RunSpec, step: int, k: int,
+) -> tuple[torch.Tensor, bool, float]:
+    """One optimizer step over k micro-batches: (modality sums, success, grad norm)."""
+    set_lr(optimizer, lr_at(step, spec))
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    sums = run_schedule(model, train_microbatches(data, spec, step), k, spec, data.seq_length)
+    success, grad_norm, _ = optimizer.step()
+    return sums, bool(success), float("nan") if grad_norm is None else float(grad_norm)
+
+
+def evaluate(model: Any, data: DigitsData, spec: RunSpec) -> dict[str, float]:
+    """Validation loss overall and per modality (both tasks on every val image)."""
+    batches = eval_microbatches(data, spec.micro_batch)
+    model.eval()
+    with torch.no_grad():
+        sums = run_schedule(model, batches, len(batches), spec, data.seq_length, True)
+    model.train()
+    return {f"val_{k}": v for k, v in modality_losses(sums).items()}
+
+
+def setup_rank(spec: RunSpec) -> None:
+    """Megatron parallel state for this rank, seeded (torch.distributed is already up)."""
+    from mlfop_megatron.testing.distributed import init_megatron_parallel
+
+    torch.set_num_threads(spec.threads)
+    init_megatron_parallel(tp=spec.tp, pp=spec.pp, seed=spec.seed)
+
+
+def train_worker(spec: RunSpec) -> dict[str, Any] | None:
+    """Train one optimizer on this rank; rank 0 returns rows and a summary, others None."""
+    from megatron.core import parallel_state as ps
+
+    setup_rank(spec)
+    data = DigitsData()
+    dp = ps.get_data_parallel_world_size()
+    k = num_micro_batches(spec.global_batch, spec.micro_batch, dp)
+    model = build_model(spec, data)
+    optimizer = build_optimizer(spec, model, k)
+    levels = fold_levels(spec, dp)
+    out = Path(spec.out)
+    writer = MetricsWriter(out, metric_columns(levels)) if dist.get_rank() == 0 else None
+    rows, bar, skipped, start = [], make_progress(spec), 0, time.perf_counter()
+    tokens_per_step = spec.global_batch * data.seq_length
+    for step in range(spec.steps):
+        diag = spec.diag_every > 0 and (step % spec.diag_every == 0 or step == spec.steps - 1)
+        cosine = float("nan")
+        if diag:
+            batch = next(train_microbatches(data, spec, step))
+            cosine = modality_cosine(model, batch, data.seq_length)
+        t0 = time.perf_counter()
+        sums, success, grad_norm = train_step(model, optimizer, data, spec, step, k)
+        dt = time.perf_counter() - t0
+        skipped += int(not success)
+        row = {"step": step + 1, "optimizer": spec.optimizer, **modality_losses(sums),
+               "tokens_per_s": tokens_per_step / dt, "grad_norm": grad_norm,
+               "lr": lr_at(step, spec), "step_time_s": dt,
+               "elapsed_s": time.perf_counter() - start, "skipped_steps": skipped,
+               "modality_cosine": cosine, **folding_diagnostics(optimizer, levels)}
+        if spec.save_interval and (step + 1) % spec.save_interval == 0:
+            save_checkpoint(out, spec.optimizer, model, optimizer, step + 1, spec)
+        if writer is not None:
+            writer.write(row)
+            rows.append(row)
+            update_progress(bar, row)
+    train_time = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    final = evaluate(model, data, spec)
+    save_checkpoint(out, spec.optimizer, model, optimizer, spec.steps, spec)
+    if dist.get_rank() != 0:
+        return None
+    return {"rows": rows, "summary": summarize(spec, rows, final, train_time, optimizer)}
+
+
+def update_progress(bar: Any, row: dict[str, Any]) -> None:
+    """Advance the rank-0 bar with step, per-modality loss and throughput."""
+    if bar is None:
+        return
+    bar.set_postfix_str(
+        f"img {row['image_loss']:.3f} txt {row['text_loss']:.3f} "
+        f"{row['tokens_per_s']:,.0f} tok/s", refresh=False,
+    )
+    bar.update(1)
+
+
+def summarize(
+    spec: RunSpec, rows: list[dict[str, Any]], final: dict[str, float], train_time: float,
+    optimizer: Any,
+) -> dict[str, Any]:
+    """Final numbers of one run: train losses (mean of the last 10% of steps), val, speed."""
+    tail = rows[-max(1, len(rows) // 10):]
+    stats = optimizer.stats() if hasattr(optimizer, "stats") else {}
+    out = {"optimizer": spec.optimizer, "steps": spec.steps, "lr": spec.lr,
+           "train_time_s": train_time,
+           "tokens_per_s": sum(r["tokens_per_s"] for r in rows[1:]) / max(1, len(rows) - 1),
+           "skipped_steps": rows[-1]["skipped_steps"] if rows else 0,
+           "eigh_failures": stats.get("eigh_failures", 0),
+           "qr_failures": stats.get("qr_failures", 0)}
+    for key in ("loss", "image_loss", "text_loss"):
+        out[f"first_{key}"] = rows[0][key] if rows else float("nan")
+        out[f"final_{key}"] = sum(r[key] for r in tail) / len(tail) if tail else float("nan")
+    return {**out, **final}
+
+
+# ------------------------------------------------------------------------------------ launch
+def torchrun_env() -> bool:
+    """Launched by torchrun / srun (RANK and WORLD_SIZE set by the launcher)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_env() -> None:
+    """torch.distributed from the launcher's env: NCCL on GPUs (gloo + emulation on CPU)."""
+    if "LOCAL_RANK" not in os.environ and "SLURM_LOCALID" in os.environ:
+        os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if use_cuda():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        from mlfop_megatron.testing.cpu_emulation import install_cpu_emulation
+
+        install_cpu_emulation()
+        dist.init_process_group("gloo")
+
+
+def run_all(specs: list[RunSpec], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Train every spec in turn; returns rank 0's results (an empty list on other ranks)."""
+    results = []
+    if torchrun_env():
+        init_from_env()
+        for spec in specs:
+            res = train_worker(spec)
+            if res is not None:
+                results.append(res)
+        dist.destroy_process_group()
+        return results
+    if use_cuda():
+        raise SystemExit("on GPUs launch with torchrun/srun (e.g. torchrun --nproc-per-node 8 "
+                         "examples/train_digits.py ...); --nproc spawns CPU gloo ranks only")
+    from mlfop_megatron.testing.distributed import run_distributed
+
+    for spec in specs:
+        res = run_distributed(train_worker, args.nproc, spec, timeout=args.timeout,
+                              threads=spec.threads)
+        results.append(res[0])
+    return results
+
+
+SUMMARY_COLUMNS = (
+    ("optimizer", "{}"), ("steps", "{}"), ("lr", "{:.0e}"), ("final_image_loss", "{:.4f}"),
+    ("final_text_loss", "{:.4f}"), ("val_image_loss", "{:.4f}"), ("val_text_loss", "{:.4f}"),
+    ("tokens_per_s", "{:,.0f}"), ("train_time_s", "{:.1f}"), ("skipped_steps", "{}"),
+)
+
+
+def summary_table(summaries: list[dict[str, Any]]) -> str:
+    """Fixed-width text table of the per-optimizer summaries."""
+    header = [name for name, _ in SUMMARY_COLUMNS]
+    body = [[fmt.format(s[name]) for name, fmt in SUMMARY_COLUMNS] for s in summaries]
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)
+
+
+def finish(out: Path, results: list[dict[str, Any]], wall: float) -> None:
+    """Plots, summary.json and the printed summary table (rank 0 / the launcher)."""
+    from plots import make_plots
+
+    rows = [r for res in results for r in res["rows"]]
+    pngs = make_plots(rows, out)
+    summaries = [res["summary"] for res in results]
+    payload = {"wall_time_s": wall, "runs": summaries}
+    (out / "summary.json").write_text(json.dumps(payload, indent=1, default=clean))
+    print("\n" + summary_table(summaries))
+    print(f"\nwall time {wall:.1f} s; run folder {out}: metrics.csv, metrics.jsonl, "
+          f"checkpoint/, {', '.join(p.name for p in pngs)}, summary.json")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: parse flags, train, write the run folder."""
+    t0 = time.perf_counter()
+    args = parse_args(argv)
+    world = int(os.environ["WORLD_SIZE"]) if torchrun_env() else args.nproc
+    specs = specs_from_args(args, world)
+    out = Path(args.out)
+    is_rank0 = not torchrun_env() or int(os.environ["RANK"]) == 0
+    if is_rank0:
+        start_metric_files(out, metric_columns(fold_levels(specs[0], world // (args.tp * args.pp))))
+    results = run_all(specs, args)
+    if is_rank0:
+        finish(out, results, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()
