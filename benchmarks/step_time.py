@@ -363,6 +363,49 @@ def timed(fn: Callable[[], object]) -> float:
         gc.enable()
 
 
+class LoadGate:
+    """Holds a timed round back (bounded) while other processes load the CPU.
+
+    A fixed small matmul probe is compared with its best time at start; while it runs more
+    than 1.5x slower the round waits. Each wait is capped, and so is the total.
+    """
+
+    def __init__(self, max_wait: float, budget: float) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.a = torch.randn(384, 384, generator=gen)
+        self.b = torch.randn(384, 384, generator=gen)
+        self.max_wait, self.budget = max_wait, budget
+        self.base = min(self.probe() for _ in range(10))
+        self.waited = 0.0
+        self.loaded_rounds = 0
+        self.rounds = 0
+
+    def probe(self) -> float:
+        """Time of the fixed probe workload."""
+        return timed(lambda: [self.a @ self.b for _ in range(4)])
+
+    def wait(self) -> None:
+        """Wait until the probe is back near its best time (or the caps are hit)."""
+        self.rounds += 1
+        t0 = time.perf_counter()
+        while self.probe() > 1.5 * self.base:
+            spent = time.perf_counter() - t0
+            if spent > self.max_wait or self.waited + spent > self.budget:
+                self.loaded_rounds += 1
+                break
+            time.sleep(0.2)
+        self.waited += time.perf_counter() - t0
+
+    def summary(self) -> str:
+        """One line for the report."""
+        return (
+            f"load gate: waited {self.waited:.0f} s in total before timed rounds; "
+            f"{self.loaded_rounds}/{self.rounds} rounds still ran under load "
+            f"(probe > 1.5x its best after a {self.max_wait:g} s cap, total cap "
+            f"{self.budget:g} s)"
+        )
+
+
 def set_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
     """Assign fresh copies (an optimizer may modify p.grad in place)."""
     for p, g in zip(params, grads):
@@ -392,7 +435,9 @@ def build_contenders(
     return out, skipped
 
 
-def bench_steps(hidden: int, args: argparse.Namespace) -> tuple[list[Contender], list[str]]:
+def bench_steps(
+    hidden: int, args: argparse.Namespace, gate: LoadGate
+) -> tuple[list[Contender], list[str]]:
     """Interleaved step timing of every contender on one block."""
     shapes = block_shapes(hidden)
     contenders, skipped = build_contenders(shapes, args, seed=hidden)
@@ -403,6 +448,8 @@ def bench_steps(hidden: int, args: argparse.Namespace) -> tuple[list[Contender],
     log(f"h={hidden}: {len(contenders)} contenders, {warmup} warmup + {measured} timed steps")
     for i in range(total):
         gc.collect()
+        if i >= warmup:
+            gate.wait()
         k = i % len(contenders)
         last: dict[str, float] = {}
         for c in contenders[k:] + contenders[:k]:  # rotate the order every round
@@ -419,7 +466,7 @@ def bench_steps(hidden: int, args: argparse.Namespace) -> tuple[list[Contender],
     return contenders, skipped
 
 
-def bench_fold(hidden: int, args: argparse.Namespace) -> dict[str, float]:
+def bench_fold(hidden: int, args: argparse.Namespace, gate: LoadGate) -> dict[str, float]:
     """accumulate() cost of K=8 with folding vs folding disabled, in units of rot(X)."""
     k_steps = args.accumulation_steps
     shapes = block_shapes(hidden)
@@ -449,6 +496,8 @@ def bench_fold(hidden: int, args: argparse.Namespace) -> dict[str, float]:
     log(f"h={hidden} fold: K={k_steps}, levels {levels} -> {folds} folds, {windows} windows")
     for w in range(windows):
         gc.collect()
+        if w >= warm:
+            gate.wait()
         order = ["fold", "plain"] if w % 2 == 0 else ["plain", "fold"]
         for name in order:
             opt, ps = opts[name], params[name]
@@ -708,6 +757,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fold-hidden", type=int, nargs="*", default=None, help="default: --hidden")
     ap.add_argument("--check-steps", type=int, default=25, help="steps of the equal-math check")
     ap.add_argument("--progress", type=int, default=5, help="print every N timed steps")
+    ap.add_argument("--max-wait", type=float, default=2.0, help="load gate: s per round")
+    ap.add_argument("--wait-budget", type=float, default=60.0, help="load gate: s in total")
     ap.add_argument("--heavyball-compile", action="store_true", help="keep heavyball compile on")
     ap.add_argument(
         "--profile", type=int, default=0, metavar="H", help="only print op tables at hidden H"
@@ -719,6 +770,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.hidden, args.periods, args.warmup = [128], 1, 1
         args.fold_windows, args.check_steps, args.progress = 3, 12, 5
+        args.max_wait, args.wait_budget = 0.5, 3.0
         args.no_write = True
     if args.fold_hidden is None:
         args.fold_hidden = args.hidden
@@ -743,9 +795,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results: dict[int, list[Contender]] = {}
     skipped: list[str] = []
+    gate = LoadGate(args.max_wait, args.wait_budget)
     for hidden in args.hidden:
-        results[hidden], skipped = bench_steps(hidden, args)
-    folds = [bench_fold(h, args) for h in args.fold_hidden]
+        results[hidden], skipped = bench_steps(hidden, args, gate)
+    folds = [bench_fold(h, args, gate) for h in args.fold_hidden]
+    log(gate.summary())
     runtime = time.perf_counter() - _T0
 
     contenders = next(iter(results.values()))
@@ -754,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.append("")
     start_load = machine_start.split("load average ")[-1]
     out.append(f"Machine: {machine_line(args.threads)} (at start: load average {start_load})")
+    out.append("")
+    out.append(f"Other load: {gate.summary()}")
     out.append("")
     out.append(
         "Method: `step()` alone (gradients assigned to `p.grad`), fp32, one GPT block per hidden "

@@ -106,16 +106,18 @@ def plot_cosines(rows: Sequence[Row], path: Path) -> Path:
     """Inter-modality gradient cosine per optimizer, and the folding cosine per level."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     ax = axes[0]
+    drew = False
     for name, group in by_optimizer(rows).items():
         steps, vals = _series(group, "modality_cosine")
         if steps:
             ax.plot(steps, vals, "o-", ms=3, color=_color(name), label=name)
+            drew = True
     ax.axhline(0.0, color="k", lw=0.6)
     ax.set_title("cos(grad image loss, grad text loss), decoder matrices")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cosine")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend_or_note(ax, drew, "inter-modality cosine not measured (--diag-every 0 or PP > 1)")
     _plot_levels(axes[1], rows, "cosine", "folding: cos(z_{j-1}, h_j) per level")
     axes[1].axhline(0.0, color="k", lw=0.6)
     return _save(fig, path)
@@ -141,14 +143,18 @@ def _plot_levels(ax: Any, rows: Sequence[Row], field: str, title: str) -> None:
                 ax.plot(steps, ema(vals, 0.3), styles[i % len(styles)], color=_color(name),
                         label=f"{name} level {level}")
                 drew = True
-    if not drew:
-        ax.text(0.5, 0.5, "no folding in this run", ha="center", va="center",
-                transform=ax.transAxes)
-    else:
-        ax.legend(fontsize=8)
+    _legend_or_note(ax, drew, "no folding in this run")
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.grid(alpha=0.3)
+
+
+def _legend_or_note(ax: Any, drew: bool, note: str) -> None:
+    """A legend when something was drawn, else a centred note saying why the panel is empty."""
+    if drew:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
 
 
 def make_plots(rows: Sequence[Row], out_dir: Path) -> list[Path]:

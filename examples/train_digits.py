@@ -120,6 +120,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-interval", type=int, default=0,
                    help="also checkpoint every N steps (0: only at the end)")
     p.add_argument("--timeout", type=float, default=3600.0, help="spawned-run timeout (s)")
+    p.add_argument("--verbose", action="store_true", help="keep library warnings")
     return p.parse_args(argv)
 
 
@@ -257,15 +258,41 @@ def build_optimizer(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
         clip_grad=spec.clip_grad, bf16=False, fp16=False, use_distributed_optimizer=False,
     )
     if spec.optimizer == "adamw":
-        # Megatron's FP32Optimizer + clip_grad_norm_fp32 (torch AdamW on CPU, TE/apex fused
-        # Adam on GPU) run unchanged under the CPU emulation, so no fallback is needed here.
-        return get_megatron_optimizer(config, [model])
+        if use_cuda():
+            return get_megatron_optimizer(config, [model])
+        return cpu_adamw(config, model)
     mlfop = MLFOPConfig.from_kwargs(
         lr=spec.lr, betas=(0.95, 0.95), weight_decay=spec.weight_decay,
         precondition_frequency=spec.precondition_frequency,
         accumulation_steps=accumulation_steps, enabled=spec.optimizer == "mlfop",
     )
     return get_mlfop_optimizer(config, [model], mlfop, sharded=True)
+
+
+def cpu_adamw(config: Any, model: Any) -> Any:
+    """AdamW for the CPU path, through our factory's Adam path (Megatron's FP32Optimizer).
+
+    Megatron's own optimizer from get_megatron_optimizer fails under the CPU emulation as soon
+    as gradient clipping triggers: clip_grad_by_total_norm_fp32 asserts that every grad is a
+    ``torch.cuda.FloatTensor``. So on CPU we build what get_megatron_optimizer builds there
+    (torch.optim.AdamW, its pick without TE/apex, inside Megatron's FP32Optimizer, weight decay
+    on matrices only) and chain it like get_mlfop_optimizer chains its Adam part, so the global
+    norm, the clipping and the inf check are the CPU-safe ones of MLFOPChainedOptimizer.
+    """
+    from megatron.core.optimizer import FP32Optimizer
+
+    from mlfop_megatron.megatron.optimizer import MLFOPChainedOptimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    adam = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+    )
+    return MLFOPChainedOptimizer([FP32Optimizer(adam, config, lambda opt, cfg=None: None)])
 
 
 def torch_param_groups(optimizer: Any) -> list[dict[str, Any]]:
@@ -415,7 +442,7 @@ def modality_cosine(model: Any, batch: Batch, seq: int) -> float:
     txt = (per_token * batch["text_loss_mask"]).sum()
     gi = torch.autograd.grad(img, params, retain_graph=True)
     gt = torch.autograd.grad(txt, params)
-    flat = torch.cat([torch.cat([g.reshape(-1) for g in gi]), torch.cat([g.reshape(-1) for g in gt])])
+    flat = torch.cat([g.reshape(-1) for g in (*gi, *gt)])
     dist.all_reduce(flat, group=ps.get_data_parallel_group())
     n = flat.numel() // 2
     a, b = flat[:n].double(), flat[n:].double()
@@ -743,10 +770,21 @@ def finish(out: Path, results: list[dict[str, Any]], wall: float) -> None:
           f"checkpoint/, {', '.join(p.name for p in pngs)}, summary.json")
 
 
+def quiet_warnings() -> None:
+    """Hide the library UserWarnings (no TE/apex on CPU, deprecations) here and in the ranks."""
+    import warnings
+
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::DeprecationWarning")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: parse flags, train, write the run folder."""
     t0 = time.perf_counter()
     args = parse_args(argv)
+    if not args.verbose:
+        quiet_warnings()
     world = int(os.environ["WORLD_SIZE"]) if torchrun_env() else args.nproc
     specs = specs_from_args(args, world)
     out = Path(args.out)

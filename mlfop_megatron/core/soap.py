@@ -4,7 +4,8 @@ State of a block (a plain dict so torch's optimizer state_dict can carry it):
   step         number of moment updates done so far (t)
   initialized  True once the first (statistics-only) step has run
   L, R         Kronecker factors (absent on a side that is not rotated)
-  QL, QR       orthogonal bases, eigenvectors by descending eigenvalue (absent: identity)
+  QL, QR       orthogonal bases, eigenvectors by descending eigenvalue (identity until the
+               first step; absent on a side that is not rotated)
   exp_avg      first moment, in rotated coordinates
   exp_avg_sq   second moment, in rotated coordinates
 A block whose sides are both identity is plain AdamW (used for 1-D params).
@@ -62,10 +63,14 @@ def init_state(layout: BlockLayout, dtype: torch.dtype, device: torch.device) ->
         "exp_avg": torch.zeros(layout.shape, dtype=dtype, device=device),
         "exp_avg_sq": torch.zeros(layout.shape, dtype=dtype, device=device),
     }
+    # Bases start as the identity (exact, and the metric is I until the first step anyway) so
+    # that the state's structure never changes: checkpoint templates can be built up front.
     if layout.rotate_left:
         state["L"] = torch.zeros(layout.rows, layout.rows, dtype=dtype, device=device)
+        state["QL"] = torch.eye(layout.rows, dtype=dtype, device=device)
     if layout.rotate_right:
         state["R"] = torch.zeros(layout.cols, layout.cols, dtype=dtype, device=device)
+        state["QR"] = torch.eye(layout.cols, dtype=dtype, device=device)
     return state
 
 

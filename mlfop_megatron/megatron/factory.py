@@ -8,7 +8,9 @@ import torch
 from megatron.core.optimizer import FP32Optimizer, OptimizerConfig
 
 from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+from mlfop_megatron.megatron.naming import canonical_param_names
 from mlfop_megatron.megatron.optimizer import MLFOPChainedOptimizer, MLFOPMegatronOptimizer
 
 # Matrices that stay with Adam: vocabulary-sized embeddings and the output projection.
@@ -19,6 +21,19 @@ TP_MODES = ("blockwise",)
 def is_soap_param(name: str, param: torch.nn.Parameter) -> bool:
     """SOAP takes the transformer's linear weights; embeddings, output, norms, biases -> Adam."""
     return param.dim() >= 2 and not any(m in name for m in ADAM_MATRIX_MARKERS)
+
+
+def megatron_group_fields(config: OptimizerConfig, wd_mult: float) -> dict[str, Any]:
+    """Param-group fields Megatron's LR scheduler and checkpoint loader expect."""
+    return {
+        "wd_mult": wd_mult,
+        "lr_mult": 1.0,
+        "is_expert_parallel": False,
+        "is_decoupled_lr": False,
+        "default_config": True,
+        "max_lr": config.lr,
+        "min_lr": config.min_lr,
+    }
 
 
 def _check_config(config: OptimizerConfig, tp_mode: str) -> None:
@@ -70,10 +85,11 @@ def get_mlfop_optimizer(
             f"subclass of Megatron's DistributedDataParallel), got {type(chunk).__name__}"
         )
     soap, adam_decay, adam_no_decay = [], [], []
-    for name, param in chunk.named_parameters():
+    names = canonical_param_names(chunk)
+    for param in chunk.parameters():
         if not param.requires_grad:
             continue
-        name = name.removeprefix("module.")
+        name = names[param]
         if is_soap_param(name, param):
             soap.append((param, name))
         elif param.dim() >= 2:
@@ -94,8 +110,12 @@ def get_mlfop_optimizer(
         chunk.attach_folding(ours.schedule, ours.on_level)
         chained.append(ours)
     groups = [
-        {"params": ps, "weight_decay": wd}
-        for ps, wd in ((adam_decay, config.weight_decay), (adam_no_decay, 0.0))
+        {
+            "params": ps,
+            "weight_decay": config.weight_decay * mult,
+            **megatron_group_fields(config, mult),
+        }
+        for ps, mult in ((adam_decay, 1.0), (adam_no_decay, 0.0))
         if ps
     ]
     if groups:
@@ -105,5 +125,5 @@ def get_mlfop_optimizer(
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_eps,
         )
-        chained.append(FP32Optimizer(adam, config, lambda opt, cfg=None: None))
+        chained.append(FP32Optimizer(adam, config, adam_init_state_fn))
     return MLFOPChainedOptimizer(chained)

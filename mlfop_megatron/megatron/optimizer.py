@@ -43,9 +43,10 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         sharded: bool = True,
         block_size: int | None = None,
     ) -> None:
-        holder = _ParamGroups(
-            [{"params": params, "lr": config.lr, "weight_decay": config.weight_decay}], {}
-        )
+        from mlfop_megatron.megatron.factory import megatron_group_fields
+
+        group = {"params": params, "lr": config.lr, "weight_decay": config.weight_decay}
+        holder = _ParamGroups([dict(group, **megatron_group_fields(config, 1.0))], {})
         super().__init__(holder, config)
         self.model_chunks = model_chunks
         self.mlfop_config = mlfop_config
@@ -171,8 +172,20 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict() or a dist_checkpointing-loaded sharded_state_dict()."""
+        from mlfop_megatron.megatron.checkpointing import scalars_from_loaded
+
+        if len(state_dict["engines"]) != len(self.engines):
+            raise ValueError(
+                f"checkpoint has {len(state_dict['engines'])} SOAP engines, this optimizer "
+                f"{len(self.engines)}: the set of tensor-parallel matrices differs"
+            )
         for engine, saved in zip(self.engines, state_dict["engines"]):
-            engine.load_state_dict(saved)
+            blocks = {
+                name: scalars_from_loaded(entry) if torch.is_tensor(entry["step"]) else entry
+                for name, entry in saved["blocks"].items()
+            }
+            engine.load_state_dict(dict(saved, blocks=blocks))
         for group, saved in zip(self.optimizer.param_groups, state_dict["param_groups"]):
             group.update(saved)
         self.skipped_steps = state_dict["skipped_steps"]

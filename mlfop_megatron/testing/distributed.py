@@ -147,7 +147,7 @@ def run_distributed(
             p = ctx.Process(
                 target=_child,
                 args=(fn, rank, world_size, port, args, results, threads, emulate_cuda, timeout),
-                daemon=True,
+                daemon=False,  # dist_checkpointing starts writer processes; cleanup below
             )
             p.start()
             procs.append(p)

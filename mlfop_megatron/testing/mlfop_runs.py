@@ -9,6 +9,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
 from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
 from mlfop_megatron.megatron.factory import get_mlfop_optimizer
 from mlfop_megatron.testing.distributed import init_megatron_parallel
@@ -27,7 +28,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
 
     spec keys: tp, pp, iters, microbatches, global_micro (samples per micro-batch over all DP
     ranks), lr, clip_grad, sharded, enabled (folding), overlap, dtype, max_precond_dim,
-    nan_at (iteration, rank) to poison one backward, discard_at (iteration) to drop a step.
+    nan_at (iteration, rank) to poison one backward, discard_at (iteration) to drop a step,
+    save_at (iteration, dir) to checkpoint after that step, load_from (dir) to resume.
     """
     init_megatron_parallel(tp=spec.get("tp", 1), pp=spec.get("pp", 1), seed=1234)
     # Megatron's torch LayerNorm wrapper allocates in the default dtype.
@@ -57,7 +59,10 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     dp = parallel_state.get_data_parallel_world_size()
     mbs = spec.get("global_micro", 2) // dp
     losses, results = [], []
-    for it in range(spec.get("iters", 10)):
+    first = 0
+    if spec.get("load_from"):
+        first = load_checkpoint(spec["load_from"], model, optimizer) + 1
+    for it in range(first, spec.get("iters", 10)):
         model.zero_grad_buffer()
         optimizer.zero_grad()
         nan_at = spec.get("nan_at")
@@ -71,6 +76,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
             results.append((False, None, None))
             continue
         results.append(optimizer.step())
+        if spec.get("save_at") is not None and spec["save_at"][0] == it:
+            save_checkpoint(spec["save_at"][1], model, optimizer, it)
     names = canonical_param_names(model)
     return {
         "params": {names[p]: p.detach().clone() for p in model.parameters()},

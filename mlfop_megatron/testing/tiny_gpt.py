@@ -11,7 +11,6 @@ micro-batch N*b.
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
+
+from mlfop_megatron.megatron.naming import canonical_param_names  # noqa: F401 (re-export)
 
 
 @dataclass(frozen=True)
@@ -109,30 +110,6 @@ def build_tiny_gpt(
     config.grad_sync_func = ddp.start_grad_sync if ddp_config.overlap_grad_reduce else None
     config.finalize_model_grads_func = finalize_model_grads
     return ddp
-
-
-def canonical_param_names(model: torch.nn.Module) -> dict[torch.nn.Parameter, str]:
-    """Layout-independent parameter names: no 'module.' prefix, global decoder layer index.
-
-    The same weight gets the same name under any TP/PP/DP layout (PP stages number their
-    layers locally; megatron's ``layer_number`` is global and 1-based). With tied embeddings
-    and PP > 1 the last stage's output_layer.weight copy is named like the word embedding.
-    """
-    layers = {}
-    for name, mod in model.named_modules():
-        m = re.search(r"decoder\.layers\.(\d+)$", name)
-        if m and hasattr(mod, "layer_number"):
-            layers[m.group(1)] = str(mod.layer_number - 1)
-    names = {}
-    for name, param in model.named_parameters():
-        name = name.removeprefix("module.")
-        if name == "output_layer.weight" and getattr(param, "shared_embedding", False):
-            name = "embedding.word_embeddings.weight"  # tied copy on the last PP stage
-        name = re.sub(
-            r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{layers[m.group(1)]}.", name
-        )
-        names[param] = name
-    return names
 
 
 def tp_shard(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:

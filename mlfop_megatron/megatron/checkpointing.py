@@ -1,0 +1,131 @@
+"""megatron.core.dist_checkpointing for ML-FOP-SOAP state, and atomic save/load helpers.
+
+Every SOAP block tensor becomes a ShardedTensor keyed by (global param name, TP rank, block
+offsets, field). The owner saves it (replica 0), so a checkpoint written at DP=N loads at any
+DP size with the same blocking: each rank simply asks for the blocks it owns there.
+Scalars (step, initialized) travel as 0-d tensors; param groups are common state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing import ShardedTensor
+
+STATE_FIELDS = ("L", "R", "QL", "QR", "exp_avg", "exp_avg_sq")
+SCALAR_FIELDS = {"step": torch.int64, "initialized": torch.bool}
+PREFIX = "optimizer.mlfop"
+
+
+def _block_key(engine_index: int, block_name: str) -> str:
+    tp = parallel_state.get_tensor_model_parallel_rank()
+    return f"{PREFIX}.e{engine_index}.tp{tp}.{block_name}"
+
+
+def optimizer_sharded_state_dict(optimizer: Any, is_loading: bool = False) -> dict[str, Any]:
+    """Sharded state dict of an MLFOPMegatronOptimizer (see module docstring)."""
+    replica = 0 if optimizer.sharded else parallel_state.get_data_parallel_rank()
+    engines = []
+    for index, engine in enumerate(optimizer.engines):
+        blocks = {}
+        for owned in engine.owned:
+            name = engine.block_name(owned)
+            key = _block_key(index, name)
+            entry = {}
+            for field in STATE_FIELDS:
+                if field in owned.state:
+                    entry[field] = ShardedTensor.from_rank_offsets(
+                        f"{key}.{field}", owned.state[field], replica_id=replica
+                    )
+            for field, dtype in SCALAR_FIELDS.items():
+                value = torch.tensor(owned.state[field], dtype=dtype)
+                entry[field] = ShardedTensor.from_rank_offsets(
+                    f"{key}.{field}", value, replica_id=replica
+                )
+            blocks[name] = entry
+        engines.append({"blocks": blocks, "counters": engine.counters.as_dict()})
+    return {
+        "engines": engines,
+        "param_groups": [
+            {k: v for k, v in g.items() if k != "params"}
+            for g in optimizer.optimizer.param_groups
+        ],
+        "skipped_steps": optimizer.skipped_steps,
+    }
+
+
+def scalars_from_loaded(state: dict[str, Any]) -> dict[str, Any]:
+    """Turn the 0-d tensors of a loaded block back into Python scalars."""
+    out = dict(state)
+    out["step"] = int(out["step"])
+    out["initialized"] = bool(out["initialized"])
+    return out
+
+
+def adam_init_state_fn(opt: torch.optim.Optimizer, config: Any = None) -> None:
+    """Create empty Adam moments so a loading template has every tensor to fill."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if len(opt.state[p]) == 0:
+                opt.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                opt.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
+def _sharded_state(model: Any, optimizer: Any, iteration: int) -> dict[str, Any]:
+    model_sd = model.module.sharded_state_dict()
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd),
+        "iteration": iteration,
+    }
+
+
+def save_checkpoint(checkpoint_dir: str, model: Any, optimizer: Any, iteration: int) -> str:
+    """Save model + optimizer with dist_checkpointing into ``checkpoint_dir/iter_N``, atomically.
+
+    All ranks write into a temporary directory; rank 0 renames it once every rank is done, so a
+    crash mid-write never leaves a directory that looks complete.
+    """
+    final = os.path.join(checkpoint_dir, f"iter_{iteration:07d}")
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(model, optimizer, iteration), tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(checkpoint_dir, "latest"), "w") as fh:
+            fh.write(os.path.basename(final))
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(checkpoint_dir: str) -> str | None:
+    """The newest complete checkpoint directory, or None."""
+    marker = os.path.join(checkpoint_dir, "latest")
+    if not os.path.exists(marker):
+        return None
+    with open(marker) as fh:
+        path = os.path.join(checkpoint_dir, fh.read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def load_checkpoint(path: str, model: Any, optimizer: Any) -> int:
+    """Load a checkpoint written by save_checkpoint into model and optimizer; returns iteration."""
+    template = _sharded_state(model, optimizer, 0)
+    for opt in optimizer.chained_optimizers:
+        if hasattr(opt, "init_state_fn") and not hasattr(opt, "engines"):
+            opt.init_state_fn(opt.optimizer, opt.config)
+    template["optimizer"] = optimizer.sharded_state_dict(template["model"], is_loading=True)
+    loaded = dist_checkpointing.load(template, path)
+    model.module.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    return int(loaded["iteration"])
