@@ -88,7 +88,7 @@ class RunSpec:
     warmup_frac: float = 0.1
     min_lr_frac: float = 0.1
     precondition_frequency: int = 10
-    diag_every: int = 5
+    diag_every: int = 10
     log_every: int = 1
     save_interval: int = 0
     num_levels: int = 8
@@ -141,7 +141,7 @@ def specs_from_args(args: argparse.Namespace, world_size: int) -> list[RunSpec]:
         micro_batch=micro, lr=0.0, seed=args.seed, tp=args.tp, pp=args.pp,
         num_layers=args.layers, hidden=args.hidden, heads=args.heads,
         weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-        diag_every=args.diag_every if args.diag_every is not None else (3 if quick else 5),
+        diag_every=args.diag_every if args.diag_every is not None else (3 if quick else 10),
         save_interval=args.save_interval, threads=threads,
     )
     return [replace(base, optimizer=n, lr=args.lr or DEFAULT_LR[n]) for n in names]
@@ -416,23 +416,16 @@ def decoder_matrices(model: Any) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if "decoder" in n and p.dim() >= 2]
 
 
-def modality_cosine(model: Any, batch: Batch, seq: int) -> float:
-    """Cosine between the gradients of the image and the text loss over the decoder matrices.
+def modality_grads(
+    module: Any, batch: Batch, params: list[torch.nn.Parameter], seq: int,
+) -> torch.Tensor:
+    """[grad of the summed image-token loss, grad of the summed text-token loss], flattened.
 
-    Gradients of the summed per-modality losses of this rank's micro-batch, summed over DP
-    (so it is the cosine on the union of the DP ranks' micro-batches), inner products summed
-    over TP shards. Uses torch.autograd.grad on the unwrapped module, which neither touches
-    main_grad nor fires the DDP hooks. NaN with pipeline parallelism (needs the schedule).
+    Logits (gathered over TP) and torch's cross-entropy: Megatron's fused vocab-parallel
+    cross-entropy overwrites its saved softmax in backward, so it cannot be differentiated
+    twice, which the two per-modality gradients of one forward need.
     """
-    from megatron.core import parallel_state as ps
-
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        return float("nan")
-    params = decoder_matrices(model)
-    # Logits (gathered over TP) and torch's cross-entropy: Megatron's fused vocab-parallel
-    # cross-entropy overwrites its saved softmax in backward, so it cannot be differentiated
-    # twice, which the two per-modality gradients of one forward need.
-    logits = model.module(
+    logits = module(
         batch["tokens"], batch["position_ids"], attention_mask(seq), runtime_gather_output=True
     ).float()
     per_token = torch.nn.functional.cross_entropy(
@@ -442,7 +435,24 @@ def modality_cosine(model: Any, batch: Batch, seq: int) -> float:
     txt = (per_token * batch["text_loss_mask"]).sum()
     gi = torch.autograd.grad(img, params, retain_graph=True)
     gt = torch.autograd.grad(txt, params)
-    flat = torch.cat([g.reshape(-1) for g in (*gi, *gt)])
+    return torch.cat([g.reshape(-1) for g in (*gi, *gt)])
+
+
+def modality_cosine(model: Any, batches: Iterator[Batch], seq: int) -> float:
+    """Cosine between the gradients of the image and the text loss over the decoder matrices.
+
+    Gradients of the summed per-modality losses over this rank's micro-batches, summed over DP
+    (so over the whole global batch of the step), inner products summed over TP shards. Uses
+    torch.autograd.grad on the unwrapped module, which neither touches main_grad nor fires the
+    DDP hooks (training is bitwise unchanged). NaN with pipeline parallelism, where the
+    gradient of a stage needs the pipeline schedule.
+    """
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        return float("nan")
+    params = decoder_matrices(model)
+    flat = sum(modality_grads(model.module, b, params, seq) for b in batches)
     dist.all_reduce(flat, group=ps.get_data_parallel_group())
     n = flat.numel() // 2
     a, b = flat[:n].double(), flat[n:].double()
@@ -636,8 +646,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any] | None:
         diag = spec.diag_every > 0 and (step % spec.diag_every == 0 or step == spec.steps - 1)
         cosine = float("nan")
         if diag:
-            batch = next(train_microbatches(data, spec, step))
-            cosine = modality_cosine(model, batch, data.seq_length)
+            batches = train_microbatches(data, spec, step)
+            cosine = modality_cosine(model, batches, data.seq_length)
         t0 = time.perf_counter()
         sums, success, grad_norm = train_step(model, optimizer, data, spec, step, k)
         dt = time.perf_counter() - t0

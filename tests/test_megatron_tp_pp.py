@@ -71,3 +71,13 @@ def test_dp2_tp2_matches_dp1_tp2():
     # Ranks are TP-major inside a DP replica: world ranks (0, 1) form DP replica 0.
     _assert_close(_full_params(dp2[:2]), _full_params(dp1), 1e-5, 1e-7, "DP=2xTP=2")
     _assert_close(_full_params(dp2[2:]), _full_params(dp1), 1e-5, 1e-7, "DP replica 1")
+
+
+def test_tp2_full_mode_inside_megatron():
+    """Full mode through the DDP/optimizer plumbing: equals TP=1 (rotation off, fp64) and trains."""
+    base = dict(iters=6, microbatches=4, global_micro=2, **FP64_IDENTITY)
+    tp1 = run_distributed(run_tiny_gpt, 1, base)[0]
+    full = run_distributed(run_tiny_gpt, 2, dict(base, tp=2, tp_mode="full"))
+    _assert_close(_full_params(full), tp1["params"], 1e-4, 2e-5, "TP=2 full vs TP=1")
+    rotated = run_distributed(run_tiny_gpt, 2, dict(iters=8, microbatches=4, tp=2, tp_mode="full"))
+    assert rotated[0]["losses"][-1] < rotated[0]["losses"][0] - 0.2

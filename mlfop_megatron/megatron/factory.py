@@ -15,7 +15,7 @@ from mlfop_megatron.megatron.optimizer import MLFOPChainedOptimizer, MLFOPMegatr
 
 # Matrices that stay with Adam: vocabulary-sized embeddings and the output projection.
 ADAM_MATRIX_MARKERS = ("embedding", "output_layer")
-TP_MODES = ("blockwise",)
+TP_MODES = ("blockwise", "full")
 
 
 def is_soap_param(name: str, param: torch.nn.Parameter) -> bool:
@@ -69,7 +69,8 @@ def get_mlfop_optimizer(
 
     ``config`` supplies lr, weight_decay, clip_grad and the Adam hyperparameters; ``mlfop_config``
     the SOAP and folding options (its accumulation_steps must equal the schedule's
-    num_microbatches). ``sharded`` spreads SOAP state over the data-parallel group.
+    num_microbatches). ``sharded`` spreads SOAP state over the data-parallel group (and over
+    TP x DP in ``tp_mode="full"``, which preconditions whole matrices instead of TP shards).
     """
     mlfop_config = mlfop_config or MLFOPConfig()
     _check_config(config, tp_mode)
@@ -106,6 +107,7 @@ def get_mlfop_optimizer(
             [n for _, n in soap],
             sharded=sharded,
             block_size=block_size,
+            tp_mode=tp_mode,
         )
         chunk.attach_folding(ours.schedule, ours.on_level)
         chained.append(ours)

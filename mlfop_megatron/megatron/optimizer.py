@@ -21,6 +21,7 @@ from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer, Optimiz
 from mlfop_megatron.config import MLFOPConfig
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.distributed.sharded_soap import ShardedSOAP
+from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP
 
 
 class _ParamGroups(torch.optim.Optimizer):
@@ -42,6 +43,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         names: list[str],
         sharded: bool = True,
         block_size: int | None = None,
+        tp_mode: str = "blockwise",
     ) -> None:
         from mlfop_megatron.megatron.factory import megatron_group_fields
 
@@ -53,24 +55,44 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         self.schedule = LevelSchedule.from_config(mlfop_config.folding)
         self.sharded = sharded
         dp_group = parallel_state.get_data_parallel_group()
+        dp_rank = parallel_state.get_data_parallel_rank()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_group = parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None
         split = [getattr(p, "tensor_model_parallel", False) for p in params]
-        self.engines: list[ShardedSOAP] = []
+        self.engines: list[Any] = []
+        # Whether an engine's gradients count towards the global norm on this rank: every
+        # gradient must be counted exactly once over DP x TP x PP.
+        self._engine_counts: list[bool] = []
         for tp_sharded in (True, False):
             chosen = [(p, n) for p, n, s in zip(params, names, split) if s == tp_sharded]
             if not chosen:
                 continue
-            self.engines.append(
-                ShardedSOAP(
-                    [p for p, _ in chosen],
-                    [n for _, n in chosen],
+            ps, ns = [p for p, _ in chosen], [n for _, n in chosen]
+            if tp_sharded and tp_mode == "full" and tp_group is not None:
+                owners = parallel_state.get_tensor_and_data_parallel_group()
+                engine = TensorParallelFullSOAP(
+                    ps,
+                    ns,
+                    [p.partition_dim for p in ps],
+                    mlfop_config,
+                    tp_group=tp_group,
+                    owner_group=owners if sharded else None,
+                    block_size=block_size,
+                )
+                counts = sharded or (dp_rank == 0 and tp_rank == 0)
+            else:
+                engine = ShardedSOAP(
+                    ps,
+                    ns,
                     mlfop_config,
                     group=dp_group if sharded else None,
                     reduce_group=tp_group if tp_sharded else None,
                     block_size=block_size,
                 )
-            )
+                counts = (sharded or dp_rank == 0) and (tp_sharded or tp_rank == 0)
+            self.engines.append(engine)
+            self._engine_counts.append(counts)
         self._grad_scale = 1.0
         self.skipped_steps = 0
 
@@ -85,19 +107,15 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 p.main_grad.zero_()
 
     # --------------------------------------------------------------- grad stats
-    def _counts_on_this_rank(self) -> bool:
-        """Replicated state: only DP rank 0 contributes, so norms are not counted N times."""
-        return self.sharded or parallel_state.get_data_parallel_rank() == 0
-
     def local_grad_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of squares, non-finite flag) of this rank's share of the folded gradients."""
         sq = torch.zeros((), dtype=torch.float64)
         bad = torch.zeros((), dtype=torch.bool)
-        for engine in self.engines:
+        for engine, counts in zip(self.engines, self._engine_counts):
             s, b = engine.local_grad_stats()
-            sq, bad = sq + s, bad | b
-        if not self._counts_on_this_rank():
-            sq = torch.zeros_like(sq)
+            bad = bad | b
+            if counts:
+                sq = sq + s
         return sq, bad
 
     def get_grad_stats_parallel_group(self) -> dist.ProcessGroup:
@@ -110,8 +128,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
 
     def count_zeros(self) -> float:
         zeros = torch.zeros((), dtype=torch.float64)
-        if self._counts_on_this_rank():
-            for engine in self.engines:
+        for engine, counts in zip(self.engines, self._engine_counts):
+            if counts:
                 grads, _ = engine.window_gradients()
                 for g in grads:
                     zeros += (g == 0).sum()

@@ -27,7 +27,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     """Train the tiny GPT for spec['iters'] steps; return params by canonical name and stats.
 
     spec keys: tp, pp, iters, microbatches, global_micro (samples per micro-batch over all DP
-    ranks), lr, clip_grad, sharded, enabled (folding), overlap, dtype, max_precond_dim,
+    ranks), lr, clip_grad, sharded, tp_mode, enabled (folding), overlap, dtype, max_precond_dim,
     nan_at (iteration, rank) to poison one backward, discard_at (iteration) to drop a step,
     save_at (iteration, dir) to checkpoint after that step, load_from (dir) to resume.
     """

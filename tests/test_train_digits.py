@@ -1,0 +1,132 @@
+"""End-to-end run of the digits demo (examples/train_digits.py --quick --compare, 2 gloo ranks).
+
+One subprocess run (the real command line, as `make demo` runs it, minus the size) trains the
+three optimizers one after another through the Megatron integration; the tests then check the
+run folder: falling per-modality losses, metrics.csv / metrics.jsonl columns, the atomic
+per-rank checkpoint, the PNG plots and summary.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+torch = pytest.importorskip("torch")
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_digits.py"
+OPTIMIZERS = ("mlfop", "soap", "adamw")
+STEPS = 30  # --quick
+BASE_COLUMNS = [
+    "step", "optimizer", "loss", "image_loss", "text_loss", "tokens_per_s", "grad_norm", "lr",
+    "step_time_s", "elapsed_s", "skipped_steps", "modality_cosine",
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Run the quick comparison once for the whole module; return its folder and output."""
+    out = tmp_path_factory.mktemp("digits") / "run"
+    cmd = [sys.executable, str(SCRIPT), "--nproc", "2", "--quick", "--compare", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"train_digits failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"out": out, "stdout": proc.stdout, "rows": rows}
+
+
+def _rows(run: dict[str, Any], optimizer: str) -> list[dict[str, Any]]:
+    return [r for r in run["rows"] if r["optimizer"] == optimizer]
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_loss_falls_in_both_modalities(run: dict[str, Any], optimizer: str) -> None:
+    rows = _rows(run, optimizer)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for key in ("loss", "image_loss", "text_loss"):
+        first, last = _mean(rows[:3], key), _mean(rows[-5:], key)
+        assert last < 0.7 * first, f"{optimizer} {key}: {first:.3f} -> {last:.3f}"
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[-1]["skipped_steps"] == 0
+
+
+def test_metrics_csv_and_jsonl_columns(run: dict[str, Any]) -> None:
+    out = run["out"]
+    with open(out / "metrics.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames
+        csv_rows = list(reader)
+    assert header[: len(BASE_COLUMNS)] == BASE_COLUMNS
+    # --quick: global batch 16, micro 2, DP 2 -> 4 micro-steps, dyadic levels 1, 2, 4.
+    for level in (1, 2):
+        for field in ("beta", "s", "ratio", "cosine"):
+            assert f"level{level}_{field}" in header
+    assert len(csv_rows) == len(run["rows"]) == STEPS * len(OPTIMIZERS)
+    assert all(list(r) == header for r in run["rows"])
+    for row, js in zip(csv_rows, run["rows"]):
+        assert int(row["step"]) == js["step"] and row["optimizer"] == js["optimizer"]
+        assert float(row["loss"]) == pytest.approx(js["loss"])
+
+
+def test_folding_diagnostics_only_for_mlfop(run: dict[str, Any]) -> None:
+    mlfop = _rows(run, "mlfop")
+    # Steps 1-2 fold in the identity metric; afterwards beta is adaptive and non-trivial.
+    betas = [r["level1_beta"] for r in mlfop[2:]]
+    assert all(b is not None and abs(b) <= 1.0 for b in betas)
+    assert max(abs(b) for b in betas) > 1e-3
+    assert all(-1.0 <= r["level2_cosine"] <= 1.0 and r["level2_ratio"] >= 0 for r in mlfop)
+    for name in ("soap", "adamw"):
+        assert all(r["level1_beta"] is None for r in _rows(run, name))
+    cosines = [r["modality_cosine"] for r in run["rows"] if r["modality_cosine"] is not None]
+    assert len(cosines) >= 3 * len(OPTIMIZERS)
+    assert all(-1.0 <= c <= 1.0 for c in cosines)
+
+
+def test_checkpoint_per_rank_written_atomically(run: dict[str, Any]) -> None:
+    root = run["out"] / "checkpoint"
+    assert sorted(p.name for p in root.iterdir()) == sorted(OPTIMIZERS)  # no temp dirs left
+    for name in OPTIMIZERS:
+        folder = root / name
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "meta.json", "rank_00000.pt", "rank_00001.pt",
+        ]
+        assert json.loads((folder / "meta.json").read_text())["step"] == STEPS
+        for rank in (0, 1):
+            ckpt = torch.load(folder / f"rank_{rank:05d}.pt", weights_only=False)
+            assert ckpt["step"] == STEPS and ckpt["rank"] == rank and ckpt["world_size"] == 2
+            assert any("decoder.layers.0" in k for k in ckpt["model"])
+            assert ckpt["optimizer"]
+
+
+@pytest.mark.parametrize("name", ["loss.png", "cosine.png", "beta.png"])
+def test_plots_are_png(run: dict[str, Any], name: str) -> None:
+    data = (run["out"] / name).read_bytes()
+    assert len(data) > 1000 and data.startswith(PNG_MAGIC)
+
+
+def test_summary(run: dict[str, Any]) -> None:
+    summary = json.loads((run["out"] / "summary.json").read_text())
+    assert [s["optimizer"] for s in summary["runs"]] == list(OPTIMIZERS)
+    for s in summary["runs"]:
+        for key in ("val_image_loss", "val_text_loss", "final_image_loss", "final_text_loss"):
+            assert math.isfinite(s[key]) and 0 < s[key] < 3.0
+    for name in OPTIMIZERS:
+        assert name in run["stdout"]
+    assert "final_image_loss" in run["stdout"]
