@@ -127,3 +127,8 @@ def ddp_buffers(ddp_model: Any) -> list[Any]:
 def queue_backward_callback(callback: Callable[[], None]) -> None:
     """Run ``callback`` when the current autograd backward pass finishes (torch private API)."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def ddp_params_with_grad(ddp_model: Any) -> list[Any]:
+    """Trainable params registered with a megatron DistributedDataParallel's grad buffers."""
+    return list(ddp_model.params_with_grad)

@@ -36,6 +36,7 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         self._micro_step = 0
         self._in_backward = False
         self._window_done = False
+        self._seen: set[int] = set()
         super().__init__(*args, **kwargs)
         if self.ddp_config.use_distributed_optimizer:
             raise ValueError(
@@ -58,8 +59,10 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         megatron_hook = super()._make_backward_post_hook(param)
 
         def hook(*unused: Any) -> None:
-            if self._level_callback is not None and not self._in_backward:
-                self._begin_micro_step()
+            if self._level_callback is not None:
+                if not self._in_backward:
+                    self._begin_micro_step()
+                self._seen.add(id(param))
             megatron_hook(*unused)
 
         return hook
@@ -82,6 +85,7 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         """End of a backward pass: at a level boundary, reduce and hand the level over."""
         self._in_backward = False
         self._micro_step += 1
+        self._check_all_params_got_grads()
         level = self._schedule.level_ending_at(self._micro_step)
         if level is None:
             return
@@ -91,6 +95,19 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         self._level_callback(level, self._schedule.level_size(level))
         if level == self._schedule.num_levels - 1:
             self._window_done = True
+
+    def _check_all_params_got_grads(self) -> None:
+        """A param without a gradient would silently fold zeros into its level mean."""
+        missing = [p for p in compat.ddp_params_with_grad(self) if id(p) not in self._seen]
+        self._seen.clear()
+        if missing:
+            names = {id(p): n for n, p in self.module.named_parameters()}
+            raise RuntimeError(
+                f"parameter {names.get(id(missing[0]), '?')} (and {len(missing) - 1} more) "
+                f"received no gradient in micro-step {self._micro_step}; every trainable "
+                "parameter must get a gradient each micro-step (set requires_grad=False to "
+                "freeze it)"
+            )
 
     # ------------------------------------------------- schedule entry points
     @contextmanager
