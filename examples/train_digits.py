@@ -481,11 +481,11 @@ def folding_diagnostics(optimizer: Any, levels: Sequence[int]) -> dict[str, floa
             for diag in engine.last_diagnostics:
                 if diag.level not in row:
                     continue
-                sums = diag.sums.double().sum(dim=0)
-                table[row[diag.level]] += torch.stack([
-                    torch.tensor(float(diag.s.numel()), dtype=torch.float64),
-                    diag.s.double().sum(), diag.beta.double().sum(), sums[AA], sums[AD], sums[DD],
-                ])
+                sums = diag.sums.detach().double().sum(dim=0).cpu()
+                table[row[diag.level]] += torch.tensor([
+                    float(diag.s.numel()), float(diag.s.double().sum()),
+                    float(diag.beta.double().sum()), sums[AA], sums[AD], sums[DD],
+                ], dtype=torch.float64)
     table = table.to(device())
     dist.all_reduce(table)
     return level_columns(table.cpu(), levels, optimizer)

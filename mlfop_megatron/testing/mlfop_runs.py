@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
 from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.megatron import compat
 from mlfop_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
 from mlfop_megatron.megatron.factory import get_mlfop_optimizer
@@ -29,14 +31,18 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     spec keys: tp, pp, iters, microbatches, global_micro (samples per micro-batch over all DP
     ranks), lr, clip_grad, sharded, tp_mode, enabled (folding), overlap, dtype, max_precond_dim,
     nan_at (iteration, rank) to poison one backward, discard_at (iteration) to drop a step,
-    save_at (iteration, dir) to checkpoint after that step, load_from (dir) to resume.
+    save_at (iteration, dir) to checkpoint after that step, load_from (dir) to resume,
+    hidden and layers for the model size.
     """
     init_megatron_parallel(tp=spec.get("tp", 1), pp=spec.get("pp", 1), seed=1234)
     # Megatron's torch LayerNorm wrapper allocates in the default dtype.
     torch.set_default_dtype(spec.get("dtype", torch.float32))
     k = spec.get("microbatches", 4)
     cfg = TinyGPTConfig(
-        overlap_grad_reduce=spec.get("overlap", True), dtype=spec.get("dtype", torch.float32)
+        overlap_grad_reduce=spec.get("overlap", True),
+        dtype=spec.get("dtype", torch.float32),
+        hidden_size=spec.get("hidden", 32),
+        num_layers=spec.get("layers", 2),
     )
     model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
     deterministic_init_(model, seed=0)
@@ -58,7 +64,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=spec.get("sharded", True))
     dp = parallel_state.get_data_parallel_world_size()
     mbs = spec.get("global_micro", 2) // dp
-    losses, results = [], []
+    losses, results, step_times = [], [], []
     first = 0
     if spec.get("load_from"):
         first = load_checkpoint(spec["load_from"], model, optimizer) + 1
@@ -75,7 +81,9 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
                 opt.discard_step()
             results.append((False, None, None))
             continue
+        start = time.perf_counter()
         results.append(optimizer.step())
+        step_times.append(time.perf_counter() - start)
         if spec.get("save_at") is not None and spec["save_at"][0] == it:
             save_checkpoint(spec["save_at"][1], model, optimizer, it)
     names = canonical_param_names(model)
@@ -89,6 +97,13 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         "losses": losses,
         "results": [(ok, norm) for ok, norm, _ in results],
         "state_bytes": sum(o.state_bytes() for o in optimizer.mlfop),
+        "step_times": step_times,
+        "broadcast_bytes": sum(
+            e.communication_bytes_per_step() for o in optimizer.mlfop for e in o.engines
+        ),
+        "grad_buffer_bytes": sum(
+            b.grad_data.numel() * b.grad_data.element_size() for b in compat.ddp_buffers(model)
+        ),
         "stats": optimizer.stats(),
     }
 
