@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 from mlfop_megatron.config import FoldingConfig
-from mlfop_megatron.core.fop import FoldCoefficients, ReduceFn, apply_fold, fold_coefficients
+from mlfop_megatron.core.fop import (
+    AA,
+    AD,
+    DD,
+    FoldCoefficients,
+    ReduceFn,
+    apply_fold,
+    fold_coefficients,
+)
 from mlfop_megatron.core.levels import LevelSchedule
 
 RotateFn = Callable[[torch.Tensor], torch.Tensor]
@@ -27,26 +35,55 @@ class LevelDiagnostics:
     """Per-block scalars of one fold (tensors of length num_blocks)."""
 
     level: int
+    n_z: int
+    n_h: int
     s: torch.Tensor
     beta: torch.Tensor
     cosine: torch.Tensor
     ratio: torch.Tensor
     sums: torch.Tensor
 
-    def summary(self) -> dict[str, float]:
-        """Aggregates over blocks: norm-weighted cosine and ratio, mean s and beta."""
-        from mlfop_megatron.core.fop import AA, AD, DD
-
+    def totals(self) -> torch.Tensor:
+        """Additive totals [aa, ad, dd, sum s, sum beta, blocks] (sum these across ranks)."""
         total = self.sums.sum(dim=0)
-        return {
-            "level": float(self.level),
-            "s_mean": float(self.s.mean()),
-            "beta_mean": float(self.beta.mean()),
-            "beta_absmax": float(self.beta.abs().max()),
-            "ratio": float(total[DD].sqrt() / total[AA].clamp_min(1e-300).sqrt()),
-            "a_dot_d": float(total[AD]),
-            "cosine_mean": float(self.cosine.mean()),
-        }
+        return torch.stack(
+            [
+                total[AA],
+                total[AD],
+                total[DD],
+                self.s.sum(),
+                self.beta.sum(),
+                torch.tensor(float(self.s.numel()), dtype=total.dtype),
+            ]
+        )
+
+    def summary(self) -> dict[str, float]:
+        return summarize_level(self.level, self.totals(), self.n_z, self.n_h)
+
+
+def summarize_level(level: int, totals: torch.Tensor, n_z: int, n_h: int) -> dict[str, float]:
+    """Diagnostics of one fold over all blocks, as if they were one concatenated vector.
+
+    cosine_before: cos(z, h), the two estimates being folded (with modality-ordered
+    micro-batches, the inter-modality gradient cosine); cosine_after: cos(a, d_perp) after the
+    projection; ratio: ||d|| / ||a||; s_mean and beta_mean: means over blocks.
+    """
+    aa, ad, dd, s_sum, beta_sum, blocks = (float(x) for x in totals)
+    wz, wh = n_z / (n_z + n_h), n_h / (n_z + n_h)
+    zh = aa + (wh - wz) * ad - wz * wh * dd
+    zz = aa + 2 * wh * ad + wh * wh * dd
+    hh = aa - 2 * wz * ad + wz * wz * dd
+    s_mean = s_sum / max(blocks, 1.0)
+    a_dp = ad - s_mean * aa  # <a, d - s a> with the mean s (exact when one block)
+    dp_dp = max(dd - 2 * s_mean * ad + s_mean * s_mean * aa, 0.0)
+    return {
+        "level": float(level),
+        "s_mean": s_mean,
+        "beta_mean": beta_sum / max(blocks, 1.0),
+        "ratio": (dd / aa) ** 0.5 if aa > 0 else float("inf"),
+        "cosine_before": zh / max((zz * hh) ** 0.5, 1e-300),
+        "cosine_after": a_dp / max((aa * dp_dp) ** 0.5, 1e-300),
+    }
 
 
 @dataclass
@@ -133,7 +170,9 @@ class WindowFolder:
             apply_fold(self.estimate_rot[i], h_rot[i], coef.cz[i], coef.ch[i])
         if self.cfg.diagnostics:
             self.diagnostics.append(
-                LevelDiagnostics(level, coef.s, coef.beta, coef.cosine, coef.ratio, coef.sums)
+                LevelDiagnostics(
+                    level, n_z, n_h, coef.s, coef.beta, coef.cosine, coef.ratio, coef.sums
+                )
             )
 
     def result(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:

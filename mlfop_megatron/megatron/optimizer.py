@@ -19,6 +19,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer, OptimizerConfig
 
 from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.core.folding import summarize_level
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.distributed.sharded_soap import ShardedSOAP
 from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP
@@ -214,13 +215,37 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         return optimizer_sharded_state_dict(self, is_loading)
 
     def stats(self) -> dict[str, Any]:
-        """Counters and the last window's folding diagnostics (cheap scalars)."""
-        out: dict[str, Any] = {"skipped_steps": self.skipped_steps}
+        """Counters and the last window's folding diagnostics, over all ranks (a collective)."""
+        counters = torch.zeros(4, dtype=torch.float64)
         for engine in self.engines:
-            for k, v in engine.counters.as_dict().items():
-                out[k] = out.get(k, 0) + v
-        levels = [d.summary() for e in self.engines for d in e.last_diagnostics]
-        out["levels"] = levels
+            c = engine.counters
+            counters += torch.tensor(
+                [c.eigh_fp64_retries, c.eigh_failures, c.qr_failures, 0.0], dtype=torch.float64
+            )
+        counters[3] = float(self.skipped_steps)
+        totals = []
+        for level in range(1, self.schedule.num_levels):
+            total = torch.zeros(6, dtype=torch.float64)
+            for engine, counts in zip(self.engines, self._engine_counts):
+                for diag in engine.last_diagnostics:
+                    if diag.level == level and counts:
+                        total += diag.totals()
+            totals.append(total)
+        packed = torch.cat([counters, *totals]) if totals else counters
+        dist.all_reduce(packed)
+        world = dist.get_world_size()
+        out: dict[str, Any] = {
+            "eigh_fp64_retries": int(packed[0]),
+            "eigh_failures": int(packed[1]),
+            "qr_failures": int(packed[2]),
+            "skipped_steps": int(packed[3]) // world,
+            "levels": [],
+        }
+        for j, level in enumerate(range(1, self.schedule.num_levels)):
+            chunk = packed[4 + 6 * j : 10 + 6 * j]
+            if chunk[5] > 0:  # at least one block was folded at this level
+                n_z, n_h = self.schedule.fold_weights(level)
+                out["levels"].append(summarize_level(level, chunk, n_z, n_h))
         return out
 
 
@@ -292,8 +317,5 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
         return out
 
     def stats(self) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
-        for opt in self.mlfop:
-            for k, v in opt.stats().items():
-                merged[k] = merged.get(k, 0 if not isinstance(v, list) else []) + v
-        return merged
+        """Global ML-FOP-SOAP stats (a collective: call on every rank)."""
+        return self.mlfop[0].stats() if self.mlfop else {}
