@@ -1,0 +1,46 @@
+"""Write ML-FOP-SOAP stats through the trainer's logger (tensorboard / wandb writers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def flatten_stats(stats: dict[str, Any], prefix: str = "mlfop") -> dict[str, float]:
+    """{'levels': [{...}, ...], 'skipped_steps': n} -> {'mlfop/level1/beta_mean': x, ...}."""
+    flat: dict[str, float] = {}
+    for key, value in stats.items():
+        if key == "levels":
+            for entry in value:
+                level = int(entry["level"])
+                for name, v in entry.items():
+                    if name != "level":
+                        flat[f"{prefix}/level{level}/{name}"] = float(v)
+        elif isinstance(value, (int, float)):
+            flat[f"{prefix}/{key}"] = float(value)
+    return flat
+
+
+def default_writer() -> Any | None:
+    """Megatron-LM's tensorboard writer when running under its launcher, else None."""
+    try:
+        from megatron.training.global_vars import get_tensorboard_writer
+    except ImportError:
+        return None
+    try:
+        return get_tensorboard_writer()
+    except AssertionError:  # global vars not initialised (not launched by Megatron-LM)
+        return None
+
+
+def log_optimizer_stats(stats: dict[str, Any], iteration: int, writer: Any | None = None) -> int:
+    """Add every scalar of ``stats`` to a SummaryWriter-like ``writer``; returns the count.
+
+    ``writer`` defaults to Megatron-LM's tensorboard writer; without one nothing is written.
+    """
+    writer = writer if writer is not None else default_writer()
+    if writer is None:
+        return 0
+    flat = flatten_stats(stats)
+    for tag, value in flat.items():
+        writer.add_scalar(tag, value, iteration)
+    return len(flat)
