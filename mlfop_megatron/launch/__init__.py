@@ -1,0 +1,1 @@
+"""Launch helpers: job planning (``mlfop-plan``) before submitting a Megatron run."""

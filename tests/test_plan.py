@@ -1,0 +1,293 @@
+"""Tests of the ``mlfop-plan`` job planner (pure Python, no torch needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlfop_megatron.distributed.assignment import (
+    Assignment,
+    BlockingConfig,
+    CostModel,
+    ParamSpec,
+    choose_block_size,
+    make_blocks,
+    pingpong_assignment,
+)
+from mlfop_megatron.distributed.model_shapes import LLAMA3_8B, llama3_8b_shapes
+from mlfop_megatron.launch.plan import (
+    PlanConfig,
+    format_bytes,
+    format_flops,
+    main,
+    make_plan,
+    split_stages,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA_ARGS = "--model llama3-8b --dp 64 --tp 8 --pp 2 --micro-batches 8".split()
+TINY = (
+    "--hidden 64 --ffn 128 --layers 4 --heads 4 --kv-heads 2 --vocab 1000 "
+    "--dp 4 --tp 2 --pp 2 --micro-batches 8"
+).split()
+
+EXPECTED_KEYS = {
+    "inputs",
+    "world_size",
+    "owner_ranks",
+    "levels",
+    "boundaries",
+    "block_size",
+    "block_size_source",
+    "target_balance_met",
+    "busiest_stage",
+    "busiest",
+    "stages",
+    "notes",
+}
+STAGE_KEYS = {
+    "soap_state_max_bytes",
+    "soap_state_mean_bytes",
+    "soap_state_total_bytes",
+    "adam_state_bytes",
+    "fold_buffer_max_bytes",
+    "memory_max_bytes",
+    "compute_max_gflop",
+    "compute_balance",
+    "pingpong_balance",
+    "grad_buffer_bytes",
+    "allreduce_bytes_per_step",
+    "param_gather_bytes_per_step",
+    "tp_gather_bytes_per_step",
+    "comm_bytes_per_step",
+}
+
+
+def _run(args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> tuple[str, dict]:
+    """Run main with --json; return (stdout, parsed json)."""
+    out_json = tmp_path / "plan.json"
+    assert main([*args, "--json", str(out_json)]) == 0
+    return capsys.readouterr().out, json.loads(out_json.read_text())
+
+
+def _stage_matrices(specs: list[ParamSpec], first: int, last: int) -> list[ParamSpec]:
+    """SOAP matrices of decoder layers first..last (inclusive), in Megatron order."""
+    layer = [s for s in specs if s.name.startswith("decoder.layers.")]
+    return [
+        s
+        for s in layer
+        if s.preconditioned and first <= int(s.name.split(".")[2]) <= last and len(s.shape) == 2
+    ]
+
+
+# ---- llama3-8b at DP=64, TP=8, PP=2, K=8 -------------------------------------------------
+
+
+def test_llama3_8b_matches_assignment(tmp_path, capsys):
+    out, plan = _run(LLAMA_ARGS, tmp_path, capsys)
+    assert set(plan) == EXPECTED_KEYS
+    assert STAGE_KEYS <= set(plan["busiest"])
+    assert plan["world_size"] == 1024 and plan["owner_ranks"] == 64
+    assert plan["levels"] == 4 and plan["boundaries"] == [1, 2, 4, 8]
+    assert len(plan["stages"]) == 2
+
+    specs = llama3_8b_shapes(8)
+    cost = CostModel()
+    total_soap = 0
+    for stage, (first, last) in zip(plan["stages"], ((0, 15), (16, 31))):
+        mats = _stage_matrices(specs, first, last)
+        asg = Assignment.build(make_blocks(mats, BlockingConfig()), 64, cost)
+        # SOAP state: max/mean over DP ranks, and the sum over DP ranks is the stage total.
+        assert stage["soap_state_max_bytes"] == max(asg.memory_loads)
+        assert stage["soap_state_mean_bytes"] == pytest.approx(sum(asg.memory_loads) / 64)
+        direct_total = sum(cost.memory_bytes(b) for b in asg.blocks)
+        assert stage["soap_state_total_bytes"] == direct_total
+        assert stage["soap_state_mean_bytes"] * 64 == pytest.approx(direct_total)
+        total_soap += direct_total
+        assert stage["compute_balance"] == pytest.approx(asg.compute_balance)
+        assert stage["compute_max_gflop"] == pytest.approx(max(asg.compute_loads) / 1e9)
+        assert stage["param_gather_bytes_per_step"] == asg.comm_bytes_per_step(2)
+        pp = pingpong_assignment(mats, 64, cost)
+        assert stage["pingpong_balance"] == pytest.approx(pp.compute_balance)
+        assert stage["fold_buffer_max_bytes"] == 2 * max(asg.numel_loads) * 4
+    # Summed over both stages: every SOAP matrix of the model, counted once.
+    all_mats = [s for s in specs if s.preconditioned]
+    whole = make_blocks(all_mats, BlockingConfig())
+    assert total_soap == sum(cost.memory_bytes(b) for b in whole)
+
+    busiest = plan["stages"][plan["busiest_stage"]]
+    assert busiest == plan["busiest"]
+    assert busiest["memory_max_bytes"] == max(s["memory_max_bytes"] for s in plan["stages"])
+    # Printed numbers are the same numbers.
+    assert f"balance max/mean {busiest['compute_balance']:.3f}" in out
+    assert f"balance {busiest['pingpong_balance']:.3f}" in out
+    assert format_bytes(busiest["soap_state_total_bytes"]) in out
+    assert format_bytes(busiest["soap_state_max_bytes"]) in out
+    assert format_flops(busiest["compute_max_gflop"]) in out
+    assert format_bytes(busiest["allreduce_bytes_per_step"]) in out
+    assert "NOT included" in out
+
+
+def test_llama3_8b_stage_split_and_comm(tmp_path, capsys):
+    _, plan = _run(LLAMA_ARGS, tmp_path, capsys)
+    first, last = plan["stages"]
+    assert first["has_embedding"] and not first["has_output_layer"]
+    assert last["has_output_layer"] and not last["has_embedding"]
+    specs = llama3_8b_shapes(8)
+    by_stage = split_stages(specs, LLAMA3_8B.layers, 2)
+    assert sum(len(s) for s in by_stage) == len(specs)
+    for stage, params in zip(plan["stages"], by_stage):
+        numel = sum(p.numel for p in params)
+        assert stage["params_per_rank"] == numel
+        assert stage["grad_buffer_bytes"] == 4 * numel
+        ring = 2 * 63 / 64 * 4 * numel
+        assert stage["allreduce_bytes_per_step"] == pytest.approx(4 * ring)
+        adam = sum(p.numel for p in params if not p.preconditioned)
+        assert stage["adam_state_bytes"] == 2 * adam * 4
+        assert stage["tp_gather_bytes_per_step"] == 0  # blockwise: no TP communication
+    assert plan["stages"][0]["params_per_rank"] + plan["stages"][1]["params_per_rank"] == sum(
+        p.numel for p in specs
+    )
+
+
+def test_auto_block_size_uses_choose_block_size(tmp_path, capsys):
+    out, plan = _run([*LLAMA_ARGS, "--auto-block-size"], tmp_path, capsys)
+    mats = _stage_matrices(llama3_8b_shapes(8), 16, 31)
+    bs, asg = choose_block_size(mats, 64, target_balance=1.05)
+    assert plan["block_size"] == bs and plan["block_size_source"] == "auto"
+    assert plan["busiest"]["compute_balance"] == pytest.approx(asg.compute_balance)
+    assert plan["target_balance_met"] is (asg.compute_balance <= 1.05)
+    assert plan["busiest"]["speedup_vs_pingpong"] > 1.0
+    assert f"block size {bs} (auto" in out
+
+
+# ---- tiny hand-checked model -----------------------------------------------------------
+
+
+def test_tiny_model_hand_checked(tmp_path, capsys):
+    out, plan = _run(TINY, tmp_path, capsys)
+    # K = 8 -> dyadic boundaries 1, 2, 4, 8 -> 4 levels, 4 all-reduces per step.
+    assert plan["levels"] == 4 and plan["boundaries"] == [1, 2, 4, 8]
+    # Per TP rank (tp=2): head_dim 16, q rows 32, kv rows 16 -> qkv (64, 64); proj (64, 32);
+    # gated fc1 (128, 64); fc2 (64, 64); two norms of 64 -> 18560 params per layer.
+    layer = 64 * 64 + 64 * 32 + 128 * 64 + 64 * 64 + 2 * 64
+    assert layer == 18560
+    # Vocab 1000 padded to a multiple of 128 * 2 = 256 -> 1024; 512 rows per TP rank.
+    emb = 512 * 64
+    stage0 = 2 * layer + emb
+    stage1 = 2 * layer + 64 + emb  # final norm + output layer
+    assert [s["params_per_rank"] for s in plan["stages"]] == [stage0, stage1] == [69888, 69952]
+    b = plan["busiest"]
+    assert plan["busiest_stage"] == 1
+    # Ring all-reduce of the fp32 grad buffer over DP=4, once per level.
+    expected = 2 * (4 - 1) / 4 * 4 * stage1 * 4
+    assert expected == 1678848.0
+    assert b["grad_buffer_bytes"] == 4 * stage1 == 279808
+    assert b["allreduce_bytes_per_level"] == pytest.approx(expected / 4)
+    assert b["allreduce_bytes_per_step"] == pytest.approx(expected)
+    assert b["adam_state_bytes"] == 2 * (2 * 128 + 64 + emb) * 4 == 264704
+    assert format_bytes(expected) in out
+    assert "4 level(s) (boundaries 1 2 4 8)" in out
+
+
+def test_tiny_model_full_mode(tmp_path, capsys):
+    _, plan = _run([*TINY, "--tp-mode", "full"], tmp_path, capsys)
+    b = plan["busiest"]
+    assert plan["owner_ranks"] == b["owner_ranks"] == 8  # TP x DP
+    shard = 2 * (64 * 64 + 64 * 32 + 128 * 64 + 64 * 64)  # two layers of SOAP matrices
+    assert b["soap_params_per_rank"] == shard
+    # All-gather over TP=2 of each level's shard gradients (fp32): 4 levels x (2-1) x shard.
+    assert b["tp_gather_bytes_per_step"] == 4 * 1 * shard * 4
+    assert b["tp_full_buffer_bytes"] == 2 * (2 * shard) * 4
+    full = [
+        ParamSpec("qkv", (128, 64)),
+        ParamSpec("proj", (64, 64)),
+        ParamSpec("fc1", (256, 64)),
+        ParamSpec("fc2", (64, 128)),
+    ] * 2
+    full = [ParamSpec(f"{i}.{p.name}", p.shape) for i, p in enumerate(full)]
+    asg = Assignment.build(make_blocks(full), 8)
+    assert b["soap_state_total_bytes"] == sum(asg.memory_loads)
+    assert b["compute_balance"] == pytest.approx(asg.compute_balance)
+
+
+def test_no_folding_one_allreduce(tmp_path, capsys):
+    _, plan = _run([*TINY, "--no-folding"], tmp_path, capsys)
+    assert plan["levels"] == 1
+    b = plan["busiest"]
+    assert b["allreduce_bytes_per_step"] == pytest.approx(b["allreduce_bytes_per_level"])
+
+
+def test_world_size_gives_dp(tmp_path, capsys):
+    _, plan = _run(
+        ["--model", "llama3-8b", "--world-size", "1024", "--tp", "8", "--pp", "2"],
+        tmp_path,
+        capsys,
+    )
+    assert plan["inputs"]["dp"] == 64 and plan["world_size"] == 1024
+
+
+# ---- input validation --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--model", "llama3-8b", "--dp", "4", "--tp", "3"], "--tp"),
+        (["--model", "llama3-8b", "--dp", "4", "--pp", "3"], "--pp"),
+        (["--model", "llama3-8b", "--dp", "0"], "--dp"),
+        (["--model", "llama3-8b", "--dp", "4", "--micro-batches", "0"], "--micro-batches"),
+        (["--model", "llama3-8b", "--dp", "4", "--tp", "2", "--world-size", "4"], "--world-size"),
+        (["--model", "llama3-8b", "--dp", "4", "--block-size", "0"], "--block-size"),
+        (["--hidden", "64", "--dp", "4"], "--ffn"),
+        (["--model", "llama3-8b", "--dp", "4", "--tp-mode", "both"], "--tp-mode"),
+        (["--model", "llama3-8b"], "--dp"),
+    ],
+)
+def test_bad_inputs_exit_2(args, option, capsys):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "mlfop-plan: error:" in captured.err and option in captured.err
+
+
+def test_bad_layers_message_names_both_options(capsys):
+    assert main(["--model", "llama3-8b", "--dp", "4", "--pp", "3"]) == 2
+    assert "--layers (32) must be divisible by --pp (3)" in capsys.readouterr().err
+
+
+def test_plan_config_raises_value_error():
+    with pytest.raises(ValueError, match="--tp"):
+        PlanConfig(LLAMA3_8B, dp=4, tp=3)
+    with pytest.raises(ValueError, match="--layers"):
+        PlanConfig(LLAMA3_8B, dp=4, pp=5)
+    with pytest.raises(ValueError, match="--dp"):
+        PlanConfig(LLAMA3_8B, dp=0)
+    with pytest.raises(ValueError, match="--micro-batches"):
+        PlanConfig(LLAMA3_8B, dp=1, micro_batches=0)
+    cfg = PlanConfig(LLAMA3_8B, dp=2, tp=8, pp=4, micro_batches=6)
+    assert make_plan(cfg).boundaries == (1, 2, 4, 6)
+
+
+def test_help_returns_zero(capsys):
+    assert main(["--help"]) == 0
+    assert "--micro-batches" in capsys.readouterr().out
+
+
+def test_module_entry_point_without_torch():
+    done = subprocess.run(
+        [sys.executable, "-m", "mlfop_megatron.launch.plan", *TINY],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ML-FOP-SOAP plan" in done.stdout
+    check = "import sys, mlfop_megatron.launch.plan; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.stdout.strip() == "False"
