@@ -39,6 +39,10 @@ def _error_cases():
     cfg = TinyGPTConfig()
     model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
     plain = build_tiny_gpt(cfg)
+    bf16_grads = build_tiny_gpt(
+        TinyGPTConfig(grad_reduce_in_fp32=False, dtype=torch.bfloat16),
+        ddp_class=FoldingDistributedDataParallel,
+    )
     ok = OptimizerConfig(optimizer="adam", lr=1e-3)
     out = {
         "fp16": _message(
@@ -48,7 +52,7 @@ def _error_cases():
         ),
         "bf16": _message(
             lambda: get_mlfop_optimizer(
-                OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True), [model]
+                OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True), [bf16_grads]
             )
         ),
         "distopt": _message(
@@ -72,7 +76,7 @@ def _error_cases():
 def test_unsupported_combinations_raise_clear_errors():
     msgs = run_distributed(_error_cases, 1)[0]
     assert "fp16" in msgs["fp16"] and "loss scaling" in msgs["fp16"]
-    assert "bf16" in msgs["bf16"]
+    assert "grad_reduce_in_fp32=True" in msgs["bf16"]
     assert "use_distributed_optimizer=False" in msgs["distopt"]
     assert "tp_mode must be one of" in msgs["tp_mode"]
     assert (

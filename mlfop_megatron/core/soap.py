@@ -8,6 +8,7 @@ State of a block (a plain dict so torch's optimizer state_dict can carry it):
                first step; absent on a side that is not rotated)
   exp_avg      first moment, in rotated coordinates
   exp_avg_sq   second moment, in rotated coordinates
+  master       fp32 main weights of a bf16/fp16 param block (absent for fp32/fp64 params)
 A block whose sides are both identity is plain AdamW (used for 1-D params).
 """
 
@@ -50,13 +51,24 @@ def block_layout(shape: torch.Size | tuple[int, ...], cfg: SOAPConfig) -> BlockL
     return BlockLayout(rows, cols, rows <= cfg.max_precond_dim, cols <= cfg.max_precond_dim)
 
 
+def needs_master(param_dtype: torch.dtype) -> bool:
+    """Low-precision params keep fp32 main weights in the optimizer state."""
+    return param_dtype in (torch.bfloat16, torch.float16)
+
+
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """Optimizer state precision: fp64 for fp64 params, fp32 otherwise (bf16/fp16 included)."""
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def init_state(layout: BlockLayout, dtype: torch.dtype, device: torch.device) -> State:
-    """Zero state for a block; bases are created by the first step."""
+def init_state(
+    layout: BlockLayout,
+    dtype: torch.dtype,
+    device: torch.device,
+    master: torch.Tensor | None = None,
+) -> State:
+    """Zero state for a block. ``master``: fp32 copy of a low-precision (bf16) param block,
+    which then receives the updates and is copied into the param after each step."""
     state: State = {
         "step": 0,
         "initialized": False,
@@ -65,6 +77,8 @@ def init_state(layout: BlockLayout, dtype: torch.dtype, device: torch.device) ->
     }
     # Bases start as the identity (exact, and the metric is I until the first step anyway) so
     # that the state's structure never changes: checkpoint templates can be built up front.
+    if master is not None:
+        state["master"] = master.detach().to(dtype=dtype, copy=True).reshape(layout.shape)
     if layout.rotate_left:
         state["L"] = torch.zeros(layout.rows, layout.rows, dtype=dtype, device=device)
         state["QL"] = torch.eye(layout.rows, dtype=dtype, device=device)
@@ -170,9 +184,12 @@ def soap_step(
         step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
     normalized = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(cfg.eps)
     direction = unrotate(normalized, state)
-    param.add_(direction.to(param.dtype), alpha=-step_size)
+    target = state.get("master", param)  # fp32 main weights for low-precision params
+    target.add_(direction.to(target.dtype), alpha=-step_size)
     if weight_decay > 0.0:
-        param.add_(param, alpha=-lr * weight_decay)
+        target.add_(target, alpha=-lr * weight_decay)
+    if target is not param:
+        param.copy_(target)
     update_factors(state, grad, cfg.factor_beta)
     if t % cfg.precondition_frequency == 0:
         refresh_bases(state, cfg.refresh_method, counters)

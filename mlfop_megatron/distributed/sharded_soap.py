@@ -23,6 +23,7 @@ from mlfop_megatron.core.soap import (
     BlockLayout,
     init_state,
     metric_diag,
+    needs_master,
     rotate,
     soap_step,
     state_dtype,
@@ -92,7 +93,10 @@ class ShardedSOAP:
     def _own(self, block: Block) -> OwnedBlock:
         param = self.params[block.param_index]
         layout = BlockLayout(block.rows, block.cols, block.rotate_rows, block.rotate_cols)
-        return OwnedBlock(block, param, init_state(layout, state_dtype(param.dtype), param.device))
+        owned = OwnedBlock(block, param, {})
+        master = owned.view(param.detach()) if needs_master(param.dtype) else None
+        owned.state.update(init_state(layout, state_dtype(param.dtype), param.device, master))
+        return owned
 
     # ----------------------------------------------------------------- folding
     def _reduce(self, sums: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
 
-STATE_FIELDS = ("L", "R", "QL", "QR", "exp_avg", "exp_avg_sq")
+STATE_FIELDS = ("L", "R", "QL", "QR", "exp_avg", "exp_avg_sq", "master")
 SCALAR_FIELDS = {"step": torch.int64, "initialized": torch.bool}
 PREFIX = "optimizer.mlfop"
 

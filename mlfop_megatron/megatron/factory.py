@@ -8,8 +8,10 @@ import torch
 from megatron.core.optimizer import FP32Optimizer, OptimizerConfig
 
 from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.megatron import compat
 from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+from mlfop_megatron.megatron.main_param_adam import MainParamAdamW
 from mlfop_megatron.megatron.naming import canonical_param_names
 from mlfop_megatron.megatron.optimizer import MLFOPChainedOptimizer, MLFOPMegatronOptimizer
 
@@ -43,11 +45,6 @@ def _check_config(config: OptimizerConfig, tp_mode: str) -> None:
             "needs loss scaling that this optimizer does not implement; use bf16=False (fp32) "
             "or bf16"
         )
-    if config.bf16:
-        raise ValueError(
-            "OptimizerConfig.bf16=True is not supported by this release of the Megatron "
-            "adapter; train with fp32 params (bf16=False), or use MLFOPSOAP directly"
-        )
     if config.use_distributed_optimizer:
         raise ValueError(
             "set OptimizerConfig.use_distributed_optimizer=False: ML-FOP-SOAP shards its own "
@@ -55,6 +52,21 @@ def _check_config(config: OptimizerConfig, tp_mode: str) -> None:
         )
     if tp_mode not in TP_MODES:
         raise ValueError(f"tp_mode must be one of {TP_MODES} (got {tp_mode!r})")
+
+
+def _check_precision(config: OptimizerConfig, chunk: Any) -> None:
+    low = {p.dtype for p in chunk.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
+    if low and not config.bf16:
+        raise ValueError(
+            f"model params are {sorted(map(str, low))} but OptimizerConfig.bf16=False; set "
+            "bf16=True so the optimizer keeps fp32 main weights"
+        )
+    grads = compat.ddp_params_with_grad(chunk)
+    if config.bf16 and any(p.main_grad.dtype != torch.float32 for p in grads):
+        raise ValueError(
+            "OptimizerConfig.bf16=True needs DistributedDataParallelConfig("
+            "grad_reduce_in_fp32=True): folding reads fp32 main_grad level sums"
+        )
 
 
 def get_mlfop_optimizer(
@@ -85,6 +97,7 @@ def get_mlfop_optimizer(
             "wrap the model in mlfop_megatron.megatron.FoldingDistributedDataParallel (a "
             f"subclass of Megatron's DistributedDataParallel), got {type(chunk).__name__}"
         )
+    _check_precision(config, chunk)
     soap, adam_decay, adam_no_decay = [], [], []
     names = canonical_param_names(chunk)
     for param in chunk.parameters():
@@ -120,7 +133,9 @@ def get_mlfop_optimizer(
         for ps, mult in ((adam_decay, 1.0), (adam_no_decay, 0.0))
         if ps
     ]
-    if groups:
+    if groups and config.bf16:
+        chained.append(MainParamAdamW(groups, config))  # fp32 main weights for bf16 params
+    elif groups:
         adam = torch.optim.AdamW(
             groups,
             lr=config.lr,

@@ -29,6 +29,7 @@ from mlfop_megatron.core.soap import (
     block_layout,
     init_state,
     metric_diag,
+    needs_master,
     rotate,
     soap_step,
     state_dtype,
@@ -76,7 +77,8 @@ class MLFOPSOAP(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             layout = block_layout(p.shape, cfg)
-            state.update(init_state(layout, state_dtype(p.dtype), p.device))
+            master = p.detach() if needs_master(p.dtype) else None
+            state.update(init_state(layout, state_dtype(p.dtype), p.device, master=master))
         return state
 
     def _matrix_grad(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         lr=spec.get("lr", 1e-2),
         weight_decay=0.01,
         clip_grad=spec.get("clip_grad", 0.0),
-        bf16=False,
+        bf16=spec.get("dtype") == torch.bfloat16,
         fp16=False,
     )
     optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=spec.get("sharded", True))

@@ -1,0 +1,100 @@
+"""AdamW on fp32 main weights for the non-matrix params of a bf16 model.
+
+Megatron's Float16OptimizerWithFloat16Params only accepts torch.cuda tensors; this optimizer
+does the same job device-agnostically: fp32 main copies of the bf16 params, gradients from
+Megatron's fp32 ``main_grad``, torch AdamW on the main copies, then a copy back to bf16.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    make_sharded_optimizer_tensor,
+    optim_state_to_sharding_state,
+)
+from megatron.core.optimizer import FP32Optimizer, OptimizerConfig
+from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
+
+from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
+
+MAIN_PARAM_PREFIX = "optimizer.state.fp32_param"
+
+
+class MainParamAdamW(FP32Optimizer):
+    """FP32Optimizer semantics over fp32 main copies of low-precision params."""
+
+    def __init__(self, groups: list[dict[str, Any]], config: OptimizerConfig) -> None:
+        self.model_params: list[torch.nn.Parameter] = []
+        main_groups = []
+        for group in groups:
+            mains = []
+            for p in group["params"]:
+                main = torch.nn.Parameter(p.detach().float().clone())
+                copy_tensor_model_parallel_attributes(main, p)
+                if hasattr(p, "shared"):
+                    main.shared = p.shared
+                self.model_params.append(p)
+                mains.append(main)
+            main_groups.append(dict(group, params=mains))
+        adam = torch.optim.AdamW(
+            main_groups,
+            lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_eps,
+        )
+        super().__init__(adam, config, adam_init_state_fn)
+        self.main_params = [m for g in main_groups for m in g["params"]]
+
+    @torch.no_grad()
+    def prepare_grads(self) -> bool:
+        for p, main in zip(self.model_params, self.main_params):
+            main.grad = p.main_grad.float() if p.main_grad.dtype != torch.float32 else p.main_grad
+        return False
+
+    @torch.no_grad()
+    def step_with_ready_grads(self) -> bool:
+        ok = super().step_with_ready_grads()
+        for p, main in zip(self.model_params, self.main_params):
+            p.data.copy_(main.data)
+        return ok
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for main in self.main_params:
+            main.grad = None
+
+    @torch.no_grad()
+    def reload_model_params(self, state_dict: Any = None) -> None:
+        for p, main in zip(self.model_params, self.main_params):
+            main.data.copy_(p.data)
+
+    def state_dict(self) -> dict[str, Any]:
+        out = self.optimizer.state_dict()
+        out["fp32_params"] = {i: m.detach().clone() for i, m in enumerate(self.main_params)}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        mains = state_dict.pop("fp32_params", None)
+        super().load_state_dict(state_dict)
+        if mains is not None:
+            with torch.no_grad():
+                for i, value in mains.items():
+                    self.main_params[int(i)].copy_(value)
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
+        if is_loading:
+            self.init_state_fn(self.optimizer, self.config)
+        state = self.optimizer.state_dict()
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.model_params)
+        step = self._extract_common_per_param_step(state)
+        optim_state_to_sharding_state(state, id_map, exclude_keys="step")
+        if step:
+            state["state"]["common_step"] = step
+        state["fp32_params"] = {
+            i: make_sharded_optimizer_tensor(id_map[i], main, MAIN_PARAM_PREFIX)
+            for i, main in enumerate(self.main_params)
+            if i in id_map
+        }
+        return state
