@@ -72,3 +72,22 @@ def test_nan_in_one_ranks_micro_batch_skips_step_on_all_ranks():
     dropped = run_distributed(run_tiny_gpt, 2, dict(base, nan_at=None, discard_at=2))
     for r in (0, 1):
         _assert_params(runs[r]["params"], dropped[r]["params"], "NaN skip vs dropped", True)
+
+
+def test_gradient_clipping_uses_the_global_norm_on_every_layout():
+    """clip_grad forces clipping; the norm is reduced over all ranks, so layouts agree."""
+    base = dict(iters=5, microbatches=4, global_micro=2, clip_grad=0.05,
+                dtype=torch.float64, max_precond_dim=1)
+    dp1 = run_distributed(run_tiny_gpt, 1, base)[0]
+    sharded = run_distributed(run_tiny_gpt, 2, dict(base, sharded=True))
+    replicated = run_distributed(run_tiny_gpt, 2, dict(base, sharded=False))
+    norms = [n for _, n in dp1["results"]]
+    assert all(n > 0.05 for n in norms)  # clipping was active on every step
+    for runs in (sharded, replicated):
+        for r in (0, 1):
+            assert [n for _, n in runs[r]["results"]] == pytest.approx(norms, rel=1e-9)
+            _assert_params(runs[r]["params"], dp1["params"], "clipped DP=2 vs DP=1")
+    unclipped = run_distributed(run_tiny_gpt, 1, dict(base, clip_grad=0.0))[0]
+    assert not all(
+        torch.allclose(unclipped["params"][n], dp1["params"][n]) for n in dp1["params"]
+    )
