@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 Row = dict[str, Any]
 COLORS = {"mlfop": "tab:red", "soap": "tab:blue", "adamw": "tab:gray"}
-LEVEL_KEY = re.compile(r"^level(\d+)_(beta|s|ratio|cosine)$")
+LEVEL_KEY = re.compile(r"^level(\d+)_(beta|s|ratio|cosine|cosine_after)$")
 
 
 def read_jsonl(path: Path) -> list[Row]:

@@ -34,7 +34,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -56,13 +56,25 @@ from digits_data import (  # noqa: E402
 )
 
 OPTIMIZERS = ("mlfop", "soap", "adamw")
-# Peak learning rates from a short sweep on this model (3e-3 / 1e-2 / 3e-2 each); --lr overrides.
-DEFAULT_LR = {"mlfop": 1e-2, "soap": 1e-2, "adamw": 1e-2}
-LEVEL_FIELDS = ("beta", "s", "ratio", "cosine")
+# Peak learning rates: one-seed sweep of 1e-3..3e-2 at 200 steps of the default model (val
+# loss, before the vocabulary padding); 5e-3 was best or within noise of the best for each
+# optimizer. --lr overrides.
+DEFAULT_LR = {"mlfop": 5e-3, "soap": 5e-3, "adamw": 5e-3}
+# Defaults sized for a 2-core CPU: the full run well under 10 minutes, --quick in seconds.
+DEFAULTS = {"steps": 300, "global_batch": 32, "micro_batch": 4, "layers": 4, "hidden": 128,
+            "diag_every": 10}
+QUICK = {"steps": 30, "global_batch": 16, "micro_batch": 2, "layers": 2, "hidden": 64,
+         "diag_every": 3}
+# Metric column suffix -> key of MLFOPChainedOptimizer.stats()["levels"][i].
+LEVEL_FIELDS = {
+    "beta": "beta_mean", "s": "s_mean", "ratio": "ratio", "cosine": "cosine_before",
+    "cosine_after": "cosine_after",
+}
 BASE_COLUMNS = (
     "step", "optimizer", "loss", "image_loss", "text_loss", "tokens_per_s", "grad_norm", "lr",
     "step_time_s", "elapsed_s", "skipped_steps", "modality_cosine",
 )
+VOCAB_MULTIPLE = 64
 Batch = dict[str, Any]
 
 
@@ -80,8 +92,8 @@ class RunSpec:
     seed: int
     tp: int = 1
     pp: int = 1
-    num_layers: int = 2
-    hidden: int = 64
+    num_layers: int = 4
+    hidden: int = 128
     heads: int = 4
     weight_decay: float = 0.01
     clip_grad: float = 1.0
@@ -89,9 +101,7 @@ class RunSpec:
     min_lr_frac: float = 0.1
     precondition_frequency: int = 10
     diag_every: int = 10
-    log_every: int = 1
     save_interval: int = 0
-    num_levels: int = 8
     threads: int = 1
 
 
@@ -102,21 +112,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 150)")
-    p.add_argument("--global-batch", type=int, default=None, help="samples per step (32)")
-    p.add_argument("--micro-batch", type=int, default=None, help="samples per micro-batch (4)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (300; quick 30)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="samples per optimizer step (32; quick 16)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="samples per micro-batch and DP rank (4; quick 2)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="mlfop")
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: per optimizer)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--compare", action="store_true", help="train mlfop, soap and adamw in turn")
-    p.add_argument("--quick", action="store_true", help="tiny run for CI")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--quick", action="store_true", help="tiny run for CI (seconds)")
+    p.add_argument("--layers", type=int, default=None, help="transformer layers (4; quick 2)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size (128; quick 64)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip-grad", type=float, default=1.0)
     p.add_argument("--diag-every", type=int, default=None,
-                   help="steps between inter-modality gradient cosines (0: never)")
+                   help="steps between inter-modality gradient cosines (10; quick 3; 0: never)")
     p.add_argument("--save-interval", type=int, default=0,
                    help="also checkpoint every N steps (0: only at the end)")
     p.add_argument("--timeout", type=float, default=3600.0, help="spawned-run timeout (s)")
@@ -126,22 +138,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def specs_from_args(args: argparse.Namespace, world_size: int) -> list[RunSpec]:
     """One RunSpec per optimizer to train (three with --compare)."""
-    quick = args.quick
-    steps = args.steps or (30 if quick else 150)
-    global_batch = args.global_batch or (16 if quick else 32)
-    micro = args.micro_batch or (2 if quick else 4)
+    preset = QUICK if args.quick else DEFAULTS
+    size = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
     dp = world_size // (args.tp * args.pp)
     if dp < 1 or world_size % (args.tp * args.pp):
         raise SystemExit(f"world size {world_size} is not a multiple of tp*pp={args.tp * args.pp}")
-    num_micro_batches(global_batch, micro, dp)  # raises unless it divides
+    num_micro_batches(size["global_batch"], size["micro_batch"], dp)  # raises unless it divides
     names = OPTIMIZERS if args.compare else (args.optimizer,)
     threads = max(1, (os.cpu_count() or 1) // max(1, world_size))
     base = RunSpec(
-        optimizer=names[0], out=str(args.out), steps=steps, global_batch=global_batch,
-        micro_batch=micro, lr=0.0, seed=args.seed, tp=args.tp, pp=args.pp,
-        num_layers=args.layers, hidden=args.hidden, heads=args.heads,
-        weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-        diag_every=args.diag_every if args.diag_every is not None else (3 if quick else 10),
+        optimizer=names[0], out=str(args.out), steps=size["steps"],
+        global_batch=size["global_batch"], micro_batch=size["micro_batch"], lr=0.0,
+        seed=args.seed, tp=args.tp, pp=args.pp, num_layers=size["layers"],
+        hidden=size["hidden"], heads=args.heads, weight_decay=args.weight_decay,
+        clip_grad=args.clip_grad, diag_every=size["diag_every"],
         save_interval=args.save_interval, threads=threads,
     )
     return [replace(base, optimizer=n, lr=args.lr or DEFAULT_LR[n]) for n in names]
@@ -202,6 +212,16 @@ def layer_spec() -> Any:
     return specs.get_gpt_layer_local_spec()
 
 
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary padded like Megatron-LM (--make-vocab-size-divisible-by) so TP can split it.
+
+    A multiple of lcm(64, tp): the same padded size for every power-of-two TP up to 64, so
+    TP layouts train the same model. Padding ids never occur in the data.
+    """
+    multiple = math.lcm(VOCAB_MULTIPLE, tp)
+    return -(-vocab_size // multiple) * multiple
+
+
 def build_model(spec: RunSpec, data: DigitsData) -> Any:
     """This rank's GPTModel stage (current parallel_state) wrapped in the right Megatron DDP."""
     from megatron.core import parallel_state as ps
@@ -224,7 +244,8 @@ def build_model(spec: RunSpec, data: DigitsData) -> Any:
         bias_dropout_fusion=False, gradient_accumulation_fusion=False, add_bias_linear=False,
     )
     model = GPTModel(
-        config=config, transformer_layer_spec=layer_spec(), vocab_size=data.vocab_size,
+        config=config, transformer_layer_spec=layer_spec(),
+        vocab_size=padded_vocab_size(data.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=data.seq_length, pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=False,
         position_embedding_type="learned_absolute",
@@ -295,21 +316,9 @@ def cpu_adamw(config: Any, model: Any) -> Any:
     return MLFOPChainedOptimizer([FP32Optimizer(adam, config, lambda opt, cfg=None: None)])
 
 
-def torch_param_groups(optimizer: Any) -> list[dict[str, Any]]:
-    """Param groups of the torch optimizers inside a (chained) Megatron optimizer.
-
-    Not ``optimizer.param_groups``: MLFOPMegatronOptimizer never sets ``is_stub_optimizer``,
-    which megatron-core 0.16's ``MegatronOptimizer.param_groups`` property reads, so that
-    property raises AttributeError on our chained optimizer (and would break Megatron's
-    OptimizerParamScheduler the same way).
-    """
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [g for opt in subs if opt.optimizer is not None for g in opt.optimizer.param_groups]
-
-
 def set_lr(optimizer: Any, lr: float) -> None:
     """Set the learning rate of every param group (weight decay is left alone)."""
-    for group in torch_param_groups(optimizer):
+    for group in optimizer.param_groups:
         group["lr"] = lr
 
 
@@ -374,8 +383,11 @@ def run_schedule(
     model: Any, batches: Iterator[Batch] | list[Batch], n: int, spec: RunSpec, seq: int,
     forward_only: bool = False,
 ) -> torch.Tensor:
-    """Forward(+backward) over ``n`` micro-batches; returns global [img_sum, img_n, txt_sum,
-    txt_n] reduced over DP and broadcast from the last pipeline stage (float64, CPU)."""
+    """Forward(+backward) of ``n`` micro-batches through Megatron's schedule; global loss sums.
+
+    Returns [image loss sum, image tokens, text loss sum, text tokens] over the micro-batches
+    of every DP rank, broadcast from the last pipeline stage (float64, on CPU).
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     out = get_forward_backward_func()(
@@ -464,53 +476,23 @@ def modality_cosine(model: Any, batches: Iterator[Batch], seq: int) -> float:
     return float(sums[0] / (sums[1] * sums[2]).clamp_min(1e-300).sqrt())
 
 
-def folding_diagnostics(optimizer: Any, levels: Sequence[int]) -> dict[str, float]:
-    """Per-level beta/s (block means), ratio and cosine (norm-weighted) over ALL ranks.
+def optimizer_stats(optimizer: Any) -> dict[str, Any]:
+    """ML-FOP-SOAP stats reduced over all ranks ({} for AdamW); a collective: every rank calls."""
+    return optimizer.stats() if hasattr(optimizer, "stats") else {}
 
-    Every rank only holds the diagnostics of the blocks it owns (state is sharded over DP, and
-    PP stages hold different layers), so the per-level sums are all-reduced over the world.
-    Collective: call it on every rank after each step (also for optimizers without folding).
+
+def level_columns(stats: dict[str, Any], levels: Sequence[int]) -> dict[str, float]:
+    """level{j}_beta/s/ratio/cosine/cosine_after of the last step's folds (NaN: no fold).
+
+    beta and s are means over parameter blocks; ratio ||d||/||a|| and the cosines treat all
+    blocks as one vector (cosine = cos(z_{j-1}, h_j) before the projection, cosine_after =
+    cos(a, d_perp) after it).
     """
-    from mlfop_megatron.core.fop import AA, AD, DD
-
-    width = 6  # count, sum s, sum beta, sum aa, sum ad, sum dd
-    table = torch.zeros(len(levels), width, dtype=torch.float64)
-    row = {lvl: i for i, lvl in enumerate(levels)}
-    for opt in getattr(optimizer, "mlfop", []):
-        for engine in opt.engines:
-            for diag in engine.last_diagnostics:
-                if diag.level not in row:
-                    continue
-                sums = diag.sums.detach().double().sum(dim=0).cpu()
-                table[row[diag.level]] += torch.tensor([
-                    float(diag.s.numel()), float(diag.s.double().sum()),
-                    float(diag.beta.double().sum()), sums[AA], sums[AD], sums[DD],
-                ], dtype=torch.float64)
-    table = table.to(device())
-    dist.all_reduce(table)
-    return level_columns(table.cpu(), levels, optimizer)
-
-
-def level_columns(table: torch.Tensor, levels: Sequence[int], optimizer: Any) -> dict[str, float]:
-    """Turn the reduced per-level sums into the level{j}_* metric columns."""
-    out: dict[str, float] = {}
-    schedule = next((o.schedule for o in getattr(optimizer, "mlfop", [])), None)
-    for i, lvl in enumerate(levels):
-        n, s, beta, aa, ad, dd = table[i].tolist()
-        if n == 0 or schedule is None or lvl >= schedule.num_levels:
-            out.update({f"level{lvl}_{f}": float("nan") for f in LEVEL_FIELDS})
-            continue
-        nz, nh = schedule.fold_weights(lvl)
-        wz, wh = nz / (nz + nh), nh / (nz + nh)
-        zh = aa + (wh - wz) * ad - wz * wh * dd
-        zz = aa + 2 * wh * ad + wh * wh * dd
-        hh = aa - 2 * wz * ad + wz * wz * dd
-        out.update({
-            f"level{lvl}_beta": beta / n,
-            f"level{lvl}_s": s / n,
-            f"level{lvl}_ratio": math.sqrt(dd / max(aa, 1e-300)),
-            f"level{lvl}_cosine": zh / math.sqrt(max(zz * hh, 1e-300)),
-        })
+    out = {f"level{j}_{f}": float("nan") for j in levels for f in LEVEL_FIELDS}
+    for entry in stats.get("levels", []):
+        j = int(entry["level"])
+        if j in levels:
+            out.update({f"level{j}_{f}": float(entry[key]) for f, key in LEVEL_FIELDS.items()})
     return out
 
 
@@ -627,8 +609,23 @@ def setup_rank(spec: RunSpec) -> None:
     init_megatron_parallel(tp=spec.tp, pp=spec.pp, seed=spec.seed)
 
 
-def train_worker(spec: RunSpec) -> dict[str, Any] | None:
-    """Train one optimizer on this rank; rank 0 returns rows and a summary, others None."""
+@dataclass
+class Run:
+    """One rank's training state: data, model, optimizer and running counters."""
+
+    spec: RunSpec
+    data: DigitsData
+    model: Any
+    optimizer: Any
+    accumulation_steps: int
+    levels: list[int]
+    start: float = 0.0
+    skipped: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def setup_run(spec: RunSpec) -> Run:
+    """Parallel state, data, model (in its DDP) and optimizer for this rank."""
     from megatron.core import parallel_state as ps
 
     setup_rank(spec)
@@ -637,40 +634,54 @@ def train_worker(spec: RunSpec) -> dict[str, Any] | None:
     k = num_micro_batches(spec.global_batch, spec.micro_batch, dp)
     model = build_model(spec, data)
     optimizer = build_optimizer(spec, model, k)
-    levels = fold_levels(spec, dp)
-    out = Path(spec.out)
-    writer = MetricsWriter(out, metric_columns(levels)) if dist.get_rank() == 0 else None
-    rows, bar, skipped, start = [], make_progress(spec), 0, time.perf_counter()
-    tokens_per_step = spec.global_batch * data.seq_length
+    return Run(spec, data, model, optimizer, k, fold_levels(spec, dp), time.perf_counter())
+
+
+def run_step(run: Run, step: int) -> dict[str, Any]:
+    """Diagnostics (every diag_every steps), one optimizer step, and its metrics row."""
+    spec, seq = run.spec, run.data.seq_length
+    cosine = float("nan")
+    if spec.diag_every > 0 and (step % spec.diag_every == 0 or step == spec.steps - 1):
+        cosine = modality_cosine(run.model, train_microbatches(run.data, spec, step), seq)
+    t0 = time.perf_counter()
+    sums, success, grad_norm = train_step(
+        run.model, run.optimizer, run.data, spec, step, run.accumulation_steps
+    )
+    dt = time.perf_counter() - t0
+    run.skipped += int(not success)
+    run.stats = optimizer_stats(run.optimizer)
+    return {
+        "step": step + 1, "optimizer": spec.optimizer, **modality_losses(sums),
+        "tokens_per_s": spec.global_batch * seq / dt, "grad_norm": grad_norm,
+        "lr": lr_at(step, spec), "step_time_s": dt, "elapsed_s": time.perf_counter() - run.start,
+        "skipped_steps": run.skipped, "modality_cosine": cosine,
+        **level_columns(run.stats, run.levels),
+    }
+
+
+def train_worker(spec: RunSpec) -> dict[str, Any] | None:
+    """Train one optimizer on this rank; rank 0 returns rows and a summary, others None."""
+    run = setup_run(spec)
+    out, rank0 = Path(spec.out), dist.get_rank() == 0
+    writer = MetricsWriter(out, metric_columns(run.levels)) if rank0 else None
+    bar, rows = make_progress(spec), []
     for step in range(spec.steps):
-        diag = spec.diag_every > 0 and (step % spec.diag_every == 0 or step == spec.steps - 1)
-        cosine = float("nan")
-        if diag:
-            batches = train_microbatches(data, spec, step)
-            cosine = modality_cosine(model, batches, data.seq_length)
-        t0 = time.perf_counter()
-        sums, success, grad_norm = train_step(model, optimizer, data, spec, step, k)
-        dt = time.perf_counter() - t0
-        skipped += int(not success)
-        row = {"step": step + 1, "optimizer": spec.optimizer, **modality_losses(sums),
-               "tokens_per_s": tokens_per_step / dt, "grad_norm": grad_norm,
-               "lr": lr_at(step, spec), "step_time_s": dt,
-               "elapsed_s": time.perf_counter() - start, "skipped_steps": skipped,
-               "modality_cosine": cosine, **folding_diagnostics(optimizer, levels)}
+        row = run_step(run, step)
         if spec.save_interval and (step + 1) % spec.save_interval == 0:
-            save_checkpoint(out, spec.optimizer, model, optimizer, step + 1, spec)
+            save_checkpoint(out, spec.optimizer, run.model, run.optimizer, step + 1, spec)
         if writer is not None:
             writer.write(row)
             rows.append(row)
             update_progress(bar, row)
-    train_time = time.perf_counter() - start
+    train_time = time.perf_counter() - run.start
     if bar is not None:
         bar.close()
-    final = evaluate(model, data, spec)
-    save_checkpoint(out, spec.optimizer, model, optimizer, spec.steps, spec)
-    if dist.get_rank() != 0:
+    final = evaluate(run.model, run.data, spec)
+    if not (spec.save_interval and spec.steps % spec.save_interval == 0):  # else saved already
+        save_checkpoint(out, spec.optimizer, run.model, run.optimizer, spec.steps, spec)
+    if not rank0:
         return None
-    return {"rows": rows, "summary": summarize(spec, rows, final, train_time, optimizer)}
+    return {"rows": rows, "summary": summarize(spec, rows, final, train_time, run.stats)}
 
 
 def update_progress(bar: Any, row: dict[str, Any]) -> None:
@@ -686,11 +697,10 @@ def update_progress(bar: Any, row: dict[str, Any]) -> None:
 
 def summarize(
     spec: RunSpec, rows: list[dict[str, Any]], final: dict[str, float], train_time: float,
-    optimizer: Any,
+    stats: dict[str, Any],
 ) -> dict[str, Any]:
     """Final numbers of one run: train losses (mean of the last 10% of steps), val, speed."""
     tail = rows[-max(1, len(rows) // 10):]
-    stats = optimizer.stats() if hasattr(optimizer, "stats") else {}
     out = {"optimizer": spec.optimizer, "steps": spec.steps, "lr": spec.lr,
            "train_time_s": train_time,
            "tokens_per_s": sum(r["tokens_per_s"] for r in rows[1:]) / max(1, len(rows) - 1),

@@ -51,6 +51,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         group = {"params": params, "lr": config.lr, "weight_decay": config.weight_decay}
         holder = _ParamGroups([dict(group, **megatron_group_fields(config, 1.0))], {})
         super().__init__(holder, config)
+        self.is_stub_optimizer = False  # Megatron's param_groups property reads this
         self.model_chunks = model_chunks
         self.mlfop_config = mlfop_config
         self.schedule = LevelSchedule.from_config(mlfop_config.folding)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mlfop_megatron.config import MLFOPConfig
 from mlfop_megatron.megatron import compat
@@ -62,6 +63,20 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         fp16=False,
     )
     optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=spec.get("sharded", True))
+    # Megatron's own LR/WD scheduler drives the chained optimizer, as in Megatron-LM.
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=opt_config.lr,
+        max_lr=opt_config.lr,
+        min_lr=0.0,
+        lr_warmup_steps=0,
+        lr_decay_steps=1000,
+        lr_decay_style="constant",
+        start_wd=opt_config.weight_decay,
+        end_wd=opt_config.weight_decay,
+        wd_incr_steps=1000,
+        wd_incr_style="constant",
+    )
     dp = parallel_state.get_data_parallel_world_size()
     mbs = spec.get("global_micro", 2) // dp
     losses, results, step_times = [], [], []
@@ -83,6 +98,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
             continue
         start = time.perf_counter()
         results.append(optimizer.step())
+        scheduler.step(increment=1)
         step_times.append(time.perf_counter() - start)
         if spec.get("save_at") is not None and spec["save_at"][0] == it:
             save_checkpoint(spec["save_at"][1], model, optimizer, it)
