@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from mlfop_megatron.core.soap import rotate
+from mlfop_megatron.core.linalg import LinalgCounters
+from mlfop_megatron.core.soap import refresh_bases, rotate
 from mlfop_megatron.optim import MLFOPSOAP
 
 FREQ = 10  # precondition_frequency for every SOAP
@@ -568,6 +569,54 @@ def bench_fold(hidden: int, args: argparse.Namespace, gate: LoadGate) -> dict[st
     }
 
 
+def bench_refresh(
+    hidden: int, contenders: list[Contender], reps: int, gate: LoadGate
+) -> dict[str, object] | None:
+    """Basis refresh alone, repeated on the same state snapshot: ours vs pytorch_optimizer.
+
+    Both optimizers saw the same gradients (equal math), so their factors agree to rounding.
+    Refreshes run on shallow state copies (neither mutates tensors in place).
+    """
+    ours = contenders[0]
+    peer = next((c for c in contenders if c.name.startswith("pytorch_optimizer")), None)
+    if peer is None:
+        return None
+    cfg = ours.opt.config.soap
+    o_states = [ours.opt.state[p] for p in ours.params if p.dim() == 2]
+    p_states = [peer.opt.state[p] for p in peer.params if p.dim() == 2]
+    fq = [s[f] @ s[b] for s in o_states for f, b in (("L", "QL"), ("R", "QR")) if f in s]
+
+    def run_ours() -> None:
+        for st in o_states:
+            refresh_bases(dict(st), cfg.refresh_method, LinalgCounters())
+
+    def run_peer() -> None:
+        for st in p_states:
+            peer.opt.get_orthogonal_matrix_qr(dict(st), 10000, False)
+
+    def run_qr() -> None:
+        for x in fq:
+            torch.linalg.qr(x)
+
+    times: dict[str, list[float]] = {"ours": [], "peer": [], "qr": []}
+    log(f"h={hidden} refresh alone: {reps} paired repetitions")
+    for _ in range(reps):
+        gate.wait()
+        for name, fn in (("ours", run_ours), ("peer", run_peer), ("qr", run_qr)):
+            times[name].append(timed(fn))
+    return {
+        "hidden": hidden,
+        "peer": peer.name,
+        "ours": statistics.median(times["ours"]),
+        "peer_t": statistics.median(times["peer"]),
+        "qr": statistics.median(times["qr"]),
+        "ours_min": min(times["ours"]),
+        "peer_min": min(times["peer"]),
+        "ratio": [a / b for a, b in zip(times["ours"], times["peer"])],
+        "flops": our_refresh_flops(block_shapes(hidden)),
+    }
+
+
 def equal_math_check(steps: int) -> list[tuple[str, float, str]]:
     """Same init + gradients for ``steps`` calls; max |p_peer - p_ours| / max |p_ours - p0|.
 
@@ -748,6 +797,23 @@ def fold_table(folds: list[dict[str, float]]) -> list[str]:
     return lines
 
 
+def refresh_table(rows: list[dict[str, object]]) -> list[str]:
+    """Markdown table of the refresh-alone benchmark."""
+    lines = [
+        "| hidden | ours refresh median (min) ms | pytorch_optimizer refresh median (min) ms | "
+        "ours/peer paired median [p25-p75] | of which QR alone (ms) | ours refresh matmul "
+        "GFLOP (QR excluded) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['hidden']} | {ms(r['ours'])} ({ms(r['ours_min'])}) | {ms(r['peer_t'])} "
+            f"({ms(r['peer_min'])}) | {spread(r['ratio'])} | {ms(r['qr'])} | "
+            f"{r['flops'] / 1e9:.1f} |"
+        )
+    return lines
+
+
 def write_results(path: Path, body: str) -> None:
     """Replace (or append) the step-time section of RESULTS.md, keeping other sections."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
@@ -773,6 +839,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--periods", type=int, default=3, help="timed refresh periods (f=10 steps)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the init step")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--refresh-reps", type=int, default=5, help="refresh-alone repetitions")
     ap.add_argument("--accumulation-steps", type=int, default=8, help="K of the fold benchmark")
     ap.add_argument("--fold-windows", type=int, default=6, help="timed accumulation windows")
     ap.add_argument("--fold-hidden", type=int, nargs="*", default=None, help="default: --hidden")
@@ -791,7 +858,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.hidden, args.periods, args.warmup = [128], 1, 1
         args.fold_windows, args.check_steps, args.progress = 3, 12, 5
-        args.max_wait, args.wait_budget = 0.5, 3.0
+        args.max_wait, args.wait_budget, args.refresh_reps = 0.5, 3.0, 2
         args.no_write = True
     if args.fold_hidden is None:
         args.fold_hidden = args.hidden
@@ -819,6 +886,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     gate = LoadGate(args.max_wait, args.wait_budget)
     for hidden in args.hidden:
         results[hidden], skipped = bench_steps(hidden, args, gate)
+    refresh = [
+        r
+        for h, cs in results.items()
+        if (r := bench_refresh(h, cs, args.refresh_reps, gate)) is not None
+    ]
     folds = [bench_fold(h, args, gate) for h in args.fold_hidden]
     log(gate.summary())
     runtime = time.perf_counter() - _T0
@@ -856,6 +928,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.append("")
     out += flops_table(results)
     out.append("")
+    if refresh:
+        out.append(
+            f"Basis refresh alone ({args.refresh_reps} paired repetitions on the state snapshot "
+            "after the timed steps; ours `refresh_bases` vs pytorch_optimizer "
+            "`get_orthogonal_matrix_qr`, same factors): ours additionally re-expresses m in the "
+            "new basis (Q_new^T Q_old, then a product with m), the peer keeps m unrotated and "
+            "pays a third rotation every step instead."
+        )
+        out.append("")
+        out += refresh_table(refresh)
+        out.append("")
     out.append(
         f"Fold cost (ML-FOP-SOAP, accumulation_steps K={args.accumulation_steps}, "
         f"{args.fold_windows} timed windows after 2 warmup windows, medians): `accumulate()` "

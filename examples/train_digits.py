@@ -42,6 +42,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mlfop_megatron.launch.preemption import (
+    REQUEUE_EXIT_CODE,
+    REQUEUE_MARKER,
+    PreemptionHandler,
+)
+
 EXAMPLES = Path(__file__).resolve().parent
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
@@ -103,6 +109,11 @@ class RunSpec:
     diag_every: int = 10
     save_interval: int = 0
     threads: int = 1
+    resume: bool = False
+    stop_at_step: int = 0
+    fold_project: bool = True  # mlfop ablation: False skips the Fisher-orthogonalisation (s = 0)
+    fold_fixed_beta: float | None = None  # mlfop ablation: fixed beta instead of the adaptive one
+    log_every: int = 0  # > 0: a plain progress line every N steps instead of the tqdm bar
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -131,6 +142,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="steps between inter-modality gradient cosines (10; quick 3; 0: never)")
     p.add_argument("--save-interval", type=int, default=0,
                    help="also checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from checkpoint/<optimizer>/ when it exists (preemption-safe "
+                        "restarts; SIGTERM/SIGUSR1 save a checkpoint at the next step and exit "
+                        f"with code {REQUEUE_EXIT_CODE} for the batch script to requeue)")
+    p.add_argument("--no-project", action="store_true",
+                   help="mlfop ablation: fold without the Fisher-orthogonal projection (s = 0)")
+    p.add_argument("--fixed-beta", type=float, default=None,
+                   help="mlfop ablation: fixed fold weight beta instead of the adaptive one")
+    p.add_argument("--log-every", type=int, default=0,
+                   help="print a plain progress line every N steps instead of the bar (0: bar)")
+    p.add_argument("--stop-at-step", type=int, default=0,
+                   help="behave as if preempted after this step (tests the requeue path)")
     p.add_argument("--timeout", type=float, default=3600.0, help="spawned-run timeout (s)")
     p.add_argument("--verbose", action="store_true", help="keep library warnings")
     return p.parse_args(argv)
@@ -152,7 +175,10 @@ def specs_from_args(args: argparse.Namespace, world_size: int) -> list[RunSpec]:
         seed=args.seed, tp=args.tp, pp=args.pp, num_layers=size["layers"],
         hidden=size["hidden"], heads=args.heads, weight_decay=args.weight_decay,
         clip_grad=args.clip_grad, diag_every=size["diag_every"],
-        save_interval=args.save_interval, threads=threads,
+        save_interval=args.save_interval, threads=threads, resume=args.resume,
+        stop_at_step=args.stop_at_step,
+        fold_project=not args.no_project, fold_fixed_beta=args.fixed_beta,
+        log_every=args.log_every,
     )
     return [replace(base, optimizer=n, lr=args.lr or DEFAULT_LR[n]) for n in names]
 
@@ -286,6 +312,7 @@ def build_optimizer(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
         lr=spec.lr, betas=(0.95, 0.95), weight_decay=spec.weight_decay,
         precondition_frequency=spec.precondition_frequency,
         accumulation_steps=accumulation_steps, enabled=spec.optimizer == "mlfop",
+        project=spec.fold_project, fixed_beta=spec.fold_fixed_beta,
     )
     return get_mlfop_optimizer(config, [model], mlfop, sharded=True)
 
@@ -302,18 +329,22 @@ def cpu_adamw(config: Any, model: Any) -> Any:
     """
     from megatron.core.optimizer import FP32Optimizer
 
+    from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
+    from mlfop_megatron.megatron.factory import megatron_group_fields
     from mlfop_megatron.megatron.optimizer import MLFOPChainedOptimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay,
+         **megatron_group_fields(config, 1.0)},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0,
+         **megatron_group_fields(config, 0.0)},
     ]
     adam = torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=config.lr,
         betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
     )
-    return MLFOPChainedOptimizer([FP32Optimizer(adam, config, lambda opt, cfg=None: None)])
+    return MLFOPChainedOptimizer([FP32Optimizer(adam, config, adam_init_state_fn)])
 
 
 def set_lr(optimizer: Any, lr: float) -> None:
@@ -568,15 +599,32 @@ def save_checkpoint(
     return final
 
 
+def load_checkpoint(out: Path, name: str, model: Any, optimizer: Any) -> int:
+    """Load this rank's part of checkpoint/<name>/ (if complete); returns its step, else 0."""
+    final = out / "checkpoint" / name
+    if not (final / "meta.json").exists():
+        return 0
+    meta = json.loads((final / "meta.json").read_text())
+    if meta["world_size"] != dist.get_world_size():
+        raise SystemExit(
+            f"checkpoint {final} was written by {meta['world_size']} ranks; resume with the "
+            f"same layout (this job has {dist.get_world_size()} ranks)"
+        )
+    payload = torch.load(final / f"rank_{dist.get_rank():05d}.pt", weights_only=False)
+    model.module.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    return int(payload["step"])
+
+
 # ---------------------------------------------------------------------------------- training
-def make_progress(spec: RunSpec) -> Any:
-    """tqdm bar on global rank 0 (None elsewhere)."""
-    if dist.get_rank() != 0:
+def make_progress(spec: RunSpec, start: int = 0) -> Any:
+    """tqdm bar on global rank 0 (None elsewhere, and with plain lines: log_every > 0)."""
+    if dist.get_rank() != 0 or spec.log_every > 0:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=spec.steps, desc=f"{spec.optimizer:>5}", unit="step", dynamic_ncols=True,
-                file=sys.stderr, mininterval=0.5)
+    return tqdm(total=spec.steps, initial=start, desc=f"{spec.optimizer:>5}", unit="step",
+                dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
 
 
 def train_step(
@@ -660,19 +708,37 @@ def run_step(run: Run, step: int) -> dict[str, Any]:
 
 
 def train_worker(spec: RunSpec) -> dict[str, Any] | None:
-    """Train one optimizer on this rank; rank 0 returns rows and a summary, others None."""
+    """Train one optimizer on this rank; rank 0 returns rows and a summary, others None.
+
+    A SIGTERM/SIGUSR1 on any rank makes every rank stop after the same step, save a checkpoint
+    and exit with REQUEUE_EXIT_CODE; with --resume the next run continues from it.
+    """
     run = setup_run(spec)
     out, rank0 = Path(spec.out), dist.get_rank() == 0
+    start = load_checkpoint(out, spec.optimizer, run.model, run.optimizer) if spec.resume else 0
     writer = MetricsWriter(out, metric_columns(run.levels)) if rank0 else None
-    bar, rows = make_progress(spec), []
-    for step in range(spec.steps):
+    bar, rows = make_progress(spec, start), []
+    preemption = PreemptionHandler()
+    for step in range(start, spec.steps):
         row = run_step(run, step)
-        if spec.save_interval and (step + 1) % spec.save_interval == 0:
-            save_checkpoint(out, spec.optimizer, run.model, run.optimizer, step + 1, spec)
         if writer is not None:
             writer.write(row)
             rows.append(row)
             update_progress(bar, row)
+            log_progress(spec, row)
+        if preemption.stop_requested() or step + 1 == spec.stop_at_step:
+            save_checkpoint(out, spec.optimizer, run.model, run.optimizer, step + 1, spec)
+            if rank0:
+                # The batch script requeues when this marker exists, whatever exit codes srun
+                # reports (it may kill the slower rank once the first one has exited).
+                (out / REQUEUE_MARKER).write_text(f"{step + 1}\n")
+                print(f"\npreempted: checkpoint at step {step + 1}, exiting for requeue",
+                      file=sys.stderr, flush=True)
+            dist.barrier()
+            raise SystemExit(REQUEUE_EXIT_CODE)
+        if spec.save_interval and (step + 1) % spec.save_interval == 0:
+            save_checkpoint(out, spec.optimizer, run.model, run.optimizer, step + 1, spec)
+    preemption.restore()
     train_time = time.perf_counter() - run.start
     if bar is not None:
         bar.close()
@@ -693,6 +759,16 @@ def update_progress(bar: Any, row: dict[str, Any]) -> None:
         f"{row['tokens_per_s']:,.0f} tok/s", refresh=False,
     )
     bar.update(1)
+
+
+def log_progress(spec: RunSpec, row: dict[str, Any]) -> None:
+    """Plain progress line every spec.log_every steps (and at the last step); rank 0 only."""
+    step = row["step"]
+    if spec.log_every <= 0 or (step % spec.log_every and step != spec.steps):
+        return
+    print(f"  [{spec.optimizer} seed {spec.seed}] step {step}/{spec.steps} "
+          f"loss {row['loss']:.4f} img {row['image_loss']:.4f} txt {row['text_loss']:.4f} "
+          f"{row['tokens_per_s']:,.0f} tok/s {row['elapsed_s']:.0f} s", flush=True)
 
 
 def summarize(
@@ -809,9 +885,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     specs = specs_from_args(args, world)
     out = Path(args.out)
     is_rank0 = not torchrun_env() or int(os.environ["RANK"]) == 0
-    if is_rank0:
+    resuming = args.resume and (out / "metrics.csv").exists()
+    if is_rank0 and not resuming:
         start_metric_files(out, metric_columns(fold_levels(specs[0], world // (args.tp * args.pp))))
-    results = run_all(specs, args)
+    if is_rank0:
+        (out / REQUEUE_MARKER).unlink(missing_ok=True)
+    try:
+        results = run_all(specs, args)
+    except RuntimeError:
+        if (out / REQUEUE_MARKER).exists():  # spawned ranks stopped for a "preemption"
+            raise SystemExit(REQUEUE_EXIT_CODE) from None
+        raise
     if is_rank0:
         finish(out, results, time.perf_counter() - t0)
 

@@ -16,7 +16,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-REQUEUE_EXIT_CODE = 3  # the batch script requeues the job when the trainer exits with this
+REQUEUE_EXIT_CODE = 3  # the trainer's exit code after a preemption checkpoint
+REQUEUE_MARKER = "requeue.flag"  # written into the run dir after that checkpoint is complete
 
 
 class PreemptionHandler:
