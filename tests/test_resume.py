@@ -1,8 +1,8 @@
 """--resume continues bit-exactly and never trusts a half-written checkpoint.
 
-A 30-step run stopped at step 20 as if preempted (complete checkpoint), with a later save killed mid-write (a partial
-temp directory left behind), must resume from step 20 and end exactly where an uninterrupted
-30-step run ends.
+A 30-step run stopped at step 20 as if preempted (complete checkpoint), with a later save
+killed mid-write (a partial temp directory left behind), must resume from step 20 and end
+exactly where an uninterrupted 30-step run ends.
 """
 
 from __future__ import annotations
