@@ -318,6 +318,8 @@ def analyse(bench: dict[str, Any]) -> dict[str, Any]:
                 "final": {k: [s[f"final_{k}"] for s in sums] for k in KEYS},
                 "val": {k: [s[f"val_{k}"] for s in sums] for k in KEYS},
                 "tokens_per_s": [s["tokens_per_s"] for s in sums],
+                "step_ms": [1e3 * statistics.median(r["step_time_s"] for r in run["rows"][1:])
+                            for run in by_seed.values()],
                 "skipped_steps": sum(s["skipped_steps"] for s in sums),
                 "vs_adamw": compare(by_seed, groups["adamw"]),
             }
@@ -332,7 +334,7 @@ def analyse(bench: dict[str, Any]) -> dict[str, Any]:
 def final_table(table: dict[str, Any], labels: Sequence[str]) -> list[str]:
     """Markdown: final train/val losses per modality (mean ± std over seeds), throughput."""
     lines = ["| optimizer | peak lr | seeds | train image | train text | train overall | "
-             "val image | val text | tokens/s | skipped |",
+             "val image | val text | step ms (median) | skipped |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for label in labels:
         e = table[label]
@@ -340,7 +342,7 @@ def final_table(table: dict[str, Any], labels: Sequence[str]) -> list[str]:
             f"| {name_of(label)} | {e['lr']:g} | {len(e['seeds'])} | "
             + " | ".join(fmt_ms(e["final"][k]) for k in KEYS) + " | "
             + " | ".join(fmt_ms(e["val"][k]) for k in ("image_loss", "text_loss"))
-            + f" | {fmt_ms(e['tokens_per_s'], 0)} | {e['skipped_steps']} |"
+            + f" | {fmt_ms(e['step_ms'], 0)} | {e['skipped_steps']} |"
         )
     return lines
 
@@ -469,10 +471,12 @@ def report(bench: dict[str, Any], res: dict[str, Any], meta: dict[str, Any]) -> 
         "final train loss of the same seed (trailing mean over the same 10% window), per "
         "modality and overall, mean ± std over seeds (> 1: fewer samples than AdamW; AdamW "
         "itself can reach its own final before the last step). Wall-clock ratio: the same with "
-        "cumulative train-step time (forward, backward, communication, optimizer step) on a "
-        "shared 2-core machine, so noisier. '≤x (k/n reached)': some seeds never reached the "
-        "target; their ratio is counted as if reached at the last step (an upper bound); '+' "
-        "on the steps marks the same."
+        "cumulative train-step time (forward, backward, communication, optimizer step); "
+        "'step ms' is the median train-step time of a run. The runs ran one after another on "
+        "a 2-core machine shared with other jobs, so timings moved with the load (see the load "
+        "range above): read wall-clock ratios as rough. '≤x (k/n reached)': some seeds never "
+        "reached the target; their ratio is counted as if reached at the last step (an upper "
+        "bound); '+' on the steps marks the same."
     )
     lines.append("")
     lines.append("AdamW learning-rate grid (base setting):")
@@ -522,7 +526,8 @@ def report(bench: dict[str, Any], res: dict[str, Any], meta: dict[str, Any]) -> 
 def single_seed(entry: dict[str, Any], seed: int) -> dict[str, Any]:
     """An analysis entry restricted to one seed."""
     i = entry["seeds"].index(seed)
-    out = dict(entry, seeds=[seed], tokens_per_s=[entry["tokens_per_s"][i]])
+    out = dict(entry, seeds=[seed], tokens_per_s=[entry["tokens_per_s"][i]],
+               step_ms=[entry["step_ms"][i]])
     for name in ("final", "val"):
         out[name] = {k: [v[i]] for k, v in entry[name].items()}
     for name in ("vs_adamw", "vs_soap"):

@@ -47,6 +47,7 @@ from mlfop_megatron.launch.preemption import (
     REQUEUE_MARKER,
     PreemptionHandler,
 )
+from mlfop_megatron.launch.telemetry import GPUTelemetry
 
 EXAMPLES = Path(__file__).resolve().parent
 if str(EXAMPLES) not in sys.path:
@@ -79,6 +80,11 @@ LEVEL_FIELDS = {
 BASE_COLUMNS = (
     "step", "optimizer", "loss", "image_loss", "text_loss", "tokens_per_s", "grad_norm", "lr",
     "step_time_s", "elapsed_s", "skipped_steps", "modality_cosine",
+)
+# Optimizer-phase wall times (max over ranks) and NVML samples (empty without a GPU).
+TELEMETRY_COLUMNS = (
+    "time_fold_s", "time_update_s", "time_refresh_s", "time_communication_s",
+    "gpu/memory_used_gib", "gpu/utilization_pct", "gpu/power_w",
 )
 VOCAB_MULTIPLE = 64
 Batch = dict[str, Any]
@@ -193,7 +199,11 @@ def fold_levels(spec: RunSpec, dp: int) -> list[int]:
 
 def metric_columns(levels: Sequence[int]) -> list[str]:
     """CSV header: base columns, then beta/s/ratio/cosine of every folding level."""
-    return [*BASE_COLUMNS, *(f"level{j}_{f}" for j in levels for f in LEVEL_FIELDS)]
+    return [
+        *BASE_COLUMNS,
+        *(f"level{j}_{f}" for j in levels for f in LEVEL_FIELDS),
+        *TELEMETRY_COLUMNS,
+    ]
 
 
 def lr_at(step: int, spec: RunSpec) -> float:
@@ -670,6 +680,7 @@ class Run:
     start: float = 0.0
     skipped: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    telemetry: GPUTelemetry = field(default_factory=GPUTelemetry)
 
 
 def setup_run(spec: RunSpec) -> Run:
@@ -704,6 +715,8 @@ def run_step(run: Run, step: int) -> dict[str, Any]:
         "lr": lr_at(step, spec), "step_time_s": dt, "elapsed_s": time.perf_counter() - run.start,
         "skipped_steps": run.skipped, "modality_cosine": cosine,
         **level_columns(run.stats, run.levels),
+        **{k: v for k, v in run.stats.items() if k.startswith("time_")},
+        **run.telemetry.sample(),
     }
 
 

@@ -55,6 +55,9 @@ def test_tp2_blockwise_with_rotation_trains_and_stays_consistent():
     levels = runs[0]["stats"]["levels"]
     assert len(levels) == 2 and levels[0]["beta_mean"] != 0.0  # K=4: levels (1, 2, 4)
     assert -1.0 <= levels[0]["cosine_before"] <= 1.0 and levels[0]["ratio"] > 0
+    stats = runs[0]["stats"]
+    assert stats["time_fold_s"] > 0 and stats["time_update_s"] > 0
+    assert stats["time_communication_s"] >= 0 and stats["time_refresh_s"] > 0
 
 
 def test_pp2_equals_pp1_full_soap():

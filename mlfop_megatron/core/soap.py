@@ -15,6 +15,7 @@ A block whose sides are both identity is plain AdamW (used for 1-D params).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -163,10 +164,12 @@ def soap_step(
     lr: float,
     weight_decay: float,
     grad_rot: torch.Tensor | None = None,
+    timings: dict[str, float] | None = None,
 ) -> bool:
     """One SOAP step on a matrix view ``param`` with gradient ``grad`` (same 2-D shape).
 
-    ``grad_rot`` may pass rot(grad) when the caller already has it (folding computes it).
+    ``grad_rot`` may pass rot(grad) when the caller already has it (folding computes it);
+    ``timings`` (optional) accumulates the refresh wall time under "refresh".
     Returns False on the first, statistics-only step (no parameter change), True otherwise.
     """
     if not state["initialized"]:
@@ -192,5 +195,8 @@ def soap_step(
         param.copy_(target)
     update_factors(state, grad, cfg.factor_beta)
     if t % cfg.precondition_frequency == 0:
+        start = time.perf_counter()
         refresh_bases(state, cfg.refresh_method, counters)
+        if timings is not None:
+            timings["refresh"] = timings.get("refresh", 0.0) + time.perf_counter() - start
     return True

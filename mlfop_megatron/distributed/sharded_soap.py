@@ -8,6 +8,7 @@ This layer uses torch.distributed but knows nothing about Megatron.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,10 @@ from mlfop_megatron.distributed.assignment import (
     ParamSpec,
     make_blocks,
 )
+
+# Optimizer phases timed per engine: folding levels, the SOAP update (incl. the factor update),
+# the basis refresh inside it, and the parameter broadcast.
+PHASES = ("fold", "update", "refresh", "communication")
 
 
 @dataclass
@@ -87,6 +92,8 @@ class ShardedSOAP:
         self.assignment = Assignment.build(make_blocks(specs, blocking), self.world_size)
         self.owned = [self._own(b) for b in self.assignment.blocks_of(self.rank)]
         self.counters = LinalgCounters()
+        # Wall seconds per optimizer phase since the last reset (telemetry; host clock).
+        self.timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self._folder: WindowFolder | None = None
         self.last_diagnostics: list[LevelDiagnostics] = []
 
@@ -126,8 +133,10 @@ class ShardedSOAP:
         if scale != 1.0:
             for s in slices:
                 s.mul_(scale)
+        start = time.perf_counter()
         if self.owned:
             self._folder.fold_level(level, slices)
+        self.timings["fold"] += time.perf_counter() - start
         self._folder.micro_steps = self.schedule.boundaries[level]
 
     def has_window(self) -> bool:
@@ -153,6 +162,7 @@ class ShardedSOAP:
         """Update owned blocks with the folded gradients (times ``grad_scale``), then share."""
         grads, grads_rot = self.window_gradients()
         self.last_diagnostics = self._folder.diagnostics
+        start = time.perf_counter()
         for owned, g, g_rot in zip(self.owned, grads, grads_rot):
             if grad_scale != 1.0:
                 g.mul_(grad_scale)
@@ -167,9 +177,13 @@ class ShardedSOAP:
                 lr=lr,
                 weight_decay=weight_decay,
                 grad_rot=g_rot,
+                timings=self.timings,
             )
+        self.timings["update"] += time.perf_counter() - start
         self._folder = None
+        start = time.perf_counter()
         self.broadcast_params()
+        self.timings["communication"] += time.perf_counter() - start
 
     def discard_window(self) -> None:
         """Drop the folded gradients of a skipped step (state is untouched)."""

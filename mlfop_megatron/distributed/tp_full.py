@@ -9,6 +9,7 @@ TP=1 math; the price is one all-gather per level and a full-size copy of these m
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -74,9 +75,11 @@ class TensorParallelFullSOAP:
 
     def fold_level(self, level: int, level_shards: Sequence[torch.Tensor], scale: float) -> None:
         """All-gather the shards' level gradients and fold the full matrices."""
+        start = time.perf_counter()
         fulls = [
             gather_full(g, d, self.tp_group) for g, d in zip(level_shards, self.partition_dims)
         ]
+        self.engine.timings["communication"] += time.perf_counter() - start
         self.engine.fold_level(level, fulls, scale=scale)
 
     def step(self, lr: float, weight_decay: float, grad_scale: float = 1.0) -> None:

@@ -21,7 +21,7 @@ from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer, Optimiz
 from mlfop_megatron.config import MLFOPConfig
 from mlfop_megatron.core.folding import summarize_level
 from mlfop_megatron.core.levels import LevelSchedule
-from mlfop_megatron.distributed.sharded_soap import ShardedSOAP
+from mlfop_megatron.distributed.sharded_soap import PHASES, ShardedSOAP
 from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP
 
 
@@ -216,7 +216,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         return optimizer_sharded_state_dict(self, is_loading)
 
     def stats(self) -> dict[str, Any]:
-        """Counters and the last window's folding diagnostics, over all ranks (a collective)."""
+        """Counters, folding diagnostics of the last window and phase timings since the last
+        call (max over ranks), reduced over all ranks: a collective."""
         counters = torch.zeros(4, dtype=torch.float64)
         for engine in self.engines:
             c = engine.counters
@@ -234,6 +235,13 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             totals.append(total)
         packed = torch.cat([counters, *totals]) if totals else counters
         dist.all_reduce(packed)
+        # Phase timings since the previous stats() call: the slowest rank decides the step.
+        timings = torch.zeros(len(PHASES), dtype=torch.float64)
+        for engine in self.engines:
+            timings += torch.tensor([engine.timings[k] for k in PHASES], dtype=torch.float64)
+            for k in PHASES:  # reset in place (the TP-full wrapper shares its engine's dict)
+                engine.timings[k] = 0.0
+        dist.all_reduce(timings, op=dist.ReduceOp.MAX)
         world = dist.get_world_size()
         out: dict[str, Any] = {
             "eigh_fp64_retries": int(packed[0]),
@@ -242,6 +250,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             "skipped_steps": int(packed[3]) // world,
             "levels": [],
         }
+        out.update({f"time_{k}_s": float(v) for k, v in zip(PHASES, timings)})
         for j, level in enumerate(range(1, self.schedule.num_levels)):
             chunk = packed[4 + 6 * j : 10 + 6 * j]
             if chunk[5] > 0:  # at least one block was folded at this level
