@@ -9,11 +9,13 @@ Sections of the output:
   1. equal-math check: same init and gradients, parameter drift of each peer vs ours;
   2. step time: amortized mean over whole refresh periods, plain-step and refresh-step medians;
   3. achieved GFLOP/s of our per-step matmuls vs the same matmuls run alone (matmul peak);
+     the basis refresh alone, ours vs pytorch_optimizer on the same state (paired repeats);
   4. fold cost: accumulate() with folding vs plain sum, in units of one basis rotation.
 
-    python benchmarks/step_time.py             # default: hidden 256 and 512, ~3-4 min, 2 cores
+    python benchmarks/step_time.py             # hidden 256 and 512: ~2 min on 2 idle cores
     python benchmarks/step_time.py --quick     # smoke test, < 30 s, does not touch RESULTS.md
-    python benchmarks/step_time.py --hidden 1024 --periods 3   # h=1024 block: ~20 min
+    python benchmarks/step_time.py --hidden 256 512 1024   # adds h=1024: ~15 min
+    python benchmarks/step_time.py --profile 512   # op tables only (torch.profiler)
 
 Requires the bench extra (``pip install -e '.[bench]'``): heavyball and pytorch_optimizer.
 A peer that is not installed is skipped with a note.
@@ -183,7 +185,7 @@ def make_adamw(params: list[torch.Tensor]) -> Contender:
         lambda: False,
         rotations=-1,
         config=f"lr={LR}, betas={BETAS}, eps={EPS}, wd={WD}, foreach={d['foreach']}, "
-        f"fused={d['fused']}",
+        f"fused={d['fused']} (torch defaults: the single-tensor loop on CPU)",
     )
 
 
@@ -316,6 +318,7 @@ class Summary:
     plain_median: float
     plain_p25: float
     plain_p75: float
+    plain_min: float
     refresh_median: float | None
     refreshes: int
 
@@ -342,6 +345,7 @@ def summarize(c: Contender, period: int) -> Summary:
         statistics.median(plain),
         quantile(plain, 0.25),
         quantile(plain, 0.75),
+        min(plain),
         statistics.median(refresh) if refresh else None,
         len(refresh),
     )
@@ -723,7 +727,7 @@ def step_table(results: dict[int, list[Contender]]) -> list[str]:
     """Markdown table of step times and ours/peer ratios."""
     lines = [
         "| hidden | optimizer | mean ms/step (amortized) | period means min-max | "
-        "plain-step median [p25-p75] | refresh-step median | refreshes | "
+        "plain-step median [p25-p75] (min) | refresh-step median | refreshes | "
         "ours/peer mean | ours/peer plain, paired median [p25-p75] |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -738,7 +742,7 @@ def step_table(results: dict[int, list[Contender]]) -> list[str]:
             r_plain = "1" if is_ours else spread(pr)
             lines.append(
                 f"| {hidden} | {c.name} | {ms(s.mean)} | {ms(s.period_lo)}-{ms(s.period_hi)} | "
-                f"{ms(s.plain_median)} [{ms(s.plain_p25)}-{ms(s.plain_p75)}] | "
+                f"{ms(s.plain_median)} [{ms(s.plain_p25)}-{ms(s.plain_p75)}] ({ms(s.plain_min)}) | "
                 f"{ms(s.refresh_median)} | {s.refreshes} | {r_mean} | {r_plain} |"
             )
     return lines
