@@ -52,6 +52,7 @@ if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 import train_digits as td  # noqa: E402
+from results_md import replace_section  # noqa: E402
 
 SECTION = "## Sample efficiency (digits image+text, CPU)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -607,20 +608,7 @@ def machine_line(nproc: int) -> str:
 
 def write_results(path: Path, body: str) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        after = "\n".join(lines[end:])
-        new = "\n".join(lines[:start]) + ("\n" if start else "") + body.rstrip("\n") + "\n"
-        if after:
-            new += "\n" + after + "\n"
-    path.write_text(new)
+    replace_section(path, SECTION, body)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

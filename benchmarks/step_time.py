@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from results_md import replace_section
 
 from mlfop_megatron.core.linalg import LinalgCounters
 from mlfop_megatron.core.soap import refresh_bases, rotate
@@ -819,21 +820,8 @@ def refresh_table(rows: list[dict[str, object]]) -> list[str]:
 
 
 def write_results(path: Path, body: str) -> None:
-    """Replace (or append) the step-time section of RESULTS.md, keeping other sections."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        kept_after = "\n".join(lines[end:])
-        new = "\n".join(lines[:start]) + ("\n" if start else "") + body.rstrip("\n") + "\n"
-        if kept_after:
-            new += "\n" + kept_after + "\n"
-    path.write_text(new)
+    """Replace (or append) this benchmark's section of RESULTS.md, keeping the others."""
+    replace_section(path, SECTION, body)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
