@@ -39,8 +39,6 @@ class LevelDiagnostics:
     n_h: int
     s: torch.Tensor
     beta: torch.Tensor
-    cosine: torch.Tensor
-    ratio: torch.Tensor
     sums: torch.Tensor
 
     def totals(self) -> torch.Tensor:
@@ -171,7 +169,7 @@ class WindowFolder:
         if self.cfg.diagnostics:
             self.diagnostics.append(
                 LevelDiagnostics(
-                    level, n_z, n_h, coef.s, coef.beta, coef.cosine, coef.ratio, coef.sums
+                    level, n_z, n_h, coef.s, coef.beta, coef.sums
                 )
             )
 

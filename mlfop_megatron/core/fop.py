@@ -39,9 +39,7 @@ class FoldCoefficients:
     ch: torch.Tensor
     s: torch.Tensor
     beta: torch.Tensor
-    cosine: torch.Tensor  # Euclidean cosine between z and h (before the fold)
-    ratio: torch.Tensor  # ||d|| / ||a||, the variance ratio
-    sums: torch.Tensor  # phase-1 sums [n, 5], kept for aggregated diagnostics
+    sums: torch.Tensor  # phase-1 sums [n, 5]: the diagnostics (cosine, ratio) derive from them
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -117,13 +115,7 @@ def fold_coefficients(
     keep = 1.0 - beta * s
     cz = keep * wz + beta
     ch = keep * wh - beta
-    aa, ad, dd = sums1[:, AA], sums1[:, AD], sums1[:, DD]
-    zh = aa + (wh - wz) * ad - wz * wh * dd
-    zz = aa + 2 * wh * ad + wh * wh * dd
-    hh = aa - 2 * wz * ad + wz * wz * dd
-    cosine = zh / (zz * hh).clamp_min(1e-300).sqrt()
-    ratio = dd.sqrt() / aa.clamp_min(1e-300).sqrt()
-    return FoldCoefficients(cz, ch, s, beta, cosine, ratio, sums1)
+    return FoldCoefficients(cz, ch, s, beta, sums1)
 
 
 def apply_fold(
