@@ -1,7 +1,8 @@
-"""Shared helper of the benchmark scripts: replace one '## ' section of RESULTS.md in place."""
+"""Shared helpers of the benchmark scripts: RESULTS.md sections and machine facts."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 
@@ -21,3 +22,14 @@ def replace_section(path: Path, section: str, body: str) -> None:
         if after:
             new += "\n" + after + "\n"
     path.write_text(new)
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (the machine architecture where unavailable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

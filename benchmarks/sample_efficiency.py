@@ -52,7 +52,7 @@ if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 import train_digits as td  # noqa: E402
-from results_md import replace_section  # noqa: E402
+from results_md import cpu_model, replace_section  # noqa: E402
 
 SECTION = "## Sample efficiency (digits image+text, CPU)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -591,14 +591,7 @@ def machine_line(nproc: int) -> str:
     """nproc, CPU model, torch / megatron-core / Python versions, load average now."""
     import torch
 
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     threads = max(1, (os.cpu_count() or 1) // nproc)
     return (f"nproc {os.cpu_count()} ({cpu}), {nproc} gloo ranks x {threads} "

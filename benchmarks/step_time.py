@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from results_md import replace_section
+from results_md import cpu_model, replace_section
 
 from mlfop_megatron.core.linalg import LinalgCounters
 from mlfop_megatron.core.soap import refresh_bases, rotate
@@ -706,14 +706,7 @@ def gemm_rate(n: int = 2048, repeats: int = 3) -> float:
 
 def machine_line(threads: int) -> str:
     """Machine facts for the report."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{cpu}, nproc={os.cpu_count()}, torch {torch.__version__}, "
