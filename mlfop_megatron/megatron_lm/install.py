@@ -1,0 +1,173 @@
+"""Runtime install of ML-FOP-SOAP into Megatron-LM's training setup (no source patch needed).
+
+``install()`` wraps four functions of ``megatron.training.training`` (Megatron-LM core_v0.16.x);
+each wrapper does nothing new unless the run was started with ``--optimizer mlfop_soap``:
+
+* ``get_model``: validates the Megatron-LM flags against ML-FOP-SOAP, then makes the model
+  wrapper ``FoldingDistributedDataParallel`` (level boundaries become gradient sync points);
+* ``get_megatron_optimizer_config``: builds Megatron's Adam config (lr, weight decay, clipping
+  and the Adam settings of the non-matrix params) exactly as for ``--optimizer adam``;
+* ``get_megatron_optimizer``: returns :func:`get_mlfop_optimizer` built from the ``--mlfop-*``
+  flags, with ``accumulation_steps`` = the run's number of micro-batches per step;
+* ``training_log``: every ``--mlfop-stats-interval`` iterations logs the fold diagnostics and
+  the optimizer phase timings to Megatron-LM's tensorboard writer and prints a summary line.
+
+``patches/`` carries the same change as a source patch for users who prefer that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from mlfop_megatron.megatron_lm.arguments import (
+    add_mlfop_args,
+    chain_args_providers,
+    mlfop_config_from_args,
+    uses_mlfop,
+    validate_megatron_args,
+)
+
+SUPPORTED_MEGATRON_LM = "core_v0.16.0 - core_v0.16.1 (tested: core_v0.16.1)"
+_HOOKED = ("DDP", "get_model", "get_megatron_optimizer_config", "get_megatron_optimizer")
+_MARK = "_mlfop_installed"
+
+
+class _Installed:
+    """The optimizer built by the last wrapped get_megatron_optimizer (for stats logging)."""
+
+    optimizer: Any = None
+
+
+def _training_module() -> Any:
+    try:
+        return importlib.import_module("megatron.training.training")
+    except ImportError as err:
+        raise ImportError(
+            "Megatron-LM's training package (megatron.training) is not importable: put a "
+            f"Megatron-LM checkout ({SUPPORTED_MEGATRON_LM}) on PYTHONPATH; megatron-core from "
+            f"PyPI does not contain it ({err})"
+        ) from err
+
+
+def is_installed() -> bool:
+    """True once :func:`install` has wrapped Megatron-LM's training functions."""
+    try:
+        return bool(getattr(importlib.import_module("megatron.training.training"), _MARK, False))
+    except ImportError:
+        return False
+
+
+def build_mlfop_optimizer(config: Any, model_chunks: list[Any], args: argparse.Namespace) -> Any:
+    """Our chained optimizer from Megatron's Adam ``config`` and the ``--mlfop-*`` flags."""
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+    from mlfop_megatron.megatron.factory import get_mlfop_optimizer
+
+    return get_mlfop_optimizer(
+        config,
+        model_chunks,
+        mlfop_config_from_args(args, get_num_microbatches()),
+        sharded=not args.mlfop_replicated_state,
+        block_size=args.mlfop_block_size,
+        tp_mode=args.mlfop_tp_mode,
+    )
+
+
+def _stats_line(stats: dict[str, Any]) -> str:
+    parts = [f"skipped {stats['skipped_steps']}", f"eigh fallbacks {stats['eigh_failures']}"]
+    parts += [f"{k[5:-2]} {v * 1e3:.1f} ms" for k, v in stats.items() if k.startswith("time_")]
+    for level in stats["levels"]:
+        parts.append(f"L{level['level']} beta {level['beta_mean']:+.3f} s {level['s_mean']:.3f}")
+    return "ML-FOP-SOAP | " + " | ".join(parts)
+
+
+def log_stats_if_due(args: argparse.Namespace, iteration: int) -> dict[str, Any] | None:
+    """Collective on all ranks: every N iterations gather optimizer stats and log them."""
+    interval = args.mlfop_stats_interval
+    if interval is None:
+        interval = args.log_interval
+    if not interval or iteration % interval or _Installed.optimizer is None:
+        return None
+    from megatron.training.utils import print_rank_last
+
+    from mlfop_megatron.megatron.diagnostics_logging import log_optimizer_stats
+
+    stats = _Installed.optimizer.stats()
+    log_optimizer_stats(stats, iteration)
+    print_rank_last(f" iteration {iteration:8d} | {_stats_line(stats)}")
+    return stats
+
+
+def install() -> None:
+    """Wrap Megatron-LM's model/optimizer setup so ``--optimizer mlfop_soap`` uses our plugin.
+
+    Idempotent. Raises if Megatron-LM is not importable or lacks the functions it wraps.
+    """
+    training = _training_module()
+    missing = [name for name in (*_HOOKED, "training_log") if not hasattr(training, name)]
+    if missing:
+        raise RuntimeError(
+            f"megatron.training.training has no {missing}: this Megatron-LM version is not "
+            f"supported by the runtime install (supported: {SUPPORTED_MEGATRON_LM}); use "
+            "patches/ as a guide to adapt it"
+        )
+    if getattr(training, _MARK, False):
+        return
+    from megatron.training.global_vars import get_args
+
+    from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+
+    original: dict[str, Callable[..., Any]] = {
+        name: getattr(training, name) for name in (*_HOOKED, "training_log")
+    }
+
+    def get_model(*a: Any, **kw: Any) -> Any:
+        args = get_args()
+        if uses_mlfop(args):
+            validate_megatron_args(args)
+            training.DDP = FoldingDistributedDataParallel
+        else:
+            training.DDP = original["DDP"]
+        return original["get_model"](*a, **kw)
+
+    def get_megatron_optimizer_config(args: Any) -> Any:
+        if uses_mlfop(args):  # Megatron's Adam config drives lr/wd/clipping and the Adam part
+            return original["get_megatron_optimizer_config"](
+                argparse.Namespace(**{**vars(args), "optimizer": "adam"})
+            )
+        return original["get_megatron_optimizer_config"](args)
+
+    def get_megatron_optimizer(config: Any, model_chunks: list[Any], *a: Any, **kw: Any) -> Any:
+        args = get_args()
+        if not uses_mlfop(args):
+            return original["get_megatron_optimizer"](config, model_chunks, *a, **kw)
+        # config_overrides (Megatron's per-param lr/wd rules) are replaced by our own split:
+        # matrices -> ML-FOP-SOAP, embeddings/output -> Adam with decay, vectors -> no decay.
+        _Installed.optimizer = build_mlfop_optimizer(config, model_chunks, args)
+        return _Installed.optimizer
+
+    def training_log(*a: Any, **kw: Any) -> Any:
+        result = original["training_log"](*a, **kw)
+        args = get_args()
+        if uses_mlfop(args):
+            iteration = kw["iteration"] if "iteration" in kw else a[3]
+            log_stats_if_due(args, iteration)
+        return result
+
+    training.get_model = get_model
+    training.get_megatron_optimizer_config = get_megatron_optimizer_config
+    training.get_megatron_optimizer = get_megatron_optimizer
+    training.training_log = training_log
+    setattr(training, _MARK, True)
+
+
+def pretrain(*args: Any, extra_args_provider: Any = None, **kwargs: Any) -> Any:
+    """``megatron.training.pretrain`` with ML-FOP-SOAP installed and its flags added."""
+    install()
+    from megatron.training import pretrain as megatron_pretrain
+
+    provider = chain_args_providers(add_mlfop_args, extra_args_provider)
+    return megatron_pretrain(*args, extra_args_provider=provider, **kwargs)

@@ -1,0 +1,183 @@
+"""The Megatron-LM argument provider: flags reach the config, bad values fail with the flag name.
+
+These run without Megatron-LM's source (pure argparse); tests/test_megatron_lm_entry.py runs the
+provider inside Megatron-LM's own parse_args where a checkout is available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import pytest
+
+from mlfop_megatron.config import FoldingConfig, SOAPConfig
+from mlfop_megatron.megatron_lm import (
+    add_mlfop_args,
+    chain_args_providers,
+    install,
+    mlfop_config_from_args,
+    validate_megatron_args,
+)
+
+
+def megatron_like_parser() -> argparse.ArgumentParser:
+    """A parser that already has an --optimizer with choices, as Megatron-LM's does."""
+    parser = argparse.ArgumentParser(prog="pretrain", allow_abbrev=False)
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    return add_mlfop_args(parser)
+
+
+def test_provider_adds_optimizer_choice_and_keeps_existing_ones():
+    parser = megatron_like_parser()
+    assert parser.parse_args(["--optimizer", "mlfop_soap"]).optimizer == "mlfop_soap"
+    assert parser.parse_args(["--optimizer", "sgd"]).optimizer == "sgd"
+    standalone = add_mlfop_args(argparse.ArgumentParser())
+    assert standalone.parse_args(["--optimizer", "mlfop_soap"]).optimizer == "mlfop_soap"
+
+
+def test_chained_provider_applies_user_provider_too():
+    def user(parser):
+        parser.add_argument("--my-flag", type=int, default=3)
+        return parser
+
+    parser = chain_args_providers(add_mlfop_args, None, user)(argparse.ArgumentParser())
+    args = parser.parse_args(["--my-flag", "5", "--mlfop-eps", "1e-6"])
+    assert (args.my_flag, args.mlfop_eps) == (5, 1e-6)
+
+
+def test_defaults_give_the_default_config():
+    args = megatron_like_parser().parse_args(["--optimizer", "mlfop_soap"])
+    config = mlfop_config_from_args(args, num_microbatches=4)
+    assert config.soap == SOAPConfig()
+    assert config.folding == FoldingConfig(accumulation_steps=4)
+
+
+def test_every_flag_reaches_its_option():
+    argv = (
+        "--optimizer mlfop_soap --mlfop-beta1 0.9 --mlfop-beta2 0.99 --mlfop-shampoo-beta 0.98 "
+        "--mlfop-eps 1e-7 --mlfop-precondition-frequency 5 --mlfop-max-precond-dim 512 "
+        "--mlfop-refresh-method eigh --mlfop-precondition-1d --mlfop-no-bias-correction "
+        "--mlfop-levels 1,3,8 --mlfop-no-projection --mlfop-fixed-beta 0.5 --mlfop-beta-max none "
+        "--mlfop-fop-eps 1e-20 --mlfop-no-diagnostics --mlfop-replicated-state "
+        "--mlfop-block-size 256 --mlfop-tp-mode full --mlfop-stats-interval 0"
+    ).split()
+    args = megatron_like_parser().parse_args(argv)
+    config = mlfop_config_from_args(args, num_microbatches=8)
+    assert config.soap == SOAPConfig(
+        betas=(0.9, 0.99),
+        shampoo_beta=0.98,
+        eps=1e-7,
+        precondition_frequency=5,
+        max_precond_dim=512,
+        refresh_method="eigh",
+        precondition_1d=True,
+        correct_bias=False,
+    )
+    assert config.folding == FoldingConfig(
+        accumulation_steps=8,
+        boundaries=(1, 3, 8),
+        project=False,
+        fixed_beta=0.5,
+        beta_max=None,
+        fop_eps=1e-20,
+        diagnostics=False,
+    )
+    assert args.mlfop_replicated_state and args.mlfop_block_size == 256
+    assert args.mlfop_tp_mode == "full" and args.mlfop_stats_interval == 0
+    no_fold = megatron_like_parser().parse_args(["--mlfop-no-folding"])
+    assert not mlfop_config_from_args(no_fold, 2).folding.enabled
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--mlfop-eps", "-1"], "argument --mlfop-eps: must be in (0, inf) (got -1.0)"),
+        (["--mlfop-eps", "abc"], "argument --mlfop-eps: cannot parse 'abc' as a number"),
+        (["--mlfop-beta1", "1.0"], "argument --mlfop-beta1: must be in [0, 1) (got 1.0)"),
+        (["--mlfop-beta2", "-0.1"], "argument --mlfop-beta2: must be in [0, 1)"),
+        (["--mlfop-shampoo-beta", "2"], "argument --mlfop-shampoo-beta: must be in [0, 1)"),
+        (
+            ["--mlfop-precondition-frequency", "0"],
+            "argument --mlfop-precondition-frequency: must be an integer >= 1 (got 0)",
+        ),
+        (
+            ["--mlfop-precondition-frequency", "2.5"],
+            "argument --mlfop-precondition-frequency: cannot parse '2.5' as an integer",
+        ),
+        (["--mlfop-max-precond-dim", "0"], "argument --mlfop-max-precond-dim: must be an integer"),
+        (["--mlfop-refresh-method", "svd"], "argument --mlfop-refresh-method: invalid choice"),
+        (["--mlfop-levels", "2,4"], "argument --mlfop-levels: must be a sequence starting at 1"),
+        (["--mlfop-levels", "1,4,2"], "argument --mlfop-levels: must be strictly increasing"),
+        (["--mlfop-levels", "1;2"], "argument --mlfop-levels: cannot parse '1;2' as comma"),
+        (["--mlfop-beta-max", "0"], "argument --mlfop-beta-max: must be in (0, inf)"),
+        (["--mlfop-fixed-beta", "nan"], "argument --mlfop-fixed-beta: must be a real number"),
+        (["--mlfop-fop-eps=-1e-9"], "argument --mlfop-fop-eps: must be in [0, inf)"),
+        (["--mlfop-block-size", "0"], "argument --mlfop-block-size: must be an integer >= 1"),
+        (["--mlfop-stats-interval", "-1"], "argument --mlfop-stats-interval: must be an integer"),
+        (["--mlfop-tp-mode", "rows"], "argument --mlfop-tp-mode: invalid choice: 'rows'"),
+        (["--optimizer", "soap"], "argument --optimizer: invalid choice: 'soap'"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_flag(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        megatron_like_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_levels_must_end_at_the_microbatch_count():
+    args = megatron_like_parser().parse_args(["--optimizer", "mlfop_soap", "--mlfop-levels", "1,4"])
+    assert mlfop_config_from_args(args, 4).folding.boundaries == (1, 4)
+    with pytest.raises(ValueError, match=r"--mlfop-levels 1,4 must end at the number of micro"):
+        mlfop_config_from_args(args, 8)
+
+
+def megatron_args(**overrides) -> argparse.Namespace:
+    """The Megatron-LM settings validate_megatron_args reads, at values that are allowed."""
+    values = dict(
+        optimizer="mlfop_soap",
+        use_distributed_optimizer=False,
+        fp16=False,
+        bf16=True,
+        accumulate_allreduce_grads_in_fp32=True,
+        virtual_pipeline_model_parallel_size=None,
+        rampup_batch_size=None,
+        use_torch_fsdp2=False,
+        use_megatron_fsdp=False,
+        decoupled_lr=None,
+        optimizer_cpu_offload=False,
+    )
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (dict(use_distributed_optimizer=True), "--use-distributed-optimizer cannot be combined"),
+        (dict(fp16=True, bf16=False), "--fp16 is not supported"),
+        (dict(accumulate_allreduce_grads_in_fp32=False), "add --accumulate-allreduce-grads"),
+        (dict(virtual_pipeline_model_parallel_size=2), "virtual pipeline stages"),
+        (dict(rampup_batch_size=["16", "16", "1000"]), "drop --rampup-batch-size"),
+        (dict(use_torch_fsdp2=True), "FSDP (--use-torch-fsdp2 / --use-megatron-fsdp)"),
+        (dict(decoupled_lr=1e-3), "--decoupled-lr is not supported"),
+        (dict(optimizer_cpu_offload=True), "--optimizer-cpu-offload is not supported"),
+    ],
+)
+def test_megatron_flags_incompatible_with_mlfop(overrides, expected):
+    validate_megatron_args(megatron_args())  # the base settings pass
+    with pytest.raises(ValueError) as exc:
+        validate_megatron_args(megatron_args(**overrides))
+    assert expected in str(exc.value)
+    # Other optimizers are not our business.
+    validate_megatron_args(megatron_args(optimizer="adam", **overrides))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("megatron.training") is not None,
+    reason="Megatron-LM is importable here; tests/test_megatron_lm_entry.py covers install()",
+)
+def test_install_without_megatron_lm_says_what_to_do():
+    with pytest.raises(ImportError, match=r"put a Megatron-LM checkout .* on PYTHONPATH"):
+        install()
