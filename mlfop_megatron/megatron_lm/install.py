@@ -84,18 +84,24 @@ def _stats_line(stats: dict[str, Any]) -> str:
     return "ML-FOP-SOAP | " + " | ".join(parts)
 
 
-def log_stats_if_due(args: argparse.Namespace, iteration: int) -> dict[str, Any] | None:
-    """Collective on all ranks: every N iterations gather optimizer stats and log them."""
+def log_stats_if_due(
+    args: argparse.Namespace, iteration: int, optimizer: Any = None
+) -> dict[str, Any] | None:
+    """Collective on all ranks: every N iterations gather optimizer stats and log them.
+
+    ``optimizer`` defaults to the one the runtime install built (the patch passes its own).
+    """
+    optimizer = optimizer if optimizer is not None else _Installed.optimizer
     interval = args.mlfop_stats_interval
     if interval is None:
         interval = args.log_interval
-    if not interval or iteration % interval or _Installed.optimizer is None:
+    if not interval or iteration % interval or optimizer is None:
         return None
     from megatron.training.utils import print_rank_last
 
     from mlfop_megatron.megatron.diagnostics_logging import log_optimizer_stats
 
-    stats = _Installed.optimizer.stats()
+    stats = optimizer.stats()
     log_optimizer_stats(stats, iteration)
     print_rank_last(f" iteration {iteration:8d} | {_stats_line(stats)}")
     return stats

@@ -1,0 +1,152 @@
+"""patches/: the Megatron-LM source patch applies to the version it names and works there.
+
+Megatron-LM's source is not on PyPI (megatron-core's wheel and sdist carry only megatron/core),
+so the apply test needs a checkout: set MEGATRON_LM_DIR to Megatron-LM at core_v0.16.1. Without
+one only the checks that need no Megatron-LM source run: the patch is a well-formed git patch
+touching the expected files, and every mlfop_megatron function it calls exists and accepts the
+arguments the patch passes (so renaming our API cannot silently break the patch).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlfop_megatron.megatron_lm import SUPPORTED_MEGATRON_LM
+
+REPO = Path(__file__).resolve().parents[1]
+PATCH = REPO / "patches" / "megatron-lm-core_v0.16.1-mlfop-soap.patch"
+BASE_TAG = "core_v0.16.1"
+TOUCHED = ("megatron/training/arguments.py", "megatron/training/training.py")
+# Megatron-LM packages the patched training code imports (megatron/core comes from the wheel).
+TRAINING_PACKAGES = ("training", "legacy", "rl", "post_training")
+SOURCE = os.environ.get("MEGATRON_LM_DIR")
+needs_source = pytest.mark.skipif(
+    not SOURCE,
+    reason=f"Megatron-LM {BASE_TAG} source not available (not on PyPI): set MEGATRON_LM_DIR",
+)
+
+
+def added_lines() -> list[str]:
+    return [
+        line[1:]
+        for line in PATCH.read_text().splitlines()
+        if line.startswith("+") and not line.startswith("+++")
+    ]
+
+
+def test_patch_is_a_git_patch_on_the_named_base():
+    text = PATCH.read_text()
+    assert f"Base: Megatron-LM {BASE_TAG}" in text
+    assert BASE_TAG in SUPPORTED_MEGATRON_LM
+    stat = subprocess.run(
+        ["git", "apply", "--numstat", str(PATCH)], capture_output=True, text=True, check=True
+    ).stdout
+    assert sorted(line.split("\t")[2] for line in stat.splitlines()) == sorted(TOUCHED)
+
+
+def test_every_mlfop_call_in_the_patch_matches_our_api():
+    """Imports in the added lines resolve; each call binds to the function's signature."""
+    functions = {}
+    for line in added_lines():
+        match = re.match(r"\s*from (mlfop_megatron[\w.]*) import (\w+)(?: as (\w+))?", line)
+        if match:
+            module, name, alias = match.groups()
+            functions[alias or name] = getattr(importlib.import_module(module), name)
+    assert {"add_mlfop_args", "validate_megatron_args"} <= set(functions)
+    assert {"build_mlfop_optimizer", "log_stats_if_due", "DP"} <= set(functions)
+    calls = 0
+    for line in added_lines():
+        stripped = line.strip()
+        if not re.match(r"^(\w+ = |return )?\w+\(.*\)$", stripped):
+            continue
+        call = ast.parse(stripped).body[0]
+        node = call.value if isinstance(call, (ast.Expr, ast.Assign, ast.Return)) else None
+        if not isinstance(node, ast.Call) or node.func.id not in functions:
+            continue
+        signature = inspect.signature(functions[node.func.id])
+        signature.bind(*node.args, **{k.arg: None for k in node.keywords})  # raises if wrong
+        calls += 1
+    assert calls >= 4  # add_mlfop_args, validate_megatron_args, build_..., log_stats_if_due
+
+
+@pytest.fixture(scope="module")
+def patched_tree(tmp_path_factory) -> Path:
+    """Megatron-LM's training packages from MEGATRON_LM_DIR with the patch applied."""
+    source = Path(SOURCE)
+    tree = tmp_path_factory.mktemp("megatron-lm")
+    for package in TRAINING_PACKAGES:
+        shutil.copytree(source / "megatron" / package, tree / "megatron" / package)
+    for path in TOUCHED:  # exactly the files of the named base (git blob ids in the patch)
+        blob = subprocess.run(
+            ["git", "hash-object", str(tree / path)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        pre_image = re.search(
+            rf"diff --git a/{re.escape(path)} .*?\nindex (\w+)\.\.", PATCH.read_text(), re.S
+        ).group(1)
+        assert blob.startswith(pre_image), f"{path} in {source} is not Megatron-LM {BASE_TAG}"
+    check = subprocess.run(
+        ["git", "apply", "--check", "-v", str(PATCH)], cwd=tree, capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+    subprocess.run(["git", "apply", str(PATCH)], cwd=tree, check=True)
+    return tree
+
+
+PARSE = (
+    "from megatron.training.arguments import parse_args, validate_args\n"
+    "args = parse_args()\n"
+    "validate_args(args)\n"
+    "print('PARSED', args.optimizer, args.mlfop_eps, args.mlfop_levels)\n"
+)
+BASE_ARGS = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+    "--max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 8 --train-iters 10 "
+    "--lr 1e-3"
+).split()
+
+
+def run_megatron_parse(tree: Path, *flags: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(tree), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", PARSE, *BASE_ARGS, *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@needs_source
+def test_patched_megatron_lm_parses_and_validates_mlfop_flags(patched_tree):
+    ok = run_megatron_parse(patched_tree, "--optimizer", "mlfop_soap", "--mlfop-levels", "1,2,4")
+    assert "No module named" not in ok.stderr, (
+        "Megatron-LM's training code needs extra packages: pip install '.[megatron-lm]'\n"
+        + ok.stderr[-2000:]
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "PARSED mlfop_soap 1e-08 (1, 2, 4)" in ok.stdout
+
+    bad = run_megatron_parse(patched_tree, "--optimizer", "mlfop_soap", "--mlfop-beta1", "1.5")
+    assert bad.returncode == 2
+    assert "argument --mlfop-beta1: must be in [0, 1) (got 1.5)" in bad.stderr
+
+    distopt = run_megatron_parse(
+        patched_tree, "--optimizer", "mlfop_soap", "--use-distributed-optimizer"
+    )
+    assert distopt.returncode != 0
+    assert "--use-distributed-optimizer cannot be combined with --optimizer mlfop_soap" in (
+        distopt.stderr
+    )
+    # Other optimizers are untouched by the patch.
+    adam = run_megatron_parse(patched_tree, "--optimizer", "adam", "--use-distributed-optimizer")
+    assert adam.returncode == 0, adam.stderr[-3000:]
