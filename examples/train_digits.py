@@ -600,8 +600,8 @@ def save_checkpoint(
         meta = {"step": step, "optimizer": name, "world_size": dist.get_world_size(),
                 "tp": spec.tp, "pp": spec.pp}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
+        if final.exists():  # else .old (if any) is the latest complete one: keep it until
+            shutil.rmtree(old, ignore_errors=True)  # the new checkpoint is in place
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -610,10 +610,16 @@ def save_checkpoint(
 
 
 def load_checkpoint(out: Path, name: str, model: Any, optimizer: Any) -> int:
-    """Load this rank's part of checkpoint/<name>/ (if complete); returns its step, else 0."""
-    final = out / "checkpoint" / name
-    if not (final / "meta.json").exists():
+    """Load this rank's part of the latest complete checkpoint; returns its step, else 0.
+
+    checkpoint/<name>/ is the latest; a save killed between its two renames leaves only the
+    previous one, as .<name>.old/. A folder without meta.json (written last) is never used.
+    """
+    root = out / "checkpoint"
+    complete = [d for d in (root / name, root / f".{name}.old") if (d / "meta.json").exists()]
+    if not complete:
         return 0
+    final = complete[0]
     meta = json.loads((final / "meta.json").read_text())
     if meta["world_size"] != dist.get_world_size():
         raise SystemExit(
