@@ -9,8 +9,9 @@ each wrapper does nothing new unless the run was started with ``--optimizer mlfo
   and the Adam settings of the non-matrix params) exactly as for ``--optimizer adam``;
 * ``get_megatron_optimizer``: returns :func:`get_mlfop_optimizer` built from the ``--mlfop-*``
   flags, with ``accumulation_steps`` = the run's number of micro-batches per step;
-* ``training_log``: every ``--mlfop-stats-interval`` iterations logs the fold diagnostics and
-  the optimizer phase timings to Megatron-LM's tensorboard writer and prints a summary line.
+* ``training_log``: every ``--mlfop-stats-interval`` iterations logs the fold diagnostics, the
+  optimizer phase timings (fold, factor update, refresh, communication) and NVML GPU memory /
+  utilisation / power (max over ranks) to Megatron-LM's tensorboard writer and prints a line.
 
 ``patches/`` carries the same change as a source patch for users who prefer that.
 """
@@ -39,6 +40,7 @@ class _Installed:
     """The optimizer built by the last wrapped get_megatron_optimizer (for stats logging)."""
 
     optimizer: Any = None
+    telemetry: Any = None
 
 
 def _training_module() -> Any:
@@ -79,9 +81,33 @@ def build_mlfop_optimizer(config: Any, model_chunks: list[Any], args: argparse.N
 def _stats_line(stats: dict[str, Any]) -> str:
     parts = [f"skipped {stats['skipped_steps']}", f"eigh fallbacks {stats['eigh_failures']}"]
     parts += [f"{k[5:-2]} {v * 1e3:.1f} ms" for k, v in stats.items() if k.startswith("time_")]
+    if "gpu/memory_used_gib_max" in stats:
+        parts.append(
+            f"gpu max {stats['gpu/memory_used_gib_max']:.1f} GiB "
+            f"{stats['gpu/utilization_pct_max']:.0f}% {stats['gpu/power_w_max']:.0f} W"
+        )
     for level in stats["levels"]:
         parts.append(f"L{level['level']} beta {level['beta_mean']:+.3f} s {level['s_mean']:.3f}")
     return "ML-FOP-SOAP | " + " | ".join(parts)
+
+
+def gpu_telemetry_max() -> dict[str, float]:
+    """NVML memory / utilisation / power, max over all ranks (a collective); {} without NVML."""
+    import torch
+    import torch.distributed as dist
+
+    from mlfop_megatron.launch.telemetry import GPUTelemetry
+
+    if _Installed.telemetry is None:
+        _Installed.telemetry = GPUTelemetry()  # says once when telemetry is off
+    sample = _Installed.telemetry.sample()
+    keys = ("gpu/memory_used_gib", "gpu/utilization_pct", "gpu/power_w")
+    values = torch.tensor([sample.get(k, -1.0) for k in keys], dtype=torch.float64)
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            values = values.cuda()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return {f"{k}_max": float(v) for k, v in zip(keys, values.tolist()) if v >= 0}
 
 
 def log_stats_if_due(
@@ -97,13 +123,14 @@ def log_stats_if_due(
         interval = args.log_interval
     if not interval or iteration % interval or optimizer is None:
         return None
-    from megatron.training.utils import print_rank_last
+    import torch.distributed as dist
 
     from mlfop_megatron.megatron.diagnostics_logging import log_optimizer_stats
 
-    stats = optimizer.stats()
+    stats = {**optimizer.stats(), **gpu_telemetry_max()}
     log_optimizer_stats(stats, iteration)
-    print_rank_last(f" iteration {iteration:8d} | {_stats_line(stats)}")
+    if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
+        print(f" iteration {iteration:8d} | {_stats_line(stats)}", flush=True)  # as Megatron-LM
     return stats
 
 
