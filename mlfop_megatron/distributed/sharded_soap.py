@@ -63,6 +63,9 @@ class ShardedSOAP:
     ``group=None`` (or a group of one) keeps every block on this rank (replicated mode).
     ``reduce_group`` sums the FOP inner products of blocks that are shards of one tensor
     (tensor parallelism, blockwise mode): its ranks must hold the same block structure.
+    ``master_params``: indices of params whose owned blocks always keep fp32 main weights,
+    whatever their dtype: their tensors are scratch buffers refilled before each step (FP8
+    primary weights, see ``mlfop_megatron.megatron.fp8``), never the source of truth.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class ShardedSOAP:
         group: dist.ProcessGroup | None = None,
         reduce_group: dist.ProcessGroup | None = None,
         block_size: int | None = None,
+        master_params: Sequence[int] = (),
     ) -> None:
         if not params:
             raise ValueError("ShardedSOAP needs at least one parameter")
@@ -85,6 +89,7 @@ class ShardedSOAP:
         self.schedule = LevelSchedule.from_config(config.folding)
         self.group = group
         self.reduce_group = reduce_group
+        self.master_params = frozenset(master_params)
         self.world_size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         specs = [ParamSpec(n, tuple(p.shape)) for p, n in zip(self.params, self.names)]
@@ -101,7 +106,8 @@ class ShardedSOAP:
         param = self.params[block.param_index]
         layout = BlockLayout(block.rows, block.cols, block.rotate_rows, block.rotate_cols)
         owned = OwnedBlock(block, param, {})
-        master = owned.view(param.detach()) if needs_master(param.dtype) else None
+        keep_master = needs_master(param.dtype) or block.param_index in self.master_params
+        master = owned.view(param.detach()) if keep_master else None
         owned.state.update(init_state(layout, state_dtype(param.dtype), param.device, master))
         return owned
 
@@ -198,9 +204,7 @@ class ShardedSOAP:
             if not blocks:
                 continue
             views = [
-                OwnedBlock(b, self.params[b.param_index], {}).view(
-                    self.params[b.param_index].data
-                )
+                OwnedBlock(b, self.params[b.param_index], {}).view(self.params[b.param_index].data)
                 for b in blocks
             ]
             flat = torch.cat([v.reshape(-1) for v in views])

@@ -11,6 +11,8 @@ from mlfop_megatron.config import MLFOPConfig
 from mlfop_megatron.megatron import compat
 from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+from mlfop_megatron.megatron.fp8 import check_fp8_support, is_quantized
+from mlfop_megatron.megatron.fused_kernels import make_adamw
 from mlfop_megatron.megatron.main_param_adam import MainParamAdamW
 from mlfop_megatron.megatron.naming import canonical_param_names
 from mlfop_megatron.megatron.optimizer import MLFOPChainedOptimizer, MLFOPMegatronOptimizer
@@ -97,6 +99,9 @@ def get_mlfop_optimizer(
             "wrap the model in mlfop_megatron.megatron.FoldingDistributedDataParallel (a "
             f"subclass of Megatron's DistributedDataParallel), got {type(chunk).__name__}"
         )
+    # FP8 (TransformerConfig.fp8 / fp8_param, OptimizerConfig.fp8_recipe, fp8 params) needs
+    # TransformerEngine and a GPU: fail here with the fix rather than deep inside TE.
+    check_fp8_support(getattr(chunk, "config", None), config, list(chunk.parameters()))
     _check_precision(config, chunk)
     soap, adam_decay, adam_no_decay = [], [], []
     names = canonical_param_names(chunk)
@@ -133,14 +138,14 @@ def get_mlfop_optimizer(
         for ps, mult in ((adam_decay, 1.0), (adam_no_decay, 0.0))
         if ps
     ]
-    if groups and config.bf16:
-        chained.append(MainParamAdamW(groups, config))  # fp32 main weights for bf16 params
+    quantized = any(is_quantized(p) for g in groups for p in g["params"])
+    if groups and (config.bf16 or quantized):
+        # fp32 main weights for bf16 (and FP8) params
+        chained.append(MainParamAdamW(groups, config))
     elif groups:
-        adam = torch.optim.AdamW(
-            groups,
-            lr=config.lr,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_eps,
+        # apex FusedAdam on CUDA when apex is installed, torch AdamW otherwise
+        adam = make_adamw(
+            groups, config.lr, (config.adam_beta1, config.adam_beta2), config.adam_eps
         )
         chained.append(FP32Optimizer(adam, config, adam_init_state_fn))
     return MLFOPChainedOptimizer(chained)

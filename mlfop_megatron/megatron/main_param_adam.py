@@ -1,8 +1,11 @@
-"""AdamW on fp32 main weights for the non-matrix params of a bf16 model.
+"""AdamW on fp32 main weights for the non-matrix params of a bf16 (or FP8) model.
 
 Megatron's Float16OptimizerWithFloat16Params only accepts torch.cuda tensors; this optimizer
 does the same job device-agnostically: fp32 main copies of the bf16 params, gradients from
-Megatron's fp32 ``main_grad``, torch AdamW on the main copies, then a copy back to bf16.
+Megatron's fp32 ``main_grad``, AdamW on the main copies (apex FusedAdam on CUDA when apex is
+installed, torch AdamW otherwise), then a copy back (one multi-tensor copy). FP8 params
+(TransformerEngine) are requantized from the main copies with DP-consistent scales instead
+(``mlfop_megatron.megatron.fp8``); Adam state is replicated, so every rank's values agree.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from megatron.core.dist_checkpointing.optimizer import (
 from megatron.core.optimizer import FP32Optimizer, OptimizerConfig
 from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
 
+from mlfop_megatron.megatron import fused_kernels
 from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
+from mlfop_megatron.megatron.fp8 import get_backend
 
 MAIN_PARAM_PREFIX = "optimizer.state.fp32_param"
 
@@ -28,25 +33,28 @@ class MainParamAdamW(FP32Optimizer):
 
     def __init__(self, groups: list[dict[str, Any]], config: OptimizerConfig) -> None:
         self.model_params: list[torch.nn.Parameter] = []
+        self._fp8 = get_backend()
         main_groups = []
         for group in groups:
             mains = []
             for p in group["params"]:
-                main = torch.nn.Parameter(p.detach().float().clone())
+                if self._fp8.is_quantized(p):
+                    value = self._fp8.initial_value(p).float()
+                else:
+                    value = p.detach().float()
+                main = torch.nn.Parameter(value.clone())
                 copy_tensor_model_parallel_attributes(main, p)
                 if hasattr(p, "shared"):
                     main.shared = p.shared
                 self.model_params.append(p)
                 mains.append(main)
             main_groups.append(dict(group, params=mains))
-        adam = torch.optim.AdamW(
-            main_groups,
-            lr=config.lr,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_eps,
+        adam = fused_kernels.make_adamw(
+            main_groups, config.lr, (config.adam_beta1, config.adam_beta2), config.adam_eps
         )
         super().__init__(adam, config, adam_init_state_fn)
         self.main_params = [m for g in main_groups for m in g["params"]]
+        self._quantized = [self._fp8.is_quantized(p) for p in self.model_params]
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
@@ -57,8 +65,18 @@ class MainParamAdamW(FP32Optimizer):
     @torch.no_grad()
     def step_with_ready_grads(self) -> bool:
         ok = super().step_with_ready_grads()
-        for p, main in zip(self.model_params, self.main_params):
-            p.data.copy_(main.data)
+        pairs = list(zip(self.model_params, self.main_params, self._quantized))
+        fused_kernels.copy_(
+            [m.data for _, m, q in pairs if not q], [p.data for p, _, q in pairs if not q]
+        )
+        if any(self._quantized):
+            from megatron.core import parallel_state
+
+            self._fp8.requantize(
+                [p for p, _, q in pairs if q],
+                [m.data for _, m, q in pairs if q],
+                parallel_state.get_data_parallel_group(with_context_parallel=True),
+            )
         return ok
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -67,8 +85,8 @@ class MainParamAdamW(FP32Optimizer):
 
     @torch.no_grad()
     def reload_model_params(self, state_dict: Any = None) -> None:
-        for p, main in zip(self.model_params, self.main_params):
-            main.data.copy_(p.data)
+        for p, main, q in zip(self.model_params, self.main_params, self._quantized):
+            main.data.copy_(self._fp8.current_value(p) if q else p.data)
 
     def state_dict(self) -> dict[str, Any]:
         out = self.optimizer.state_dict()

@@ -23,6 +23,8 @@ from mlfop_megatron.core.folding import summarize_level
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.distributed.sharded_soap import PHASES, ShardedSOAP
 from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP
+from mlfop_megatron.megatron import fused_kernels
+from mlfop_megatron.megatron.fp8 import QuantizedParamShadows
 
 
 class _ParamGroups(torch.optim.Optimizer):
@@ -53,6 +55,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         super().__init__(holder, config)
         self.is_stub_optimizer = False  # Megatron's param_groups property reads this
         self.model_chunks = model_chunks
+        # Device of the reduced scalars: the params' (CUDA on GPU runs, where NCCL cannot
+        # reduce CPU tensors; CPU with gloo).
+        self.device = params[0].device
         self.mlfop_config = mlfop_config
         self.schedule = LevelSchedule.from_config(mlfop_config.folding)
         self.sharded = sharded
@@ -62,6 +67,12 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_group = parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None
         split = [getattr(p, "tensor_model_parallel", False) for p in params]
+        # FP8 primary weights: the engines see high-precision shadows (fp32 main weights on the
+        # owners), requantized into the model params after each step (see megatron/fp8.py).
+        self.fp8 = QuantizedParamShadows(
+            params, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+        params = self.fp8.substitute(params)
         self.engines: list[Any] = []
         # Whether an engine's gradients count towards the global norm on this rank: every
         # gradient must be counted exactly once over DP x TP x PP.
@@ -91,10 +102,12 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                     group=dp_group if sharded else None,
                     reduce_group=tp_group if tp_sharded else None,
                     block_size=block_size,
+                    master_params=[i for i, p in enumerate(ps) if self.fp8.is_shadow(p)],
                 )
                 counts = (sharded or dp_rank == 0) and (tp_sharded or tp_rank == 0)
             self.engines.append(engine)
             self._engine_counts.append(counts)
+        self.fp8.release()  # shadows hold storage only during a step
         self._grad_scale = 1.0
         self.skipped_steps = 0
 
@@ -104,20 +117,22 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         """DDP callback after a level's reduction: fold it, then clear the folded grads."""
         scale = self.schedule.accumulation_steps / level_size
         for engine in self.engines:
-            engine.fold_level(level, [p.main_grad for p in engine.params], scale=scale)
-            for p in engine.params:
-                p.main_grad.zero_()
+            grads = [self.fp8.model_param(p).main_grad for p in engine.params]
+            engine.fold_level(level, grads, scale=scale)
+            # The next level accumulates onto zero: at its boundary main_grad is its own sum
+            # (also with TE's fused wgrad accumulation into main_grad; see megatron/fp8.py).
+            fused_kernels.zero_(grads)
 
     # --------------------------------------------------------------- grad stats
     def local_grad_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of squares, non-finite flag) of this rank's share of the folded gradients."""
-        sq = torch.zeros((), dtype=torch.float64)
-        bad = torch.zeros((), dtype=torch.bool)
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
         for engine, counts in zip(self.engines, self._engine_counts):
             s, b = engine.local_grad_stats()
-            bad = bad | b
+            bad = bad | b.to(self.device)
             if counts:
-                sq = sq + s
+                sq = sq + s.to(self.device)
         return sq, bad
 
     def get_grad_stats_parallel_group(self) -> dist.ProcessGroup:
@@ -129,12 +144,12 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         return math.sqrt(float(sq))
 
     def count_zeros(self) -> float:
-        zeros = torch.zeros((), dtype=torch.float64)
+        zeros = torch.zeros((), dtype=torch.float64, device=self.device)
         for engine, counts in zip(self.engines, self._engine_counts):
             if counts:
                 grads, _ = engine.window_gradients()
                 for g in grads:
-                    zeros += (g == 0).sum()
+                    zeros += (g == 0).sum().to(self.device)
         dist.all_reduce(zeros)
         return float(zeros)
 
@@ -155,8 +170,12 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
 
     def step_with_ready_grads(self) -> bool:
         group = self.optimizer.param_groups[0]
+        if len(self.fp8):
+            self.fp8.materialize()
         for engine in self.engines:
             engine.step(group["lr"], group["weight_decay"], grad_scale=self._grad_scale)
+        if len(self.fp8):
+            self.fp8.commit()  # every DP rank requantizes from identical values
         self._grad_scale = 1.0
         return True
 
@@ -231,9 +250,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             for engine, counts in zip(self.engines, self._engine_counts):
                 for diag in engine.last_diagnostics:
                     if diag.level == level and counts:
-                        total += diag.totals()
+                        total += diag.totals().to(total.device, total.dtype)
             totals.append(total)
-        packed = torch.cat([counters, *totals]) if totals else counters
+        packed = (torch.cat([counters, *totals]) if totals else counters).to(self.device)
         dist.all_reduce(packed)
         # Phase timings since the previous stats() call: the slowest rank decides the step.
         timings = torch.zeros(len(PHASES), dtype=torch.float64)
@@ -241,7 +260,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             timings += torch.tensor([engine.timings[k] for k in PHASES], dtype=torch.float64)
             for k in PHASES:  # reset in place (the TP-full wrapper shares its engine's dict)
                 engine.timings[k] = 0.0
+        timings = timings.to(self.device)
         dist.all_reduce(timings, op=dist.ReduceOp.MAX)
+        packed, timings = packed.cpu(), timings.cpu()
         world = dist.get_world_size()
         out: dict[str, Any] = {
             "eigh_fp64_retries": int(packed[0]),
@@ -270,6 +291,15 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
     def others(self) -> list[MegatronOptimizer]:
         return [o for o in self.chained_optimizers if not isinstance(o, MLFOPMegatronOptimizer)]
 
+    def _device(self) -> torch.device:
+        """Where the reduced scalars live: the params' device (NCCL needs CUDA tensors)."""
+        if self.mlfop:
+            return self.mlfop[0].device
+        for opt in self.others:
+            for p in opt.get_parameters():
+                return p.device
+        return torch.device("cpu")
+
     def _other_grads(self) -> list[torch.Tensor]:
         grads = []
         for opt in self.others:
@@ -279,15 +309,16 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
     @torch.no_grad()
     def _global_stats(self) -> tuple[float, bool]:
         """Global gradient norm and whether any rank saw a non-finite gradient."""
-        sq_ours = torch.zeros((), dtype=torch.float64)
-        bad = torch.zeros((), dtype=torch.bool)
+        device = self._device()
+        sq_ours = torch.zeros((), dtype=torch.float64, device=device)
+        bad = torch.zeros((), dtype=torch.bool, device=device)
         for opt in self.mlfop:
             s, b = opt.local_grad_stats()
-            sq_ours, bad = sq_ours + s, bad | b
-        sq_other = torch.zeros((), dtype=torch.float64)
+            sq_ours, bad = sq_ours + s.to(device), bad | b.to(device)
+        sq_other = torch.zeros((), dtype=torch.float64, device=device)
         for g in self._other_grads():
-            sq_other += g.double().pow(2).sum()
-            bad |= ~torch.isfinite(g).all()
+            sq_other += g.double().pow(2).sum().to(device)
+            bad |= (~torch.isfinite(g).all()).to(device)
         # Non-matrix params are replicated over DP: count them on DP rank 0 only.
         if parallel_state.get_data_parallel_rank() != 0:
             sq_other.zero_()
@@ -308,8 +339,7 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
             coeff = clip / (grad_norm + 1.0e-6)
             for opt in self.mlfop:
                 opt.set_grad_scale(coeff)
-            for g in self._clip_targets():
-                g.mul_(coeff)
+            fused_kernels.scale_(self._clip_targets(), coeff)
         num_zeros = None
         if self.config.log_num_zeros_in_grad:
             num_zeros = sum(opt.count_zeros() for opt in self.mlfop)

@@ -1,0 +1,158 @@
+"""The FP8 primary-weight path on CPU, with FP8 emulated by torch.float8_e4m3fn.
+
+An emulation backend (per-tensor current scaling, amax MAX-reduced over the DP group, a
+"columnwise" copy standing in for TE's transpose cache) replaces TransformerEngine behind
+``mlfop_megatron.megatron.fp8``'s backend interface; everything else is the real path:
+FoldingDistributedDataParallel, level folding from main_grad, sharded SOAP with fp32 main
+weights on the owners only, the owner broadcast into shadows, requantization on every rank.
+The TE backend itself runs in tests/gpu/test_te_fp8.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("megatron.core")
+
+from mlfop_megatron.config import MLFOPConfig  # noqa: E402
+from mlfop_megatron.distributed.sharded_soap import ShardedSOAP  # noqa: E402
+from mlfop_megatron.megatron import fp8  # noqa: E402
+from mlfop_megatron.testing.distributed import run_distributed  # noqa: E402
+
+E4M3_MAX = 448.0
+
+
+class EmulatedFP8:
+    """Plain bf16 params flagged ``emulated_fp8`` whose values are e4m3 codes times 1/scale."""
+
+    requires_transformer_engine = False
+
+    def is_quantized(self, p: torch.Tensor) -> bool:
+        return getattr(p, "emulated_fp8", False)
+
+    def initial_value(self, p: torch.Tensor) -> torch.Tensor:
+        return p.high_precision_init.clone()
+
+    def current_value(self, p: torch.Tensor) -> torch.Tensor:
+        return (p.fp8_codes.float() / p.fp8_scale).to(p.dtype)
+
+    def requantize(self, params, values, group) -> None:
+        amax = torch.stack([v.detach().abs().max().float() for v in values])
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+        for p, v, a in zip(params, values, amax):
+            scale = E4M3_MAX / a.clamp_min(1e-12)
+            p.fp8_codes = (v.float() * scale).to(torch.float8_e4m3fn)
+            p.fp8_scale, p.fp8_amax = scale, a.clone()
+            p.data.copy_(self.current_value(p))
+            p.columnwise = p.fp8_codes.t().contiguous()  # "transpose cache", rebuilt
+
+
+def test_forced_main_weights_for_scratch_params():
+    """A scratch (shadow) param of any dtype keeps fp32 main weights in the SOAP state."""
+    p, q = torch.randn(6, 4), torch.randn(5, 3)
+    engine = ShardedSOAP([p, q], ["p", "q"], MLFOPConfig(), master_params=[1])
+    states = {o.block.param_name: o.state for o in engine.owned}
+    assert "master" not in states["p"]
+    assert states["q"]["master"].dtype == torch.float32
+    assert torch.equal(states["q"]["master"], q)
+
+
+def _train(spec):
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import OptimizerConfig
+
+    from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+    from mlfop_megatron.megatron.factory import get_mlfop_optimizer, is_soap_param
+    from mlfop_megatron.testing.distributed import init_megatron_parallel
+    from mlfop_megatron.testing.tiny_gpt import (
+        TinyGPTConfig,
+        build_tiny_gpt,
+        canonical_param_names,
+        deterministic_init_,
+        global_mean_loss,
+        train_iteration,
+    )
+
+    out = {}
+    for mode in ("bf16", "fp8"):
+        init_megatron_parallel(seed=1234)
+        torch.set_default_dtype(torch.bfloat16)
+        cfg = TinyGPTConfig(dtype=torch.bfloat16)
+        model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
+        deterministic_init_(model, seed=0)
+        names = canonical_param_names(model)
+        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        backend = EmulatedFP8()
+        fp8.set_backend(backend if mode == "fp8" else None)
+        quantized = [
+            p
+            for p in model.parameters()
+            if is_soap_param(names[p], p) or "word_embeddings" in names[p]
+        ]
+        if mode == "fp8":  # like te.fp8_model_init(preserve_high_precision_init_val=True)
+            for p in quantized:
+                p.emulated_fp8 = True
+                p.high_precision_init = p.detach().clone()
+            backend.requantize(quantized, [p.detach().clone() for p in quantized], dp_group)
+        opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, bf16=True)
+        mlfop = MLFOPConfig.from_kwargs(lr=1e-2, precondition_frequency=3, accumulation_steps=4)
+        optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True)
+        losses = []
+        for it in range(spec["iters"]):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            local = train_iteration(model, cfg, it, 4, 1, zero_grad=False)
+            losses.append(global_mean_loss(local))
+            ok, _, _ = optimizer.step()
+            assert ok
+        ours = optimizer.mlfop[0]
+        masters = {
+            engine.block_name(o): o.state["master"].dtype
+            for engine in ours.engines
+            for o in engine.owned
+            if "master" in o.state
+        }
+        out[mode] = {
+            "losses": losses,
+            "params": {names[p]: p.detach().clone() for p in model.parameters()},
+            "masters": masters,
+            "n_blocks": sum(len(e.assignment.blocks) for e in ours.engines),
+            "shadow_numel": [s.numel() for s in ours.fp8.shadows],
+            "n_shadows": len(ours.fp8),
+            "fp8": {
+                names[p]: (p.fp8_amax, p.fp8_scale, p.columnwise.float())
+                for p in quantized
+                if mode == "fp8"
+            },
+        }
+        fp8.set_backend(None)
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+@pytest.mark.distributed
+def test_emulated_fp8_dp2_consistent_scales_sharded_main_weights_and_trains():
+    ranks = run_distributed(_train, 2, {"iters": 4})
+    r0, r1 = ranks[0]["fp8"], ranks[1]["fp8"]
+    # The 2 x 4 SOAP matrices became shadows; the embedding went to Adam's fp32 main weights.
+    assert r0["n_shadows"] == 8 and r0["shadow_numel"] == [0] * 8  # storage only during a step
+    # fp32 main weights exist on the owner of each block only (sharded over DP).
+    assert set(r0["masters"]).isdisjoint(r1["masters"])
+    assert len(r0["masters"]) + len(r1["masters"]) == r0["n_blocks"]
+    assert {torch.float32} == set(r0["masters"].values()) | set(r1["masters"].values())
+    for name, value in r0["params"].items():
+        assert torch.equal(value, r1["params"][name]), name  # every DP rank: same fp8 data
+    for name, (amax, scale, columnwise) in r0["fp8"].items():
+        amax1, scale1, columnwise1 = r1["fp8"][name]
+        assert torch.equal(amax, amax1) and torch.equal(scale, scale1), name
+        assert torch.equal(columnwise, columnwise1), name
+        # The cache matches the values the model computes with.
+        dequant = (columnwise.t() / scale).to(torch.bfloat16)
+        assert torch.equal(dequant, r0["params"][name]), name
+    # Training works and follows the bf16 run (e4m3 weights: ~6% relative rounding).
+    fp8_losses, bf16_losses = r0["losses"], ranks[0]["bf16"]["losses"]
+    assert fp8_losses[-1] < fp8_losses[0] - 0.1
+    for a, b in zip(fp8_losses, bf16_losses):
+        assert abs(a - b) < 0.05 * abs(b), (fp8_losses, bf16_losses)
