@@ -150,3 +150,15 @@ def test_patched_megatron_lm_parses_and_validates_mlfop_flags(patched_tree):
     # Other optimizers are untouched by the patch.
     adam = run_megatron_parse(patched_tree, "--optimizer", "adam", "--use-distributed-optimizer")
     assert adam.returncode == 0, adam.stderr[-3000:]
+
+
+@needs_source
+def test_patched_megatron_lm_trains_without_the_runtime_install(patched_tree):
+    """The patched get_model / setup_model_and_optimizer / train loop alone run mlfop_soap."""
+    from test_megatron_lm_entry import check_ok, losses, run_launcher
+
+    out = check_ok(run_launcher(source=str(patched_tree), MLFOP_RUNTIME_INSTALL="0"))
+    assert f"'megatron.training': '{patched_tree / 'megatron' / 'training'}'" in out
+    assert "ML-FOP-SOAP |" in out  # the patched train loop's log_stats_if_due call
+    logged = losses(out)
+    assert len(logged) >= 2 and logged[max(logged)] < logged[min(logged)], logged

@@ -101,7 +101,9 @@ def fp8_requests(
             out.append(f"TransformerConfig.fp8={transformer_config.fp8!r}")
         if getattr(transformer_config, "fp8_param", False):
             out.append("TransformerConfig.fp8_param=True")
-    if optimizer_config is not None and getattr(optimizer_config, "fp8_recipe", None):
+    # OptimizerConfig.fp8_recipe alone is not a request: Megatron-LM copies the
+    # TransformerConfig default ('delayed') into it on every run, FP8 or not.
+    if out and optimizer_config is not None and getattr(optimizer_config, "fp8_recipe", None):
         out.append(f"OptimizerConfig.fp8_recipe={optimizer_config.fp8_recipe!r}")
     n_fp8 = sum(1 for p in params if is_quantized(p))
     if n_fp8:

@@ -257,16 +257,25 @@ def _optimizer_action(parser: argparse.ArgumentParser) -> argparse.Action | None
     return next((a for a in parser._actions if a.dest == "optimizer"), None)
 
 
-def add_mlfop_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron-LM ``extra_args_provider``: add ``mlfop_soap`` to ``--optimizer`` and the flags.
-
-    On a parser without ``--optimizer`` (standalone use) it adds one.
-    """
+def accept_mlfop_optimizer(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``mlfop_soap`` to ``--optimizer``'s choices (adds the option on a bare parser)."""
     action = _optimizer_action(parser)
     if action is None:
         parser.add_argument("--optimizer", default="adam", choices=["adam", OPTIMIZER_NAME])
     elif action.choices is not None and OPTIMIZER_NAME not in action.choices:
         action.choices = [*action.choices, OPTIMIZER_NAME]
+    return parser
+
+
+def add_mlfop_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron-LM ``extra_args_provider``: add ``mlfop_soap`` to ``--optimizer`` and the flags.
+
+    On a parser without ``--optimizer`` (standalone use) it adds one. Idempotent: a parser
+    that has the flags already (a Megatron-LM patched from patches/) is left as it is.
+    """
+    accept_mlfop_optimizer(parser)
+    if FLAGS[0].name in parser._option_string_actions:
+        return parser
     group = parser.add_argument_group(
         "ML-FOP-SOAP",
         "options of --optimizer mlfop_soap (lr, weight decay, clipping and the "

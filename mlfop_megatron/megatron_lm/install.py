@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mlfop_megatron.megatron_lm.arguments import (
+    accept_mlfop_optimizer,
     add_mlfop_args,
     chain_args_providers,
     mlfop_config_from_args,
@@ -87,7 +88,9 @@ def _stats_line(stats: dict[str, Any]) -> str:
             f"{stats['gpu/utilization_pct_max']:.0f}% {stats['gpu/power_w_max']:.0f} W"
         )
     for level in stats["levels"]:
-        parts.append(f"L{level['level']} beta {level['beta_mean']:+.3f} s {level['s_mean']:.3f}")
+        parts.append(
+            f"L{int(level['level'])} beta {level['beta_mean']:+.3f} s {level['s_mean']:.3f}"
+        )
     return "ML-FOP-SOAP | " + " | ".join(parts)
 
 
@@ -134,6 +137,24 @@ def log_stats_if_due(
     return stats
 
 
+def _accept_optimizer_choice(arguments: Any) -> None:
+    """Add ``mlfop_soap`` to the ``--optimizer`` choices of every Megatron-LM parser.
+
+    ``pretrain`` parses the command line before it uses our extra_args_provider (fault
+    tolerance / in-process restart setup call ``parse_args(ignore_unknown_args=True)`` without
+    it: ft_integration.py:78, inprocess_restart.py:128 at core_v0.16.1). Unknown ``--mlfop-*``
+    flags pass there, but an unknown ``--optimizer`` choice does not.
+    """
+    original = arguments.add_megatron_arguments
+
+    def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser = original(parser)
+        accept_mlfop_optimizer(parser)
+        return parser
+
+    arguments.add_megatron_arguments = add_megatron_arguments
+
+
 def install() -> None:
     """Wrap Megatron-LM's model/optimizer setup so ``--optimizer mlfop_soap`` uses our plugin.
 
@@ -149,6 +170,13 @@ def install() -> None:
         )
     if getattr(training, _MARK, False):
         return
+    arguments = importlib.import_module("megatron.training.arguments")
+    if not hasattr(arguments, "add_megatron_arguments"):
+        raise RuntimeError(
+            "megatron.training.arguments has no add_megatron_arguments: this Megatron-LM "
+            f"version is not supported by the runtime install ({SUPPORTED_MEGATRON_LM})"
+        )
+    _accept_optimizer_choice(arguments)
     from megatron.training.global_vars import get_args
 
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
