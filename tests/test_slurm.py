@@ -64,6 +64,25 @@ def _wait(job: str, until, timeout: float = 400.0) -> dict[str, str]:
     raise AssertionError(f"job {job} timed out in state {_job(job).get('JobState')}")
 
 
+def _wait_requeued_completion(job: str) -> None:
+    """Wait until the requeued job ran again and completed.
+
+    Slurm holds a requeued job (BeginTime) before it is eligible again; we start it early, but
+    only a few seconds after it went back to PENDING: started at once, the new batch step can
+    race the old one's cleanup on the same node ("Job credential revoked").
+    """
+    pending_since: list[float] = []
+
+    def done(info: dict[str, str]) -> bool:
+        if info.get("Restarts", "0") != "0" and info.get("JobState") == "PENDING":
+            pending_since.append(time.monotonic())
+            if time.monotonic() - pending_since[0] > 3.0:
+                subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=False)
+        return info.get("JobState") == "COMPLETED" and info.get("Restarts", "0") != "0"
+
+    _wait(job, done)
+
+
 def _rows(run_dir: Path) -> int:
     path = run_dir / "metrics.csv"
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
@@ -86,13 +105,7 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(tmp_path):
         time.sleep(0.2)
     subprocess.run(["scancel", "--full", "--signal=USR1", job], check=True)
 
-    def completed_after_requeue(info: dict[str, str]) -> bool:
-        # Slurm holds a requeued job (BeginTime) before it is eligible again; start it now.
-        if info.get("Restarts", "0") != "0" and info.get("JobState") == "PENDING":
-            subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=False)
-        return info.get("JobState") == "COMPLETED" and info.get("Restarts", "0") != "0"
-
-    _wait(job, completed_after_requeue)
+    _wait_requeued_completion(job)
     _wait(clean, lambda i: i.get("JobState") == "COMPLETED")
 
     log = Path(f"{preempted_dir}.out").read_text()
@@ -106,3 +119,57 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(tmp_path):
         for key, value in a.items():
             if torch.is_tensor(value):
                 assert torch.equal(value, b[key]), key
+
+
+MEGATRON_ITERS = 40
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MEGATRON_LM_DIR"),
+    reason="Megatron-LM core_v0.16.1 source not available (not on PyPI): set MEGATRON_LM_DIR",
+)
+def test_megatron_lm_job_preempted_requeues_and_resumes_to_the_same_losses(tmp_path):
+    """LAUNCH=megatron-lm: Megatron-LM's pretrain under srun, stopped by the USR1 Slurm sends
+    before the time limit, saves (torch_dist), requeues and resumes to the uninterrupted losses."""
+    from test_megatron_lm_entry import CPU_FLAGS, LOSS_TOL, MODEL, TRAIN, losses
+
+    train = [f if f != "6" else str(MEGATRON_ITERS) for f in TRAIN]  # --train-iters
+    assert f"--train-iters {MEGATRON_ITERS}" in " ".join(train)
+    args = " ".join([*MODEL, *CPU_FLAGS, *train, "--save-interval", "1000"])
+
+    def submit(run_dir: Path) -> str:
+        env = dict(
+            os.environ, RUN_DIR=str(run_dir), MLFOP_MODE="cpu", LAUNCH="megatron-lm",
+            PYTHON=sys.executable, TRAIN_ARGS=args, OMP_NUM_THREADS="1",
+        )
+        cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
+               "--cpus-per-task=1", f"--output={run_dir}.out", "slurm/pretrain.sbatch"]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        return out.stdout.strip().split(";")[0]
+
+    clean_dir, preempted_dir = tmp_path / "clean", tmp_path / "preempted"
+    clean = submit(clean_dir)
+    job = submit(preempted_dir)
+    log_path = Path(f"{preempted_dir}.out")
+    deadline = time.monotonic() + 300
+    while len(losses(log_path.read_text() if log_path.exists() else "")) < 5:
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--full", "--signal=USR1", job], check=True)
+
+    _wait_requeued_completion(job)
+    _wait(clean, lambda i: i.get("JobState") == "COMPLETED")
+    log = log_path.read_text()
+    match = re.search(r"stopped at iteration (\d+): exiting for requeue", log)
+    assert match and 0 < int(match.group(1)) < MEGATRON_ITERS, log[-4000:]
+    stopped = int(match.group(1))
+    assert "restart 1" in log and "asked for a requeue" in log
+    assert f"successfully loaded checkpoint from {preempted_dir / 'checkpoints'}" in log
+    ref = losses(Path(f"{clean_dir}.out").read_text())
+    assert sorted(ref) == list(range(1, MEGATRON_ITERS + 1))
+    # Second run of the preempted job: iterations after the checkpoint, as in the clean run.
+    resumed = losses(log[log.index("restart 1") :])
+    assert sorted(resumed) == list(range(stopped + 1, MEGATRON_ITERS + 1)), resumed
+    for it, value in resumed.items():
+        assert value == pytest.approx(ref[it], abs=LOSS_TOL), (it, value, ref[it])
+

@@ -219,6 +219,46 @@ def train_valid_test_datasets_provider(train_val_test_num_samples: list[int]) ->
 train_valid_test_datasets_provider.is_distributed = True
 
 
+def stopped_before_the_end() -> int | None:
+    """Latest saved iteration if the run stopped before --train-iters (signal, time limit).
+
+    Megatron-LM exits its training loop early on ``--exit-signal-handler`` (after saving a
+    checkpoint), ``--exit-duration-in-mins`` or ``--exit-interval``; its tracker file
+    ``latest_checkpointed_iteration.txt`` is written only after a save completed, so a
+    checkpoint it names is complete and is what ``--load`` resumes from.
+    """
+    from megatron.training.global_vars import get_args
+
+    args = get_args()
+    if not args.save or not args.train_iters:
+        return None
+    tracker = os.path.join(args.save, "latest_checkpointed_iteration.txt")
+    if not os.path.exists(tracker):
+        return None
+    text = open(tracker).read().strip()
+    saved = int(text) if text.isdigit() else None
+    return saved if saved is not None and saved < args.train_iters else None
+
+
+def exit_for_requeue_if_stopped_early(exit_code: int) -> None:
+    """Under slurm/pretrain.sbatch: a run that stopped early asks the batch script to requeue.
+
+    Writes ``$MLFOP_REQUEUE_MARKER`` (rank 0) and exits with the requeue code, as the digits
+    demo does; the requeued job then resumes with ``--load``.
+    """
+    from mlfop_megatron.launch.preemption import REQUEUE_EXIT_CODE
+
+    saved = stopped_before_the_end() if exit_code == 0 else None
+    if saved is None:
+        raise SystemExit(exit_code)
+    marker = os.environ.get("MLFOP_REQUEUE_MARKER")
+    if marker and os.environ.get("RANK", "0") == "0":
+        with open(marker, "w") as fh:
+            fh.write(f"{saved}\n")
+    print(f"[pretrain_gpt_mlfop] stopped at iteration {saved}: exiting for requeue", flush=True)
+    raise SystemExit(REQUEUE_EXIT_CODE)
+
+
 def main() -> None:
     if os.environ.get("RANK", "0") != "0":
         import warnings
@@ -244,13 +284,16 @@ def main() -> None:
             m.__name__: os.path.dirname(m.__file__) for m in (megatron.training, megatron.core)
         }
         print(f"[pretrain_gpt_mlfop] using {where}", flush=True)
-    pretrain(
-        train_valid_test_datasets_provider,
-        model_provider,
-        ModelType.encoder_or_decoder,
-        forward_step,
-        extra_args_provider=add_mlfop_args,
-    )
+    try:
+        pretrain(
+            train_valid_test_datasets_provider,
+            model_provider,
+            ModelType.encoder_or_decoder,
+            forward_step,
+            extra_args_provider=add_mlfop_args,
+        )
+    except SystemExit as stop:  # Megatron-LM's early exit (signal, time limit) calls sys.exit
+        exit_for_requeue_if_stopped_early(stop.code or 0)
 
 
 if __name__ == "__main__":
