@@ -20,6 +20,7 @@ setup: $(VENV)/.installed
 
 lint: setup
 	$(VENV)/bin/ruff check mlfop_megatron tests examples benchmarks
+	$(VENV)/bin/ruff format --check mlfop_megatron tests examples benchmarks
 
 test: setup lint
 	$(VPY) -m pytest -q -p no:cacheprovider

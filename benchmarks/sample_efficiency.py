@@ -89,8 +89,17 @@ class Plan:
 
 
 FULL = Plan()
-SMOKE = Plan(steps=16, global_batch=16, micro_batch=2, layers=2, hidden=32, seeds=(0, 1),
-             large_seeds=(0,), adamw_grid=(5e-3, 1e-2), log_every=8)
+SMOKE = Plan(
+    steps=16,
+    global_batch=16,
+    micro_batch=2,
+    layers=2,
+    hidden=32,
+    seeds=(0, 1),
+    large_seeds=(0,),
+    adamw_grid=(5e-3, 1e-2),
+    log_every=8,
+)
 
 
 @dataclass(frozen=True)
@@ -116,9 +125,17 @@ def log(msg: str) -> None:
 def base_spec(plan: Plan, out: Path, nproc: int) -> td.RunSpec:
     """RunSpec of the base setting (optimizer, lr, seed filled in per job)."""
     return td.RunSpec(
-        optimizer="adamw", out=str(out), steps=plan.steps, global_batch=plan.global_batch,
-        micro_batch=plan.micro_batch, lr=0.0, seed=0, num_layers=plan.layers,
-        hidden=plan.hidden, diag_every=0, threads=max(1, (os.cpu_count() or 1) // nproc),
+        optimizer="adamw",
+        out=str(out),
+        steps=plan.steps,
+        global_batch=plan.global_batch,
+        micro_batch=plan.micro_batch,
+        lr=0.0,
+        seed=0,
+        num_layers=plan.layers,
+        hidden=plan.hidden,
+        diag_every=0,
+        threads=max(1, (os.cpu_count() or 1) // nproc),
         log_every=plan.log_every,
     )
 
@@ -126,8 +143,12 @@ def base_spec(plan: Plan, out: Path, nproc: int) -> td.RunSpec:
 def large_spec(spec: td.RunSpec, plan: Plan) -> td.RunSpec:
     """Same samples, large_factor x global batch by accumulation, large_factor x fewer steps."""
     every = max(1, plan.log_every // plan.large_factor)
-    return replace(spec, global_batch=spec.global_batch * plan.large_factor,
-                   steps=spec.steps // plan.large_factor, log_every=every)
+    return replace(
+        spec,
+        global_batch=spec.global_batch * plan.large_factor,
+        steps=spec.steps // plan.large_factor,
+        log_every=every,
+    )
 
 
 def make_job(setting: str, label: str, spec: td.RunSpec, out: Path) -> Job:
@@ -143,8 +164,10 @@ def run_job(job: Job, nproc: int, resume: bool, index: str) -> dict[str, Any]:
     out = Path(job.spec.out)
     saved = out / "result.json"
     s = job.spec
-    what = (f"{job.setting} {job.label} lr {s.lr:g} seed {s.seed}: {s.steps} steps x "
-            f"global batch {s.global_batch} (micro {s.micro_batch} x {nproc} ranks)")
+    what = (
+        f"{job.setting} {job.label} lr {s.lr:g} seed {s.seed}: {s.steps} steps x "
+        f"global batch {s.global_batch} (micro {s.micro_batch} x {nproc} ranks)"
+    )
     if resume and saved.exists():
         log(f"{index} reuse {what}")
         return json.loads(saved.read_text())
@@ -154,16 +177,21 @@ def run_job(job: Job, nproc: int, resume: bool, index: str) -> dict[str, Any]:
     res = run_distributed(td.train_worker, nproc, s, timeout=7200.0, threads=s.threads)[0]
     keep = ("step", "loss", "image_loss", "text_loss", "step_time_s", "tokens_per_s")
     result = {
-        "setting": job.setting, "label": job.label, "spec": asdict(s),
-        "wall_s": time.perf_counter() - t0, "summary": res["summary"],
+        "setting": job.setting,
+        "label": job.label,
+        "spec": asdict(s),
+        "wall_s": time.perf_counter() - t0,
+        "summary": res["summary"],
         "load": [load0, os.getloadavg()[0]],
         "rows": [{k: r[k] for k in keep} for r in res["rows"]],
     }
     saved.write_text(json.dumps(result, default=td.clean))
     sm = result["summary"]
-    log(f"{index} done in {result['wall_s']:.0f} s: final loss {sm['final_loss']:.4f} "
+    log(
+        f"{index} done in {result['wall_s']:.0f} s: final loss {sm['final_loss']:.4f} "
         f"(img {sm['final_image_loss']:.4f}, txt {sm['final_text_loss']:.4f}); val img "
-        f"{sm['val_image_loss']:.4f}, txt {sm['val_text_loss']:.4f}")
+        f"{sm['val_image_loss']:.4f}, txt {sm['val_text_loss']:.4f}"
+    )
     return result
 
 
@@ -177,9 +205,14 @@ def run_benchmark(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     """All runs: AdamW lr grid, base setting x seeds, large batch x seeds, ablations."""
     out, n = Path(args.out), args.nproc
     base = base_spec(plan, out, n)
-    total = (len(plan.adamw_grid) + (len(plan.seeds) - 1) + 2 * len(plan.seeds)
-             + 3 * len(plan.large_seeds) + (3 if plan.ablations else 0)
-             + (2 * len(plan.large_seeds) if plan.lr_control else 0))
+    total = (
+        len(plan.adamw_grid)
+        + (len(plan.seeds) - 1)
+        + 2 * len(plan.seeds)
+        + 3 * len(plan.large_seeds)
+        + (3 if plan.ablations else 0)
+        + (2 * len(plan.large_seeds) if plan.lr_control else 0)
+    )
     count = iter(range(1, total + plan.grid_extensions + 1))
 
     def go(job: Job) -> dict[str, Any]:
@@ -216,11 +249,14 @@ def run_benchmark(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             spec = large_spec(replace(base, optimizer=name, lr=lrs[name], seed=seed), plan)
             runs.append(go(make_job("large", name, spec, out)))
     if plan.ablations:
-        mlfop = large_spec(replace(base, optimizer="mlfop", lr=plan.lr_ours,
-                                   seed=plan.large_seeds[0]), plan)
-        variants = {"mlfop-noproject": {"fold_project": False},
-                    "mlfop-beta0": {"fold_fixed_beta": 0.0},
-                    "mlfop-beta1": {"fold_fixed_beta": 1.0}}
+        mlfop = large_spec(
+            replace(base, optimizer="mlfop", lr=plan.lr_ours, seed=plan.large_seeds[0]), plan
+        )
+        variants = {
+            "mlfop-noproject": {"fold_project": False},
+            "mlfop-beta0": {"fold_fixed_beta": 0.0},
+            "mlfop-beta1": {"fold_fixed_beta": 1.0},
+        }
         for label, change in variants.items():
             runs.append(go(make_job("large", label, replace(mlfop, **change), out)))
     if plan.lr_control:  # is the large-batch result a matter of the (untuned) lr of ours?
@@ -228,8 +264,7 @@ def run_benchmark(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             for seed in plan.large_seeds:
                 spec = large_spec(replace(base, optimizer=name, lr=lr_adamw, seed=seed), plan)
                 runs.append(go(make_job("large-lr", name, spec, out)))
-    return {"plan": asdict(plan), "lr": lrs, "grid": list(grid.values()),
-            "runs": runs}
+    return {"plan": asdict(plan), "lr": lrs, "grid": list(grid.values()), "runs": runs}
 
 
 # ------------------------------------------------------------------------------- analysis
@@ -270,10 +305,22 @@ def ratios(run: dict[str, Any], ref: dict[str, Any], key: str) -> dict[str, Any]
     total_time = sum(r["step_time_s"] for r in run["rows"])
     seed = run["spec"]["seed"]
     if mine is None:  # not reached: the ratios are upper bounds (as if reached at the end)
-        return {"seed": seed, "reached": False, "steps": steps, "ref_steps": theirs[0],
-                "step_ratio": theirs[0] / steps, "time_ratio": theirs[1] / total_time}
-    return {"seed": seed, "reached": True, "steps": mine[0], "ref_steps": theirs[0],
-            "step_ratio": theirs[0] / mine[0], "time_ratio": theirs[1] / mine[1]}
+        return {
+            "seed": seed,
+            "reached": False,
+            "steps": steps,
+            "ref_steps": theirs[0],
+            "step_ratio": theirs[0] / steps,
+            "time_ratio": theirs[1] / total_time,
+        }
+    return {
+        "seed": seed,
+        "reached": True,
+        "steps": mine[0],
+        "ref_steps": theirs[0],
+        "step_ratio": theirs[0] / mine[0],
+        "time_ratio": theirs[1] / mine[1],
+    }
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -330,13 +377,17 @@ def analyse(bench: dict[str, Any]) -> dict[str, Any]:
             by_seed = dict(sorted(by_seed.items()))
             sums = [r["summary"] for r in by_seed.values()]
             entry: dict[str, Any] = {
-                "seeds": list(by_seed), "lr": sums[0]["lr"], "steps": sums[0]["steps"],
+                "seeds": list(by_seed),
+                "lr": sums[0]["lr"],
+                "steps": sums[0]["steps"],
                 "global_batch": next(iter(by_seed.values()))["spec"]["global_batch"],
                 "final": {k: [s[f"final_{k}"] for s in sums] for k in KEYS},
                 "val": {k: [s[f"val_{k}"] for s in sums] for k in KEYS},
                 "tokens_per_s": [s["tokens_per_s"] for s in sums],
-                "step_ms": [1e3 * statistics.median(r["step_time_s"] for r in run["rows"][1:])
-                            for run in by_seed.values()],
+                "step_ms": [
+                    1e3 * statistics.median(r["step_time_s"] for r in run["rows"][1:])
+                    for run in by_seed.values()
+                ],
                 "skipped_steps": sum(s["skipped_steps"] for s in sums),
                 "vs_adamw": compare(by_seed, groups["adamw"]),
             }
@@ -350,14 +401,17 @@ def analyse(bench: dict[str, Any]) -> dict[str, Any]:
 # -------------------------------------------------------------------------------- reporting
 def final_table(table: dict[str, Any], labels: Sequence[str]) -> list[str]:
     """Markdown: final train/val losses per modality (mean ± std over seeds), throughput."""
-    lines = ["| optimizer | peak lr | seeds | train image | train text | train overall | "
-             "val image | val text | step ms (median) | skipped |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| optimizer | peak lr | seeds | train image | train text | train overall | "
+        "val image | val text | step ms (median) | skipped |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for label in labels:
         e = table[label]
         lines.append(
             f"| {name_of(label)} | {e['lr']:g} | {len(e['seeds'])} | "
-            + " | ".join(fmt_ms(e["final"][k]) for k in KEYS) + " | "
+            + " | ".join(fmt_ms(e["final"][k]) for k in KEYS)
+            + " | "
             + " | ".join(fmt_ms(e["val"][k]) for k in ("image_loss", "text_loss"))
             + f" | {fmt_ms(e['step_ms'], 0)} | {e['skipped_steps']} |"
         )
@@ -366,20 +420,22 @@ def final_table(table: dict[str, Any], labels: Sequence[str]) -> list[str]:
 
 def ratio_table(table: dict[str, Any], labels: Sequence[str], ref: str = "vs_adamw") -> list[str]:
     """Markdown: steps to the reference's final loss and sample-efficiency / wall-clock ratios."""
-    lines = ["| optimizer | steps to target (img / txt / all) | sample-eff. ratio image | "
-             "text | overall | wall-clock ratio image | text | overall |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| optimizer | steps to target (img / txt / all) | sample-eff. ratio image | "
+        "text | overall | wall-clock ratio image | text | overall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label in labels:
         cmp = table[label].get(ref)
         if cmp is None:
             continue
-        steps = " / ".join(
-            fmt_steps(cmp[k]) for k in KEYS
-        )
+        steps = " / ".join(fmt_steps(cmp[k]) for k in KEYS)
         lines.append(
             f"| {name_of(label)} | {steps} | "
-            + " | ".join(fmt_ratio(cmp[k], "step_ratio") for k in KEYS) + " | "
-            + " | ".join(fmt_ratio(cmp[k], "time_ratio") for k in KEYS) + " |"
+            + " | ".join(fmt_ratio(cmp[k], "step_ratio") for k in KEYS)
+            + " | "
+            + " | ".join(fmt_ratio(cmp[k], "time_ratio") for k in KEYS)
+            + " |"
         )
     return lines
 
@@ -394,21 +450,26 @@ def fmt_steps(entries: Sequence[dict[str, Any]]) -> str:
 
 def name_of(label: str) -> str:
     """Row name of a label."""
-    ablations = {"mlfop-noproject": "ML-FOP-SOAP, projection off (s=0)",
-                 "mlfop-beta0": "ML-FOP-SOAP, beta fixed 0", "mlfop-beta1":
-                 "ML-FOP-SOAP, beta fixed 1"}
+    ablations = {
+        "mlfop-noproject": "ML-FOP-SOAP, projection off (s=0)",
+        "mlfop-beta0": "ML-FOP-SOAP, beta fixed 0",
+        "mlfop-beta1": "ML-FOP-SOAP, beta fixed 1",
+    }
     return OPTIMIZER_NAMES.get(label, ablations.get(label, label))
 
 
 def grid_table(bench: dict[str, Any]) -> list[str]:
     """Markdown: the AdamW lr grid (seed 0)."""
-    lines = ["| AdamW peak lr | train image | train text | train overall | val image | val text |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| AdamW peak lr | train image | train text | train overall | val image | val text |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in bench["grid"]:
         s = r["summary"]
         mark = " (chosen)" if s["lr"] == bench["lr"]["adamw"] else ""
         lines.append(
-            f"| {s['lr']:g}{mark} | " + " | ".join(f"{s[f'final_{k}']:.4f}" for k in KEYS)
+            f"| {s['lr']:g}{mark} | "
+            + " | ".join(f"{s[f'final_{k}']:.4f}" for k in KEYS)
             + f" | {s['val_image_loss']:.4f} | {s['val_text_loss']:.4f} |"
         )
     return lines
@@ -417,8 +478,11 @@ def grid_table(bench: dict[str, Any]) -> list[str]:
 def verdicts(res: dict[str, Any]) -> list[str]:
     """The headline checks (target: >= 1.4x vs AdamW on both modalities; > SOAP at large)."""
     lines = []
-    names = {"base": "base batch", "large": "large batch",
-             "large-lr": "(control) large batch at AdamW's lr"}
+    names = {
+        "base": "base batch",
+        "large": "large batch",
+        "large-lr": "(control) large batch at AdamW's lr",
+    }
     for setting in ("base", "large"):
         e = res.get(setting, {}).get("mlfop")
         if e is None:
@@ -426,8 +490,10 @@ def verdicts(res: dict[str, Any]) -> list[str]:
         for k in ("image_loss", "text_loss"):
             m, _ = mean_std([x["step_ratio"] for x in e["vs_adamw"][k]])
             ok = m >= 1.4 and all(x["reached"] for x in e["vs_adamw"][k])
-            lines.append(f"- {names[setting]}, {KEY_NAMES[k]}: ML-FOP-SOAP sample-efficiency "
-                         f"ratio vs AdamW {m:.2f} (target >= 1.4: {'met' if ok else 'not met'})")
+            lines.append(
+                f"- {names[setting]}, {KEY_NAMES[k]}: ML-FOP-SOAP sample-efficiency "
+                f"ratio vs AdamW {m:.2f} (target >= 1.4: {'met' if ok else 'not met'})"
+            )
     for setting in ("large", "large-lr"):
         large = res.get(setting, {})
         if "mlfop" not in large or "soap" not in large:
@@ -437,13 +503,22 @@ def verdicts(res: dict[str, Any]) -> list[str]:
             b, sb = mean_std(large["soap"]["final"][k])
             m, _ = mean_std([x["step_ratio"] for x in large["mlfop"]["vs_soap"][k]])
             spread = max(sa, sb)
-            verdict = ("lower" if a < b else "not lower") + " (one seed)" if spread == 0 else (
-                       "lower by more than the seed spread" if a < b - spread else
-                       "higher by more than the seed spread" if a > b + spread else
-                       "within the seed spread")
-            lines.append(f"- {names[setting]}, {KEY_NAMES[k]}: ML-FOP-SOAP final train loss "
-                         f"{a:.4f} vs SOAP {b:.4f} ({verdict}, spread {spread:.4f}); "
-                         f"sample-efficiency ratio to SOAP's final {m:.2f}")
+            verdict = (
+                ("lower" if a < b else "not lower") + " (one seed)"
+                if spread == 0
+                else (
+                    "lower by more than the seed spread"
+                    if a < b - spread
+                    else "higher by more than the seed spread"
+                    if a > b + spread
+                    else "within the seed spread"
+                )
+            )
+            lines.append(
+                f"- {names[setting]}, {KEY_NAMES[k]}: ML-FOP-SOAP final train loss "
+                f"{a:.4f} vs SOAP {b:.4f} ({verdict}, spread {spread:.4f}); "
+                f"sample-efficiency ratio to SOAP's final {m:.2f}"
+            )
     return lines
 
 
@@ -453,15 +528,19 @@ def report(bench: dict[str, Any], res: dict[str, Any], meta: dict[str, Any]) -> 
     lines = [SECTION, ""]
     train_s = sum(r["wall_s"] for r in bench["grid"] + bench["runs"] if r not in bench["runs"])
     train_s += sum(r["wall_s"] for r in bench["runs"])
-    lines.append(f"Command: `{meta['command']}`: {meta['runs']} training runs taking "
-                 f"{train_s / 60:.1f} min in all (sum of run wall times; this invocation took "
-                 f"{meta['wall_s'] / 60:.1f} min, runs already done are reused with --resume)")
+    lines.append(
+        f"Command: `{meta['command']}`: {meta['runs']} training runs taking "
+        f"{train_s / 60:.1f} min in all (sum of run wall times; this invocation took "
+        f"{meta['wall_s'] / 60:.1f} min, runs already done are reused with --resume)"
+    )
     lines.append("")
     loads = [x for r in bench["runs"] + bench["grid"] for x in r.get("load", [])]
     lines.append(f"Machine: {meta['machine']}")
     if loads:
-        lines.append(f"(1-min load average at run starts/ends: {min(loads):.1f} to "
-                     f"{max(loads):.1f}; the 2 cores are shared with other jobs)")
+        lines.append(
+            f"(1-min load average at run starts/ends: {min(loads):.1f} to "
+            f"{max(loads):.1f}; the 2 cores are shared with other jobs)"
+        )
     lines.append("")
     large_steps = plan["steps"] // plan["large_factor"]
     lines.append(
@@ -508,26 +587,34 @@ def report(bench: dict[str, Any], res: dict[str, Any], meta: dict[str, Any]) -> 
     for setting in ("base", "large"):
         lines += setting_section(res, setting)
     large = res.get("large", {})
-    abl = [lb for lb in ("mlfop", "soap", "mlfop-noproject", "mlfop-beta0", "mlfop-beta1")
-           if lb in large]
+    abl = [
+        lb
+        for lb in ("mlfop", "soap", "mlfop-noproject", "mlfop-beta0", "mlfop-beta1")
+        if lb in large
+    ]
     if any(lb.startswith("mlfop-") for lb in abl):
         seed = plan["large_seeds"][0]
         one = {lb: single_seed(large[lb], seed) for lb in abl}
         lines += ["", f"### Ablations of the folding (large batch, seed {seed} only)", ""]
-        lines.append("One seed per row (time budget), so differences below the base/large "
-                     "seed spread above are not significant. 'folding off' = SOAP. beta fixed 0 "
-                     "is the plain mean, i.e. SOAP up to rounding.")
+        lines.append(
+            "One seed per row (time budget), so differences below the base/large "
+            "seed spread above are not significant. 'folding off' = SOAP. beta fixed 0 "
+            "is the plain mean, i.e. SOAP up to rounding."
+        )
         lines.append("")
         lines += final_table(one, abl)
         lines.append("")
         lines += ratio_table(one, abl)
     if res.get("large-lr"):
         lines += setting_section(res, "large-lr")
-        lines += ["", "This control was added after the main runs had shown the large-batch "
-                  "result: the same large-batch runs for SOAP and ML-FOP-SOAP with AdamW's "
-                  f"peak lr {bench['lr']['adamw']:g} instead of {plan['lr_ours']:g} (no other "
-                  "change; the AdamW rows are the large-batch AdamW runs above). The headline "
-                  "checks below use the main rows, not this control."]
+        lines += [
+            "",
+            "This control was added after the main runs had shown the large-batch "
+            "result: the same large-batch runs for SOAP and ML-FOP-SOAP with AdamW's "
+            f"peak lr {bench['lr']['adamw']:g} instead of {plan['lr_ours']:g} (no other "
+            "change; the AdamW rows are the large-batch AdamW runs above). The headline "
+            "checks below use the main rows, not this control.",
+        ]
     lines += ["", "Headline checks (computed):", ""]
     lines += verdicts(res)
     return "\n".join(lines) + "\n"
@@ -540,15 +627,26 @@ def setting_section(res: dict[str, Any], setting: str) -> list[str]:
         return []
     present = [lb for lb in ("adamw", "soap", "mlfop") if lb in table]
     e = table[present[-1]]
-    lines = ["", f"### {SETTINGS[setting]}: global batch {e['global_batch']}, {e['steps']} steps",
-             "", "Final losses (mean ± std over seeds):", ""]
+    lines = [
+        "",
+        f"### {SETTINGS[setting]}: global batch {e['global_batch']}, {e['steps']} steps",
+        "",
+        "Final losses (mean ± std over seeds):",
+        "",
+    ]
     lines += final_table(table, present)
-    lines += ["", "Steps and wall-clock to reach AdamW's final train loss (ratios: AdamW / "
-              "optimizer):", ""]
+    lines += [
+        "",
+        "Steps and wall-clock to reach AdamW's final train loss (ratios: AdamW / optimizer):",
+        "",
+    ]
     lines += ratio_table(table, present)
     if "mlfop" in table and "vs_soap" in table["mlfop"]:
-        lines += ["", "ML-FOP-SOAP against SOAP's final train loss (ratios: SOAP / ML-FOP-SOAP):",
-                  ""]
+        lines += [
+            "",
+            "ML-FOP-SOAP against SOAP's final train loss (ratios: SOAP / ML-FOP-SOAP):",
+            "",
+        ]
         lines += ratio_table(table, ["mlfop"], "vs_soap")
     return lines
 
@@ -556,8 +654,9 @@ def setting_section(res: dict[str, Any], setting: str) -> list[str]:
 def single_seed(entry: dict[str, Any], seed: int) -> dict[str, Any]:
     """An analysis entry restricted to one seed."""
     i = entry["seeds"].index(seed)
-    out = dict(entry, seeds=[seed], tokens_per_s=[entry["tokens_per_s"][i]],
-               step_ms=[entry["step_ms"][i]])
+    out = dict(
+        entry, seeds=[seed], tokens_per_s=[entry["tokens_per_s"][i]], step_ms=[entry["step_ms"][i]]
+    )
     for name in ("final", "val"):
         out[name] = {k: [v[i]] for k, v in entry[name].items()}
     for name in ("vs_adamw", "vs_soap"):
@@ -568,8 +667,10 @@ def single_seed(entry: dict[str, Any], seed: int) -> dict[str, Any]:
 
 def side_by_side(res: dict[str, Any]) -> str:
     """Plain-text ratios of every row, per setting (the end-of-run printout)."""
-    lines = ["", "sample-efficiency ratio vs AdamW (steps) | wall-clock ratio   "
-             "[image / text / overall]"]
+    lines = [
+        "",
+        "sample-efficiency ratio vs AdamW (steps) | wall-clock ratio   [image / text / overall]",
+    ]
     for setting, table in res.items():
         for label, e in table.items():
             steps = " / ".join(fmt_ratio(e["vs_adamw"][k], "step_ratio") for k in KEYS)
@@ -594,9 +695,11 @@ def machine_line(nproc: int) -> str:
     cpu = cpu_model()
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     threads = max(1, (os.cpu_count() or 1) // nproc)
-    return (f"nproc {os.cpu_count()} ({cpu}), {nproc} gloo ranks x {threads} "
-            f"thread(s), torch {torch.__version__}, megatron-core {version('megatron-core')}, "
-            f"Python {platform.python_version()}, load average {load}")
+    return (
+        f"nproc {os.cpu_count()} ({cpu}), {nproc} gloo ranks x {threads} "
+        f"thread(s), torch {torch.__version__}, megatron-core {version('megatron-core')}, "
+        f"Python {platform.python_version()}, load average {load}"
+    )
 
 
 def write_results(path: Path, body: str) -> None:
@@ -613,11 +716,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="base-setting steps (400)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per optimizer (3)")
     ap.add_argument("--no-ablations", action="store_true", help="skip the folding ablations")
-    ap.add_argument("--no-lr-control", action="store_true",
-                    help="skip the large-batch control runs of ours at AdamW's lr")
+    ap.add_argument(
+        "--no-lr-control",
+        action="store_true",
+        help="skip the large-batch control runs of ours at AdamW's lr",
+    )
     ap.add_argument("--resume", action="store_true", help="reuse runs whose result.json exists")
-    ap.add_argument("--report-only", action="store_true",
-                    help="no training: tables from <out>/results.json")
+    ap.add_argument(
+        "--report-only", action="store_true", help="no training: tables from <out>/results.json"
+    )
     ap.add_argument("--results", type=Path, default=RESULTS, help="RESULTS.md to update")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     ap.add_argument("--verbose", action="store_true", help="keep library warnings")
@@ -637,8 +744,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     if args.no_lr_control:
         plan = replace(plan, lr_control=False)
     if plan.steps % plan.large_factor or plan.global_batch % (args.nproc * plan.micro_batch):
-        raise SystemExit(f"steps must divide by {plan.large_factor} and the global batch by "
-                         "nproc x micro-batch")
+        raise SystemExit(
+            f"steps must divide by {plan.large_factor} and the global batch by nproc x micro-batch"
+        )
     return plan
 
 
@@ -660,9 +768,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"machine: {machine_line(args.nproc)}")
         log(f"plan: {plan}")
         bench = run_benchmark(plan, args)
-        meta = {"command": command.strip(), "wall_s": time.perf_counter() - _T0,
-                "runs": len(bench["runs"]) + len(bench["grid"]) - 1,
-                "machine": f"{machine_line(args.nproc)} (at start: {_LOAD0})"}
+        meta = {
+            "command": command.strip(),
+            "wall_s": time.perf_counter() - _T0,
+            "runs": len(bench["runs"]) + len(bench["grid"]) - 1,
+            "machine": f"{machine_line(args.nproc)} (at start: {_LOAD0})",
+        }
         out.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps({"bench": bench, "meta": meta}, default=td.clean))
     res = analyse(bench)

@@ -281,7 +281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-
 def measure(dp_sizes: Sequence[int] = (1, 2, 4), hidden: int = 128, iters: int = 6) -> list[str]:
     """Measured on CPU: per-rank state bytes, optimizer step time and bytes moved, vs DP size.
 

@@ -45,7 +45,16 @@ IMAGE_TOKENS = IMAGE_SIDE * IMAGE_SIDE
 MAX_INTENSITY = 16
 
 DIGIT_NAMES: tuple[str, ...] = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
 )
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<gen>", "<und>")
 CAPTION_WORDS: tuple[str, ...] = ("a", "handwritten", *DIGIT_NAMES)
@@ -188,18 +197,28 @@ class DigitsVocab:
 
 def raw_generation_sequence(vocab: DigitsVocab, image: np.ndarray, digit: int) -> np.ndarray:
     """Unpadded text->image stream ``[BOS, GEN, caption, BOI, img*64, EOI, EOS]``."""
-    return np.concatenate([
-        [vocab.bos, vocab.gen], vocab.caption_tokens(digit),
-        [vocab.boi], vocab.image_tokens(image), [vocab.eoi, vocab.eos],
-    ]).astype(np.int64)
+    return np.concatenate(
+        [
+            [vocab.bos, vocab.gen],
+            vocab.caption_tokens(digit),
+            [vocab.boi],
+            vocab.image_tokens(image),
+            [vocab.eoi, vocab.eos],
+        ]
+    ).astype(np.int64)
 
 
 def raw_understanding_sequence(vocab: DigitsVocab, image: np.ndarray, digit: int) -> np.ndarray:
     """Unpadded image->text stream ``[BOS, UND, BOI, img*64, EOI, caption, EOS]``."""
-    return np.concatenate([
-        [vocab.bos, vocab.und, vocab.boi], vocab.image_tokens(image), [vocab.eoi],
-        vocab.caption_tokens(digit), [vocab.eos],
-    ]).astype(np.int64)
+    return np.concatenate(
+        [
+            [vocab.bos, vocab.und, vocab.boi],
+            vocab.image_tokens(image),
+            [vocab.eoi],
+            vocab.caption_tokens(digit),
+            [vocab.eos],
+        ]
+    ).astype(np.int64)
 
 
 def compute_seq_length(vocab: DigitsVocab, pad_to_multiple: int = 8) -> int:
@@ -227,7 +246,11 @@ class Sample:
 
 
 def make_sample(
-    vocab: DigitsVocab, image: np.ndarray, digit: int, task: int, seq_length: int,
+    vocab: DigitsVocab,
+    image: np.ndarray,
+    digit: int,
+    task: int,
+    seq_length: int,
     index: int = -1,
 ) -> Sample:
     """Build padded tokens/labels/masks for one image under one task."""
@@ -254,9 +277,15 @@ def make_sample(
     image_mask = image_mask.astype(np.float32)
     text_mask = text_mask.astype(np.float32)
     return Sample(
-        tokens=tokens, labels=labels, loss_mask=image_mask + text_mask,
-        image_loss_mask=image_mask, text_loss_mask=text_mask,
-        modality=img_t.astype(np.int64), task=int(task), index=int(index), digit=int(digit),
+        tokens=tokens,
+        labels=labels,
+        loss_mask=image_mask + text_mask,
+        image_loss_mask=image_mask,
+        text_loss_mask=text_mask,
+        modality=img_t.astype(np.int64),
+        task=int(task),
+        index=int(index),
+        digit=int(digit),
     )
 
 
@@ -306,7 +335,9 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def stratified_split(
-    digits: np.ndarray, val_fraction: float, seed: int,
+    digits: np.ndarray,
+    val_fraction: float,
+    seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded per-class split into sorted (train, val) row indices; every class in both."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
@@ -341,7 +372,9 @@ class DigitsData:
         self.vocab = DigitsVocab(num_levels=self.config.num_levels)
         self.images, self.digits = load_digits_arrays()
         self.train_idx, self.val_idx = stratified_split(
-            self.digits, self.config.val_fraction, self.config.seed,
+            self.digits,
+            self.config.val_fraction,
+            self.config.seed,
         )
         self.seq_length = compute_seq_length(self.vocab, self.config.pad_to_multiple)
 
@@ -361,12 +394,19 @@ class DigitsData:
     def sample(self, index: int, task: int) -> Sample:
         """Sample of load_digits row ``index`` under ``task``."""
         return make_sample(
-            self.vocab, self.images[index], int(self.digits[index]), task, self.seq_length,
+            self.vocab,
+            self.images[index],
+            int(self.digits[index]),
+            task,
+            self.seq_length,
             index=index,
         )
 
     def global_batch_spec(
-        self, step: int, global_batch_size: int, split: str = "train",
+        self,
+        step: int,
+        global_batch_size: int,
+        split: str = "train",
     ) -> tuple[np.ndarray, np.ndarray]:
         """(row indices, tasks) of the global batch at ``step``; pure in (seed, step, i).
 
@@ -390,15 +430,24 @@ class DigitsData:
         return out, tasks
 
     def global_batch(
-        self, step: int, global_batch_size: int, split: str = "train",
+        self,
+        step: int,
+        global_batch_size: int,
+        split: str = "train",
     ) -> dict[str, torch.Tensor | None]:
         """Whole global batch at ``step`` as one tensor batch (what DP=1, one micro-batch sees)."""
         rows, tasks = self.global_batch_spec(step, global_batch_size, split)
         return collate([self.sample(int(r), int(t)) for r, t in zip(rows, tasks)])
 
     def micro_batch(
-        self, step: int, global_batch_size: int, micro_batch_size: int,
-        micro_idx: int = 0, dp_rank: int = 0, dp_size: int = 1, split: str = "train",
+        self,
+        step: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        micro_idx: int = 0,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        split: str = "train",
     ) -> dict[str, torch.Tensor | None]:
         """Micro-batch ``micro_idx`` of DP rank ``dp_rank`` at ``step`` (Megatron ordering).
 
@@ -415,7 +464,9 @@ class DigitsData:
         return collate([self.sample(int(r), int(t)) for r, t in zip(rows[sl], tasks[sl])])
 
     def eval_batches(
-        self, micro_batch_size: int, split: str = "val",
+        self,
+        micro_batch_size: int,
+        split: str = "val",
         tasks: Sequence[int] = (TASK_GEN, TASK_UND),
     ) -> Iterator[dict[str, torch.Tensor | None]]:
         """Fixed-order pass over a split: every row under each task, last batch may be short."""
@@ -436,12 +487,16 @@ def num_micro_batches(global_batch_size: int, micro_batch_size: int, dp_size: in
 
 
 def masked_losses(
-    per_token_loss: torch.Tensor, batch: dict[str, torch.Tensor | None],
+    per_token_loss: torch.Tensor,
+    batch: dict[str, torch.Tensor | None],
 ) -> dict[str, torch.Tensor]:
     """Mean loss overall and per modality from GPTModel's per-token loss [b, s]."""
     out = {}
-    for key, mask_name in (("loss", "loss_mask"), ("image_loss", "image_loss_mask"),
-                           ("text_loss", "text_loss_mask")):
+    for key, mask_name in (
+        ("loss", "loss_mask"),
+        ("image_loss", "image_loss_mask"),
+        ("text_loss", "text_loss_mask"),
+    ):
         m = batch[mask_name]
         assert m is not None
         m = m.to(per_token_loss.dtype)
@@ -450,10 +505,27 @@ def masked_losses(
 
 
 __all__ = [
-    "CAPTION_WORDS", "DIGIT_NAMES", "IMAGE_SIDE", "IMAGE_TOKENS", "MODALITY_IMAGE",
-    "MODALITY_TEXT", "SPECIAL_TOKENS", "TASK_GEN", "TASK_UND", "DigitsData", "DigitsDataConfig",
-    "DigitsVocab", "Sample", "causal_attention_mask", "collate", "compute_seq_length",
+    "CAPTION_WORDS",
+    "DIGIT_NAMES",
+    "IMAGE_SIDE",
+    "IMAGE_TOKENS",
+    "MODALITY_IMAGE",
+    "MODALITY_TEXT",
+    "SPECIAL_TOKENS",
+    "TASK_GEN",
+    "TASK_UND",
+    "DigitsData",
+    "DigitsDataConfig",
+    "DigitsVocab",
+    "Sample",
+    "causal_attention_mask",
+    "collate",
+    "compute_seq_length",
     "load_digits_arrays",
-    "make_sample", "masked_losses", "num_micro_batches", "raw_generation_sequence",
-    "raw_understanding_sequence", "stratified_split",
+    "make_sample",
+    "masked_losses",
+    "num_micro_batches",
+    "raw_generation_sequence",
+    "raw_understanding_sequence",
+    "stratified_split",
 ]

@@ -140,8 +140,13 @@ def _plot_levels(ax: Any, rows: Sequence[Row], field: str, title: str) -> None:
         for i, level in enumerate(level_numbers(group)):
             steps, vals = _series(group, f"level{level}_{field}")
             if steps:
-                ax.plot(steps, ema(vals, 0.3), styles[i % len(styles)], color=_color(name),
-                        label=f"{name} level {level}")
+                ax.plot(
+                    steps,
+                    ema(vals, 0.3),
+                    styles[i % len(styles)],
+                    color=_color(name),
+                    label=f"{name} level {level}",
+                )
                 drew = True
     _legend_or_note(ax, drew, "no folding in this run")
     ax.set_title(title)

@@ -68,23 +68,53 @@ OPTIMIZERS = ("mlfop", "soap", "adamw")
 # optimizer. --lr overrides.
 DEFAULT_LR = {"mlfop": 5e-3, "soap": 5e-3, "adamw": 5e-3}
 # Defaults sized for a 2-core CPU: the full run well under 10 minutes, --quick in seconds.
-DEFAULTS = {"steps": 300, "global_batch": 32, "micro_batch": 4, "layers": 4, "hidden": 128,
-            "diag_every": 10}
-QUICK = {"steps": 30, "global_batch": 16, "micro_batch": 2, "layers": 2, "hidden": 64,
-         "diag_every": 3}
+DEFAULTS = {
+    "steps": 300,
+    "global_batch": 32,
+    "micro_batch": 4,
+    "layers": 4,
+    "hidden": 128,
+    "diag_every": 10,
+}
+QUICK = {
+    "steps": 30,
+    "global_batch": 16,
+    "micro_batch": 2,
+    "layers": 2,
+    "hidden": 64,
+    "diag_every": 3,
+}
 # Metric column suffix -> key of MLFOPChainedOptimizer.stats()["levels"][i].
 LEVEL_FIELDS = {
-    "beta": "beta_mean", "s": "s_mean", "ratio": "ratio", "cosine": "cosine_before",
+    "beta": "beta_mean",
+    "s": "s_mean",
+    "ratio": "ratio",
+    "cosine": "cosine_before",
     "cosine_after": "cosine_after",
 }
 BASE_COLUMNS = (
-    "step", "optimizer", "loss", "image_loss", "text_loss", "tokens_per_s", "grad_norm", "lr",
-    "step_time_s", "elapsed_s", "skipped_steps", "modality_cosine",
+    "step",
+    "optimizer",
+    "loss",
+    "image_loss",
+    "text_loss",
+    "tokens_per_s",
+    "grad_norm",
+    "lr",
+    "step_time_s",
+    "elapsed_s",
+    "skipped_steps",
+    "modality_cosine",
 )
 # Optimizer-phase wall times (max over ranks) and NVML samples (empty without a GPU).
 TELEMETRY_COLUMNS = (
-    "time_fold_s", "time_update_s", "time_refresh_s", "time_communication_s",
-    "gpu/memory_used_gib", "gpu/utilization_pct", "gpu/power_w",
+    "time_fold_s",
+    "time_update_s",
+    "time_refresh_s",
+    "time_communication_s",
+    "gpu/memory_used_gib",
+    "gpu/utilization_pct",
+    "gpu/power_w",
 )
 VOCAB_MULTIPLE = 64
 Batch = dict[str, Any]
@@ -130,10 +160,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (300; quick 30)")
-    p.add_argument("--global-batch", type=int, default=None,
-                   help="samples per optimizer step (32; quick 16)")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="samples per micro-batch and DP rank (4; quick 2)")
+    p.add_argument(
+        "--global-batch", type=int, default=None, help="samples per optimizer step (32; quick 16)"
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="samples per micro-batch and DP rank (4; quick 2)",
+    )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="mlfop")
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: per optimizer)")
     p.add_argument("--seed", type=int, default=1234)
@@ -144,22 +179,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip-grad", type=float, default=1.0)
-    p.add_argument("--diag-every", type=int, default=None,
-                   help="steps between inter-modality gradient cosines (10; quick 3; 0: never)")
-    p.add_argument("--save-interval", type=int, default=0,
-                   help="also checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from checkpoint/<optimizer>/ when it exists (preemption-safe "
-                        "restarts; SIGTERM/SIGUSR1 save a checkpoint at the next step and exit "
-                        f"with code {REQUEUE_EXIT_CODE} for the batch script to requeue)")
-    p.add_argument("--no-project", action="store_true",
-                   help="mlfop ablation: fold without the Fisher-orthogonal projection (s = 0)")
-    p.add_argument("--fixed-beta", type=float, default=None,
-                   help="mlfop ablation: fixed fold weight beta instead of the adaptive one")
-    p.add_argument("--log-every", type=int, default=0,
-                   help="print a plain progress line every N steps instead of the bar (0: bar)")
-    p.add_argument("--stop-at-step", type=int, default=0,
-                   help="behave as if preempted after this step (tests the requeue path)")
+    p.add_argument(
+        "--diag-every",
+        type=int,
+        default=None,
+        help="steps between inter-modality gradient cosines (10; quick 3; 0: never)",
+    )
+    p.add_argument(
+        "--save-interval",
+        type=int,
+        default=0,
+        help="also checkpoint every N steps (0: only at the end)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from checkpoint/<optimizer>/ when it exists (preemption-safe "
+        "restarts; SIGTERM/SIGUSR1 save a checkpoint at the next step and exit "
+        f"with code {REQUEUE_EXIT_CODE} for the batch script to requeue)",
+    )
+    p.add_argument(
+        "--no-project",
+        action="store_true",
+        help="mlfop ablation: fold without the Fisher-orthogonal projection (s = 0)",
+    )
+    p.add_argument(
+        "--fixed-beta",
+        type=float,
+        default=None,
+        help="mlfop ablation: fixed fold weight beta instead of the adaptive one",
+    )
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=0,
+        help="print a plain progress line every N steps instead of the bar (0: bar)",
+    )
+    p.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=0,
+        help="behave as if preempted after this step (tests the requeue path)",
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="spawned-run timeout (s)")
     p.add_argument("--verbose", action="store_true", help="keep library warnings")
     return p.parse_args(argv)
@@ -176,14 +237,27 @@ def specs_from_args(args: argparse.Namespace, world_size: int) -> list[RunSpec]:
     names = OPTIMIZERS if args.compare else (args.optimizer,)
     threads = max(1, (os.cpu_count() or 1) // max(1, world_size))
     base = RunSpec(
-        optimizer=names[0], out=str(args.out), steps=size["steps"],
-        global_batch=size["global_batch"], micro_batch=size["micro_batch"], lr=0.0,
-        seed=args.seed, tp=args.tp, pp=args.pp, num_layers=size["layers"],
-        hidden=size["hidden"], heads=args.heads, weight_decay=args.weight_decay,
-        clip_grad=args.clip_grad, diag_every=size["diag_every"],
-        save_interval=args.save_interval, threads=threads, resume=args.resume,
+        optimizer=names[0],
+        out=str(args.out),
+        steps=size["steps"],
+        global_batch=size["global_batch"],
+        micro_batch=size["micro_batch"],
+        lr=0.0,
+        seed=args.seed,
+        tp=args.tp,
+        pp=args.pp,
+        num_layers=size["layers"],
+        hidden=size["hidden"],
+        heads=args.heads,
+        weight_decay=args.weight_decay,
+        clip_grad=args.clip_grad,
+        diag_every=size["diag_every"],
+        save_interval=args.save_interval,
+        threads=threads,
+        resume=args.resume,
         stop_at_step=args.stop_at_step,
-        fold_project=not args.no_project, fold_fixed_beta=args.fixed_beta,
+        fold_project=not args.no_project,
+        fold_fixed_beta=args.fixed_beta,
         log_every=args.log_every,
     )
     return [replace(base, optimizer=n, lr=args.lr or DEFAULT_LR[n]) for n in names]
@@ -272,27 +346,39 @@ def build_model(spec: RunSpec, data: DigitsData) -> Any:
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
 
     config = TransformerConfig(
-        num_layers=spec.num_layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden,
+        num_attention_heads=spec.heads,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        pipeline_dtype=torch.float32, params_dtype=torch.float32,
-        use_cpu_initialization=not use_cuda(), hidden_dropout=0.0, attention_dropout=0.0,
-        bias_dropout_fusion=False, gradient_accumulation_fusion=False, add_bias_linear=False,
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        use_cpu_initialization=not use_cuda(),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        add_bias_linear=False,
     )
     model = GPTModel(
-        config=config, transformer_layer_spec=layer_spec(),
+        config=config,
+        transformer_layer_spec=layer_spec(),
         vocab_size=padded_vocab_size(data.vocab_size, config.tensor_model_parallel_size),
-        max_sequence_length=data.seq_length, pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=False,
+        max_sequence_length=data.seq_length,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False,
         position_embedding_type="learned_absolute",
     )
     if use_cuda():
         model.cuda(torch.cuda.current_device())
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=False,
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=True,
+        use_distributed_optimizer=False,
     )
-    ddp_class = DistributedDataParallel if spec.optimizer == "adamw" else (
-        FoldingDistributedDataParallel
+    ddp_class = (
+        DistributedDataParallel if spec.optimizer == "adamw" else (FoldingDistributedDataParallel)
     )
     ddp = ddp_class(config=config, ddp_config=ddp_config, module=model)
     # The hooks Megatron-LM's training loop installs, so the schedules drive the DDP buckets.
@@ -310,19 +396,31 @@ def build_optimizer(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
 
     config = OptimizerConfig(
-        optimizer="adam", lr=spec.lr, min_lr=spec.lr * spec.min_lr_frac,
-        weight_decay=spec.weight_decay, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
-        clip_grad=spec.clip_grad, bf16=False, fp16=False, use_distributed_optimizer=False,
+        optimizer="adam",
+        lr=spec.lr,
+        min_lr=spec.lr * spec.min_lr_frac,
+        weight_decay=spec.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_eps=1e-8,
+        clip_grad=spec.clip_grad,
+        bf16=False,
+        fp16=False,
+        use_distributed_optimizer=False,
     )
     if spec.optimizer == "adamw":
         if use_cuda():
             return get_megatron_optimizer(config, [model])
         return cpu_adamw(config, model)
     mlfop = MLFOPConfig.from_kwargs(
-        lr=spec.lr, betas=(0.95, 0.95), weight_decay=spec.weight_decay,
+        lr=spec.lr,
+        betas=(0.95, 0.95),
+        weight_decay=spec.weight_decay,
         precondition_frequency=spec.precondition_frequency,
-        accumulation_steps=accumulation_steps, enabled=spec.optimizer == "mlfop",
-        project=spec.fold_project, fixed_beta=spec.fold_fixed_beta,
+        accumulation_steps=accumulation_steps,
+        enabled=spec.optimizer == "mlfop",
+        project=spec.fold_project,
+        fixed_beta=spec.fold_fixed_beta,
     )
     return get_mlfop_optimizer(config, [model], mlfop, sharded=True)
 
@@ -345,14 +443,22 @@ def cpu_adamw(config: Any, model: Any) -> Any:
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay,
-         **megatron_group_fields(config, 1.0)},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0,
-         **megatron_group_fields(config, 0.0)},
+        {
+            "params": [p for p in params if p.dim() >= 2],
+            "weight_decay": config.weight_decay,
+            **megatron_group_fields(config, 1.0),
+        },
+        {
+            "params": [p for p in params if p.dim() < 2],
+            "weight_decay": 0.0,
+            **megatron_group_fields(config, 0.0),
+        },
     ]
     adam = torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=config.lr,
-        betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+        [g for g in groups if g["params"]],
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
     )
     return MLFOPChainedOptimizer([FP32Optimizer(adam, config, adam_init_state_fn)])
 
@@ -376,9 +482,7 @@ def train_microbatches(data: DigitsData, spec: RunSpec, step: int) -> Iterator[B
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     k = num_micro_batches(spec.global_batch, spec.micro_batch, dp)
     for i in range(k):
-        yield to_device(
-            data.micro_batch(step, spec.global_batch, spec.micro_batch, i, rank, dp)
-        )
+        yield to_device(data.micro_batch(step, spec.global_batch, spec.micro_batch, i, rank, dp))
 
 
 def eval_microbatches(data: DigitsData, micro_batch: int) -> list[Batch]:
@@ -421,7 +525,11 @@ def forward_step(mask: torch.Tensor | None, data_iterator: Iterator[Batch], mode
 
 
 def run_schedule(
-    model: Any, batches: Iterator[Batch] | list[Batch], n: int, spec: RunSpec, seq: int,
+    model: Any,
+    batches: Iterator[Batch] | list[Batch],
+    n: int,
+    spec: RunSpec,
+    seq: int,
     forward_only: bool = False,
 ) -> torch.Tensor:
     """Forward(+backward) of ``n`` micro-batches through Megatron's schedule; global loss sums.
@@ -433,8 +541,13 @@ def run_schedule(
 
     out = get_forward_backward_func()(
         forward_step_func=partial(forward_step, attention_mask(seq)),
-        data_iterator=iter(batches), model=[model], num_microbatches=n, seq_length=seq,
-        micro_batch_size=spec.micro_batch, decoder_seq_length=seq, forward_only=forward_only,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=n,
+        seq_length=seq,
+        micro_batch_size=spec.micro_batch,
+        decoder_seq_length=seq,
+        forward_only=forward_only,
     )
     local = torch.zeros(4, dtype=torch.float64, device=device())
     for d in out or []:
@@ -448,8 +561,11 @@ def reduce_modality_sums(local: torch.Tensor) -> torch.Tensor:
 
     if ps.is_pipeline_last_stage():
         dist.all_reduce(local, group=ps.get_data_parallel_group())
-    dist.broadcast(local, src=ps.get_pipeline_model_parallel_last_rank(),
-                   group=ps.get_pipeline_model_parallel_group())
+    dist.broadcast(
+        local,
+        src=ps.get_pipeline_model_parallel_last_rank(),
+        group=ps.get_pipeline_model_parallel_group(),
+    )
     return local.cpu()
 
 
@@ -470,7 +586,10 @@ def decoder_matrices(model: Any) -> list[torch.nn.Parameter]:
 
 
 def modality_grads(
-    module: Any, batch: Batch, params: list[torch.nn.Parameter], seq: int,
+    module: Any,
+    batch: Batch,
+    params: list[torch.nn.Parameter],
+    seq: int,
 ) -> torch.Tensor:
     """[grad of the summed image-token loss, grad of the summed text-token loss], flattened.
 
@@ -572,7 +691,12 @@ def start_metric_files(out: Path, columns: Sequence[str]) -> None:
 
 
 def save_checkpoint(
-    out: Path, name: str, model: Any, optimizer: Any, step: int, spec: RunSpec,
+    out: Path,
+    name: str,
+    model: Any,
+    optimizer: Any,
+    step: int,
+    spec: RunSpec,
 ) -> Path:
     """torch.save model + optimizer state of every rank into checkpoint/<name>/, atomically.
 
@@ -589,16 +713,25 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     dist.barrier()
     payload = {
-        "step": step, "spec": asdict(spec), "model": model.module.state_dict(),
-        "optimizer": optimizer.state_dict(), "rank": rank, "world_size": dist.get_world_size(),
+        "step": step,
+        "spec": asdict(spec),
+        "model": model.module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rank": rank,
+        "world_size": dist.get_world_size(),
     }
     part = tmp / f"rank_{rank:05d}.pt.part"
     torch.save(payload, part)
     os.replace(part, tmp / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        meta = {"step": step, "optimizer": name, "world_size": dist.get_world_size(),
-                "tp": spec.tp, "pp": spec.pp}
+        meta = {
+            "step": step,
+            "optimizer": name,
+            "world_size": dist.get_world_size(),
+            "tp": spec.tp,
+            "pp": spec.pp,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():  # else .old (if any) is the latest complete one: keep it until
             shutil.rmtree(old, ignore_errors=True)  # the new checkpoint is in place
@@ -639,12 +772,24 @@ def make_progress(spec: RunSpec, start: int = 0) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=spec.steps, initial=start, desc=f"{spec.optimizer:>5}", unit="step",
-                dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+    return tqdm(
+        total=spec.steps,
+        initial=start,
+        desc=f"{spec.optimizer:>5}",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=0.5,
+    )
 
 
 def train_step(
-    model: Any, optimizer: Any, data: DigitsData, spec: RunSpec, step: int, k: int,
+    model: Any,
+    optimizer: Any,
+    data: DigitsData,
+    spec: RunSpec,
+    step: int,
+    k: int,
 ) -> tuple[torch.Tensor, bool, float]:
     """One optimizer step over k micro-batches: (modality sums, success, grad norm)."""
     set_lr(optimizer, lr_at(step, spec))
@@ -716,10 +861,16 @@ def run_step(run: Run, step: int) -> dict[str, Any]:
     run.skipped += int(not success)
     run.stats = optimizer_stats(run.optimizer)
     return {
-        "step": step + 1, "optimizer": spec.optimizer, **modality_losses(sums),
-        "tokens_per_s": spec.global_batch * seq / dt, "grad_norm": grad_norm,
-        "lr": lr_at(step, spec), "step_time_s": dt, "elapsed_s": time.perf_counter() - run.start,
-        "skipped_steps": run.skipped, "modality_cosine": cosine,
+        "step": step + 1,
+        "optimizer": spec.optimizer,
+        **modality_losses(sums),
+        "tokens_per_s": spec.global_batch * seq / dt,
+        "grad_norm": grad_norm,
+        "lr": lr_at(step, spec),
+        "step_time_s": dt,
+        "elapsed_s": time.perf_counter() - run.start,
+        "skipped_steps": run.skipped,
+        "modality_cosine": cosine,
         **level_columns(run.stats, run.levels),
         **{k: v for k, v in run.stats.items() if k.startswith("time_")},
         **run.telemetry.sample(),
@@ -751,8 +902,11 @@ def train_worker(spec: RunSpec) -> dict[str, Any] | None:
                 # The batch script requeues when this marker exists, whatever exit codes srun
                 # reports (it may kill the slower rank once the first one has exited).
                 (out / REQUEUE_MARKER).write_text(f"{step + 1}\n")
-                print(f"\npreempted: checkpoint at step {step + 1}, exiting for requeue",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"\npreempted: checkpoint at step {step + 1}, exiting for requeue",
+                    file=sys.stderr,
+                    flush=True,
+                )
             dist.barrier()
             raise SystemExit(REQUEUE_EXIT_CODE)
         if spec.save_interval and (step + 1) % spec.save_interval == 0:
@@ -774,8 +928,8 @@ def update_progress(bar: Any, row: dict[str, Any]) -> None:
     if bar is None:
         return
     bar.set_postfix_str(
-        f"img {row['image_loss']:.3f} txt {row['text_loss']:.3f} "
-        f"{row['tokens_per_s']:,.0f} tok/s", refresh=False,
+        f"img {row['image_loss']:.3f} txt {row['text_loss']:.3f} {row['tokens_per_s']:,.0f} tok/s",
+        refresh=False,
     )
     bar.update(1)
 
@@ -785,23 +939,33 @@ def log_progress(spec: RunSpec, row: dict[str, Any]) -> None:
     step = row["step"]
     if spec.log_every <= 0 or (step % spec.log_every and step != spec.steps):
         return
-    print(f"  [{spec.optimizer} seed {spec.seed}] step {step}/{spec.steps} "
-          f"loss {row['loss']:.4f} img {row['image_loss']:.4f} txt {row['text_loss']:.4f} "
-          f"{row['tokens_per_s']:,.0f} tok/s {row['elapsed_s']:.0f} s", flush=True)
+    print(
+        f"  [{spec.optimizer} seed {spec.seed}] step {step}/{spec.steps} "
+        f"loss {row['loss']:.4f} img {row['image_loss']:.4f} txt {row['text_loss']:.4f} "
+        f"{row['tokens_per_s']:,.0f} tok/s {row['elapsed_s']:.0f} s",
+        flush=True,
+    )
 
 
 def summarize(
-    spec: RunSpec, rows: list[dict[str, Any]], final: dict[str, float], train_time: float,
+    spec: RunSpec,
+    rows: list[dict[str, Any]],
+    final: dict[str, float],
+    train_time: float,
     stats: dict[str, Any],
 ) -> dict[str, Any]:
     """Final numbers of one run: train losses (mean of the last 10% of steps), val, speed."""
-    tail = rows[-max(1, len(rows) // 10):]
-    out = {"optimizer": spec.optimizer, "steps": spec.steps, "lr": spec.lr,
-           "train_time_s": train_time,
-           "tokens_per_s": sum(r["tokens_per_s"] for r in rows[1:]) / max(1, len(rows) - 1),
-           "skipped_steps": rows[-1]["skipped_steps"] if rows else 0,
-           "eigh_failures": stats.get("eigh_failures", 0),
-           "qr_failures": stats.get("qr_failures", 0)}
+    tail = rows[-max(1, len(rows) // 10) :]
+    out = {
+        "optimizer": spec.optimizer,
+        "steps": spec.steps,
+        "lr": spec.lr,
+        "train_time_s": train_time,
+        "tokens_per_s": sum(r["tokens_per_s"] for r in rows[1:]) / max(1, len(rows) - 1),
+        "skipped_steps": rows[-1]["skipped_steps"] if rows else 0,
+        "eigh_failures": stats.get("eigh_failures", 0),
+        "qr_failures": stats.get("qr_failures", 0),
+    }
     for key in ("loss", "image_loss", "text_loss"):
         out[f"first_{key}"] = rows[0][key] if rows else float("nan")
         out[f"final_{key}"] = sum(r[key] for r in tail) / len(tail) if tail else float("nan")
@@ -842,21 +1006,31 @@ def run_all(specs: list[RunSpec], args: argparse.Namespace) -> list[dict[str, An
         dist.destroy_process_group()
         return results
     if use_cuda():
-        raise SystemExit("on GPUs launch with torchrun/srun (e.g. torchrun --nproc-per-node 8 "
-                         "examples/train_digits.py ...); --nproc spawns CPU gloo ranks only")
+        raise SystemExit(
+            "on GPUs launch with torchrun/srun (e.g. torchrun --nproc-per-node 8 "
+            "examples/train_digits.py ...); --nproc spawns CPU gloo ranks only"
+        )
     from mlfop_megatron.testing.distributed import run_distributed
 
     for spec in specs:
-        res = run_distributed(train_worker, args.nproc, spec, timeout=args.timeout,
-                              threads=spec.threads)
+        res = run_distributed(
+            train_worker, args.nproc, spec, timeout=args.timeout, threads=spec.threads
+        )
         results.append(res[0])
     return results
 
 
 SUMMARY_COLUMNS = (
-    ("optimizer", "{}"), ("steps", "{}"), ("lr", "{:.0e}"), ("final_image_loss", "{:.4f}"),
-    ("final_text_loss", "{:.4f}"), ("val_image_loss", "{:.4f}"), ("val_text_loss", "{:.4f}"),
-    ("tokens_per_s", "{:,.0f}"), ("train_time_s", "{:.1f}"), ("skipped_steps", "{}"),
+    ("optimizer", "{}"),
+    ("steps", "{}"),
+    ("lr", "{:.0e}"),
+    ("final_image_loss", "{:.4f}"),
+    ("final_text_loss", "{:.4f}"),
+    ("val_image_loss", "{:.4f}"),
+    ("val_text_loss", "{:.4f}"),
+    ("tokens_per_s", "{:,.0f}"),
+    ("train_time_s", "{:.1f}"),
+    ("skipped_steps", "{}"),
 )
 
 
@@ -881,8 +1055,10 @@ def finish(out: Path, results: list[dict[str, Any]], wall: float) -> None:
     payload = {"wall_time_s": wall, "runs": summaries}
     (out / "summary.json").write_text(json.dumps(payload, indent=1, default=clean))
     print("\n" + summary_table(summaries))
-    print(f"\nwall time {wall:.1f} s; run folder {out}: metrics.csv, metrics.jsonl, "
-          f"checkpoint/, {', '.join(p.name for p in pngs)}, summary.json")
+    print(
+        f"\nwall time {wall:.1f} s; run folder {out}: metrics.csv, metrics.jsonl, "
+        f"checkpoint/, {', '.join(p.name for p in pngs)}, summary.json"
+    )
 
 
 def quiet_warnings() -> None:

@@ -21,9 +21,20 @@ def eig_desc(f: torch.Tensor) -> torch.Tensor:
 class ReferenceSOAP:
     """SOAP on one parameter, straight from the equations (1-D params: plain AdamW)."""
 
-    def __init__(self, w, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=None, eps=1e-8,
-                 weight_decay=0.01, precondition_frequency=10, max_precond_dim=10000,
-                 precondition_1d=False, correct_bias=True, refresh_method="qr"):
+    def __init__(
+        self,
+        w,
+        lr=3e-3,
+        betas=(0.95, 0.95),
+        shampoo_beta=None,
+        eps=1e-8,
+        weight_decay=0.01,
+        precondition_frequency=10,
+        max_precond_dim=10000,
+        precondition_1d=False,
+        correct_bias=True,
+        refresh_method="qr",
+    ):
         self.w = w.clone()
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
         self.bs = betas[1] if shampoo_beta is None else shampoo_beta

@@ -105,7 +105,10 @@ def test_caption_of_a_seven(data: dd.DigitsData) -> None:
     assert int(data.digits[7]) == 7
     s = data.sample(7, dd.TASK_UND)
     assert data.vocab.decode(s.labels[s.text_loss_mask > 0]) == [
-        "a", "handwritten", "seven", "<eos>",
+        "a",
+        "handwritten",
+        "seven",
+        "<eos>",
     ]
 
 
@@ -196,10 +199,20 @@ def test_dp_slices_concatenate_to_dp1(data: dd.DigitsData, dp_size: int, micro: 
     whole = data.global_batch(step, G)
     for m in range(n_micro):
         ref = data.micro_batch(step, G, micro * dp_size, micro_idx=m)
-        parts = [data.micro_batch(step, G, micro, micro_idx=m, dp_rank=r, dp_size=dp_size)
-                 for r in range(dp_size)]
-        for k in ("tokens", "labels", "loss_mask", "image_loss_mask", "text_loss_mask",
-                  "position_ids", "task", "index"):
+        parts = [
+            data.micro_batch(step, G, micro, micro_idx=m, dp_rank=r, dp_size=dp_size)
+            for r in range(dp_size)
+        ]
+        for k in (
+            "tokens",
+            "labels",
+            "loss_mask",
+            "image_loss_mask",
+            "text_loss_mask",
+            "position_ids",
+            "task",
+            "index",
+        ):
             cat = torch.cat([p[k] for p in parts])
             assert torch.equal(cat, ref[k]), k
             sl = slice(m * micro * dp_size, (m + 1) * micro * dp_size)

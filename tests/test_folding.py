@@ -18,8 +18,9 @@ def make_grads(shape, steps, k, seed=0, dtype=torch.float64):
     grads = []
     for _ in range(steps):
         signal = torch.randn(shape, dtype=dtype, generator=gen)
-        grads.append([signal + 0.7 * torch.randn(shape, dtype=dtype, generator=gen)
-                      for _ in range(k)])
+        grads.append(
+            [signal + 0.7 * torch.randn(shape, dtype=dtype, generator=gen) for _ in range(k)]
+        )
     return w0, grads
 
 
@@ -59,9 +60,16 @@ def test_ml_fop_soap_matches_dense_reference(shape, k):
         rot = ref.rot if ref.started else None
         z = micro[0]
         for j in range(1, len(bounds)):
-            h = torch.stack(micro[bounds[j - 1]:bounds[j]]).mean(0)
-            z, _, beta, _ = reference_fop(z, h, bounds[j - 1], bounds[j] - bounds[j - 1],
-                                          diag=ref.metric_diag(), rot=rot, beta_max=1.0)
+            h = torch.stack(micro[bounds[j - 1] : bounds[j]]).mean(0)
+            z, _, beta, _ = reference_fop(
+                z,
+                h,
+                bounds[j - 1],
+                bounds[j] - bounds[j - 1],
+                diag=ref.metric_diag(),
+                rot=rot,
+                beta_max=1.0,
+            )
             betas.append(beta.item())
         ref.step(z)
         if step == 0:
@@ -77,8 +85,9 @@ def test_ml_fop_soap_matches_dense_reference(shape, k):
 @pytest.mark.parametrize("k", [1, 3, 4])
 def test_folding_off_equals_plain_soap_on_mean_gradient_bitwise(k):
     w0, grads = make_grads((9, 7), steps=15, k=k, dtype=torch.float32)
-    folded, _ = run_optimizer(w0, grads, accumulation_steps=k, enabled=False,
-                              precondition_frequency=3)
+    folded, _ = run_optimizer(
+        w0, grads, accumulation_steps=k, enabled=False, precondition_frequency=3
+    )
     p = torch.nn.Parameter(w0.clone())
     plain = MLFOPSOAP([p], precondition_frequency=3)
     for micro in grads:
@@ -114,8 +123,9 @@ def test_schedule_weights_for_k_not_power_of_two():
     assert sum(sched.level_size(j) for j in range(sched.num_levels)) == 6
     assert dyadic_boundaries(1) == (1,) and dyadic_boundaries(8) == (1, 2, 4, 8)
     assert dyadic_boundaries(9) == (1, 2, 4, 8, 9)
-    assert LevelSchedule.from_config(FoldingConfig(accumulation_steps=6, enabled=False)
-                                     ).boundaries == (6,)
+    assert LevelSchedule.from_config(
+        FoldingConfig(accumulation_steps=6, enabled=False)
+    ).boundaries == (6,)
 
 
 @pytest.mark.parametrize("k", [3, 5, 6, 7])

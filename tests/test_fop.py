@@ -93,8 +93,14 @@ vectors = st.integers(min_value=0, max_value=2**31 - 1)
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=vectors, nz=st.integers(1, 16), nh=st.integers(1, 16),
-       scale=st.floats(1e-3, 1e3), m=st.integers(1, 6), n=st.integers(1, 6))
+@given(
+    seed=vectors,
+    nz=st.integers(1, 16),
+    nh=st.integers(1, 16),
+    scale=st.floats(1e-3, 1e3),
+    m=st.integers(1, 6),
+    n=st.integers(1, 6),
+)
 def test_fop_properties(seed, nz, nh, scale, m, n):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(m, n, dtype=torch.float64, generator=gen) * scale

@@ -52,8 +52,14 @@ def test_dp2_sharded_equals_replicated_bitwise_fp32(enabled):
 
 @pytest.mark.parametrize("enabled", [True, False], ids=["folding", "no_folding"])
 def test_dp2_equals_dp1_with_doubled_micro_batch_fp64(enabled):
-    base = dict(iters=10, microbatches=4, global_micro=2, enabled=enabled,
-                dtype=torch.float64, max_precond_dim=1)
+    base = dict(
+        iters=10,
+        microbatches=4,
+        global_micro=2,
+        enabled=enabled,
+        dtype=torch.float64,
+        max_precond_dim=1,
+    )
     dp1 = run_distributed(run_tiny_gpt, 1, base)[0]
     dp2 = run_distributed(run_tiny_gpt, 2, dict(base, sharded=True))
     for r in (0, 1):
@@ -76,8 +82,14 @@ def test_nan_in_one_ranks_micro_batch_skips_step_on_all_ranks():
 
 def test_gradient_clipping_uses_the_global_norm_on_every_layout():
     """clip_grad forces clipping; the norm is reduced over all ranks, so layouts agree."""
-    base = dict(iters=5, microbatches=4, global_micro=2, clip_grad=0.05,
-                dtype=torch.float64, max_precond_dim=1)
+    base = dict(
+        iters=5,
+        microbatches=4,
+        global_micro=2,
+        clip_grad=0.05,
+        dtype=torch.float64,
+        max_precond_dim=1,
+    )
     dp1 = run_distributed(run_tiny_gpt, 1, base)[0]
     sharded = run_distributed(run_tiny_gpt, 2, dict(base, sharded=True))
     replicated = run_distributed(run_tiny_gpt, 2, dict(base, sharded=False))
@@ -88,6 +100,4 @@ def test_gradient_clipping_uses_the_global_norm_on_every_layout():
             assert [n for _, n in runs[r]["results"]] == pytest.approx(norms, rel=1e-9)
             _assert_params(runs[r]["params"], dp1["params"], "clipped DP=2 vs DP=1")
     unclipped = run_distributed(run_tiny_gpt, 1, dict(base, clip_grad=0.0))[0]
-    assert not all(
-        torch.allclose(unclipped["params"][n], dp1["params"][n]) for n in dp1["params"]
-    )
+    assert not all(torch.allclose(unclipped["params"][n], dp1["params"][n]) for n in dp1["params"])

@@ -38,17 +38,29 @@ pytestmark = [
 
 
 def _submit(run_dir: Path) -> str:
-    env = dict(os.environ, RUN_DIR=str(run_dir), MLFOP_MODE="cpu", PYTHON=sys.executable,
-               TRAIN_ARGS=f"--quick --steps {STEPS}")
-    cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-           "--cpus-per-task=1", f"--output={run_dir}.out", "slurm/pretrain.sbatch"]
+    env = dict(
+        os.environ,
+        RUN_DIR=str(run_dir),
+        MLFOP_MODE="cpu",
+        PYTHON=sys.executable,
+        TRAIN_ARGS=f"--quick --steps {STEPS}",
+    )
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        f"--output={run_dir}.out",
+        "slurm/pretrain.sbatch",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip().split(";")[0]
 
 
 def _job(job: str) -> dict[str, str]:
-    text = subprocess.run(["scontrol", "show", "job", job], capture_output=True,
-                          text=True).stdout
+    text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     return dict(re.findall(r"(\w+)=(\S*)", text))
 
 
@@ -89,8 +101,9 @@ def _rows(run_dir: Path) -> int:
 
 
 def _final_model(run_dir: Path, rank: int) -> dict:
-    payload = torch.load(run_dir / "checkpoint" / "mlfop" / f"rank_{rank:05d}.pt",
-                         weights_only=False)
+    payload = torch.load(
+        run_dir / "checkpoint" / "mlfop" / f"rank_{rank:05d}.pt", weights_only=False
+    )
     assert payload["step"] == STEPS
     return payload["model"]
 
@@ -139,11 +152,24 @@ def test_megatron_lm_job_preempted_requeues_and_resumes_to_the_same_losses(tmp_p
 
     def submit(run_dir: Path) -> str:
         env = dict(
-            os.environ, RUN_DIR=str(run_dir), MLFOP_MODE="cpu", LAUNCH="megatron-lm",
-            PYTHON=sys.executable, TRAIN_ARGS=args, OMP_NUM_THREADS="1",
+            os.environ,
+            RUN_DIR=str(run_dir),
+            MLFOP_MODE="cpu",
+            LAUNCH="megatron-lm",
+            PYTHON=sys.executable,
+            TRAIN_ARGS=args,
+            OMP_NUM_THREADS="1",
         )
-        cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-               "--cpus-per-task=1", f"--output={run_dir}.out", "slurm/pretrain.sbatch"]
+        cmd = [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            f"--output={run_dir}.out",
+            "slurm/pretrain.sbatch",
+        ]
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
         return out.stdout.strip().split(";")[0]
 
@@ -172,4 +198,3 @@ def test_megatron_lm_job_preempted_requeues_and_resumes_to_the_same_losses(tmp_p
     assert sorted(resumed) == list(range(stopped + 1, MEGATRON_ITERS + 1)), resumed
     for it, value in resumed.items():
         assert value == pytest.approx(ref[it], abs=LOSS_TOL), (it, value, ref[it])
-

@@ -31,8 +31,18 @@ SCRIPT = ROOT / "examples" / "train_digits.py"
 OPTIMIZERS = ("mlfop", "soap", "adamw")
 STEPS = 30  # --quick
 BASE_COLUMNS = [
-    "step", "optimizer", "loss", "image_loss", "text_loss", "tokens_per_s", "grad_norm", "lr",
-    "step_time_s", "elapsed_s", "skipped_steps", "modality_cosine",
+    "step",
+    "optimizer",
+    "loss",
+    "image_loss",
+    "text_loss",
+    "tokens_per_s",
+    "grad_norm",
+    "lr",
+    "step_time_s",
+    "elapsed_s",
+    "skipped_steps",
+    "modality_cosine",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -105,7 +115,9 @@ def test_checkpoint_per_rank_written_atomically(run: dict[str, Any]) -> None:
     for name in OPTIMIZERS:
         folder = root / name
         assert sorted(p.name for p in folder.iterdir()) == [
-            "meta.json", "rank_00000.pt", "rank_00001.pt",
+            "meta.json",
+            "rank_00000.pt",
+            "rank_00001.pt",
         ]
         assert json.loads((folder / "meta.json").read_text())["step"] == STEPS
         for rank in (0, 1):

@@ -167,11 +167,7 @@ class WindowFolder:
             apply_fold(self.estimate[i], h, coef.cz[i], coef.ch[i])
             apply_fold(self.estimate_rot[i], h_rot[i], coef.cz[i], coef.ch[i])
         if self.cfg.diagnostics:
-            self.diagnostics.append(
-                LevelDiagnostics(
-                    level, n_z, n_h, coef.s, coef.beta, coef.sums
-                )
-            )
+            self.diagnostics.append(LevelDiagnostics(level, n_z, n_h, coef.s, coef.beta, coef.sums))
 
     def result(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """The folded gradient per block and its rotated form (None where not computed)."""

@@ -52,8 +52,7 @@ def optimizer_sharded_state_dict(optimizer: Any, is_loading: bool = False) -> di
     return {
         "engines": engines,
         "param_groups": [
-            {k: v for k, v in g.items() if k != "params"}
-            for g in optimizer.optimizer.param_groups
+            {k: v for k, v in g.items() if k != "params"} for g in optimizer.optimizer.param_groups
         ],
         "skipped_steps": optimizer.skipped_steps,
     }
