@@ -73,6 +73,8 @@ def run_launcher(
         # Megatron-LM warms up its torch.compile fusions at start (initialize.py:460), ~5 s of
         # dynamo tracing per run on CPU for kernels this model does not use: run them eagerly.
         TORCHDYNAMO_DISABLE="1",
+        # Megatron-LM requires it with TP > 1 (one CUDA work queue, ordered communication).
+        CUDA_DEVICE_MAX_CONNECTIONS="1",
     )
     cmd = [
         sys.executable,
@@ -135,6 +137,24 @@ def test_pretrain_save_resume_matches_uninterrupted_run(tmp_path):
         check_ok(run_launcher("--load", str(ckpt), "--ckpt-step", str(SAVE_AT), "--no-load-optim"))
     )
     assert abs(fresh_opt[ITERS] - ref[ITERS]) > 100 * LOSS_TOL, (fresh_opt, ref)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("--tensor-model-parallel-size", "2"),
+        ("--tensor-model-parallel-size", "2", "--mlfop-tp-mode", "full"),
+        ("--pipeline-model-parallel-size", "2"),
+    ],
+    ids=["tp2-blockwise", "tp2-full", "pp2"],
+)
+def test_model_parallel_layouts_train(layout):
+    """TP=2 (both TP modes) and PP=2 inside Megatron-LM's loop: 2 micro-batches per step."""
+    out = check_ok(run_launcher(*layout, "--global-batch-size", "4"))
+    logged = losses(out)
+    assert sorted(logged) == list(range(1, ITERS + 1)), out[-3000:]
+    assert logged[ITERS] < logged[1] - 0.1, logged
+    assert "ML-FOP-SOAP |" in out and "L1 beta" in out  # folding ran (levels 1, 2)
 
 
 def test_same_launcher_runs_megatron_adam_untouched():

@@ -48,7 +48,9 @@ def install_cpu_stand_ins() -> None:
       ``torch.cuda.device_count() > 0``: we report one device (the CPU; ``set_device`` is
       already a no-op under the emulation);
     * ``_compile_dependencies`` calls ``megatron.legacy.fused_kernels.load`` (initialize.py:224),
-      which runs ``$CUDA_HOME/bin/nvcc -V`` and compiles nothing else: made a no-op.
+      which runs ``$CUDA_HOME/bin/nvcc -V`` and compiles nothing else: made a no-op;
+    * with TP > 1 ``validate_args`` reads the GPU architecture (arguments.py:928, to require
+      CUDA_DEVICE_MAX_CONNECTIONS=1 before Blackwell): reported as Hopper (9).
     """
     import torch
 
@@ -58,6 +60,7 @@ def install_cpu_stand_ins() -> None:
     torch.cuda.device_count = lambda: 1
 
     import megatron.legacy.fused_kernels as fused_kernels
+    import megatron.training.arguments as arguments
     import megatron.training.training as training
 
     original = training.initialize_megatron
@@ -68,6 +71,7 @@ def install_cpu_stand_ins() -> None:
 
     training.initialize_megatron = initialize_megatron
     fused_kernels.load = lambda args: None
+    arguments.get_device_arch_version = lambda: 9
 
 
 def use_prebuilt_dataset_helpers() -> None:
