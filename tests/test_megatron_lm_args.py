@@ -174,6 +174,28 @@ def test_megatron_flags_incompatible_with_mlfop(overrides, expected):
     validate_megatron_args(megatron_args(optimizer="adam", **overrides))
 
 
+@pytest.mark.parametrize(
+    "te, cuda, expected",
+    [
+        (False, False, "TransformerEngine (transformer_engine.pytorch) is not installed and no"),
+        (True, False, "but no CUDA GPU is available"),
+        (False, True, "but TransformerEngine (transformer_engine.pytorch) is not installed:"),
+    ],
+)
+def test_fp8_format_without_te_or_gpu_names_the_flag(monkeypatch, te, cuda, expected):
+    from mlfop_megatron.megatron import fp8
+
+    monkeypatch.setattr(fp8, "_te_importable", lambda: te)
+    monkeypatch.setattr(fp8, "_cuda_available", lambda: cuda)
+    with pytest.raises(ValueError) as exc:
+        validate_megatron_args(megatron_args(fp8="hybrid"))
+    assert "--fp8-format hybrid needs TransformerEngine's CUDA kernels" in str(exc.value)
+    assert expected in str(exc.value) and "drop --fp8-format" in str(exc.value)
+    monkeypatch.setattr(fp8, "_te_importable", lambda: True)
+    monkeypatch.setattr(fp8, "_cuda_available", lambda: True)
+    validate_megatron_args(megatron_args(fp8="hybrid"))  # both present: accepted
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("megatron.training") is not None,
     reason="Megatron-LM is importable here; tests/test_megatron_lm_entry.py covers install()",

@@ -145,12 +145,14 @@ def test_pretrain_save_resume_matches_uninterrupted_run(tmp_path):
         ("--tensor-model-parallel-size", "2"),
         ("--tensor-model-parallel-size", "2", "--mlfop-tp-mode", "full"),
         ("--pipeline-model-parallel-size", "2"),
+        ("--bf16", "--global-batch-size", "8"),
     ],
-    ids=["tp2-blockwise", "tp2-full", "pp2"],
+    ids=["tp2-blockwise", "tp2-full", "pp2", "bf16-dp2"],
 )
 def test_model_parallel_layouts_train(layout):
-    """TP=2 (both TP modes) and PP=2 inside Megatron-LM's loop: 2 micro-batches per step."""
-    out = check_ok(run_launcher(*layout, "--global-batch-size", "4"))
+    """TP=2 (both TP modes), PP=2 and bf16 at DP=2 inside Megatron-LM's loop: 2 micro-batches
+    per step (global batch 4 at DP=1, 8 at DP=2)."""
+    out = check_ok(run_launcher("--global-batch-size", "4", *layout))
     logged = losses(out)
     assert sorted(logged) == list(range(1, ITERS + 1)), out[-3000:]
     assert logged[ITERS] < logged[1] - 0.1, logged
@@ -177,8 +179,12 @@ def test_same_launcher_runs_megatron_adam_untouched():
             ("--mlfop-levels", "1,4"),
             "--mlfop-levels 1,4 must end at the number of micro-batches per step (2 = ",
         ),
+        (
+            ("--bf16", "--fp8-format", "hybrid"),
+            "--fp8-format hybrid needs TransformerEngine's CUDA kernels",
+        ),
     ],
-    ids=["distributed-optimizer", "levels-vs-microbatches"],
+    ids=["distributed-optimizer", "levels-vs-microbatches", "fp8-without-te"],
 )
 def test_runtime_install_rejects_what_needs_the_whole_run(flags, message):
     """Checks that need Megatron-LM's full arguments fail inside pretrain, naming the flag."""

@@ -111,6 +111,16 @@ def fp8_requests(
     return out
 
 
+def missing_fp8_requirements() -> list[str]:
+    """What this machine lacks for FP8 (TransformerEngine, a CUDA GPU); empty when usable."""
+    missing = []
+    if not _te_importable():
+        missing.append("TransformerEngine (transformer_engine.pytorch) is not installed")
+    if not _cuda_available():
+        missing.append("no CUDA GPU is available (torch.cuda.is_available() is False)")
+    return missing
+
+
 def check_fp8_support(
     transformer_config: Any = None,
     optimizer_config: Any = None,
@@ -126,11 +136,7 @@ def check_fp8_support(
     configs_only = fp8_requests(transformer_config, optimizer_config)
     if not configs_only and not getattr(_BACKEND, "requires_transformer_engine", True):
         return True  # quantized params of a non-TE backend (the CPU emulation in tests)
-    missing = []
-    if not _te_importable():
-        missing.append("TransformerEngine (transformer_engine.pytorch) is not installed")
-    if not _cuda_available():
-        missing.append("no CUDA GPU is available (torch.cuda.is_available() is False)")
+    missing = missing_fp8_requirements()
     if missing:
         raise RuntimeError(
             f"FP8 training was requested ({', '.join(requests)}) but "

@@ -390,3 +390,13 @@ def validate_megatron_args(args: argparse.Namespace) -> None:
     for failed, message in checks:
         if failed:
             raise ValueError(message)
+    if getattr(args, "fp8", None):
+        from mlfop_megatron.megatron.fp8 import missing_fp8_requirements
+
+        missing = missing_fp8_requirements()
+        if missing:
+            raise ValueError(
+                f"--fp8-format {args.fp8} needs TransformerEngine's CUDA kernels, but "
+                f"{' and '.join(missing)}: run on a CUDA machine with TransformerEngine "
+                "(pip install 'mlfop_megatron[te]') or drop --fp8-format (--bf16 trains in bf16)"
+            )
