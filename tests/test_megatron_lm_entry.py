@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,10 +61,10 @@ LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: ([0-9.E+-]+) 
 LOSS_TOL = 1e-5
 
 
-def run_launcher(
-    *flags: str, nproc: int = 2, timeout: int = 240, source: str | None = None, **env_extra: str
-) -> subprocess.CompletedProcess:
-    """The launcher under torchrun on CPU; ``source`` overrides MEGATRON_LM_DIR."""
+def launcher_command(
+    *flags: str, nproc: int = 2, source: str | None = None, **env_extra: str
+) -> tuple[list[str], dict[str, str]]:
+    """Command and environment of the launcher under torchrun on CPU."""
     env = dict(
         os.environ,
         MEGATRON_LM_DIR=str(Path(source or SOURCE).resolve()),
@@ -88,6 +91,14 @@ def run_launcher(
         *TRAIN,
         *flags,
     ]
+    return cmd, env
+
+
+def run_launcher(
+    *flags: str, nproc: int = 2, timeout: int = 240, source: str | None = None, **env_extra: str
+) -> subprocess.CompletedProcess:
+    """The launcher under torchrun on CPU; ``source`` overrides MEGATRON_LM_DIR."""
+    cmd, env = launcher_command(*flags, nproc=nproc, source=source, **env_extra)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 
@@ -236,3 +247,80 @@ def test_megatron_parse_args_rejects_bad_mlfop_values():
         "argument --mlfop-refresh-method: invalid choice: 'svd' (choose from 'qr', 'eigh')",
     ):
         assert f"pretrain_gpt_mlfop.py: error: {message}" in proc.stderr, proc.stderr[-4000:]
+
+
+FAULT_ITERS = 8
+
+
+def _signal_during_megatron_save(ckpt: Path, log: Path, sig: int, *flags: str) -> int:
+    """Start a run saving every 2 iterations; send ``sig`` to all its processes while the save
+    after the first complete one is being written. Returns the run's exit code."""
+    cmd, env = launcher_command(
+        "--train-iters", str(FAULT_ITERS), "--save", str(ckpt), "--save-interval", "2", *flags
+    )
+    tracker = ckpt / "latest_checkpointed_iteration.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            complete = tracker.read_text().strip() if tracker.exists() else ""
+            if complete == "2" and (ckpt / "iter_0000004").is_dir():  # save of 4 in progress
+                # The ranks, as srun would signal them (torchrun runs them in their own
+                # sessions; signalling torchrun instead makes it tear the workers down).
+                ranks = psutil.Process(proc.pid).children()
+                targets = psutil.Process(proc.pid).children(recursive=True)
+                for child in targets if sig == signal.SIGKILL else ranks:
+                    child.send_signal(sig)
+                break
+            time.sleep(0.01)
+        else:
+            proc.kill()
+            raise AssertionError("never saw the second save in progress:\n" + log.read_text())
+        return proc.wait(timeout=180)
+
+
+@pytest.fixture(scope="module")
+def fault_reference(tmp_path_factory) -> dict[int, float]:
+    ckpt = tmp_path_factory.mktemp("fault-ref")
+    flags = ("--train-iters", str(FAULT_ITERS), "--save", str(ckpt), "--save-interval", "1000")
+    return losses(check_ok(run_launcher(*flags)))
+
+
+def test_sigkill_during_a_megatron_save_resumes_from_the_last_complete_one(
+    tmp_path, fault_reference
+):
+    """Megatron-LM's tracker names only complete saves: a save killed midway is never loaded."""
+    ckpt, log = tmp_path / "ckpt", tmp_path / "killed.log"
+    code = _signal_during_megatron_save(ckpt, log, signal.SIGKILL)
+    assert code != 0 and "Signal 9 (SIGKILL)" in log.read_text(), log.read_text()[-3000:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    out = check_ok(run_launcher("--train-iters", str(FAULT_ITERS), "--load", str(ckpt)))
+    assert "successfully loaded checkpoint" in out and "at iteration 2" in out, out[-3000:]
+    resumed = losses(out)
+    assert sorted(resumed) == list(range(3, FAULT_ITERS + 1)), out[-3000:]
+    for it, value in resumed.items():
+        assert value == pytest.approx(fault_reference[it], abs=LOSS_TOL), (it, value)
+
+
+def test_sigterm_during_a_megatron_save_finishes_it_and_stops_for_requeue(
+    tmp_path, fault_reference
+):
+    """With --exit-signal-handler the interrupted save completes, the run saves again at the
+    next iteration and exits with the requeue code; the resumed run repeats the reference."""
+    from mlfop_megatron.launch.preemption import REQUEUE_EXIT_CODE
+
+    ckpt, log = tmp_path / "ckpt", tmp_path / "terminated.log"
+    code = _signal_during_megatron_save(ckpt, log, signal.SIGTERM, "--exit-signal-handler")
+    text = log.read_text()
+    # torchrun reports a failed worker (1); the ranks themselves exit with the requeue code.
+    assert code != 0 and f"(exitcode: {REQUEUE_EXIT_CODE})" in text, text[-3000:]
+    stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert stopped == 5, text[-3000:]  # save of 4 finished, stop after iteration 5
+    assert f"stopped at iteration {stopped}: exiting for requeue" in text
+    out = check_ok(run_launcher("--train-iters", str(FAULT_ITERS), "--load", str(ckpt)))
+    resumed = losses(out)
+    assert sorted(resumed) == list(range(stopped + 1, FAULT_ITERS + 1)), out[-3000:]
+    for it, value in resumed.items():
+        assert value == pytest.approx(fault_reference[it], abs=LOSS_TOL), (it, value)
