@@ -203,3 +203,40 @@ def test_fp8_format_without_te_or_gpu_names_the_flag(monkeypatch, te, cuda, expe
 def test_install_without_megatron_lm_says_what_to_do():
     with pytest.raises(ImportError, match=r"put a Megatron-LM checkout .* on PYTHONPATH"):
         install()
+
+
+def test_stats_logging_interval_line_and_writer(capsys):
+    """The per-interval ML-FOP-SOAP line and scalars (Megatron-LM's training_log hook)."""
+    import torch
+
+    from mlfop_megatron.megatron_lm.install import log_stats_if_due
+    from mlfop_megatron.optim import MLFOPSOAP
+
+    class Writer:
+        def __init__(self):
+            self.tags = []
+
+        def add_scalar(self, tag, value, step):
+            self.tags.append((tag, step))
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 5)
+    opt = MLFOPSOAP(model.parameters(), accumulation_steps=2)
+    for _ in range(3):
+        for _ in range(2):
+            model(torch.randn(8, 6)).pow(2).mean().backward()
+            opt.accumulate()
+        opt.step()
+    every_2 = argparse.Namespace(mlfop_stats_interval=None, log_interval=2)
+    assert log_stats_if_due(every_2, 3, opt, Writer()) is None  # not due
+    off = argparse.Namespace(mlfop_stats_interval=0, log_interval=1)
+    assert log_stats_if_due(off, 4, opt) is None  # 0 turns it off
+    writer = Writer()
+    stats = log_stats_if_due(every_2, 4, opt, writer)
+    line = capsys.readouterr().out
+    assert "iteration        4 | ML-FOP-SOAP | skipped 0 | eigh fallbacks 0 | L1 beta " in line
+    assert stats["levels"][0]["level"] == 1.0
+    assert ("mlfop/level1/beta_mean", 4) in writer.tags
+    assert ("mlfop/skipped_steps", 4) in writer.tags
+    if not any(k.startswith("gpu/") for k in stats):  # no NVML here: no GPU scalars, no crash
+        assert not any(tag.startswith("mlfop/gpu") for tag, _ in writer.tags)

@@ -114,11 +114,12 @@ def gpu_telemetry_max() -> dict[str, float]:
 
 
 def log_stats_if_due(
-    args: argparse.Namespace, iteration: int, optimizer: Any = None
+    args: argparse.Namespace, iteration: int, optimizer: Any = None, writer: Any = None
 ) -> dict[str, Any] | None:
     """Collective on all ranks: every N iterations gather optimizer stats and log them.
 
-    ``optimizer`` defaults to the one the runtime install built (the patch passes its own).
+    ``optimizer`` defaults to the one the runtime install built (the patch passes its own);
+    ``writer`` to Megatron-LM's tensorboard writer (None on ranks that have none).
     """
     optimizer = optimizer if optimizer is not None else _Installed.optimizer
     interval = args.mlfop_stats_interval
@@ -131,7 +132,7 @@ def log_stats_if_due(
     from mlfop_megatron.megatron.diagnostics_logging import log_optimizer_stats
 
     stats = {**optimizer.stats(), **gpu_telemetry_max()}
-    log_optimizer_stats(stats, iteration)
+    log_optimizer_stats(stats, iteration, writer)
     if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
         print(f" iteration {iteration:8d} | {_stats_line(stats)}", flush=True)  # as Megatron-LM
     return stats
