@@ -155,3 +155,22 @@ def test_accumulate_misuse_raises_clear_errors():
     p.grad = torch.randn(3, 3)
     with pytest.raises(ValueError, match="more than accumulation_steps"):
         opt.accumulate()
+
+
+def test_level_folding_walks_the_schedule_with_and_without_blocks():
+    """fold_level (level means reduced by the caller, as the Megatron path does) advances the
+    window; a rank that owns no block still completes it with an empty result."""
+    from mlfop_megatron.core.folding import WindowFolder
+
+    cfg = FoldingConfig(accumulation_steps=4)
+    schedule = LevelSchedule.from_config(cfg)
+    empty = WindowFolder(schedule, cfg, rotate_fns=[], metric_diags=[])
+    one = WindowFolder(schedule, cfg, rotate_fns=[lambda x: x], metric_diags=[None])
+    for level in range(schedule.num_levels):
+        assert not empty.complete and not one.complete
+        empty.fold_level(level, [])
+        one.fold_level(level, [torch.full((2, 3), float(level + 1))])
+        assert empty.micro_steps == one.micro_steps == schedule.boundaries[level]
+    assert empty.complete and empty.result() == ([], [])
+    folded, _ = one.result()
+    assert folded[0].shape == (2, 3) and torch.isfinite(folded[0]).all()

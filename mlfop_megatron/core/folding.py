@@ -148,7 +148,17 @@ class WindowFolder:
             self.fold_level(level, means)
 
     def fold_level(self, level: int, level_means: Sequence[torch.Tensor]) -> None:
-        """Fold a completed level's mean gradients (taken over by the folder, not copied)."""
+        """Fold a completed level's mean gradients (taken over by the folder, not copied).
+
+        Callers that reduce level sums themselves (the Megatron DDP path) call this directly;
+        the window then counts the level's micro-steps as done.
+        """
+        self._fold(level, level_means)
+        self.micro_steps = self.schedule.boundaries[level]
+
+    def _fold(self, level: int, level_means: Sequence[torch.Tensor]) -> None:
+        if not self.num_blocks:  # a rank that owns no block still walks the schedule
+            return
         last = level == self.schedule.num_levels - 1
         if level == 0:
             for i, mean in enumerate(level_means):

@@ -130,7 +130,6 @@ class ShardedSOAP:
                 metric_diags=[metric_diag(o.state, self.config.soap) for o in self.owned],
                 reduce_fn=self._reduce if self.reduce_group is not None else None,
             )
-            self._folder.micro_steps = 0
         dtype_of = [state_dtype(o.param.dtype) for o in self.owned]
         slices = [
             o.view(level_grads[o.block.param_index]).to(dtype, copy=True)
@@ -140,10 +139,8 @@ class ShardedSOAP:
             for s in slices:
                 s.mul_(scale)
         start = time.perf_counter()
-        if self.owned:
-            self._folder.fold_level(level, slices)
+        self._folder.fold_level(level, slices)
         self.timings["fold"] += time.perf_counter() - start
-        self._folder.micro_steps = self.schedule.boundaries[level]
 
     def has_window(self) -> bool:
         return self._folder is not None and self._folder.complete
