@@ -41,3 +41,19 @@ def test_save_dp2_reshard_to_dp1_allclose(tmp_path):
     resumed = run_distributed(run_tiny_gpt, 1, dict(base, load_from=latest_checkpoint(ckpt)))[0]
     for name, value in full[0]["params"].items():
         assert torch.allclose(resumed["params"][name], value, rtol=1e-5, atol=1e-7), name
+
+
+def test_latest_checkpoint_ignores_partial_dirs_and_survives_a_bad_marker(tmp_path):
+    """Only renamed iter_NNNNNNN folders are complete; a missing or truncated marker (a crash
+    between the rename and the marker update) falls back to the newest complete folder."""
+    assert latest_checkpoint(str(tmp_path / "absent")) is None
+    assert latest_checkpoint(str(tmp_path)) is None
+    (tmp_path / "iter_0000003").mkdir()
+    (tmp_path / "iter_0000010").mkdir()
+    (tmp_path / "iter_0000020.tmp").mkdir()  # a save that died mid-write
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "iter_0000010")
+    (tmp_path / "latest").write_text("iter_0000003")
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "iter_0000003")
+    for bad in ("", "iter_00", "../elsewhere", "iter_0000020.tmp", "iter_0000099"):
+        (tmp_path / "latest").write_text(bad)
+        assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "iter_0000010"), bad

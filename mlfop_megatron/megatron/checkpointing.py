@@ -9,6 +9,7 @@ Scalars (step, initialized) travel as 0-d tensors; param groups are common state
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from typing import Any
 
@@ -101,20 +102,38 @@ def save_checkpoint(checkpoint_dir: str, model: Any, optimizer: Any, iteration: 
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        with open(os.path.join(checkpoint_dir, "latest"), "w") as fh:
+        marker = os.path.join(checkpoint_dir, "latest")
+        with open(marker + ".tmp", "w") as fh:  # the marker is replaced atomically too
             fh.write(os.path.basename(final))
+        os.replace(marker + ".tmp", marker)
     dist.barrier()
     return final
 
 
+_CHECKPOINT_NAME = re.compile(r"iter_(\d{7})")
+
+
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
-    """The newest complete checkpoint directory, or None."""
+    """The newest complete checkpoint directory, or None.
+
+    Complete directories are exactly the renamed ``iter_NNNNNNN`` ones (``.tmp`` ones are
+    partial). The ``latest`` marker names the newest; if it is missing or unreadable (a crash
+    between the rename and the marker update), the newest complete directory is used.
+    """
     marker = os.path.join(checkpoint_dir, "latest")
-    if not os.path.exists(marker):
+    if os.path.exists(marker):
+        with open(marker) as fh:
+            name = fh.read().strip()
+        if _CHECKPOINT_NAME.fullmatch(name) and os.path.isdir(os.path.join(checkpoint_dir, name)):
+            return os.path.join(checkpoint_dir, name)
+    if not os.path.isdir(checkpoint_dir):
         return None
-    with open(marker) as fh:
-        path = os.path.join(checkpoint_dir, fh.read().strip())
-    return path if os.path.isdir(path) else None
+    complete = sorted(
+        name
+        for name in os.listdir(checkpoint_dir)
+        if _CHECKPOINT_NAME.fullmatch(name) and os.path.isdir(os.path.join(checkpoint_dir, name))
+    )
+    return os.path.join(checkpoint_dir, complete[-1]) if complete else None
 
 
 def load_checkpoint(path: str, model: Any, optimizer: Any) -> int:
