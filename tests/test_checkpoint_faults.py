@@ -53,8 +53,8 @@ def launch_ranks(out: Path, *extra: str) -> list[subprocess.Popen]:
             OMP_NUM_THREADS="1",
         )
         cmd = [sys.executable, str(SCRIPT), "--quick", "--steps", str(STEPS), "--out", str(out)]
-        log = open(out / f"rank{rank}.log", "ab")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen([*cmd, *extra], env=env, stdout=log, stderr=log))
+        with open(out / f"rank{rank}.log", "ab") as log:  # the child keeps its own copy
+            procs.append(subprocess.Popen([*cmd, *extra], env=env, stdout=log, stderr=log))
     return procs
 
 

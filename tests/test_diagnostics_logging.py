@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from mlfop_megatron.megatron.diagnostics_logging import flatten_stats, log_optimizer_stats
@@ -18,16 +20,21 @@ class RecordingWriter:
         self.scalars.append((tag, value, step))
 
 
-def test_plain_optimizer_stats_are_logged_per_level():
+def trained_optimizer(accumulation_steps: int) -> MLFOPSOAP:
+    """MLFOPSOAP on a small linear layer after 3 folded steps (fold diagnostics exist)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 5)
-    opt = MLFOPSOAP(model.parameters(), accumulation_steps=4)
+    opt = MLFOPSOAP(model.parameters(), accumulation_steps=accumulation_steps)
     for _ in range(3):
-        for _ in range(4):
+        for _ in range(accumulation_steps):
             model(torch.randn(8, 6)).pow(2).mean().backward()
             opt.accumulate()
         opt.step()
-    stats = opt.stats()
+    return opt
+
+
+def test_plain_optimizer_stats_are_logged_per_level():
+    stats = trained_optimizer(4).stats()
     assert [lvl["level"] for lvl in stats["levels"]] == [1.0, 2.0]
     writer = RecordingWriter()
     count = log_optimizer_stats(stats, iteration=3, writer=writer)
@@ -42,3 +49,24 @@ def test_plain_optimizer_stats_are_logged_per_level():
 
 def test_without_a_writer_nothing_is_written():
     assert log_optimizer_stats({"skipped_steps": 0}, iteration=1) == 0
+
+
+def test_megatron_lm_stats_hook_interval_line_and_writer(capsys):
+    """The per-interval ML-FOP-SOAP line and scalars (Megatron-LM's training_log hook)."""
+    from mlfop_megatron.megatron_lm.install import log_stats_if_due
+
+    opt = trained_optimizer(2)
+    every_2 = argparse.Namespace(mlfop_stats_interval=None, log_interval=2)
+    assert log_stats_if_due(every_2, 3, opt, RecordingWriter()) is None  # not due
+    off = argparse.Namespace(mlfop_stats_interval=0, log_interval=1)
+    assert log_stats_if_due(off, 4, opt) is None  # 0 turns it off
+    writer = RecordingWriter()
+    stats = log_stats_if_due(every_2, 4, opt, writer)
+    line = capsys.readouterr().out
+    assert "iteration        4 | ML-FOP-SOAP | skipped 0 | eigh fallbacks 0 | L1 beta " in line
+    assert stats["levels"][0]["level"] == 1.0
+    tags = {(tag, step) for tag, _, step in writer.scalars}
+    assert ("mlfop/level1/beta_mean", 4) in tags
+    assert ("mlfop/skipped_steps", 4) in tags
+    if not any(k.startswith("gpu/") for k in stats):  # no NVML here: no GPU scalars, no crash
+        assert not any(tag.startswith("mlfop/gpu") for tag, _ in tags)

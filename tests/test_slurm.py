@@ -37,7 +37,8 @@ pytestmark = [
 ]
 
 
-def _submit(run_dir: Path) -> str:
+def _submit(run_dir: Path, **job_env: str) -> str:
+    """sbatch the CPU-mode job (2 tasks); ``job_env`` overrides the demo's TRAIN_ARGS etc."""
     env = dict(
         os.environ,
         RUN_DIR=str(run_dir),
@@ -45,6 +46,7 @@ def _submit(run_dir: Path) -> str:
         PYTHON=sys.executable,
         TRAIN_ARGS=f"--quick --steps {STEPS}",
     )
+    env.update(job_env)
     cmd = [
         "sbatch",
         "--parsable",
@@ -146,32 +148,12 @@ def test_megatron_lm_job_preempted_requeues_and_resumes_to_the_same_losses(tmp_p
     before the time limit, saves (torch_dist), requeues and resumes to the uninterrupted losses."""
     from test_megatron_lm_entry import CPU_FLAGS, LOSS_TOL, MODEL, TRAIN, losses
 
-    train = [f if f != "6" else str(MEGATRON_ITERS) for f in TRAIN]  # --train-iters
-    assert f"--train-iters {MEGATRON_ITERS}" in " ".join(train)
-    args = " ".join([*MODEL, *CPU_FLAGS, *train, "--save-interval", "1000"])
+    # The later --train-iters overrides TRAIN's (argparse keeps the last value).
+    overrides = ["--train-iters", str(MEGATRON_ITERS), "--save-interval", "1000"]
+    args = " ".join([*MODEL, *CPU_FLAGS, *TRAIN, *overrides])
 
     def submit(run_dir: Path) -> str:
-        env = dict(
-            os.environ,
-            RUN_DIR=str(run_dir),
-            MLFOP_MODE="cpu",
-            LAUNCH="megatron-lm",
-            PYTHON=sys.executable,
-            TRAIN_ARGS=args,
-            OMP_NUM_THREADS="1",
-        )
-        cmd = [
-            "sbatch",
-            "--parsable",
-            "--nodes=1",
-            "--ntasks-per-node=2",
-            "--gpus-per-node=0",
-            "--cpus-per-task=1",
-            f"--output={run_dir}.out",
-            "slurm/pretrain.sbatch",
-        ]
-        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-        return out.stdout.strip().split(";")[0]
+        return _submit(run_dir, LAUNCH="megatron-lm", TRAIN_ARGS=args, OMP_NUM_THREADS="1")
 
     clean_dir, preempted_dir = tmp_path / "clean", tmp_path / "preempted"
     clean = submit(clean_dir)

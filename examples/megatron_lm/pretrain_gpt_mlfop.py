@@ -239,7 +239,8 @@ def stopped_before_the_end() -> int | None:
     tracker = os.path.join(args.save, "latest_checkpointed_iteration.txt")
     if not os.path.exists(tracker):
         return None
-    text = open(tracker).read().strip()
+    with open(tracker) as fh:
+        text = fh.read().strip()
     saved = int(text) if text.isdigit() else None
     return saved if saved is not None and saved < args.train_iters else None
 
