@@ -132,3 +132,15 @@ def queue_backward_callback(callback: Callable[[], None]) -> None:
 def ddp_params_with_grad(ddp_model: Any) -> list[Any]:
     """Trainable params registered with a megatron DistributedDataParallel's grad buffers."""
     return list(ddp_model.params_with_grad)
+
+
+def optimizer_grads_for_norm(optimizer: Any) -> list[torch.Tensor]:
+    """Grads a Megatron optimizer counts in the global norm (no shared or TP-duplicate params).
+
+    0.16-0.18 call it ``get_main_grads_for_grad_norm()``; 0.19 renamed it to
+    ``get_grads_for_grad_norm(grad_norm_group=None)`` (None: the main norm, i.e. every param not
+    tagged into a separately clipped group such as MTP).
+    """
+    if hasattr(optimizer, "get_grads_for_grad_norm"):
+        return list(optimizer.get_grads_for_grad_norm())
+    return list(optimizer.get_main_grads_for_grad_norm())

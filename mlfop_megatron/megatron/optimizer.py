@@ -23,7 +23,7 @@ from mlfop_megatron.core.folding import summarize_level
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.distributed.sharded_soap import PHASES, ShardedSOAP
 from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP
-from mlfop_megatron.megatron import fused_kernels
+from mlfop_megatron.megatron import compat, fused_kernels
 from mlfop_megatron.megatron.fp8 import QuantizedParamShadows
 
 
@@ -303,7 +303,7 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
     def _other_grads(self) -> list[torch.Tensor]:
         grads = []
         for opt in self.others:
-            grads.extend(g for g in opt.get_main_grads_for_grad_norm() if g is not None)
+            grads.extend(g for g in compat.optimizer_grads_for_norm(opt) if g is not None)
         return grads
 
     @torch.no_grad()
