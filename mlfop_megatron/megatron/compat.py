@@ -10,6 +10,7 @@ may be imported directly elsewhere.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import warnings
@@ -144,3 +145,56 @@ def optimizer_grads_for_norm(optimizer: Any) -> list[torch.Tensor]:
     if hasattr(optimizer, "get_grads_for_grad_norm"):
         return list(optimizer.get_grads_for_grad_norm())
     return list(optimizer.get_main_grads_for_grad_norm())
+
+
+def _resolve(module: str, *names: str) -> Any:
+    """``module.names[0].names[1]...``, failing with the full dotted name that is missing."""
+    obj: Any = importlib.import_module(module)
+    path = module
+    for name in names:
+        path = f"{path}.{name}"
+        if not hasattr(obj, name):
+            raise AttributeError(f"{path} does not exist in this megatron-core / torch")
+        obj = getattr(obj, name)
+    return obj
+
+
+def _grads_for_norm_name() -> str:
+    """The MegatronOptimizer method optimizer_grads_for_norm() calls on this version."""
+    return (
+        "get_grads_for_grad_norm"
+        if megatron_core_version() >= (0, 19, 0)
+        else "get_main_grads_for_grad_norm"
+    )
+
+
+_TP_RANDOM = "megatron.core.tensor_parallel.random"
+_DDP = "megatron.core.distributed.distributed_data_parallel"
+_BUFFER = "megatron.core.distributed.param_and_grad_buffer"
+_FP8 = "megatron.core.fp8_utils"
+
+# Every private or version-dependent megatron-core (and torch) name this package relies on, as
+# name -> resolver. tests/test_compat.py resolves each on the installed megatron-core, so a
+# release that moves one fails there, by name, instead of deep inside a training run. (The DDP
+# instance attributes behind ddp_bucket_groups / ddp_buffers are checked there on a real DDP.)
+PRIVATE_API_PROBES: dict[str, Callable[[], Any]] = {
+    f"{_TP_RANDOM}._get_cuda_rng_state": lambda: _resolve(_TP_RANDOM, "_get_cuda_rng_state"),
+    f"{_TP_RANDOM}._set_cuda_rng_state": lambda: _resolve(_TP_RANDOM, "_set_cuda_rng_state"),
+    f"{_TP_RANDOM}.CudaRNGStatesTracker": lambda: _resolve(_TP_RANDOM, "CudaRNGStatesTracker"),
+    "DistributedDataParallel._make_backward_post_hook": lambda: _resolve(
+        _DDP, "DistributedDataParallel", "_make_backward_post_hook"
+    ),
+    "_ParamAndGradBucketGroup.reset": lambda: _resolve(
+        _BUFFER, "_ParamAndGradBucketGroup", "reset"
+    ),
+    "torch.autograd Variable._execution_engine.queue_callback": lambda: _resolve(
+        "torch.autograd", "Variable", "_execution_engine", "queue_callback"
+    ),
+    "MegatronOptimizer grads for the global norm": lambda: _resolve(
+        "megatron.core.optimizer", "MegatronOptimizer", _grads_for_norm_name()
+    ),
+    f"{_FP8}.quantize_param_shard": lambda: _resolve(_FP8, "quantize_param_shard"),
+    f"{_FP8}.post_all_gather_processing": lambda: _resolve(_FP8, "post_all_gather_processing"),
+    f"{_FP8}.is_float8tensor": lambda: _resolve(_FP8, "is_float8tensor"),
+    f"{_FP8}.dequantize_fp8_tensor": lambda: _resolve(_FP8, "dequantize_fp8_tensor"),
+}
