@@ -83,6 +83,7 @@ def test_tp2_full_mode_inside_megatron():
     base = dict(iters=6, microbatches=4, global_micro=2, **FP64_IDENTITY)
     tp1 = run_distributed(run_tiny_gpt, 1, base)[0]
     full = run_distributed(run_tiny_gpt, 2, dict(base, tp=2, tp_mode="full"))
+    assert "TensorParallelFullSOAP" in full[0]["engines"]  # the full-mode engine ran
     _assert_close(_full_params(full), tp1["params"], 1e-4, 2e-5, "TP=2 full vs TP=1")
     rotated = run_distributed(run_tiny_gpt, 2, dict(iters=8, microbatches=4, tp=2, tp_mode="full"))
     assert rotated[0]["losses"][-1] < rotated[0]["losses"][0] - 0.2

@@ -51,7 +51,7 @@ class LevelDiagnostics:
                 total[DD],
                 self.s.sum(),
                 self.beta.sum(),
-                torch.tensor(float(self.s.numel()), dtype=total.dtype),
+                torch.tensor(float(self.s.numel()), dtype=total.dtype, device=total.device),
             ]
         )
 

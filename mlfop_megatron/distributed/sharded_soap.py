@@ -153,8 +153,9 @@ class ShardedSOAP:
     def local_grad_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of squares, non-finite flag) over this rank's owned folded gradients."""
         grads, _ = self.window_gradients()
-        sq = torch.zeros((), dtype=torch.float64)
-        bad = torch.zeros((), dtype=torch.bool)
+        device = self.params[0].device  # a rank that owns no block still reduces these
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        bad = torch.zeros((), dtype=torch.bool, device=device)
         for g in grads:
             sq = sq + g.double().pow(2).sum()
             bad = bad | ~torch.isfinite(g).all()

@@ -43,8 +43,9 @@ def optimizer_sharded_state_dict(optimizer: Any, is_loading: bool = False) -> di
                     entry[field] = ShardedTensor.from_rank_offsets(
                         f"{key}.{field}", owned.state[field], replica_id=replica
                     )
+            device = owned.state["exp_avg"].device  # next to the block's tensors
             for field, dtype in SCALAR_FIELDS.items():
-                value = torch.tensor(owned.state[field], dtype=dtype)
+                value = torch.tensor(owned.state[field], dtype=dtype, device=device)
                 entry[field] = ShardedTensor.from_rank_offsets(
                     f"{key}.{field}", value, replica_id=replica
                 )

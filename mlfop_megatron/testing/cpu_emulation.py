@@ -14,6 +14,10 @@ were the CPU:
     ``set_rng_state`` and megatron's private ``_get/_set_cuda_rng_state`` (via
     ``mlfop_megatron.megatron.compat``) read and write it.
 
+(d) optionally (``strict=True`` or ``MLFOP_STRICT_DEVICE=1``), strict device checking: what
+    was created for the "GPU" is tagged, reports ``device == cuda:0``, and ops that mix it
+    with host tensors fail as on a real GPU (see :mod:`mlfop_megatron.testing.strict_device`).
+
 ``torch.cuda.is_available()`` keeps returning False. Installing it on a machine with CUDA is
 refused: the GPU path must never depend on this module.
 """
@@ -29,6 +33,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from mlfop_megatron.testing import strict_device
+
 _CPU = torch.device("cpu")
 
 
@@ -43,11 +49,16 @@ def _is_cuda_like(device: Any) -> bool:
     return isinstance(device, torch.device) and device.type == "cuda"
 
 
+_AUTOGRAD_ENTRIES = (torch.autograd.backward, torch.autograd.grad, torch.Tensor.backward)
+
+
 class CpuDeviceMode(TorchFunctionMode):
     """Redirects CUDA device arguments of torch calls to CPU (see module docstring, (a))."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if strict_device.is_strict_installed():
+            return self._strict(func, args, kwargs)
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.record_stream:
@@ -58,6 +69,34 @@ class CpuDeviceMode(TorchFunctionMode):
             kwargs = dict(kwargs, pin_memory=False)
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_like(args[1]):
             args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+    def _strict(self, func, args, kwargs):
+        """Strict mode: the same redirections, tagging what was meant for the accelerator
+        and copying across the host/device boundary (see strict_device)."""
+        if func in _AUTOGRAD_ENTRIES:
+            # Custom autograd.Function backwards (Megatron's cross entropy) run inside this
+            # call and derive devices from grads that now say "cuda": keep redirecting there.
+            with self:
+                return torch.overrides.redispatch_function(func, (), args, kwargs)
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.record_stream:
+            return None
+        if func is torch.Tensor.cuda:
+            t = args[0]
+            return t if strict_device.is_tagged(t) else strict_device.tag(t.clone())
+        if func is torch.Tensor.cpu:
+            return strict_device.device_to_host(args[0])
+        if func is torch.Tensor.numpy and strict_device.is_tagged(args[0]):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy (strict mode)")
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
+        if func is torch.Tensor.to:
+            return strict_device.to_device(func, args, kwargs, _is_cuda_like)
+        if "device" in kwargs and _is_cuda_like(kwargs["device"]):
+            kwargs = dict(kwargs, device=_CPU)
+            return strict_device.tag_new(func(*args, **kwargs), args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -182,10 +221,18 @@ def is_cpu_emulation_installed() -> bool:
     return _STATE.mode is not None
 
 
-def install_cpu_emulation(with_megatron: bool = True) -> None:
-    """Install the CPU emulation (idempotent); refuses when a real CUDA device is present."""
+def install_cpu_emulation(with_megatron: bool = True, strict: bool | None = None) -> None:
+    """Install the CPU emulation (idempotent); refuses when a real CUDA device is present.
+
+    ``strict`` adds strict device checking (:mod:`mlfop_megatron.testing.strict_device`);
+    None reads $MLFOP_STRICT_DEVICE. Strict mode can be added to an installed emulation.
+    """
+    if strict is None:
+        strict = strict_device.env_enabled()
     with _STATE.lock:
         if _STATE.mode is not None:
+            if strict:
+                strict_device.install_strict_device()
             return
         if torch.cuda.is_available():
             raise RuntimeError("CPU emulation of CUDA must not be installed on a CUDA machine")
@@ -202,6 +249,8 @@ def install_cpu_emulation(with_megatron: bool = True) -> None:
         mode = CpuDeviceMode()
         mode.__enter__()
         _STATE.mode, _STATE.restorers = mode, restorers
+        if strict:
+            strict_device.install_strict_device()
 
 
 def uninstall_cpu_emulation() -> None:
@@ -209,6 +258,7 @@ def uninstall_cpu_emulation() -> None:
     with _STATE.lock:
         if _STATE.mode is None:
             return
+        strict_device.uninstall_strict_device()
         _STATE.mode.__exit__(None, None, None)
         for restore in reversed(_STATE.restorers):
             restore()
@@ -216,12 +266,17 @@ def uninstall_cpu_emulation() -> None:
 
 
 @contextlib.contextmanager
-def cpu_emulation(with_megatron: bool = True) -> Iterator[None]:
-    """Context manager form: install on entry, uninstall on exit if this call installed it."""
+def cpu_emulation(with_megatron: bool = True, strict: bool | None = None) -> Iterator[None]:
+    """Context manager form: install on entry, uninstall on exit what this call installed."""
+    if strict is None:
+        strict = strict_device.env_enabled()
     owned = not is_cpu_emulation_installed()
-    install_cpu_emulation(with_megatron=with_megatron)
+    owned_strict = strict and not strict_device.is_strict_installed()
+    install_cpu_emulation(with_megatron=with_megatron, strict=strict)
     try:
         yield
     finally:
         if owned:
             uninstall_cpu_emulation()
+        elif owned_strict:
+            strict_device.uninstall_strict_device()

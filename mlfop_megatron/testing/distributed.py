@@ -78,6 +78,7 @@ def _child(
     threads: int,
     emulate_cuda: bool,
     pg_timeout_s: float,
+    strict_device: bool = False,
 ) -> None:
     """Per-rank entry point: set up the gloo world, run fn, report result or traceback."""
     try:
@@ -86,7 +87,7 @@ def _child(
         if emulate_cuda:
             from mlfop_megatron.testing.cpu_emulation import install_cpu_emulation
 
-            install_cpu_emulation()
+            install_cpu_emulation(strict=strict_device)
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
         dist.init_process_group(
             "gloo",
@@ -130,6 +131,7 @@ def run_distributed(
     threads: int = 1,
     emulate_cuda: bool = True,
     start_method: str | None = None,
+    strict_device: bool | None = None,
 ) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the results in rank order.
 
@@ -137,7 +139,13 @@ def run_distributed(
     :mod:`mlfop_megatron.testing.cpu_emulation` in every rank before the world is created.
     ``threads`` is each rank's torch/OpenMP thread count (keep ranks x threads <= cores).
     ``start_method``: 'forkserver' (default where available) or 'spawn'.
+    ``strict_device``: emulate with strict device checking (see
+    :mod:`mlfop_megatron.testing.strict_device`); None reads $MLFOP_STRICT_DEVICE here.
     """
+    if strict_device is None:
+        from mlfop_megatron.testing.strict_device import env_enabled
+
+        strict_device = env_enabled()
     ctx = _context(start_method)
     results = ctx.Queue()
     port = find_free_port()
@@ -146,7 +154,18 @@ def run_distributed(
         for rank in range(world_size):
             p = ctx.Process(
                 target=_child,
-                args=(fn, rank, world_size, port, args, results, threads, emulate_cuda, timeout),
+                args=(
+                    fn,
+                    rank,
+                    world_size,
+                    port,
+                    args,
+                    results,
+                    threads,
+                    emulate_cuda,
+                    timeout,
+                    strict_device,
+                ),
                 daemon=False,  # dist_checkpointing starts writer processes; cleanup below
             )
             p.start()
