@@ -296,9 +296,26 @@ def use_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def on_accelerator() -> bool:
+    """Whether model and batches go to "cuda": a real GPU, or the strict CPU emulation.
+
+    Strict mode (``MLFOP_STRICT_DEVICE=1``, see mlfop_megatron/testing/strict_device.py) tags
+    what is created for "cuda" and fails on host/device mixing, so the demo's GPU data path
+    runs on a CPU machine and device bugs show there. Kernel choices (TE, NCCL, the attention
+    mask) still follow use_cuda().
+    """
+    if use_cuda():
+        return True
+    from mlfop_megatron.testing.strict_device import is_strict_installed
+
+    return is_strict_installed()
+
+
 def device() -> torch.device:
-    """The device of this rank (its local GPU, else CPU)."""
-    return torch.device("cuda", torch.cuda.current_device()) if use_cuda() else torch.device("cpu")
+    """The device of this rank (its local GPU, else CPU; "cuda" under strict emulation)."""
+    if on_accelerator():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def to_device(batch: Batch) -> Batch:
@@ -353,7 +370,9 @@ def build_model(spec: RunSpec, data: DigitsData) -> Any:
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         pipeline_dtype=torch.float32,
         params_dtype=torch.float32,
-        use_cpu_initialization=not use_cuda(),
+        # Weights from the CPU RNG on every device (then moved), so GPU, CPU and strict
+        # emulated runs start from the same model.
+        use_cpu_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_dropout_fusion=False,
@@ -370,7 +389,7 @@ def build_model(spec: RunSpec, data: DigitsData) -> Any:
         share_embeddings_and_output_weights=False,
         position_embedding_type="learned_absolute",
     )
-    if use_cuda():
+    if on_accelerator():
         model.cuda(torch.cuda.current_device())
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -885,6 +904,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any] | None:
     """
     run = setup_run(spec)
     out, rank0 = Path(spec.out), dist.get_rank() == 0
+    if rank0 and on_accelerator() and not use_cuda():
+        print("strict device emulation: model and batches on emulated cuda; mixing fails")
     start = load_checkpoint(out, spec.optimizer, run.model, run.optimizer) if spec.resume else 0
     writer = MetricsWriter(out, metric_columns(run.levels)) if rank0 else None
     bar, rows = make_progress(spec, start), []

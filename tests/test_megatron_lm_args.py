@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 
@@ -19,6 +21,7 @@ from mlfop_megatron.megatron_lm import (
     mlfop_config_from_args,
     validate_megatron_args,
 )
+from mlfop_megatron.megatron_lm.compat import checkout_tag, checkout_version
 
 
 def megatron_like_parser() -> argparse.ArgumentParser:
@@ -203,3 +206,37 @@ def test_fp8_format_without_te_or_gpu_names_the_flag(monkeypatch, te, cuda, expe
 def test_install_without_megatron_lm_says_what_to_do():
     with pytest.raises(ImportError, match=r"put a Megatron-LM checkout .* on PYTHONPATH"):
         install()
+
+
+def test_checkout_version_names_the_tested_tag(tmp_path):
+    """Tests pick the patch and skip reasons from megatron/core/package_info.py; the
+    core_v0.19.0 tag's file already says 0.19.1, so the tag follows major.minor."""
+    info = tmp_path / "megatron" / "core" / "package_info.py"
+    info.parent.mkdir(parents=True)
+    info.write_text('MAJOR = 0\nMINOR = 19\nPATCH = 1\nPRE_RELEASE = ""\n')
+    assert checkout_version(tmp_path) == (0, 19, 1)
+    assert checkout_tag(tmp_path) == "core_v0.19.0"
+    info.write_text("MAJOR = 0\nMINOR = 16\nPATCH = 1\n")
+    assert checkout_tag(tmp_path) == "core_v0.16.1"
+    info.write_text("MAJOR = 0\nMINOR = 17\nPATCH = 0\n")
+    assert checkout_tag(tmp_path) is None
+    assert checkout_version(tmp_path / "elsewhere") is None
+
+
+def test_checkout_training_package_wins_over_an_installed_one(tmp_path):
+    """megatron-core 0.19.2's wheel ships megatron/training; MEGATRON_LM_DIR's must be used."""
+    package = tmp_path / "megatron" / "training"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("WHERE = 'checkout'\n")
+    (package / "arguments.py").write_text("WHERE = 'checkout submodule'\n")
+    code = (
+        "import sys\n"
+        "from mlfop_megatron.megatron_lm.compat import use_megatron_lm_checkout\n"
+        "use_megatron_lm_checkout(sys.argv[1])\n"
+        "import megatron.training, megatron.training.arguments as a, typing\n"
+        "print(megatron.training.WHERE, '|', a.WHERE, '|', hasattr(typing, 'override'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "checkout | checkout submodule | True"

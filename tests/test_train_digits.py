@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,24 @@ def test_summary(run: dict[str, Any]) -> None:
     for name in OPTIMIZERS:
         assert name in run["stdout"]
     assert "final_image_loss" in run["stdout"]
+
+
+def test_strict_device_run_matches_the_plain_run(run: dict[str, Any], tmp_path: Path) -> None:
+    """The demo's GPU data path (model and batches on "cuda") under the strict CPU emulation.
+
+    MLFOP_STRICT_DEVICE=1 tags what is created for the accelerator and fails on any op mixing it
+    with a host tensor (mlfop_megatron/testing/strict_device.py), so a device bug anywhere in
+    the Megatron path (forward, backward hooks, folds, step, stats, checkpoint) fails this run.
+    Tagging changes no arithmetic: the losses equal the plain run's bit for bit.
+    """
+    out = tmp_path / "strict"
+    cmd = [sys.executable, str(SCRIPT), "--nproc", "2", "--quick", "--out", str(out)]
+    env = {**os.environ, "MLFOP_STRICT_DEVICE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    assert "strict device emulation" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = ("loss", "image_loss", "text_loss", "grad_norm")
+    strict = [[r[k] for k in keys] for r in rows]
+    plain = [[r[k] for k in keys] for r in _rows(run, "mlfop")]
+    assert strict == plain

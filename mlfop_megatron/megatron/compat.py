@@ -198,3 +198,17 @@ PRIVATE_API_PROBES: dict[str, Callable[[], Any]] = {
     f"{_FP8}.is_float8tensor": lambda: _resolve(_FP8, "is_float8tensor"),
     f"{_FP8}.dequantize_fp8_tensor": lambda: _resolve(_FP8, "dequantize_fp8_tensor"),
 }
+
+
+def define_moe_te_general_gemm_without_te() -> Callable[[], None]:
+    """CPU runs: give moe_utils the ``te_general_gemm = None`` it lacks without TE.
+
+    megatron-core 0.16.1's router gating reads the module global ``te_general_gemm``, which
+    moe_utils binds only when TransformerEngine imports (NameError on CPU). Returns a restorer.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if "te_general_gemm" in moe_utils.__dict__:
+        return lambda: None
+    moe_utils.te_general_gemm = None
+    return lambda: moe_utils.__dict__.pop("te_general_gemm", None)

@@ -27,6 +27,67 @@ from mlfop_megatron.megatron import compat
 LevelCallback = Callable[[int, int], None]
 
 
+def check_supported_features(config: Any, ddp_config: Any) -> None:
+    """Refuse Megatron features that would silently break folding, naming the field and fix.
+
+    ``config`` is the model's TransformerConfig, ``ddp_config`` its
+    DistributedDataParallelConfig. Fields missing in a megatron-core release read as off.
+    """
+
+    def on(obj: Any, field: str) -> bool:
+        return obj is not None and bool(getattr(obj, field, False))
+
+    checks = [
+        (
+            on(ddp_config, "use_distributed_optimizer"),
+            "FoldingDistributedDataParallel needs DistributedDataParallelConfig("
+            "use_distributed_optimizer=False): ML-FOP-SOAP shards its own state by block",
+        ),
+        (
+            on(ddp_config, "overlap_param_gather"),
+            "DistributedDataParallelConfig.overlap_param_gather=True is only meaningful with "
+            "Megatron's distributed optimizer, which ML-FOP-SOAP replaces: set "
+            "overlap_param_gather=False",
+        ),
+        (
+            on(ddp_config, "use_megatron_fsdp") or on(ddp_config, "use_custom_fsdp"),
+            "Megatron FSDP (DistributedDataParallelConfig.use_megatron_fsdp) is not supported "
+            "by ML-FOP-SOAP: use FoldingDistributedDataParallel with use_megatron_fsdp=False",
+        ),
+        (
+            on(config, "calculate_per_token_loss"),
+            "TransformerConfig.calculate_per_token_loss=True is not supported by ML-FOP-SOAP: "
+            "its 1/num_tokens scaling runs in finalize_model_grads, after the folding levels "
+            "have consumed the gradients; set calculate_per_token_loss=False (mean loss per "
+            "micro-batch)",
+        ),
+        (
+            on(config, "enable_cuda_graph")
+            or on(config, "external_cuda_graph")
+            or getattr(config, "cuda_graph_impl", "none") not in ("none", None),
+            "CUDA graphs (TransformerConfig.enable_cuda_graph / cuda_graph_impl / "
+            "external_cuda_graph) are not supported by ML-FOP-SOAP: captured backward passes "
+            "skip the per-micro-step gradient hooks that end folding levels; set "
+            "enable_cuda_graph=False, external_cuda_graph=False, cuda_graph_impl='none'",
+        ),
+        (
+            (getattr(config, "virtual_pipeline_model_parallel_size", None) or 1) > 1,
+            "virtual pipeline stages (TransformerConfig.virtual_pipeline_model_parallel_size="
+            f"{getattr(config, 'virtual_pipeline_model_parallel_size', None)}) are not supported "
+            "by ML-FOP-SOAP; use one model chunk per pipeline stage "
+            "(virtual_pipeline_model_parallel_size=None)",
+        ),
+        (
+            on(config, "delay_wgrad_compute"),
+            "TransformerConfig.delay_wgrad_compute=True computes weight gradients after the "
+            "backward pass that ends a folding level; set delay_wgrad_compute=False",
+        ),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise ValueError(message)
+
+
 class FoldingDistributedDataParallel(DistributedDataParallel):
     """Megatron DDP that syncs gradients at every folding level boundary."""
 
@@ -38,11 +99,8 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         self._window_done = False
         self._seen: set[int] = set()
         super().__init__(*args, **kwargs)
-        if self.ddp_config.use_distributed_optimizer:
-            raise ValueError(
-                "FoldingDistributedDataParallel needs DistributedDataParallelConfig("
-                "use_distributed_optimizer=False): ML-FOP-SOAP shards its own state by block"
-            )
+        check_supported_features(self.config, self.ddp_config)
+        self._num_params_with_grad = len({id(p) for p in compat.ddp_params_with_grad(self)})
 
     # ------------------------------------------------------------- attachment
     def attach_folding(self, schedule: LevelSchedule, callback: LevelCallback) -> None:
@@ -59,11 +117,17 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         megatron_hook = super()._make_backward_post_hook(param)
 
         def hook(*unused: Any) -> None:
-            if self._level_callback is not None:
-                if not self._in_backward:
-                    self._begin_micro_step()
-                self._seen.add(id(param))
+            if self._level_callback is None:
+                megatron_hook(*unused)
+                return
+            if not self._in_backward:
+                self._begin_micro_step()
+            if id(param) in self._seen:
+                self._param_reported_twice(param)
+            self._seen.add(id(param))
             megatron_hook(*unused)
+            if len(self._seen) == self._num_params_with_grad:
+                self._end_micro_step()
 
         return hook
 
@@ -79,13 +143,17 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         boundary = self._schedule.level_ending_at(self._micro_step + 1) is not None
         for group in compat.ddp_bucket_groups(self):
             group.is_last_microbatch = boundary
-        compat.queue_backward_callback(self._end_micro_step)
 
     def _end_micro_step(self) -> None:
-        """End of a backward pass: at a level boundary, reduce and hand the level over."""
+        """Every param got its gradient: at a level boundary, reduce and hand the level over.
+
+        The micro-step ends when the last param reports, not when the backward pass that
+        started it finishes: with activation recompute the first grad of a stage can arrive in
+        a nested (recompute) backward, whose end is not the end of the micro-step.
+        """
         self._in_backward = False
         self._micro_step += 1
-        self._check_all_params_got_grads()
+        self._seen.clear()
         level = self._schedule.level_ending_at(self._micro_step)
         if level is None:
             return
@@ -96,18 +164,22 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         if level == self._schedule.num_levels - 1:
             self._window_done = True
 
-    def _check_all_params_got_grads(self) -> None:
+    def _missing_params_error(self, micro_step: int) -> RuntimeError:
         """A param without a gradient would silently fold zeros into its level mean."""
         missing = [p for p in compat.ddp_params_with_grad(self) if id(p) not in self._seen]
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        return RuntimeError(
+            f"parameter {names.get(id(missing[0]), '?')} (and {len(missing) - 1} more) "
+            f"received no gradient in micro-step {micro_step}; every trainable "
+            "parameter must get a gradient each micro-step (set requires_grad=False to "
+            "freeze it)"
+        )
+
+    def _param_reported_twice(self, param: torch.nn.Parameter) -> None:
+        """A second grad for a param before all others reported: some param got none."""
+        error = self._missing_params_error(self._micro_step + 1)
         self._seen.clear()
-        if missing:
-            names = {id(p): n for n, p in self.module.named_parameters()}
-            raise RuntimeError(
-                f"parameter {names.get(id(missing[0]), '?')} (and {len(missing) - 1} more) "
-                f"received no gradient in micro-step {self._micro_step}; every trainable "
-                "parameter must get a gradient each micro-step (set requires_grad=False to "
-                "freeze it)"
-            )
+        raise error
 
     # ------------------------------------------------- schedule entry points
     @contextmanager
@@ -128,6 +200,10 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         if self._level_callback is None:
             super().finish_grad_sync(force_all_reduce=force_all_reduce)
             return
+        if self._seen:
+            error = self._missing_params_error(self._micro_step + 1)
+            self._seen.clear()
+            raise error
         if not self._window_done:
             raise RuntimeError(
                 f"gradient sync requested after {self._micro_step} micro-steps, but folding "
@@ -140,3 +216,4 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         self._micro_step = 0
         self._in_backward = False
         self._window_done = False
+        self._seen.clear()

@@ -10,7 +10,7 @@ from megatron.core.optimizer import FP32Optimizer, OptimizerConfig
 from mlfop_megatron.config import MLFOPConfig
 from mlfop_megatron.megatron import compat
 from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
-from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel, check_supported_features
 from mlfop_megatron.megatron.fp8 import check_fp8_support, is_quantized
 from mlfop_megatron.megatron.fused_kernels import make_adamw
 from mlfop_megatron.megatron.main_param_adam import MainParamAdamW
@@ -23,8 +23,25 @@ TP_MODES = ("blockwise", "full")
 
 
 def is_soap_param(name: str, param: torch.nn.Parameter) -> bool:
-    """SOAP takes the transformer's linear weights; embeddings, output, norms, biases -> Adam."""
+    """SOAP takes the transformer's linear weights; embeddings, output, norms, biases -> Adam.
+
+    Matrices whose gradients finalize_model_grads still all-reduces over the tensor-parallel
+    group (``sequence_parallel`` ones such as the MoE router weight under sequence
+    parallelism, ``average_gradients_across_tp_domain`` ones) also go to Adam: that reduction
+    runs after the folding levels consumed the gradients, and Adam reads them after it. The
+    ``sequence_parallel`` tag decides whether it is set at all, not its value, so a weight
+    gets the same optimizer with and without sequence parallelism.
+    """
+    if hasattr(param, "sequence_parallel") or getattr(
+        param, "average_gradients_across_tp_domain", False
+    ):
+        return False
     return param.dim() >= 2 and not any(m in name for m in ADAM_MATRIX_MARKERS)
+
+
+def is_expert_param(param: torch.nn.Parameter) -> bool:
+    """Expert-parallel params (Megatron tags them allreduce=False; expert-data-parallel)."""
+    return not getattr(param, "allreduce", True)
 
 
 def megatron_group_fields(config: OptimizerConfig, wd_mult: float) -> dict[str, Any]:
@@ -99,6 +116,7 @@ def get_mlfop_optimizer(
             "wrap the model in mlfop_megatron.megatron.FoldingDistributedDataParallel (a "
             f"subclass of Megatron's DistributedDataParallel), got {type(chunk).__name__}"
         )
+    check_supported_features(getattr(chunk, "config", None), getattr(chunk, "ddp_config", None))
     # FP8 (TransformerConfig.fp8 / fp8_param, OptimizerConfig.fp8_recipe, fp8 params) needs
     # TransformerEngine and a GPU: fail here with the fix rather than deep inside TE.
     check_fp8_support(getattr(chunk, "config", None), config, list(chunk.parameters()))
@@ -129,23 +147,31 @@ def get_mlfop_optimizer(
         )
         chunk.attach_folding(ours.schedule, ours.on_level)
         chained.append(ours)
-    groups = [
-        {
-            "params": ps,
-            "weight_decay": config.weight_decay * mult,
-            **megatron_group_fields(config, mult),
-        }
-        for ps, mult in ((adam_decay, 1.0), (adam_no_decay, 0.0))
-        if ps
-    ]
-    quantized = any(is_quantized(p) for g in groups for p in g["params"])
-    if groups and (config.bf16 or quantized):
-        # fp32 main weights for bf16 (and FP8) params
-        chained.append(MainParamAdamW(groups, config))
-    elif groups:
-        # apex FusedAdam on CUDA when apex is installed, torch AdamW otherwise
-        adam = make_adamw(
-            groups, config.lr, (config.adam_beta1, config.adam_beta2), config.adam_eps
-        )
-        chained.append(FP32Optimizer(adam, config, adam_init_state_fn))
+    # Expert-parallel params get their own Adam: their grads are replicated over the
+    # expert-data-parallel group, not the dense one, which the global norm must know.
+    for expert in (False, True):
+        groups = [
+            {
+                "params": [p for p in ps if is_expert_param(p) == expert],
+                "weight_decay": config.weight_decay * mult,
+                **megatron_group_fields(config, mult),
+                "is_expert_parallel": expert,
+            }
+            for ps, mult in ((adam_decay, 1.0), (adam_no_decay, 0.0))
+        ]
+        groups = [g for g in groups if g["params"]]
+        if groups:
+            adam = _make_adam(groups, config)
+            adam.mlfop_expert_parallel = expert
+            chained.append(adam)
     return MLFOPChainedOptimizer(chained)
+
+
+def _make_adam(groups: list[dict[str, Any]], config: OptimizerConfig) -> Any:
+    quantized = any(is_quantized(p) for g in groups for p in g["params"])
+    if config.bf16 or quantized:
+        # fp32 main weights for bf16 (and FP8) params
+        return MainParamAdamW(groups, config)
+    # apex FusedAdam on CUDA when apex is installed, torch AdamW otherwise
+    adam = make_adamw(groups, config.lr, (config.adam_beta1, config.adam_beta2), config.adam_eps)
+    return FP32Optimizer(adam, config, adam_init_state_fn)

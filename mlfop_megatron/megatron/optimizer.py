@@ -27,6 +27,30 @@ from mlfop_megatron.megatron import compat, fused_kernels
 from mlfop_megatron.megatron.fp8 import QuantizedParamShadows
 
 
+def _engine_groups(expert: bool) -> tuple[Any, int, Any, int]:
+    """(data-parallel group, its rank, TP group or None when TP=1, TP rank) for an engine.
+
+    Dense params are replicated over data x context parallel ranks (Megatron's DDP reduces
+    over that group); expert params over the expert-data-parallel group, split over the
+    expert-tensor-parallel group.
+    """
+    if expert:
+        tp_size = parallel_state.get_expert_tensor_parallel_world_size()
+        return (
+            parallel_state.get_expert_data_parallel_group(),
+            parallel_state.get_expert_data_parallel_rank(),
+            parallel_state.get_expert_tensor_parallel_group() if tp_size > 1 else None,
+            parallel_state.get_expert_tensor_parallel_rank(),
+        )
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    return (
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+        parallel_state.get_data_parallel_rank(with_context_parallel=True),
+        parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None,
+        parallel_state.get_tensor_model_parallel_rank(),
+    )
+
+
 class _ParamGroups(torch.optim.Optimizer):
     """Holds param_groups (lr, weight_decay) for Megatron's LR scheduler; state is elsewhere."""
 
@@ -61,12 +85,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         self.mlfop_config = mlfop_config
         self.schedule = LevelSchedule.from_config(mlfop_config.folding)
         self.sharded = sharded
-        dp_group = parallel_state.get_data_parallel_group()
-        dp_rank = parallel_state.get_data_parallel_rank()
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        tp_group = parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None
         split = [getattr(p, "tensor_model_parallel", False) for p in params]
+        expert = [not getattr(p, "allreduce", True) for p in params]
         # FP8 primary weights: the engines see high-precision shadows (fp32 main weights on the
         # owners), requantized into the model params after each step (see megatron/fp8.py).
         self.fp8 = QuantizedParamShadows(
@@ -75,15 +95,23 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         params = self.fp8.substitute(params)
         self.engines: list[Any] = []
         # Whether an engine's gradients count towards the global norm on this rank: every
-        # gradient must be counted exactly once over DP x TP x PP.
+        # gradient must be counted exactly once over DP x CP x TP x PP (expert params: once
+        # over expert-DP x EP x expert-TP x PP).
         self._engine_counts: list[bool] = []
-        for tp_sharded in (True, False):
-            chosen = [(p, n) for p, n, s in zip(params, names, split) if s == tp_sharded]
+        for is_expert, tp_sharded in ((False, True), (False, False), (True, True), (True, False)):
+            chosen = [
+                (p, n)
+                for p, n, s, e in zip(params, names, split, expert)
+                if s == tp_sharded and e == is_expert
+            ]
             if not chosen:
                 continue
             ps, ns = [p for p, _ in chosen], [n for _, n in chosen]
-            if tp_sharded and tp_mode == "full" and tp_group is not None:
-                owners = parallel_state.get_tensor_and_data_parallel_group()
+            dp_group, dp_rank, tp_group, tp_rank = _engine_groups(is_expert)
+            if tp_sharded and tp_mode == "full" and tp_group is not None and not is_expert:
+                owners = parallel_state.get_tensor_and_data_parallel_group(
+                    with_context_parallel=True
+                )
                 engine = TensorParallelFullSOAP(
                     ps,
                     ns,
@@ -110,6 +138,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         self.fp8.release()  # shadows hold storage only during a step
         self._grad_scale = 1.0
         self.skipped_steps = 0
+        # Megatron-LM multiplies the loss by this (on the loss's device) before backward.
+        self._loss_scale = torch.ones(1, dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------ folding hook
     @torch.no_grad()
@@ -192,7 +222,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             p.grad = None
 
     def get_loss_scale(self) -> torch.Tensor:
-        return torch.ones(1)
+        """1 (no loss scaling: fp32/bf16), on the params' device like the loss it scales."""
+        return self._loss_scale
 
     def reload_model_params(self, state_dict: Any = None) -> None:
         """Model params are the fp32 master params here; nothing to copy."""
@@ -237,30 +268,31 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
     def stats(self) -> dict[str, Any]:
         """Counters, folding diagnostics of the last window and phase timings since the last
         call (max over ranks), reduced over all ranks: a collective."""
-        counters = torch.zeros(4, dtype=torch.float64)
+        # Host counters go to the device in one copy; the diagnostics stay on the device.
+        host = [0.0, 0.0, 0.0, float(self.skipped_steps)]
         for engine in self.engines:
             c = engine.counters
-            counters += torch.tensor(
-                [c.eigh_fp64_retries, c.eigh_failures, c.qr_failures, 0.0], dtype=torch.float64
-            )
-        counters[3] = float(self.skipped_steps)
+            host[:3] = [
+                h + v for h, v in zip(host, (c.eigh_fp64_retries, c.eigh_failures, c.qr_failures))
+            ]
+        counters = torch.tensor(host, dtype=torch.float64, device=self.device)
         totals = []
         for level in range(1, self.schedule.num_levels):
-            total = torch.zeros(6, dtype=torch.float64)
+            total = torch.zeros(6, dtype=torch.float64, device=self.device)
             for engine, counts in zip(self.engines, self._engine_counts):
                 for diag in engine.last_diagnostics:
                     if diag.level == level and counts:
-                        total += diag.totals().to(total.device, total.dtype)
+                        total += diag.totals().to(self.device, torch.float64)
             totals.append(total)
-        packed = (torch.cat([counters, *totals]) if totals else counters).to(self.device)
+        packed = torch.cat([counters, *totals]) if totals else counters
         dist.all_reduce(packed)
         # Phase timings since the previous stats() call: the slowest rank decides the step.
-        timings = torch.zeros(len(PHASES), dtype=torch.float64)
+        host_timings = [0.0] * len(PHASES)
         for engine in self.engines:
-            timings += torch.tensor([engine.timings[k] for k in PHASES], dtype=torch.float64)
+            host_timings = [t + engine.timings[k] for t, k in zip(host_timings, PHASES)]
             for k in PHASES:  # reset in place (the TP-full wrapper shares its engine's dict)
                 engine.timings[k] = 0.0
-        timings = timings.to(self.device)
+        timings = torch.tensor(host_timings, dtype=torch.float64, device=self.device)
         dist.all_reduce(timings, op=dist.ReduceOp.MAX)
         packed, timings = packed.cpu(), timings.cpu()
         world = dist.get_world_size()
@@ -301,6 +333,23 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
         return torch.device("cpu")
 
     def _other_grads(self) -> list[torch.Tensor]:
+        """Grads of the Adam-side params that this rank counts in the global norm.
+
+        They are replicated over the data x context parallel group (expert params: over the
+        expert-data-parallel group), so only that group's rank 0 counts them.
+        """
+        grads = []
+        dense_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        for opt in self.others:
+            if getattr(opt, "mlfop_expert_parallel", False):
+                rank = parallel_state.get_expert_data_parallel_rank()
+            else:
+                rank = dense_rank
+            if rank == 0:
+                grads.extend(g for g in compat.optimizer_grads_for_norm(opt) if g is not None)
+        return grads
+
+    def _other_grads_all_ranks(self) -> list[torch.Tensor]:
         grads = []
         for opt in self.others:
             grads.extend(g for g in compat.optimizer_grads_for_norm(opt) if g is not None)
@@ -318,10 +367,8 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
         sq_other = torch.zeros((), dtype=torch.float64, device=device)
         for g in self._other_grads():
             sq_other += g.double().pow(2).sum().to(device)
+        for g in self._other_grads_all_ranks():
             bad |= (~torch.isfinite(g).all()).to(device)
-        # Non-matrix params are replicated over DP: count them on DP rank 0 only.
-        if parallel_state.get_data_parallel_rank() != 0:
-            sq_other.zero_()
         packed = torch.stack([sq_ours + sq_other, bad.double()])
         dist.all_reduce(packed)  # every rank: DP x TP x PP
         return math.sqrt(float(packed[0])), bool(packed[1] > 0)

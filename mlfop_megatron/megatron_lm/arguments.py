@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlfop_megatron.config import FoldingConfig, MLFOPConfig, SOAPConfig
+from mlfop_megatron.megatron_lm.compat import distributed_optimizer_requested
 
 OPTIMIZER_NAME = "mlfop_soap"
 TP_MODES = ("blockwise", "full")
@@ -348,7 +349,7 @@ def validate_megatron_args(args: argparse.Namespace) -> None:
         return
     checks = [
         (
-            getattr(args, "use_distributed_optimizer", False),
+            distributed_optimizer_requested(args),
             "--use-distributed-optimizer cannot be combined with --optimizer mlfop_soap: "
             "ML-FOP-SOAP shards its own state by block over the data-parallel group; drop the flag",
         ),
@@ -385,6 +386,30 @@ def validate_megatron_args(args: argparse.Namespace) -> None:
         (
             getattr(args, "optimizer_cpu_offload", False),
             "--optimizer-cpu-offload is not supported with --optimizer mlfop_soap; drop it",
+        ),
+        (
+            getattr(args, "overlap_param_gather", False),
+            "--overlap-param-gather only applies to Megatron's distributed optimizer, which "
+            "--optimizer mlfop_soap replaces; drop --overlap-param-gather",
+        ),
+        (
+            getattr(args, "calculate_per_token_loss", False),
+            "--calculate-per-token-loss is not supported with --optimizer mlfop_soap: its "
+            "1/num_tokens gradient scaling runs after the folding levels consumed the "
+            "gradients; drop --calculate-per-token-loss",
+        ),
+        (
+            getattr(args, "enable_cuda_graph", False)
+            or getattr(args, "external_cuda_graph", False)
+            or getattr(args, "cuda_graph_impl", "none") not in ("none", None),
+            "CUDA graphs (--enable-cuda-graph / --cuda-graph-impl / --external-cuda-graph) "
+            "are not supported with --optimizer mlfop_soap: captured backward passes skip the "
+            "gradient hooks that end folding levels; drop the flag (--cuda-graph-impl none)",
+        ),
+        (
+            getattr(args, "delay_wgrad_compute", False),
+            "--delay-wgrad-compute is not supported with --optimizer mlfop_soap: weight "
+            "gradients computed after the backward pass miss their folding level; drop it",
         ),
     ]
     for failed, message in checks:

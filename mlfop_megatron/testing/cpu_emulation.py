@@ -49,9 +49,6 @@ def _is_cuda_like(device: Any) -> bool:
     return isinstance(device, torch.device) and device.type == "cuda"
 
 
-_AUTOGRAD_ENTRIES = (torch.autograd.backward, torch.autograd.grad, torch.Tensor.backward)
-
-
 class CpuDeviceMode(TorchFunctionMode):
     """Redirects CUDA device arguments of torch calls to CPU (see module docstring, (a))."""
 
@@ -74,11 +71,6 @@ class CpuDeviceMode(TorchFunctionMode):
     def _strict(self, func, args, kwargs):
         """Strict mode: the same redirections, tagging what was meant for the accelerator
         and copying across the host/device boundary (see strict_device)."""
-        if func in _AUTOGRAD_ENTRIES:
-            # Custom autograd.Function backwards (Megatron's cross entropy) run inside this
-            # call and derive devices from grads that now say "cuda": keep redirecting there.
-            with self:
-                return torch.overrides.redispatch_function(func, (), args, kwargs)
         if func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.record_stream:
@@ -216,6 +208,26 @@ class _State:
 _STATE = _State()
 
 
+def _redirect_custom_backwards(mode: CpuDeviceMode) -> Callable[[], None]:
+    """Run every custom autograd.Function backward under ``mode``; returns the restorer.
+
+    Autograd runs backward nodes with torch-function modes off, and Megatron's custom
+    Functions (sequence-parallel gathers, the MoE dispatcher, cross entropy) allocate with
+    ``device=torch.cuda.current_device()`` there; Megatron's schedules start backward through
+    the engine directly, so wrapping torch.autograd.backward would not reach them.
+    """
+    from torch.autograd.function import BackwardCFunction
+
+    apply = BackwardCFunction.apply
+
+    def apply_redirected(self: Any, *grads: Any) -> Any:
+        with mode:
+            return apply(self, *grads)
+
+    BackwardCFunction.apply = apply_redirected  # type: ignore[method-assign]
+    return lambda: setattr(BackwardCFunction, "apply", apply)
+
+
 def is_cpu_emulation_installed() -> bool:
     """Whether install_cpu_emulation() is currently in effect."""
     return _STATE.mode is not None
@@ -241,12 +253,14 @@ def install_cpu_emulation(with_megatron: bool = True, strict: bool | None = None
             old = getattr(mod, name)
             setattr(mod, name, repl)
             restorers.append(lambda mod=mod, name=name, old=old: setattr(mod, name, old))
+        mode = CpuDeviceMode()
+        restorers.append(_redirect_custom_backwards(mode))
         if with_megatron:
             from mlfop_megatron.megatron import compat
 
             restorers.append(compat.patch_rng_state_functions(_get_rng_state, _set_rng_state))
             restorers.append(compat.silence_rng_fork_warning())
-        mode = CpuDeviceMode()
+            restorers.append(compat.define_moe_te_general_gemm_without_te())
         mode.__enter__()
         _STATE.mode, _STATE.restorers = mode, restorers
         if strict:

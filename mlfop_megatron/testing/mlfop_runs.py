@@ -33,9 +33,14 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     ranks), lr, clip_grad, sharded, tp_mode, enabled (folding), overlap, dtype, max_precond_dim,
     nan_at (iteration, rank) to poison one backward, discard_at (iteration) to drop a step,
     save_at (iteration, dir) to checkpoint after that step, load_from (dir) to resume,
-    hidden and layers for the model size.
+    hidden and layers for the model size, arch ('gpt' or 'hybrid': the same model as a
+    megatron-core 0.19 HybridModel), on_device to create params and batches on the (emulated)
+    CUDA device, parallel (more initialize_model_parallel kwargs, e.g.
+    expert_model_parallel_size), extra_config (TinyGPTConfig.extra_config pairs).
     """
-    init_megatron_parallel(tp=spec.get("tp", 1), pp=spec.get("pp", 1), seed=1234)
+    init_megatron_parallel(
+        tp=spec.get("tp", 1), pp=spec.get("pp", 1), seed=1234, **spec.get("parallel", {})
+    )
     # Megatron's torch LayerNorm wrapper allocates in the default dtype.
     torch.set_default_dtype(spec.get("dtype", torch.float32))
     k = spec.get("microbatches", 4)
@@ -44,9 +49,17 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         dtype=spec.get("dtype", torch.float32),
         hidden_size=spec.get("hidden", 32),
         num_layers=spec.get("layers", 2),
+        on_device=spec.get("on_device", False),
+        extra_config=tuple(spec.get("extra_config", ())),
     )
-    model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
-    deterministic_init_(model, seed=0)
+    if spec.get("arch", "gpt") == "hybrid":  # the same model as a 0.19 HybridModel
+        from mlfop_megatron.testing.tiny_hybrid import build_tiny_hybrid, gpt_equivalent_name
+
+        model = build_tiny_hybrid(cfg, ddp_class=FoldingDistributedDataParallel)
+        deterministic_init_(model, seed=0, rename=gpt_equivalent_name)
+    else:
+        model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
+        deterministic_init_(model, seed=0)
     mlfop = MLFOPConfig.from_kwargs(
         lr=spec.get("lr", 1e-2),
         precondition_frequency=spec.get("precondition_frequency", 3),
@@ -62,7 +75,13 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         bf16=spec.get("dtype") == torch.bfloat16,
         fp16=False,
     )
-    optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=spec.get("sharded", True))
+    optimizer = get_mlfop_optimizer(
+        opt_config,
+        [model],
+        mlfop,
+        sharded=spec.get("sharded", True),
+        tp_mode=spec.get("tp_mode", "blockwise"),
+    )
     # Megatron's own LR/WD scheduler drives the chained optimizer, as in Megatron-LM.
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -113,6 +132,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         "losses": losses,
         "results": [(ok, norm) for ok, norm, _ in results],
         "state_bytes": sum(o.state_bytes() for o in optimizer.mlfop),
+        "engines": [type(e).__name__ for o in optimizer.mlfop for e in o.engines],
         "step_times": step_times,
         "broadcast_bytes": sum(
             e.communication_bytes_per_step() for o in optimizer.mlfop for e in o.engines

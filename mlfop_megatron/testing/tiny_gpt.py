@@ -12,7 +12,7 @@ micro-batch N*b.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -28,6 +28,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.identity_op import IdentityOp
 
 from mlfop_megatron.megatron.naming import canonical_param_names  # noqa: F401 (re-export)
 
@@ -52,6 +53,12 @@ class TinyGPTConfig:
     # fp64 makes cross-layout comparisons meaningful for SOAP, whose eigenbases amplify
     # last-bit differences between reduction orders (see tests/test_megatron_dp.py).
     dtype: torch.dtype = torch.float32
+    # Further TransformerConfig fields as (name, value) pairs, e.g. (("sequence_parallel", True),
+    # ("recompute_granularity", "full")); num_moe_experts also selects the local MoE layer spec.
+    extra_config: tuple[tuple[str, Any], ...] = ()
+    # Create the params on the (emulated) CUDA device (use_cpu_initialization=False) and move
+    # the micro-batches there, as Megatron-LM does: what strict device checking needs.
+    on_device: bool = False
 
 
 def transformer_config(cfg: TinyGPTConfig) -> TransformerConfig:
@@ -64,12 +71,52 @@ def transformer_config(cfg: TinyGPTConfig) -> TransformerConfig:
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         pipeline_dtype=cfg.dtype,
         params_dtype=cfg.dtype,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not cfg.on_device,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         add_bias_linear=cfg.add_bias_linear,
+        **dict(cfg.extra_config),
+    )
+
+
+class SequenceParallelLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm that accepts sequence-parallel input (Megatron's torch norm refuses it).
+
+    Megatron's sequence-parallel norms are TransformerEngine's or apex's; on CPU this plain
+    LayerNorm tags its params ``sequence_parallel`` like they do, so finalize_model_grads
+    all-reduces their grads over the tensor-parallel group.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+
+def layer_spec(config: TransformerConfig) -> Any:
+    """Megatron's local GPT layer spec (MoE when num_moe_experts), SP-capable norms with SP."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False)
+    if not config.sequence_parallel:
+        return spec
+    sub = spec.submodules
+    sub.input_layernorm = SequenceParallelLayerNorm
+    if sub.pre_mlp_layernorm is not IdentityOp:
+        sub.pre_mlp_layernorm = SequenceParallelLayerNorm
+    layers = [spec] * get_num_layers_to_build(config)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(
+            layer_specs=layers, layer_norm=SequenceParallelLayerNorm
+        ),
     )
 
 
@@ -90,7 +137,7 @@ def build_tiny_gpt(
     config = transformer_config(cfg)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
+        transformer_layer_spec=layer_spec(config),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -98,6 +145,20 @@ def build_tiny_gpt(
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type="learned_absolute",
     )
+    return wrap_in_ddp(model, config, cfg, ddp_class, ddp_config, **ddp_kwargs)
+
+
+def wrap_in_ddp(
+    model: torch.nn.Module,
+    config: TransformerConfig,
+    cfg: TinyGPTConfig,
+    ddp_class: type[DistributedDataParallel] = DistributedDataParallel,
+    ddp_config: DistributedDataParallelConfig | None = None,
+    **ddp_kwargs: Any,
+) -> DistributedDataParallel:
+    """Wrap a built model stage in ``ddp_class`` and wire the schedule hooks as Megatron-LM."""
+    if cfg.on_device:  # Megatron-LM's get_model moves the stage (plain torch modules too)
+        model.cuda(torch.cuda.current_device())
     if ddp_config is None:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=cfg.grad_reduce_in_fp32 and cfg.dtype != torch.float64,
@@ -130,13 +191,20 @@ def full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def deterministic_init_(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+def deterministic_init_(
+    model: torch.nn.Module,
+    seed: int = 0,
+    std: float = 0.02,
+    rename: Callable[[str], str] | None = None,
+) -> None:
     """Re-initialise every param from (seed, canonical name) so all layouts hold one model.
 
     Matrices/embeddings ~ N(0, std), norm weights = 1, biases = 0; TP shards are slices of
-    the full tensor. Makes TP=2/PP=2 runs directly comparable with TP=1/PP=1.
+    the full tensor. Makes TP=2/PP=2 runs directly comparable with TP=1/PP=1. ``rename`` maps
+    a canonical name to the name whose values it takes (another architecture of one model).
     """
     for param, name in canonical_param_names(model).items():
+        name = rename(name) if rename else name
         if param.dim() == 1:
             value = 1.0 if "norm" in name and name.endswith("weight") else 0.0
             param.fill_(value)
@@ -175,12 +243,15 @@ def microbatches(
     for k in range(num_microbatches):
         idx = global_sample_indices(iteration, k, num_microbatches, micro_batch_size)
         tokens = torch.stack([synthetic_sample(i, cfg) for i in idx])
-        yield {
+        batch = {
             "tokens": tokens[:, :-1].contiguous(),
             "labels": tokens[:, 1:].contiguous(),
             "loss_mask": torch.ones(len(idx), cfg.seq_length),
             "position_ids": torch.arange(cfg.seq_length).expand(len(idx), -1).contiguous(),
         }
+        if cfg.on_device:
+            batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+        yield batch
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
