@@ -2,8 +2,11 @@
 
 Runs examples/megatron_lm/pretrain_gpt_mlfop.py (Megatron-LM's own ``pretrain``: its argument
 parsing, training loop and torch_dist checkpointing) under torchrun with the CPU emulation.
-Megatron-LM's training package is not on PyPI: set MEGATRON_LM_DIR to a checkout of core_v0.16.1
-(the launcher appends it to sys.path, so megatron.core still comes from the megatron-core wheel).
+Set MEGATRON_LM_DIR to a Megatron-LM checkout of a supported tag (core_v0.16.1 or core_v0.19.0;
+its megatron/core/package_info.py says which) and use the matching megatron-core (0.16.1 or
+0.19.x): the launcher takes megatron.training from the checkout and megatron.core from the wheel.
+On core_v0.19 the model is built from Megatron-LM's GPTModelConfig (its builder path), on
+core_v0.16 by the launcher's model_provider through get_model.
 """
 
 from __future__ import annotations
@@ -20,16 +23,34 @@ from pathlib import Path
 import psutil
 import pytest
 
+from mlfop_megatron.megatron_lm.compat import TESTED_TAGS, checkout_tag, checkout_version
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "examples" / "megatron_lm" / "pretrain_gpt_mlfop.py"
 SOURCE = os.environ.get("MEGATRON_LM_DIR")
+SUPPORTED_TAGS = " or ".join(sorted(TESTED_TAGS.values()))
+
+
+def megatron_lm_skip_reason(source: str | None) -> str | None:
+    """Why the Megatron-LM tests cannot run with this MEGATRON_LM_DIR (None: they can)."""
+    if not source or not (Path(source) / "megatron" / "training").is_dir():
+        return (
+            f"Megatron-LM source checkout ({SUPPORTED_TAGS}) not available (its training "
+            "package is not on PyPI for 0.16): set MEGATRON_LM_DIR"
+        )
+    if checkout_tag(source) is None:
+        version = checkout_version(source)
+        found = ".".join(map(str, version)) if version else "of unknown version"
+        return f"MEGATRON_LM_DIR={source} is Megatron-LM {found}; supported: {SUPPORTED_TAGS}"
+    return None
+
+
+SKIP_REASON = megatron_lm_skip_reason(SOURCE)
+TAG = checkout_tag(SOURCE) if SKIP_REASON is None else None
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(
-        not SOURCE or not (Path(SOURCE) / "megatron" / "training").is_dir(),
-        reason="Megatron-LM core_v0.16.1 source not available (not on PyPI): set MEGATRON_LM_DIR",
-    ),
+    pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or ""),
 ]
 
 ITERS = 6
@@ -106,7 +127,8 @@ def losses(out: str) -> dict[int, float]:
     """Per-iteration 'lm loss' from Megatron-LM's log lines.
 
     Megatron-LM logs the first iteration of every run without resetting its loss accumulator
-    (megatron/training/training.py:1796 at core_v0.16.1), so with --log-interval 1 the second
+    (megatron/training/training.py:1796 at core_v0.16.1, :2594 at core_v0.19.0), so with
+    --log-interval 1 the second
     line of a run is the mean of its first two iterations; undo that.
     """
     logged = {int(it): float(loss) for it, loss in LOSS_LINE.findall(out)}
@@ -175,7 +197,10 @@ def test_same_launcher_runs_megatron_adam_untouched():
     # (megatron/core/optimizer/clip_grads.py:167); ML-FOP-SOAP's clipping runs on CPU.
     out = check_ok(run_launcher("--optimizer", "adam", "--clip-grad", "0", "--train-iters", "2"))
     assert "ML-FOP-SOAP |" not in out
-    assert "Setting up optimizer with config AdamOptimizerConfig" in out
+    # megatron-core's optimizer set up with Adam (0.16: AdamOptimizerConfig, 0.19: OptimizerConfig)
+    assert re.search(
+        r"Setting up optimizer with config \w*OptimizerConfig\(.*optimizer='adam'", out
+    )
     assert sorted(losses(out)) == [1, 2], out[-3000:]
 
 
@@ -206,11 +231,14 @@ def test_runtime_install_rejects_what_needs_the_whole_run(flags, message):
 
 PARSE = """
 import sys
-sys.path.append(sys.argv.pop(1))
-import megatron.core
+from mlfop_megatron.megatron_lm.compat import use_megatron_lm_checkout
+source = sys.argv.pop(1)
+use_megatron_lm_checkout(source)
+import megatron.core, megatron.training
 from megatron.training.arguments import parse_args
 from mlfop_megatron.megatron_lm import add_mlfop_args
-assert not megatron.core.__file__.startswith(sys.path[-1]), megatron.core.__file__
+assert not megatron.core.__file__.startswith(source), megatron.core.__file__
+assert megatron.training.__file__.startswith(source), megatron.training.__file__
 base = sys.argv[1:]
 sys.argv = ['pretrain_gpt_mlfop.py', *base, '--optimizer', 'mlfop_soap', '--mlfop-levels', '1,2']
 args = parse_args(add_mlfop_args)

@@ -1,10 +1,12 @@
-"""patches/: the Megatron-LM source patch applies to the version it names and works there.
+"""patches/: each Megatron-LM source patch applies to the version it names and works there.
 
-Megatron-LM's source is not on PyPI (megatron-core's wheel and sdist carry only megatron/core),
-so the apply test needs a checkout: set MEGATRON_LM_DIR to Megatron-LM at core_v0.16.1. Without
-one only the checks that need no Megatron-LM source run: the patch is a well-formed git patch
-touching the expected files, and every mlfop_megatron function it calls exists and accepts the
-arguments the patch passes (so renaming our API cannot silently break the patch).
+One patch per supported Megatron-LM tag (core_v0.16.1, core_v0.19.0). Megatron-LM's source is not
+on PyPI (megatron-core 0.16's wheel carries only megatron/core), so the apply test needs a
+checkout: set MEGATRON_LM_DIR to Megatron-LM at one of the tags; the patch for that checkout's
+version (megatron/core/package_info.py) is applied. Without one only the checks that need no
+Megatron-LM source run, for every patch: it is a well-formed git patch touching the expected
+files, and every mlfop_megatron function it calls exists and accepts the arguments the patch
+passes (so renaming our API cannot silently break a patch).
 """
 
 from __future__ import annotations
@@ -20,44 +22,61 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_megatron_lm_entry import SKIP_REASON, TAG
 
 from mlfop_megatron.megatron_lm import SUPPORTED_MEGATRON_LM
+from mlfop_megatron.megatron_lm.compat import TESTED_TAGS
 
 REPO = Path(__file__).resolve().parents[1]
-PATCH = REPO / "patches" / "megatron-lm-core_v0.16.1-mlfop-soap.patch"
-BASE_TAG = "core_v0.16.1"
-TOUCHED = ("megatron/training/arguments.py", "megatron/training/training.py")
-# Megatron-LM packages the patched training code imports (megatron/core comes from the wheel).
-TRAINING_PACKAGES = ("training", "legacy", "rl", "post_training")
+ARGUMENTS, TRAINING = "megatron/training/arguments.py", "megatron/training/training.py"
+# Files each patch touches: 0.19 also builds models from a ModelConfig, whose builders wrap
+# them in DDP in models/dist_utils.py (not in training.get_model).
+TOUCHED = {
+    "core_v0.16.1": (ARGUMENTS, TRAINING),
+    "core_v0.19.0": (ARGUMENTS, TRAINING, "megatron/training/models/dist_utils.py"),
+}
 SOURCE = os.environ.get("MEGATRON_LM_DIR")
-needs_source = pytest.mark.skipif(
-    not SOURCE,
-    reason=f"Megatron-LM {BASE_TAG} source not available (not on PyPI): set MEGATRON_LM_DIR",
-)
+needs_source = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
 
-def added_lines() -> list[str]:
+def patch_for(tag: str) -> Path:
+    return REPO / "patches" / f"megatron-lm-{tag}-mlfop-soap.patch"
+
+
+def added_lines(tag: str) -> list[str]:
     return [
         line[1:]
-        for line in PATCH.read_text().splitlines()
+        for line in patch_for(tag).read_text().splitlines()
         if line.startswith("+") and not line.startswith("+++")
     ]
 
 
-def test_patch_is_a_git_patch_on_the_named_base():
-    text = PATCH.read_text()
-    assert f"Base: Megatron-LM {BASE_TAG}" in text
-    assert BASE_TAG in SUPPORTED_MEGATRON_LM
+def test_there_is_one_patch_per_tested_tag():
+    assert sorted(TOUCHED) == sorted(TESTED_TAGS.values())
+    assert sorted(p.name for p in (REPO / "patches").glob("*.patch")) == sorted(
+        patch_for(tag).name for tag in TOUCHED
+    )
+
+
+@pytest.mark.parametrize("tag", sorted(TOUCHED))
+def test_patch_is_a_git_patch_on_the_named_base(tag):
+    text = patch_for(tag).read_text()
+    assert f"Base: Megatron-LM {tag}" in text
+    assert tag in SUPPORTED_MEGATRON_LM
     stat = subprocess.run(
-        ["git", "apply", "--numstat", str(PATCH)], capture_output=True, text=True, check=True
+        ["git", "apply", "--numstat", str(patch_for(tag))],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    assert sorted(line.split("\t")[2] for line in stat.splitlines()) == sorted(TOUCHED)
+    assert sorted(line.split("\t")[2] for line in stat.splitlines()) == sorted(TOUCHED[tag])
 
 
-def test_every_mlfop_call_in_the_patch_matches_our_api():
+@pytest.mark.parametrize("tag", sorted(TOUCHED))
+def test_every_mlfop_call_in_the_patch_matches_our_api(tag):
     """Imports in the added lines resolve; each call binds to the function's signature."""
     functions = {}
-    for line in added_lines():
+    for line in added_lines(tag):
         match = re.match(r"\s*from (mlfop_megatron[\w.]*) import (\w+)(?: as (\w+))?", line)
         if match:
             module, name, alias = match.groups()
@@ -65,7 +84,7 @@ def test_every_mlfop_call_in_the_patch_matches_our_api():
     assert {"add_mlfop_args", "validate_megatron_args"} <= set(functions)
     assert {"build_mlfop_optimizer", "log_stats_if_due", "DP"} <= set(functions)
     calls = 0
-    for line in added_lines():
+    for line in added_lines(tag):
         stripped = line.strip()
         if not re.match(r"^(\w+ = |return )?\w+\(.*\)$", stripped):
             continue
@@ -81,28 +100,33 @@ def test_every_mlfop_call_in_the_patch_matches_our_api():
 
 @pytest.fixture(scope="module")
 def patched_tree(tmp_path_factory) -> Path:
-    """Megatron-LM's training packages from MEGATRON_LM_DIR with the patch applied."""
-    source = Path(SOURCE)
+    """MEGATRON_LM_DIR's packages but megatron/core (that comes from the wheel), with the patch
+    for the checkout's version applied."""
+    source, patch = Path(SOURCE), patch_for(TAG)
     tree = tmp_path_factory.mktemp("megatron-lm")
-    for package in TRAINING_PACKAGES:
-        shutil.copytree(source / "megatron" / package, tree / "megatron" / package)
-    for path in TOUCHED:  # exactly the files of the named base (git blob ids in the patch)
+    for package in (source / "megatron").iterdir():
+        if package.is_dir() and package.name != "core":
+            shutil.copytree(package, tree / "megatron" / package.name)
+    for path in TOUCHED[TAG]:  # exactly the files of the named base (git blob ids in the patch)
         blob = subprocess.run(
             ["git", "hash-object", str(tree / path)], capture_output=True, text=True, check=True
         ).stdout.strip()
         pre_image = re.search(
-            rf"diff --git a/{re.escape(path)} .*?\nindex (\w+)\.\.", PATCH.read_text(), re.S
+            rf"diff --git a/{re.escape(path)} .*?\nindex (\w+)\.\.", patch.read_text(), re.S
         ).group(1)
-        assert blob.startswith(pre_image), f"{path} in {source} is not Megatron-LM {BASE_TAG}"
+        assert blob.startswith(pre_image), f"{path} in {source} is not Megatron-LM {TAG}"
     check = subprocess.run(
-        ["git", "apply", "--check", "-v", str(PATCH)], cwd=tree, capture_output=True, text=True
+        ["git", "apply", "--check", "-v", str(patch)], cwd=tree, capture_output=True, text=True
     )
     assert check.returncode == 0, check.stderr
-    subprocess.run(["git", "apply", str(PATCH)], cwd=tree, check=True)
+    subprocess.run(["git", "apply", str(patch)], cwd=tree, check=True)
     return tree
 
 
 PARSE = (
+    "import sys\n"
+    "from mlfop_megatron.megatron_lm.compat import use_megatron_lm_checkout\n"
+    "use_megatron_lm_checkout(sys.argv.pop(1))  # training from the tree, core from the wheel\n"
     "from megatron.training.arguments import parse_args, validate_args\n"
     "args = parse_args()\n"
     "validate_args(args)\n"
@@ -116,9 +140,9 @@ BASE_ARGS = (
 
 
 def run_megatron_parse(tree: Path, *flags: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(tree), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     return subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", PARSE, *BASE_ARGS, *flags],
+        [sys.executable, "-W", "ignore", "-c", PARSE, str(tree), *BASE_ARGS, *flags],
         capture_output=True,
         text=True,
         env=env,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_megatron_lm_entry import SKIP_REASON as MEGATRON_LM_SKIP_REASON
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 150
@@ -139,10 +140,7 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(tmp_path):
 MEGATRON_ITERS = 40
 
 
-@pytest.mark.skipif(
-    not os.environ.get("MEGATRON_LM_DIR"),
-    reason="Megatron-LM core_v0.16.1 source not available (not on PyPI): set MEGATRON_LM_DIR",
-)
+@pytest.mark.skipif(MEGATRON_LM_SKIP_REASON is not None, reason=MEGATRON_LM_SKIP_REASON or "")
 def test_megatron_lm_job_preempted_requeues_and_resumes_to_the_same_losses(tmp_path):
     """LAUNCH=megatron-lm: Megatron-LM's pretrain under srun, stopped by the USR1 Slurm sends
     before the time limit, saves (torch_dist), requeues and resumes to the uninterrupted losses."""

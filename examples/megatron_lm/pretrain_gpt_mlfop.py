@@ -1,7 +1,8 @@
 """Pretrain a GPT with Megatron-LM's own training loop and ``--optimizer mlfop_soap``.
 
 Megatron-LM (``megatron.training``: argument parsing, ``pretrain``, training loop, checkpointing)
-is not on PyPI: run this from a Megatron-LM checkout (core_v0.16.x) on ``PYTHONPATH``, or point
+is not on PyPI: run this from a Megatron-LM checkout (core_v0.16.x or core_v0.19.x) on
+``PYTHONPATH``, or point
 ``MEGATRON_LM_DIR`` at one (it is then appended to ``sys.path``, so megatron-core keeps coming
 from the installed wheel and only ``megatron.training`` is taken from the checkout). Every flag is
 Megatron-LM's own plus ``--optimizer mlfop_soap`` and the ``--mlfop-*`` flags of
@@ -11,6 +12,14 @@ This is a deliberately small GPT pretraining script (a megatron-core GPTModel wi
 Transformer-Engine layer spec, Megatron-LM's mock or indexed GPT datasets), not a copy of
 Megatron-LM's ``pretrain_gpt.py``: no MoE/MTP/FIM/SFT/packed sequences/virtual pipeline.
 ``--optimizer adam`` runs it unchanged.
+
+Versions (:mod:`mlfop_megatron.megatron_lm.compat`): on core_v0.16 the model comes from
+:func:`model_provider` through ``get_model``. On core_v0.19 it is built as 0.19's own
+``pretrain_gpt.py`` / ``pretrain_hybrid.py`` build it, from a ``ModelConfig``
+(:func:`model_config_from_args`): a ``GPTModelConfig``, or a ``HybridModelConfig`` when
+``--hybrid-layer-pattern`` is given (e.g. ``'*-*-'``: attention + MLP layers, the GPT
+equivalent; 0.19's stock hybrid layer specs are Transformer-Engine only, select one with
+``--spec megatron.core.models.hybrid.hybrid_layer_specs hybrid_stack_spec``).
 
 ``MLFOP_CPU_EMULATION=1`` runs it on CPU with gloo (tests and demos only; see
 :func:`install_cpu_stand_ins`). See examples/megatron_lm/README.md for command lines.
@@ -23,14 +32,16 @@ light module top keeps that from re-importing Megatron (seconds per save on a sm
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 if os.environ.get("MEGATRON_LM_DIR"):
     # Appended, not prepended: `megatron` is a namespace package, so megatron.core resolves to the
-    # installed megatron-core wheel (with its compiled dataset helpers) and megatron.training to
-    # the checkout.
-    sys.path.append(os.path.abspath(os.environ["MEGATRON_LM_DIR"]))
+    # installed megatron-core wheel (with its compiled dataset helpers); megatron.training is
+    # pinned to the checkout (the megatron-core 0.19 wheel ships one of its own). Light: no
+    # Megatron or torch import here.
+    from mlfop_megatron.megatron_lm.compat import use_megatron_lm_checkout
+
+    use_megatron_lm_checkout(os.environ["MEGATRON_LM_DIR"])
 
 
 def install_cpu_stand_ins() -> None:
@@ -48,7 +59,8 @@ def install_cpu_stand_ins() -> None:
       ``torch.cuda.device_count() > 0``: we report one device (the CPU; ``set_device`` is
       already a no-op under the emulation);
     * ``_compile_dependencies`` calls ``megatron.legacy.fused_kernels.load`` (initialize.py:224),
-      which runs ``$CUDA_HOME/bin/nvcc -V`` and compiles nothing else: made a no-op;
+      which runs ``$CUDA_HOME/bin/nvcc -V`` and compiles nothing else: made a no-op (core_v0.19
+      has no ``megatron.legacy`` and loads no fused kernels there);
     * with TP > 1 ``validate_args`` reads the GPU architecture (arguments.py:928, to require
       CUDA_DEVICE_MAX_CONNECTIONS=1 before Blackwell): reported as Hopper (9).
     """
@@ -59,9 +71,10 @@ def install_cpu_stand_ins() -> None:
     install_cpu_emulation()
     torch.cuda.device_count = lambda: 1
 
-    import megatron.legacy.fused_kernels as fused_kernels
     import megatron.training.arguments as arguments
     import megatron.training.training as training
+
+    from mlfop_megatron.megatron_lm.compat import legacy_fused_kernels
 
     original = training.initialize_megatron
 
@@ -70,7 +83,9 @@ def install_cpu_stand_ins() -> None:
         return original(*args, **kwargs)
 
     training.initialize_megatron = initialize_megatron
-    fused_kernels.load = lambda args: None
+    fused_kernels = legacy_fused_kernels()
+    if fused_kernels is not None:
+        fused_kernels.load = lambda args: None
     arguments.get_device_arch_version = lambda: 9
 
 
@@ -140,6 +155,19 @@ def model_provider(
     )
 
 
+def model_config_from_args(args: Any) -> Any:
+    """core_v0.19: the ``ModelConfig`` Megatron-LM builds the model from (its own scripts' way).
+
+    ``--hybrid-layer-pattern`` selects a HybridModel (what 0.19 recommends over the deprecated
+    GPTModel), otherwise a GPTModel with the same layer spec choice as :func:`model_provider`.
+    """
+    from megatron.training import argument_utils
+
+    if getattr(args, "hybrid_layer_pattern", None):
+        return argument_utils.hybrid_config_from_args(args)
+    return argument_utils.gpt_config_from_args(args)
+
+
 def _on_data_stage() -> bool:
     """Pipeline stages that read data: the first (tokens) and the last (labels, loss mask)."""
     from megatron.core import parallel_state
@@ -151,11 +179,11 @@ def _on_data_stage() -> bool:
 
 def get_batch(data_iterator: Any) -> tuple[Any, ...]:
     """This rank's micro-batch: read on TP rank 0, broadcast over TP, sliced for CP."""
-    from megatron.training.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
+    from mlfop_megatron.megatron_lm.compat import batch_on_this_rank
 
     if not _on_data_stage():
         return None, None, None, None, None
-    batch = get_batch_on_this_cp_rank(get_batch_on_this_tp_rank(data_iterator))
+    batch = batch_on_this_rank(data_iterator)
     keys = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
     return tuple(batch[k] for k in keys)
 
@@ -265,6 +293,9 @@ def exit_for_requeue_if_stopped_early(exit_code: int) -> None:
 
 
 def main() -> None:
+    from mlfop_megatron.megatron_lm.compat import backport_typing_override
+
+    backport_typing_override()  # Megatron-LM 0.19 on Python 3.11 (no-op otherwise)
     if os.environ.get("RANK", "0") != "0":
         import warnings
 
@@ -277,9 +308,9 @@ def main() -> None:
     import megatron.core
     import megatron.training
     from megatron.core.enums import ModelType
-    from megatron.training import pretrain
 
     from mlfop_megatron.megatron_lm import add_mlfop_args, install
+    from mlfop_megatron.megatron_lm.compat import run_pretrain
 
     # MLFOP_RUNTIME_INSTALL=0: a Megatron-LM patched with patches/ needs no runtime install.
     if os.environ.get("MLFOP_RUNTIME_INSTALL", "1") == "1":
@@ -290,12 +321,13 @@ def main() -> None:
         }
         print(f"[pretrain_gpt_mlfop] using {where}", flush=True)
     try:
-        pretrain(
+        run_pretrain(  # megatron.training.pretrain, called as this Megatron-LM version expects
             train_valid_test_datasets_provider,
             model_provider,
             ModelType.encoder_or_decoder,
             forward_step,
             extra_args_provider=add_mlfop_args,
+            model_config_from_args=model_config_from_args,
         )
     except SystemExit as stop:  # Megatron-LM's early exit (signal, time limit) calls sys.exit
         exit_for_requeue_if_stopped_early(stop.code or 0)

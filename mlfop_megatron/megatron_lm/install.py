@@ -1,10 +1,13 @@
 """Runtime install of ML-FOP-SOAP into Megatron-LM's training setup (no source patch needed).
 
-``install()`` wraps four functions of ``megatron.training.training`` (Megatron-LM core_v0.16.x);
+``install()`` wraps five functions of ``megatron.training.training`` (Megatron-LM core_v0.16.x
+and core_v0.19.x; what differs between them is in :mod:`mlfop_megatron.megatron_lm.compat`);
 each wrapper does nothing new unless the run was started with ``--optimizer mlfop_soap``:
 
-* ``get_model``: validates the Megatron-LM flags against ML-FOP-SOAP, then makes the model
-  wrapper ``FoldingDistributedDataParallel`` (level boundaries become gradient sync points);
+* ``setup_model_and_optimizer`` and ``get_model``: validate the Megatron-LM flags against
+  ML-FOP-SOAP, then make the model wrapper ``FoldingDistributedDataParallel`` (level boundaries
+  become gradient sync points) wherever this version takes its DDP class from (0.19 also
+  builds models from a ``ModelConfig`` outside ``get_model``);
 * ``get_megatron_optimizer_config``: builds Megatron's Adam config (lr, weight decay, clipping
   and the Adam settings of the non-matrix params) exactly as for ``--optimizer adam``;
 * ``get_megatron_optimizer``: returns :func:`get_mlfop_optimizer` built from the ``--mlfop-*``
@@ -23,6 +26,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from mlfop_megatron.megatron_lm import compat
 from mlfop_megatron.megatron_lm.arguments import (
     accept_mlfop_optimizer,
     add_mlfop_args,
@@ -31,9 +35,14 @@ from mlfop_megatron.megatron_lm.arguments import (
     uses_mlfop,
     validate_megatron_args,
 )
+from mlfop_megatron.megatron_lm.compat import SUPPORTED_MEGATRON_LM
 
-SUPPORTED_MEGATRON_LM = "core_v0.16.0 - core_v0.16.1 (tested: core_v0.16.1)"
-_HOOKED = ("DDP", "get_model", "get_megatron_optimizer_config", "get_megatron_optimizer")
+_HOOKED = (
+    "get_model",
+    "setup_model_and_optimizer",
+    "get_megatron_optimizer_config",
+    "get_megatron_optimizer",
+)
 _MARK = "_mlfop_installed"
 
 
@@ -45,6 +54,7 @@ class _Installed:
 
 
 def _training_module() -> Any:
+    compat.backport_typing_override()
     try:
         return importlib.import_module("megatron.training.training")
     except ImportError as err:
@@ -143,7 +153,8 @@ def _accept_optimizer_choice(arguments: Any) -> None:
 
     ``pretrain`` parses the command line before it uses our extra_args_provider (fault
     tolerance / in-process restart setup call ``parse_args(ignore_unknown_args=True)`` without
-    it: ft_integration.py:78, inprocess_restart.py:128 at core_v0.16.1). Unknown ``--mlfop-*``
+    it: ft_integration.py:78, inprocess_restart.py:128 at core_v0.16.1, :133 at core_v0.19.0).
+    Unknown ``--mlfop-*``
     flags pass there, but an unknown ``--optimizer`` choice does not.
     """
     original = arguments.add_megatron_arguments
@@ -162,7 +173,7 @@ def install() -> None:
     Idempotent. Raises if Megatron-LM is not importable or lacks the functions it wraps.
     """
     training = _training_module()
-    missing = [name for name in (*_HOOKED, "training_log") if not hasattr(training, name)]
+    missing = [n for n in (*_HOOKED, "training_log", "DDP") if not hasattr(training, n)]
     if missing:
         raise RuntimeError(
             f"megatron.training.training has no {missing}: this Megatron-LM version is not "
@@ -185,15 +196,24 @@ def install() -> None:
     original: dict[str, Callable[..., Any]] = {
         name: getattr(training, name) for name in (*_HOOKED, "training_log")
     }
+    slots = compat.ddp_class_slots()
+    original_ddp = [getattr(module, attr) for module, attr in slots]
 
-    def get_model(*a: Any, **kw: Any) -> Any:
+    def select_ddp_class() -> None:
+        """Validate an mlfop_soap run and point every DDP-class slot at ours (else restore)."""
         args = get_args()
         if uses_mlfop(args):
             validate_megatron_args(args)
-            training.DDP = FoldingDistributedDataParallel
-        else:
-            training.DDP = original["DDP"]
+        for (module, attr), ddp in zip(slots, original_ddp):
+            setattr(module, attr, FoldingDistributedDataParallel if uses_mlfop(args) else ddp)
+
+    def get_model(*a: Any, **kw: Any) -> Any:
+        select_ddp_class()
         return original["get_model"](*a, **kw)
+
+    def setup_model_and_optimizer(*a: Any, **kw: Any) -> Any:
+        select_ddp_class()  # 0.19's ModelConfig builders wrap the model without get_model
+        return original["setup_model_and_optimizer"](*a, **kw)
 
     def get_megatron_optimizer_config(args: Any) -> Any:
         if uses_mlfop(args):  # Megatron's Adam config drives lr/wd/clipping and the Adam part
@@ -220,16 +240,34 @@ def install() -> None:
         return result
 
     training.get_model = get_model
+    training.setup_model_and_optimizer = setup_model_and_optimizer
     training.get_megatron_optimizer_config = get_megatron_optimizer_config
     training.get_megatron_optimizer = get_megatron_optimizer
     training.training_log = training_log
     setattr(training, _MARK, True)
 
 
-def pretrain(*args: Any, extra_args_provider: Any = None, **kwargs: Any) -> Any:
-    """``megatron.training.pretrain`` with ML-FOP-SOAP installed and its flags added."""
-    install()
-    from megatron.training import pretrain as megatron_pretrain
+def pretrain(
+    train_valid_test_dataset_provider: Any,
+    model_provider: Any,
+    model_type: Any,
+    forward_step_func: Any,
+    *,
+    extra_args_provider: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """``megatron.training.pretrain`` with ML-FOP-SOAP installed and its flags added.
 
-    provider = chain_args_providers(add_mlfop_args, extra_args_provider)
-    return megatron_pretrain(*args, extra_args_provider=provider, **kwargs)
+    Takes core_v0.16's arguments on every supported version; on core_v0.19 it parses the
+    command line and builds the config container first (:func:`compat.run_pretrain`, which
+    also accepts ``model_config_from_args=`` to build from a 0.19 ``ModelConfig``).
+    """
+    install()
+    return compat.run_pretrain(
+        train_valid_test_dataset_provider,
+        model_provider,
+        model_type,
+        forward_step_func,
+        extra_args_provider=chain_args_providers(add_mlfop_args, extra_args_provider),
+        **kwargs,
+    )
