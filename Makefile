@@ -21,11 +21,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# Pin the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 ifeq ($(MCORE),0.16.1)
-	$(PIP) install -q -e '.[megatron,examples,test]' megatron-core==$(MCORE)
+	$(PIP) install -q -e '.[megatron,examples,test,megatron-lm]' megatron-core==$(MCORE)
 else
-	# megatron-core >= 0.17 on Python 3.11: its own deps by hand (triton: imported by its MoE
-	# code), then the wheel without its Requires-Python check.
-	$(PIP) install -q -e '.[examples,test]' 'psutil>=5.9' 'packaging>=24.2' triton==3.9.0
+	# megatron-core >= 0.17 on Python 3.11: its own deps by hand (triton, in the megatron-lm
+	# extra, is imported by its MoE code), then the wheel without its Requires-Python check.
+	$(PIP) install -q -e '.[examples,test,megatron-lm]' 'psutil>=5.9' 'packaging>=24.2'
 	$(PIP) install -q --ignore-requires-python --no-deps megatron-core==$(MCORE)
 endif
 	touch $@
