@@ -95,21 +95,77 @@ class SOAPConfig:
         return self.betas[1] if self.shampoo_beta is None else float(self.shampoo_beta)
 
 
+FOLD_STRUCTURES = ("chain", "tree", "last")
+STEP_SIZES = ("none", "eta_star")
+STATISTICS_SOURCES = ("folded", "mean")
+
+
 @dataclass(frozen=True)
 class FoldingConfig:
     """Multi-level gradient folding with Fisher-orthogonal projection (FOP) between levels.
 
-    ``accumulation_steps`` is K, the number of micro-steps per optimizer step. ``boundaries``
-    are the cumulative micro-step counts L_0=1 < L_1 < ... < L_J=K; None means dyadic.
-    ``enabled=False`` gives the plain mean of the K micro-gradients (plain SOAP).
+    ``accumulation_steps`` is K, the number of micro-steps per optimizer step. A *level* is a
+    run of consecutive micro-steps whose DP-reduced mean gradient enters the folding as one
+    estimate; level ends are the gradient sync points. ``enabled=False`` gives the plain mean
+    of the K micro-gradients (plain SOAP).
+
+    One fold of two estimates z (earlier micro-steps, n_z of them) and h (later, n_h) under
+    the SOAP metric M (``core/fop.py``): a = (n_z z + n_h h)/(n_z + n_h), d = z - h,
+    s = <d, M a>/(<a, M a> + fop_eps), d_perp = d - s a,
+    beta = <a, M^-1 d_perp>/(<d_perp, M^-1 d_perp> + fop_eps), result a + beta d_perp.
+    ``a`` is FOP's g_avg of that fold: the count-weighted plain mean of the two estimates.
+
+    ``structure`` (which estimates are folded):
+      * ``"chain"`` (default, the first version): z_0 = level 0, z_j = FOP(z_{j-1}, h_j)
+        over the levels given by ``boundaries`` (None: dyadic 1, 2, 4, ..., K; cumulative
+        counts, starting at 1). log2(K)+1 sync points.
+      * ``"tree"``: balanced binary folding of the levels (the leaves). Every micro-step is a
+        leaf unless ``boundaries`` (any strictly increasing counts ending at K) coarsen them.
+        Leaves are pushed on a stack; whenever the two top estimates cover equally many
+        micro-steps they are folded (a binary counter), and the last leaf folds the rest
+        from the top down. For K = 2^n leaves of equal size every fold joins two equal halves
+        folded at the same depth and the last fold is FOP's own half-vs-half split; at most
+        log2(K)+1 estimates are live. K sync points (one per leaf).
+      * ``"last"``: FOP proper, one fold of the plain means of micro-steps 1..floor(K/2) and
+        floor(K/2)+1..K; 2 sync points. ``boundaries`` must be None.
+      At K=2 all three are the same single fold.
+
+    ``step_size``: ``"none"`` (default) or ``"eta_star"``, FOP's per-block step size (Eqs.
+    17-18) eta* = <g_avg, M^-1 g_comb>/<g_comb, M^-1 g_comb>, multiplying the block's
+    preconditioned update direction unrot(m/(sqrt(v)+eps)) (not its weight decay). g_comb is
+    the window's folded gradient; g_avg is the plain mean of the whole window, and M the
+    window's fold metric (the previous step's). eta* is computed once, after the final fold,
+    not per fold: with one fold (``"last"``, or any structure at K=2) g_avg is that fold's
+    ``a`` and eta* comes from the fold's inner products; with several folds (chain, tree) it
+    is taken against a running plain mean, the least-squares scale that best matches the
+    update to the plain-mean natural-gradient step (one extra buffer per block, rotated
+    coordinates). A block with <g_comb, M^-1 g_comb> = 0 keeps eta* = 1; a window without a
+    fold (K=1) is not scaled.
+
+    ``statistics_from``: ``"folded"`` (default, the first version: the folded gradient feeds
+    all of SOAP's state) or ``"mean"``: SOAP's second moment v and Kronecker factors L, R
+    (hence the bases) are fed the plain window mean, while the first moment m takes the
+    folded gradient. In FOP the curvature F (damped KFAC factors; here L, R and v) never sees
+    g_comb, and g_comb enters only the update; SOAP's update direction is m/(sqrt(v)+eps), so
+    m is part of the update: fed the plain mean, the FOP combination would not reach the
+    update at all. Costs two extra buffers per block (plain mean, original and rotated).
+
+    ``beta_max``: clip |beta| <= beta_max; None or inf: no clipping (as published).
+    ``parallel_tol``: when |d_perp|_{M^-1} <= parallel_tol |d|_{M^-1} (d numerically parallel
+    to a, so d_perp is rounding noise) beta is set to 0; None: 10 sqrt(eps of the dtype);
+    0: only an exactly-zero d_perp (the published formula).
+    ``fop_eps``: added to the denominators of s and beta.
     """
 
     enabled: bool = True
     accumulation_steps: int = 1
     boundaries: tuple[int, ...] | None = None
+    structure: str = "chain"  # "chain" | "tree" | "last", see the class docstring
+    step_size: str = "none"  # "none" | "eta_star"
+    statistics_from: str = "folded"  # "folded" | "mean"
     project: bool = True  # ablation switch: False skips the orthogonalisation (s = 0)
     fixed_beta: float | None = None  # ablation switch: use this beta instead of the adaptive one
-    beta_max: float | None = 1.0  # clip |beta| <= beta_max; None disables clipping
+    beta_max: float | None = 1.0  # clip |beta| <= beta_max; None (or inf) disables clipping
     fop_eps: float = 1e-30  # added to the denominators of s and beta
     parallel_tol: float | None = None  # |d_perp| <= tol |d| counts as parallel; None: dtype-based
     diagnostics: bool = True
@@ -119,12 +175,23 @@ class FoldingConfig:
             if not isinstance(getattr(self, name), bool):
                 _fail(name, "True or False", getattr(self, name))
         k = check_int("accumulation_steps", self.accumulation_steps, 1)
+        for name, allowed in (
+            ("structure", FOLD_STRUCTURES),
+            ("step_size", STEP_SIZES),
+            ("statistics_from", STATISTICS_SOURCES),
+        ):
+            if getattr(self, name) not in allowed:
+                _fail(name, f"one of {allowed}", getattr(self, name))
         if self.boundaries is not None:
             b = tuple(self.boundaries)
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in b) or not b:
                 _fail("boundaries", "a non-empty sequence of integers", self.boundaries)
-            if b[0] != 1:
+            if self.structure == "last":
+                _fail("boundaries", "None with structure='last' (halves K/2, K)", b)
+            if self.structure == "chain" and b[0] != 1:
                 _fail("boundaries", "a sequence starting at 1 (the first micro-step)", b)
+            if b[0] < 1:
+                _fail("boundaries", "a sequence of counts >= 1", b)
             if any(y <= x for x, y in zip(b, b[1:])):
                 _fail("boundaries", "strictly increasing", b)
             if b[-1] != k:
@@ -133,7 +200,11 @@ class FoldingConfig:
         if self.fixed_beta is not None:
             check_range("fixed_beta", self.fixed_beta)
         if self.beta_max is not None:
-            check_range("beta_max", self.beta_max, 0.0, low_open=True)
+            bm = _check_real("beta_max", self.beta_max)
+            if math.isinf(bm) and bm > 0:
+                object.__setattr__(self, "beta_max", None)  # inf: no clipping
+            else:
+                check_range("beta_max", self.beta_max, 0.0, low_open=True)
         check_range("fop_eps", self.fop_eps, 0.0)
         if self.parallel_tol is not None:
             check_range("parallel_tol", self.parallel_tol, 0.0, 1.0, high_open=True)

@@ -1,9 +1,17 @@
 """Multi-level folding of one accumulation window (K micro-steps) into a single gradient.
 
-Level 0 is micro-step 1; level j >= 1 covers micro-steps L_{j-1}+1 .. L_j. Its mean gradient
-h_j is folded into the running estimate z by FOP with weights (L_{j-1}, L_j - L_{j-1}).
-The metric (and basis) is the one from the previous optimizer step, fixed for the window.
-With folding off there is a single level and the result is the plain mean, bitwise.
+Level 0 covers micro-steps 1..L_0; level j >= 1 covers L_{j-1}+1 .. L_j. Each level's mean
+gradient is pushed on a stack of estimates and the schedule's fold plan (``core/levels.py``:
+chain, tree or last) says which two top entries are folded by FOP, weighted by how many
+micro-steps each covers. Chain: the running estimate z absorbs each level h_j with weights
+(L_{j-1}, L_j - L_{j-1}). The metric (and basis) is the one from the previous optimizer step,
+fixed for the window. With folding off there is a single level and the result is the plain
+mean, bitwise.
+
+Where the options need it (``statistics_from="mean"``, or ``step_size="eta_star"`` with more
+than one fold) the folder also keeps the plain window mean as a running sum of level sums, in
+original and/or rotated coordinates (adds only, no extra rotation). eta* is computed once per
+window after the final fold (see ``FoldingConfig``); nothing here syncs with the host.
 This module knows nothing about torch.distributed: callers pass level means that are already
 reduced across data-parallel ranks, and a ``reduce_fn`` for tensor-parallel inner products.
 """
@@ -23,6 +31,7 @@ from mlfop_megatron.core.fop import (
     FoldCoefficients,
     ReduceFn,
     apply_fold,
+    eta_star,
     fold_coefficients,
 )
 from mlfop_megatron.core.levels import LevelSchedule
@@ -40,6 +49,7 @@ class LevelDiagnostics:
     s: torch.Tensor
     beta: torch.Tensor
     sums: torch.Tensor
+    fold: int = 0  # index in the schedule's fold plan (tree runs several folds per level)
 
     def totals(self) -> torch.Tensor:
         """Additive totals [aa, ad, dd, sum s, sum beta, blocks] (sum these across ranks)."""
@@ -56,10 +66,12 @@ class LevelDiagnostics:
         )
 
     def summary(self) -> dict[str, float]:
-        return summarize_level(self.level, self.totals(), self.n_z, self.n_h)
+        return summarize_level(self.level, self.totals(), self.n_z, self.n_h, self.fold)
 
 
-def summarize_level(level: int, totals: torch.Tensor, n_z: int, n_h: int) -> dict[str, float]:
+def summarize_level(
+    level: int, totals: torch.Tensor, n_z: int, n_h: int, fold: int | None = None
+) -> dict[str, float]:
     """Diagnostics of one fold over all blocks, as if they were one concatenated vector.
 
     cosine_before: cos(z, h), the two estimates being folded (with modality-ordered
@@ -74,7 +86,7 @@ def summarize_level(level: int, totals: torch.Tensor, n_z: int, n_h: int) -> dic
     s_mean = s_sum / max(blocks, 1.0)
     a_dp = ad - s_mean * aa  # <a, d - s a> with the mean s (exact when one block)
     dp_dp = max(dd - 2 * s_mean * ad + s_mean * s_mean * aa, 0.0)
-    return {
+    out = {
         "level": float(level),
         "s_mean": s_mean,
         "beta_mean": beta_sum / max(blocks, 1.0),
@@ -82,6 +94,52 @@ def summarize_level(level: int, totals: torch.Tensor, n_z: int, n_h: int) -> dic
         "cosine_before": zh / max((zz * hh) ** 0.5, 1e-300),
         "cosine_after": a_dp / max((aa * dp_dp) ** 0.5, 1e-300),
     }
+    if fold is not None:
+        out["fold"] = float(fold)
+    return out
+
+
+@dataclass
+class WindowOutput:
+    """What the SOAP step of each block takes from a completed window.
+
+    grads / grads_rot: the folded gradient g_comb (rotated form None where not computed);
+    stats_grads / stats_grads_rot: the plain window mean feeding v, L and R when
+    ``statistics_from="mean"`` (None: the statistics take g_comb); eta: per-block eta* [n]
+    when ``step_size="eta_star"`` and the window folded (None: no scaling).
+    """
+
+    grads: list[torch.Tensor]
+    grads_rot: list[torch.Tensor | None]
+    stats_grads: list[torch.Tensor] | None = None
+    stats_grads_rot: list[torch.Tensor | None] | None = None
+    eta: torch.Tensor | None = None
+
+    def block(self, i: int) -> dict[str, torch.Tensor | None]:
+        """soap_step keyword arguments of block i (beyond grad)."""
+        return {
+            "grad_rot": self.grads_rot[i],
+            "stats_grad": None if self.stats_grads is None else self.stats_grads[i],
+            "stats_grad_rot": None if self.stats_grads_rot is None else self.stats_grads_rot[i],
+            "direction_scale": None if self.eta is None else self.eta[i],
+        }
+
+    def scale_(self, factor: float) -> None:
+        """Multiply every gradient by ``factor`` in place (gradient clipping; eta* is
+        invariant)."""
+        for group in (self.grads, self.grads_rot, self.stats_grads, self.stats_grads_rot):
+            for g in group or ():
+                if g is not None:
+                    g.mul_(factor)
+
+
+@dataclass
+class _Entry:
+    """An estimate on the fold stack: per-block tensors covering ``size`` micro-steps."""
+
+    size: int
+    grads: list[torch.Tensor]
+    rot: list[torch.Tensor | None]
 
 
 @dataclass
@@ -99,6 +157,7 @@ class WindowFolder:
     estimate_rot: list[torch.Tensor | None] = field(default_factory=list)
     diagnostics: list[LevelDiagnostics] = field(default_factory=list)
     finite: torch.Tensor | None = None
+    eta: torch.Tensor | None = None  # eta* per block once the window is folded (eta_star)
 
     def __post_init__(self) -> None:
         n = len(self.rotate_fns)
@@ -107,6 +166,15 @@ class WindowFolder:
         self.level_sums = [None] * n
         self.estimate = [None] * n
         self.estimate_rot = [None] * n
+        self._stack: list[_Entry] = []
+        folds = self.schedule.num_folds
+        mean_stats = self.cfg.statistics_from == "mean" and folds > 0
+        eta = self.cfg.step_size == "eta_star" and folds > 0
+        self._eta_from_fold = eta and folds == 1  # that fold's a is the window mean
+        self._plain_orig = mean_stats
+        self._plain_rot = mean_stats or (eta and folds > 1)
+        self._plain: list[torch.Tensor] | None = None
+        self._plain_r: list[torch.Tensor] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -159,25 +227,99 @@ class WindowFolder:
     def _fold(self, level: int, level_means: Sequence[torch.Tensor]) -> None:
         if not self.num_blocks:  # a rank that owns no block still walks the schedule
             return
-        last = level == self.schedule.num_levels - 1
-        if level == 0:
-            for i, mean in enumerate(level_means):
-                self.estimate[i] = mean
-                if not last:
-                    rotated = self.rotate_fns[i](mean)
-                    # An identity rotation returns its input; the two estimates must not alias.
-                    self.estimate_rot[i] = rotated.clone() if rotated is mean else rotated
-            return
-        n_z, n_h = self.schedule.fold_weights(level)
-        h_rot = [rot(h) for rot, h in zip(self.rotate_fns, level_means)]
-        coef: FoldCoefficients = fold_coefficients(
-            self.estimate_rot, h_rot, self.metric_diags, n_z, n_h, self.cfg, self.reduce_fn
-        )
-        for i, h in enumerate(level_means):
-            apply_fold(self.estimate[i], h, coef.cz[i], coef.ch[i])
-            apply_fold(self.estimate_rot[i], h_rot[i], coef.cz[i], coef.ch[i])
-        if self.cfg.diagnostics:
-            self.diagnostics.append(LevelDiagnostics(level, n_z, n_h, coef.s, coef.beta, coef.sums))
+        size = self.schedule.level_size(level)
+        means = list(level_means)
+        if self.schedule.num_folds:
+            rots = []
+            for rot, mean in zip(self.rotate_fns, means):
+                rotated = rot(mean)
+                # An identity rotation returns its input; the two estimates must not alias.
+                rots.append(rotated.clone() if rotated is mean else rotated)
+        else:
+            rots = [None] * len(means)
+        self._add_plain(means, rots, size)
+        self._stack.append(_Entry(size, means, rots))
+        for fold in self.schedule.folds_at(level):
+            h, z = self._stack.pop(), self._stack.pop()
+            if (z.size, h.size) != (fold.n_z, fold.n_h):  # the plan and the stack disagree
+                raise RuntimeError(f"fold {fold} met estimates of {z.size} and {h.size} steps")
+            with_eta = self._eta_from_fold and fold.index == self.schedule.num_folds - 1
+            coef: FoldCoefficients = fold_coefficients(
+                z.rot,
+                h.rot,
+                self.metric_diags,
+                z.size,
+                h.size,
+                self.cfg,
+                self.reduce_fn,
+                with_eta=with_eta,
+            )
+            for i in range(self.num_blocks):
+                apply_fold(z.grads[i], h.grads[i], coef.cz[i], coef.ch[i])
+                apply_fold(z.rot[i], h.rot[i], coef.cz[i], coef.ch[i])
+            if with_eta:
+                self.eta = coef.eta
+            if self.cfg.diagnostics:
+                self.diagnostics.append(
+                    LevelDiagnostics(
+                        level, z.size, h.size, coef.s, coef.beta, coef.sums, fold.index
+                    )
+                )
+            self._stack.append(_Entry(z.size + h.size, z.grads, z.rot))
+        if level == self.schedule.num_levels - 1:
+            (top,) = self._stack
+            self.estimate, self.estimate_rot = top.grads, top.rot
+            self._finish_plain()
+            if self.cfg.step_size == "eta_star" and self.schedule.num_folds > 1:
+                self.eta = self._eta_against_plain_mean()
+
+    def _add_plain(
+        self, means: list[torch.Tensor], rots: list[torch.Tensor | None], size: int
+    ) -> None:
+        """Running sums of level sums (size x level mean) for the plain window mean."""
+        for flag, attr, new in (
+            (self._plain_orig, "_plain", means),
+            (self._plain_rot, "_plain_r", rots),
+        ):
+            if not flag:
+                continue
+            current = getattr(self, attr)
+            if current is None:
+                setattr(self, attr, [x.mul(size) for x in new])
+            else:
+                for acc, x in zip(current, new):
+                    acc.add_(x, alpha=size)
+
+    def _finish_plain(self) -> None:
+        k = self.schedule.accumulation_steps
+        for sums in (self._plain, self._plain_r):
+            for x in sums or ():
+                x.div_(k)
+
+    def _eta_against_plain_mean(self) -> torch.Tensor:
+        """eta* = <g_mean, M^-1 g_comb> / <g_comb, M^-1 g_comb> per block (several folds)."""
+        rows = []
+        for mean_r, comb_r, diag in zip(self._plain_r, self.estimate_rot, self.metric_diags):
+            mi_comb = comb_r if diag is None else comb_r / diag
+            rows.append(
+                torch.stack(
+                    [
+                        torch.dot(mean_r.reshape(-1), mi_comb.reshape(-1)),
+                        torch.dot(comb_r.reshape(-1), mi_comb.reshape(-1)),
+                    ]
+                ).to(torch.float64)
+            )
+        sums = torch.stack(rows)
+        if self.reduce_fn is not None:
+            sums = self.reduce_fn(sums)
+        return eta_star(sums[:, 0], sums[:, 1])
+
+    def output(self) -> WindowOutput:
+        """Everything the SOAP step takes from the window (see :class:`WindowOutput`)."""
+        grads, grads_rot = self.result()
+        if self._plain_orig and self.num_blocks:
+            return WindowOutput(grads, grads_rot, list(self._plain), list(self._plain_r), self.eta)
+        return WindowOutput(grads, grads_rot, eta=self.eta)
 
     def result(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """The folded gradient per block and its rotated form (None where not computed)."""

@@ -9,6 +9,15 @@ before the first basis exists. For two estimates z, h with weights wz + wh = 1:
     beta = <a, M^-1 d_perp> / (<d_perp, M^-1 d_perp> + eps)
     FOP_accum(z, h) = a + beta d_perp = cz z + ch h
 
+FOP's per-block step size (Eqs. 17-18) for a fold whose ``a`` is the plain mean g_avg, with
+g_comb = a + beta d_perp, from the same inner products (no extra pass over the data):
+
+    eta* = <a, M^-1 g_comb> / <g_comb, M^-1 g_comb>
+         = (<a,M^-1 a> + beta <a,M^-1 d_perp>)
+           / (<a,M^-1 a> + 2 beta <a,M^-1 d_perp> + beta^2 <d_perp,M^-1 d_perp>)
+
+(1 where the denominator is not positive). With the unclipped beta* it lies in [1/3, 1].
+
 Because the result is a linear combination of z and h with scalar coefficients, the caller can
 update both the original-space and the rotated-space estimate without extra rotations.
 Scalars stay as tensors (no host sync) and are computed for many blocks at once; an optional
@@ -28,7 +37,7 @@ ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 # Column indices of the phase-1 and phase-2 partial sums.
 AMA, DMA, AA, AD, DD = range(5)
-A_MI_DP, DP_MI_DP, D_MI_D = range(3)
+A_MI_DP, DP_MI_DP, D_MI_D, A_MI_A = range(4)
 
 
 @dataclass
@@ -40,6 +49,7 @@ class FoldCoefficients:
     s: torch.Tensor
     beta: torch.Tensor
     sums: torch.Tensor  # phase-1 sums [n, 5]: the diagnostics (cosine, ratio) derive from them
+    eta: torch.Tensor | None = None  # eta* per block when asked for (a taken as g_avg)
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -53,13 +63,27 @@ def phase1_sums(a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None) -> 
 
 
 def phase2_sums(
-    a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None, s: torch.Tensor
+    a: torch.Tensor,
+    d: torch.Tensor,
+    diag: torch.Tensor | None,
+    s: torch.Tensor,
+    with_ama: bool = False,
 ) -> torch.Tensor:
-    """[<a,M^-1 d_perp>, <d_perp,M^-1 d_perp>, <d,M^-1 d>] with d_perp = d - s a."""
+    """[<a,M^-1 d_perp>, <d_perp,M^-1 d_perp>, <d,M^-1 d>] with d_perp = d - s a, and
+    <a,M^-1 a> as a fourth entry when ``with_ama`` (needed for eta*)."""
     d_perp = d - s * a
     mi_dp = d_perp if diag is None else d_perp / diag
     mi_d = d if diag is None else d / diag
-    return torch.stack([_dot(a, mi_dp), _dot(d_perp, mi_dp), _dot(d, mi_d)])
+    out = [_dot(a, mi_dp), _dot(d_perp, mi_dp), _dot(d, mi_d)]
+    if with_ama:
+        out.append(_dot(a, a if diag is None else a / diag))
+    return torch.stack(out)
+
+
+def eta_star(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num/den per block, 1 where den <= 0 (a zero combined gradient keeps the step)."""
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, num / safe, torch.ones_like(num))
 
 
 def default_parallel_tol(dtype: torch.dtype) -> float:
@@ -75,8 +99,12 @@ def fold_coefficients(
     n_h: int,
     cfg: FoldingConfig,
     reduce_fn: ReduceFn | None = None,
+    with_eta: bool = False,
 ) -> FoldCoefficients:
-    """FOP coefficients for a batch of blocks (rotated estimates z, h; metric diagonals)."""
+    """FOP coefficients for a batch of blocks (rotated estimates z, h; metric diagonals).
+
+    ``with_eta``: also eta* of each block with this fold's ``a`` as g_avg (see module doc).
+    """
     if not (len(z_rot) == len(h_rot) == len(diags)) or not z_rot:
         raise ValueError("fold_coefficients needs equally many (>0) z, h and metric blocks")
     wz, wh = n_z / (n_z + n_h), n_h / (n_z + n_h)
@@ -93,17 +121,19 @@ def fold_coefficients(
         s = sums1[:, DMA] / (sums1[:, AMA] + eps)
     else:
         s = torch.zeros_like(sums1[:, DMA])
-    if cfg.fixed_beta is not None:
-        beta = torch.full_like(s, cfg.fixed_beta)
-    else:
+    sums2 = None
+    if cfg.fixed_beta is None or with_eta:
         sums2 = torch.stack(
             [
-                phase2_sums(a, d, m, s_i.to(a.dtype)).to(acc_dtype)
+                phase2_sums(a, d, m, s_i.to(a.dtype), with_eta).to(acc_dtype)
                 for a, d, m, s_i in zip(a_list, d_list, diags, s)
             ]
         )
         if reduce_fn is not None:
             sums2 = reduce_fn(sums2)
+    if cfg.fixed_beta is not None:
+        beta = torch.full_like(s, cfg.fixed_beta)
+    else:
         tol = cfg.parallel_tol
         if tol is None:
             tol = default_parallel_tol(z_rot[0].dtype)
@@ -115,7 +145,12 @@ def fold_coefficients(
     keep = 1.0 - beta * s
     cz = keep * wz + beta
     ch = keep * wh - beta
-    return FoldCoefficients(cz, ch, s, beta, sums1)
+    eta = None
+    if with_eta:
+        ama, amidp = sums2[:, A_MI_A], sums2[:, A_MI_DP]
+        num = ama + beta * amidp
+        eta = eta_star(num, num + beta * amidp + beta * beta * sums2[:, DP_MI_DP])
+    return FoldCoefficients(cz, ch, s, beta, sums1, eta)
 
 
 def apply_fold(

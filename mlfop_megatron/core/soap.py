@@ -165,35 +165,50 @@ def soap_step(
     weight_decay: float,
     grad_rot: torch.Tensor | None = None,
     timings: dict[str, float] | None = None,
+    stats_grad: torch.Tensor | None = None,
+    stats_grad_rot: torch.Tensor | None = None,
+    direction_scale: torch.Tensor | None = None,
 ) -> bool:
     """One SOAP step on a matrix view ``param`` with gradient ``grad`` (same 2-D shape).
 
     ``grad_rot`` may pass rot(grad) when the caller already has it (folding computes it);
     ``timings`` (optional) accumulates the refresh wall time under "refresh".
+    ``stats_grad`` (and its rotation ``stats_grad_rot``, computed here when None): the
+    gradient that feeds the second moment v and the factors L, R instead of ``grad``, which
+    then feeds only the first moment m (folding's ``statistics_from="mean"``).
+    ``direction_scale``: a 0-d tensor multiplying the preconditioned direction (FOP's eta*;
+    decoupled weight decay is not scaled).
     Returns False on the first, statistics-only step (no parameter change), True otherwise.
     """
+    stats = grad if stats_grad is None else stats_grad
     if not state["initialized"]:
-        update_factors(state, grad, cfg.factor_beta)
+        update_factors(state, stats, cfg.factor_beta)
         init_bases(state, counters)
         return False
     beta1, beta2 = cfg.betas
     g_rot = rotate(grad, state) if grad_rot is None else grad_rot
+    if stats_grad is None:
+        s_rot = g_rot
+    else:
+        s_rot = rotate(stats_grad, state) if stats_grad_rot is None else stats_grad_rot
     state["step"] += 1
     t = state["step"]
     state["exp_avg"].mul_(beta1).add_(g_rot, alpha=1.0 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(g_rot, g_rot, value=1.0 - beta2)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(s_rot, s_rot, value=1.0 - beta2)
     step_size = lr
     if cfg.correct_bias:
         step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
     normalized = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(cfg.eps)
     direction = unrotate(normalized, state)
+    if direction_scale is not None:
+        direction.mul_(direction_scale.to(direction.dtype))
     target = state.get("master", param)  # fp32 main weights for low-precision params
     target.add_(direction.to(target.dtype), alpha=-step_size)
     if weight_decay > 0.0:
         target.add_(target, alpha=-lr * weight_decay)
     if target is not param:
         param.copy_(target)
-    update_factors(state, grad, cfg.factor_beta)
+    update_factors(state, stats, cfg.factor_beta)
     if t % cfg.precondition_frequency == 0:
         start = time.perf_counter()
         refresh_bases(state, cfg.refresh_method, counters)

@@ -101,6 +101,7 @@ class ShardedSOAP:
         self.timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self._folder: WindowFolder | None = None
         self.last_diagnostics: list[LevelDiagnostics] = []
+        self.last_eta: torch.Tensor | None = None  # eta* per owned block (step_size=eta_star)
 
     def _own(self, block: Block) -> OwnedBlock:
         param = self.params[block.param_index]
@@ -164,14 +165,15 @@ class ShardedSOAP:
     # -------------------------------------------------------------------- step
     def step(self, lr: float, weight_decay: float, grad_scale: float = 1.0) -> None:
         """Update owned blocks with the folded gradients (times ``grad_scale``), then share."""
-        grads, grads_rot = self.window_gradients()
+        if self._folder is None:
+            raise RuntimeError("no folded gradients: the backward passes did not reach the DDP")
+        window = self._folder.output()
         self.last_diagnostics = self._folder.diagnostics
+        self.last_eta = self._folder.eta
         start = time.perf_counter()
-        for owned, g, g_rot in zip(self.owned, grads, grads_rot):
-            if grad_scale != 1.0:
-                g.mul_(grad_scale)
-                if g_rot is not None:
-                    g_rot.mul_(grad_scale)
+        if grad_scale != 1.0:
+            window.scale_(grad_scale)
+        for i, (owned, g) in enumerate(zip(self.owned, window.grads)):
             soap_step(
                 owned.view(owned.param.data),
                 g,
@@ -180,8 +182,8 @@ class ShardedSOAP:
                 self.counters,
                 lr=lr,
                 weight_decay=weight_decay,
-                grad_rot=g_rot,
                 timings=self.timings,
+                **window.block(i),
             )
         self.timings["update"] += time.perf_counter() - start
         self._folder = None

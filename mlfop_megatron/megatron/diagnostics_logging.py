@@ -6,15 +6,25 @@ from typing import Any
 
 
 def flatten_stats(stats: dict[str, Any], prefix: str = "mlfop") -> dict[str, float]:
-    """{'levels': [{...}, ...], 'skipped_steps': n} -> {'mlfop/level1/beta_mean': x, ...}."""
+    """{'levels': [{...}, ...], 'skipped_steps': n} -> {'mlfop/level1/beta_mean': x, ...}.
+
+    Several folds ending at one level (``structure="tree"``) are told apart by their fold
+    index: 'mlfop/level3_fold2/beta_mean'.
+    """
     flat: dict[str, float] = {}
     for key, value in stats.items():
         if key == "levels":
+            per_level: dict[int, int] = {}
+            for entry in value:
+                per_level[int(entry["level"])] = per_level.get(int(entry["level"]), 0) + 1
             for entry in value:
                 level = int(entry["level"])
+                tag = f"level{level}"
+                if per_level[level] > 1:
+                    tag += f"_fold{int(entry['fold'])}"
                 for name, v in entry.items():
-                    if name != "level":
-                        flat[f"{prefix}/level{level}/{name}"] = float(v)
+                    if name not in ("level", "fold"):
+                        flat[f"{prefix}/{tag}/{name}"] = float(v)
         elif isinstance(value, (int, float)):
             flat[f"{prefix}/{key}"] = float(value)
     return flat

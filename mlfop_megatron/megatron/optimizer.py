@@ -277,11 +277,11 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             ]
         counters = torch.tensor(host, dtype=torch.float64, device=self.device)
         totals = []
-        for level in range(1, self.schedule.num_levels):
+        for fold in self.schedule.folds:
             total = torch.zeros(6, dtype=torch.float64, device=self.device)
             for engine, counts in zip(self.engines, self._engine_counts):
                 for diag in engine.last_diagnostics:
-                    if diag.level == level and counts:
+                    if diag.fold == fold.index and counts:
                         total += diag.totals().to(self.device, torch.float64)
             totals.append(total)
         packed = torch.cat([counters, *totals]) if totals else counters
@@ -304,11 +304,12 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             "levels": [],
         }
         out.update({f"time_{k}_s": float(v) for k, v in zip(PHASES, timings)})
-        for j, level in enumerate(range(1, self.schedule.num_levels)):
+        for j, fold in enumerate(self.schedule.folds):
             chunk = packed[4 + 6 * j : 10 + 6 * j]
-            if chunk[5] > 0:  # at least one block was folded at this level
-                n_z, n_h = self.schedule.fold_weights(level)
-                out["levels"].append(summarize_level(level, chunk, n_z, n_h))
+            if chunk[5] > 0:  # at least one block was folded in this fold
+                out["levels"].append(
+                    summarize_level(fold.level, chunk, fold.n_z, fold.n_h, fold.index)
+                )
         return out
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mlfop_megatron.config import FoldingConfig, MLFOPConfig, SOAPConfig
-from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder
+from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder, WindowOutput
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.core.linalg import LinalgCounters
 from mlfop_megatron.core.soap import (
@@ -66,6 +66,7 @@ class MLFOPSOAP(torch.optim.Optimizer):
         self._folder: WindowFolder | None = None
         self._window_params: list[torch.Tensor] = []
         self.last_diagnostics: list[LevelDiagnostics] = []
+        self.last_eta: torch.Tensor | None = None  # eta* per window param (step_size=eta_star)
 
     # ----------------------------------------------------------------- helpers
     @staticmethod
@@ -138,7 +139,7 @@ class MLFOPSOAP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params, grads, grads_rot, finite = self._collect_gradients()
+        params, window, finite = self._collect_gradients()
         self._folder = None
         if not params:
             return loss
@@ -146,7 +147,7 @@ class MLFOPSOAP(torch.optim.Optimizer):
             self.skipped_steps += 1
             return loss
         groups = self._groups_by_param()
-        for p, g, g_rot in zip(params, grads, grads_rot):
+        for i, (p, g) in enumerate(zip(params, window.grads)):
             cfg, group = groups[p]
             state = self.state[p]
             soap_step(
@@ -157,18 +158,19 @@ class MLFOPSOAP(torch.optim.Optimizer):
                 self.counters,
                 lr=group["lr"],
                 weight_decay=group["weight_decay"],
-                grad_rot=g_rot,
+                **window.block(i),
             )
         self.steps += 1
         return loss
 
-    def _collect_gradients(self):
-        """(params, grads, rotated grads, finite flag) from the window or from p.grad."""
+    def _collect_gradients(self) -> tuple[list[torch.Tensor], WindowOutput, torch.Tensor]:
+        """(params, the window's gradients, finite flag) from the window or from p.grad."""
         if self._folder is not None:
-            grads, grads_rot = self._folder.result()
+            window = self._folder.output()
             self.last_diagnostics = self._folder.diagnostics
+            self.last_eta = self._folder.eta
             finite = self._folder.finite
-            return self._window_params, grads, grads_rot, finite
+            return self._window_params, window, finite
         if self.schedule.accumulation_steps > 1:
             raise ValueError(
                 f"accumulation_steps={self.schedule.accumulation_steps} but step() was called "
@@ -183,9 +185,10 @@ class MLFOPSOAP(torch.optim.Optimizer):
             params.append(p)
             grads.append(self._matrix_grad(p, p.grad))
         self.last_diagnostics = []
+        self.last_eta = None
         flags = [torch.isfinite(g).all() for g in grads]
         finite = torch.stack(flags).all() if flags else torch.tensor(True)
-        return params, grads, [None] * len(grads), finite
+        return params, WindowOutput(grads, [None] * len(grads)), finite
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:

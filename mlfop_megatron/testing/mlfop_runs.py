@@ -36,7 +36,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     hidden and layers for the model size, arch ('gpt' or 'hybrid': the same model as a
     megatron-core 0.19 HybridModel), on_device to create params and batches on the (emulated)
     CUDA device, parallel (more initialize_model_parallel kwargs, e.g.
-    expert_model_parallel_size), extra_config (TinyGPTConfig.extra_config pairs).
+    expert_model_parallel_size), extra_config (TinyGPTConfig.extra_config pairs), folding
+    (more FoldingConfig options, e.g. structure, step_size, statistics_from, beta_max).
     """
     init_megatron_parallel(
         tp=spec.get("tp", 1), pp=spec.get("pp", 1), seed=1234, **spec.get("parallel", {})
@@ -66,6 +67,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         accumulation_steps=k,
         enabled=spec.get("enabled", True),
         max_precond_dim=spec.get("max_precond_dim", 10000),
+        **spec.get("folding", {}),
     )
     opt_config = OptimizerConfig(
         optimizer="adam",
