@@ -63,7 +63,9 @@ def test_every_flag_reaches_its_option():
         "--mlfop-refresh-method eigh --mlfop-precondition-1d --mlfop-no-bias-correction "
         "--mlfop-levels 1,3,8 --mlfop-no-projection --mlfop-fixed-beta 0.5 --mlfop-beta-max none "
         "--mlfop-fop-eps 1e-20 --mlfop-no-diagnostics --mlfop-replicated-state "
-        "--mlfop-block-size 256 --mlfop-tp-mode full --mlfop-stats-interval 0"
+        "--mlfop-block-size 256 --mlfop-tp-mode full --mlfop-stats-interval 0 "
+        "--mlfop-fold-structure tree --mlfop-step-size eta_star --mlfop-statistics-from mean "
+        "--mlfop-parallel-tol 1e-6"
     ).split()
     args = megatron_like_parser().parse_args(argv)
     config = mlfop_config_from_args(args, num_microbatches=8)
@@ -85,6 +87,10 @@ def test_every_flag_reaches_its_option():
         beta_max=None,
         fop_eps=1e-20,
         diagnostics=False,
+        structure="tree",
+        step_size="eta_star",
+        statistics_from="mean",
+        parallel_tol=1e-6,
     )
     assert args.mlfop_replicated_state and args.mlfop_block_size == 256
     assert args.mlfop_tp_mode == "full" and args.mlfop_stats_interval == 0
@@ -110,7 +116,13 @@ def test_every_flag_reaches_its_option():
         ),
         (["--mlfop-max-precond-dim", "0"], "argument --mlfop-max-precond-dim: must be an integer"),
         (["--mlfop-refresh-method", "svd"], "argument --mlfop-refresh-method: invalid choice"),
-        (["--mlfop-levels", "2,4"], "argument --mlfop-levels: must be a sequence starting at 1"),
+        (["--mlfop-fold-structure", "ring"], "argument --mlfop-fold-structure: invalid choice"),
+        (["--mlfop-step-size", "eta"], "argument --mlfop-step-size: invalid choice"),
+        (["--mlfop-statistics-from", "v"], "argument --mlfop-statistics-from: invalid choice"),
+        (
+            ["--mlfop-parallel-tol", "-1"],
+            "argument --mlfop-parallel-tol: must be in [0, 1) (got -1.0)",
+        ),
         (["--mlfop-levels", "1,4,2"], "argument --mlfop-levels: must be strictly increasing"),
         (["--mlfop-levels", "1;2"], "argument --mlfop-levels: cannot parse '1;2' as comma"),
         (["--mlfop-beta-max", "0"], "argument --mlfop-beta-max: must be in (0, inf)"),
@@ -127,6 +139,17 @@ def test_bad_values_are_rejected_naming_the_flag(argv, expected, capsys):
         megatron_like_parser().parse_args(argv)
     assert exc.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+def test_levels_are_checked_against_the_fold_structure():
+    """Tree leaves may start above 1; chain levels must start at 1 (named with the flag)."""
+    chain = megatron_like_parser().parse_args(["--mlfop-levels", "2,4"])
+    with pytest.raises(ValueError, match="--mlfop-levels 2,4 with --mlfop-fold-structure chain"):
+        mlfop_config_from_args(chain, num_microbatches=4)
+    tree = megatron_like_parser().parse_args(
+        ["--mlfop-levels", "2,4", "--mlfop-fold-structure", "tree"]
+    )
+    assert mlfop_config_from_args(tree, num_microbatches=4).folding.boundaries == (2, 4)
 
 
 def test_levels_must_end_at_the_microbatch_count():

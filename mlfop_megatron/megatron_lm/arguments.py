@@ -15,7 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mlfop_megatron.config import FoldingConfig, MLFOPConfig, SOAPConfig
+from mlfop_megatron.config import (
+    FOLD_STRUCTURES,
+    STATISTICS_SOURCES,
+    STEP_SIZES,
+    FoldingConfig,
+    MLFOPConfig,
+    SOAPConfig,
+)
 from mlfop_megatron.megatron_lm.compat import distributed_optimizer_requested
 
 OPTIMIZER_NAME = "mlfop_soap"
@@ -65,7 +72,8 @@ _int_list.kind = "comma-separated integers, e.g. 1,2,4"  # type: ignore[attr-def
 
 
 def _check_levels(levels: tuple[int, ...]) -> None:
-    FoldingConfig(accumulation_steps=levels[-1], boundaries=levels)
+    # Tree leaves may start above 1; the structure-specific check runs when the config is built.
+    FoldingConfig(accumulation_steps=levels[-1], boundaries=levels, structure="tree")
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,45 @@ FLAGS: tuple[Flag, ...] = (
             default=None,
             help="level boundaries in micro-batches, e.g. 1,2,4,8; must end at the number of "
             "micro-batches per step (default: dyadic 1,2,4,...)",
+        ),
+    ),
+    Flag(
+        "--mlfop-fold-structure",
+        "structure",
+        dict(
+            choices=FOLD_STRUCTURES,
+            default=FoldingConfig.structure,
+            help="chain: fold each level into the running estimate; tree: balanced binary "
+            "folds of equal halves; last: one half-vs-half fold (FOP as published)",
+        ),
+    ),
+    Flag(
+        "--mlfop-step-size",
+        "step_size",
+        dict(
+            choices=STEP_SIZES,
+            default=FoldingConfig.step_size,
+            help="eta_star: FOP's per-block step size <g_avg, M^-1 g_comb>/<g_comb, M^-1 "
+            "g_comb> on the preconditioned direction; none: no scaling",
+        ),
+    ),
+    Flag(
+        "--mlfop-statistics-from",
+        "statistics_from",
+        dict(
+            choices=STATISTICS_SOURCES,
+            default=FoldingConfig.statistics_from,
+            help="which gradient feeds SOAP's second moment and Kronecker factors: the folded "
+            "one, or the plain window mean (FOP: the curvature never sees g_comb)",
+        ),
+    ),
+    Flag(
+        "--mlfop-parallel-tol",
+        "parallel_tol",
+        dict(
+            type=_checked(_optional_float, lambda v: FoldingConfig(parallel_tol=v)),
+            default=FoldingConfig.parallel_tol,
+            help="beta = 0 when |d_perp| <= tol |d| in the M^-1 norm ('none': dtype-based)",
         ),
     ),
     Flag(
@@ -333,6 +380,11 @@ def mlfop_config_from_args(args: argparse.Namespace, num_microbatches: int) -> M
         return MLFOPConfig.from_kwargs(**kwargs)
     except ValueError as err:
         text = str(err)
+        if "'boundaries'" in text and args.mlfop_levels[-1] == num_microbatches:
+            raise ValueError(
+                f"--mlfop-levels {','.join(map(str, args.mlfop_levels))} with "
+                f"--mlfop-fold-structure {args.mlfop_fold_structure}: {_config_message(err)}"
+            ) from None
         if "'boundaries'" in text:
             raise ValueError(
                 f"--mlfop-levels {','.join(map(str, args.mlfop_levels))} must end at the number "
