@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
+from megatron_compare import error_message  # noqa: E402
 
 from mlfop_megatron.config import MLFOPConfig  # noqa: E402
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel  # noqa: E402
@@ -26,14 +27,6 @@ class DDPWithUnusedParam(FoldingDistributedDataParallel):
         super().__init__(config, ddp_config, module, **kwargs)
 
 
-def _message(fn):
-    try:
-        fn()
-    except (ValueError, TypeError, RuntimeError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return "no error"
-
-
 def _error_cases():
     init_megatron_parallel(seed=1)
     cfg = TinyGPTConfig()
@@ -45,31 +38,31 @@ def _error_cases():
     )
     ok = OptimizerConfig(optimizer="adam", lr=1e-3)
     out = {
-        "fp16": _message(
+        "fp16": error_message(
             lambda: get_mlfop_optimizer(
                 OptimizerConfig(optimizer="adam", lr=1e-3, fp16=True), [model]
             )
         ),
-        "bf16": _message(
+        "bf16": error_message(
             lambda: get_mlfop_optimizer(
                 OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True), [bf16_grads]
             )
         ),
-        "distopt": _message(
+        "distopt": error_message(
             lambda: get_mlfop_optimizer(
                 OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True), [model]
             )
         ),
-        "tp_mode": _message(lambda: get_mlfop_optimizer(ok, [model], tp_mode="rows")),
-        "plain_ddp": _message(lambda: get_mlfop_optimizer(ok, [plain])),
-        "two_chunks": _message(lambda: get_mlfop_optimizer(ok, [model, model])),
+        "tp_mode": error_message(lambda: get_mlfop_optimizer(ok, [model], tp_mode="rows")),
+        "plain_ddp": error_message(lambda: get_mlfop_optimizer(ok, [plain])),
+        "two_chunks": error_message(lambda: get_mlfop_optimizer(ok, [model, model])),
     }
     get_mlfop_optimizer(ok, [model], MLFOPConfig.from_kwargs(accumulation_steps=4))
-    out["too_few"] = _message(lambda: train_iteration(model, cfg, 0, 2, 1))
-    out["too_many"] = _message(lambda: train_iteration(model, cfg, 0, 5, 1))
+    out["too_few"] = error_message(lambda: train_iteration(model, cfg, 0, 2, 1))
+    out["too_many"] = error_message(lambda: train_iteration(model, cfg, 0, 5, 1))
     unused = build_tiny_gpt(cfg, ddp_class=DDPWithUnusedParam)
     get_mlfop_optimizer(ok, [unused], MLFOPConfig.from_kwargs(accumulation_steps=2))
-    out["no_grad"] = _message(lambda: train_iteration(unused, cfg, 0, 2, 1))
+    out["no_grad"] = error_message(lambda: train_iteration(unused, cfg, 0, 2, 1))
     return out
 
 

@@ -22,6 +22,8 @@ import torch
 
 pytest.importorskip("megatron.core")
 
+from megatron_compare import assert_params_close, error_message, merged_params  # noqa: E402
+
 from mlfop_megatron.testing.distributed import run_distributed  # noqa: E402
 from mlfop_megatron.testing.mlfop_runs import run_tiny_gpt  # noqa: E402
 
@@ -32,26 +34,6 @@ MOE = (
     ("moe_router_topk", 2),
     ("moe_token_dispatcher_type", "allgather"),
 )
-
-
-def _merged(runs, tp=1):
-    """Full params from rank outputs (ranks of one DP replica with tp > 1): TP shards
-    concatenated; a param held by several ranks (DP, EP=1) from the first of them."""
-    merged = {}
-    for name in {n for r in runs for n in r["params"]}:
-        holders = [r for r in runs if name in r["params"]]
-        dim = holders[0]["partition_dims"].get(name)
-        pieces = [r["params"][name] for r in holders]
-        merged[name] = pieces[0] if dim is None or tp == 1 else torch.cat(pieces, dim=dim)
-    return merged
-
-
-def _assert_close(a, b, rtol, atol, what):
-    assert a.keys() == b.keys(), (sorted(a), sorted(b))
-    for name in a:
-        assert torch.allclose(a[name], b[name], rtol=rtol, atol=atol), (
-            f"{what}: {name} max diff {(a[name] - b[name]).abs().max().item():.2e}"
-        )
 
 
 def _norms(run):
@@ -67,7 +49,8 @@ def test_sequence_parallel_tp2_with_moe_router_equals_tp1():
     sp = run_distributed(
         run_tiny_gpt, 2, dict(moe, tp=2, extra_config=(*MOE, ("sequence_parallel", True)))
     )
-    _assert_close(_merged(sp, tp=2), tp1["params"], 1e-4, 5e-5, "TP=2+SP vs TP=1")  # max 1.5e-5
+    # max diff 1.5e-5 measured
+    assert_params_close(merged_params(sp, tp=2), tp1["params"], 1e-4, 5e-5, "TP=2+SP vs TP=1")
     assert _norms(sp[0]) == pytest.approx(_norms(tp1), rel=1e-5)  # 2e-7 measured
 
 
@@ -86,7 +69,7 @@ def test_expert_parallel_ep2_equals_ep1():
         ),
     )
     assert sum("local_experts.3." in n for n in ep2[1]["params"]) > 0  # global expert index
-    _assert_close(_merged(ep2), _merged(ep1), 1e-4, 2e-5, "EP=2 vs EP=1")
+    assert_params_close(merged_params(ep2), merged_params(ep1), 1e-4, 2e-5, "EP=2 vs EP=1")
     assert _norms(ep2[0]) == pytest.approx(_norms(ep1[0]), rel=1e-6)
     assert _norms(ep2[0]) == _norms(ep2[1])
 
@@ -144,8 +127,8 @@ def test_context_parallel_cp2_equals_dp2():
     dp2 = run_distributed(_small_model_run, 2, 1)
     cp2 = run_distributed(_small_model_run, 2, 2)
     assert cp2[0][0] == pytest.approx(dp2[0][0], rel=1e-9)  # norms: Adam grads counted once
-    _assert_close(cp2[0][1], dp2[0][1], 1e-9, 1e-12, "CP=2 vs DP=2")
-    _assert_close(cp2[1][1], cp2[0][1], 0, 0, "CP ranks")
+    assert_params_close(cp2[0][1], dp2[0][1], 1e-9, 1e-12, "CP=2 vs DP=2")
+    assert_params_close(cp2[1][1], cp2[0][1], 0, 0, "CP ranks")
 
 
 # ------------------------------------------------------------------ activation recompute
@@ -167,19 +150,11 @@ def test_recompute_at_pp2_equals_no_recompute(granularity):
     plain = run_distributed(run_tiny_gpt, 2, base)
     recomputed = run_distributed(run_tiny_gpt, 2, dict(base, extra_config=RECOMPUTE[granularity]))
     for a, b in zip(recomputed, plain):
-        _assert_close(a["params"], b["params"], 0, 0, f"{granularity} recompute")
+        assert_params_close(a["params"], b["params"], 0, 0, f"{granularity} recompute")
         assert _norms(a) == _norms(b)
 
 
 # ---------------------------------------------------------------------- refused features
-def _message(fn):
-    try:
-        fn()
-    except (ValueError, TypeError, RuntimeError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return "no error"
-
-
 REFUSED_CONFIG = {
     "calculate_per_token_loss": (True, "calculate_per_token_loss=False"),
     "enable_cuda_graph": (True, "enable_cuda_graph=False"),
@@ -205,9 +180,9 @@ def _refusals():
     for field, (value, _) in REFUSED_CONFIG.items():
         model = build_tiny_gpt(TinyGPTConfig(), ddp_class=FoldingDistributedDataParallel)
         setattr(model.config, field, value)  # switched on after wrapping: factory refuses
-        out["factory:" + field] = _message(lambda m=model: get_mlfop_optimizer(ok, [m]))
+        out["factory:" + field] = error_message(lambda m=model: get_mlfop_optimizer(ok, [m]))
     # Switched on before wrapping: FoldingDistributedDataParallel refuses.
-    out["ddp:calculate_per_token_loss"] = _message(
+    out["ddp:calculate_per_token_loss"] = error_message(
         lambda: build_tiny_gpt(
             TinyGPTConfig(extra_config=(("calculate_per_token_loss", True),)),
             ddp_class=FoldingDistributedDataParallel,
@@ -219,14 +194,14 @@ def _refusals():
         )
         if field == "overlap_param_gather":
             ddp_config.overlap_param_gather = True
-        out["ddp:" + field] = _message(
+        out["ddp:" + field] = error_message(
             lambda c=ddp_config: build_tiny_gpt(
                 TinyGPTConfig(), ddp_class=FoldingDistributedDataParallel, ddp_config=c
             )
         )
     model = build_tiny_gpt(TinyGPTConfig(), ddp_class=FoldingDistributedDataParallel)
     model.ddp_config.overlap_param_gather = True
-    out["factory:overlap_param_gather"] = _message(lambda: get_mlfop_optimizer(ok, [model]))
+    out["factory:overlap_param_gather"] = error_message(lambda: get_mlfop_optimizer(ok, [model]))
     return out
 
 

@@ -16,6 +16,8 @@ import torch
 
 pytest.importorskip("megatron.core")
 
+from megatron_compare import assert_params_close, merged_params  # noqa: E402
+
 from mlfop_megatron.testing.distributed import run_distributed  # noqa: E402
 from mlfop_megatron.testing.mlfop_runs import run_tiny_gpt  # noqa: E402
 
@@ -23,29 +25,16 @@ pytestmark = pytest.mark.distributed
 FP64_IDENTITY = dict(dtype=torch.float64, max_precond_dim=1)
 
 
-def _full_params(runs):
-    """Merge TP shards (by the param's partition dim) into full tensors, from rank outputs."""
-    merged = {}
-    for name in runs[0]["params"]:
-        pieces = [r["params"][name] for r in runs]
-        dim = runs[0]["partition_dims"].get(name)
-        merged[name] = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
-    return merged
-
-
-def _assert_close(a, b, rtol, atol, what):
-    assert a.keys() == b.keys(), (sorted(a), sorted(b))
-    for name in a:
-        assert torch.allclose(a[name], b[name], rtol=rtol, atol=atol), (
-            f"{what}: {name} max diff {(a[name] - b[name]).abs().max().item():.2e}"
-        )
+def _full(runs):
+    """Full params from the ranks of one TP=2 group."""
+    return merged_params(runs, tp=2)
 
 
 def test_tp2_blockwise_equals_tp1_with_rotation_off():
     base = dict(iters=6, microbatches=4, global_micro=2, **FP64_IDENTITY)
     tp1 = run_distributed(run_tiny_gpt, 1, base)[0]
     tp2 = run_distributed(run_tiny_gpt, 2, dict(base, tp=2))
-    _assert_close(_full_params(tp2), tp1["params"], 1e-4, 2e-5, "TP=2 vs TP=1")
+    assert_params_close(_full(tp2), tp1["params"], 1e-4, 2e-5, "TP=2 vs TP=1")
 
 
 def test_tp2_blockwise_with_rotation_trains_and_stays_consistent():
@@ -65,7 +54,7 @@ def test_pp2_equals_pp1_full_soap():
     pp1 = run_distributed(run_tiny_gpt, 1, base)[0]
     pp2 = run_distributed(run_tiny_gpt, 2, dict(base, pp=2))
     merged = {**pp2[0]["params"], **pp2[1]["params"]}
-    _assert_close(merged, pp1["params"], 1e-5, 1e-6, "PP=2 vs PP=1")
+    assert_params_close(merged, pp1["params"], 1e-5, 1e-6, "PP=2 vs PP=1")
     assert pp2[0]["losses"] == pytest.approx(pp1["losses"], rel=1e-5)
 
 
@@ -74,8 +63,8 @@ def test_dp2_tp2_matches_dp1_tp2():
     dp1 = run_distributed(run_tiny_gpt, 2, base)
     dp2 = run_distributed(run_tiny_gpt, 4, base, timeout=400)
     # Ranks are TP-major inside a DP replica: world ranks (0, 1) form DP replica 0.
-    _assert_close(_full_params(dp2[:2]), _full_params(dp1), 1e-5, 1e-7, "DP=2xTP=2")
-    _assert_close(_full_params(dp2[2:]), _full_params(dp1), 1e-5, 1e-7, "DP replica 1")
+    assert_params_close(_full(dp2[:2]), _full(dp1), 1e-5, 1e-7, "DP=2xTP=2")
+    assert_params_close(_full(dp2[2:]), _full(dp1), 1e-5, 1e-7, "DP replica 1")
 
 
 def test_tp2_full_mode_inside_megatron():
@@ -84,6 +73,6 @@ def test_tp2_full_mode_inside_megatron():
     tp1 = run_distributed(run_tiny_gpt, 1, base)[0]
     full = run_distributed(run_tiny_gpt, 2, dict(base, tp=2, tp_mode="full"))
     assert "TensorParallelFullSOAP" in full[0]["engines"]  # the full-mode engine ran
-    _assert_close(_full_params(full), tp1["params"], 1e-4, 2e-5, "TP=2 full vs TP=1")
+    assert_params_close(_full(full), tp1["params"], 1e-4, 2e-5, "TP=2 full vs TP=1")
     rotated = run_distributed(run_tiny_gpt, 2, dict(iters=8, microbatches=4, tp=2, tp_mode="full"))
     assert rotated[0]["losses"][-1] < rotated[0]["losses"][0] - 0.2

@@ -142,6 +142,7 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
     from mlfop_megatron.testing.distributed import init_megatron_parallel
+    from mlfop_megatron.testing.mlfop_runs import poison_next_backward
     from mlfop_megatron.testing.tiny_gpt import (
         TinyGPTConfig,
         build_tiny_gpt,
@@ -178,7 +179,7 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
         model.zero_grad_buffer()
         optimizer.zero_grad()
         if it == 1 and dist.get_rank() == 0:  # found-inf: a NaN micro-batch gradient
-            _poison_next_backward(model)
+            poison_next_backward(model)
         train_iteration(model, cfg, it, k, 1, zero_grad=False)
         ok, norm, _ = optimizer.step()
         results.append((ok, norm))
@@ -215,18 +216,6 @@ def _soap_state(opt: Any) -> dict[str, torch.Tensor]:
         for k, v in o.state.items()
         if torch.is_tensor(v)
     }
-
-
-def _poison_next_backward(model: torch.nn.Module) -> None:
-    param = next(p for p in model.parameters() if p.dim() >= 2)
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        handle.remove()
-        grad = grad.clone()
-        grad.view(-1)[0] = float("nan")
-        return grad
-
-    handle = param.register_hook(hook)
 
 
 def _check_run(results: list[dict[str, Any]]) -> None:

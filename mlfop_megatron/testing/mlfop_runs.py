@@ -109,7 +109,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad()
         nan_at = spec.get("nan_at")
         if nan_at is not None and nan_at[0] == it and nan_at[1] == torch.distributed.get_rank():
-            _poison_next_backward(model)
+            poison_next_backward(model)
         local = train_iteration(model, cfg, it, k, mbs, zero_grad=False)
         losses.append(global_mean_loss(local))
         if spec.get("discard_at") == it:  # reference for the NaN test: drop this step
@@ -146,7 +146,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _poison_next_backward(model: torch.nn.Module) -> None:
+def poison_next_backward(model: torch.nn.Module) -> None:
     """Make the next backward produce a NaN gradient in one weight (fault injection)."""
     param = next(p for p in model.parameters() if p.dim() >= 2)
 
