@@ -16,6 +16,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from mlfop_megatron.distributed.collective_device import collective_device
+
 REQUEUE_EXIT_CODE = 3  # the trainer's exit code after a preemption checkpoint
 REQUEUE_MARKER = "requeue.flag"  # written into the run dir after that checkpoint is complete
 
@@ -34,7 +36,7 @@ class PreemptionHandler:
 
     def stop_requested(self) -> bool:
         """True on every rank if any rank got a signal (a collective when distributed)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=collective_device())
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)

@@ -109,16 +109,17 @@ def gpu_telemetry_max() -> dict[str, float]:
     import torch
     import torch.distributed as dist
 
+    from mlfop_megatron.distributed.collective_device import collective_device
     from mlfop_megatron.launch.telemetry import GPUTelemetry
 
     if _Installed.telemetry is None:
         _Installed.telemetry = GPUTelemetry()  # says once when telemetry is off
     sample = _Installed.telemetry.sample()
     keys = ("gpu/memory_used_gib", "gpu/utilization_pct", "gpu/power_w")
-    values = torch.tensor([sample.get(k, -1.0) for k in keys], dtype=torch.float64)
+    values = torch.tensor(
+        [sample.get(k, -1.0) for k in keys], dtype=torch.float64, device=collective_device()
+    )
     if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            values = values.cuda()
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return {f"{k}_max": float(v) for k, v in zip(keys, values.tolist()) if v >= 0}
 
