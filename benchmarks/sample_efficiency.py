@@ -86,6 +86,7 @@ class Plan:
     ablations: bool = True
     lr_control: bool = True  # large batch again: SOAP / ML-FOP-SOAP at AdamW's lr
     log_every: int = 40
+    layout: str = "mixed"  # micro-batch layout of every run (examples/digits_data.py LAYOUTS)
 
 
 FULL = Plan()
@@ -137,6 +138,7 @@ def base_spec(plan: Plan, out: Path, nproc: int) -> td.RunSpec:
         diag_every=0,
         threads=max(1, (os.cpu_count() or 1) // nproc),
         log_every=plan.log_every,
+        layout=plan.layout,
     )
 
 
@@ -546,7 +548,8 @@ def report(bench: dict[str, Any], res: dict[str, Any], meta: dict[str, Any]) -> 
     lines.append(
         f"Setup: `examples/train_digits.py` model (GPTModel, {plan['layers']} layers, hidden "
         f"{plan['hidden']}, 4 heads, fp32) on the digits image+text stream, 2 gloo ranks (DP=2), "
-        f"micro-batch {plan['micro_batch']} per rank. Base: global batch {plan['global_batch']} "
+        f"micro-batch {plan['micro_batch']} per rank, micro-batch layout "
+        f"{plan.get('layout', 'mixed')}. Base: global batch {plan['global_batch']} "
         f"({plan['global_batch'] // (2 * plan['micro_batch'])} accumulation micro-steps), "
         f"{plan['steps']} steps. Large: global batch "
         f"{plan['global_batch'] * plan['large_factor']} "
@@ -721,6 +724,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="skip the large-batch control runs of ours at AdamW's lr",
     )
+    ap.add_argument(
+        "--micro-batch-layout",
+        choices=("mixed", "by-modality"),
+        default="mixed",
+        help="mixed: micro-batches mix both tasks; by-modality: one task per micro-batch, "
+        "image first half of each step (examples/digits_data.py)",
+    )
     ap.add_argument("--resume", action="store_true", help="reuse runs whose result.json exists")
     ap.add_argument(
         "--report-only", action="store_true", help="no training: tables from <out>/results.json"
@@ -743,6 +753,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         plan = replace(plan, ablations=False)
     if args.no_lr_control:
         plan = replace(plan, lr_control=False)
+    plan = replace(plan, layout=args.micro_batch_layout)
     if plan.steps % plan.large_factor or plan.global_batch % (args.nproc * plan.micro_batch):
         raise SystemExit(
             f"steps must divide by {plan.large_factor} and the global batch by nproc x micro-batch"

@@ -24,6 +24,23 @@ delimiters) nor on padding.
 Sampling is a pure function of ``(seed, step, i)`` for sample ``i`` of the global batch at
 ``step`` (for a fixed global batch size), so data-parallel rank ``r`` with micro-batch ``b`` taking
 ``global[r*b:(r+1)*b]`` sees exactly the samples that DP=1 with micro-batch ``N*b`` sees.
+
+Micro-batch layouts (``LAYOUTS``), for K = G / (b * dp) micro-steps per step:
+
+* ``mixed``: each sample's task is drawn by a seeded shuffle of a 50/50 task list, so every
+  micro-batch mixes both tasks at random (the two halves of a fold differ by sampling noise).
+* ``by-modality``: the same rows, but micro-step k (its samples on every DP rank: the chunk
+  ``global[k*b*dp:(k+1)*b*dp]``) holds one task: the first floor(K/2) micro-steps generation
+  (image loss), the rest understanding (text loss). The global batch keeps mixed's 50/50 task
+  split for even K (odd K: one more text micro-step; K=1 cannot hold two tasks and is
+  refused). The order is the same for every fold structure: the final fold of ``last``,
+  ``tree`` (K a power of two) and dyadic ``chain`` joins the image half with the text half,
+  FOP's own half-vs-half split acting on the modality difference, while the earlier chain and
+  tree folds join micro-steps of one modality (sampling noise, as in ``mixed``). The modality
+  difference thus meets FOP exactly once, in the fold that decides the update, and the three
+  structures differ only in their within-modality folds. Alternating tasks instead would put
+  it into the first, lightest fold only. Depends on b * dp, not on b and dp apart: DP=N with
+  micro-batch b still equals DP=1 with micro-batch N*b.
 """
 
 from __future__ import annotations
@@ -35,6 +52,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 import torch
 
+LAYOUTS = ("mixed", "by-modality")
 TASK_GEN = 0  # text -> image
 TASK_UND = 1  # image -> text
 MODALITY_TEXT = 0
@@ -407,12 +425,17 @@ class DigitsData:
         step: int,
         global_batch_size: int,
         split: str = "train",
+        layout: str = "mixed",
+        micro_samples: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(row indices, tasks) of the global batch at ``step``; pure in (seed, step, i).
 
         Rows: the ``g = step*G + i``-th draw of an epoch-wise seeded shuffle (epoch ``g // n``,
-        position ``g % n``), so each epoch visits every row once. Tasks: a seeded permutation of
-        ``G//2`` generation and ``G - G//2`` understanding slots, so each global batch is 50/50.
+        position ``g % n``), so each epoch visits every row once. Tasks (``layout="mixed"``): a
+        seeded permutation of ``G//2`` generation and ``G - G//2`` understanding slots, so each
+        global batch is 50/50. ``layout="by-modality"``: the same rows; ``micro_samples``
+        (samples per micro-step over all DP ranks, b * dp) cut the batch into micro-steps and
+        ``modality_tasks`` gives each its task (see the module docstring).
         """
         rows = self.split_indices(split)
         n, g0 = rows.size, int(step) * int(global_batch_size)
@@ -424,6 +447,13 @@ class DigitsData:
             order = perm.permutation(n)
             sel = epochs == e
             out[sel] = rows[order[pos[sel]]]
+        if layout == "by-modality":
+            if micro_samples is None:
+                raise ValueError("layout 'by-modality' needs micro_samples (b * dp)")
+            k = num_micro_batches(global_batch_size, micro_samples)
+            return out, np.repeat(modality_tasks(k), micro_samples)
+        if layout != "mixed":
+            raise ValueError(f"unknown micro-batch layout {layout!r} (one of {LAYOUTS})")
         balanced = np.arange(global_batch_size) % 2  # alternate GEN/UND, then shuffle
         trng = np.random.default_rng(np.random.SeedSequence([self.config.seed, 2, int(step)]))
         tasks = balanced[trng.permutation(global_batch_size)].astype(np.int64)
@@ -448,17 +478,22 @@ class DigitsData:
         dp_rank: int = 0,
         dp_size: int = 1,
         split: str = "train",
+        layout: str = "mixed",
     ) -> dict[str, torch.Tensor | None]:
         """Micro-batch ``micro_idx`` of DP rank ``dp_rank`` at ``step`` (Megatron ordering).
 
         The global batch is cut into ``num_micro = G // (b * dp_size)`` consecutive chunks of
         ``b * dp_size`` samples; rank ``r`` takes ``chunk[r*b:(r+1)*b]`` of chunk ``micro_idx``.
+        With ``layout="by-modality"`` every chunk (so micro-step ``micro_idx`` on every DP
+        rank) holds one task.
         """
         b = int(micro_batch_size)
         n_micro = num_micro_batches(global_batch_size, micro_batch_size, dp_size)
         if not 0 <= micro_idx < n_micro or not 0 <= dp_rank < dp_size:
             raise ValueError(f"micro_idx {micro_idx} / dp_rank {dp_rank} out of range")
-        rows, tasks = self.global_batch_spec(step, global_batch_size, split)
+        rows, tasks = self.global_batch_spec(
+            step, global_batch_size, split, layout=layout, micro_samples=b * int(dp_size)
+        )
         start = micro_idx * b * dp_size + dp_rank * b
         sl = slice(start, start + b)
         return collate([self.sample(int(r), int(t)) for r, t in zip(rows[sl], tasks[sl])])
@@ -486,6 +521,27 @@ def num_micro_batches(global_batch_size: int, micro_batch_size: int, dp_size: in
     return global_batch_size // per
 
 
+def modality_tasks(num_micro: int) -> np.ndarray:
+    """Task of each micro-step in the by-modality layout: the first floor(K/2) generation
+    (image loss), the rest understanding (text loss)."""
+    if num_micro < 2:
+        raise ValueError(
+            f"layout 'by-modality' needs at least 2 micro-steps per step (got {num_micro}): one "
+            "micro-batch cannot hold one task per micro-batch and both tasks per step; use a "
+            "smaller micro-batch or layout 'mixed'"
+        )
+    half = num_micro // 2
+    return np.array([TASK_GEN] * half + [TASK_UND] * (num_micro - half), dtype=np.int64)
+
+
+def micro_step_groups(layout: str, num_micro: int) -> list[int] | None:
+    """Grad-group ids per micro-step for the optimizer's diagnostics: 0 image (generation),
+    1 text (understanding) in the by-modality layout; None (one group) for mixed."""
+    if layout == "mixed":
+        return None
+    return [0 if t == TASK_GEN else 1 for t in modality_tasks(num_micro)]
+
+
 def masked_losses(
     per_token_loss: torch.Tensor,
     batch: dict[str, torch.Tensor | None],
@@ -509,6 +565,7 @@ __all__ = [
     "DIGIT_NAMES",
     "IMAGE_SIDE",
     "IMAGE_TOKENS",
+    "LAYOUTS",
     "MODALITY_IMAGE",
     "MODALITY_TEXT",
     "SPECIAL_TOKENS",
@@ -524,6 +581,8 @@ __all__ = [
     "load_digits_arrays",
     "make_sample",
     "masked_losses",
+    "micro_step_groups",
+    "modality_tasks",
     "num_micro_batches",
     "raw_generation_sequence",
     "raw_understanding_sequence",

@@ -132,6 +132,67 @@ def plot_betas(rows: Sequence[Row], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_grad_diagnostics(rows: Sequence[Row], path: Path) -> Path:
+    """The optimizer's grad-group diagnostics (steps armed every --diag-every): modality
+    cosines, predicted loss change per modality for the plain-mean and the folded update,
+    fraction of blocks whose update ascends a modality, and the gradient noise scale."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    groups = {n: g for n, g in by_optimizer(rows).items() if n != "adamw"}
+
+    def lines(ax: Any, specs: Sequence[tuple[str, str, str]], note: str) -> None:
+        drew = False
+        for name, group in groups.items():
+            for key, style, label in specs:
+                steps, vals = _series(group, key)
+                if steps:
+                    ax.plot(steps, vals, style, ms=3, color=_color(name), label=f"{name} {label}")
+                    drew = True
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("optimizer step")
+        _legend_or_note(ax, drew, note)
+
+    by_mod = "needs --micro-batch-layout by-modality"
+    ax = axes[0, 0]
+    lines(
+        ax,
+        [("grad_cos_image_text", "o-", "Euclidean"), ("grad_cos_mi_image_text", "s--", "M^-1")],
+        by_mod,
+    )
+    ax.axhline(0.0, color="k", lw=0.6)
+    ax.set_title("cos(g_image, g_text) of the step")
+    ax = axes[0, 1]
+    lines(
+        ax,
+        [
+            ("grad_pred_plain_image", "o--", "image, plain mean"),
+            ("grad_pred_folded_image", "o-", "image, folded"),
+            ("grad_pred_plain_text", "s--", "text, plain mean"),
+            ("grad_pred_folded_text", "s-", "text, folded"),
+            ("grad_pred_plain_all", "^--", "all, plain mean"),
+            ("grad_pred_folded_all", "^-", "all, folded"),
+        ],
+        "no grad diagnostics in this run",
+    )
+    ax.axhline(0.0, color="k", lw=0.6)
+    ax.set_title("predicted loss change -lr <g_m, M^-1 u>")
+    ax = axes[1, 0]
+    lines(
+        ax,
+        [("grad_ascent_plain", "o--", "plain mean"), ("grad_ascent_folded", "o-", "folded")],
+        "no grad diagnostics in this run",
+    )
+    ax.set_title("fraction of blocks whose update ascends a modality")
+    ax = axes[1, 1]
+    lines(
+        ax,
+        [("grad_noise_scale", "o-", "B_noise"), ("grad_micro_steps", ":", "K (batch)")],
+        "no grad diagnostics in this run",
+    )
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_title("gradient noise scale vs batch, in micro-steps")
+    return _save(fig, path)
+
+
 def _plot_levels(ax: Any, rows: Sequence[Row], field: str, title: str) -> None:
     """One line per (optimizer with folding, level) for ``level{j}_{field}``."""
     styles = ("-", "--", ":", "-.")
@@ -163,12 +224,13 @@ def _legend_or_note(ax: Any, drew: bool, note: str) -> None:
 
 
 def make_plots(rows: Sequence[Row], out_dir: Path) -> list[Path]:
-    """Write loss.png, cosine.png and beta.png into ``out_dir``; return their paths."""
+    """Write loss.png, cosine.png, beta.png and grad.png into ``out_dir``; their paths."""
     out_dir = Path(out_dir)
     return [
         plot_losses(rows, out_dir / "loss.png"),
         plot_cosines(rows, out_dir / "cosine.png"),
         plot_betas(rows, out_dir / "beta.png"),
+        plot_grad_diagnostics(rows, out_dir / "grad.png"),
     ]
 
 

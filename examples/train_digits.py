@@ -20,7 +20,10 @@ Optimizers: ``mlfop`` (SOAP + multi-level FOP folding), ``soap`` (the same code 
 off: plain SOAP on the mean gradient) and ``adamw`` (Megatron's own optimizer from
 ``megatron.core.optimizer.get_megatron_optimizer`` with Megatron's plain DDP). Every run writes
 metrics.csv / metrics.jsonl (one row per step), checkpoint/<optimizer>/ (torch.save per rank,
-written atomically), loss.png / cosine.png / beta.png and summary.json into ``--out``.
+written atomically), loss.png / cosine.png / beta.png / grad.png and summary.json into
+``--out``. ``--micro-batch-layout by-modality`` gives each micro-batch one task (image first
+half of the step, text second half); every ``--diag-every`` steps the optimizer reports its
+grad-group diagnostics (per-modality cosines, predicted loss changes, noise scale).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -54,11 +59,14 @@ if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 from digits_data import (  # noqa: E402
+    LAYOUTS,
     TASK_GEN,
     TASK_UND,
     DigitsData,
     causal_attention_mask,
     collate,
+    micro_step_groups,
+    modality_tasks,
     num_micro_batches,
 )
 
@@ -112,9 +120,28 @@ TELEMETRY_COLUMNS = (
     "time_update_s",
     "time_refresh_s",
     "time_communication_s",
+    "time_diagnostics_s",
     "gpu/memory_used_gib",
     "gpu/utilization_pct",
     "gpu/power_w",
+)
+# Grad-group diagnostics of the optimizer (every diag_every steps; mlfop and soap), see
+# mlfop_megatron/core/diagnostics.py: group 0 = image (generation) micro-steps and 1 = text in
+# the by-modality layout; in the mixed layout one group ("all": the whole batch).
+GRAD_COLUMNS = (
+    "grad_cos_image_text",
+    "grad_cos_mi_image_text",
+    "grad_pred_plain_image",
+    "grad_pred_folded_image",
+    "grad_pred_plain_text",
+    "grad_pred_folded_text",
+    "grad_pred_plain_all",
+    "grad_pred_folded_all",
+    "grad_ascent_plain",
+    "grad_ascent_folded",
+    "grad_cos_mi_plain_folded",
+    "grad_noise_scale",
+    "grad_micro_steps",
 )
 VOCAB_MULTIPLE = 64
 Batch = dict[str, Any]
@@ -150,6 +177,7 @@ class RunSpec:
     fold_project: bool = True  # mlfop ablation: False skips the Fisher-orthogonalisation (s = 0)
     fold_fixed_beta: float | None = None  # mlfop ablation: fixed beta instead of the adaptive one
     log_every: int = 0  # > 0: a plain progress line every N steps instead of the tqdm bar
+    layout: str = "mixed"  # micro-batch layout: "mixed" | "by-modality" (see digits_data)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -170,6 +198,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="samples per micro-batch and DP rank (4; quick 2)",
     )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="mlfop")
+    p.add_argument(
+        "--micro-batch-layout",
+        choices=LAYOUTS,
+        default="mixed",
+        help="mixed: micro-batches mix both tasks at random; by-modality: one task per "
+        "micro-batch, image first half of each step, text second half",
+    )
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: per optimizer)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--compare", action="store_true", help="train mlfop, soap and adamw in turn")
@@ -233,7 +268,12 @@ def specs_from_args(args: argparse.Namespace, world_size: int) -> list[RunSpec]:
     dp = world_size // (args.tp * args.pp)
     if dp < 1 or world_size % (args.tp * args.pp):
         raise SystemExit(f"world size {world_size} is not a multiple of tp*pp={args.tp * args.pp}")
-    num_micro_batches(size["global_batch"], size["micro_batch"], dp)  # raises unless it divides
+    k = num_micro_batches(size["global_batch"], size["micro_batch"], dp)  # raises unless divides
+    if args.micro_batch_layout == "by-modality":
+        try:
+            modality_tasks(k)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     names = OPTIMIZERS if args.compare else (args.optimizer,)
     threads = max(1, (os.cpu_count() or 1) // max(1, world_size))
     base = RunSpec(
@@ -259,6 +299,7 @@ def specs_from_args(args: argparse.Namespace, world_size: int) -> list[RunSpec]:
         fold_project=not args.no_project,
         fold_fixed_beta=args.fixed_beta,
         log_every=args.log_every,
+        layout=args.micro_batch_layout,
     )
     return [replace(base, optimizer=n, lr=args.lr or DEFAULT_LR[n]) for n in names]
 
@@ -276,6 +317,7 @@ def metric_columns(levels: Sequence[int]) -> list[str]:
     return [
         *BASE_COLUMNS,
         *(f"level{j}_{f}" for j in levels for f in LEVEL_FIELDS),
+        *GRAD_COLUMNS,
         *TELEMETRY_COLUMNS,
     ]
 
@@ -501,7 +543,10 @@ def train_microbatches(data: DigitsData, spec: RunSpec, step: int) -> Iterator[B
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     k = num_micro_batches(spec.global_batch, spec.micro_batch, dp)
     for i in range(k):
-        yield to_device(data.micro_batch(step, spec.global_batch, spec.micro_batch, i, rank, dp))
+        batch = data.micro_batch(
+            step, spec.global_batch, spec.micro_batch, i, rank, dp, layout=spec.layout
+        )
+        yield to_device(batch)
 
 
 def eval_microbatches(data: DigitsData, micro_batch: int) -> list[Batch]:
@@ -658,6 +703,43 @@ def modality_cosine(model: Any, batches: Iterator[Batch], seq: int) -> float:
 def optimizer_stats(optimizer: Any) -> dict[str, Any]:
     """ML-FOP-SOAP stats reduced over all ranks ({} for AdamW); a collective: every rank calls."""
     return optimizer.stats() if hasattr(optimizer, "stats") else {}
+
+
+def request_grad_diagnostics(optimizer: Any, layout: str, k: int) -> None:
+    """Arm the optimizer's grad-group diagnostics for the next step (mlfop / soap; every rank).
+
+    By-modality: group 0 = the image micro-steps, 1 = the text ones (per-modality gradients,
+    cosines, predicted loss changes); mixed: one group (the noise scale and the predicted
+    change of the whole loss). AdamW has none.
+    """
+    if hasattr(optimizer, "request_grad_diagnostics"):
+        optimizer.request_grad_diagnostics(micro_step_groups(layout, k))
+
+
+def grad_columns(stats: dict[str, Any]) -> dict[str, float]:
+    """GRAD_COLUMNS of the last step (NaN when it was not armed)."""
+    out = dict.fromkeys(GRAD_COLUMNS, float("nan"))
+    grad = stats.get("grad")
+    if not grad:
+        return out
+    k = grad["micro_steps"]
+    names = {0: "image", 1: "text"} if "norm_g1" in grad else {0: "all"}
+    for m, name in names.items():
+        out[f"grad_pred_plain_{name}"] = grad[f"pred_plain_g{m}"]
+        out[f"grad_pred_folded_{name}"] = grad[f"pred_folded_g{m}"]
+    if "norm_g1" in grad:  # two groups: image micro-steps first (floor(K/2) of them)
+        half = k // 2
+        out["grad_cos_image_text"] = grad["cos_g0_g1"]
+        out["grad_cos_mi_image_text"] = grad["cos_mi_g0_g1"]
+        for kind in ("plain", "folded"):
+            image, text = grad[f"pred_{kind}_g0"], grad[f"pred_{kind}_g1"]
+            out[f"grad_pred_{kind}_all"] = (half * image + (k - half) * text) / k
+    out["grad_ascent_plain"] = grad["ascent_plain_any"]
+    out["grad_ascent_folded"] = grad["ascent_folded_any"]
+    out["grad_cos_mi_plain_folded"] = grad["cos_mi_plain_folded"]
+    out["grad_noise_scale"] = grad["noise_scale"]
+    out["grad_micro_steps"] = k
+    return out
 
 
 def level_columns(stats: dict[str, Any], levels: Sequence[int]) -> dict[str, float]:
@@ -872,6 +954,7 @@ def run_step(run: Run, step: int) -> dict[str, Any]:
     cosine = float("nan")
     if spec.diag_every > 0 and (step % spec.diag_every == 0 or step == spec.steps - 1):
         cosine = modality_cosine(run.model, train_microbatches(run.data, spec, step), seq)
+        request_grad_diagnostics(run.optimizer, spec.layout, run.accumulation_steps)
     t0 = time.perf_counter()
     sums, success, grad_norm = train_step(
         run.model, run.optimizer, run.data, spec, step, run.accumulation_steps
@@ -891,6 +974,7 @@ def run_step(run: Run, step: int) -> dict[str, Any]:
         "skipped_steps": run.skipped,
         "modality_cosine": cosine,
         **level_columns(run.stats, run.levels),
+        **grad_columns(run.stats),
         **{k: v for k, v in run.stats.items() if k.startswith("time_")},
         **run.telemetry.sample(),
     }
@@ -907,6 +991,12 @@ def train_worker(spec: RunSpec) -> dict[str, Any] | None:
     if rank0 and on_accelerator() and not use_cuda():
         print("strict device emulation: model and batches on emulated cuda; mixing fails")
     start = load_checkpoint(out, spec.optimizer, run.model, run.optimizer) if spec.resume else 0
+    if start and torchrun_env():  # one line per rank: which node resumed from what
+        print(
+            f"rank {dist.get_rank()} on {socket.gethostname()}: resumed from "
+            f"{out / 'checkpoint'} at step {start}",
+            flush=True,
+        )
     writer = MetricsWriter(out, metric_columns(run.levels)) if rank0 else None
     bar, rows = make_progress(spec, start), []
     preemption = PreemptionHandler()
@@ -919,6 +1009,14 @@ def train_worker(spec: RunSpec) -> dict[str, Any] | None:
             log_progress(spec, row)
         if preemption.stop_requested() or step + 1 == spec.stop_at_step:
             save_checkpoint(out, spec.optimizer, run.model, run.optimizer, step + 1, spec)
+            if torchrun_env():  # one line per rank: did the stop signal reach it?
+                got = preemption.received
+                print(
+                    f"rank {dist.get_rank()} on {socket.gethostname()}: stop signal "
+                    f"{signal.Signals(got).name if got else 'not received here'}, "
+                    f"checkpoint at step {step + 1} saved",
+                    flush=True,
+                )
             if rank0:
                 # The batch script requeues when this marker exists, whatever exit codes srun
                 # reports (it may kill the slower rank once the first one has exited).

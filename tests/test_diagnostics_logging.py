@@ -70,3 +70,36 @@ def test_megatron_lm_stats_hook_interval_line_and_writer(capsys):
     assert ("mlfop/skipped_steps", 4) in tags
     if not any(k.startswith("gpu/") for k in stats):  # no NVML here: no GPU scalars, no crash
         assert not any(tag.startswith("mlfop/gpu") for tag, _ in tags)
+
+
+def test_grad_group_stats_are_flattened_and_armed_by_the_megatron_lm_hook(capsys):
+    """--mlfop-grad-groups halves arms the window of every logged iteration (at the one
+    before), and its grad-group diagnostics reach the writer and the printed line."""
+    from mlfop_megatron.megatron_lm.install import log_stats_if_due
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 5)
+    opt = MLFOPSOAP(model.parameters(), accumulation_steps=4, structure="last")
+    args = argparse.Namespace(mlfop_stats_interval=2, log_interval=1, mlfop_grad_groups="halves")
+    writer = RecordingWriter()
+    stats = None
+    for iteration in range(1, 5):
+        for i in range(4):
+            model(torch.randn(8, 6) + (3.0 if i >= 2 else 0.0)).pow(2).mean().backward()
+            opt.accumulate()
+        opt.step()
+        stats = log_stats_if_due(args, iteration, opt, writer) or stats
+    assert stats["grad"]["micro_steps"] == 4 and -1 <= stats["grad"]["cos_g0_g1"] <= 1
+    tags = {tag for tag, _, step in writer.scalars if step == 4}
+    for name in ("cos_g0_g1", "cos_mi_g0_g1", "pred_plain_g0", "pred_folded_g1", "noise_scale"):
+        assert f"mlfop/grad/{name}" in tags
+    assert "mlfop/level1/cz_mean" in tags and "mlfop/level1/beta_max" in tags
+    assert "cos(g0,g1)" in capsys.readouterr().out
+    off = argparse.Namespace(mlfop_stats_interval=2, log_interval=1, mlfop_grad_groups="off")
+    for iteration in (5, 6):
+        for _ in range(4):
+            model(torch.randn(8, 6)).pow(2).mean().backward()
+            opt.accumulate()
+        opt.step()
+        stats = log_stats_if_due(off, iteration, opt)
+    assert "grad" not in stats  # nothing armed: no grad-group work at all

@@ -255,3 +255,45 @@ def test_micro_batch_rejects_bad_geometry(data: dd.DigitsData) -> None:
         data.micro_batch(0, 8, 2, dp_rank=2, dp_size=2)
     with pytest.raises(ValueError):
         data.sample(0, 5)
+
+
+@pytest.mark.parametrize("dp_size,micro", [(1, 2), (2, 2), (4, 1), (2, 1)])
+def test_by_modality_layout_one_task_per_micro_step_on_every_rank(
+    data: dd.DigitsData, dp_size: int, micro: int
+) -> None:
+    """by-modality: micro-step k holds one task on every DP rank (image first, text second
+    half), the rows are mixed's, the split stays 50/50, and DP=N micro b equals DP=1 micro N*b."""
+    G, step = 16, 4
+    k = dd.num_micro_batches(G, micro, dp_size)
+    mixed_rows, mixed_tasks = data.global_batch_spec(step, G)
+    rows, tasks = data.global_batch_spec(
+        step, G, layout="by-modality", micro_samples=micro * dp_size
+    )
+    np.testing.assert_array_equal(rows, mixed_rows)
+    assert np.bincount(tasks, minlength=2).tolist() == np.bincount(mixed_tasks).tolist()
+    for m in range(k):
+        parts = [
+            data.micro_batch(step, G, micro, m, r, dp_size, layout="by-modality")
+            for r in range(dp_size)
+        ]
+        ref = data.micro_batch(step, G, micro * dp_size, m, layout="by-modality")
+        expect = dd.TASK_GEN if m < k // 2 else dd.TASK_UND
+        for p in parts:
+            assert set(p["task"].tolist()) == {expect}
+            modality = p["image_loss_mask"] if expect == dd.TASK_GEN else p["text_loss_mask"]
+            assert bool((modality.sum(1) > 0).all())
+        for key in ("tokens", "labels", "loss_mask", "task", "index"):
+            assert torch.equal(torch.cat([p[key] for p in parts]), ref[key]), key
+    assert dd.micro_step_groups("by-modality", k) == [0] * (k // 2) + [1] * (k - k // 2)
+    assert dd.micro_step_groups("mixed", k) is None
+
+
+def test_by_modality_layout_odd_and_single_micro_step(data: dd.DigitsData) -> None:
+    """Odd K: one more text micro-step (the closest split with one task per micro-step);
+    K=1 cannot hold both tasks and is refused; unknown layouts are refused."""
+    _, tasks = data.global_batch_spec(0, 12, layout="by-modality", micro_samples=4)
+    assert tasks.tolist() == [dd.TASK_GEN] * 4 + [dd.TASK_UND] * 8
+    with pytest.raises(ValueError, match="at least 2 micro-steps"):
+        data.micro_batch(0, 8, 4, 0, 0, 2, layout="by-modality")
+    with pytest.raises(ValueError, match="unknown micro-batch layout"):
+        data.global_batch_spec(0, 8, layout="alternating")

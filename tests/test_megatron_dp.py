@@ -101,3 +101,44 @@ def test_gradient_clipping_uses_the_global_norm_on_every_layout():
             _assert_params(runs[r]["params"], dp1["params"], "clipped DP=2 vs DP=1")
     unclipped = run_distributed(run_tiny_gpt, 1, dict(base, clip_grad=0.0))[0]
     assert not all(torch.allclose(unclipped["params"][n], dp1["params"][n]) for n in dp1["params"])
+
+
+@pytest.mark.parametrize(
+    "enabled, folding",
+    [(True, {"structure": "last", "step_size": "eta_star"}), (False, {})],
+    ids=["last_eta_star", "no_folding"],
+)
+def test_grad_group_diagnostics_dp2_equal_dp1_and_leave_training_unchanged(enabled, folding):
+    """Armed windows sync at extra points (group changes, halves of single-segment groups);
+    the folded gradients and the training stay the same up to rounding, and the reduced
+    grad-group diagnostics do not depend on the DP size."""
+    base = dict(
+        iters=4,
+        microbatches=4,
+        global_micro=2,
+        enabled=enabled,
+        folding=folding,
+        dtype=torch.float64,
+        max_precond_dim=1,
+    )
+    armed = dict(base, grad_groups=(0, 0, 1, 1))
+    dp1 = run_distributed(run_tiny_gpt, 1, armed)[0]
+    dp2 = run_distributed(run_tiny_gpt, 2, dict(armed, sharded=True))
+    plain = run_distributed(run_tiny_gpt, 2, dict(base, sharded=True))
+    for r in (0, 1):
+        _assert_params(dp2[r]["params"], dp1["params"], "armed DP=2 vs DP=1")
+        _assert_params(dp2[r]["params"], plain[r]["params"], "armed vs not armed")
+    assert "grad" not in plain[0]["stats"]
+    g1, g2 = dp1["stats"]["grad"], dp2[0]["stats"]["grad"]
+    assert g2 == dp2[1]["stats"]["grad"]  # one reduction: every rank reports the same
+    assert g2["segments"] == 4 and g2["micro_steps"] == 4
+    for key, value in g1.items():
+        assert g2[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    assert -1.0 <= g2["cos_g0_g1"] <= 1.0 and -1.0 <= g2["cos_mi_g0_g1"] <= 1.0
+    if not enabled:  # no fold: the update is the plain mean
+        assert g2["cos_mi_plain_folded"] == pytest.approx(1.0)
+        assert g2["pred_folded_g0"] == pytest.approx(g2["pred_plain_g0"])
+    else:
+        stats = dp2[0]["stats"]
+        assert 1 / 3 - 1e-9 <= stats["eta_min"] <= stats["eta_mean"] <= stats["eta_max"] <= 1
+        assert stats["time_diagnostics_s"] > 0

@@ -76,3 +76,30 @@ def test_tp2_full_mode_inside_megatron():
     assert_params_close(_full(full), tp1["params"], 1e-4, 2e-5, "TP=2 full vs TP=1")
     rotated = run_distributed(run_tiny_gpt, 2, dict(iters=8, microbatches=4, tp=2, tp_mode="full"))
     assert rotated[0]["losses"][-1] < rotated[0]["losses"][0] - 0.2
+
+
+GRAD_KEYS = ("cos_g0_g1", "cos_mi_g0_g1", "norm_g0", "norm_mi_g1", "pred_plain_g0")
+GRAD_KEYS += ("pred_folded_g1", "cos_mi_plain_folded", "noise_trace", "grad_sq")
+
+
+@pytest.fixture(scope="module")
+def grad_groups_tp1():
+    base = dict(iters=3, microbatches=4, global_micro=2, grad_groups=(0, 0, 1, 1))
+    base.update(folding={"structure": "last"}, **FP64_IDENTITY)
+    return base, run_distributed(run_tiny_gpt, 1, base)[0]["stats"]["grad"]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [dict(tp=2), dict(tp=2, tp_mode="full"), dict(pp=2)],
+    ids=["tp2_blockwise", "tp2_full", "pp2"],
+)
+def test_grad_group_diagnostics_match_tp1(grad_groups_tp1, layout):
+    """Grad-group diagnostics are whole-model quantities: TP shards (blockwise rows summed over
+    TP, counted once) and pipeline stages add up to the TP=1 values (rotation off, fp64)."""
+    base, ref = grad_groups_tp1
+    runs = run_distributed(run_tiny_gpt, 2, dict(base, **layout))
+    ours = runs[0]["stats"]["grad"]
+    assert ours == runs[1]["stats"]["grad"]
+    for key in GRAD_KEYS:
+        assert ours[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-9), key

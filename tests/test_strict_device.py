@@ -91,7 +91,9 @@ def test_mlfop_soap_on_cuda_params(strict: None) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
     model.cuda()
     opt = MLFOPSOAP(model.parameters(), lr=1e-2, accumulation_steps=4, precondition_frequency=2)
-    for _ in range(3):
+    for step in range(3):
+        if step == 2:  # grad-group diagnostics: per-micro-step bookkeeping is sync-free too
+            opt.request_grad_diagnostics([0, 0, 1, 1])
         for _ in range(4):
             x, y = torch.randn(5, 8).cuda(), torch.randn(5, 2).to("cuda")
             ((model(x) - y) ** 2).mean().backward()
@@ -100,6 +102,7 @@ def test_mlfop_soap_on_cuda_params(strict: None) -> None:
         opt.step()
     stats = opt.stats()  # LevelDiagnostics.totals() on device tensors
     assert opt.steps == 3 and len(stats["levels"]) == 2
+    assert -1.0 <= stats["grad"]["cos_g0_g1"] <= 1.0
     for p in model.parameters():
         assert p.is_cuda and torch.isfinite(p).all()
         assert all(v.is_cuda for v in opt.state[p].values() if torch.is_tensor(v))
@@ -168,6 +171,13 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
             ours.on_level(level, size)
 
     model.attach_folding(ours.schedule, fold_without_sync)
+    on_segment = ours.on_segment
+
+    def segment_without_sync(micro_steps: int) -> None:
+        with forbid_host_sync():
+            on_segment(micro_steps)
+
+    ours.on_segment = segment_without_sync  # request_grad_diagnostics hands this to the DDP
     # As Megatron-LM: the schedule multiplies the loss by the optimizer's loss scale.
     model.config.grad_scale_func = optimizer.scale_loss
     loss = torch.ones((), device="cuda") * 2.0
@@ -180,6 +190,8 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad()
         if it == 1 and dist.get_rank() == 0:  # found-inf: a NaN micro-batch gradient
             poison_next_backward(model)
+        if it == 2:  # grad-group diagnostics: extra sync points, segment sums on the device
+            optimizer.request_grad_diagnostics([0, 0, 1, 1])
         train_iteration(model, cfg, it, k, 1, zero_grad=False)
         ok, norm, _ = optimizer.step()
         results.append((ok, norm))
@@ -191,6 +203,7 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "results": results,
         "skipped": stats["skipped_steps"],
         "levels": len(stats["levels"]),
+        "grad": stats["grad"],
     }
     if spec.get("checkpoint"):
         ckpt = spec["checkpoint"]
@@ -224,6 +237,7 @@ def _check_run(results: list[dict[str, Any]]) -> None:
         assert ok0 and ok2 and not ok1 and n1 is None  # the NaN step is skipped everywhere
         assert n0 > 0.05 and n2 > 0  # norms above clip_grad: clipping ran
         assert r["skipped"] == 1 and r["levels"] == 2
+        assert -1.0 <= r["grad"]["cos_g0_g1"] <= 1.0 and r["grad"]["segments"] == 4
     assert results[0]["results"] == results[1]["results"]
 
 

@@ -18,6 +18,7 @@ reduced across data-parallel ranks, and a ``reduce_fn`` for tensor-parallel inne
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -50,10 +51,14 @@ class LevelDiagnostics:
     beta: torch.Tensor
     sums: torch.Tensor
     fold: int = 0  # index in the schedule's fold plan (tree runs several folds per level)
+    cz: torch.Tensor | None = None  # fold coefficients: z_new = cz z + ch h (per block)
+    ch: torch.Tensor | None = None
 
     def totals(self) -> torch.Tensor:
-        """Additive totals [aa, ad, dd, sum s, sum beta, blocks] (sum these across ranks)."""
+        """Additive totals [aa, ad, dd, sum s, sum beta, blocks, sum cz, sum ch] (sum these
+        across ranks)."""
         total = self.sums.sum(dim=0)
+        zero = total.new_zeros(())
         return torch.stack(
             [
                 total[AA],
@@ -62,11 +67,24 @@ class LevelDiagnostics:
                 self.s.sum(),
                 self.beta.sum(),
                 torch.tensor(float(self.s.numel()), dtype=total.dtype, device=total.device),
+                zero if self.cz is None else self.cz.sum().to(total.dtype),
+                zero if self.ch is None else self.ch.sum().to(total.dtype),
             ]
         )
 
+    def extremes(self) -> torch.Tensor:
+        """[max beta, -min beta, max s, -min s] over blocks (max-reduce these across ranks;
+        -inf without blocks)."""
+        if not self.s.numel():
+            return torch.full((4,), -math.inf, dtype=torch.float64, device=self.s.device)
+        beta, s = self.beta.to(torch.float64), self.s.to(torch.float64)
+        return torch.stack([beta.max(), -beta.min(), s.max(), -s.min()])
+
     def summary(self) -> dict[str, float]:
-        return summarize_level(self.level, self.totals(), self.n_z, self.n_h, self.fold)
+        out = summarize_level(self.level, self.totals(), self.n_z, self.n_h, self.fold)
+        high_beta, low_beta, high_s, low_s = self.extremes().tolist()
+        out.update(beta_max=high_beta, beta_min=-low_beta, s_max=high_s, s_min=-low_s)
+        return out
 
 
 def summarize_level(
@@ -77,8 +95,11 @@ def summarize_level(
     cosine_before: cos(z, h), the two estimates being folded (with modality-ordered
     micro-batches, the inter-modality gradient cosine); cosine_after: cos(a, d_perp) after the
     projection; ratio: ||d|| / ||a||; s_mean and beta_mean: means over blocks.
+    ``totals``: ``LevelDiagnostics.totals()`` summed over blocks and ranks (the first six
+    entries; cz_mean and ch_mean when the last two are present).
     """
-    aa, ad, dd, s_sum, beta_sum, blocks = (float(x) for x in totals)
+    values = [float(x) for x in totals]
+    aa, ad, dd, s_sum, beta_sum, blocks = values[:6]
     wz, wh = n_z / (n_z + n_h), n_h / (n_z + n_h)
     zh = aa + (wh - wz) * ad - wz * wh * dd
     zz = aa + 2 * wh * ad + wh * wh * dd
@@ -94,6 +115,9 @@ def summarize_level(
         "cosine_before": zh / max((zz * hh) ** 0.5, 1e-300),
         "cosine_after": a_dp / max((aa * dp_dp) ** 0.5, 1e-300),
     }
+    if len(values) >= 8:
+        out["cz_mean"] = values[6] / max(blocks, 1.0)
+        out["ch_mean"] = values[7] / max(blocks, 1.0)
     if fold is not None:
         out["fold"] = float(fold)
     return out
@@ -262,7 +286,15 @@ class WindowFolder:
             if self.cfg.diagnostics:
                 self.diagnostics.append(
                     LevelDiagnostics(
-                        level, z.size, h.size, coef.s, coef.beta, coef.sums, fold.index
+                        level,
+                        z.size,
+                        h.size,
+                        coef.s,
+                        coef.beta,
+                        coef.sums,
+                        fold.index,
+                        coef.cz,
+                        coef.ch,
                     )
                 )
             self._stack.append(_Entry(z.size + h.size, z.grads, z.rot))

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.core.diagnostics import GroupSums, group_block_rows
 from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.core.linalg import LinalgCounters
@@ -38,8 +39,9 @@ from mlfop_megatron.distributed.assignment import (
 )
 
 # Optimizer phases timed per engine: folding levels, the SOAP update (incl. the factor update),
-# the basis refresh inside it, and the parameter broadcast.
-PHASES = ("fold", "update", "refresh", "communication")
+# the basis refresh inside it, the parameter broadcast, and the grad-group diagnostics (segment
+# bookkeeping and the per-block rows of an armed window; zero when none is armed).
+PHASES = ("fold", "update", "refresh", "communication", "diagnostics")
 
 
 @dataclass
@@ -102,6 +104,12 @@ class ShardedSOAP:
         self._folder: WindowFolder | None = None
         self.last_diagnostics: list[LevelDiagnostics] = []
         self.last_eta: torch.Tensor | None = None  # eta* per owned block (step_size=eta_star)
+        # Grad-group diagnostics (off unless armed for a window, see arm_grad_diagnostics).
+        self._groups: GroupSums | None = None
+        self._pending: list[torch.Tensor] | None = None  # earlier segments of the open level
+        self._segment_start = 0
+        self.last_grad_rows: torch.Tensor | None = None  # per owned block, last armed window
+        self.last_grad_segments = 0  # reduced segments the last armed window had
 
     def _own(self, block: Block) -> OwnedBlock:
         param = self.params[block.param_index]
@@ -117,10 +125,50 @@ class ShardedSOAP:
         dist.all_reduce(sums, group=self.reduce_group)
         return sums
 
+    def _slices(self, level_grads: Sequence[torch.Tensor], scale: float) -> list[torch.Tensor]:
+        """This rank's block slices of the per-param gradients, copied, in state precision."""
+        slices = [
+            o.view(level_grads[o.block.param_index]).to(state_dtype(o.param.dtype), copy=True)
+            for o in self.owned
+        ]
+        if scale != 1.0:
+            for s in slices:
+                s.mul_(scale)
+        return slices
+
+    def arm_grad_diagnostics(self, groups: Sequence[int]) -> None:
+        """Keep per-group gradient sums in the next window (``groups``: the group id of every
+        micro-step; see core/diagnostics.py). Costs len(set(groups)) gradient-sized buffers
+        per owned block until the window's step."""
+        if self._folder is not None or self._pending is not None:
+            raise RuntimeError("arm grad diagnostics before the window's first micro-step")
+        self._groups = GroupSums(tuple(groups), len(self.owned))
+        self._segment_start = 0
+
+    def add_segment(self, level_grads: Sequence[torch.Tensor], end: int, scale: float) -> None:
+        """A DP-reduced part of the open level that ends at micro-step ``end`` (cumulative)
+        without ending the level (a diagnostics sync point); ``level_grads`` times ``scale``
+        is the sum of its micro-step gradients."""
+        start = time.perf_counter()
+        slices = self._slices(level_grads, scale)
+        if self._groups is not None:
+            self._groups.add_segment(self._segment_start, end - self._segment_start, slices)
+        if self._pending is None:
+            self._pending = slices
+        else:
+            for acc, x in zip(self._pending, slices):
+                acc.add_(x)
+        self._segment_start = end
+        self.timings["diagnostics"] += time.perf_counter() - start
+
     def fold_level(
         self, level: int, level_grads: Sequence[torch.Tensor], scale: float = 1.0
     ) -> None:
-        """Fold one level's DP-reduced gradient (one tensor per param, times ``scale``)."""
+        """Fold one level's DP-reduced gradient (one tensor per param, times ``scale``).
+
+        After ``add_segment`` calls in this level, ``level_grads`` times ``scale`` times the
+        level size is the sum of the level's last segment, and the earlier ones are added.
+        """
         if level == 0 or self._folder is None:
             if level != 0:
                 raise RuntimeError(f"level {level} folded before level 0 in this window")
@@ -131,14 +179,20 @@ class ShardedSOAP:
                 metric_diags=[metric_diag(o.state, self.config.soap) for o in self.owned],
                 reduce_fn=self._reduce if self.reduce_group is not None else None,
             )
-        dtype_of = [state_dtype(o.param.dtype) for o in self.owned]
-        slices = [
-            o.view(level_grads[o.block.param_index]).to(dtype, copy=True)
-            for o, dtype in zip(self.owned, dtype_of)
-        ]
-        if scale != 1.0:
-            for s in slices:
-                s.mul_(scale)
+        slices = self._slices(level_grads, scale)
+        if self._groups is not None or self._pending is not None:
+            start = time.perf_counter()
+            size = self.schedule.level_size(level)
+            end = self.schedule.boundaries[level]
+            if self._groups is not None:
+                self._groups.add_segment(
+                    self._segment_start, end - self._segment_start, slices, weight=size
+                )
+            for x, pending in zip(slices, self._pending or ()):
+                x.add_(pending, alpha=1.0 / size)
+            self._pending = None
+            self._segment_start = end
+            self.timings["diagnostics"] += time.perf_counter() - start
         start = time.perf_counter()
         self._folder.fold_level(level, slices)
         self.timings["fold"] += time.perf_counter() - start
@@ -171,6 +225,21 @@ class ShardedSOAP:
         self.last_diagnostics = self._folder.diagnostics
         self.last_eta = self._folder.eta
         start = time.perf_counter()
+        self.last_grad_rows = None
+        if self._groups is not None:  # before the step: the window's bases and metric
+            self.last_grad_rows = group_block_rows(
+                self._groups,
+                self._folder.rotate_fns,
+                self._folder.metric_diags,
+                self._folder.estimate_rot if self._folder.schedule.num_folds else None,
+                self._folder.eta,
+                [lr] * len(self.owned),
+                self._reduce if self.reduce_group is not None else None,
+            ).to(self.params[0].device)
+            self.last_grad_segments = self._groups.segments
+            self._groups = None
+            self.timings["diagnostics"] += time.perf_counter() - start
+            start = time.perf_counter()
         if grad_scale != 1.0:
             window.scale_(grad_scale)
         for i, (owned, g) in enumerate(zip(self.owned, window.grads)):
@@ -194,6 +263,10 @@ class ShardedSOAP:
     def discard_window(self) -> None:
         """Drop the folded gradients of a skipped step (state is untouched)."""
         self._folder = None
+        self._groups = None
+        self._pending = None
+        self._segment_start = 0
+        self.last_grad_rows = None
 
     def broadcast_params(self) -> None:
         """Every owner sends its updated blocks to the rest of the group (one message each)."""

@@ -82,6 +82,15 @@ class TensorParallelFullSOAP:
         self.engine.timings["communication"] += time.perf_counter() - start
         self.engine.fold_level(level, fulls, scale=scale)
 
+    def add_segment(self, level_shards: Sequence[torch.Tensor], end: int, scale: float) -> None:
+        """All-gather a diagnostics segment's shard gradients (see ShardedSOAP.add_segment)."""
+        start = time.perf_counter()
+        fulls = [
+            gather_full(g, d, self.tp_group) for g, d in zip(level_shards, self.partition_dims)
+        ]
+        self.engine.timings["communication"] += time.perf_counter() - start
+        self.engine.add_segment(fulls, end, scale)
+
     def step(self, lr: float, weight_decay: float, grad_scale: float = 1.0) -> None:
         """Step the full matrices, share them, and write each rank's shard back."""
         self.engine.step(lr, weight_decay, grad_scale=grad_scale)

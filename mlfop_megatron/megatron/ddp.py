@@ -13,7 +13,7 @@ ranks leaves it unchanged, so their final ``main_grad`` is the ordinary DP mean.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +25,8 @@ from mlfop_megatron.megatron import compat
 
 # (level index, number of micro-steps in that level) -> None
 LevelCallback = Callable[[int, int], None]
+# (micro-steps done in the window) -> None, at an extra sync point that ends no level
+SegmentCallback = Callable[[int], None]
 
 
 def check_supported_features(config: Any, ddp_config: Any) -> None:
@@ -94,6 +96,8 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._schedule: LevelSchedule | None = None
         self._level_callback: LevelCallback | None = None
+        self._segment_callback: SegmentCallback | None = None
+        self._extra_syncs: frozenset[int] = frozenset()
         self._micro_step = 0
         self._in_backward = False
         self._window_done = False
@@ -107,6 +111,21 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         """Called by the ML-FOP-SOAP optimizer: level schedule and per-level fold callback."""
         self._schedule = schedule
         self._level_callback = callback
+
+    def set_extra_sync_points(
+        self, points: Iterable[int], callback: SegmentCallback | None = None
+    ) -> None:
+        """Also reduce the gradients after these micro-steps (cumulative counts inside the
+        window that end no level) and call ``callback(micro_steps)`` there; the optimizer's
+        grad-group diagnostics use them so that every reduced segment holds one group. Set
+        before the window's first backward; ``points=()`` clears them."""
+        if self._micro_step and not self._window_done:
+            raise RuntimeError("extra sync points must be set before the window starts")
+        points = frozenset(int(p) for p in points)
+        if points and callback is None:
+            raise ValueError("extra sync points need a callback for the reduced segments")
+        self._extra_syncs = points
+        self._segment_callback = callback if points else None
 
     @property
     def folding_attached(self) -> bool:
@@ -141,6 +160,7 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
                 "; set FoldingConfig.accumulation_steps to the schedule's num_microbatches"
             )
         boundary = self._schedule.level_ending_at(self._micro_step + 1) is not None
+        boundary = boundary or (self._micro_step + 1) in self._extra_syncs
         for group in compat.ddp_bucket_groups(self):
             group.is_last_microbatch = boundary
 
@@ -155,11 +175,14 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         self._micro_step += 1
         self._seen.clear()
         level = self._schedule.level_ending_at(self._micro_step)
-        if level is None:
+        if level is None and self._micro_step not in self._extra_syncs:
             return
         super().finish_grad_sync()
         for group in compat.ddp_bucket_groups(self):
             group.reset()
+        if level is None:
+            self._segment_callback(self._micro_step)
+            return
         self._level_callback(level, self._schedule.level_size(level))
         if level == self._schedule.num_levels - 1:
             self._window_done = True

@@ -8,6 +8,9 @@ from typing import Any
 def flatten_stats(stats: dict[str, Any], prefix: str = "mlfop") -> dict[str, float]:
     """{'levels': [{...}, ...], 'skipped_steps': n} -> {'mlfop/level1/beta_mean': x, ...}.
 
+    The grad-group diagnostics (``stats['grad']``, steps armed with request_grad_diagnostics)
+    become 'mlfop/grad/cos_g0_g1', 'mlfop/grad/noise_scale', ...
+
     Several folds ending at one level (``structure="tree"``) are told apart by their fold
     index: 'mlfop/level3_fold2/beta_mean'.
     """
@@ -25,6 +28,10 @@ def flatten_stats(stats: dict[str, Any], prefix: str = "mlfop") -> dict[str, flo
                 for name, v in entry.items():
                     if name not in ("level", "fold"):
                         flat[f"{prefix}/{tag}/{name}"] = float(v)
+        elif isinstance(value, dict):  # "grad": the grad-group diagnostics of an armed step
+            for name, v in value.items():
+                if isinstance(v, (int, float)):
+                    flat[f"{prefix}/{key}/{name}"] = float(v)
         elif isinstance(value, (int, float)):
             flat[f"{prefix}/{key}"] = float(value)
     return flat

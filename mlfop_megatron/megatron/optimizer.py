@@ -11,6 +11,7 @@ model, so a skipped step is skipped everywhere and clipping uses the true global
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,6 +20,12 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer, OptimizerConfig
 
 from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.core.diagnostics import (
+    DiagLayout,
+    check_groups,
+    segment_ends,
+    summarize_grad_diagnostics,
+)
 from mlfop_megatron.core.folding import summarize_level
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.distributed.sharded_soap import PHASES, ShardedSOAP
@@ -98,6 +105,10 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         # gradient must be counted exactly once over DP x CP x TP x PP (expert params: once
         # over expert-DP x EP x expert-TP x PP).
         self._engine_counts: list[bool] = []
+        # Whether an engine's per-block diagnostic rows count on this rank: like the norm, but a
+        # TP-sharded block in blockwise mode is one block whose rows are already summed over
+        # its TP shards (every TP rank holds the same rows), so only TP rank 0 counts it.
+        self._diag_counts: list[bool] = []
         for is_expert, tp_sharded in ((False, True), (False, False), (True, True), (True, False)):
             chosen = [
                 (p, n)
@@ -135,11 +146,17 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 counts = (sharded or dp_rank == 0) and (tp_sharded or tp_rank == 0)
             self.engines.append(engine)
             self._engine_counts.append(counts)
+            full = isinstance(engine, TensorParallelFullSOAP)
+            self._diag_counts.append(counts and (full or tp_rank == 0))
         self.fp8.release()  # shadows hold storage only during a step
         self._grad_scale = 1.0
         self.skipped_steps = 0
         # Megatron-LM multiplies the loss by this (on the loss's device) before backward.
         self._loss_scale = torch.ones(1, dtype=torch.float32, device=self.device)
+        # Grad-group diagnostics: armed for the next window, and those of the last step.
+        self._armed_groups: tuple[int, ...] | None = None
+        self._armed_segments = 0
+        self._diag_window: tuple[tuple[int, ...], int] | None = None
 
     # ------------------------------------------------------------ folding hook
     @torch.no_grad()
@@ -152,6 +169,47 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             # The next level accumulates onto zero: at its boundary main_grad is its own sum
             # (also with TE's fused wgrad accumulation into main_grad; see megatron/fp8.py).
             fused_kernels.zero_(grads)
+
+    @torch.no_grad()
+    def on_segment(self, micro_steps: int) -> None:
+        """DDP callback at an extra (diagnostics) sync point: hand the reduced segment over."""
+        k = self.schedule.accumulation_steps
+        for engine in self.engines:
+            grads = [self.fp8.model_param(p).main_grad for p in engine.params]
+            engine.add_segment(grads, micro_steps, scale=k)  # main_grad is the sum / K
+            fused_kernels.zero_(grads)
+
+    def request_grad_diagnostics(self, groups: Sequence[int] | None = None) -> None:
+        """Compute the grad-group diagnostics of the next window (call on every rank with the
+        same ``groups``, before its first backward; ``stats()`` after the step reports them).
+
+        ``groups``: the group id (0, 1, ...) of every micro-batch of the window in schedule
+        order, e.g. 0 for image micro-batches and 1 for text ones; None: one group. A segment
+        reduced over DP must hold one group, so the DDP also syncs where the group changes
+        inside a level and in the middle of a group that would be a single segment (the noise
+        scale needs two): one extra gradient all-reduce per group change inside a level plus
+        at most one per group, only in armed windows (by-modality halves at K=4: tree 0,
+        chain 1, last 2, folding off 3).
+        """
+        k = self.schedule.accumulation_steps
+        groups = check_groups([0] * k if groups is None else list(groups), k)
+        ends = segment_ends(self.schedule.boundaries, groups)
+        extra = sorted(set(ends) - set(self.schedule.boundaries))
+        for engine in self.engines:
+            engine.arm_grad_diagnostics(groups)
+        for chunk in self.model_chunks:
+            chunk.set_extra_sync_points(extra, self.on_segment)
+        self._armed_groups = groups
+        self._armed_segments = len(ends)
+
+    def _end_window(self, stepped: bool) -> None:
+        """Window finished (stepped or skipped): diagnostics of the stepped one, sync points off."""
+        if self._armed_groups is not None:
+            for chunk in self.model_chunks:
+                chunk.set_extra_sync_points(())
+        armed = self._armed_groups is not None and stepped
+        self._diag_window = (self._armed_groups, self._armed_segments) if armed else None
+        self._armed_groups = None
 
     # --------------------------------------------------------------- grad stats
     def local_grad_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,12 +265,14 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         if len(self.fp8):
             self.fp8.commit()  # every DP rank requantizes from identical values
         self._grad_scale = 1.0
+        self._end_window(stepped=True)
         return True
 
     def discard_step(self) -> None:
         for engine in self.engines:
             engine.discard_window()
         self.skipped_steps += 1
+        self._end_window(stepped=False)
 
     def step(self):
         return MLFOPChainedOptimizer([self]).step()
@@ -266,8 +326,15 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         return optimizer_sharded_state_dict(self, is_loading)
 
     def stats(self) -> dict[str, Any]:
-        """Counters, folding diagnostics of the last window and phase timings since the last
-        call (max over ranks), reduced over all ranks: a collective."""
+        """Counters, folding diagnostics of the last window, the grad-group diagnostics of the
+        last step when it was armed (``request_grad_diagnostics``) and phase timings since the
+        last call (max over ranks), reduced over all ranks: a collective.
+
+        Two all-reduces whatever the model size: one SUM of the packed additive totals
+        (counters, per-fold sums, eta* sums, grad-group rows) and one MAX of the timings and
+        extremes (beta, s, eta* min/max); device tensors until the one copy to the host.
+        """
+        dev, f64 = self.device, torch.float64
         # Host counters go to the device in one copy; the diagnostics stay on the device.
         host = [0.0, 0.0, 0.0, float(self.skipped_steps)]
         for engine in self.engines:
@@ -275,16 +342,41 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             host[:3] = [
                 h + v for h, v in zip(host, (c.eigh_fp64_retries, c.eigh_failures, c.qr_failures))
             ]
-        counters = torch.tensor(host, dtype=torch.float64, device=self.device)
-        totals = []
+        sums = [torch.tensor(host, dtype=f64, device=dev)]
+        maxes = []
         for fold in self.schedule.folds:
-            total = torch.zeros(6, dtype=torch.float64, device=self.device)
+            total = torch.zeros(8, dtype=f64, device=dev)
+            ext = torch.full((4,), -math.inf, dtype=f64, device=dev)
             for engine, counts in zip(self.engines, self._engine_counts):
                 for diag in engine.last_diagnostics:
-                    if diag.fold == fold.index and counts:
-                        total += diag.totals().to(self.device, torch.float64)
-            totals.append(total)
-        packed = torch.cat([counters, *totals]) if totals else counters
+                    if diag.fold == fold.index:
+                        if counts:
+                            total += diag.totals().to(dev, f64)
+                        ext = torch.maximum(ext, diag.extremes().to(dev, f64))
+            sums.append(total)
+            maxes.append(ext)
+        with_eta = self.mlfop_config.folding.step_size == "eta_star" and self.schedule.num_folds > 0
+        if with_eta:  # [sum, count] and [max, -min] of eta* over blocks
+            eta_sum = torch.zeros(2, dtype=f64, device=dev)
+            eta_ext = torch.full((2,), -math.inf, dtype=f64, device=dev)
+            for engine, counts in zip(self.engines, self._diag_counts):
+                eta = engine.last_eta
+                if eta is None or not eta.numel():
+                    continue
+                eta = eta.to(dev, f64)
+                if counts:
+                    eta_sum += torch.stack([eta.sum(), eta.new_tensor(float(eta.numel()))])
+                eta_ext = torch.maximum(eta_ext, torch.stack([eta.max(), -eta.min()]))
+            sums.append(eta_sum)
+            maxes.append(eta_ext)
+        window = self._diag_window
+        if window is not None:
+            rows = torch.zeros(DiagLayout(max(window[0]) + 1).width, dtype=f64, device=dev)
+            for engine, counts in zip(self.engines, self._diag_counts):
+                if counts and engine.last_grad_rows is not None:
+                    rows += engine.last_grad_rows.to(dev, f64).sum(dim=0)
+            sums.append(rows)
+        packed = torch.cat(sums)
         dist.all_reduce(packed)
         # Phase timings since the previous stats() call: the slowest rank decides the step.
         host_timings = [0.0] * len(PHASES)
@@ -292,7 +384,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             host_timings = [t + engine.timings[k] for t, k in zip(host_timings, PHASES)]
             for k in PHASES:  # reset in place (the TP-full wrapper shares its engine's dict)
                 engine.timings[k] = 0.0
-        timings = torch.tensor(host_timings, dtype=torch.float64, device=self.device)
+        timings = torch.cat([torch.tensor(host_timings, dtype=f64, device=dev), *maxes])
         dist.all_reduce(timings, op=dist.ReduceOp.MAX)
         packed, timings = packed.cpu(), timings.cpu()
         world = dist.get_world_size()
@@ -304,12 +396,30 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             "levels": [],
         }
         out.update({f"time_{k}_s": float(v) for k, v in zip(PHASES, timings)})
-        for j, fold in enumerate(self.schedule.folds):
-            chunk = packed[4 + 6 * j : 10 + 6 * j]
+        at, at_max = 4, len(PHASES)
+        for fold in self.schedule.folds:
+            chunk, ext = packed[at : at + 8], timings[at_max : at_max + 4].tolist()
+            at, at_max = at + 8, at_max + 4
             if chunk[5] > 0:  # at least one block was folded in this fold
-                out["levels"].append(
-                    summarize_level(fold.level, chunk, fold.n_z, fold.n_h, fold.index)
-                )
+                entry = summarize_level(fold.level, chunk, fold.n_z, fold.n_h, fold.index)
+                entry.update(beta_max=ext[0], beta_min=-ext[1], s_max=ext[2], s_min=-ext[3])
+                out["levels"].append(entry)
+        if with_eta:
+            (total, count), (high, low) = packed[at : at + 2].tolist(), timings[at_max:].tolist()
+            at += 2
+            if count > 0:
+                out.update(eta_mean=total / count, eta_max=high, eta_min=-low)
+        if window is not None:
+            groups, segments = window
+            for engine in self.engines:
+                if engine.last_grad_segments != segments:
+                    raise RuntimeError(
+                        f"the DDP reduced {engine.last_grad_segments} gradient segments in the "
+                        f"armed window, the diagnostics expected {segments}: was the model "
+                        "wrapped in FoldingDistributedDataParallel and armed before its backward?"
+                    )
+            counts = [groups.count(m) for m in range(max(groups) + 1)]
+            out["grad"] = summarize_grad_diagnostics(packed[at:], counts, segments)
         return out
 
 
@@ -403,6 +513,12 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
                     seen.add(id(p.grad))
                     out.append(p.grad)
         return out
+
+    def request_grad_diagnostics(self, groups: Sequence[int] | None = None) -> None:
+        """Grad-group diagnostics of the next window (see
+        MLFOPMegatronOptimizer.request_grad_diagnostics); every rank, before its backward."""
+        for opt in self.mlfop:
+            opt.request_grad_diagnostics(groups)
 
     def stats(self) -> dict[str, Any]:
         """Global ML-FOP-SOAP stats (a collective: call on every rank)."""

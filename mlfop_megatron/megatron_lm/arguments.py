@@ -89,6 +89,8 @@ class Flag:
         return self.name[2:].replace("-", "_")
 
 
+GRAD_GROUPS = ("off", "one", "halves")
+
 FLAGS: tuple[Flag, ...] = (
     Flag(
         "--mlfop-beta1",
@@ -288,6 +290,18 @@ FLAGS: tuple[Flag, ...] = (
             default=None,
             help="log fold diagnostics and phase timings every N iterations "
             "(default: --log-interval; 0: never)",
+        ),
+    ),
+    Flag(
+        "--mlfop-grad-groups",
+        None,
+        dict(
+            choices=GRAD_GROUPS,
+            default="off",
+            help="grad-group diagnostics (per-group gradients, cosines, predicted loss "
+            "changes, noise scale) at every stats interval: 'one' group, or 'halves' (the "
+            "first floor(K/2) micro-batches of a step are group 0, the rest group 1: a data "
+            "loader that orders each step's micro-batches by modality); off: none",
         ),
     ),
 )

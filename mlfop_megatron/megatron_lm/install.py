@@ -101,7 +101,27 @@ def _stats_line(stats: dict[str, Any]) -> str:
         parts.append(
             f"L{int(level['level'])} beta {level['beta_mean']:+.3f} s {level['s_mean']:.3f}"
         )
+    grad = stats.get("grad")
+    if grad:
+        if "cos_g0_g1" in grad:
+            parts.append(f"cos(g0,g1) {grad['cos_g0_g1']:+.3f} M^-1 {grad['cos_mi_g0_g1']:+.3f}")
+        parts.append(
+            f"ascent plain/folded {grad['ascent_plain_any']:.2f}/{grad['ascent_folded_any']:.2f}"
+        )
+        parts.append(f"noise scale {grad['noise_scale']:.3g} of K {grad['micro_steps']:.0f}")
     return "ML-FOP-SOAP | " + " | ".join(parts)
+
+
+def grad_groups_for(args: argparse.Namespace, optimizer: Any) -> list[int] | None:
+    """Group ids per micro-batch for ``--mlfop-grad-groups`` (None: off or no ML-FOP-SOAP)."""
+    mode = getattr(args, "mlfop_grad_groups", "off")
+    ours = getattr(optimizer, "mlfop", [optimizer])  # the chained optimizer, or MLFOPSOAP
+    if mode == "off" or not ours or not hasattr(ours[0], "request_grad_diagnostics"):
+        return None
+    k = ours[0].schedule.accumulation_steps
+    if mode == "one" or k < 2:
+        return [0] * k
+    return [0] * (k // 2) + [1] * (k - k // 2)
 
 
 def gpu_telemetry_max() -> dict[str, float]:
@@ -129,6 +149,9 @@ def log_stats_if_due(
 ) -> dict[str, Any] | None:
     """Collective on all ranks: every N iterations gather optimizer stats and log them.
 
+    With ``--mlfop-grad-groups`` the window of every logged iteration is armed for the
+    grad-group diagnostics (at the iteration before it), so they cost only every N steps.
+
     ``optimizer`` defaults to the one the runtime install built (the patch passes its own);
     ``writer`` to Megatron-LM's tensorboard writer (None on ranks that have none).
     """
@@ -136,6 +159,10 @@ def log_stats_if_due(
     interval = args.mlfop_stats_interval
     if interval is None:
         interval = args.log_interval
+    if interval and optimizer is not None and (iteration + 1) % interval == 0:
+        groups = grad_groups_for(args, optimizer)  # the next iteration logs: arm its window
+        if groups is not None:
+            optimizer.request_grad_diagnostics(groups)
     if not interval or iteration % interval or optimizer is None:
         return None
     import torch.distributed as dist

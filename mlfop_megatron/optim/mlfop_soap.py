@@ -15,13 +15,19 @@ Calling ``step()`` without ``accumulate()`` uses ``p.grad`` as the step's gradie
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from mlfop_megatron.config import FoldingConfig, MLFOPConfig, SOAPConfig
+from mlfop_megatron.core.diagnostics import (
+    GroupSums,
+    check_groups,
+    group_block_rows,
+    summarize_grad_diagnostics,
+)
 from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder, WindowOutput
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.core.linalg import LinalgCounters
@@ -67,6 +73,10 @@ class MLFOPSOAP(torch.optim.Optimizer):
         self._window_params: list[torch.Tensor] = []
         self.last_diagnostics: list[LevelDiagnostics] = []
         self.last_eta: torch.Tensor | None = None  # eta* per window param (step_size=eta_star)
+        self._armed_groups: tuple[int, ...] | None = None
+        self._groups: GroupSums | None = None
+        self.last_grad_rows: torch.Tensor | None = None  # per param, last armed window
+        self._last_grad_window: tuple[int, ...] | None = None
 
     # ----------------------------------------------------------------- helpers
     @staticmethod
@@ -103,6 +113,16 @@ class MLFOPSOAP(torch.optim.Optimizer):
         }
 
     # ------------------------------------------------------------ accumulation
+    def request_grad_diagnostics(self, groups: Sequence[int] | None = None) -> None:
+        """Per-group gradient diagnostics of the next window (``stats()["grad"]`` after its
+        step; see core/diagnostics.py). ``groups``: the group id of each of the window's
+        micro-steps in order (e.g. 0 image, 1 text); None: one group. Costs one
+        gradient-sized buffer per group and param, for this window only."""
+        if self._folder is not None:
+            raise RuntimeError("request grad diagnostics before the window's first accumulate()")
+        k = self.schedule.accumulation_steps
+        self._armed_groups = check_groups([0] * k if groups is None else list(groups), k)
+
     def accumulate(self) -> None:
         """Fold the current ``p.grad`` of every param into the window as one micro-step.
 
@@ -127,6 +147,10 @@ class MLFOPSOAP(torch.optim.Optimizer):
                 "every micro-step must produce gradients for the same parameters"
             )
         grads = [self._matrix_grad(p, p.grad) for p, _ in pairs]
+        if self._armed_groups is not None:  # every micro-step is a segment of its own
+            if self._groups is None:
+                self._groups = GroupSums(self._armed_groups, len(pairs))
+            self._groups.add_segment(self._folder.micro_steps, 1, grads)
         self._folder.add_micro_step(grads)
         for p, _ in pairs:
             p.grad = None
@@ -141,10 +165,13 @@ class MLFOPSOAP(torch.optim.Optimizer):
                 loss = closure()
         params, window, finite = self._collect_gradients()
         self._folder = None
+        self._groups = None
+        self._armed_groups = None
         if not params:
             return loss
         if not bool(finite):
             self.skipped_steps += 1
+            self.last_grad_rows = self._last_grad_window = None
             return loss
         groups = self._groups_by_param()
         for i, (p, g) in enumerate(zip(params, window.grads)):
@@ -166,11 +193,23 @@ class MLFOPSOAP(torch.optim.Optimizer):
     def _collect_gradients(self) -> tuple[list[torch.Tensor], WindowOutput, torch.Tensor]:
         """(params, the window's gradients, finite flag) from the window or from p.grad."""
         if self._folder is not None:
-            window = self._folder.output()
-            self.last_diagnostics = self._folder.diagnostics
-            self.last_eta = self._folder.eta
-            finite = self._folder.finite
-            return self._window_params, window, finite
+            folder = self._folder
+            window = folder.output()
+            self.last_diagnostics = folder.diagnostics
+            self.last_eta = folder.eta
+            self.last_grad_rows = self._last_grad_window = None
+            if self._groups is not None:  # before the step: the window's bases and metric
+                by_param = self._groups_by_param()
+                self.last_grad_rows = group_block_rows(
+                    self._groups,
+                    folder.rotate_fns,
+                    folder.metric_diags,
+                    folder.estimate_rot if folder.schedule.num_folds else None,
+                    folder.eta,
+                    [by_param[p][1]["lr"] for p in self._window_params],
+                )
+                self._last_grad_window = self._groups.groups
+            return self._window_params, window, folder.finite
         if self.schedule.accumulation_steps > 1:
             raise ValueError(
                 f"accumulation_steps={self.schedule.accumulation_steps} but step() was called "
@@ -186,6 +225,7 @@ class MLFOPSOAP(torch.optim.Optimizer):
             grads.append(self._matrix_grad(p, p.grad))
         self.last_diagnostics = []
         self.last_eta = None
+        self.last_grad_rows = self._last_grad_window = None
         flags = [torch.isfinite(g).all() for g in grads]
         finite = torch.stack(flags).all() if flags else torch.tensor(True)
         return params, WindowOutput(grads, [None] * len(grads)), finite
@@ -196,6 +236,17 @@ class MLFOPSOAP(torch.optim.Optimizer):
         out: dict[str, Any] = {"steps": self.steps, "skipped_steps": self.skipped_steps}
         out.update(self.counters.as_dict())
         out["levels"] = [d.summary() for d in self.last_diagnostics]
+        if self.last_eta is not None and self.last_eta.numel():
+            eta = self.last_eta.double()
+            out.update(
+                eta_mean=float(eta.mean()), eta_min=float(eta.min()), eta_max=float(eta.max())
+            )
+        if self._last_grad_window is not None:
+            groups = self._last_grad_window
+            counts = [groups.count(m) for m in range(max(groups) + 1)]
+            out["grad"] = summarize_grad_diagnostics(
+                self.last_grad_rows.sum(dim=0), counts, len(groups)
+            )
         return out
 
     # ------------------------------------------------------------ checkpoints

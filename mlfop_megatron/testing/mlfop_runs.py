@@ -37,7 +37,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     megatron-core 0.19 HybridModel), on_device to create params and batches on the (emulated)
     CUDA device, parallel (more initialize_model_parallel kwargs, e.g.
     expert_model_parallel_size), extra_config (TinyGPTConfig.extra_config pairs), folding
-    (more FoldingConfig options, e.g. structure, step_size, statistics_from, beta_max).
+    (more FoldingConfig options, e.g. structure, step_size, statistics_from, beta_max),
+    grad_groups (group id per micro-batch: request_grad_diagnostics before every window).
     """
     init_megatron_parallel(
         tp=spec.get("tp", 1), pp=spec.get("pp", 1), seed=1234, **spec.get("parallel", {})
@@ -107,6 +108,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     for it in range(first, spec.get("iters", 10)):
         model.zero_grad_buffer()
         optimizer.zero_grad()
+        if spec.get("grad_groups") is not None:  # grad-group diagnostics in every window
+            optimizer.request_grad_diagnostics(spec["grad_groups"])
         nan_at = spec.get("nan_at")
         if nan_at is not None and nan_at[0] == it and nan_at[1] == torch.distributed.get_rank():
             poison_next_backward(model)
