@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -140,41 +141,48 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(tmp_path):
 MEGATRON_ITERS = 40
 
 
-@pytest.mark.skipif(MEGATRON_LM_SKIP_REASON is not None, reason=MEGATRON_LM_SKIP_REASON or "")
-def test_megatron_lm_job_preempted_requeues_and_resumes_to_the_same_losses(tmp_path):
-    """LAUNCH=megatron-lm: Megatron-LM's pretrain under srun, stopped by the USR1 Slurm sends
-    before the time limit, saves (torch_dist), requeues and resumes to the uninterrupted losses."""
+def preempt_megatron_lm_job(
+    tmp_path: Path, submit: Callable[..., str], iters: int, signal_to: str
+) -> tuple[str, Path, int]:
+    """Submit a clean and a to-be-preempted LAUNCH=megatron-lm job; USR1 the second after 5
+    iterations (``signal_to``: scancel's --full or --batch), wait for the requeued run and the
+    clean one; check the resumed iterations reproduce the clean losses. Returns (log of the
+    preempted job, its run dir, the iteration it stopped at)."""
     from test_megatron_lm_entry import CPU_FLAGS, LOSS_TOL, MODEL, TRAIN, losses
 
     # The later --train-iters overrides TRAIN's (argparse keeps the last value).
-    overrides = ["--train-iters", str(MEGATRON_ITERS), "--save-interval", "1000"]
+    overrides = ["--train-iters", str(iters), "--save-interval", "1000"]
     args = " ".join([*MODEL, *CPU_FLAGS, *TRAIN, *overrides])
-
-    def submit(run_dir: Path) -> str:
-        return _submit(run_dir, LAUNCH="megatron-lm", TRAIN_ARGS=args, OMP_NUM_THREADS="1")
-
     clean_dir, preempted_dir = tmp_path / "clean", tmp_path / "preempted"
-    clean = submit(clean_dir)
-    job = submit(preempted_dir)
+    env = dict(LAUNCH="megatron-lm", TRAIN_ARGS=args, OMP_NUM_THREADS="1")
+    clean = submit(clean_dir, **env)
+    job = submit(preempted_dir, **env)
     log_path = Path(f"{preempted_dir}.out")
     deadline = time.monotonic() + 300
     while len(losses(log_path.read_text() if log_path.exists() else "")) < 5:
         assert time.monotonic() < deadline, "training never started"
         time.sleep(0.2)
-    subprocess.run(["scancel", "--full", "--signal=USR1", job], check=True)
-
+    subprocess.run(["scancel", signal_to, "--signal=USR1", job], check=True)
     _wait_requeued_completion(job)
     _wait(clean, lambda i: i.get("JobState") == "COMPLETED")
     log = log_path.read_text()
     match = re.search(r"stopped at iteration (\d+): exiting for requeue", log)
-    assert match and 0 < int(match.group(1)) < MEGATRON_ITERS, log[-4000:]
+    assert match and 0 < int(match.group(1)) < iters, log[-4000:]
     stopped = int(match.group(1))
-    assert "restart 1" in log and "asked for a requeue" in log
-    assert f"successfully loaded checkpoint from {preempted_dir / 'checkpoints'}" in log
     ref = losses(Path(f"{clean_dir}.out").read_text())
-    assert sorted(ref) == list(range(1, MEGATRON_ITERS + 1))
+    assert sorted(ref) == list(range(1, iters + 1))
     # Second run of the preempted job: iterations after the checkpoint, as in the clean run.
     resumed = losses(log[log.index("restart 1") :])
-    assert sorted(resumed) == list(range(stopped + 1, MEGATRON_ITERS + 1)), resumed
+    assert sorted(resumed) == list(range(stopped + 1, iters + 1)), resumed
     for it, value in resumed.items():
         assert value == pytest.approx(ref[it], abs=LOSS_TOL), (it, value, ref[it])
+    return log, preempted_dir, stopped
+
+
+@pytest.mark.skipif(MEGATRON_LM_SKIP_REASON is not None, reason=MEGATRON_LM_SKIP_REASON or "")
+def test_megatron_lm_job_preempted_requeues_and_resumes_to_the_same_losses(tmp_path):
+    """LAUNCH=megatron-lm: Megatron-LM's pretrain under srun, stopped by the USR1 Slurm sends
+    before the time limit, saves (torch_dist), requeues and resumes to the uninterrupted losses."""
+    log, run_dir, _ = preempt_megatron_lm_job(tmp_path, _submit, MEGATRON_ITERS, "--full")
+    assert "restart 1" in log and "asked for a requeue" in log
+    assert f"successfully loaded checkpoint from {run_dir / 'checkpoints'}" in log

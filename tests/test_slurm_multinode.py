@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_megatron_lm_entry import SKIP_REASON as MEGATRON_LM_SKIP_REASON
-from test_slurm import _job, _wait, _wait_requeued_completion
+from test_slurm import _job, _wait, _wait_requeued_completion, preempt_megatron_lm_job
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_ENV = Path("/run/mlfop-test-cluster.env")
@@ -331,33 +331,6 @@ MEGATRON_ITERS = 30
 def test_megatron_lm_two_node_job_preempted_resumes_to_the_same_losses(tmp_path):
     """LAUNCH=megatron-lm on both nodes: Megatron-LM's pretrain, stopped by USR1 to the batch
     shell, saves (torch_dist, on the shared run dir), requeues and resumes to the same losses."""
-    from test_megatron_lm_entry import CPU_FLAGS, LOSS_TOL, MODEL, TRAIN, losses
-
-    overrides = ["--train-iters", str(MEGATRON_ITERS), "--save-interval", "1000"]
-    args = " ".join([*MODEL, *CPU_FLAGS, *TRAIN, *overrides])
-
-    def submit(run_dir: Path) -> str:
-        return _submit(run_dir, LAUNCH="megatron-lm", TRAIN_ARGS=args, OMP_NUM_THREADS="1")
-
-    clean_dir, preempted_dir = tmp_path / "clean", tmp_path / "preempted"
-    clean = submit(clean_dir)
-    job = submit(preempted_dir)
-    log_path = Path(f"{preempted_dir}.out")
-    deadline = time.monotonic() + 300
-    while len(losses(log_path.read_text() if log_path.exists() else "")) < 5:
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    _wait_requeued_completion(job)
-    _wait(clean, lambda i: i.get("JobState") == "COMPLETED")
-    log = log_path.read_text()
+    log, _, _ = preempt_megatron_lm_job(tmp_path, _submit, MEGATRON_ITERS, "--batch")
     for rank, node in enumerate(NODES):
         assert f"rank {rank}/2 on host {node} (SLURMD_NODENAME={node}" in log, log[:3000]
-    match = re.search(r"stopped at iteration (\d+): exiting for requeue", log)
-    assert match and 0 < int(match.group(1)) < MEGATRON_ITERS, log[-4000:]
-    stopped = int(match.group(1))
-    ref = losses(Path(f"{clean_dir}.out").read_text())
-    resumed = losses(log[log.index("restart 1") :])
-    assert sorted(resumed) == list(range(stopped + 1, MEGATRON_ITERS + 1)), resumed
-    for it, value in resumed.items():
-        assert value == pytest.approx(ref[it], abs=LOSS_TOL), (it, value, ref[it])
