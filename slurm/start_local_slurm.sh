@@ -15,7 +15,7 @@ STATE_DIR=/var/spool/slurmctld
 SPOOL_DIR=/var/spool/slurmd
 LOG_DIR=/var/log/slurm
 mkdir -p "$CONF_DIR" "$STATE_DIR" "$SPOOL_DIR" "$LOG_DIR"
-CPUS=$(nproc)
+CPUS=$(nproc --all)  # --all: nproc alone honours OMP_NUM_THREADS
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
 
 cat > "$CONF_DIR/slurm.conf" <<CONF

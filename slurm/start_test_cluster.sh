@@ -77,7 +77,7 @@ make_network() {
 write_config() {
   mkdir -p "$CONF_DIR" "$STATE_DIR" "$LOG_DIR" "$NODE_ROOT"
   local cpus mem node_lines="" node
-  cpus=$(nproc)
+  cpus=$(nproc --all)  # --all: nproc alone honours OMP_NUM_THREADS
   mem=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / ${#NODES[@]} - 512))
   for node in "${NODES[@]}"; do
     mkdir -p "$NODE_ROOT/$node/spool"

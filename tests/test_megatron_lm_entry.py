@@ -270,7 +270,7 @@ def test_megatron_parse_args_rejects_bad_mlfop_values():
     assert proc.stderr.count("EXIT 2") == 4, proc.stderr[-4000:]
     for message in (
         "argument --mlfop-beta1: must be in [0, 1) (got 1.5)",
-        "argument --mlfop-levels: must be a sequence starting at 1",
+        "argument --mlfop-levels: must be strictly increasing (got (2, 1))",
         "argument --mlfop-precondition-frequency: must be an integer >= 1 (got 0)",
         "argument --mlfop-refresh-method: invalid choice: 'svd' (choose from 'qr', 'eigh')",
     ):
