@@ -39,21 +39,22 @@ pytestmark = [
 ]
 
 
-def _submit(run_dir: Path, **job_env: str) -> str:
-    """sbatch the CPU-mode job (2 tasks); ``job_env`` overrides the demo's TRAIN_ARGS etc."""
-    env = dict(
-        os.environ,
-        RUN_DIR=str(run_dir),
-        MLFOP_MODE="cpu",
-        PYTHON=sys.executable,
-        TRAIN_ARGS=f"--quick --steps {STEPS}",
-    )
+# Launcher variables of the calling process that must not leak into a job's environment.
+_LAUNCHER_ENV = ("GLOO_SOCKET_IFNAME", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+
+
+def sbatch_cpu_job(
+    run_dir: Path, nodes: int, tasks_per_node: int, train_args: str, **job_env: str
+) -> str:
+    """sbatch slurm/pretrain.sbatch in CPU mode; ``job_env`` overrides TRAIN_ARGS etc."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    env.update(RUN_DIR=str(run_dir), MLFOP_MODE="cpu", PYTHON=sys.executable, TRAIN_ARGS=train_args)
     env.update(job_env)
     cmd = [
         "sbatch",
         "--parsable",
-        "--nodes=1",
-        "--ntasks-per-node=2",
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={tasks_per_node}",
         "--gpus-per-node=0",
         "--cpus-per-task=1",
         f"--output={run_dir}.out",
@@ -61,6 +62,11 @@ def _submit(run_dir: Path, **job_env: str) -> str:
     ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip().split(";")[0]
+
+
+def _submit(run_dir: Path, **job_env: str) -> str:
+    """sbatch the CPU-mode job on one node (2 tasks)."""
+    return sbatch_cpu_job(run_dir, 1, 2, f"--quick --steps {STEPS}", **job_env)
 
 
 def _job(job: str) -> dict[str, str]:

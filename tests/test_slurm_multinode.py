@@ -30,7 +30,13 @@ from pathlib import Path
 import pytest
 import torch
 from test_megatron_lm_entry import SKIP_REASON as MEGATRON_LM_SKIP_REASON
-from test_slurm import _job, _wait, _wait_requeued_completion, preempt_megatron_lm_job
+from test_slurm import (
+    _job,
+    _wait,
+    _wait_requeued_completion,
+    preempt_megatron_lm_job,
+    sbatch_cpu_job,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_ENV = Path("/run/mlfop-test-cluster.env")
@@ -77,30 +83,8 @@ def _addr(node: str) -> str:
 
 def _submit(run_dir: Path, steps: int = STEPS, extra: str = "", **job_env: str) -> str:
     """sbatch the CPU job on both nodes, one rank per node."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("GLOO_SOCKET_IFNAME", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
-    }
-    env.update(
-        RUN_DIR=str(run_dir),
-        MLFOP_MODE="cpu",
-        PYTHON=sys.executable,
-        TRAIN_ARGS=f"--quick --steps {steps} {extra}".strip(),
-    )
-    env.update(job_env)
-    cmd = [
-        "sbatch",
-        "--parsable",
-        f"--nodes={len(NODES)}",
-        "--ntasks-per-node=1",
-        "--gpus-per-node=0",
-        "--cpus-per-task=1",
-        f"--output={run_dir}.out",
-        "slurm/pretrain.sbatch",
-    ]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    return out.stdout.strip().split(";")[0]
+    train_args = f"--quick --steps {steps} {extra}".strip()
+    return sbatch_cpu_job(run_dir, len(NODES), 1, train_args, **job_env)
 
 
 def _rows(run_dir: Path) -> int:
