@@ -6,9 +6,9 @@
 #   netns mlfop-node1  mlfop0 10.77.0.11/24, hostname node1, slurmd -N node1
 #   netns mlfop-node2  mlfop0 10.77.0.12/24, hostname node2, slurmd -N node2
 #
-# Only these addresses and loopback are used; nothing else is contacted. Same Slurm packages and
-# auth as slurm/start_local_slurm.sh (Debian's slurmctld/slurmd/slurm-client, auth/none, no
-# munge). The file system is shared by both nodes (as a cluster file system would be); each node
+# Only these addresses and loopback are used; nothing else is contacted. Debian's Slurm packages
+# (slurmctld/slurmd/slurm-client, installed if missing), auth/none, no munge. The file system
+# is shared by both nodes (as a cluster file system would be); each node
 # has its own /etc/hosts (/etc/netns/<ns>/hosts), slurmd spool, pid and log file.
 #
 # Usage (root):
@@ -123,8 +123,8 @@ CONF
   } >"$ENV_FILE"
 }
 
-# Kill (by pid) whatever Slurm daemons a previous run left: this cluster's, or the single-node
-# slurm/start_local_slurm.sh ones (their pid files).
+# Kill (by pid) whatever Slurm daemons a previous run left: this cluster's, or a single-node
+# Slurm's (its default pid files).
 stop_daemons() {
   bash "$(dirname "$0")/stop_test_cluster.sh" --daemons-only
   local pidfile pid

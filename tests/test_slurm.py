@@ -1,7 +1,8 @@
 """Slurm end to end: sbatch the CPU-mode job, preempt it mid-run, check the requeued job resumes
 and ends with exactly the parameters of an uninterrupted run.
 
-Needs a running Slurm (CI starts one with slurm/start_local_slurm.sh); skipped otherwise.
+Needs a running Slurm (CI starts the two-node test cluster, slurm/start_test_cluster.sh; these
+jobs use one node of it); skipped otherwise.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         not _slurm_ready(),
-        reason="no running Slurm here (start one with: sudo slurm/start_local_slurm.sh; CI does)",
+        reason="no running Slurm here (start one with: sudo slurm/start_test_cluster.sh; CI does)",
     ),
 ]
 
