@@ -161,7 +161,7 @@ def make_job(setting: str, label: str, spec: td.RunSpec, out: Path) -> Job:
 
 def run_job(job: Job, nproc: int, resume: bool, index: str) -> dict[str, Any]:
     """Train one job on nproc gloo ranks (or reuse its saved result); returns rows + summary."""
-    from mlfop_megatron.testing.distributed import run_distributed
+    from mlfop_megatron.runtime.spawn import run_distributed
 
     out = Path(job.spec.out)
     saved = out / "result.json"

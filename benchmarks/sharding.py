@@ -289,8 +289,8 @@ def measure(dp_sizes: Sequence[int] = (1, 2, 4), hidden: int = 128, iters: int =
     optimizer.step() after the first (statistics-only) step; all ranks share 2 cores, so times
     at DP>2 include oversubscription.
     """
-    from mlfop_megatron.testing.distributed import run_distributed
-    from mlfop_megatron.testing.mlfop_runs import run_tiny_gpt
+    from mlfop_megatron.runtime.spawn import run_distributed
+    from tests.support.mlfop_runs import run_tiny_gpt
 
     lines = [
         "| DP | max state KiB/rank | state vs DP=1 | median step ms (max rank) | "

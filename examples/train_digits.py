@@ -6,7 +6,7 @@ understanding (loss on the caption words). It trains through the ML-FOP-SOAP Meg
 integration: ``FoldingDistributedDataParallel`` + ``get_mlfop_optimizer`` and Megatron's
 ``get_forward_backward_func`` schedules, exactly as a Megatron-LM job would.
 
-CPU (spawns the gloo ranks itself, installs the CUDA emulation of mlfop_megatron.testing)::
+CPU (spawns the gloo ranks itself, installs the CUDA emulation of mlfop_megatron.runtime)::
 
     python examples/train_digits.py --nproc 2 --out runs/demo
     python examples/train_digits.py --nproc 2 --out runs/compare --compare
@@ -341,14 +341,14 @@ def use_cuda() -> bool:
 def on_accelerator() -> bool:
     """Whether model and batches go to "cuda": a real GPU, or the strict CPU emulation.
 
-    Strict mode (``MLFOP_STRICT_DEVICE=1``, see mlfop_megatron/testing/strict_device.py) tags
+    Strict mode (``MLFOP_STRICT_DEVICE=1``, see mlfop_megatron/runtime/strict_device.py) tags
     what is created for "cuda" and fails on host/device mixing, so the demo's GPU data path
     runs on a CPU machine and device bugs show there. Kernel choices (TE, NCCL, the attention
     mask) still follow use_cuda().
     """
     if use_cuda():
         return True
-    from mlfop_megatron.testing.strict_device import is_strict_installed
+    from mlfop_megatron.runtime.strict_device import is_strict_installed
 
     return is_strict_installed()
 
@@ -913,7 +913,7 @@ def evaluate(model: Any, data: DigitsData, spec: RunSpec) -> dict[str, float]:
 
 def setup_rank(spec: RunSpec) -> None:
     """Megatron parallel state for this rank, seeded (torch.distributed is already up)."""
-    from mlfop_megatron.testing.distributed import init_megatron_parallel
+    from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
 
     torch.set_num_threads(spec.threads)
     init_megatron_parallel(tp=spec.tp, pp=spec.pp, seed=spec.seed)
@@ -1107,7 +1107,7 @@ def init_from_env() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     else:
-        from mlfop_megatron.testing.cpu_emulation import install_cpu_emulation
+        from mlfop_megatron.runtime.cpu_emulation import install_cpu_emulation
 
         install_cpu_emulation()
         dist.init_process_group("gloo")
@@ -1129,7 +1129,7 @@ def run_all(specs: list[RunSpec], args: argparse.Namespace) -> list[dict[str, An
             "on GPUs launch with torchrun/srun (e.g. torchrun --nproc-per-node 8 "
             "examples/train_digits.py ...); --nproc spawns CPU gloo ranks only"
         )
-    from mlfop_megatron.testing.distributed import run_distributed
+    from mlfop_megatron.runtime.spawn import run_distributed
 
     for spec in specs:
         res = run_distributed(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mlfop_megatron.optim import MLFOPSOAP
-from mlfop_megatron.testing.distributed import run_distributed
+from mlfop_megatron.runtime.spawn import run_distributed
 
 
 def test_bf16_params_follow_fp32_main_weights_exactly():
@@ -37,7 +37,7 @@ def test_bf16_params_follow_fp32_main_weights_exactly():
 
 @pytest.mark.distributed
 def test_megatron_bf16_dp2_sharded_equals_replicated_and_trains():
-    from mlfop_megatron.testing.mlfop_runs import run_tiny_gpt
+    from tests.support.mlfop_runs import run_tiny_gpt
 
     base = dict(iters=8, microbatches=4, global_micro=2, dtype=torch.bfloat16)
     sharded = run_distributed(run_tiny_gpt, 2, dict(base, sharded=True))

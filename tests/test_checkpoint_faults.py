@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from mlfop_megatron.launch.preemption import REQUEUE_EXIT_CODE, REQUEUE_MARKER
-from mlfop_megatron.testing.distributed import find_free_port
+from mlfop_megatron.runtime.spawn import find_free_port
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("sklearn")

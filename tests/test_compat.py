@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from mlfop_megatron.megatron import compat  # noqa: E402
-from mlfop_megatron.testing.distributed import run_distributed  # noqa: E402
+from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
 
 
 def test_installed_megatron_core_is_in_the_supported_range():
@@ -32,8 +32,8 @@ def test_private_api_resolves(name):
 
 def _ddp_instance_attributes() -> dict[str, object]:
     """Build a real Megatron DDP and read the instance attributes compat relies on."""
-    from mlfop_megatron.testing.distributed import init_megatron_parallel
-    from mlfop_megatron.testing.tiny_gpt import TinyGPTConfig, build_tiny_gpt
+    from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+    from tests.support.tiny_gpt import TinyGPTConfig, build_tiny_gpt
 
     init_megatron_parallel(seed=0)
     ddp = build_tiny_gpt(TinyGPTConfig())

@@ -17,16 +17,13 @@ pytest.importorskip("megatron.core")
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.distributed import DistributedDataParallel  # noqa: E402
 
-from mlfop_megatron.testing.cpu_emulation import (  # noqa: E402
+from mlfop_megatron.runtime.cpu_emulation import (  # noqa: E402
     cpu_emulation,
     is_cpu_emulation_installed,
 )
-from mlfop_megatron.testing.distributed import (  # noqa: E402
-    DistributedRunError,
-    init_megatron_parallel,
-    run_distributed,
-)
-from mlfop_megatron.testing.tiny_gpt import (  # noqa: E402
+from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel  # noqa: E402
+from mlfop_megatron.runtime.spawn import DistributedRunError, run_distributed  # noqa: E402
+from tests.support.tiny_gpt import (  # noqa: E402
     TinyGPTConfig,
     build_tiny_gpt,
     canonical_param_names,

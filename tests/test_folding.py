@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_soap import ReferenceSOAP, reference_fop
 
 from mlfop_megatron.config import FoldingConfig
 from mlfop_megatron.core.levels import LevelSchedule, dyadic_boundaries
 from mlfop_megatron.optim import MLFOPSOAP
+from tests.support.reference_soap import ReferenceSOAP, reference_fop
 
 
 def make_grads(shape, steps, k, seed=0, dtype=torch.float64):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference_soap import reference_fop
 
 from mlfop_megatron.config import FoldingConfig
 from mlfop_megatron.core.fop import fold_coefficients, fop_accum
+from tests.support.reference_soap import reference_fop
 
 NO_CLIP = FoldingConfig(beta_max=None)
 

@@ -19,12 +19,12 @@ import math
 
 import pytest
 import torch
-from reference_soap import ReferenceSOAP
 
 from mlfop_megatron.config import FoldingConfig, MLFOPConfig
 from mlfop_megatron.core.folding import WindowFolder
 from mlfop_megatron.core.levels import LevelSchedule, dyadic_boundaries
 from mlfop_megatron.optim import MLFOPSOAP
+from tests.support.reference_soap import ReferenceSOAP
 
 WINDOW_TOL = {"rtol": 1e-9, "atol": 1e-12}
 EPS = 1e-30  # fop_eps
@@ -470,8 +470,8 @@ def _assert_params(a, b, what, exact):
 @pytest.mark.parametrize("variant", list(MEGATRON_VARIANTS))
 def test_megatron_structures_sharded_equal_replicated_and_dp2_equals_dp1(variant):
     pytest.importorskip("megatron.core")
-    from mlfop_megatron.testing.distributed import run_distributed
-    from mlfop_megatron.testing.mlfop_runs import run_tiny_gpt
+    from mlfop_megatron.runtime.spawn import run_distributed
+    from tests.support.mlfop_runs import run_tiny_gpt
 
     folding = MEGATRON_VARIANTS[variant]
     base = dict(iters=6, microbatches=4, global_micro=2, folding=folding)
@@ -499,8 +499,8 @@ def test_published_options_are_device_clean_and_sync_free(structure):
     """Under the strict CPU emulation of a GPU: no host/device mixing anywhere, and no host
     sync in accumulate() (the per-micro-step fold path, eta* and the plain mean included)."""
     pytest.importorskip("megatron.core")
-    from mlfop_megatron.testing.cpu_emulation import cpu_emulation, is_cpu_emulation_installed
-    from mlfop_megatron.testing.strict_device import forbid_host_sync
+    from mlfop_megatron.runtime.cpu_emulation import cpu_emulation, is_cpu_emulation_installed
+    from mlfop_megatron.runtime.strict_device import forbid_host_sync
 
     if is_cpu_emulation_installed():
         pytest.skip("an emulation is already installed in this process")
@@ -537,8 +537,8 @@ def test_megatron_tp2_blockwise_sums_eta_over_shards():
     """TP=2 blockwise with the rotation off equals TP=1 (tolerances of test_megatron_tp_pp):
     eta* and the plain-mean statistics of a TP-split weight use whole-matrix inner products."""
     pytest.importorskip("megatron.core")
-    from mlfop_megatron.testing.distributed import run_distributed
-    from mlfop_megatron.testing.mlfop_runs import run_tiny_gpt
+    from mlfop_megatron.runtime.spawn import run_distributed
+    from tests.support.mlfop_runs import run_tiny_gpt
 
     folding = MEGATRON_VARIANTS["tree_published"]
     base = dict(iters=6, microbatches=4, global_micro=2, dtype=torch.float64, max_precond_dim=1)

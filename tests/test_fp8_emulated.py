@@ -19,7 +19,7 @@ pytest.importorskip("megatron.core")
 from mlfop_megatron.config import MLFOPConfig  # noqa: E402
 from mlfop_megatron.distributed.sharded_soap import ShardedSOAP  # noqa: E402
 from mlfop_megatron.megatron import fp8  # noqa: E402
-from mlfop_megatron.testing.distributed import run_distributed  # noqa: E402
+from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
 
 E4M3_MAX = 448.0
 
@@ -65,8 +65,8 @@ def _train(spec):
 
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer, is_soap_param
-    from mlfop_megatron.testing.distributed import init_megatron_parallel
-    from mlfop_megatron.testing.tiny_gpt import (
+    from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+    from tests.support.tiny_gpt import (
         TinyGPTConfig,
         build_tiny_gpt,
         canonical_param_names,

@@ -17,7 +17,7 @@ from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from mlfop_megatron.megatron import fp8  # noqa: E402
-from mlfop_megatron.testing.distributed import run_distributed  # noqa: E402
+from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
 
 
 def _tconfig(**kwargs) -> TransformerConfig:
@@ -87,8 +87,8 @@ def test_this_machine_reports_what_is_missing():
 def _factory_errors():
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
-    from mlfop_megatron.testing.distributed import init_megatron_parallel
-    from mlfop_megatron.testing.tiny_gpt import TinyGPTConfig, build_tiny_gpt
+    from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+    from tests.support.tiny_gpt import TinyGPTConfig, build_tiny_gpt
 
     init_megatron_parallel(seed=1)
     model = build_tiny_gpt(TinyGPTConfig(), ddp_class=FoldingDistributedDataParallel)

@@ -14,9 +14,9 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from mlfop_megatron.testing.distributed import run_distributed  # noqa: E402
-from mlfop_megatron.testing.mlfop_runs import run_tiny_gpt  # noqa: E402
-from mlfop_megatron.testing.tiny_hybrid import gpt_equivalent_name, hybrid_available  # noqa: E402
+from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
+from tests.support.mlfop_runs import run_tiny_gpt  # noqa: E402
+from tests.support.tiny_hybrid import gpt_equivalent_name, hybrid_available  # noqa: E402
 
 pytestmark = [
     pytest.mark.distributed,

@@ -17,8 +17,8 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from mlfop_megatron.testing.distributed import run_distributed  # noqa: E402
-from mlfop_megatron.testing.mlfop_runs import run_tiny_gpt  # noqa: E402
+from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
+from tests.support.mlfop_runs import run_tiny_gpt  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 TOL = {"rtol": 1e-5, "atol": 1e-7}

@@ -8,13 +8,14 @@ import torch
 pytest.importorskip("megatron.core")
 
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
-from megatron_compare import error_message  # noqa: E402
 
 from mlfop_megatron.config import MLFOPConfig  # noqa: E402
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel  # noqa: E402
 from mlfop_megatron.megatron.factory import get_mlfop_optimizer  # noqa: E402
-from mlfop_megatron.testing.distributed import init_megatron_parallel, run_distributed  # noqa: E402
-from mlfop_megatron.testing.tiny_gpt import TinyGPTConfig, build_tiny_gpt, train_iteration  # noqa: E402
+from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
+from tests.support.megatron_compare import error_message  # noqa: E402
+from tests.support.tiny_gpt import TinyGPTConfig, build_tiny_gpt, train_iteration  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

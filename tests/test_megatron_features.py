@@ -22,10 +22,9 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from megatron_compare import assert_params_close, error_message, merged_params  # noqa: E402
-
-from mlfop_megatron.testing.distributed import run_distributed  # noqa: E402
-from mlfop_megatron.testing.mlfop_runs import run_tiny_gpt  # noqa: E402
+from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
+from tests.support.megatron_compare import assert_params_close, error_message, merged_params  # noqa: E402
+from tests.support.mlfop_runs import run_tiny_gpt  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 FP64_IDENTITY = dict(dtype=torch.float64, max_precond_dim=1)
@@ -89,7 +88,7 @@ def _small_model_run(context_parallel: int):
     from mlfop_megatron.config import MLFOPConfig
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
-    from mlfop_megatron.testing.distributed import init_megatron_parallel
+    from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
 
     init_megatron_parallel(context_parallel_size=context_parallel)
     torch.manual_seed(0)
@@ -171,8 +170,8 @@ def _refusals():
 
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
-    from mlfop_megatron.testing.distributed import init_megatron_parallel
-    from mlfop_megatron.testing.tiny_gpt import TinyGPTConfig, build_tiny_gpt
+    from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+    from tests.support.tiny_gpt import TinyGPTConfig, build_tiny_gpt
 
     init_megatron_parallel(seed=1)
     ok = OptimizerConfig(optimizer="adam", lr=1e-3)

@@ -16,10 +16,9 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from megatron_compare import assert_params_close, merged_params  # noqa: E402
-
-from mlfop_megatron.testing.distributed import run_distributed  # noqa: E402
-from mlfop_megatron.testing.mlfop_runs import run_tiny_gpt  # noqa: E402
+from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
+from tests.support.megatron_compare import assert_params_close, merged_params  # noqa: E402
+from tests.support.mlfop_runs import run_tiny_gpt  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 FP64_IDENTITY = dict(dtype=torch.float64, max_precond_dim=1)

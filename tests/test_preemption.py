@@ -8,7 +8,7 @@ import signal
 import torch.distributed as dist
 
 from mlfop_megatron.launch.preemption import PreemptionHandler
-from mlfop_megatron.testing.distributed import run_distributed
+from mlfop_megatron.runtime.spawn import run_distributed
 
 
 def test_signal_sets_flag_and_handlers_are_restored():

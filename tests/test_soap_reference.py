@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_soap import ReferenceSOAP
 
 from mlfop_megatron.optim import MLFOPSOAP
+from tests.support.reference_soap import ReferenceSOAP
 
 SHAPES = {
     "square": (12, 12),

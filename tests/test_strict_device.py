@@ -1,6 +1,6 @@
 """Strict device checking of the CPU emulation, and the optimizer under it.
 
-Strict mode (mlfop_megatron.testing.strict_device) makes host/"cuda" mixing fail on CPU as it
+Strict mode (mlfop_megatron.runtime.strict_device) makes host/"cuda" mixing fail on CPU as it
 does on a GPU. These tests show that it catches the bug class (a CPU (1,) loss scale times a
 CUDA loss), that the plain optimizer and the Megatron path (sharded and TP-full engines, grad
 norm, found-inf, clipping, loss scale, stats, dist_checkpointing) are device-clean, and that
@@ -18,12 +18,12 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from mlfop_megatron.testing.cpu_emulation import (  # noqa: E402
+from mlfop_megatron.runtime.cpu_emulation import (  # noqa: E402
     cpu_emulation,
     is_cpu_emulation_installed,
 )
-from mlfop_megatron.testing.distributed import run_distributed  # noqa: E402
-from mlfop_megatron.testing.strict_device import (  # noqa: E402
+from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
+from mlfop_megatron.runtime.strict_device import (  # noqa: E402
     DeviceMismatchError,
     HostSyncError,
     forbid_host_sync,
@@ -144,9 +144,9 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from mlfop_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
-    from mlfop_megatron.testing.distributed import init_megatron_parallel
-    from mlfop_megatron.testing.mlfop_runs import poison_next_backward
-    from mlfop_megatron.testing.tiny_gpt import (
+    from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+    from tests.support.mlfop_runs import poison_next_backward
+    from tests.support.tiny_gpt import (
         TinyGPTConfig,
         build_tiny_gpt,
         deterministic_init_,

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from mlfop_megatron.config import MLFOPConfig
 from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP
 from mlfop_megatron.optim import MLFOPSOAP
-from mlfop_megatron.testing.distributed import run_distributed
+from mlfop_megatron.runtime.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 SHAPES = [((12, 8), 0), ((6, 10), 1)]  # (full shape, partition dim)

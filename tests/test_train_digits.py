@@ -149,7 +149,7 @@ def test_strict_device_run_matches_the_plain_run(run: dict[str, Any], tmp_path: 
     """The demo's GPU data path (model and batches on "cuda") under the strict CPU emulation.
 
     MLFOP_STRICT_DEVICE=1 tags what is created for the accelerator and fails on any op mixing it
-    with a host tensor (mlfop_megatron/testing/strict_device.py), so a device bug anywhere in
+    with a host tensor (mlfop_megatron/runtime/strict_device.py), so a device bug anywhere in
     the Megatron path (forward, backward hooks, folds, step, stats, checkpoint) fails this run.
     Tagging changes no arithmetic: the losses equal the plain run's bit for bit.
     """

@@ -66,7 +66,7 @@ def install_cpu_stand_ins() -> None:
     """
     import torch
 
-    from mlfop_megatron.testing.cpu_emulation import install_cpu_emulation
+    from mlfop_megatron.runtime.cpu_emulation import install_cpu_emulation
 
     install_cpu_emulation()
     torch.cuda.device_count = lambda: 1

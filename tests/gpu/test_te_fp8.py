@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from mlfop_megatron.testing.distributed import run_distributed
+from mlfop_megatron.runtime.spawn import run_distributed
 
 pytestmark = pytest.mark.gpu
 
@@ -62,7 +62,7 @@ def _run(spec):
     from mlfop_megatron.config import MLFOPConfig
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
-    from mlfop_megatron.testing.distributed import init_megatron_parallel
+    from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
 
     torch.cuda.set_device(0)
     init_megatron_parallel(seed=1234)

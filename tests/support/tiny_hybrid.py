@@ -2,7 +2,7 @@
 
 megatron-core 0.19 deprecates ``GPTModel`` in favour of ``HybridModel``, where one GPT block
 becomes two layers: ``*`` (self-attention) then ``-`` (dense MLP). This builds the tiny GPT of
-:mod:`mlfop_megatron.testing.tiny_gpt` that way, with Megatron's local (non-TE) modules, and
+:mod:`tests.support.tiny_gpt` that way, with Megatron's local (non-TE) modules, and
 names its weights after their GPT equivalents so both models can hold identical values.
 
 CPU stand-in: 0.19's ``HybridStack`` builds its final norm with ``TENorm`` unconditionally
@@ -21,7 +21,7 @@ from typing import Any
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from mlfop_megatron.testing.tiny_gpt import TinyGPTConfig, transformer_config, wrap_in_ddp
+from tests.support.tiny_gpt import TinyGPTConfig, transformer_config, wrap_in_ddp
 
 
 def hybrid_available() -> bool:

@@ -15,8 +15,8 @@ from mlfop_megatron.megatron import compat
 from mlfop_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
 from mlfop_megatron.megatron.factory import get_mlfop_optimizer
-from mlfop_megatron.testing.distributed import init_megatron_parallel
-from mlfop_megatron.testing.tiny_gpt import (
+from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+from tests.support.tiny_gpt import (
     TinyGPTConfig,
     build_tiny_gpt,
     canonical_param_names,
@@ -55,7 +55,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         extra_config=tuple(spec.get("extra_config", ())),
     )
     if spec.get("arch", "gpt") == "hybrid":  # the same model as a 0.19 HybridModel
-        from mlfop_megatron.testing.tiny_hybrid import build_tiny_hybrid, gpt_equivalent_name
+        from tests.support.tiny_hybrid import build_tiny_hybrid, gpt_equivalent_name
 
         model = build_tiny_hybrid(cfg, ddp_class=FoldingDistributedDataParallel)
         deterministic_init_(model, seed=0, rename=gpt_equivalent_name)

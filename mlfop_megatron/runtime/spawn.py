@@ -1,8 +1,8 @@
-"""Run a function in N spawned gloo processes and initialise megatron parallel state on CPU.
+"""Run a function in N spawned gloo processes: the CPU launcher of the demo, benchmarks, tests.
 
-Used by the tests and the CPU demo. ``run_distributed(fn, world_size, *args)`` starts one
-fresh process per rank, initialises a gloo world on a free 127.0.0.1 port, calls ``fn(*args)``
-and returns every rank's return value in rank order. A rank that raises, dies, or a run that
+``run_distributed(fn, world_size, *args)`` starts one fresh process per rank, initialises a
+gloo world on a free 127.0.0.1 port, calls ``fn(*args)`` and returns every rank's return value
+in rank order. A rank that raises, dies, or a run that
 exceeds ``timeout`` stops all ranks and raises :class:`DistributedRunError` with the failing
 rank's traceback.
 
@@ -30,14 +30,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mlfop_megatron.runtime.megatron_parallel import destroy_megatron_parallel
+
 # Imported once by the forkserver and inherited by every rank it forks (missing ones are
 # skipped by multiprocessing). Fixed when the server starts: the first launch of a process.
 FORKSERVER_PRELOAD: tuple[str, ...] = (
     "torch",
     "torch.distributed",
-    "mlfop_megatron.testing.distributed",
-    "mlfop_megatron.testing.cpu_emulation",
-    "mlfop_megatron.testing.tiny_gpt",
+    "mlfop_megatron.runtime.spawn",
+    "mlfop_megatron.runtime.cpu_emulation",
+    # The slow import every Megatron run pays (~4 s); what the functions run here build on.
+    "megatron.core.models.gpt",
+    "megatron.core.distributed",
+    "megatron.core.pipeline_parallel",
 )
 
 
@@ -85,7 +90,7 @@ def _child(
         os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         torch.set_num_threads(threads)
         if emulate_cuda:
-            from mlfop_megatron.testing.cpu_emulation import install_cpu_emulation
+            from mlfop_megatron.runtime.cpu_emulation import install_cpu_emulation
 
             install_cpu_emulation(strict=strict_device)
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
@@ -136,14 +141,14 @@ def run_distributed(
     """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the results in rank order.
 
     Inside ``fn`` use ``torch.distributed.get_rank()`` for the rank. ``emulate_cuda`` installs
-    :mod:`mlfop_megatron.testing.cpu_emulation` in every rank before the world is created.
+    :mod:`mlfop_megatron.runtime.cpu_emulation` in every rank before the world is created.
     ``threads`` is each rank's torch/OpenMP thread count (keep ranks x threads <= cores).
     ``start_method``: 'forkserver' (default where available) or 'spawn'.
     ``strict_device``: emulate with strict device checking (see
-    :mod:`mlfop_megatron.testing.strict_device`); None reads $MLFOP_STRICT_DEVICE here.
+    :mod:`mlfop_megatron.runtime.strict_device`); None reads $MLFOP_STRICT_DEVICE here.
     """
     if strict_device is None:
-        from mlfop_megatron.testing.strict_device import env_enabled
+        from mlfop_megatron.runtime.strict_device import env_enabled
 
         strict_device = env_enabled()
     ctx = _context(start_method)
@@ -227,45 +232,3 @@ def _collect(procs: list[Any], results: Any, timeout: float) -> dict[int, Any]:
     if missing:
         lines.append(f"--- ranks {missing}: no report within the {timeout:.0f}s timeout")
     raise DistributedRunError("\n".join(lines))
-
-
-def init_megatron_parallel(
-    tp: int = 1, pp: int = 1, seed: int = 1234, **parallel_kwargs: Any
-) -> None:
-    """Initialise megatron parallel_state (TP x PP x DP over the world) and seed every RNG.
-
-    Requires an initialised torch.distributed world; DP = world_size / (tp * pp). On CPU the
-    cuda emulation must be installed first (run_distributed does that) because seeding goes
-    through megatron's CUDA RNG tracker.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from mlfop_megatron.megatron import compat
-
-    compat.check_megatron_core_version()
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **parallel_kwargs
-    )
-    compat.reset_rng_tracker()
-    model_parallel_cuda_manual_seed(seed)
-    torch.manual_seed(seed)
-
-
-def destroy_megatron_parallel() -> None:
-    """Tear down megatron parallel_state if megatron is loaded (safe to call repeatedly)."""
-    import sys
-
-    if "megatron.core.parallel_state" in sys.modules:
-        sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
-
-
-@contextlib.contextmanager
-def megatron_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, **kw: Any) -> Iterator[None]:
-    """Context manager: init_megatron_parallel on entry, destroy_megatron_parallel on exit."""
-    init_megatron_parallel(tp=tp, pp=pp, seed=seed, **kw)
-    try:
-        yield
-    finally:
-        destroy_megatron_parallel()

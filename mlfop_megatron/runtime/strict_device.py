@@ -1,6 +1,6 @@
 """Strict device checking for the CPU emulation of CUDA. FOR CPU TESTS AND THE CPU DEMO ONLY.
 
-The plain emulation (:mod:`mlfop_megatron.testing.cpu_emulation`) maps every "cuda" tensor to
+The plain emulation (:mod:`mlfop_megatron.runtime.cpu_emulation`) maps every "cuda" tensor to
 the CPU, so a CPU tensor meeting a "cuda" one goes unnoticed, while a real GPU run fails on it
 ("Expected all tensors to be on the same device"). Strict mode brings that failure back:
 

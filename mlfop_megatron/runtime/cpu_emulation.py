@@ -16,7 +16,7 @@ were the CPU:
 
 (d) optionally (``strict=True`` or ``MLFOP_STRICT_DEVICE=1``), strict device checking: what
     was created for the "GPU" is tagged, reports ``device == cuda:0``, and ops that mix it
-    with host tensors fail as on a real GPU (see :mod:`mlfop_megatron.testing.strict_device`).
+    with host tensors fail as on a real GPU (see :mod:`mlfop_megatron.runtime.strict_device`).
 
 ``torch.cuda.is_available()`` keeps returning False. Installing it on a machine with CUDA is
 refused: the GPU path must never depend on this module.
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from mlfop_megatron.testing import strict_device
+from mlfop_megatron.runtime import strict_device
 
 _CPU = torch.device("cpu")
 
@@ -236,7 +236,7 @@ def is_cpu_emulation_installed() -> bool:
 def install_cpu_emulation(with_megatron: bool = True, strict: bool | None = None) -> None:
     """Install the CPU emulation (idempotent); refuses when a real CUDA device is present.
 
-    ``strict`` adds strict device checking (:mod:`mlfop_megatron.testing.strict_device`);
+    ``strict`` adds strict device checking (:mod:`mlfop_megatron.runtime.strict_device`);
     None reads $MLFOP_STRICT_DEVICE. Strict mode can be added to an installed emulation.
     """
     if strict is None:

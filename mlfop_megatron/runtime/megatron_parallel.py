@@ -1,0 +1,38 @@
+"""Initialise and tear down megatron-core's parallel state in a torch.distributed world."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+
+def init_megatron_parallel(
+    tp: int = 1, pp: int = 1, seed: int = 1234, **parallel_kwargs: Any
+) -> None:
+    """Initialise megatron parallel_state (TP x PP x DP over the world) and seed every RNG.
+
+    Requires an initialised torch.distributed world; DP = world_size / (tp * pp). On CPU the
+    cuda emulation must be installed first (run_distributed does that) because seeding goes
+    through megatron's CUDA RNG tracker.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from mlfop_megatron.megatron import compat
+
+    compat.check_megatron_core_version()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **parallel_kwargs
+    )
+    compat.reset_rng_tracker()
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def destroy_megatron_parallel() -> None:
+    """Tear down megatron parallel_state if megatron is loaded (safe to call repeatedly)."""
+    if "megatron.core.parallel_state" in sys.modules:
+        sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
