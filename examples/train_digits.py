@@ -499,8 +499,8 @@ def cpu_adamw(config: Any, model: Any) -> Any:
     from megatron.core.optimizer import FP32Optimizer
 
     from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
-    from mlfop_megatron.megatron.factory import megatron_group_fields
     from mlfop_megatron.megatron.optimizer import MLFOPChainedOptimizer
+    from mlfop_megatron.megatron.param_groups import megatron_group_fields
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [

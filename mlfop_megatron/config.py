@@ -2,6 +2,13 @@
 
 Every invalid value raises ``ValueError`` naming the option, the allowed range and the value
 seen, so a bad launch flag fails at construction instead of corrupting a run.
+
+Each field's ``metadata`` is the source of its command-line flag
+(:mod:`mlfop_megatron.megatron_lm.arguments` generates the ``--mlfop-*`` flags from it):
+``help`` (the flag's help text), ``flag`` (the flag name after ``--mlfop-`` when it is not the
+field name with dashes; ``None``: no flag, the value comes from elsewhere), ``choices`` and,
+for a pair, ``pair`` ((flag, help) of each element). A bool field that defaults to True gets a
+switch that turns it off; one that defaults to False, a switch that turns it on.
 """
 
 from __future__ import annotations
@@ -11,7 +18,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field with its default and its flag metadata (see the module docstring)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+NO_FLAG: dict[str, Any] = {"flag": None}
+
+# Basis refresh: one power-iteration step + QR, or a full eigendecomposition.
 REFRESH_METHODS = ("qr", "eigh")
+# How tensor-parallel shards are preconditioned: each shard on its own, or whole matrices.
+TP_MODES = ("blockwise", "full")
 
 
 def _fail(option: str, allowed: str, value: Any) -> None:
@@ -59,16 +77,37 @@ def check_int(option: str, value: Any, low: int) -> int:
 class SOAPConfig:
     """SOAP hyperparameters; defaults follow the SOAP reference implementation."""
 
-    lr: float = 3e-3
-    betas: tuple[float, float] = (0.95, 0.95)
-    shampoo_beta: float | None = None  # None: use betas[1]
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    precondition_frequency: int = 10
-    max_precond_dim: int = 10000
-    precondition_1d: bool = False
-    correct_bias: bool = True
-    refresh_method: str = "qr"  # "qr": one power-iteration step + QR; "eigh": full eigh
+    lr: float = field(default=3e-3, metadata=NO_FLAG)  # Megatron's --lr and scheduler
+    betas: tuple[float, float] = field(
+        default=(0.95, 0.95),
+        metadata={
+            "pair": (
+                (
+                    "beta1",
+                    "EMA coefficient of the first moment (in the preconditioner's eigenbasis)",
+                ),
+                ("beta2", "EMA coefficient of the second moment"),
+            )
+        },
+    )
+    shampoo_beta: float | None = option(
+        None, "EMA coefficient of the Kronecker factors (default: --mlfop-beta2)"
+    )
+    eps: float = option(1e-8, "denominator epsilon of the Adam step in the eigenbasis")
+    weight_decay: float = field(default=0.01, metadata=NO_FLAG)  # Megatron's --weight-decay
+    precondition_frequency: int = option(
+        10, "refresh the eigenbases every this many optimizer steps"
+    )
+    max_precond_dim: int = option(
+        10000, "dimensions larger than this get no rotation (identity basis)"
+    )
+    precondition_1d: bool = option(False, "also precondition vectors (their one factor)")
+    correct_bias: bool = option(True, "turn off Adam bias correction", flag="no-bias-correction")
+    refresh_method: str = option(
+        "qr",
+        "basis refresh: one power-iteration step + QR (qr) or a full eigh",
+        choices=REFRESH_METHODS,
+    )
 
     def __post_init__(self) -> None:
         check_range("lr", self.lr, 0.0)
@@ -157,18 +196,47 @@ class FoldingConfig:
     ``fop_eps``: added to the denominators of s and beta.
     """
 
-    enabled: bool = True
-    accumulation_steps: int = 1
-    boundaries: tuple[int, ...] | None = None
-    structure: str = "chain"  # "chain" | "tree" | "last", see the class docstring
-    step_size: str = "none"  # "none" | "eta_star"
-    statistics_from: str = "folded"  # "folded" | "mean"
-    project: bool = True  # ablation switch: False skips the orthogonalisation (s = 0)
-    fixed_beta: float | None = None  # ablation switch: use this beta instead of the adaptive one
-    beta_max: float | None = 1.0  # clip |beta| <= beta_max; None (or inf) disables clipping
-    fop_eps: float = 1e-30  # added to the denominators of s and beta
-    parallel_tol: float | None = None  # |d_perp| <= tol |d| counts as parallel; None: dtype-based
-    diagnostics: bool = True
+    enabled: bool = option(
+        True, "plain SOAP on the mean gradient (no level folding)", flag="no-folding"
+    )
+    accumulation_steps: int = field(default=1, metadata=NO_FLAG)  # Megatron: micro-batches
+    boundaries: tuple[int, ...] | None = option(
+        None,
+        "level boundaries in micro-batches, e.g. 1,2,4,8; must end at the number of "
+        "micro-batches per step (default: dyadic 1,2,4,...)",
+        flag="levels",
+    )
+    structure: str = option(
+        "chain",
+        "chain: fold each level into the running estimate; tree: balanced binary folds of "
+        "equal halves; last: one half-vs-half fold (FOP as published)",
+        flag="fold-structure",
+        choices=FOLD_STRUCTURES,
+    )
+    step_size: str = option(
+        "none",
+        "eta_star: FOP's per-block step size <g_avg, M^-1 g_comb>/<g_comb, M^-1 g_comb> on the "
+        "preconditioned direction; none: no scaling",
+        choices=STEP_SIZES,
+    )
+    statistics_from: str = option(
+        "folded",
+        "which gradient feeds SOAP's second moment and Kronecker factors: the folded one, or "
+        "the plain window mean (FOP: the curvature never sees g_comb)",
+        choices=STATISTICS_SOURCES,
+    )
+    project: bool = option(
+        True, "ablation: fold without the Fisher-orthogonal projection", flag="no-projection"
+    )
+    fixed_beta: float | None = option(
+        None, "ablation: use this fold coefficient instead of the adaptive one"
+    )
+    beta_max: float | None = option(1.0, "clip |beta| to this value ('none' disables the clip)")
+    fop_eps: float = option(1e-30, "added to the denominators of the FOP coefficients")
+    parallel_tol: float | None = option(
+        None, "beta = 0 when |d_perp| <= tol |d| in the M^-1 norm ('none': dtype-based)"
+    )
+    diagnostics: bool = option(True, "skip the per-level fold diagnostics", flag="no-diagnostics")
 
     def __post_init__(self) -> None:
         for name in ("enabled", "project", "diagnostics"):
@@ -208,6 +276,33 @@ class FoldingConfig:
         check_range("fop_eps", self.fop_eps, 0.0)
         if self.parallel_tol is not None:
             check_range("parallel_tol", self.parallel_tol, 0.0, 1.0, high_open=True)
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """Where SOAP state lives: the layout options of ``get_mlfop_optimizer``."""
+
+    sharded: bool = option(
+        True,
+        "keep the full SOAP state on every data-parallel rank instead of sharding it",
+        flag="replicated-state",
+    )
+    block_size: int | None = option(
+        None, "split matrices into blocks of at most this many rows/cols (default: auto)"
+    )
+    tp_mode: str = option(
+        "blockwise",
+        "blockwise: precondition each TP shard; full: gather whole matrices",
+        choices=TP_MODES,
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sharded, bool):
+            _fail("sharded", "True or False", self.sharded)
+        if self.block_size is not None:
+            check_int("block_size", self.block_size, 1)
+        if self.tp_mode not in TP_MODES:
+            _fail("tp_mode", f"one of {TP_MODES}", self.tp_mode)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,13 @@ class ParamSpec:
 
     @property
     def numel(self) -> int:
+        """Number of elements."""
         return math.prod(self.shape)
+
+    @property
+    def soap_matrix(self) -> bool:
+        """Whether SOAP preconditions it: flagged ``preconditioned`` and at least 2-D."""
+        return self.preconditioned and len(self.shape) >= 2
 
 
 def merged_2d_shape(shape: Sequence[int]) -> tuple[int, int]:
@@ -143,7 +149,7 @@ def make_blocks(
     blocks: list[Block] = []
     for index, spec in enumerate(params):
         m, n = merged_2d_shape(spec.shape)
-        matrix = spec.preconditioned and len(spec.shape) >= 2
+        matrix = spec.soap_matrix
         for r0, rows in _split(m, blocking.block_size):
             for c0, cols in _split(n, blocking.block_size):
                 blocks.append(

@@ -4,8 +4,9 @@ Shapes are those of one tensor-parallel rank, in Megatron GPTModel layout: fused
 (column-parallel, rows split), linear_proj (row-parallel, columns split), fused gate+up fc1
 (column-parallel) and fc2 (row-parallel); vocab-parallel embedding and output layer with the
 vocab padded like Megatron (multiple of make_vocab_size_divisible_by * tp); 1-D RMSNorm
-weights. Attention and MLP linear weights are SOAP-preconditioned; embeddings, output layer,
-norms and biases go to AdamW unless asked otherwise.
+weights. Which of them SOAP preconditions is :func:`mlfop_megatron.param_roles.is_soap_matrix`
+(the optimizer's own rule): attention and MLP linear weights; embeddings, output layer, norms
+and biases go to AdamW unless ``precondition_embeddings`` asks otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlfop_megatron.distributed.assignment import ParamSpec
+from mlfop_megatron.param_roles import is_soap_matrix
 
 __all__ = [
     "LLAMA3_70B",
@@ -90,11 +92,9 @@ def transformer_shapes(
     ffn_local = ffn // tp
     vocab_local = padded_vocab_size(vocab, tp, vocab_divisible_by) // tp
 
-    def mat(name: str, shape: tuple[int, ...], kind: str, pdim: int | None) -> ParamSpec:
-        return ParamSpec(name, shape, preconditioned=True, partition_dim=pdim, kind=kind)
-
-    def adam(name: str, shape: tuple[int, ...], kind: str, pdim: int | None = None) -> ParamSpec:
-        return ParamSpec(name, shape, preconditioned=False, partition_dim=pdim, kind=kind)
+    def spec(name: str, shape: tuple[int, ...], kind: str, pdim: int | None = None) -> ParamSpec:
+        soap = is_soap_matrix(name, len(shape))
+        return ParamSpec(name, shape, preconditioned=soap, partition_dim=pdim, kind=kind)
 
     def vocab_parallel(name: str, kind: str) -> ParamSpec:
         shape = (vocab_local, hidden)
@@ -104,34 +104,34 @@ def transformer_shapes(
     specs = [vocab_parallel("embedding.word_embeddings.weight", "embedding")]
     for i in range(layers):
         p = f"decoder.layers.{i}."
-        specs.append(adam(p + "input_layernorm.weight", (hidden,), "norm"))
+        specs.append(spec(p + "input_layernorm.weight", (hidden,), "norm"))
         attn = p + "self_attention."
         if fuse_qkv:
-            specs.append(mat(attn + "linear_qkv.weight", (qkv_rows, hidden), "attention", 0))
+            specs.append(spec(attn + "linear_qkv.weight", (qkv_rows, hidden), "attention", 0))
             if bias:
-                specs.append(adam(attn + "linear_qkv.bias", (qkv_rows,), "bias", 0))
+                specs.append(spec(attn + "linear_qkv.bias", (qkv_rows,), "bias", 0))
         else:
             for part, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
-                specs.append(mat(attn + f"linear_{part}.weight", (rows, hidden), "attention", 0))
+                specs.append(spec(attn + f"linear_{part}.weight", (rows, hidden), "attention", 0))
                 if bias:
-                    specs.append(adam(attn + f"linear_{part}.bias", (rows,), "bias", 0))
-        specs.append(mat(attn + "linear_proj.weight", (hidden, q_rows), "attention", 1))
+                    specs.append(spec(attn + f"linear_{part}.bias", (rows,), "bias", 0))
+        specs.append(spec(attn + "linear_proj.weight", (hidden, q_rows), "attention", 1))
         if bias:
-            specs.append(adam(attn + "linear_proj.bias", (hidden,), "bias"))
-        specs.append(adam(p + "pre_mlp_layernorm.weight", (hidden,), "norm"))
+            specs.append(spec(attn + "linear_proj.bias", (hidden,), "bias"))
+        specs.append(spec(p + "pre_mlp_layernorm.weight", (hidden,), "norm"))
         mlp = p + "mlp."
         if gated and not fuse_gate_up:
             for part in ("gate", "up"):
-                specs.append(mat(mlp + f"linear_{part}.weight", (ffn_local, hidden), "mlp", 0))
+                specs.append(spec(mlp + f"linear_{part}.weight", (ffn_local, hidden), "mlp", 0))
         else:
             rows = 2 * ffn_local if gated else ffn_local
-            specs.append(mat(mlp + "linear_fc1.weight", (rows, hidden), "mlp", 0))
+            specs.append(spec(mlp + "linear_fc1.weight", (rows, hidden), "mlp", 0))
             if bias:
-                specs.append(adam(mlp + "linear_fc1.bias", (rows,), "bias", 0))
-        specs.append(mat(mlp + "linear_fc2.weight", (hidden, ffn_local), "mlp", 1))
+                specs.append(spec(mlp + "linear_fc1.bias", (rows,), "bias", 0))
+        specs.append(spec(mlp + "linear_fc2.weight", (hidden, ffn_local), "mlp", 1))
         if bias:
-            specs.append(adam(mlp + "linear_fc2.bias", (hidden,), "bias"))
-    specs.append(adam("decoder.final_layernorm.weight", (hidden,), "norm"))
+            specs.append(spec(mlp + "linear_fc2.bias", (hidden,), "bias"))
+    specs.append(spec("decoder.final_layernorm.weight", (hidden,), "norm"))
     if not tied_embeddings:
         specs.append(vocab_parallel("output_layer.weight", "output"))
     return specs

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from mlfop_megatron.config import FoldingConfig
+from mlfop_megatron.config import TP_MODES, FoldingConfig
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.distributed.assignment import (
     Assignment,
@@ -71,7 +71,6 @@ __all__ = [
 KIB, MIB, GIB = 1024.0, float(1 << 20), float(1 << 30)
 GRAD_BYTES = 4  # Megatron DDP grad buffer (main_grad) is fp32
 MASTER_PARAM_BYTES = 4  # the adapter trains fp32 params (bf16=False): full-mode copies are fp32
-TP_MODES = ("blockwise", "full")
 PROG = "mlfop-plan"
 
 
@@ -328,10 +327,6 @@ def split_stages(
     return stages
 
 
-def _is_soap(spec: ParamSpec) -> bool:
-    return spec.preconditioned and len(spec.shape) >= 2
-
-
 def _size_key(block_size: int | None) -> float:
     return float("inf") if block_size is None else float(block_size)
 
@@ -339,10 +334,10 @@ def _size_key(block_size: int | None) -> float:
 def make_plan(cfg: PlanConfig) -> Plan:
     """Compute the plan of every pipeline stage and pick the busiest one."""
     local = split_stages(cfg.shapes(cfg.tp), cfg.dims.layers, cfg.pp, cfg.tied_embeddings)
-    soap_local = [[s for s in st if _is_soap(s)] for st in local]
+    soap_local = [[s for s in st if s.soap_matrix] for st in local]
     if cfg.full_mode:
         full = split_stages(cfg.shapes(1), cfg.dims.layers, cfg.pp, cfg.tied_embeddings)
-        soap_owned = [[s for s in st if _is_soap(s)] for st in full]
+        soap_owned = [[s for s in st if s.soap_matrix] for st in full]
     else:
         soap_owned = soap_local
     world = cfg.owner_ranks

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from megatron.core.optimizer import FP32Optimizer, OptimizerConfig
 
-from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.config import TP_MODES, MLFOPConfig
 from mlfop_megatron.megatron import compat
 from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel, check_supported_features
@@ -16,15 +16,14 @@ from mlfop_megatron.megatron.fused_kernels import make_adamw
 from mlfop_megatron.megatron.main_param_adam import MainParamAdamW
 from mlfop_megatron.megatron.naming import canonical_param_names
 from mlfop_megatron.megatron.optimizer import MLFOPChainedOptimizer, MLFOPMegatronOptimizer
-
-# Matrices that stay with Adam: vocabulary-sized embeddings and the output projection.
-ADAM_MATRIX_MARKERS = ("embedding", "output_layer")
-TP_MODES = ("blockwise", "full")
+from mlfop_megatron.megatron.param_groups import megatron_group_fields
+from mlfop_megatron.param_roles import is_soap_matrix
 
 
 def is_soap_param(name: str, param: torch.nn.Parameter) -> bool:
     """SOAP takes the transformer's linear weights; embeddings, output, norms, biases -> Adam.
 
+    The name and shape rule is :func:`mlfop_megatron.param_roles.is_soap_matrix`.
     Matrices whose gradients finalize_model_grads still all-reduces over the tensor-parallel
     group (``sequence_parallel`` ones such as the MoE router weight under sequence
     parallelism, ``average_gradients_across_tp_domain`` ones) also go to Adam: that reduction
@@ -36,25 +35,12 @@ def is_soap_param(name: str, param: torch.nn.Parameter) -> bool:
         param, "average_gradients_across_tp_domain", False
     ):
         return False
-    return param.dim() >= 2 and not any(m in name for m in ADAM_MATRIX_MARKERS)
+    return is_soap_matrix(name, param.dim())
 
 
 def is_expert_param(param: torch.nn.Parameter) -> bool:
     """Expert-parallel params (Megatron tags them allreduce=False; expert-data-parallel)."""
     return not getattr(param, "allreduce", True)
-
-
-def megatron_group_fields(config: OptimizerConfig, wd_mult: float) -> dict[str, Any]:
-    """Param-group fields Megatron's LR scheduler and checkpoint loader expect."""
-    return {
-        "wd_mult": wd_mult,
-        "lr_mult": 1.0,
-        "is_expert_parallel": False,
-        "is_decoupled_lr": False,
-        "default_config": True,
-        "max_lr": config.lr,
-        "min_lr": config.min_lr,
-    }
 
 
 def _check_config(config: OptimizerConfig, tp_mode: str) -> None:

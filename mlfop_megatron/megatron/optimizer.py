@@ -79,7 +79,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         block_size: int | None = None,
         tp_mode: str = "blockwise",
     ) -> None:
-        from mlfop_megatron.megatron.factory import megatron_group_fields
+        from mlfop_megatron.megatron.param_groups import megatron_group_fields
 
         group = {"params": params, "lr": config.lr, "weight_decay": config.weight_decay}
         holder = _ParamGroups([dict(group, **megatron_group_fields(config, 1.0))], {})

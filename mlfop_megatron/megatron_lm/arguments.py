@@ -1,8 +1,10 @@
 """Megatron-LM command line for ML-FOP-SOAP: ``--optimizer mlfop_soap`` and ``--mlfop-*`` flags.
 
-:func:`add_mlfop_args` is an ``extra_args_provider`` for ``megatron.training.pretrain``. Every
-flag value is checked when it is parsed, by the same validated dataclasses the Python API uses
-(:mod:`mlfop_megatron.config`), so argparse rejects a bad value with the flag's name and the
+:func:`add_mlfop_args` is an ``extra_args_provider`` for ``megatron.training.pretrain``. The
+flags are generated from the config dataclasses' field metadata (name, help, choices, default:
+:mod:`mlfop_megatron.config`, and :class:`LoggingConfig` here), so flags and config cannot
+drift. Every flag value is checked when it is parsed, by the same validated dataclasses the
+Python API uses, so argparse rejects a bad value with the flag's name and the
 allowed range. Checks that need the rest of Megatron-LM's arguments (micro-batch count,
 precision, parallel layout) live in :func:`validate_megatron_args` and
 :func:`mlfop_config_from_args`. Pure argparse: nothing here imports Megatron-LM.
@@ -12,21 +14,48 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import partial
 from typing import Any
 
 from mlfop_megatron.config import (
-    FOLD_STRUCTURES,
-    STATISTICS_SOURCES,
-    STEP_SIZES,
     FoldingConfig,
     MLFOPConfig,
+    ShardingConfig,
     SOAPConfig,
+    check_int,
+    option,
 )
 from mlfop_megatron.megatron_lm.compat import distributed_optimizer_requested
 
 OPTIMIZER_NAME = "mlfop_soap"
-TP_MODES = ("blockwise", "full")
+FLAG_PREFIX = "--mlfop-"
+GRAD_GROUPS = ("off", "one", "halves")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """What ML-FOP-SOAP logs inside a Megatron-LM run (its ``--mlfop-*`` logging flags)."""
+
+    stats_interval: int | None = option(
+        None,
+        "log fold diagnostics and phase timings every N iterations (default: --log-interval; "
+        "0: never)",
+    )
+    grad_groups: str = option(
+        "off",
+        "grad-group diagnostics (per-group gradients, cosines, predicted loss changes, noise "
+        "scale) at every stats interval: 'one' group, or 'halves' (the first floor(K/2) "
+        "micro-batches of a step are group 0, the rest group 1: a data loader that orders each "
+        "step's micro-batches by modality); off: none",
+        choices=GRAD_GROUPS,
+    )
+
+    def __post_init__(self) -> None:
+        if self.stats_interval is not None:
+            check_int("stats_interval", self.stats_interval, 0)
+        if self.grad_groups not in GRAD_GROUPS:
+            raise ValueError(f"grad_groups must be one of {GRAD_GROUPS} (got {self.grad_groups!r})")
 
 
 def _config_message(err: ValueError) -> str:
@@ -36,7 +65,7 @@ def _config_message(err: ValueError) -> str:
 
 
 def _checked(parse: Callable[[str], Any], check: Callable[[Any], object]) -> Callable[[str], Any]:
-    """argparse ``type=``: parse the text, then validate it with the config dataclasses."""
+    """Argparse ``type=``: parse the text, then validate it with the config dataclasses."""
 
     def convert(text: str) -> Any:
         try:
@@ -76,243 +105,85 @@ def _check_levels(levels: tuple[int, ...]) -> None:
     FoldingConfig(accumulation_steps=levels[-1], boundaries=levels, structure="tree")
 
 
+# Parser of each field annotation (the dataclasses use postponed annotations: strings).
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "float": float,
+    "int": int,
+    "float | None": _optional_float,
+    "int | None": int,
+    "tuple[int, ...] | None": _int_list,
+}
+# Checks that differ from "construct the dataclass with this one field".
+_FIELD_CHECKS: dict[str, Callable[[Any], object]] = {"boundaries": _check_levels}
+
+
 @dataclass(frozen=True)
 class Flag:
-    """One ``--mlfop-*`` flag: its config option (None: optimizer-factory option) and parser."""
+    """One ``--mlfop-*`` flag: the config dataclass and field it sets, and its parser kwargs."""
 
     name: str
-    option: str | None
+    owner: type
+    option: str  # the field name; "betas[0]" for an element of a pair
     kwargs: dict[str, Any]
+    negated: bool = False  # a switch that turns a default-True option off
 
     @property
     def dest(self) -> str:
+        """Attribute name on the parsed namespace."""
         return self.name[2:].replace("-", "_")
 
 
-GRAD_GROUPS = ("off", "one", "halves")
+def _field_flags(owner: type) -> list[Flag]:
+    """The flags of every field of ``owner`` that has one, from the fields' metadata."""
+    flags = []
+    for f in fields(owner):
+        meta = f.metadata
+        if "pair" in meta:
+            for index, (suffix, text) in enumerate(meta["pair"]):
+                flags.append(
+                    Flag(
+                        FLAG_PREFIX + suffix,
+                        owner,
+                        f"{f.name}[{index}]",
+                        dict(
+                            type=_checked(float, partial(_check_pair, owner, f.name, index)),
+                            default=f.default[index],
+                            help=text,
+                        ),
+                    )
+                )
+            continue
+        if meta.get("flag", "") is None or "help" not in meta:
+            continue
+        name = FLAG_PREFIX + (meta.get("flag") or f.name.replace("_", "-"))
+        kwargs: dict[str, Any] = {"help": meta["help"]}
+        if f.type == "bool":
+            # A switch: it sets the dest True; a default-True option reads it negated.
+            kwargs.update(action="store_true")
+        elif "choices" in meta:
+            kwargs.update(choices=meta["choices"], default=f.default)
+        else:
+            check = _FIELD_CHECKS.get(f.name, partial(_check_field, owner, f.name))
+            kwargs.update(type=_checked(_PARSERS[str(f.type)], check), default=f.default)
+        flags.append(Flag(name, owner, f.name, kwargs, negated=f.type == "bool" and f.default))
+    return flags
 
-FLAGS: tuple[Flag, ...] = (
-    Flag(
-        "--mlfop-beta1",
-        "betas[0]",
-        dict(
-            type=_checked(float, lambda v: SOAPConfig(betas=(v, 0.5))),
-            default=SOAPConfig.betas[0],
-            help="EMA coefficient of the first moment (in the preconditioner's eigenbasis)",
-        ),
-    ),
-    Flag(
-        "--mlfop-beta2",
-        "betas[1]",
-        dict(
-            type=_checked(float, lambda v: SOAPConfig(betas=(0.5, v))),
-            default=SOAPConfig.betas[1],
-            help="EMA coefficient of the second moment",
-        ),
-    ),
-    Flag(
-        "--mlfop-shampoo-beta",
-        "shampoo_beta",
-        dict(
-            type=_checked(_optional_float, lambda v: SOAPConfig(shampoo_beta=v)),
-            default=None,
-            help="EMA coefficient of the Kronecker factors (default: --mlfop-beta2)",
-        ),
-    ),
-    Flag(
-        "--mlfop-eps",
-        "eps",
-        dict(
-            type=_checked(float, lambda v: SOAPConfig(eps=v)),
-            default=SOAPConfig.eps,
-            help="denominator epsilon of the Adam step in the eigenbasis",
-        ),
-    ),
-    Flag(
-        "--mlfop-precondition-frequency",
-        "precondition_frequency",
-        dict(
-            type=_checked(int, lambda v: SOAPConfig(precondition_frequency=v)),
-            default=SOAPConfig.precondition_frequency,
-            help="refresh the eigenbases every this many optimizer steps",
-        ),
-    ),
-    Flag(
-        "--mlfop-max-precond-dim",
-        "max_precond_dim",
-        dict(
-            type=_checked(int, lambda v: SOAPConfig(max_precond_dim=v)),
-            default=SOAPConfig.max_precond_dim,
-            help="dimensions larger than this get no rotation (identity basis)",
-        ),
-    ),
-    Flag(
-        "--mlfop-refresh-method",
-        "refresh_method",
-        dict(
-            choices=("qr", "eigh"),
-            default=SOAPConfig.refresh_method,
-            help="basis refresh: one power-iteration step + QR (qr) or a full eigh",
-        ),
-    ),
-    Flag(
-        "--mlfop-precondition-1d",
-        "precondition_1d",
-        dict(action="store_true", help="also precondition vectors (their one factor)"),
-    ),
-    Flag(
-        "--mlfop-no-bias-correction",
-        "correct_bias",
-        dict(action="store_true", help="turn off Adam bias correction"),
-    ),
-    Flag(
-        "--mlfop-no-folding",
-        "enabled",
-        dict(action="store_true", help="plain SOAP on the mean gradient (no level folding)"),
-    ),
-    Flag(
-        "--mlfop-levels",
-        "boundaries",
-        dict(
-            type=_checked(_int_list, _check_levels),
-            default=None,
-            help="level boundaries in micro-batches, e.g. 1,2,4,8; must end at the number of "
-            "micro-batches per step (default: dyadic 1,2,4,...)",
-        ),
-    ),
-    Flag(
-        "--mlfop-fold-structure",
-        "structure",
-        dict(
-            choices=FOLD_STRUCTURES,
-            default=FoldingConfig.structure,
-            help="chain: fold each level into the running estimate; tree: balanced binary "
-            "folds of equal halves; last: one half-vs-half fold (FOP as published)",
-        ),
-    ),
-    Flag(
-        "--mlfop-step-size",
-        "step_size",
-        dict(
-            choices=STEP_SIZES,
-            default=FoldingConfig.step_size,
-            help="eta_star: FOP's per-block step size <g_avg, M^-1 g_comb>/<g_comb, M^-1 "
-            "g_comb> on the preconditioned direction; none: no scaling",
-        ),
-    ),
-    Flag(
-        "--mlfop-statistics-from",
-        "statistics_from",
-        dict(
-            choices=STATISTICS_SOURCES,
-            default=FoldingConfig.statistics_from,
-            help="which gradient feeds SOAP's second moment and Kronecker factors: the folded "
-            "one, or the plain window mean (FOP: the curvature never sees g_comb)",
-        ),
-    ),
-    Flag(
-        "--mlfop-parallel-tol",
-        "parallel_tol",
-        dict(
-            type=_checked(_optional_float, lambda v: FoldingConfig(parallel_tol=v)),
-            default=FoldingConfig.parallel_tol,
-            help="beta = 0 when |d_perp| <= tol |d| in the M^-1 norm ('none': dtype-based)",
-        ),
-    ),
-    Flag(
-        "--mlfop-no-projection",
-        "project",
-        dict(action="store_true", help="ablation: fold without the Fisher-orthogonal projection"),
-    ),
-    Flag(
-        "--mlfop-fixed-beta",
-        "fixed_beta",
-        dict(
-            type=_checked(float, lambda v: FoldingConfig(fixed_beta=v)),
-            default=None,
-            help="ablation: use this fold coefficient instead of the adaptive one",
-        ),
-    ),
-    Flag(
-        "--mlfop-beta-max",
-        "beta_max",
-        dict(
-            type=_checked(_optional_float, lambda v: FoldingConfig(beta_max=v)),
-            default=FoldingConfig.beta_max,
-            help="clip |beta| to this value ('none' disables the clip)",
-        ),
-    ),
-    Flag(
-        "--mlfop-fop-eps",
-        "fop_eps",
-        dict(
-            type=_checked(float, lambda v: FoldingConfig(fop_eps=v)),
-            default=FoldingConfig.fop_eps,
-            help="added to the denominators of the FOP coefficients",
-        ),
-    ),
-    Flag(
-        "--mlfop-no-diagnostics",
-        "diagnostics",
-        dict(action="store_true", help="skip the per-level fold diagnostics"),
-    ),
-    Flag(
-        "--mlfop-replicated-state",
-        None,
-        dict(
-            action="store_true",
-            help="keep the full SOAP state on every data-parallel rank instead of sharding it",
-        ),
-    ),
-    Flag(
-        "--mlfop-block-size",
-        None,
-        dict(
-            type=_checked(int, lambda v: _positive("--mlfop-block-size", v)),
-            default=None,
-            help="split matrices into blocks of at most this many rows/cols (default: auto)",
-        ),
-    ),
-    Flag(
-        "--mlfop-tp-mode",
-        None,
-        dict(
-            choices=TP_MODES,
-            default="blockwise",
-            help="blockwise: precondition each TP shard; full: gather whole matrices",
-        ),
-    ),
-    Flag(
-        "--mlfop-stats-interval",
-        None,
-        dict(
-            type=_checked(int, lambda v: _positive("--mlfop-stats-interval", v, low=0)),
-            default=None,
-            help="log fold diagnostics and phase timings every N iterations "
-            "(default: --log-interval; 0: never)",
-        ),
-    ),
-    Flag(
-        "--mlfop-grad-groups",
-        None,
-        dict(
-            choices=GRAD_GROUPS,
-            default="off",
-            help="grad-group diagnostics (per-group gradients, cosines, predicted loss "
-            "changes, noise scale) at every stats interval: 'one' group, or 'halves' (the "
-            "first floor(K/2) micro-batches of a step are group 0, the rest group 1: a data "
-            "loader that orders each step's micro-batches by modality); off: none",
-        ),
-    ),
+
+def _check_field(owner: type, name: str, value: Any) -> None:
+    owner(**{name: value})
+
+
+def _check_pair(owner: type, name: str, index: int, value: float) -> None:
+    pair = [0.5, 0.5]
+    pair[index] = value
+    owner(**{name: tuple(pair)})
+
+
+FLAGS: tuple[Flag, ...] = tuple(
+    flag
+    for owner in (SOAPConfig, FoldingConfig, ShardingConfig, LoggingConfig)
+    for flag in _field_flags(owner)
 )
-
-# Store-true flags that switch a config option off.
-_NEGATED = {"correct_bias", "enabled", "project", "diagnostics"}
-
-
-def _positive(flag: str, value: int, low: int = 1) -> None:
-    if value < low:
-        raise ValueError(f"{flag} must be an integer >= {low} (got {value})")
 
 
 def _optimizer_action(parser: argparse.ArgumentParser) -> argparse.Action | None:
@@ -374,22 +245,43 @@ def _flag_for(option: str) -> str:
     return option
 
 
+def _field_values(owner: type, args: argparse.Namespace) -> dict[str, Any]:
+    """Field values of ``owner`` that its flags set on the parsed ``args``."""
+    values: dict[str, Any] = {}
+    pairs: dict[str, list[Any]] = {}
+    for flag in FLAGS:
+        if flag.owner is not owner:
+            continue
+        value = getattr(args, flag.dest)
+        if "[" in flag.option:
+            name, index = flag.option[:-1].split("[")
+            pairs.setdefault(name, [None, None])[int(index)] = value
+        else:
+            values[flag.option] = not value if flag.negated else value
+    values.update({name: tuple(pair) for name, pair in pairs.items()})
+    return values
+
+
+def sharding_config_from_args(args: argparse.Namespace) -> ShardingConfig:
+    """The :class:`ShardingConfig` (get_mlfop_optimizer's layout options) of parsed flags."""
+    return ShardingConfig(**_field_values(ShardingConfig, args))
+
+
+def logging_config_from_args(args: argparse.Namespace) -> LoggingConfig:
+    """The :class:`LoggingConfig` of parsed flags."""
+    return LoggingConfig(**_field_values(LoggingConfig, args))
+
+
 def mlfop_config_from_args(args: argparse.Namespace, num_microbatches: int) -> MLFOPConfig:
     """Build the validated :class:`MLFOPConfig` from parsed flags and the micro-batch count.
 
     lr and weight decay are not taken from here: Megatron's scheduler drives them per step.
     """
     kwargs: dict[str, Any] = {
-        "betas": (args.mlfop_beta1, args.mlfop_beta2),
+        **_field_values(SOAPConfig, args),
+        **_field_values(FoldingConfig, args),
         "accumulation_steps": num_microbatches,
     }
-    for flag in FLAGS:
-        if flag.option is None or flag.option.startswith("betas"):
-            continue
-        value = getattr(args, flag.dest)
-        if flag.option in _NEGATED:
-            value = not value
-        kwargs[flag.option] = value
     try:
         return MLFOPConfig.from_kwargs(**kwargs)
     except ValueError as err:

@@ -32,6 +32,7 @@ from mlfop_megatron.megatron_lm.arguments import (
     add_mlfop_args,
     chain_args_providers,
     mlfop_config_from_args,
+    sharding_config_from_args,
     uses_mlfop,
     validate_megatron_args,
 )
@@ -79,13 +80,14 @@ def build_mlfop_optimizer(config: Any, model_chunks: list[Any], args: argparse.N
 
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
 
+    layout = sharding_config_from_args(args)
     return get_mlfop_optimizer(
         config,
         model_chunks,
         mlfop_config_from_args(args, get_num_microbatches()),
-        sharded=not args.mlfop_replicated_state,
-        block_size=args.mlfop_block_size,
-        tp_mode=args.mlfop_tp_mode,
+        sharded=layout.sharded,
+        block_size=layout.block_size,
+        tp_mode=layout.tp_mode,
     )
 
 
