@@ -30,9 +30,9 @@ from mlfop_megatron.distributed.model_shapes import (
     llama3_8b_shapes,
     llama3_70b_shapes,
     model_shapes,
-    padded_vocab_size,
     transformer_shapes,
 )
+from mlfop_megatron.policies import padded_vocab_size
 
 REPO = Path(__file__).resolve().parents[1]
 

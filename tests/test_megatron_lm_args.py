@@ -263,3 +263,63 @@ def test_checkout_training_package_wins_over_an_installed_one(tmp_path):
         [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "checkout | checkout submodule | True"
+
+
+def test_flags_are_generated_from_every_config_field():
+    """Each field is a flag (help and default from its metadata) or says it has none."""
+    from dataclasses import fields
+
+    from mlfop_megatron.config import ShardingConfig
+    from mlfop_megatron.megatron_lm.arguments import FLAGS, LoggingConfig
+
+    by_option = {(flag.owner, flag.option): flag for flag in FLAGS}
+    for owner in (SOAPConfig, FoldingConfig, ShardingConfig, LoggingConfig):
+        for f in fields(owner):
+            if f.metadata.get("flag", "") is None:
+                assert not any(o is owner and n.startswith(f.name) for o, n in by_option)
+                continue
+            if "pair" in f.metadata:
+                for index, (suffix, text) in enumerate(f.metadata["pair"]):
+                    flag = by_option[(owner, f"{f.name}[{index}]")]
+                    assert flag.name == f"--mlfop-{suffix}" and flag.kwargs["help"] == text
+                    assert flag.kwargs["default"] == f.default[index]
+                continue
+            flag = by_option[(owner, f.name)]
+            assert flag.kwargs["help"] == f.metadata["help"]
+            if f.type == "bool":
+                assert flag.negated == f.default
+            else:
+                assert flag.kwargs["default"] == f.default
+                assert flag.kwargs.get("choices") == f.metadata.get("choices")
+
+
+def test_a_config_field_without_flag_metadata_is_refused():
+    from dataclasses import dataclass, field
+
+    from mlfop_megatron.megatron_lm.arguments import _field_flags
+
+    @dataclass(frozen=True)
+    class Undeclared:
+        documented: float = field(default=1.0, metadata={"help": "a flag"})
+        forgotten: bool = True
+
+    with pytest.raises(TypeError, match=r"Undeclared.forgotten has no flag metadata"):
+        _field_flags(Undeclared)
+
+
+def test_layout_and_logging_flags_build_their_configs():
+    from mlfop_megatron.config import ShardingConfig
+    from mlfop_megatron.megatron_lm.arguments import (
+        LoggingConfig,
+        logging_config_from_args,
+        sharding_config_from_args,
+    )
+
+    default = megatron_like_parser().parse_args([])
+    assert sharding_config_from_args(default) == ShardingConfig()
+    assert logging_config_from_args(default) == LoggingConfig()
+    argv = "--mlfop-replicated-state --mlfop-block-size 64 --mlfop-tp-mode full".split()
+    argv += "--mlfop-stats-interval 5 --mlfop-grad-groups halves".split()
+    args = megatron_like_parser().parse_args(argv)
+    assert sharding_config_from_args(args) == ShardingConfig(False, 64, "full")
+    assert logging_config_from_args(args) == LoggingConfig(5, "halves")

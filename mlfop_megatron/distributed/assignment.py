@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from mlfop_megatron.policies import rotates
+
 __all__ = [
     "Assignment",
     "Block",
@@ -160,8 +162,8 @@ def make_blocks(
                         col_offset=c0,
                         rows=rows,
                         cols=cols,
-                        rotate_rows=matrix and rows <= blocking.max_precond_dim,
-                        rotate_cols=matrix and cols <= blocking.max_precond_dim,
+                        rotate_rows=matrix and rotates(rows, blocking.max_precond_dim),
+                        rotate_cols=matrix and rotates(cols, blocking.max_precond_dim),
                     )
                 )
     return tuple(blocks)

@@ -3,8 +3,8 @@
 Shapes are those of one tensor-parallel rank, in Megatron GPTModel layout: fused QKV
 (column-parallel, rows split), linear_proj (row-parallel, columns split), fused gate+up fc1
 (column-parallel) and fc2 (row-parallel); vocab-parallel embedding and output layer with the
-vocab padded like Megatron (multiple of make_vocab_size_divisible_by * tp); 1-D RMSNorm
-weights. Which of them SOAP preconditions is :func:`mlfop_megatron.param_roles.is_soap_matrix`
+vocab padded like Megatron (:func:`mlfop_megatron.policies.padded_vocab_size`); 1-D RMSNorm
+weights. Which of them SOAP preconditions is :func:`mlfop_megatron.policies.is_soap_matrix`
 (the optimizer's own rule): attention and MLP linear weights; embeddings, output layer, norms
 and biases go to AdamW unless ``precondition_embeddings`` asks otherwise.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlfop_megatron.distributed.assignment import ParamSpec
-from mlfop_megatron.param_roles import is_soap_matrix
+from mlfop_megatron.policies import check_positive, is_soap_matrix, padded_vocab_size
 
 __all__ = [
     "LLAMA3_70B",
@@ -24,23 +24,8 @@ __all__ = [
     "llama3_70b_shapes",
     "llama3_8b_shapes",
     "model_shapes",
-    "padded_vocab_size",
     "transformer_shapes",
 ]
-
-
-def _positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def padded_vocab_size(vocab: int, tp: int = 1, divisible_by: int = 128) -> int:
-    """Megatron's padded vocab: next multiple of divisible_by * tp."""
-    _positive("vocab", vocab)
-    _positive("tp", tp)
-    _positive("divisible_by", divisible_by)
-    multiple = divisible_by * tp
-    return -(-vocab // multiple) * multiple
 
 
 def transformer_shapes(
@@ -75,12 +60,12 @@ def transformer_shapes(
         ("vocab", vocab),
         ("tp", tp),
     ):
-        _positive(name, value)
+        check_positive(name, value)
     if head_dim is None:
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
         head_dim = hidden // heads
-    _positive("head_dim", head_dim)
+    check_positive("head_dim", head_dim)
     if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads})")
     if heads % tp or kv_heads % tp:

@@ -17,13 +17,13 @@ from mlfop_megatron.megatron.main_param_adam import MainParamAdamW
 from mlfop_megatron.megatron.naming import canonical_param_names
 from mlfop_megatron.megatron.optimizer import MLFOPChainedOptimizer, MLFOPMegatronOptimizer
 from mlfop_megatron.megatron.param_groups import megatron_group_fields
-from mlfop_megatron.param_roles import is_soap_matrix
+from mlfop_megatron.policies import is_soap_matrix
 
 
 def is_soap_param(name: str, param: torch.nn.Parameter) -> bool:
     """SOAP takes the transformer's linear weights; embeddings, output, norms, biases -> Adam.
 
-    The name and shape rule is :func:`mlfop_megatron.param_roles.is_soap_matrix`.
+    The name and shape rule is :func:`mlfop_megatron.policies.is_soap_matrix`.
     Matrices whose gradients finalize_model_grads still all-reduces over the tensor-parallel
     group (``sequence_parallel`` ones such as the MoE router weight under sequence
     parallelism, ``average_gradients_across_tp_domain`` ones) also go to Adam: that reduction

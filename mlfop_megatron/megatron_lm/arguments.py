@@ -153,8 +153,14 @@ def _field_flags(owner: type) -> list[Flag]:
                     )
                 )
             continue
-        if meta.get("flag", "") is None or "help" not in meta:
-            continue
+        if meta.get("flag", "") is None:
+            continue  # set from elsewhere (Megatron-LM's own flags, the micro-batch count)
+        if "help" not in meta:
+            raise TypeError(
+                f"{owner.__name__}.{f.name} has no flag metadata: declare it with "
+                "mlfop_megatron.config.option(default, help) (a --mlfop-* flag) or "
+                "field(default=..., metadata=NO_FLAG)"
+            )
         name = FLAG_PREFIX + (meta.get("flag") or f.name.replace("_", "-"))
         kwargs: dict[str, Any] = {"help": meta["help"]}
         if f.type == "bool":
