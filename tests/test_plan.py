@@ -19,14 +19,9 @@ from mlfop_megatron.distributed.assignment import (
     pingpong_assignment,
 )
 from mlfop_megatron.distributed.model_shapes import LLAMA3_8B, llama3_8b_shapes
-from mlfop_megatron.launch.plan import (
-    PlanConfig,
-    format_bytes,
-    format_flops,
-    main,
-    make_plan,
-    split_stages,
-)
+from mlfop_megatron.launch.plan.cli import main
+from mlfop_megatron.launch.plan.model import PlanConfig, make_plan, split_stages
+from mlfop_megatron.launch.plan.report import format_bytes, format_flops
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_ARGS = "--model llama3-8b --dp 64 --tp 8 --pp 2 --micro-batches 8".split()
@@ -288,6 +283,6 @@ def test_module_entry_point_without_torch():
     )
     assert done.returncode == 0, done.stderr
     assert "ML-FOP-SOAP plan" in done.stdout
-    check = "import sys, mlfop_megatron.launch.plan; print('torch' in sys.modules)"
+    check = "import sys, mlfop_megatron.launch.plan.cli; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert done.stdout.strip() == "False"

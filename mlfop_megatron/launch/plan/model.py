@@ -1,4 +1,4 @@
-"""Size an ML-FOP-SOAP Megatron job before submitting it (pure Python: no torch, no GPU).
+"""The plan of an ML-FOP-SOAP Megatron job: its inputs (PlanConfig) and numbers (Plan).
 
 For a model and a DP x TP x PP layout this reports, per rank of the busiest pipeline stage:
 optimizer memory (SOAP state, Adam state, fold buffers), SOAP compute per optimizer step and
@@ -6,10 +6,6 @@ its balance over the owner ranks (with Megatron's whole-param ping-pong assignme
 comparison), and the bytes each rank moves per optimizer step. The SOAP numbers come from the
 same pure owner assignment the optimizer builds at run time
 (:mod:`mlfop_megatron.distributed.assignment`).
-
-    mlfop-plan --model llama3-8b --dp 64 --tp 8 --pp 2 --micro-batches 8
-    mlfop-plan --hidden 2048 --ffn 8192 --layers 16 --heads 16 --vocab 32000 \\
-        --world-size 256 --tp 4 --micro-batches 16 --auto-block-size --json plan.json
 
 Model of the Megatron adapter (``mlfop_megatron.megatron``) used here:
 
@@ -30,15 +26,11 @@ Model of the Megatron adapter (``mlfop_megatron.megatron``) used here:
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from mlfop_megatron.config import TP_MODES, FoldingConfig
+from mlfop_megatron.config import TP_MODES, FoldingConfig, SOAPConfig
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.distributed.assignment import (
     Assignment,
@@ -49,40 +41,21 @@ from mlfop_megatron.distributed.assignment import (
     make_blocks,
     pingpong_assignment,
 )
-from mlfop_megatron.distributed.model_shapes import MODELS, TransformerDims, transformer_shapes
+from mlfop_megatron.distributed.model_shapes import TransformerDims, transformer_shapes
+from mlfop_megatron.policies import check_positive
 
-__all__ = [
-    "GRAD_BYTES",
-    "MASTER_PARAM_BYTES",
-    "Plan",
-    "PlanConfig",
-    "StagePlan",
-    "build_parser",
-    "config_from_args",
-    "format_bytes",
-    "format_count",
-    "format_flops",
-    "format_plan",
-    "main",
-    "make_plan",
-    "split_stages",
-]
-
-KIB, MIB, GIB = 1024.0, float(1 << 20), float(1 << 30)
 GRAD_BYTES = 4  # Megatron DDP grad buffer (main_grad) is fp32
 MASTER_PARAM_BYTES = 4  # the adapter trains fp32 params (bf16=False): full-mode copies are fp32
-PROG = "mlfop-plan"
-
-
-def _positive(flag: str, value: Any) -> None:
-    """Raise ValueError naming ``flag`` unless value is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{flag} must be an integer >= 1 (got {value!r})")
 
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """Everything a plan depends on; invalid values raise ValueError naming the CLI option."""
+    """Everything a plan depends on; invalid values raise ValueError naming the CLI option.
+
+    ``soap`` is the optimizer's own SOAP config (``max_precond_dim`` and
+    ``precondition_frequency`` enter the plan); ``folding`` its folding config, whose
+    ``accumulation_steps`` must be ``micro_batches`` (None: the defaults at that K).
+    """
 
     dims: TransformerDims
     dp: int
@@ -98,14 +71,12 @@ class PlanConfig:
     block_size: int | None = None
     auto_block_size: bool = False
     target_balance: float = 1.05
-    max_precond_dim: int = 10000
-    precondition_frequency: int = 10
     tp_mode: str = "blockwise"
     param_bytes: int = 2
     state_bytes: int = 4
-    folding: bool = True
-    boundaries: tuple[int, ...] | None = None
     world_size: int | None = None
+    soap: SOAPConfig = field(default_factory=SOAPConfig)
+    folding: FoldingConfig | None = None
 
     def __post_init__(self) -> None:
         d = self.dims
@@ -121,14 +92,12 @@ class PlanConfig:
             ("--pp", self.pp),
             ("--micro-batches", self.micro_batches),
             ("--vocab-divisible-by", self.vocab_divisible_by),
-            ("--max-precond-dim", self.max_precond_dim),
-            ("--precondition-frequency", self.precondition_frequency),
             ("--param-bytes", self.param_bytes),
             ("--state-bytes", self.state_bytes),
         ):
-            _positive(flag, value)
+            check_positive(flag, value)
         if d.head_dim is not None:
-            _positive("--head-dim", d.head_dim)
+            check_positive("--head-dim", d.head_dim)
         elif d.hidden % d.heads:
             raise ValueError(
                 f"--hidden ({d.hidden}) must be divisible by --heads ({d.heads}), "
@@ -146,7 +115,7 @@ class PlanConfig:
             raise ValueError(f"--layers ({d.layers}) must be divisible by --pp ({self.pp})")
         world = self.dp * self.tp * self.pp
         if self.world_size is not None:
-            _positive("--world-size", self.world_size)
+            check_positive("--world-size", self.world_size)
             if self.world_size != world:
                 raise ValueError(
                     f"--world-size ({self.world_size}) must equal --dp x --tp x --pp "
@@ -155,27 +124,32 @@ class PlanConfig:
         if self.tp_mode not in TP_MODES:
             raise ValueError(f"--tp-mode must be one of {TP_MODES} (got {self.tp_mode!r})")
         if self.block_size is not None:
-            _positive("--block-size", self.block_size)
+            check_positive("--block-size", self.block_size)
             if self.auto_block_size:
                 raise ValueError("--block-size and --auto-block-size are mutually exclusive")
         if not (self.target_balance >= 1.0):
             raise ValueError(f"--target-balance must be >= 1.0 (got {self.target_balance!r})")
-        if self.boundaries is not None:
-            if not self.folding:
-                raise ValueError("--boundaries cannot be combined with --no-folding")
-            object.__setattr__(self, "boundaries", tuple(self.boundaries))
-        try:
-            _ = self.schedule  # validates the level boundaries
-        except ValueError as exc:
-            raise ValueError(f"--boundaries / --micro-batches: {exc}") from None
+        if not isinstance(self.soap, SOAPConfig):
+            raise TypeError(f"soap must be a SOAPConfig, got {type(self.soap).__name__}")
+        folding = self.folding
+        if folding is None:
+            folding = FoldingConfig(accumulation_steps=self.micro_batches)
+        if not isinstance(folding, FoldingConfig):
+            raise TypeError(f"folding must be a FoldingConfig, got {type(folding).__name__}")
+        if folding.accumulation_steps != self.micro_batches:
+            raise ValueError(
+                f"folding.accumulation_steps ({folding.accumulation_steps}) must equal "
+                f"--micro-batches ({self.micro_batches})"
+            )
+        if folding.boundaries is not None and not folding.enabled:
+            raise ValueError("--boundaries cannot be combined with --no-folding")
+        object.__setattr__(self, "folding", folding)
 
     @property
     def schedule(self) -> LevelSchedule:
         """Level schedule of one accumulation window (the optimizer's own)."""
-        cfg = FoldingConfig(
-            enabled=self.folding, accumulation_steps=self.micro_batches, boundaries=self.boundaries
-        )
-        return LevelSchedule.from_config(cfg)
+        assert self.folding is not None  # set in __post_init__
+        return LevelSchedule.from_config(self.folding)
 
     @property
     def world(self) -> int:
@@ -341,7 +315,7 @@ def make_plan(cfg: PlanConfig) -> Plan:
     else:
         soap_owned = soap_local
     world = cfg.owner_ranks
-    cost = CostModel(cfg.precondition_frequency, state_bytes=cfg.state_bytes)
+    cost = CostModel(cfg.soap.precondition_frequency, state_bytes=cfg.state_bytes)
     schedule = cfg.schedule
     levels = schedule.num_levels
     notes: list[str] = [
@@ -355,7 +329,7 @@ def make_plan(cfg: PlanConfig) -> Plan:
     def assign(mats: list[ParamSpec], bs: int | None) -> Assignment:
         key = (tuple(m.shape for m in mats), bs)
         if key not in cache:
-            blocks = make_blocks(mats, BlockingConfig(bs, cfg.max_precond_dim))
+            blocks = make_blocks(mats, BlockingConfig(bs, cfg.soap.max_precond_dim))
             cache[key] = Assignment.build(blocks, world, cost)
         return cache[key]
 
@@ -367,7 +341,7 @@ def make_plan(cfg: PlanConfig) -> Plan:
                 mats,
                 world,
                 target_balance=cfg.target_balance,
-                max_precond_dim=cfg.max_precond_dim,
+                max_precond_dim=cfg.soap.max_precond_dim,
                 cost_model=cost,
             )[0]
             for mats in soap_owned
@@ -454,7 +428,7 @@ def _stage_plan(
     tp_full = 2 * sum(m.numel for m in mats) * MASTER_PARAM_BYTES if cfg.full_mode else 0
     totals = [m + f + adam_state + tp_full for m, f in zip(soap_mem, fold)]
     flops = asg.compute_loads
-    pingpong = pingpong_assignment(mats, world, asg.cost_model, cfg.max_precond_dim)
+    pingpong = pingpong_assignment(mats, world, asg.cost_model, cfg.soap.max_precond_dim)
     pp_max = max(pingpong.compute_loads)
     grad_buffer = stage_numel * GRAD_BYTES
     ring = 2.0 * (cfg.dp - 1) / cfg.dp
@@ -500,265 +474,3 @@ def _stage_plan(
         tp_gather_bytes_per_step=tp_gather,
         comm_bytes_per_step=levels * allreduce_level + param_gather + tp_gather,
     )
-
-
-# --------------------------------------------------------------------------- output
-def format_bytes(n: float) -> str:
-    """Bytes in the largest binary unit that keeps the number >= 1 (GiB at most)."""
-    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def format_count(n: float) -> str:
-    """Count with a K/M/B suffix and one decimal."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
-
-
-def format_flops(gflop: float) -> str:
-    """GFLOP amount in TFLOP/GFLOP/MFLOP/KFLOP, whichever keeps the number >= 1."""
-    for unit, size in (("TFLOP", 1e3), ("GFLOP", 1.0), ("MFLOP", 1e-3), ("KFLOP", 1e-6)):
-        if abs(gflop) >= size:
-            return f"{gflop / size:.1f} {unit}"
-    return f"{gflop * 1e9:.0f} FLOP"
-
-
-def _row(label: str, *values: str, width: int = 72) -> str:
-    return f"  {label:<{width}}" + "".join(f"{v:>12}" for v in values)
-
-
-def format_plan(plan: Plan) -> str:
-    """Readable multi-section report of a plan."""
-    cfg, d, b = plan.config, plan.config.dims, plan.busiest
-    fb = format_bytes
-    head_dim = d.head_dim or d.hidden // d.heads
-    owners = (
-        f"whole matrices owned over the TP x DP group ({cfg.owner_ranks} ranks)"
-        if cfg.full_mode
-        else f"each TP shard's blocks owned over the DP group ({cfg.dp} ranks)"
-    )
-    bs = "whole params" if plan.block_size is None else str(plan.block_size)
-    if plan.block_size_source == "auto":
-        met = "met" if plan.target_met else "NOT met"
-        bs += f" (auto, target balance {cfg.target_balance:g} {met})"
-    lines = [
-        f"ML-FOP-SOAP plan: {cfg.model_name} (hidden {d.hidden}, ffn {d.ffn}, {d.layers} layers, "
-        f"{d.heads} heads / {d.kv_heads} kv heads x {head_dim}, vocab {d.vocab}"
-        f"{'' if cfg.gated else ', not gated'}{'' if cfg.fused else ', unfused'}"
-        f"{', bias' if cfg.bias else ''}{', tied embeddings' if cfg.tied_embeddings else ''})",
-        f"layout: DP {cfg.dp} x TP {cfg.tp} x PP {cfg.pp} = {cfg.world} ranks; "
-        f"K = {cfg.micro_batches} micro-batches -> {plan.num_levels} level(s) "
-        f"(boundaries {' '.join(map(str, plan.boundaries))})",
-        f"optimizer: tp_mode {cfg.tp_mode}, {owners}; block size {bs}; "
-        f"max_precond_dim {cfg.max_precond_dim}; precondition_frequency "
-        f"{cfg.precondition_frequency}; state {cfg.state_bytes} B/float; params in "
-        f"communication {cfg.param_bytes} B",
-    ]
-    if len(plan.stages) > 1:
-        lines += [
-            "",
-            "per pipeline stage (per rank):",
-            f"  {'stage':>5}  {'holds':<42}{'params':>9}{'blocks':>8}{'idle':>6}"
-            f"{'opt mem max':>13}{'balance':>9}{'max flop':>13}{'comm/step':>12}",
-        ]
-        for s in plan.stages:
-            lines.append(
-                f"  {s.stage:>5}  {s.label:<42}{format_count(s.params_per_rank):>9}"
-                f"{s.num_blocks:>8}{s.idle_ranks:>6}{fb(s.memory_max_bytes):>13}"
-                f"{s.compute_balance:>9.3f}{format_flops(s.compute_max_gflop):>13}"
-                f"{fb(s.comm_bytes_per_step):>12}"
-            )
-    full = cfg.full_mode
-    lines += [
-        "",
-        f"busiest stage {b.stage} ({b.label}): {format_count(b.params_per_rank)} params per "
-        f"TP rank ({format_count(b.soap_params_per_rank)} in {b.soap_matrices} SOAP matrices, "
-        f"{format_count(b.adam_params_per_rank)} Adam)",
-        _row("memory (optimizer only; main params/grads NOT included)", "max", "mean"),
-        _row(
-            f"SOAP state: factors, bases, moments (over {b.owner_ranks} owner ranks)",
-            fb(b.soap_state_max_bytes),
-            fb(b.soap_state_mean_bytes),
-        ),
-        _row(
-            "Adam state: embedding/output/norms/biases, replicated",
-            fb(b.adam_state_bytes),
-            fb(b.adam_state_bytes),
-        ),
-        _row(
-            "fold buffers: estimate + rotated estimate of owned blocks",
-            fb(b.fold_buffer_max_bytes),
-            fb(b.fold_buffer_mean_bytes),
-        ),
-        _row(
-            "tp-full: whole-matrix fp32 param copy + gathered level grad",
-            fb(b.tp_full_buffer_bytes) if full else "-",
-            fb(b.tp_full_buffer_bytes) if full else "-",
-        ),
-        _row("total (max: busiest rank)", fb(b.memory_max_bytes), fb(b.memory_mean_bytes)),
-        f"  SOAP state summed over the {b.owner_ranks} owner ranks: "
-        f"{fb(b.soap_state_total_bytes)} (memory max/mean {b.soap_memory_balance:.3f})",
-        "compute per optimizer step (SOAP matmuls + basis refresh amortized over "
-        f"{cfg.precondition_frequency} steps)",
-        f"  busiest rank {format_flops(b.compute_max_gflop)}, mean "
-        f"{format_flops(b.compute_mean_gflop)}, balance max/mean {b.compute_balance:.3f} "
-        f"({b.num_blocks} blocks, {b.idle_ranks} idle ranks; "
-        f"{format_flops(b.compute_total_gflop)} over the group)",
-        f"  Megatron ping-pong (whole params, same ranks): balance {b.pingpong_balance:.3f}, "
-        f"busiest rank {format_flops(b.pingpong_max_gflop)} -> ours "
-        f"{b.speedup_vs_pingpong:.2f}x faster on the busiest rank",
-        _row("communication per optimizer step, per rank (bytes sent/received)", "bytes"),
-        _row(
-            f"level all-reduces: {plan.num_levels} x 2(N-1)/N x {fb(b.grad_buffer_bytes)} "
-            f"fp32 grad buffer (N = DP {cfg.dp})",
-            fb(b.allreduce_bytes_per_step),
-        ),
-        _row(
-            f"param all-gather: owners broadcast updated blocks ({cfg.param_bytes} B/param)",
-            fb(b.param_gather_bytes_per_step),
-        ),
-        _row(
-            f"TP all-gather of level grads (tp-full): {plan.num_levels} x (TP-1) x shard",
-            fb(b.tp_gather_bytes_per_step) if full else "-",
-        ),
-        _row("total", fb(b.comm_bytes_per_step)),
-        "",
-        "notes:",
-    ]
-    lines += [f"  - {n}" for n in plan.notes]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line parser of ``mlfop-plan``."""
-    ap = argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    m = ap.add_argument_group("model (--model, optionally overridden by explicit dims)")
-    m.add_argument("--model", choices=sorted(MODELS), default=None)
-    for flag in ("--hidden", "--ffn", "--layers", "--heads", "--kv-heads", "--vocab"):
-        m.add_argument(flag, type=int, default=None)
-    m.add_argument("--head-dim", type=int, default=None, help="default: hidden / heads")
-    m.add_argument("--no-gated", action="store_true", help="plain (not SwiGLU) MLP")
-    m.add_argument("--unfused", action="store_true", help="separate q,k,v and gate,up matrices")
-    m.add_argument("--bias", action="store_true", help="linear layers with biases")
-    m.add_argument("--tied-embeddings", action="store_true")
-    m.add_argument("--vocab-divisible-by", type=int, default=128)
-    p = ap.add_argument_group("parallel layout")
-    p.add_argument("--dp", type=int, default=None, help="data-parallel size")
-    p.add_argument("--world-size", type=int, default=None, help="total ranks (gives --dp)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--micro-batches", "-K", type=int, default=1, help="K per optimizer step")
-    o = ap.add_argument_group("optimizer")
-    o.add_argument("--block-size", type=int, default=None, help="default: whole params")
-    o.add_argument("--auto-block-size", action="store_true", help="choose_block_size")
-    o.add_argument("--target-balance", type=float, default=1.05, help="for --auto-block-size")
-    o.add_argument("--max-precond-dim", type=int, default=10000)
-    o.add_argument("--precondition-frequency", type=int, default=10)
-    o.add_argument("--tp-mode", choices=TP_MODES, default="blockwise")
-    o.add_argument("--param-bytes", type=int, default=2, help="bytes/param in the all-gather")
-    o.add_argument("--state-bytes", type=int, default=4, help="bytes/float of optimizer state")
-    o.add_argument("--no-folding", action="store_true", help="one level: plain SOAP")
-    o.add_argument("--boundaries", type=int, nargs="+", default=None, help="default: dyadic")
-    ap.add_argument("--json", metavar="FILE", default=None, help="also write the plan as JSON")
-    return ap
-
-
-def config_from_args(args: argparse.Namespace) -> PlanConfig:
-    """PlanConfig from parsed arguments (ValueError naming the option on bad input)."""
-    explicit = {
-        "hidden": args.hidden,
-        "ffn": args.ffn,
-        "layers": args.layers,
-        "heads": args.heads,
-        "kv_heads": args.kv_heads,
-        "vocab": args.vocab,
-        "head_dim": args.head_dim,
-    }
-    given = {k: v for k, v in explicit.items() if v is not None}
-    if args.model is not None:
-        dims = replace(MODELS[args.model], **given)
-        name = args.model + (" (modified)" if given else "")
-    else:
-        required = ("hidden", "ffn", "layers", "heads", "vocab")
-        missing = [f"--{k}" for k in required if k not in given]
-        if missing:
-            raise ValueError(
-                f"{', '.join(missing)} required without --model (one of {sorted(MODELS)})"
-            )
-        given.setdefault("kv_heads", given["heads"])  # default: multi-head attention
-        dims = TransformerDims(**given)
-        name = "custom"
-    _positive("--tp", args.tp)
-    _positive("--pp", args.pp)
-    dp = args.dp
-    if dp is None:
-        if args.world_size is None:
-            raise ValueError("give --dp or --world-size")
-        _positive("--world-size", args.world_size)
-        if args.world_size % (args.tp * args.pp):
-            raise ValueError(
-                f"--world-size ({args.world_size}) must be divisible by --tp x --pp "
-                f"({args.tp} x {args.pp})"
-            )
-        dp = args.world_size // (args.tp * args.pp)
-    return PlanConfig(
-        dims=dims,
-        dp=dp,
-        tp=args.tp,
-        pp=args.pp,
-        micro_batches=args.micro_batches,
-        model_name=name,
-        gated=not args.no_gated,
-        fused=not args.unfused,
-        bias=args.bias,
-        tied_embeddings=args.tied_embeddings,
-        vocab_divisible_by=args.vocab_divisible_by,
-        block_size=args.block_size,
-        auto_block_size=args.auto_block_size,
-        target_balance=args.target_balance,
-        max_precond_dim=args.max_precond_dim,
-        precondition_frequency=args.precondition_frequency,
-        tp_mode=args.tp_mode,
-        param_bytes=args.param_bytes,
-        state_bytes=args.state_bytes,
-        folding=not args.no_folding,
-        boundaries=tuple(args.boundaries) if args.boundaries is not None else None,
-        world_size=args.world_size,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print the plan (and write --json); 2 with an argparse-style message on bad input."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse errors (2) and --help (0): return, do not exit
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    try:
-        plan = make_plan(config_from_args(args))
-    except ValueError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(plan.to_dict(), f, indent=1)
-            f.write("\n")
-    try:
-        print(format_plan(plan), flush=True)
-    except BrokenPipeError:  # output piped into head & co: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Readable text of a plan (``mlfop-plan``'s output) and the unit formatting it uses."""
+
+from __future__ import annotations
+
+from mlfop_megatron.launch.plan.model import Plan
+
+KIB, MIB, GIB = 1024.0, float(1 << 20), float(1 << 30)
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (GiB at most)."""
+    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_count(n: float) -> str:
+    """Count with a K/M/B suffix and one decimal."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_flops(gflop: float) -> str:
+    """GFLOP amount in TFLOP/GFLOP/MFLOP/KFLOP, whichever keeps the number >= 1."""
+    for unit, size in (("TFLOP", 1e3), ("GFLOP", 1.0), ("MFLOP", 1e-3), ("KFLOP", 1e-6)):
+        if abs(gflop) >= size:
+            return f"{gflop / size:.1f} {unit}"
+    return f"{gflop * 1e9:.0f} FLOP"
+
+
+def _row(label: str, *values: str, width: int = 72) -> str:
+    return f"  {label:<{width}}" + "".join(f"{v:>12}" for v in values)
+
+
+def format_plan(plan: Plan) -> str:
+    """Readable multi-section report of a plan."""
+    cfg, d, b = plan.config, plan.config.dims, plan.busiest
+    fb = format_bytes
+    head_dim = d.head_dim or d.hidden // d.heads
+    owners = (
+        f"whole matrices owned over the TP x DP group ({cfg.owner_ranks} ranks)"
+        if cfg.full_mode
+        else f"each TP shard's blocks owned over the DP group ({cfg.dp} ranks)"
+    )
+    bs = "whole params" if plan.block_size is None else str(plan.block_size)
+    if plan.block_size_source == "auto":
+        met = "met" if plan.target_met else "NOT met"
+        bs += f" (auto, target balance {cfg.target_balance:g} {met})"
+    lines = [
+        f"ML-FOP-SOAP plan: {cfg.model_name} (hidden {d.hidden}, ffn {d.ffn}, {d.layers} layers, "
+        f"{d.heads} heads / {d.kv_heads} kv heads x {head_dim}, vocab {d.vocab}"
+        f"{'' if cfg.gated else ', not gated'}{'' if cfg.fused else ', unfused'}"
+        f"{', bias' if cfg.bias else ''}{', tied embeddings' if cfg.tied_embeddings else ''})",
+        f"layout: DP {cfg.dp} x TP {cfg.tp} x PP {cfg.pp} = {cfg.world} ranks; "
+        f"K = {cfg.micro_batches} micro-batches -> {plan.num_levels} level(s) "
+        f"(boundaries {' '.join(map(str, plan.boundaries))})",
+        f"optimizer: tp_mode {cfg.tp_mode}, {owners}; block size {bs}; "
+        f"max_precond_dim {cfg.soap.max_precond_dim}; precondition_frequency "
+        f"{cfg.soap.precondition_frequency}; state {cfg.state_bytes} B/float; params in "
+        f"communication {cfg.param_bytes} B",
+    ]
+    if len(plan.stages) > 1:
+        lines += [
+            "",
+            "per pipeline stage (per rank):",
+            f"  {'stage':>5}  {'holds':<42}{'params':>9}{'blocks':>8}{'idle':>6}"
+            f"{'opt mem max':>13}{'balance':>9}{'max flop':>13}{'comm/step':>12}",
+        ]
+        for s in plan.stages:
+            lines.append(
+                f"  {s.stage:>5}  {s.label:<42}{format_count(s.params_per_rank):>9}"
+                f"{s.num_blocks:>8}{s.idle_ranks:>6}{fb(s.memory_max_bytes):>13}"
+                f"{s.compute_balance:>9.3f}{format_flops(s.compute_max_gflop):>13}"
+                f"{fb(s.comm_bytes_per_step):>12}"
+            )
+    full = cfg.full_mode
+    lines += [
+        "",
+        f"busiest stage {b.stage} ({b.label}): {format_count(b.params_per_rank)} params per "
+        f"TP rank ({format_count(b.soap_params_per_rank)} in {b.soap_matrices} SOAP matrices, "
+        f"{format_count(b.adam_params_per_rank)} Adam)",
+        _row("memory (optimizer only; main params/grads NOT included)", "max", "mean"),
+        _row(
+            f"SOAP state: factors, bases, moments (over {b.owner_ranks} owner ranks)",
+            fb(b.soap_state_max_bytes),
+            fb(b.soap_state_mean_bytes),
+        ),
+        _row(
+            "Adam state: embedding/output/norms/biases, replicated",
+            fb(b.adam_state_bytes),
+            fb(b.adam_state_bytes),
+        ),
+        _row(
+            "fold buffers: estimate + rotated estimate of owned blocks",
+            fb(b.fold_buffer_max_bytes),
+            fb(b.fold_buffer_mean_bytes),
+        ),
+        _row(
+            "tp-full: whole-matrix fp32 param copy + gathered level grad",
+            fb(b.tp_full_buffer_bytes) if full else "-",
+            fb(b.tp_full_buffer_bytes) if full else "-",
+        ),
+        _row("total (max: busiest rank)", fb(b.memory_max_bytes), fb(b.memory_mean_bytes)),
+        f"  SOAP state summed over the {b.owner_ranks} owner ranks: "
+        f"{fb(b.soap_state_total_bytes)} (memory max/mean {b.soap_memory_balance:.3f})",
+        "compute per optimizer step (SOAP matmuls + basis refresh amortized over "
+        f"{cfg.soap.precondition_frequency} steps)",
+        f"  busiest rank {format_flops(b.compute_max_gflop)}, mean "
+        f"{format_flops(b.compute_mean_gflop)}, balance max/mean {b.compute_balance:.3f} "
+        f"({b.num_blocks} blocks, {b.idle_ranks} idle ranks; "
+        f"{format_flops(b.compute_total_gflop)} over the group)",
+        f"  Megatron ping-pong (whole params, same ranks): balance {b.pingpong_balance:.3f}, "
+        f"busiest rank {format_flops(b.pingpong_max_gflop)} -> ours "
+        f"{b.speedup_vs_pingpong:.2f}x faster on the busiest rank",
+        _row("communication per optimizer step, per rank (bytes sent/received)", "bytes"),
+        _row(
+            f"level all-reduces: {plan.num_levels} x 2(N-1)/N x {fb(b.grad_buffer_bytes)} "
+            f"fp32 grad buffer (N = DP {cfg.dp})",
+            fb(b.allreduce_bytes_per_step),
+        ),
+        _row(
+            f"param all-gather: owners broadcast updated blocks ({cfg.param_bytes} B/param)",
+            fb(b.param_gather_bytes_per_step),
+        ),
+        _row(
+            f"TP all-gather of level grads (tp-full): {plan.num_levels} x (TP-1) x shard",
+            fb(b.tp_gather_bytes_per_step) if full else "-",
+        ),
+        _row("total", fb(b.comm_bytes_per_step)),
+        "",
+        "notes:",
+    ]
+    lines += [f"  - {n}" for n in plan.notes]
+    return "\n".join(lines)
