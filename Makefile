@@ -52,7 +52,7 @@ demo: setup
 
 bench: setup
 	$(PIP) install -q -e '.[bench]'
-	$(VPY) benchmarks/step_time.py
+	$(VPY) -m benchmarks.step_time
 
 clean:
 	rm -rf .venv-mcore-* runs .pytest_cache

@@ -22,9 +22,9 @@ the trailing mean over the same window is <= target; ratio = AdamW steps / optim
 (> 1: fewer samples than AdamW). The wall-clock ratio is the same with the cumulative
 train-step time instead of steps.
 
-    python benchmarks/sample_efficiency.py              # full: 31 runs, ~41 min on 2 shared cores
-    python benchmarks/sample_efficiency.py --smoke      # < 2 min check, does not touch RESULTS.md
-    python benchmarks/sample_efficiency.py --report-only  # tables from the saved runs
+    python -m benchmarks.sample_efficiency              # full: 31 runs, ~41 min on 2 shared cores
+    python -m benchmarks.sample_efficiency --smoke      # < 2 min check, does not touch RESULTS.md
+    python -m benchmarks.sample_efficiency --report-only  # tables from the saved runs
 
 Every run keeps its folder (metrics.csv / metrics.jsonl, checkpoint) under ``--out``; the
 aggregate goes to ``<out>/results.json`` and, for full runs, into benchmarks/RESULTS.md.
@@ -33,11 +33,9 @@ aggregate goes to ``<out>/results.json`` and, for full runs, into benchmarks/RES
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,10 +50,18 @@ if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 import train_digits as td  # noqa: E402
-from results_md import cpu_model, replace_section  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    elapsed,
+    load_average,
+    log,
+    machine_facts,
+    package_version,
+    replace_section,
+)
 
 SECTION = "## Sample efficiency (digits image+text, CPU)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 KEYS = ("image_loss", "text_loss", "loss")  # per modality, then overall
 KEY_NAMES = {"image_loss": "image", "text_loss": "text", "loss": "overall"}
 OPTIMIZER_NAMES = {"adamw": "AdamW", "soap": "SOAP (ours, folding off)", "mlfop": "ML-FOP-SOAP"}
@@ -64,8 +70,7 @@ SETTINGS = {
     "large": "Large batch (8x, accumulation)",
     "large-lr": "Control: large batch, SOAP and ML-FOP-SOAP at AdamW's lr",
 }
-_T0 = time.perf_counter()
-_LOAD0 = "load average " + "/".join(f"{x:.2f}" for x in os.getloadavg())
+_LOAD0 = f"load average {load_average()}"
 
 
 @dataclass(frozen=True)
@@ -115,11 +120,6 @@ class Job:
     def key(self) -> str:
         """Folder name of the run inside <out>/<setting>/."""
         return f"{self.label}_lr{self.spec.lr:g}_s{self.spec.seed}"
-
-
-def log(msg: str) -> None:
-    """Progress line with the benchmark's elapsed time."""
-    print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", flush=True)
 
 
 # ------------------------------------------------------------------------------- the runs
@@ -683,25 +683,12 @@ def side_by_side(res: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------- plumbing
-def version(name: str) -> str:
-    """Installed version of a distribution ('-' when missing)."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "-"
-
-
 def machine_line(nproc: int) -> str:
     """nproc, CPU model, torch / megatron-core / Python versions, load average now."""
-    import torch
-
-    cpu = cpu_model()
-    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     threads = max(1, (os.cpu_count() or 1) // nproc)
-    return (
-        f"nproc {os.cpu_count()} ({cpu}), {nproc} gloo ranks x {threads} "
-        f"thread(s), torch {torch.__version__}, megatron-core {version('megatron-core')}, "
-        f"Python {platform.python_version()}, load average {load}"
+    return machine_facts(
+        f"{nproc} gloo ranks x {threads} thread(s)",
+        f"megatron-core {package_version('megatron-core')}",
     )
 
 
@@ -767,7 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         td.quiet_warnings()
     out = Path(args.out)
-    command = "python benchmarks/sample_efficiency.py " + " ".join(
+    command = "python -m benchmarks.sample_efficiency " + " ".join(
         sys.argv[1:] if argv is None else list(argv)
     )
     saved = out / "results.json"
@@ -781,7 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = run_benchmark(plan, args)
         meta = {
             "command": command.strip(),
-            "wall_s": time.perf_counter() - _T0,
+            "wall_s": elapsed(),
             "runs": len(bench["runs"]) + len(bench["grid"]) - 1,
             "machine": f"{machine_line(args.nproc)} (at start: {_LOAD0})",
         }
@@ -794,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.smoke or args.no_write):
         write_results(args.results, body)
         log(f"wrote section '{SECTION}' to {args.results}")
-    log(f"done in {time.perf_counter() - _T0:.0f} s")
+    log(f"done in {elapsed():.0f} s")
     return 0
 
 

@@ -4,8 +4,8 @@ Simulation part: for Llama-3-8B/70B per-TP-rank shapes, compare our blocked LPT 
 with our re-implementation of Megatron LayerWiseDistributedOptimizer's whole-param ping-pong,
 both scored by the same cost model (mlfop_megatron.distributed.assignment). No torch needed.
 
-    python benchmarks/sharding.py                      # full table, a few seconds
-    python benchmarks/sharding.py --models llama3-8b --tp 1 --dp 256 1024
+    python -m benchmarks.sharding                      # full table, a few seconds
+    python -m benchmarks.sharding --models llama3-8b --tp 1 --dp 256 1024
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cache, lru_cache
 
+from benchmarks.common import machine_facts
 from mlfop_megatron.distributed.assignment import (
     Assignment,
     Block,
@@ -53,7 +54,7 @@ class SimRow:
 @cache
 def _params(model: str, tp: int, include_adam: bool, fused: bool) -> tuple[ParamSpec, ...]:
     specs = model_shapes(model, tp, fuse_qkv=fused, fuse_gate_up=fused)
-    return tuple(s for s in specs if include_adam or s.preconditioned)
+    return tuple(s for s in specs if include_adam or s.soap_matrix)
 
 
 @lru_cache(maxsize=64)
@@ -263,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"simulation wall time: {time.perf_counter() - t0:.1f} s")
     if args.measure:
         print("\nMeasured on this machine (tiny GPT hidden 128, gloo, ring all-reduce bytes):")
+        print(f"Machine: {machine_facts()}")
         print("\n".join(measure()))
     if args.json:
         with open(args.json, "w") as f:

@@ -12,10 +12,10 @@ Sections of the output:
      the basis refresh alone, ours vs pytorch_optimizer on the same state (paired repeats);
   4. fold cost: accumulate() with folding vs plain sum, in units of one basis rotation.
 
-    python benchmarks/step_time.py             # hidden 256 and 512: ~2 min on 2 idle cores
-    python benchmarks/step_time.py --quick     # smoke test, < 30 s, does not touch RESULTS.md
-    python benchmarks/step_time.py --hidden 256 512 1024   # adds h=1024: ~15 min
-    python benchmarks/step_time.py --profile 512   # op tables only (torch.profiler)
+    python -m benchmarks.step_time             # hidden 256 and 512: ~2 min on 2 idle cores
+    python -m benchmarks.step_time --quick     # smoke test, < 30 s, does not touch RESULTS.md
+    python -m benchmarks.step_time --hidden 256 512 1024   # adds h=1024: ~15 min
+    python -m benchmarks.step_time --profile 512   # op tables only (torch.profiler)
 
 Requires the bench extra (``pip install -e '.[bench]'``): heavyball and pytorch_optimizer.
 A peer that is not installed is skipped with a note.
@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -37,8 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from results_md import cpu_model, replace_section
 
+from benchmarks.common import (
+    RESULTS,
+    elapsed,
+    log,
+    machine_facts,
+    package_version,
+    replace_section,
+)
 from mlfop_megatron.core.linalg import LinalgCounters
 from mlfop_megatron.core.soap import refresh_bases, rotate
 from mlfop_megatron.optim import MLFOPSOAP
@@ -46,15 +50,8 @@ from mlfop_megatron.optim import MLFOPSOAP
 FREQ = 10  # precondition_frequency for every SOAP
 LR, BETAS, EPS, WD = 3e-3, (0.95, 0.95), 1e-8, 0.01  # SOAP reference defaults
 SECTION = "## Optimizer step time (CPU)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-_T0 = time.perf_counter()
 
 Shape = tuple[int, ...]
-
-
-def log(msg: str) -> None:
-    """Progress line with elapsed wall time."""
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
 
 
 def block_shapes(hidden: int) -> list[tuple[str, Shape]]:
@@ -105,14 +102,6 @@ def make_grads(
     """``count`` distinct gradient sets (one tensor per parameter)."""
     gen = torch.Generator().manual_seed(seed)
     return [[torch.randn(s, generator=gen) * 1e-2 for _, s in shapes] for _ in range(count)]
-
-
-def version(dist: str) -> str | None:
-    """Installed version of a distribution, or None."""
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 # ------------------------------------------------------------------ contenders
@@ -216,7 +205,7 @@ def make_pytorch_optimizer(params: list[torch.Tensor]) -> Contender | None:
         return step > 0 and step % FREQ == 0
 
     return Contender(
-        f"pytorch_optimizer.SOAP {version('pytorch_optimizer')}",
+        f"pytorch_optimizer.SOAP {package_version('pytorch_optimizer')}",
         params,
         opt,
         probe,
@@ -257,7 +246,7 @@ def make_heavyball(params: list[torch.Tensor], compile_step: bool) -> Contender 
         storage_dtype="float32",
     )
     return Contender(
-        f"heavyball.SOAP {version('heavyball')}",
+        f"heavyball.SOAP {package_version('heavyball')}",
         params,
         opt,
         lambda: bool(opt._is_preconditioning),
@@ -706,14 +695,11 @@ def gemm_rate(n: int = 2048, repeats: int = 3) -> float:
 
 def machine_line(threads: int) -> str:
     """Machine facts for the report."""
-    cpu = cpu_model()
-    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
-    return (
-        f"{cpu}, nproc={os.cpu_count()}, torch {torch.__version__}, "
-        f"torch.set_num_threads({threads}) -> {torch.get_num_threads()} threads, "
-        f"Python {platform.python_version()}, heavyball {version('heavyball')}, "
-        f"pytorch_optimizer {version('pytorch_optimizer')}, load average {load}, "
-        f"2048^3 GEMM {gemm_rate():.0f} GFLOP/s"
+    return machine_facts(
+        f"torch.set_num_threads({threads}) -> {torch.get_num_threads()} threads",
+        f"heavyball {package_version('heavyball')}",
+        f"pytorch_optimizer {package_version('pytorch_optimizer')}",
+        f"2048^3 GEMM {gemm_rate():.0f} GFLOP/s",
     )
 
 
@@ -854,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run every section, print the report, update RESULTS.md."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/step_time.py " + " ".join(
+    command = "python -m benchmarks.step_time " + " ".join(
         sys.argv[1:] if argv is None else list(argv)
     )
     machine_start = machine_line(args.threads)
@@ -878,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     folds = [bench_fold(h, args, gate) for h in args.fold_hidden]
     log(gate.summary())
-    runtime = time.perf_counter() - _T0
+    runtime = elapsed()
 
     contenders = next(iter(results.values()))
     out = [SECTION, ""]
@@ -962,7 +948,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_write:
         write_results(args.results, body)
         log(f"wrote section '{SECTION}' to {args.results}")
-    log(f"done in {time.perf_counter() - _T0:.0f} s")
+    log(f"done in {elapsed():.0f} s")
     return 0
 
 

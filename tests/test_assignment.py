@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,8 +30,6 @@ from mlfop_megatron.distributed.model_shapes import (
     transformer_shapes,
 )
 from mlfop_megatron.policies import padded_vocab_size
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _soap_params(specs: list[ParamSpec]) -> list[ParamSpec]:
@@ -407,20 +402,12 @@ def test_unfused_layout_and_options():
 # ---- benchmark simulation ------------------------------------------------------------------
 
 
-def _load_benchmark():
-    path = REPO / "benchmarks" / "sharding.py"
-    spec = importlib.util.spec_from_file_location("sharding_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sharding_simulation_beats_pingpong_at_scale():
-    bench = _load_benchmark()
-    rows = {r.strategy: r for r in bench.simulate("llama3-8b", 1, 1024, block_sizes=(1024,))}
+    from benchmarks import sharding
+
+    rows = {r.strategy: r for r in sharding.simulate("llama3-8b", 1, 1024, block_sizes=(1024,))}
     assert rows["pingpong"].stats.compute_balance > 5.0
     auto = next(r for name, r in rows.items() if name.startswith("auto"))
     assert auto.stats.compute_balance <= 1.05
     assert rows["lpt-b1024"].stats.max_flops < rows["pingpong"].stats.max_flops
-    assert bench.main(["--models", "llama3-8b", "--tp", "8", "--dp", "1", "64"]) == 0
+    assert sharding.main(["--models", "llama3-8b", "--tp", "8", "--dp", "1", "64"]) == 0
