@@ -32,9 +32,11 @@ endif
 
 setup: $(VENV)/.installed
 
+# ruff (incl. docstring rules, Google convention) and mypy: configured in pyproject.toml.
 lint: setup
 	$(VENV)/bin/ruff check mlfop_megatron tests examples benchmarks
 	$(VENV)/bin/ruff format --check mlfop_megatron tests examples benchmarks
+	$(VENV)/bin/mypy
 
 # The whole suite on every megatron-core in MCORE_VERSIONS; fails if any version fails.
 test: lint

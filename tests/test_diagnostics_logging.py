@@ -73,8 +73,11 @@ def test_megatron_lm_stats_hook_interval_line_and_writer(capsys):
 
 
 def test_grad_group_stats_are_flattened_and_armed_by_the_megatron_lm_hook(capsys):
-    """--mlfop-grad-groups halves arms the window of every logged iteration (at the one
-    before), and its grad-group diagnostics reach the writer and the printed line."""
+    """Grad-group diagnostics of armed windows reach the writer and the printed line.
+
+    --mlfop-grad-groups halves arms the window of every logged iteration (at the one
+    before), and its grad-group diagnostics reach the writer and the printed line.
+    """
     from mlfop_megatron.megatron_lm.install import log_stats_if_due
 
     torch.manual_seed(0)

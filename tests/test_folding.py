@@ -158,8 +158,11 @@ def test_accumulate_misuse_raises_clear_errors():
 
 
 def test_level_folding_walks_the_schedule_with_and_without_blocks():
-    """fold_level (level means reduced by the caller, as the Megatron path does) advances the
-    window; a rank that owns no block still completes it with an empty result."""
+    """fold_level advances the window, also on a rank that owns no block.
+
+    fold_level (level means reduced by the caller, as the Megatron path does) advances the
+    window; a rank that owns no block still completes it with an empty result.
+    """
     from mlfop_megatron.core.folding import WindowFolder
 
     cfg = FoldingConfig(accumulation_steps=4)

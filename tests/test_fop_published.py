@@ -32,8 +32,11 @@ EPS = 1e-30  # fop_eps
 
 # --------------------------------------------------------------- dense reference
 def dense_metric(ql, qr, v, t, b2=0.95, eps=1e-8):
-    """(M, M^-1) as explicit matrices on row-major flattened gradients; identity before the
-    first basis (t == 0). rot(X) = QL^T X QR  <=>  vec(rot X) = (QL (x) QR)^T vec(X)."""
+    """The SOAP metric M and its inverse as explicit matrices.
+
+    (M, M^-1) as explicit matrices on row-major flattened gradients; identity before the
+    first basis (t == 0). rot(X) = QL^T X QR  <=>  vec(rot X) = (QL (x) QR)^T vec(X).
+    """
     n = v.numel()
     if t == 0:
         eye = torch.eye(n, dtype=v.dtype)
@@ -53,8 +56,11 @@ def package_metric(state, shape):
 
 
 def fop(z, h, nz, nh, metric, beta_max=1.0):
-    """FOP_accum(z, h): a = weighted mean, d = z - h, s (Eq. 4), d_perp (Eq. 5), beta (Eq. 16),
-    optionally clipped; returns (a + beta d_perp, beta)."""
+    """FOP's fold of two estimates, as published.
+
+    FOP_accum(z, h): a = weighted mean, d = z - h, s (Eq. 4), d_perp (Eq. 5), beta (Eq. 16),
+    optionally clipped; returns (a + beta d_perp, beta).
+    """
     m, minv = metric
     a = (nz * z + nh * h) / (nz + nh)
     d = z - h
@@ -81,8 +87,11 @@ def fold_chain(gs, metric, beta_max, betas):
 
 
 def fold_tree(gs, metric, beta_max, betas):
-    """Balanced binary tree over micro-steps: the left part is the largest power of two below
-    n (so K = 2^k splits in equal halves at every depth)."""
+    """FOP's balanced binary tree over micro-steps.
+
+    Balanced binary tree over micro-steps: the left part is the largest power of two below
+    n (so K = 2^k splits in equal halves at every depth).
+    """
     if len(gs) == 1:
         return gs[0]
     p = 1 << (len(gs) - 1).bit_length() - 1
@@ -110,9 +119,12 @@ def dense_eta(g_avg, g_comb, metric):
 
 
 class PublishedSOAP(ReferenceSOAP):
-    """ReferenceSOAP with FOP's options: the first moment takes ``grad`` (the update
+    """ReferenceSOAP with FOP's options.
+
+    ReferenceSOAP with FOP's options: the first moment takes ``grad`` (the update
     direction), the second moment and the factors take ``stats_grad`` (default ``grad``),
-    and the preconditioned direction is multiplied by ``eta``."""
+    and the preconditioned direction is multiplied by ``eta``.
+    """
 
     def step(self, grad, stats_grad=None, eta=1.0):
         g = grad.reshape(self.rows, self.cols)
@@ -143,8 +155,11 @@ class PublishedSOAP(ReferenceSOAP):
 
 # --------------------------------------------------------------------- data
 def make_grads(shape, steps, k, seed=0, dtype=torch.float64):
-    """Two 'modalities': the first half of each window and the second half have different
-    signals (with per-micro-step noise), so the folds see a real difference."""
+    """Gradients of two 'modalities' that differ between window halves.
+
+    Two 'modalities': the first half of each window and the second half have different
+    signals (with per-micro-step noise), so the folds see a real difference.
+    """
     gen = torch.Generator().manual_seed(seed)
     w0 = torch.randn(shape, dtype=dtype, generator=gen)
     grads = []
@@ -247,8 +262,11 @@ def test_structures_coincide_at_k2_and_schedules_have_the_documented_sync_points
 
 
 def test_eta_star_on_several_blocks_and_summed_over_shards():
-    """eta* per block for blocks of different shapes (1-D included); and with a reduce_fn that
-    sums over shards, each shard gets the eta* of the whole matrix (tensor parallelism)."""
+    """eta* per block, also for TP-split matrices.
+
+    eta* per block for blocks of different shapes (1-D included); and with a reduce_fn that
+    sums over shards, each shard gets the eta* of the whole matrix (tensor parallelism).
+    """
     shapes = [(6, 5), (4, 7), (9,)]
     for k in (2, 4):  # one fold (eta* from the fold's sums), several folds (from the mean)
         opt, params, window = warmed_optimizer(shapes, k, step_size="eta_star")
@@ -383,8 +401,11 @@ def test_training_matches_dense_reference(structure, k, options):
 
 
 def test_statistics_from_mean_equals_plain_soap_statistics():
-    """v, L, R (and the bases) are those of plain SOAP on the window mean; m and the weights
-    take the FOP combination."""
+    """statistics_from='mean' feeds the curvature the plain mean.
+
+    v, L, R (and the bases) are those of plain SOAP on the window mean; m and the weights
+    take the FOP combination.
+    """
     k = 4
     w0, grads = make_grads((6, 5), steps=12, k=k, seed=1)
     p = torch.nn.Parameter(w0.clone())
@@ -496,8 +517,11 @@ def test_megatron_structures_sharded_equal_replicated_and_dp2_equals_dp1(variant
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU emulation only")
 @pytest.mark.parametrize("structure", ["chain", "tree", "last"])
 def test_published_options_are_device_clean_and_sync_free(structure):
-    """Under the strict CPU emulation of a GPU: no host/device mixing anywhere, and no host
-    sync in accumulate() (the per-micro-step fold path, eta* and the plain mean included)."""
+    """The FOP paths run under strict device checks without host syncs.
+
+    Under the strict CPU emulation of a GPU: no host/device mixing anywhere, and no host
+    sync in accumulate() (the per-micro-step fold path, eta* and the plain mean included).
+    """
     pytest.importorskip("megatron.core")
     from mlfop_megatron.runtime.cpu_emulation import cpu_emulation, is_cpu_emulation_installed
     from mlfop_megatron.runtime.strict_device import forbid_host_sync
@@ -534,8 +558,11 @@ def test_published_options_are_device_clean_and_sync_free(structure):
 
 @pytest.mark.distributed
 def test_megatron_tp2_blockwise_sums_eta_over_shards():
-    """TP=2 blockwise with the rotation off equals TP=1 (tolerances of test_megatron_tp_pp):
-    eta* and the plain-mean statistics of a TP-split weight use whole-matrix inner products."""
+    """eta* and plain-mean statistics are TP-layout independent.
+
+    TP=2 blockwise with the rotation off equals TP=1 (tolerances of test_megatron_tp_pp):
+    eta* and the plain-mean statistics of a TP-split weight use whole-matrix inner products.
+    """
     pytest.importorskip("megatron.core")
     from mlfop_megatron.runtime.spawn import run_distributed
     from tests.support.mlfop_runs import run_tiny_gpt

@@ -31,8 +31,11 @@ def test_module_imports_without_transformer_engine_and_sees_no_fp8():
 
 
 def test_optimizer_recipe_alone_is_not_a_request():
-    """Megatron-LM copies TransformerConfig's default fp8_recipe ('delayed') into every
-    OptimizerConfig, FP8 or not: that alone must not count as asking for FP8."""
+    """Megatron-LM's default fp8_recipe alone does not ask for FP8.
+
+    Megatron-LM copies TransformerConfig's default fp8_recipe ('delayed') into every
+    OptimizerConfig, FP8 or not: that alone must not count as asking for FP8.
+    """
     recipe_only = OptimizerConfig(optimizer="adam", lr=1e-3, fp8_recipe="delayed")
     assert fp8.fp8_requests(_tconfig(), recipe_only) == []
     assert not fp8.check_fp8_support(_tconfig(), recipe_only)

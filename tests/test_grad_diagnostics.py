@@ -180,8 +180,11 @@ def test_segments_must_hold_one_group_and_continue_the_window():
 
 
 def test_noise_scale_estimate_is_unbiased_on_synthetic_gradients():
-    """Micro-step gradient = G + N(0, sigma^2 I_d): tr(Sigma) = d sigma^2, B_noise =
-    d sigma^2 / |G|^2. The trace and |G|^2 estimates average to the truth over windows."""
+    """The noise-scale estimates are unbiased on Gaussian micro-step noise.
+
+    Micro-step gradient = G + N(0, sigma^2 I_d): tr(Sigma) = d sigma^2, B_noise =
+    d sigma^2 / |G|^2. The trace and |G|^2 estimates average to the truth over windows.
+    """
     gen = torch.Generator().manual_seed(0)
     d, k, sigma, windows = 40, 8, 0.5, 400
     true_g = torch.randn(d, dtype=torch.float64, generator=gen) * 0.3

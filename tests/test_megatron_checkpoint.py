@@ -44,8 +44,11 @@ def test_save_dp2_reshard_to_dp1_allclose(tmp_path):
 
 
 def test_latest_checkpoint_ignores_partial_dirs_and_survives_a_bad_marker(tmp_path):
-    """Only renamed iter_NNNNNNN folders are complete; a missing or truncated marker (a crash
-    between the rename and the marker update) falls back to the newest complete folder."""
+    """Only complete checkpoint folders are loaded.
+
+    Only renamed iter_NNNNNNN folders are complete; a missing or truncated marker (a crash
+    between the rename and the marker update) falls back to the newest complete folder.
+    """
     assert latest_checkpoint(str(tmp_path / "absent")) is None
     assert latest_checkpoint(str(tmp_path)) is None
     (tmp_path / "iter_0000003").mkdir()

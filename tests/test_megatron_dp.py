@@ -109,9 +109,12 @@ def test_gradient_clipping_uses_the_global_norm_on_every_layout():
     ids=["last_eta_star", "no_folding"],
 )
 def test_grad_group_diagnostics_dp2_equal_dp1_and_leave_training_unchanged(enabled, folding):
-    """Armed windows sync at extra points (group changes, halves of single-segment groups);
+    """Armed grad-group windows change neither training nor DP-size independence.
+
+    Armed windows sync at extra points (group changes, halves of single-segment groups);
     the folded gradients and the training stay the same up to rounding, and the reduced
-    grad-group diagnostics do not depend on the DP size."""
+    grad-group diagnostics do not depend on the DP size.
+    """
     base = dict(
         iters=4,
         microbatches=4,

@@ -143,8 +143,11 @@ RECOMPUTE = {
 
 @pytest.mark.parametrize("granularity", ["full", "selective"])
 def test_recompute_at_pp2_equals_no_recompute(granularity):
-    """Full recompute's first grad on stage 0 arrives in a nested backward: the micro-step
-    must end when every param reported, not when that backward ends. Bitwise equal."""
+    """Full recompute: micro-steps end when every param reported, bitwise.
+
+    Full recompute's first grad on stage 0 arrives in a nested backward: the micro-step
+    must end when every param reported, not when that backward ends. Bitwise equal.
+    """
     base = dict(iters=3, microbatches=4, global_micro=2, pp=2, layers=2, dtype=torch.float64)
     plain = run_distributed(run_tiny_gpt, 2, base)
     recomputed = run_distributed(run_tiny_gpt, 2, dict(base, extra_config=RECOMPUTE[granularity]))

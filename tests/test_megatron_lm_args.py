@@ -232,8 +232,11 @@ def test_install_without_megatron_lm_says_what_to_do():
 
 
 def test_checkout_version_names_the_tested_tag(tmp_path):
-    """Tests pick the patch and skip reasons from megatron/core/package_info.py; the
-    core_v0.19.0 tag's file already says 0.19.1, so the tag follows major.minor."""
+    """The Megatron-LM checkout's version and tag come from package_info.py.
+
+    Tests pick the patch and skip reasons from megatron/core/package_info.py; the
+    core_v0.19.0 tag's file already says 0.19.1, so the tag follows major.minor.
+    """
     info = tmp_path / "megatron" / "core" / "package_info.py"
     info.parent.mkdir(parents=True)
     info.write_text('MAJOR = 0\nMINOR = 19\nPATCH = 1\nPRE_RELEASE = ""\n')

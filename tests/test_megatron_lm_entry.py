@@ -183,8 +183,11 @@ def test_pretrain_save_resume_matches_uninterrupted_run(tmp_path):
     ids=["tp2-blockwise", "tp2-full", "pp2", "bf16-dp2"],
 )
 def test_model_parallel_layouts_train(layout):
-    """TP=2 (both TP modes), PP=2 and bf16 at DP=2 inside Megatron-LM's loop: 2 micro-batches
-    per step (global batch 4 at DP=1, 8 at DP=2)."""
+    """TP, PP and bf16 inside Megatron-LM's training loop.
+
+    TP=2 (both TP modes), PP=2 and bf16 at DP=2 inside Megatron-LM's loop: 2 micro-batches
+    per step (global batch 4 at DP=1, 8 at DP=2).
+    """
     out = check_ok(run_launcher("--global-batch-size", "4", *layout))
     logged = losses(out)
     assert sorted(logged) == list(range(1, ITERS + 1)), out[-3000:]
@@ -281,8 +284,11 @@ FAULT_ITERS = 8
 
 
 def _signal_during_megatron_save(ckpt: Path, log: Path, sig: int, *flags: str) -> int:
-    """Start a run saving every 2 iterations; send ``sig`` to all its processes while the save
-    after the first complete one is being written. Returns the run's exit code."""
+    """Interrupt a run while it saves; return its exit code.
+
+    Start a run saving every 2 iterations; send ``sig`` to all its processes while the save
+    after the first complete one is being written. Returns the run's exit code.
+    """
     cmd, env = launcher_command(
         "--train-iters", str(FAULT_ITERS), "--save", str(ckpt), "--save-interval", "2", *flags
     )
@@ -335,8 +341,11 @@ def test_sigkill_during_a_megatron_save_resumes_from_the_last_complete_one(
 def test_sigterm_during_a_megatron_save_finishes_it_and_stops_for_requeue(
     tmp_path, fault_reference
 ):
-    """With --exit-signal-handler the interrupted save completes, the run saves again at the
-    next iteration and exits with the requeue code; the resumed run repeats the reference."""
+    """A signal during a save: the save completes, the run requeues and resumes.
+
+    With --exit-signal-handler the interrupted save completes, the run saves again at the
+    next iteration and exits with the requeue code; the resumed run repeats the reference.
+    """
     from mlfop_megatron.launch.preemption import REQUEUE_EXIT_CODE
 
     ckpt, log = tmp_path / "ckpt", tmp_path / "terminated.log"

@@ -100,8 +100,11 @@ def test_every_mlfop_call_in_the_patch_matches_our_api(tag):
 
 @pytest.fixture(scope="module")
 def patched_tree(tmp_path_factory) -> Path:
-    """MEGATRON_LM_DIR's packages but megatron/core (that comes from the wheel), with the patch
-    for the checkout's version applied."""
+    """A Megatron-LM checkout on the path, patched, over the megatron-core wheel.
+
+    MEGATRON_LM_DIR's packages but megatron/core (that comes from the wheel), with the patch
+    for the checkout's version applied.
+    """
     source, patch = Path(SOURCE), patch_for(TAG)
     tree = tmp_path_factory.mktemp("megatron-lm")
     for package in (source / "megatron").iterdir():

@@ -94,8 +94,11 @@ def grad_groups_tp1():
     ids=["tp2_blockwise", "tp2_full", "pp2"],
 )
 def test_grad_group_diagnostics_match_tp1(grad_groups_tp1, layout):
-    """Grad-group diagnostics are whole-model quantities: TP shards (blockwise rows summed over
-    TP, counted once) and pipeline stages add up to the TP=1 values (rotation off, fp64)."""
+    """Grad-group diagnostics add up over TP shards and pipeline stages.
+
+    Grad-group diagnostics are whole-model quantities: TP shards (blockwise rows summed over
+    TP, counted once) and pipeline stages add up to the TP=1 values (rotation off, fp64).
+    """
     base, ref = grad_groups_tp1
     runs = run_distributed(run_tiny_gpt, 2, dict(base, **layout))
     ours = runs[0]["stats"]["grad"]

@@ -1,4 +1,6 @@
-"""Slurm end to end: sbatch the CPU-mode job, preempt it mid-run, check the requeued job resumes
+"""Slurm end to end: preempt a CPU-mode job and check its requeued run.
+
+Submits the CPU-mode job with sbatch, preempts it mid-run, checks that the requeued job resumes
 and ends with exactly the parameters of an uninterrupted run.
 
 Needs a running Slurm (CI starts the two-node test cluster, slurm/start_test_cluster.sh; these
@@ -47,7 +49,7 @@ _LAUNCHER_ENV = ("GLOO_SOCKET_IFNAME", "MASTER_ADDR", "MASTER_PORT", "RANK", "WO
 def sbatch_cpu_job(
     run_dir: Path, nodes: int, tasks_per_node: int, train_args: str, **job_env: str
 ) -> str:
-    """sbatch slurm/pretrain.sbatch in CPU mode; ``job_env`` overrides TRAIN_ARGS etc."""
+    """Submit slurm/pretrain.sbatch in CPU mode; ``job_env`` overrides TRAIN_ARGS etc."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
     env.update(RUN_DIR=str(run_dir), MLFOP_MODE="cpu", PYTHON=sys.executable, TRAIN_ARGS=train_args)
     env.update(job_env)
@@ -66,7 +68,7 @@ def sbatch_cpu_job(
 
 
 def _submit(run_dir: Path, **job_env: str) -> str:
-    """sbatch the CPU-mode job on one node (2 tasks)."""
+    """Sbatch the CPU-mode job on one node (2 tasks)."""
     return sbatch_cpu_job(run_dir, 1, 2, f"--quick --steps {STEPS}", **job_env)
 
 
@@ -151,10 +153,13 @@ MEGATRON_ITERS = 40
 def preempt_megatron_lm_job(
     tmp_path: Path, submit: Callable[..., str], iters: int, signal_to: str
 ) -> tuple[str, Path, int]:
-    """Submit a clean and a to-be-preempted LAUNCH=megatron-lm job; USR1 the second after 5
+    """Preempt a LAUNCH=megatron-lm job and compare it with a clean one.
+
+    Submit a clean and a to-be-preempted LAUNCH=megatron-lm job; USR1 the second after 5
     iterations (``signal_to``: scancel's --full or --batch), wait for the requeued run and the
     clean one; check the resumed iterations reproduce the clean losses. Returns (log of the
-    preempted job, its run dir, the iteration it stopped at)."""
+    preempted job, its run dir, the iteration it stopped at).
+    """
     from test_megatron_lm_entry import CPU_FLAGS, LOSS_TOL, MODEL, TRAIN, losses
 
     # The later --train-iters overrides TRAIN's (argparse keeps the last value).
@@ -188,8 +193,11 @@ def preempt_megatron_lm_job(
 
 @pytest.mark.skipif(MEGATRON_LM_SKIP_REASON is not None, reason=MEGATRON_LM_SKIP_REASON or "")
 def test_megatron_lm_job_preempted_requeues_and_resumes_to_the_same_losses(tmp_path):
-    """LAUNCH=megatron-lm: Megatron-LM's pretrain under srun, stopped by the USR1 Slurm sends
-    before the time limit, saves (torch_dist), requeues and resumes to the uninterrupted losses."""
+    """LAUNCH=megatron-lm survives a Slurm preemption with the same losses.
+
+    LAUNCH=megatron-lm: Megatron-LM's pretrain under srun, stopped by the USR1 Slurm sends
+    before the time limit, saves (torch_dist), requeues and resumes to the uninterrupted losses.
+    """
     log, run_dir, _ = preempt_megatron_lm_job(tmp_path, _submit, MEGATRON_ITERS, "--full")
     assert "restart 1" in log and "asked for a requeue" in log
     assert f"successfully loaded checkpoint from {run_dir / 'checkpoints'}" in log

@@ -82,7 +82,7 @@ def _addr(node: str) -> str:
 
 
 def _submit(run_dir: Path, steps: int = STEPS, extra: str = "", **job_env: str) -> str:
-    """sbatch the CPU job on both nodes, one rank per node."""
+    """Sbatch the CPU job on both nodes, one rank per node."""
     train_args = f"--quick --steps {steps} {extra}".strip()
     return sbatch_cpu_job(run_dir, len(NODES), 1, train_args, **job_env)
 
@@ -133,7 +133,7 @@ def _on_node(node: str, *cmd: str) -> subprocess.CompletedProcess:
 
 
 def _processes_in(node: str) -> dict[int, str]:
-    """pid -> command line of every process in the node's namespace except its slurmd."""
+    """Pid -> command line of every process in the node's namespace except its slurmd."""
     pids = subprocess.run(["ip", "netns", "pids", _ns(node)], capture_output=True, text=True)
     procs = {}
     for pid in map(int, pids.stdout.split()):
@@ -313,8 +313,11 @@ MEGATRON_ITERS = 30
 
 @pytest.mark.skipif(MEGATRON_LM_SKIP_REASON is not None, reason=MEGATRON_LM_SKIP_REASON or "")
 def test_megatron_lm_two_node_job_preempted_resumes_to_the_same_losses(tmp_path):
-    """LAUNCH=megatron-lm on both nodes: Megatron-LM's pretrain, stopped by USR1 to the batch
-    shell, saves (torch_dist, on the shared run dir), requeues and resumes to the same losses."""
+    """LAUNCH=megatron-lm on two nodes survives a preemption with the same losses.
+
+    LAUNCH=megatron-lm on both nodes: Megatron-LM's pretrain, stopped by USR1 to the batch
+    shell, saves (torch_dist, on the shared run dir), requeues and resumes to the same losses.
+    """
     log, _, _ = preempt_megatron_lm_job(tmp_path, _submit, MEGATRON_ITERS, "--batch")
     for rank, node in enumerate(NODES):
         assert f"rank {rank}/2 on host {node} (SLURMD_NODENAME={node}" in log, log[:3000]

@@ -293,6 +293,7 @@ def exit_for_requeue_if_stopped_early(exit_code: int) -> None:
 
 
 def main() -> None:
+    """Install ML-FOP-SOAP into Megatron-LM and run its pretrain loop on the GPT model."""
     from mlfop_megatron.megatron_lm.compat import backport_typing_override
 
     backport_typing_override()  # Megatron-LM 0.19 on Python 3.11 (no-op otherwise)

@@ -127,10 +127,12 @@ class Block:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the block."""
         return (self.rows, self.cols)
 
     @property
     def numel(self) -> int:
+        """Number of elements of the block."""
         return self.rows * self.cols
 
 
@@ -279,16 +281,17 @@ class LoadStats:
 
     @property
     def compute_balance(self) -> float:
-        """max / mean compute load (1.0 is perfect)."""
+        """Max / mean compute load (1.0 is perfect)."""
         return self.max_flops / self.mean_flops if self.mean_flops > 0 else 1.0
 
     @property
     def memory_balance(self) -> float:
-        """max / mean optimizer-state memory (1.0 is perfect)."""
+        """Max / mean optimizer-state memory (1.0 is perfect)."""
         return self.max_memory_bytes / self.mean_memory_bytes if self.mean_memory_bytes else 1.0
 
     @property
     def max_memory_gib(self) -> float:
+        """Busiest rank's optimizer-state memory in GiB."""
         return self.max_memory_bytes / GIB
 
 
@@ -365,7 +368,7 @@ class Assignment:
 
     def owner_of(self, block: Block | tuple[int, int, int]) -> int:
         """Rank that updates this block (a Block or its (param_index, row, col) key)."""
-        key = block.key if isinstance(block, Block) else tuple(block)
+        key = block.key if isinstance(block, Block) else (block[0], block[1], block[2])
         try:
             return self._owner_by_key[key]
         except KeyError:
@@ -403,13 +406,13 @@ class Assignment:
 
     @property
     def compute_balance(self) -> float:
-        """max / mean compute load over all ranks (idle ranks count in the mean)."""
+        """Max / mean compute load over all ranks (idle ranks count in the mean)."""
         mean = sum(self.compute_loads) / self.world_size
         return max(self.compute_loads) / mean if mean > 0 else 1.0
 
     @property
     def memory_balance(self) -> float:
-        """max / mean optimizer-state memory over all ranks."""
+        """Max / mean optimizer-state memory over all ranks."""
         mean = sum(self.memory_loads) / self.world_size
         return max(self.memory_loads) / mean if mean > 0 else 1.0
 

@@ -32,6 +32,7 @@ class GPUTelemetry:
 
     @property
     def enabled(self) -> bool:
+        """Whether NVML is available (a GPU handle was opened)."""
         return self.handle is not None
 
     def sample(self) -> dict[str, float]:

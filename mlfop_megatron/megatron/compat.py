@@ -16,7 +16,6 @@ import re
 import warnings
 from collections.abc import Callable
 from importlib import metadata
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -60,7 +59,7 @@ def check_megatron_core_version(strict: bool = False) -> tuple[int, int, int]:
     return version
 
 
-def rng_module() -> ModuleType:
+def rng_module() -> Any:
     """Megatron's tensor_parallel.random module (home of the private CUDA RNG state helpers)."""
     from megatron.core.tensor_parallel import random as mrandom
 

@@ -149,7 +149,8 @@ def check_fp8_support(
 class QuantizedParamBackend(Protocol):
     """How the optimizer reads and writes quantized params (TransformerEngine by default)."""
 
-    def is_quantized(self, param: torch.Tensor) -> bool: ...
+    def is_quantized(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is a quantized (FP8) tensor."""
 
     def initial_value(self, param: torch.Tensor) -> torch.Tensor:
         """Best high-precision value at start (TE's high-precision init value if kept)."""
@@ -172,6 +173,7 @@ class TransformerEngineBackend:
     requires_transformer_engine = True
 
     def is_quantized(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is a TransformerEngine Float8Tensor."""
         # Without TE nothing can be an fp8 tensor; do not import fp8_utils for plain tensors
         # of a CPU run more than needed (it is cheap, but it probes for TE).
         if type(param) in (torch.Tensor, torch.nn.Parameter):
@@ -181,6 +183,7 @@ class TransformerEngineBackend:
         return is_float8tensor(param)
 
     def initial_value(self, param: torch.Tensor) -> torch.Tensor:
+        """TE's kept high-precision init value (then freed), else the dequantized param."""
         getter = getattr(param, "get_high_precision_init_val", None)
         value = getter() if getter is not None else None
         if value is None:
@@ -188,15 +191,17 @@ class TransformerEngineBackend:
         # Kept on the CPU by te.fp8_model_init(preserve_high_precision_init_val=True); not
         # needed once the main weights exist (Megatron's distributed optimizer clears it too).
         value = value.to(device=param.device, dtype=param.dtype)
-        param.clear_high_precision_init_val()
+        param.clear_high_precision_init_val()  # type: ignore[attr-defined]  # TE's FP8 tensor
         return value
 
     def current_value(self, param: torch.Tensor) -> torch.Tensor:
+        """The param dequantized by megatron.core.fp8_utils."""
         from megatron.core.fp8_utils import dequantize_fp8_tensor
 
         return dequantize_fp8_tensor(param.detach())
 
     def requantize(self, params, values, group) -> None:
+        """Quantize ``values`` into ``params`` with amax agreed over ``group`` (TE's kernels)."""
         from megatron.core.fp8_utils import post_all_gather_processing, quantize_param_shard
 
         params = list(params)
@@ -213,6 +218,7 @@ _BACKEND: QuantizedParamBackend = TransformerEngineBackend()
 
 
 def get_backend() -> QuantizedParamBackend:
+    """The installed quantized-param backend."""
     return _BACKEND
 
 
@@ -270,12 +276,15 @@ class QuantizedParamShadows:
         return len(self.shadows)
 
     def substitute(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``params`` with every quantized param replaced by its high-precision shadow."""
         return [self._by_param.get(id(p), p) for p in params]
 
     def is_shadow(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is one of the shadows."""
         return id(tensor) in self._by_shadow
 
     def model_param(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The quantized model param of a shadow (any other tensor: itself)."""
         return self._by_shadow.get(id(tensor), tensor)
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ apex is imported lazily, once, on the first CUDA call; nothing is imported on CP
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ _FORCE_TORCH = False
 
 
 def _apex() -> dict[str, Any]:
-    """apex's applier and kernels, or {} when apex (with its CUDA extension amp_C) is absent."""
+    """Apex's applier and kernels, or {} when apex (with its CUDA extension amp_C) is absent."""
     global _APEX
     if _APEX is None:
         try:
@@ -158,8 +158,8 @@ def l2_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
-def fused_adam_class(params: Sequence[torch.Tensor]) -> type[torch.optim.Optimizer] | None:
-    """apex's FusedAdam when apex is installed and every param is a CUDA tensor, else None."""
+def fused_adam_class(params: Sequence[torch.Tensor]) -> Callable[..., torch.optim.Optimizer] | None:
+    """Apex's FusedAdam when apex is installed and every param is a CUDA tensor, else None."""
     params = list(params)
     if _FORCE_TORCH or not params or not all(p.is_cuda for p in params):
         return None

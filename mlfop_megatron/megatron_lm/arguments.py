@@ -138,6 +138,7 @@ def _field_flags(owner: type) -> list[Flag]:
     flags = []
     for f in fields(owner):
         meta = f.metadata
+        default: Any = f.default
         if "pair" in meta:
             for index, (suffix, text) in enumerate(meta["pair"]):
                 flags.append(
@@ -147,7 +148,7 @@ def _field_flags(owner: type) -> list[Flag]:
                         f"{f.name}[{index}]",
                         dict(
                             type=_checked(float, partial(_check_pair, owner, f.name, index)),
-                            default=f.default[index],
+                            default=default[index],
                             help=text,
                         ),
                     )
@@ -167,11 +168,12 @@ def _field_flags(owner: type) -> list[Flag]:
             # A switch: it sets the dest True; a default-True option reads it negated.
             kwargs.update(action="store_true")
         elif "choices" in meta:
-            kwargs.update(choices=meta["choices"], default=f.default)
+            kwargs.update(choices=meta["choices"], default=default)
         else:
             check = _FIELD_CHECKS.get(f.name, partial(_check_field, owner, f.name))
-            kwargs.update(type=_checked(_PARSERS[str(f.type)], check), default=f.default)
-        flags.append(Flag(name, owner, f.name, kwargs, negated=f.type == "bool" and f.default))
+            kwargs.update(type=_checked(_PARSERS[str(f.type)], check), default=default)
+        negated = f.type == "bool" and default is True
+        flags.append(Flag(name, owner, f.name, kwargs, negated=negated))
     return flags
 
 

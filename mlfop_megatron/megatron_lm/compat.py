@@ -206,8 +206,11 @@ def distributed_optimizer_requested(args: argparse.Namespace) -> bool:
 
 
 def legacy_fused_kernels() -> ModuleType | None:
-    """``megatron.legacy.fused_kernels`` (0.16: ``initialize_megatron`` calls its ``load``);
-    None where Megatron-LM has no ``megatron.legacy`` (0.19)."""
+    """Megatron-LM's fused-kernel loader module, or None.
+
+    ``megatron.legacy.fused_kernels`` (0.16: ``initialize_megatron`` calls its ``load``);
+    None where Megatron-LM has no ``megatron.legacy`` (0.19).
+    """
     try:
         return importlib.import_module("megatron.legacy.fused_kernels")
     except ImportError:
@@ -215,13 +218,17 @@ def legacy_fused_kernels() -> ModuleType | None:
 
 
 def batch_on_this_rank(data_iterator: Any) -> dict[str, Any]:
-    """This rank's GPT micro-batch (tokens, labels, loss_mask, attention_mask, position_ids):
+    """This rank's GPT micro-batch, as Megatron-LM's pretrain_gpt builds it.
+
+    This rank's GPT micro-batch (tokens, labels, loss_mask, attention_mask, position_ids):
     read on TP rank 0, broadcast over TP, sliced for context parallelism. No packed sequences,
-    hybrid context parallelism or multi-token prediction."""
+    hybrid context parallelism or multi-token prediction.
+    """
     training_utils = importlib.import_module("megatron.training.utils")
     if hasattr(training_utils, "get_batch_on_this_tp_rank"):  # 0.16
-        batch = training_utils.get_batch_on_this_tp_rank(data_iterator)
-        return training_utils.get_batch_on_this_cp_rank(batch)
+        return training_utils.get_batch_on_this_cp_rank(
+            training_utils.get_batch_on_this_tp_rank(data_iterator)
+        )
     from megatron.core import mpu
     from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
     from megatron.training.global_vars import get_args

@@ -28,6 +28,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -69,8 +70,11 @@ class CpuDeviceMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _strict(self, func, args, kwargs):
-        """Strict mode: the same redirections, tagging what was meant for the accelerator
-        and copying across the host/device boundary (see strict_device)."""
+        """Strict-mode redirection of one torch call.
+
+        Strict mode: the same redirections, tagging what was meant for the accelerator
+        and copying across the host/device boundary (see strict_device).
+        """
         if func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.record_stream:
@@ -252,7 +256,7 @@ def install_cpu_emulation(with_megatron: bool = True, strict: bool | None = None
         for (mod, name), repl in _cuda_patches().items():
             old = getattr(mod, name)
             setattr(mod, name, repl)
-            restorers.append(lambda mod=mod, name=name, old=old: setattr(mod, name, old))
+            restorers.append(partial(setattr, mod, name, old))
         mode = CpuDeviceMode()
         restorers.append(_redirect_custom_backwards(mode))
         if with_megatron:

@@ -103,7 +103,7 @@ def _child(
         )
         # Plain pickle (not the queue's ForkingPickler) so tensors travel by value, not by
         # shared-memory handles that die with this process.
-        message = (rank, True, pickle.dumps(fn(*args)))
+        message: tuple[int, bool, bytes | str] = (rank, True, pickle.dumps(fn(*args)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         message = (rank, False, traceback.format_exc())
     results.put(message)

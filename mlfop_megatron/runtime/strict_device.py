@@ -49,8 +49,9 @@ ENV_VAR = "MLFOP_STRICT_DEVICE"
 CUDA0 = torch.device("cuda", 0)
 _CPU = torch.device("cpu")
 
-_REAL_DEVICE = torch._C.TensorBase.device
-_REAL_IS_CUDA = torch._C.TensorBase.is_cuda
+# The C getset descriptors (typeshed types them as the values they return).
+_REAL_DEVICE: Any = torch._C.TensorBase.device
+_REAL_IS_CUDA: Any = torch._C.TensorBase.is_cuda
 
 
 class DeviceMismatchError(RuntimeError):
@@ -117,12 +118,18 @@ def tag_all(out: Any) -> Any:
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-_DEFAULT_TF = (torch.Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl)
+_DEFAULT_TF = (
+    torch.Tensor.__torch_function__.__func__,  # type: ignore[attr-defined]  # a classmethod
+    torch._C._disabled_torch_function_impl,
+)
 
 
 def _own_getter(self: torch.Tensor, real: Any) -> Any:
-    """Subclasses with their own __torch_function__ (torch's ShardedTensor) know only the
-    original getters: hand them the original, as the C getter would (else None)."""
+    """The original getter's value for tensor subclasses with their own __torch_function__.
+
+    Subclasses with their own __torch_function__ (torch's ShardedTensor) know only the
+    original getters: hand them the original, as the C getter would (else None).
+    """
     cls = type(self)
     if cls not in _PLAIN_TYPES:
         tf = cls.__torch_function__
@@ -301,8 +308,11 @@ def _untagged_storages(args: tuple, kwargs: dict) -> set[int]:
 
 
 def tag_new(out: Any, args: tuple, kwargs: dict) -> Any:
-    """Tag the result of a redirected factory call; a result that aliases an untagged input
-    (torch.as_tensor(host, device="cuda") returns its input on CPU) is copied first."""
+    """Tag the result of a redirected factory call.
+
+    Tag the result of a redirected factory call; a result that aliases an untagged input
+    (torch.as_tensor(host, device="cuda") returns its input on CPU) is copied first.
+    """
     shared = _untagged_storages(args, kwargs)
     if isinstance(out, torch.Tensor):
         st = _storage(out)
@@ -369,6 +379,7 @@ _STATE = _StrictState()
 
 
 def is_strict_installed() -> bool:
+    """Whether strict device checking is installed in this process."""
     return _STATE.mode is not None
 
 
@@ -376,8 +387,8 @@ def install_strict_device() -> None:
     """Enter the tagging dispatch mode and override Tensor.device/is_cuda (idempotent)."""
     if _STATE.mode is not None:
         return
-    torch.Tensor.device = property(_device, doc=_REAL_DEVICE.__doc__)
-    torch.Tensor.is_cuda = property(_is_cuda, doc=_REAL_IS_CUDA.__doc__)
+    torch.Tensor.device = property(_device, doc=_REAL_DEVICE.__doc__)  # type: ignore[assignment]
+    torch.Tensor.is_cuda = property(_is_cuda, doc=_REAL_IS_CUDA.__doc__)  # type: ignore[assignment]
     _STATE.capability = torch.cuda.get_device_capability
     torch.cuda.get_device_capability = _capability
     mode = StrictDeviceMode()

@@ -1,4 +1,4 @@
-"""Size an ML-FOP-SOAP Megatron job before submitting it (pure Python: no torch, no GPU).
+r"""Size an ML-FOP-SOAP Megatron job before submitting it (pure Python: no torch, no GPU).
 
 ``mlfop-plan``'s command line; what the numbers model is in
 :mod:`mlfop_megatron.launch.plan.model`.
@@ -11,7 +11,7 @@ same pure owner assignment the optimizer builds at run time
 (:mod:`mlfop_megatron.distributed.assignment`).
 
     mlfop-plan --model llama3-8b --dp 64 --tp 8 --pp 2 --micro-batches 8
-    mlfop-plan --hidden 2048 --ffn 8192 --layers 16 --heads 16 --vocab 32000 \\
+    mlfop-plan --hidden 2048 --ffn 8192 --layers 16 --heads 16 --vocab 32000 \
         --world-size 256 --tp 4 --micro-batches 16 --auto-block-size --json plan.json
 """
 
