@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_megatron_lm_entry import SKIP_REASON, TAG
 
 from mlfop_megatron.megatron_lm import SUPPORTED_MEGATRON_LM
 from mlfop_megatron.megatron_lm.compat import TESTED_TAGS
+from tests.test_megatron_lm_entry import SKIP_REASON, TAG
 
 REPO = Path(__file__).resolve().parents[1]
 ARGUMENTS, TRAINING = "megatron/training/arguments.py", "megatron/training/training.py"
@@ -182,7 +182,7 @@ def test_patched_megatron_lm_parses_and_validates_mlfop_flags(patched_tree):
 @needs_source
 def test_patched_megatron_lm_trains_without_the_runtime_install(patched_tree):
     """The patched get_model / setup_model_and_optimizer / train loop alone run mlfop_soap."""
-    from test_megatron_lm_entry import check_ok, losses, run_launcher
+    from tests.test_megatron_lm_entry import check_ok, losses, run_launcher
 
     out = check_ok(run_launcher(source=str(patched_tree), MLFOP_RUNTIME_INSTALL="0"))
     assert f"'megatron.training': '{patched_tree / 'megatron' / 'training'}'" in out

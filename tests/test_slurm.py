@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_megatron_lm_entry import SKIP_REASON as MEGATRON_LM_SKIP_REASON
+
+from tests.test_megatron_lm_entry import SKIP_REASON as MEGATRON_LM_SKIP_REASON
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 150
@@ -160,7 +161,7 @@ def preempt_megatron_lm_job(
     clean one; check the resumed iterations reproduce the clean losses. Returns (log of the
     preempted job, its run dir, the iteration it stopped at).
     """
-    from test_megatron_lm_entry import CPU_FLAGS, LOSS_TOL, MODEL, TRAIN, losses
+    from tests.test_megatron_lm_entry import CPU_FLAGS, LOSS_TOL, MODEL, TRAIN, losses
 
     # The later --train-iters overrides TRAIN's (argparse keeps the last value).
     overrides = ["--train-iters", str(iters), "--save-interval", "1000"]

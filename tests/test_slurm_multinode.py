@@ -29,8 +29,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_megatron_lm_entry import SKIP_REASON as MEGATRON_LM_SKIP_REASON
-from test_slurm import (
+
+from tests.test_megatron_lm_entry import SKIP_REASON as MEGATRON_LM_SKIP_REASON
+from tests.test_slurm import (
     _job,
     _wait,
     _wait_requeued_completion,
