@@ -326,3 +326,13 @@ def test_layout_and_logging_flags_build_their_configs():
     args = megatron_like_parser().parse_args(argv)
     assert sharding_config_from_args(args) == ShardingConfig(False, 64, "full")
     assert logging_config_from_args(args) == LoggingConfig(5, "halves")
+
+
+def test_readme_flag_table_lists_every_flag():
+    from pathlib import Path
+
+    from mlfop_megatron.megatron_lm.arguments import FLAGS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [flag.name for flag in FLAGS if f"`{flag.name}`" not in readme]
+    assert not missing, f"README.md's flag table lacks {missing}"
