@@ -5,7 +5,7 @@ flat buffer of the params' dtype, padded to a multiple of the data-parallel size
 params' storage is re-pointed into it (as Megatron's DistributedOptimizer does with its param
 buffer). DP rank r owns the contiguous slice ``[r*S, (r+1)*S)`` (S = padded size / N) and
 keeps AdamW state (exp_avg, exp_avg_sq) for it only, plus fp32 main weights when the params
-are low precision (fp32 params are their own main weights: the owned slice of the buffer).
+are bf16 (fp32/fp64 params are their own main weights: the owned slice of the buffer).
 A step runs AdamW (the same kernel as the replicated path, per element the same ops) on the
 owned slice, reading the DP-mean ``main_grad`` slices, then ONE ``all_gather_into_tensor`` per
 buffer, in the params' dtype, writes every rank's params.
@@ -32,6 +32,7 @@ from mlfop_megatron.megatron import fused_kernels
 
 STATE_PREFIX = "optimizer.state"
 MOMENTS = ("exp_avg", "exp_avg_sq")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there).
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -107,8 +108,9 @@ class _Buffer:
                 self.data[offset : offset + n].copy_(p.detach().reshape(-1))
                 p.data = self.data[offset : offset + n].view(p.shape)
                 offset += n
-        # fp32 params are their own main weights; others get an fp32 copy of the owned slice.
-        self.separate_main = self.dtype != torch.float32
+        # fp32/fp64 params are their own main weights; bf16/fp16 ones get an fp32 copy of the
+        # owned slice.
+        self.separate_main = self.dtype in LOW_PRECISION
         self.main = self.shard.float() if self.separate_main else self.shard
         self.pieces: list[_Piece] = []
         offset = 0
@@ -279,8 +281,7 @@ class ShardedMainParamAdamW(MegatronOptimizer):
         self, model_sharded_state_dict: Any, is_loading: bool = False, metadata: Any = None
     ) -> dict[str, Any]:
         """Owned pieces as ShardedTensors of each param's global tensor (see module docstring)."""
-        if is_loading:
-            self._init_state()
+        self._init_state()  # a template (loading, or before the first step) has every tensor
         id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.model_params)
         tensors: dict[str, Any] = {}
         for k, piece in enumerate(self.pieces):
@@ -297,7 +298,7 @@ class ShardedMainParamAdamW(MegatronOptimizer):
                 )
             fields = dict(self.optimizer.state[piece.main])
             values = {key: fields[key] for key in MOMENTS}
-            if piece.param.dtype != torch.float32:  # separate fp32 main weights
+            if piece.param.dtype in LOW_PRECISION:  # separate fp32 main weights
                 values["fp32_param"] = piece.main.data
             tensors[str(k)] = {
                 key: _piece_tensors(model, f"{STATE_PREFIX}.{key}.{model.key}", value, piece)
@@ -358,31 +359,30 @@ def _piece_tensors(
     model: ShardedTensor, key: str, value: torch.Tensor, piece: _Piece
 ) -> dict[str, ShardedTensor]:
     """A piece's slice of a param's state as ShardedTensors: one per box ("b0", "b1", ...)."""
-    local_shape = tuple(model.local_shape)
-    lead = model.global_offset[: model.prepend_axis_num]
+    # Prepended axes (e.g. the layer axis of stacked layers) become leading size-1 axes.
+    lead = tuple(model.global_offset[: model.prepend_axis_num])
     base = model.global_offset[model.prepend_axis_num :]
     rid = model.replica_id
     # Pieces are disjoint over DP: the DP coordinate of the replica id is 0 on every rank.
     replica = (*rid[:-1], 0) if isinstance(rid, tuple) else 0
     flat = value.reshape(-1)
     out = {}
-    for i, (offset, shape, start) in enumerate(
-        flat_range_boxes(local_shape, piece.start, piece.end)
-    ):
+    boxes = flat_range_boxes(tuple(model.local_shape), piece.start, piece.end)
+    for i, (offset, shape, start) in enumerate(boxes):
         n = 1
         for s in shape:
             n *= s
         lo = start - piece.start
+        full_shape = (1,) * len(lead) + tuple(shape)
         out[f"b{i}"] = ShardedTensor(
             key=key,
-            data=flat[lo : lo + n].view(shape),
+            data=flat[lo : lo + n].view(full_shape),
             dtype=value.dtype,
-            local_shape=shape,
+            local_shape=full_shape,
             global_shape=tuple(model.global_shape),
-            global_offset=tuple(lead) + tuple(b + o for b, o in zip(base, offset)),
+            global_offset=lead + tuple(b + o for b, o in zip(base, offset)),
             axis_fragmentations=None,
             replica_id=replica,
-            prepend_axis_num=model.prepend_axis_num,
             allow_shape_mismatch=model.allow_shape_mismatch,
         )
     return out
@@ -414,3 +414,22 @@ def adam_state_bytes(optimizer: Any) -> int:
     for main in getattr(optimizer, "main_params", ()):
         total += main.numel() * main.element_size()
     return total
+
+
+def owned_adam_state(
+    optimizers: list[Any], names: dict[Any, str]
+) -> dict[str, list[tuple[int, int, dict[str, torch.Tensor]]]]:
+    """This rank's ZeRO-1 Adam pieces: {param name: [(start, end, {field: copy})]} (tests)."""
+    out: dict[str, list[tuple[int, int, dict[str, torch.Tensor]]]] = {}
+    for opt in optimizers:
+        if not isinstance(opt, ShardedMainParamAdamW):
+            continue
+        for piece in opt.pieces:
+            fields = {
+                k: v.detach().clone()
+                for k, v in opt.optimizer.state[piece.main].items()
+                if k in MOMENTS
+            }
+            fields["main"] = piece.main.detach().clone()
+            out.setdefault(names[piece.param], []).append((piece.start, piece.end, fields))
+    return out

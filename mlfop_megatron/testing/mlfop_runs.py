@@ -15,7 +15,7 @@ from mlfop_megatron.megatron import compat
 from mlfop_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
 from mlfop_megatron.megatron.factory import get_mlfop_optimizer
-from mlfop_megatron.megatron.sharded_adam import adam_state_bytes
+from mlfop_megatron.megatron.sharded_adam import adam_state_bytes, owned_adam_state
 from mlfop_megatron.testing.distributed import init_megatron_parallel
 from mlfop_megatron.testing.tiny_gpt import (
     TinyGPTConfig,
@@ -141,6 +141,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         "results": [(ok, norm) for ok, norm, _ in results],
         "state_bytes": sum(o.state_bytes() for o in optimizer.mlfop),
         "adam_state_bytes": sum(adam_state_bytes(o) for o in optimizer.others),
+        "adam_pieces": owned_adam_state(optimizer.others, names),
         "engines": [type(e).__name__ for o in optimizer.mlfop for e in o.engines],
         "step_times": step_times,
         "broadcast_bytes": sum(
