@@ -227,3 +227,70 @@ def test_sharded_adam_strict_device(dtype):
     assert all(r["ok"] for r in results)
     for name, value in results[0]["params"].items():
         assert torch.equal(results[1]["params"][name], value), name
+
+
+def _build(dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """Tiny GPT (DDP) + chained optimizer on the current ranks; returns (model, opt, cfg)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    from mlfop_megatron.config import MLFOPConfig
+    from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+    from mlfop_megatron.megatron.factory import get_mlfop_optimizer
+    from mlfop_megatron.testing.distributed import init_megatron_parallel
+    from mlfop_megatron.testing.tiny_gpt import TinyGPTConfig, build_tiny_gpt, deterministic_init_
+
+    init_megatron_parallel(tp=1, seed=1234)
+    torch.set_default_dtype(dtype)
+    cfg = TinyGPTConfig(dtype=dtype)
+    model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
+    deterministic_init_(model, seed=0)
+    mlfop = MLFOPConfig.from_kwargs(lr=1e-2, accumulation_steps=4)
+    config = OptimizerConfig(
+        optimizer="adam", lr=1e-2, weight_decay=0.01, bf16=dtype == torch.bfloat16
+    )
+    return model, get_mlfop_optimizer(config, [model], mlfop), cfg
+
+
+def _layout_worker(dtype: torch.dtype) -> dict[str, Any]:
+    from mlfop_megatron.megatron.sharded_adam import ShardedMainParamAdamW
+
+    _, optimizer, _ = _build(dtype)
+    (adam,) = [o for o in optimizer.others if isinstance(o, ShardedMainParamAdamW)]
+    return {
+        "numel": [b.numel for b in adam.buffers],
+        "padding": adam.padding(),
+        "gather_bytes": adam.all_gather_bytes_per_step(),
+    }
+
+
+@pytest.mark.parametrize("dp", [2, 4])
+def test_padding_is_below_n_elements_per_buffer(dp):
+    for r in run_distributed(_layout_worker, dp, torch.bfloat16):
+        ((numel,), (pad,)) = r["numel"], r["padding"]
+        assert (numel + pad) % dp == 0 and 0 <= pad < dp
+        # Received per step: the (N-1)/N of the bf16 buffer the other ranks own.
+        assert r["gather_bytes"] == (numel + pad) * (dp - 1) // dp * 2
+        print(f"DP={dp}: {numel} Adam elements, padding {pad}, all-gather {r['gather_bytes']} B")
+
+
+def _storage_fault_worker(dtype: torch.dtype) -> str:
+    from mlfop_megatron.testing.tiny_gpt import train_iteration
+
+    model, optimizer, cfg = _build(dtype)
+    norm = next(p for n, p in model.named_parameters() if "final_layernorm" in n)
+    train_iteration(model, cfg, 0, 4, 1, zero_grad=False)
+    norm.data = norm.data.clone()  # as model.to() would: storage leaves the buffer
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        optimizer.step()
+    except RuntimeError as err:
+        for n, p in model.named_parameters():  # refused before any update
+            assert torch.equal(p, before[n]), n
+        return str(err)
+    return "no error"
+
+
+def test_replaced_param_storage_is_refused_before_any_update():
+    (message,) = run_distributed(_storage_fault_worker, 1, torch.float32)
+    assert "no longer lives in ShardedMainParamAdamW's buffer" in message
+    assert "shard_adam=False" in message

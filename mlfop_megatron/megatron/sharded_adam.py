@@ -165,6 +165,7 @@ class ShardedMainParamAdamW(MegatronOptimizer):
             for _, ps in sorted(by_dtype.items(), key=str)
         ]
         self.pieces = [piece for b in self.buffers for piece in b.pieces]
+        self._data_ptrs = [p.data_ptr() for p in self.model_params]
         # Every rank has every group (maybe without params), so the LR scheduler and the
         # checkpoint's param_groups agree across ranks.
         inner_groups = [dict(g, params=[]) for g in groups]
@@ -193,8 +194,20 @@ class ShardedMainParamAdamW(MegatronOptimizer):
         """One carrier per model param: full DP-mean gradients (counted once by the chain)."""
         return self._carriers
 
+    def _check_storage(self) -> None:
+        """Fail before any update if a param's storage left the buffer (e.g. model.to())."""
+        for p, ptr in zip(self.model_params, self._data_ptrs):
+            if p.data_ptr() != ptr:
+                raise RuntimeError(
+                    f"an Adam param {tuple(p.shape)} no longer lives in ShardedMainParamAdamW's "
+                    "buffer (its .data was replaced, e.g. by model.to()/cuda() or "
+                    "load_state_dict(assign=True)): move/load the model before building the "
+                    "optimizer, or use get_mlfop_optimizer(shard_adam=False)"
+                )
+
     @torch.no_grad()
     def prepare_grads(self) -> bool:
+        self._check_storage()
         for carrier, p in zip(self._carriers, self.model_params):
             carrier.data = p.main_grad
             carrier.grad = p.main_grad
@@ -329,6 +342,11 @@ class ShardedMainParamAdamW(MegatronOptimizer):
             self.steps = int(state_dict["steps"])
             return
         self._init_state()
+        if len(state_dict["param_groups"]) != len(self.optimizer.param_groups):
+            raise ValueError(
+                f"checkpoint has {len(state_dict['param_groups'])} Adam param groups, this "
+                f"optimizer {len(self.optimizer.param_groups)}: the model's params differ"
+            )
         for group, saved in zip(self.optimizer.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.steps = int(state_dict["steps"])

@@ -84,6 +84,7 @@ def build_mlfop_optimizer(config: Any, model_chunks: list[Any], args: argparse.N
         model_chunks,
         mlfop_config_from_args(args, get_num_microbatches()),
         sharded=not args.mlfop_replicated_state,
+        shard_adam=not args.mlfop_replicated_state,
         block_size=args.mlfop_block_size,
         tp_mode=args.mlfop_tp_mode,
     )
