@@ -263,7 +263,7 @@ def _layout_worker(dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("dp", [2, 4])
+@pytest.mark.parametrize("dp", [2, 3, 4])
 def test_padding_is_below_n_elements_per_buffer(dp):
     for r in run_distributed(_layout_worker, dp, torch.bfloat16):
         ((numel,), (pad,)) = r["numel"], r["padding"]
@@ -294,3 +294,34 @@ def test_replaced_param_storage_is_refused_before_any_update():
     (message,) = run_distributed(_storage_fault_worker, 1, torch.float32)
     assert "no longer lives in ShardedMainParamAdamW's buffer" in message
     assert "shard_adam=False" in message
+
+
+def _state_dict_roundtrip_worker(dtype: torch.dtype) -> bool:
+    import copy
+
+    from mlfop_megatron.testing.tiny_gpt import train_iteration
+
+    model, optimizer, cfg = _build(dtype)
+
+    def iteration(it: int) -> None:
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        train_iteration(model, cfg, it, 4, 1, zero_grad=False)
+        assert optimizer.step()[0]
+
+    iteration(0)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    saved = copy.deepcopy(optimizer.state_dict())  # per-rank (legacy torch format) state
+    iteration(1)
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(params[n])
+    optimizer.load_state_dict(saved)
+    iteration(1)
+    return all(torch.equal(p, after[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_per_rank_state_dict_roundtrip_repeats_the_step_bitwise(dtype):
+    assert all(run_distributed(_state_dict_roundtrip_worker, 2, dtype))
