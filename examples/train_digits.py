@@ -868,7 +868,7 @@ def load_checkpoint(out: Path, name: str, model: Any, optimizer: Any) -> int:
 
 # ---------------------------------------------------------------------------------- training
 def make_progress(spec: RunSpec, start: int = 0) -> Any:
-    """tqdm bar on global rank 0 (None elsewhere, and with plain lines: log_every > 0)."""
+    """Tqdm bar on global rank 0 (None elsewhere, and with plain lines: log_every > 0)."""
     if dist.get_rank() != 0 or spec.log_every > 0:
         return None
     from tqdm import tqdm

@@ -170,7 +170,8 @@ def test_by_modality_layout_dp2_grad_diagnostics(tmp_path: Path) -> None:
     """--micro-batch-layout by-modality at DP=2 (4 micro-steps: image, image, text, text)
     through the Megatron path: the optimizer's grad-group cosine of the armed steps equals the
     demo's independent autograd cosine of the image and text losses (both over the decoder
-    matrices), and the diagnostics columns and plot are written."""
+    matrices), and the diagnostics columns and plot are written.
+    """
     out = tmp_path / "by_modality"
     cmd = [sys.executable, str(SCRIPT), "--nproc", "2", "--quick", "--steps", "4"]
     cmd += ["--diag-every", "2", "--micro-batch-layout", "by-modality", "--out", str(out)]

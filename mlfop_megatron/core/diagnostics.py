@@ -298,7 +298,8 @@ def group_block_rows(
     reduce_fn: ReduceFn | None = None,
 ) -> torch.Tensor:
     """``block_rows`` from a complete window's ``GroupSums``: per block one batched rotation
-    of its [G, rows, cols] group means (rot(X) = QL^T X QR broadcasts over the group axis)."""
+    of its [G, rows, cols] group means (rot(X) = QL^T X QR broadcasts over the group axis).
+    """
     rotated = [rot(m) for rot, m in zip(rotate_fns, sums.means())]
     return block_rows(rotated, sums.counts, diags, comb_rot, eta, lrs, sums.sq or [], reduce_fn)
 

@@ -56,7 +56,8 @@ class LevelDiagnostics:
 
     def totals(self) -> torch.Tensor:
         """Additive totals [aa, ad, dd, sum s, sum beta, blocks, sum cz, sum ch] (sum these
-        across ranks)."""
+        across ranks).
+        """
         total = self.sums.sum(dim=0)
         zero = total.new_zeros(())
         return torch.stack(
@@ -74,7 +75,8 @@ class LevelDiagnostics:
 
     def extremes(self) -> torch.Tensor:
         """[max beta, -min beta, max s, -min s] over blocks (max-reduce these across ranks;
-        -inf without blocks)."""
+        -inf without blocks).
+        """
         if not self.s.numel():
             return torch.full((4,), -math.inf, dtype=torch.float64, device=self.s.device)
         beta, s = self.beta.to(torch.float64), self.s.to(torch.float64)
@@ -150,7 +152,8 @@ class WindowOutput:
 
     def scale_(self, factor: float) -> None:
         """Multiply every gradient by ``factor`` in place (gradient clipping; eta* is
-        invariant)."""
+        invariant).
+        """
         for group in (self.grads, self.grads_rot, self.stats_grads, self.stats_grads_rot):
             for g in group or ():
                 if g is not None:

@@ -70,7 +70,8 @@ def phase2_sums(
     with_ama: bool = False,
 ) -> torch.Tensor:
     """[<a,M^-1 d_perp>, <d_perp,M^-1 d_perp>, <d,M^-1 d>] with d_perp = d - s a, and
-    <a,M^-1 a> as a fourth entry when ``with_ama`` (needed for eta*)."""
+    <a,M^-1 a> as a fourth entry when ``with_ama`` (needed for eta*).
+    """
     d_perp = d - s * a
     mi_dp = d_perp if diag is None else d_perp / diag
     mi_d = d if diag is None else d / diag

@@ -1,5 +1,6 @@
 """Level schedule of the multi-level folding: which micro-steps form which level, and which
-estimates are folded when a level ends (the fold plan of the structure)."""
+estimates are folded when a level ends (the fold plan of the structure).
+"""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def structure_boundaries(cfg: FoldingConfig) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Fold:
     """One fold of the plan: after ``level`` ends, the two top estimates of the stack (z
-    below, covering ``n_z`` micro-steps; h on top, ``n_h``) are replaced by FOP(z, h)."""
+    below, covering ``n_z`` micro-steps; h on top, ``n_h``) are replaced by FOP(z, h).
+    """
 
     index: int
     level: int
@@ -52,7 +54,8 @@ class Fold:
 def fold_plan(boundaries: tuple[int, ...], structure: str) -> tuple[Fold, ...]:
     """Folds in execution order. Each level's mean is pushed on a stack; chain (and last, a
     two-level chain) folds the two entries after every level >= 1; tree folds while the two
-    top entries cover equally many micro-steps, and after the last level folds the rest."""
+    top entries cover equally many micro-steps, and after the last level folds the rest.
+    """
     sizes = [b - (boundaries[i - 1] if i else 0) for i, b in enumerate(boundaries)]
     stack: list[int] = []
     folds: list[Fold] = []
@@ -69,7 +72,8 @@ def fold_plan(boundaries: tuple[int, ...], structure: str) -> tuple[Fold, ...]:
 @dataclass(frozen=True)
 class LevelSchedule:
     """Cumulative level boundaries L_0 < ... < L_J=K over one accumulation window, and the
-    fold plan of the structure over those levels."""
+    fold plan of the structure over those levels.
+    """
 
     boundaries: tuple[int, ...]
     structure: str = "chain"

@@ -69,7 +69,8 @@ def init_state(
     master: torch.Tensor | None = None,
 ) -> State:
     """Zero state for a block. ``master``: fp32 copy of a low-precision (bf16) param block,
-    which then receives the updates and is copied into the param after each step."""
+    which then receives the updates and is copied into the param after each step.
+    """
     state: State = {
         "step": 0,
         "initialized": False,

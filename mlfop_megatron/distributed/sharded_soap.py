@@ -139,7 +139,8 @@ class ShardedSOAP:
     def arm_grad_diagnostics(self, groups: Sequence[int]) -> None:
         """Keep per-group gradient sums in the next window (``groups``: the group id of every
         micro-step; see core/diagnostics.py). Costs len(set(groups)) gradient-sized buffers
-        per owned block until the window's step."""
+        per owned block until the window's step.
+        """
         if self._folder is not None or self._pending is not None:
             raise RuntimeError("arm grad diagnostics before the window's first micro-step")
         self._groups = GroupSums(tuple(groups), len(self.owned))
@@ -148,7 +149,8 @@ class ShardedSOAP:
     def add_segment(self, level_grads: Sequence[torch.Tensor], end: int, scale: float) -> None:
         """A DP-reduced part of the open level that ends at micro-step ``end`` (cumulative)
         without ending the level (a diagnostics sync point); ``level_grads`` times ``scale``
-        is the sum of its micro-step gradients."""
+        is the sum of its micro-step gradients.
+        """
         start = time.perf_counter()
         slices = self._slices(level_grads, scale)
         if self._groups is not None:

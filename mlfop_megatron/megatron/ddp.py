@@ -118,7 +118,8 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         """Also reduce the gradients after these micro-steps (cumulative counts inside the
         window that end no level) and call ``callback(micro_steps)`` there; the optimizer's
         grad-group diagnostics use them so that every reduced segment holds one group. Set
-        before the window's first backward; ``points=()`` clears them."""
+        before the window's first backward; ``points=()`` clears them.
+        """
         if self._micro_step and not self._window_done:
             raise RuntimeError("extra sync points must be set before the window starts")
         points = frozenset(int(p) for p in points)

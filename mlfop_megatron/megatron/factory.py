@@ -17,6 +17,7 @@ from mlfop_megatron.megatron.main_param_adam import MainParamAdamW
 from mlfop_megatron.megatron.naming import canonical_param_names
 from mlfop_megatron.megatron.optimizer import MLFOPChainedOptimizer, MLFOPMegatronOptimizer
 from mlfop_megatron.megatron.param_groups import megatron_group_fields
+from mlfop_megatron.megatron.sharded_adam import ShardedMainParamAdamW
 from mlfop_megatron.policies import is_soap_matrix
 
 
@@ -81,13 +82,18 @@ def get_mlfop_optimizer(
     sharded: bool = True,
     block_size: int | None = None,
     tp_mode: str = "blockwise",
+    shard_adam: bool = True,
 ) -> MLFOPChainedOptimizer:
-    """ML-FOP-SOAP for the matrices, Megatron's Adam (FP32Optimizer) for everything else.
+    """ML-FOP-SOAP for the matrices, AdamW for everything else.
 
     ``config`` supplies lr, weight_decay, clip_grad and the Adam hyperparameters; ``mlfop_config``
     the SOAP and folding options (its accumulation_steps must equal the schedule's
     num_microbatches). ``sharded`` spreads SOAP state over the data-parallel group (and over
     TP x DP in ``tp_mode="full"``, which preconditions whole matrices instead of TP shards).
+    ``shard_adam`` shards the AdamW state and fp32 main weights of the other params over the
+    data-parallel group (ZeRO-1, ``ShardedMainParamAdamW``); False keeps them replicated
+    (Megatron's FP32Optimizer, or MainParamAdamW for bf16/FP8 params). FP8 params always
+    stay replicated.
     """
     mlfop_config = mlfop_config or MLFOPConfig()
     _check_config(config, tp_mode)
@@ -147,17 +153,45 @@ def get_mlfop_optimizer(
         ]
         groups = [g for g in groups if g["params"]]
         if groups:
-            adam = _make_adam(groups, config)
-            adam.mlfop_expert_parallel = expert
-            chained.append(adam)
+            for adam in _make_adam(groups, config, shard_adam, expert):
+                adam.mlfop_expert_parallel = expert
+                chained.append(adam)
     return MLFOPChainedOptimizer(chained)
 
 
-def _make_adam(groups: list[dict[str, Any]], config: OptimizerConfig) -> Any:
+def _adam_group(expert: bool) -> Any:
+    """The group over which an Adam param is replicated: expert-DP or dense DP x CP."""
+    from megatron.core import parallel_state
+
+    if expert:
+        return parallel_state.get_expert_data_parallel_group()
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def _split_groups(
+    groups: list[dict[str, Any]], keep: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(groups of the params ``keep`` accepts, groups of the rest), empty groups dropped."""
+    yes = [dict(g, params=[p for p in g["params"] if keep(p)]) for g in groups]
+    no = [dict(g, params=[p for p in g["params"] if not keep(p)]) for g in groups]
+    return [g for g in yes if g["params"]], [g for g in no if g["params"]]
+
+
+def _make_adam(
+    groups: list[dict[str, Any]], config: OptimizerConfig, shard: bool = False, expert: bool = False
+) -> list[Any]:
+    """Optimizers for the Adam-side groups: ZeRO-1 sharded (FP8 params stay replicated)."""
+    out: list[Any] = []
+    if shard:
+        plain, groups = _split_groups(groups, lambda p: not is_quantized(p))
+        if plain:
+            out.append(ShardedMainParamAdamW(plain, config, _adam_group(expert)))
+        if not groups:
+            return out
     quantized = any(is_quantized(p) for g in groups for p in g["params"])
     if config.bf16 or quantized:
         # fp32 main weights for bf16 (and FP8) params
-        return MainParamAdamW(groups, config)
+        return out + [MainParamAdamW(groups, config)]
     # apex FusedAdam on CUDA when apex is installed, torch AdamW otherwise
     adam = make_adamw(groups, config.lr, (config.adam_beta1, config.adam_beta2), config.adam_eps)
-    return FP32Optimizer(adam, config, adam_init_state_fn)
+    return out + [FP32Optimizer(adam, config, adam_init_state_fn)]

@@ -516,7 +516,8 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
 
     def request_grad_diagnostics(self, groups: Sequence[int] | None = None) -> None:
         """Grad-group diagnostics of the next window (see
-        MLFOPMegatronOptimizer.request_grad_diagnostics); every rank, before its backward."""
+        MLFOPMegatronOptimizer.request_grad_diagnostics); every rank, before its backward.
+        """
         for opt in self.mlfop:
             opt.request_grad_diagnostics(groups)
 

@@ -86,6 +86,7 @@ def build_mlfop_optimizer(config: Any, model_chunks: list[Any], args: argparse.N
         model_chunks,
         mlfop_config_from_args(args, get_num_microbatches()),
         sharded=layout.sharded,
+        shard_adam=layout.sharded,
         block_size=layout.block_size,
         tp_mode=layout.tp_mode,
     )

@@ -117,7 +117,8 @@ class MLFOPSOAP(torch.optim.Optimizer):
         """Per-group gradient diagnostics of the next window (``stats()["grad"]`` after its
         step; see core/diagnostics.py). ``groups``: the group id of each of the window's
         micro-steps in order (e.g. 0 image, 1 text); None: one group. Costs one
-        gradient-sized buffer per group and param, for this window only."""
+        gradient-sized buffer per group and param, for this window only.
+        """
         if self._folder is not None:
             raise RuntimeError("request grad diagnostics before the window's first accumulate()")
         k = self.schedule.accumulation_steps

@@ -15,6 +15,7 @@ from mlfop_megatron.megatron import compat
 from mlfop_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
 from mlfop_megatron.megatron.factory import get_mlfop_optimizer
+from mlfop_megatron.megatron.sharded_adam import adam_state_bytes, owned_adam_state
 from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
 from tests.support.tiny_gpt import (
     TinyGPTConfig,
@@ -38,7 +39,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     CUDA device, parallel (more initialize_model_parallel kwargs, e.g.
     expert_model_parallel_size), extra_config (TinyGPTConfig.extra_config pairs), folding
     (more FoldingConfig options, e.g. structure, step_size, statistics_from, beta_max),
-    grad_groups (group id per micro-batch: request_grad_diagnostics before every window).
+    grad_groups (group id per micro-batch: request_grad_diagnostics before every window),
+    shard_adam (ZeRO-1 Adam for the non-matrix params, default True).
     """
     init_megatron_parallel(
         tp=spec.get("tp", 1), pp=spec.get("pp", 1), seed=1234, **spec.get("parallel", {})
@@ -83,6 +85,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         [model],
         mlfop,
         sharded=spec.get("sharded", True),
+        shard_adam=spec.get("shard_adam", True),
         tp_mode=spec.get("tp_mode", "blockwise"),
     )
     # Megatron's own LR/WD scheduler drives the chained optimizer, as in Megatron-LM.
@@ -137,6 +140,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         "losses": losses,
         "results": [(ok, norm) for ok, norm, _ in results],
         "state_bytes": sum(o.state_bytes() for o in optimizer.mlfop),
+        "adam_state_bytes": sum(adam_state_bytes(o) for o in optimizer.others),
+        "adam_pieces": owned_adam_state(optimizer.others, names),
         "engines": [type(e).__name__ for o in optimizer.mlfop for e in o.engines],
         "step_times": step_times,
         "broadcast_bytes": sum(
