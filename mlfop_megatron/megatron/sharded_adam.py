@@ -162,7 +162,7 @@ class ShardedMainParamAdamW(MegatronOptimizer):
             by_dtype.setdefault(p.dtype, []).append((index, p))
         self.buffers = [
             _Buffer(ps, group, self.dp_rank, self.dp_size)
-            for _, ps in sorted(by_dtype.items(), key=str)
+            for _, ps in sorted(by_dtype.items(), key=lambda item: str(item[0]))
         ]
         self.pieces = [piece for b in self.buffers for piece in b.pieces]
         self._data_ptrs = [p.data_ptr() for p in self.model_params]
