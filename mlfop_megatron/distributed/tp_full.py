@@ -46,6 +46,7 @@ class TensorParallelFullSOAP:
         tp_group: dist.ProcessGroup,
         owner_group: dist.ProcessGroup | None,
         block_size: int | None = None,
+        param_sync: str = "all_gather",
     ) -> None:
         for p, name, dim in zip(params, names, partition_dims):
             if dim not in (0, 1) or p.dim() != 2:
@@ -61,7 +62,12 @@ class TensorParallelFullSOAP:
                 gather_full(p.detach(), d, tp_group) for p, d in zip(self.shards, partition_dims)
             ]
         self.engine = ShardedSOAP(
-            self.full, names, config, group=owner_group, block_size=block_size
+            self.full,
+            names,
+            config,
+            group=owner_group,
+            block_size=block_size,
+            param_sync=param_sync,
         )
 
     @property

@@ -8,6 +8,7 @@ import torch
 from megatron.core.optimizer import FP32Optimizer, OptimizerConfig
 
 from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.distributed.comm_config import CommConfig
 from mlfop_megatron.megatron import compat
 from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel, check_supported_features
@@ -95,6 +96,7 @@ def get_mlfop_optimizer(
     sharded: bool = True,
     block_size: int | None = None,
     tp_mode: str = "blockwise",
+    comm: CommConfig | None = None,
 ) -> MLFOPChainedOptimizer:
     """ML-FOP-SOAP for the matrices, Megatron's Adam (FP32Optimizer) for everything else.
 
@@ -102,6 +104,8 @@ def get_mlfop_optimizer(
     the SOAP and folding options (its accumulation_steps must equal the schedule's
     num_microbatches). ``sharded`` spreads SOAP state over the data-parallel group (and over
     TP x DP in ``tp_mode="full"``, which preconditions whole matrices instead of TP shards).
+    ``comm`` chooses the level reductions and the parameter sync (default: owner-ordered
+    reduce-scatter per level, Adam grads all-reduced once, one parameter all-gather).
     """
     mlfop_config = mlfop_config or MLFOPConfig()
     _check_config(config, tp_mode)
@@ -144,6 +148,7 @@ def get_mlfop_optimizer(
             sharded=sharded,
             block_size=block_size,
             tp_mode=tp_mode,
+            comm=comm,
         )
         chunk.attach_folding(ours.schedule, ours.on_level)
         chained.append(ours)
