@@ -86,11 +86,12 @@ class OwnerLayout:
         self,
         tensors: Sequence[Sequence[torch.Tensor]],
         dtype: torch.dtype,
-        device: torch.device,
+        like: torch.Tensor,
         ranks: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Flat copy of the blocks of ``tensors[engine][param_index]`` in owner order, zero
-        padded, in ``dtype`` (one cat). ``ranks``: the segments to pack (default: all)."""
+        padded, in ``dtype`` on ``like``'s device (one cat). ``ranks``: the segments to pack
+        (default: all)."""
         ranks = range(self.world_size) if ranks is None else ranks
         pieces: list[torch.Tensor] = []
         for rank in ranks:
@@ -99,9 +100,9 @@ class OwnerLayout:
                 pieces.append(block_view(full, slot.block).reshape(-1).to(dtype))
             pad = self.segment_size - self.used[rank]
             if pad:
-                pieces.append(torch.zeros(pad, dtype=dtype, device=device))
+                pieces.append(like.new_zeros(pad, dtype=dtype))
         if not pieces:
-            return torch.zeros(0, dtype=dtype, device=device)
+            return like.new_zeros(0, dtype=dtype)
         return torch.cat(pieces)
 
     def unpack_into(
@@ -172,10 +173,9 @@ class LevelReducer:
         """Pack ``grads[engine][param]``'s blocks, scale them and start the reduction."""
         if self._pending is not None:
             raise RuntimeError("a level reduction is still in flight: wait() for it first")
-        ref = next((g for gs in grads for g in gs), None)
-        device = ref.device if ref is not None else torch.device("cpu")
-        dtype = ref.dtype if ref is not None else torch.float32  # main_grad: fp32 (fp64 tests)
-        flat = self.layout.pack(grads, dtype, device)
+        ref = next(g for gs in grads for g in gs)
+        dtype = ref.dtype  # main_grad: fp32 (fp64 in the tests)
+        flat = self.layout.pack(grads, dtype, ref)
         if self.scaling != 1.0:
             flat.mul_(self.scaling)
         n, seg = self.group_size, self.layout.segment_size
@@ -184,7 +184,7 @@ class LevelReducer:
             out = flat
         elif self.wire_dtype in (torch.float32, dtype):
             if self.sharded:
-                out = torch.empty(seg, dtype=dtype, device=device)
+                out = flat.new_empty(seg)
                 work = reduce_scatter_flat(out, flat, self.group, async_op=True)
             else:
                 out = flat
@@ -195,7 +195,7 @@ class LevelReducer:
                 out = torch.empty_like(wire)
                 work = dist.all_to_all_single(out, wire, group=self.group, async_op=True)
             else:
-                out = torch.empty(n * wire.numel(), dtype=wire.dtype, device=device)
+                out = wire.new_empty(n * wire.numel())
                 work = all_gather_flat(out, wire, self.group, async_op=True)
         self._pending = (work, flat, out, dtype)
 

@@ -310,9 +310,8 @@ class ShardedSOAP:
             self.broadcast_params()
             return
         layout, data = self.param_layout, [[p.data for p in self.params]]
-        device = self.params[0].device
-        mine = layout.pack(data, self.param_wire_dtype, device, ranks=[self.rank])
-        flat = torch.empty(layout.numel, dtype=self.param_wire_dtype, device=device)
+        mine = layout.pack(data, self.param_wire_dtype, self.params[0], ranks=[self.rank])
+        flat = mine.new_empty(layout.numel)
         all_gather_flat(flat, mine, self.group, async_op=False)
         layout.unpack_into(flat, data, skip=self.rank)
 
