@@ -344,10 +344,9 @@ class ShardedSOAP:
         """
         if self.world_size == 1:
             return 0
-        if self.param_sync == "broadcast":  # each owner's blocks reach every other rank
+        if self.param_sync == "broadcast":  # N broadcasts: every rank relays every block
             elem = self.params[0].element_size()
-            total = sum(b.numel for b in self.assignment.blocks)
-            return (total - sum(o.block.numel for o in self.owned)) * elem
+            return sum(b.numel for b in self.assignment.blocks) * elem
         wire = torch.finfo(self.param_wire_dtype).bits // 8
         return (self.world_size - 1) * self.param_layout.segment_size * wire
 
