@@ -60,7 +60,7 @@ def _tp_worker(sharded: bool):
         tp_group=dist.group.WORLD,
         owner_group=dist.group.WORLD if sharded else None,
     )
-    bounds = engine.engine.schedule.boundaries
+    bounds = engine.schedule.boundaries
     for micro in grads:
         per_param = [_level_means([m[i] for m in micro], bounds) for i in range(len(SHAPES))]
         for level in range(len(bounds)):

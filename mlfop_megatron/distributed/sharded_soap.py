@@ -122,6 +122,11 @@ class ShardedSOAP:
         self.last_grad_rows: torch.Tensor | None = None  # per owned block, last armed window
         self.last_grad_segments = 0  # reduced segments the last armed window had
 
+    @property
+    def grad_params(self) -> list[torch.Tensor]:
+        """The params whose ``main_grad`` feeds this engine (its own params)."""
+        return self.params
+
     def _own(self, block: Block) -> OwnedBlock:
         param = self.params[block.param_index]
         layout = BlockLayout(block.rows, block.cols, block.rotate_rows, block.rotate_cols)

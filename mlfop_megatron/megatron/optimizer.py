@@ -35,34 +35,43 @@ from mlfop_megatron.core.diagnostics import (
 from mlfop_megatron.core.folding import summarize_level
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.distributed.comm_config import CommConfig
+from mlfop_megatron.distributed.engine import (
+    EngineGroups,
+    ParallelGroups,
+    SOAPEngine,
+    make_engine,
+)
 from mlfop_megatron.distributed.owner_buffer import FlatAllReduce, LevelReducer
-from mlfop_megatron.distributed.sharded_soap import PHASES, ShardedSOAP
+from mlfop_megatron.distributed.sharded_soap import PHASES
 from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP
 from mlfop_megatron.megatron import compat, fused_kernels
 from mlfop_megatron.megatron.fp8 import QuantizedParamShadows
 
 
-def _engine_groups(expert: bool) -> tuple[Any, int, Any, int]:
-    """(data-parallel group, its rank, TP group or None when TP=1, TP rank) for an engine.
+def megatron_parallel_groups() -> ParallelGroups:
+    """The engines' process groups, read once from megatron.core.parallel_state.
 
     Dense params are replicated over data x context parallel ranks (Megatron's DDP reduces
-    over that group); expert params over the expert-data-parallel group, split over the
-    expert-tensor-parallel group.
+    over that group) and owned over TP x DP x CP in tp_mode="full"; expert params over the
+    expert-data-parallel group, split over the expert-tensor-parallel group (no full mode).
     """
-    if expert:
-        tp_size = parallel_state.get_expert_tensor_parallel_world_size()
-        return (
-            parallel_state.get_expert_data_parallel_group(),
-            parallel_state.get_expert_data_parallel_rank(),
-            parallel_state.get_expert_tensor_parallel_group() if tp_size > 1 else None,
-            parallel_state.get_expert_tensor_parallel_rank(),
-        )
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    return (
-        parallel_state.get_data_parallel_group(with_context_parallel=True),
-        parallel_state.get_data_parallel_rank(with_context_parallel=True),
-        parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None,
-        parallel_state.get_tensor_model_parallel_rank(),
+    ps = parallel_state
+    expert_tp = ps.get_expert_tensor_parallel_world_size() > 1
+    dense_tp = ps.get_tensor_model_parallel_world_size() > 1
+    return ParallelGroups(
+        dense=EngineGroups(
+            dp=ps.get_data_parallel_group(with_context_parallel=True),
+            dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+            tp=ps.get_tensor_model_parallel_group() if dense_tp else None,
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_dp=ps.get_tensor_and_data_parallel_group(with_context_parallel=True),
+        ),
+        expert=EngineGroups(
+            dp=ps.get_expert_data_parallel_group(),
+            dp_rank=ps.get_expert_data_parallel_rank(),
+            tp=ps.get_expert_tensor_parallel_group() if expert_tp else None,
+            tp_rank=ps.get_expert_tensor_parallel_rank(),
+        ),
     )
 
 
@@ -87,10 +96,12 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         block_size: int | None = None,
         tp_mode: str = "blockwise",
         comm: CommConfig | None = None,
+        groups: ParallelGroups | None = None,
     ) -> None:
         from mlfop_megatron.megatron.factory import megatron_group_fields
 
         self.comm = comm or CommConfig()
+        groups = groups or megatron_parallel_groups()
         group = {"params": params, "lr": config.lr, "weight_decay": config.weight_decay}
         holder = _ParamGroups([dict(group, **megatron_group_fields(config, 1.0))], {})
         super().__init__(holder, config)
@@ -106,11 +117,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         expert = [not getattr(p, "allreduce", True) for p in params]
         # FP8 primary weights: the engines see high-precision shadows (fp32 main weights on the
         # owners), requantized into the model params after each step (see megatron/fp8.py).
-        self.fp8 = QuantizedParamShadows(
-            params, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
-        )
+        self.fp8 = QuantizedParamShadows(params, group=groups.dense.dp)
         params = self.fp8.substitute(params)
-        self.engines: list[Any] = []
+        self.engines: list[SOAPEngine] = []
         # Whether an engine's gradients count towards the global norm on this rank: every
         # gradient must be counted exactly once over DP x CP x TP x PP (expert params: once
         # over expert-DP x EP x expert-TP x PP).
@@ -128,38 +137,27 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             if not chosen:
                 continue
             ps, ns = [p for p, _ in chosen], [n for _, n in chosen]
-            dp_group, dp_rank, tp_group, tp_rank = _engine_groups(is_expert)
-            if tp_sharded and tp_mode == "full" and tp_group is not None and not is_expert:
-                owners = parallel_state.get_tensor_and_data_parallel_group(
-                    with_context_parallel=True
-                )
-                engine = TensorParallelFullSOAP(
-                    ps,
-                    ns,
-                    [p.partition_dim for p in ps],
-                    mlfop_config,
-                    tp_group=tp_group,
-                    owner_group=owners if sharded else None,
-                    block_size=block_size,
-                    param_sync=self.comm.param_sync,
-                )
-                counts = sharded or (dp_rank == 0 and tp_rank == 0)
+            g = groups.of(is_expert)
+            engine = make_engine(
+                ps,
+                ns,
+                mlfop_config,
+                g,
+                tp_sharded=tp_sharded,
+                sharded=sharded,
+                tp_mode=tp_mode,
+                block_size=block_size,
+                master_params=[i for i, p in enumerate(ps) if self.fp8.is_shadow(p)],
+                param_sync=self.comm.param_sync,
+            )
+            if isinstance(engine, TensorParallelFullSOAP):
+                counts = sharded or (g.dp_rank == 0 and g.tp_rank == 0)
             else:
-                engine = ShardedSOAP(
-                    ps,
-                    ns,
-                    mlfop_config,
-                    group=dp_group if sharded else None,
-                    reduce_group=tp_group if tp_sharded else None,
-                    block_size=block_size,
-                    master_params=[i for i, p in enumerate(ps) if self.fp8.is_shadow(p)],
-                    param_sync=self.comm.param_sync,
-                )
-                counts = (sharded or dp_rank == 0) and (tp_sharded or tp_rank == 0)
+                counts = (sharded or g.dp_rank == 0) and (tp_sharded or g.tp_rank == 0)
             self.engines.append(engine)
             self._engine_counts.append(counts)
             full = isinstance(engine, TensorParallelFullSOAP)
-            self._diag_counts.append(counts and (full or tp_rank == 0))
+            self._diag_counts.append(counts and (full or g.tp_rank == 0))
         self.fp8.release()  # shadows hold storage only during a step
         self._build_reducers()
         self._grad_scale = 1.0
@@ -174,7 +172,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
     # ------------------------------------------------------------ level reductions
     def _model_grads(self, engine: Any) -> list[torch.Tensor]:
         """main_grad of the model params behind an engine's params (FP8: the quantized ones)."""
-        return [self.fp8.model_param(p).main_grad for p in engine.params]
+        return [self.fp8.model_param(p).main_grad for p in engine.grad_params]
 
     def _build_reducers(self) -> None:
         """One LevelReducer per data-parallel group over the ShardedSOAP engines (their
@@ -185,14 +183,14 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         self._shard_reducers: list[tuple[FlatAllReduce, int]] = []
         self._pending: tuple[str, int, float] | None = None
         owner_reduce = self.comm.owner_reduce
-        folded = [self.fp8.model_param(p) for e in self.engines for p in e.params]
+        folded = [self.fp8.model_param(p) for e in self.engines for p in e.grad_params]
         chunk.configure_level_reduction(folded, owner_reduce)
         if not owner_reduce:
             return
         wire = torch.bfloat16 if self.comm.grad_wire_dtype == "bf16" else torch.float32
         by_group: dict[int, tuple[Any, float, list[int]]] = {}
         for i, engine in enumerate(self.engines):
-            reductions = {chunk.grad_reduction(self.fp8.model_param(p)) for p in engine.params}
+            reductions = {chunk.grad_reduction(self.fp8.model_param(p)) for p in engine.grad_params}
             if len(reductions) != 1:
                 raise ValueError(
                     "an ML-FOP-SOAP engine's params are reduced over different data-parallel "
@@ -256,8 +254,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         buffer ("grads/<n>") and each engine's parameter all-gather buffer ("params/<n>")."""
         out = {f"grads/{n}": r.layout.padding_per_rank() for n, (r, _) in enumerate(self._reducers)}
         for n, engine in enumerate(self.engines):
-            inner = getattr(engine, "engine", engine)
-            out[f"params/{n}"] = inner.param_padding_per_rank()
+            out[f"params/{n}"] = engine.param_padding_per_rank()
         return out
 
     def communication_bytes_per_step(self) -> dict[str, int]:
@@ -270,7 +267,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         if self.comm.owner_reduce:
             out["soap_grads"] = levels * sum(r.bytes_per_reduction() for r, _ in self._reducers)
             for reducer, i in self._shard_reducers:
-                numel = sum(p.numel() for p in self.engines[i].params)
+                numel = sum(p.numel() for p in self.engines[i].grad_params)
                 out["soap_grads"] += levels * reducer.bytes_per_reduction(numel)
             for params, group, _ in chunk._unfolded:
                 n = group.size()
@@ -302,7 +299,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             self._launch_reductions("level", level, scale)
             return
         for engine in self.engines:
-            grads = [self.fp8.model_param(p).main_grad for p in engine.params]
+            grads = [self.fp8.model_param(p).main_grad for p in engine.grad_params]
             engine.fold_level(level, grads, scale=scale)
             # The next level accumulates onto zero: at its boundary main_grad is its own sum
             # (also with TE's fused wgrad accumulation into main_grad; see megatron/fp8.py).
@@ -317,7 +314,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             self._launch_reductions("segment", micro_steps, float(k))
             return
         for engine in self.engines:
-            grads = [self.fp8.model_param(p).main_grad for p in engine.params]
+            grads = [self.fp8.model_param(p).main_grad for p in engine.grad_params]
             engine.add_segment(grads, micro_steps, scale=k)  # main_grad is the sum / K
             fused_kernels.zero_(grads)
 
@@ -528,7 +525,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         host_timings = [0.0] * len(PHASES)
         for engine in self.engines:
             host_timings = [t + engine.timings[k] for t, k in zip(host_timings, PHASES)]
-            for k in PHASES:  # reset in place (the TP-full wrapper shares its engine's dict)
+            for k in PHASES:  # reset in place
                 engine.timings[k] = 0.0
         timings = torch.cat([torch.tensor(host_timings, dtype=f64, device=dev), *maxes])
         dist.all_reduce(timings, op=dist.ReduceOp.MAX)
