@@ -68,7 +68,7 @@ def _tp_worker(sharded: bool):
                 torch.chunk(per_param[i][level], tp, dim=d)[rank].contiguous()
                 for i, (_, d) in enumerate(SHAPES)
             ]
-            engine.fold_level(level, level_shards, scale=1.0)
+            engine.fold_reduced_level(level, level_shards, scale=1.0)
         engine.step(lr=OPTS["lr"], weight_decay=0.01)
     return [s.detach().clone() for s in shards], engine.state_bytes()
 

@@ -7,11 +7,11 @@ blockwise) and its subclass
 :class:`~mlfop_megatron.distributed.tp_full.TensorParallelFullSOAP` (whole matrices
 gathered over TP). Entry points by what they take:
 
-* ``fold_level(level, level_grads, scale)``: per-param gradients reduced over DP whose
+* ``fold_reduced_level(level, level_grads, scale)``: per-param gradients reduced over DP whose
   product with ``scale`` is the level mean (the engine slices out its owned blocks);
 * ``fold_owned_level(level, owned_grads, scale)``: only this rank's owned blocks, already
   reduced to their owner (the owner-ordered reduce-scatter's output);
-* ``add_segment`` / ``add_owned_segment``: the same for a diagnostics segment that ends no
+* ``add_reduced_segment`` / ``add_owned_segment``: the same for a diagnostics segment that ends no
   level. Nothing here takes a single micro-step's gradient: micro-step gradients accumulate in
   Megatron's ``main_grad`` until a level boundary.
 No Megatron here: groups come from the caller (``megatron/optimizer.py`` reads them once
@@ -54,7 +54,7 @@ class SOAPEngine(Protocol):
         """The model params whose ``main_grad`` feeds this engine."""
         ...
 
-    def fold_level(
+    def fold_reduced_level(
         self, level: int, level_grads: Sequence[torch.Tensor], scale: float = 1.0
     ) -> None: ...
 
@@ -62,7 +62,9 @@ class SOAPEngine(Protocol):
         self, level: int, owned_grads: Sequence[torch.Tensor], scale: float = 1.0
     ) -> None: ...
 
-    def add_segment(self, level_grads: Sequence[torch.Tensor], end: int, scale: float) -> None: ...
+    def add_reduced_segment(
+        self, level_grads: Sequence[torch.Tensor], end: int, scale: float
+    ) -> None: ...
 
     def add_owned_segment(
         self, owned_grads: Sequence[torch.Tensor], end: int, scale: float

@@ -166,7 +166,9 @@ class ShardedSOAP:
         self._groups = GroupSums(tuple(groups), len(self.owned))
         self._segment_start = 0
 
-    def add_segment(self, level_grads: Sequence[torch.Tensor], end: int, scale: float) -> None:
+    def add_reduced_segment(
+        self, level_grads: Sequence[torch.Tensor], end: int, scale: float
+    ) -> None:
         """A DP-reduced part of the open level that ends at micro-step ``end`` (cumulative)
         without ending the level (a diagnostics sync point); ``level_grads`` (one tensor per
         param) times ``scale`` is the sum of its micro-step gradients."""
@@ -177,7 +179,7 @@ class ShardedSOAP:
     def add_owned_segment(
         self, owned_grads: Sequence[torch.Tensor], end: int, scale: float
     ) -> None:
-        """``add_segment`` with this rank's owned blocks only (reduced to their owner)."""
+        """``add_reduced_segment`` with this rank's owned blocks only (reduced to their owner)."""
         start = time.perf_counter()
         slices = self._owned_copies(owned_grads, scale)
         if self._groups is not None:
@@ -190,12 +192,12 @@ class ShardedSOAP:
         self._segment_start = end
         self.timings["diagnostics"] += time.perf_counter() - start
 
-    def fold_level(
+    def fold_reduced_level(
         self, level: int, level_grads: Sequence[torch.Tensor], scale: float = 1.0
     ) -> None:
         """Fold one level's DP-reduced gradient (one tensor per param, times ``scale``).
 
-        After ``add_segment`` calls in this level, ``level_grads`` times ``scale`` times the
+        After ``add_reduced_segment`` calls in this level, ``level_grads`` times ``scale`` times the
         level size is the sum of the level's last segment, and the earlier ones are added.
         """
         self.fold_owned_level(
@@ -205,7 +207,7 @@ class ShardedSOAP:
     def fold_owned_level(
         self, level: int, owned_grads: Sequence[torch.Tensor], scale: float = 1.0
     ) -> None:
-        """``fold_level`` with this rank's owned blocks only (each a (rows, cols) tensor in
+        """``fold_reduced_level`` with this rank's owned blocks only (each a (rows, cols) tensor in
         ``self.owned`` order, DP-reduced to this owner); times ``scale`` they are the level
         mean. The blocks are copied: the caller may reuse their storage."""
         if level == 0 or self._folder is None:

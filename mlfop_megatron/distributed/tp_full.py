@@ -87,15 +87,17 @@ class TensorParallelFullSOAP(ShardedSOAP):
         self.timings["communication"] += time.perf_counter() - start
         return fulls
 
-    def fold_level(
+    def fold_reduced_level(
         self, level: int, level_grads: Sequence[torch.Tensor], scale: float = 1.0
     ) -> None:
         """All-gather the shards' level gradients (DP-reduced) and fold the full matrices."""
-        super().fold_level(level, self._gather(level_grads), scale=scale)
+        super().fold_reduced_level(level, self._gather(level_grads), scale=scale)
 
-    def add_segment(self, level_grads: Sequence[torch.Tensor], end: int, scale: float) -> None:
-        """All-gather a diagnostics segment's shard gradients (see ShardedSOAP.add_segment)."""
-        super().add_segment(self._gather(level_grads), end, scale)
+    def add_reduced_segment(
+        self, level_grads: Sequence[torch.Tensor], end: int, scale: float
+    ) -> None:
+        """All-gather a diagnostics segment's shard gradients (see add_reduced_segment)."""
+        super().add_reduced_segment(self._gather(level_grads), end, scale)
 
     def step(self, lr: float, weight_decay: float, grad_scale: float = 1.0) -> None:
         """Step the full matrices, share them, and write each rank's shard back."""

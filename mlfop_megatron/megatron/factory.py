@@ -150,7 +150,7 @@ def get_mlfop_optimizer(
             tp_mode=tp_mode,
             comm=comm,
         )
-        chunk.attach_folding(ours.schedule, ours.on_level)
+        chunk.attach_folding(ours.schedule, ours.reduce_and_fold_level)
         chained.append(ours)
     # Expert-parallel params get their own Adam: their grads are replicated over the
     # expert-data-parallel group, not the dense one, which the global norm must know.

@@ -2,7 +2,7 @@
 
 ``MLFOPMegatronOptimizer`` owns the SOAP matrices of one pipeline stage; their state is sharded
 over the data-parallel group by block (``ShardedSOAP``). At each level boundary
-``FoldingDistributedDataParallel`` calls ``on_level``; with ``CommConfig.level_reduce=
+``FoldingDistributedDataParallel`` calls ``reduce_and_fold_level``; with ``CommConfig.level_reduce=
 "reduce_scatter"`` (default) this packs the SOAP params' level sums into one owner-ordered
 buffer per data-parallel group and starts one asynchronous reduce-scatter (``LevelReducer``),
 then zeroes their ``main_grad`` so the next micro-step can start. The reduction overlaps the
@@ -245,9 +245,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             shards = reducer.wait()
             self.engines[i].timings["communication"] += time.perf_counter() - start
             if kind == "level":
-                self.engines[i].fold_level(index, shards, scale=scale)
+                self.engines[i].fold_reduced_level(index, shards, scale=scale)
             else:
-                self.engines[i].add_segment(shards, index, scale)
+                self.engines[i].add_reduced_segment(shards, index, scale)
 
     def padding_per_rank(self) -> dict[str, list[int]]:
         """Padding elements per rank of the owner-ordered buffers: each level reduce-scatter
@@ -289,7 +289,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
 
     # ------------------------------------------------------------ folding hook
     @torch.no_grad()
-    def on_level(self, level: int, level_size: int) -> None:
+    def reduce_and_fold_level(self, level: int, level_size: int) -> None:
         """DDP callback at a level boundary: reduce the level's sums and fold the level mean
         (with owner reduction: start the reduce-scatter now, fold it at the next boundary or
         in prepare_grads), then clear the folded grads."""
@@ -300,13 +300,13 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             return
         for engine in self.engines:
             grads = [self.fp8.model_param(p).main_grad for p in engine.grad_params]
-            engine.fold_level(level, grads, scale=scale)
+            engine.fold_reduced_level(level, grads, scale=scale)
             # The next level accumulates onto zero: at its boundary main_grad is its own sum
             # (also with TE's fused wgrad accumulation into main_grad; see megatron/fp8.py).
             fused_kernels.zero_(grads)
 
     @torch.no_grad()
-    def on_segment(self, micro_steps: int) -> None:
+    def reduce_segment(self, micro_steps: int) -> None:
         """DDP callback at an extra (diagnostics) sync point: hand the reduced segment over."""
         k = self.schedule.accumulation_steps
         if self.comm.owner_reduce:
@@ -315,7 +315,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             return
         for engine in self.engines:
             grads = [self.fp8.model_param(p).main_grad for p in engine.grad_params]
-            engine.add_segment(grads, micro_steps, scale=k)  # main_grad is the sum / K
+            engine.add_reduced_segment(grads, micro_steps, scale=k)  # main_grad is the sum / K
             fused_kernels.zero_(grads)
 
     def request_grad_diagnostics(self, groups: Sequence[int] | None = None) -> None:
@@ -337,7 +337,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         for engine in self.engines:
             engine.arm_grad_diagnostics(groups)
         for chunk in self.model_chunks:
-            chunk.set_extra_sync_points(extra, self.on_segment)
+            chunk.set_extra_sync_points(extra, self.reduce_segment)
         self._armed_groups = groups
         self._armed_segments = len(ends)
 
