@@ -168,16 +168,16 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     def fold_without_sync(level: int, size: int) -> None:
         with forbid_host_sync():
-            ours.on_level(level, size)
+            ours.reduce_and_fold_level(level, size)
 
     model.attach_folding(ours.schedule, fold_without_sync)
-    on_segment = ours.on_segment
+    reduce_segment = ours.reduce_segment
 
     def segment_without_sync(micro_steps: int) -> None:
         with forbid_host_sync():
-            on_segment(micro_steps)
+            reduce_segment(micro_steps)
 
-    ours.on_segment = segment_without_sync  # request_grad_diagnostics hands this to the DDP
+    ours.reduce_segment = segment_without_sync  # request_grad_diagnostics hands this to the DDP
     # As Megatron-LM: the schedule multiplies the loss by the optimizer's loss scale.
     model.config.grad_scale_func = optimizer.scale_loss
     loss = torch.ones((), device="cuda") * 2.0

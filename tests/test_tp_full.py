@@ -60,7 +60,7 @@ def _tp_worker(sharded: bool):
         tp_group=dist.group.WORLD,
         owner_group=dist.group.WORLD if sharded else None,
     )
-    bounds = engine.engine.schedule.boundaries
+    bounds = engine.schedule.boundaries
     for micro in grads:
         per_param = [_level_means([m[i] for m in micro], bounds) for i in range(len(SHAPES))]
         for level in range(len(bounds)):
@@ -68,7 +68,7 @@ def _tp_worker(sharded: bool):
                 torch.chunk(per_param[i][level], tp, dim=d)[rank].contiguous()
                 for i, (_, d) in enumerate(SHAPES)
             ]
-            engine.fold_level(level, level_shards, scale=1.0)
+            engine.fold_reduced_level(level, level_shards, scale=1.0)
         engine.step(lr=OPTS["lr"], weight_decay=0.01)
     return [s.detach().clone() for s in shards], engine.state_bytes()
 

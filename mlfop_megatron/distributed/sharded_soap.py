@@ -1,8 +1,9 @@
 """Owner-computes ML-FOP-SOAP over parameter blocks shared by a data-parallel group.
 
 Every rank builds the same :class:`Assignment`; a block's owner keeps its SOAP state, folds
-its level gradients, runs its update, and broadcasts the updated block to the group. Non-owners
-hold no state for it, so per-rank optimizer memory and compute fall as 1/N.
+its level gradients, runs its update, and the group shares the updated blocks with one
+all-gather of the owner-ordered parameter buffer (see ``owner_buffer.py``). Non-owners hold no
+state for it, so per-rank optimizer memory and compute fall as 1/N.
 This layer uses torch.distributed but knows nothing about Megatron.
 """
 
@@ -37,6 +38,8 @@ from mlfop_megatron.distributed.assignment import (
     ParamSpec,
     make_blocks,
 )
+from mlfop_megatron.distributed.comm_config import PARAM_SYNC
+from mlfop_megatron.distributed.owner_buffer import OwnerLayout, all_gather_flat, block_view
 
 # Optimizer phases timed per engine: folding levels, the SOAP update (incl. the factor update),
 # the basis refresh inside it, the parameter broadcast, and the grad-group diagnostics (segment
@@ -54,9 +57,7 @@ class OwnedBlock:
 
     def view(self, full: torch.Tensor) -> torch.Tensor:
         """This block's region of a tensor shaped like the param (a view, no copy)."""
-        b = self.block
-        matrix = full.view(full.shape[0], -1) if full.dim() > 1 else full.view(1, -1)
-        return matrix[b.row_offset : b.row_offset + b.rows, b.col_offset : b.col_offset + b.cols]
+        return block_view(full, self.block)
 
 
 class ShardedSOAP:
@@ -68,6 +69,8 @@ class ShardedSOAP:
     ``master_params``: indices of params whose owned blocks always keep fp32 main weights,
     whatever their dtype: their tensors are scratch buffers refilled before each step (FP8
     primary weights, see ``mlfop_megatron.megatron.fp8``), never the source of truth.
+    ``param_sync``: "all_gather" (one all-gather of the owner-ordered parameter buffer) or
+    "broadcast" (one broadcast per owner rank; the first version, kept for comparison).
     """
 
     def __init__(
@@ -79,7 +82,10 @@ class ShardedSOAP:
         reduce_group: dist.ProcessGroup | None = None,
         block_size: int | None = None,
         master_params: Sequence[int] = (),
+        param_sync: str = "all_gather",
     ) -> None:
+        if param_sync not in PARAM_SYNC:
+            raise ValueError(f"param_sync must be one of {PARAM_SYNC} (got {param_sync!r})")
         if not params:
             raise ValueError("ShardedSOAP needs at least one parameter")
         for p, name in zip(params, names):
@@ -98,6 +104,11 @@ class ShardedSOAP:
         blocking = BlockingConfig(block_size, config.soap.max_precond_dim)
         self.assignment = Assignment.build(make_blocks(specs, blocking), self.world_size)
         self.owned = [self._own(b) for b in self.assignment.blocks_of(self.rank)]
+        self.param_sync = param_sync
+        self.param_layout = OwnerLayout([self.assignment], self.world_size)
+        dtypes = {p.dtype for p in self.params}
+        # One wire dtype for the parameter all-gather: the params' own (fp32 if they mix).
+        self.param_wire_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         self.counters = LinalgCounters()
         # Wall seconds per optimizer phase since the last reset (telemetry; host clock).
         self.timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
@@ -110,6 +121,11 @@ class ShardedSOAP:
         self._segment_start = 0
         self.last_grad_rows: torch.Tensor | None = None  # per owned block, last armed window
         self.last_grad_segments = 0  # reduced segments the last armed window had
+
+    @property
+    def grad_params(self) -> list[torch.Tensor]:
+        """The params whose ``main_grad`` feeds this engine (its own params)."""
+        return self.params
 
     def _own(self, block: Block) -> OwnedBlock:
         param = self.params[block.param_index]
@@ -127,10 +143,15 @@ class ShardedSOAP:
 
     def _slices(self, level_grads: Sequence[torch.Tensor], scale: float) -> list[torch.Tensor]:
         """This rank's block slices of the per-param gradients, copied, in state precision."""
-        slices = [
-            o.view(level_grads[o.block.param_index]).to(state_dtype(o.param.dtype), copy=True)
-            for o in self.owned
-        ]
+        return self._owned_copies(
+            [o.view(level_grads[o.block.param_index]) for o in self.owned], scale
+        )
+
+    def _owned_copies(self, owned: Sequence[torch.Tensor], scale: float) -> list[torch.Tensor]:
+        """Copies of this rank's owned block gradients in state precision, times ``scale``."""
+        if len(owned) != len(self.owned):
+            raise ValueError(f"expected {len(self.owned)} owned blocks, got {len(owned)}")
+        slices = [g.to(state_dtype(o.param.dtype), copy=True) for o, g in zip(self.owned, owned)]
         if scale != 1.0:
             for s in slices:
                 s.mul_(scale)
@@ -146,13 +167,23 @@ class ShardedSOAP:
         self._groups = GroupSums(tuple(groups), len(self.owned))
         self._segment_start = 0
 
-    def add_segment(self, level_grads: Sequence[torch.Tensor], end: int, scale: float) -> None:
+    def add_reduced_segment(
+        self, level_grads: Sequence[torch.Tensor], end: int, scale: float
+    ) -> None:
         """A DP-reduced part of the open level that ends at micro-step ``end`` (cumulative)
-        without ending the level (a diagnostics sync point); ``level_grads`` times ``scale``
-        is the sum of its micro-step gradients.
+        without ending the level (a diagnostics sync point); ``level_grads`` (one tensor per
+        param) times ``scale`` is the sum of its micro-step gradients.
         """
+        self.add_owned_segment(
+            [o.view(level_grads[o.block.param_index]) for o in self.owned], end, scale
+        )
+
+    def add_owned_segment(
+        self, owned_grads: Sequence[torch.Tensor], end: int, scale: float
+    ) -> None:
+        """``add_reduced_segment`` with this rank's owned blocks only (reduced to their owner)."""
         start = time.perf_counter()
-        slices = self._slices(level_grads, scale)
+        slices = self._owned_copies(owned_grads, scale)
         if self._groups is not None:
             self._groups.add_segment(self._segment_start, end - self._segment_start, slices)
         if self._pending is None:
@@ -163,13 +194,24 @@ class ShardedSOAP:
         self._segment_start = end
         self.timings["diagnostics"] += time.perf_counter() - start
 
-    def fold_level(
+    def fold_reduced_level(
         self, level: int, level_grads: Sequence[torch.Tensor], scale: float = 1.0
     ) -> None:
         """Fold one level's DP-reduced gradient (one tensor per param, times ``scale``).
 
-        After ``add_segment`` calls in this level, ``level_grads`` times ``scale`` times the
+        After ``add_reduced_segment`` calls in this level, ``level_grads`` times ``scale`` times the
         level size is the sum of the level's last segment, and the earlier ones are added.
+        """
+        self.fold_owned_level(
+            level, [o.view(level_grads[o.block.param_index]) for o in self.owned], scale
+        )
+
+    def fold_owned_level(
+        self, level: int, owned_grads: Sequence[torch.Tensor], scale: float = 1.0
+    ) -> None:
+        """``fold_reduced_level`` with this rank's owned blocks only (each a (rows, cols) tensor in
+        ``self.owned`` order, DP-reduced to this owner); times ``scale`` they are the level
+        mean. The blocks are copied: the caller may reuse their storage.
         """
         if level == 0 or self._folder is None:
             if level != 0:
@@ -181,7 +223,7 @@ class ShardedSOAP:
                 metric_diags=[metric_diag(o.state, self.config.soap) for o in self.owned],
                 reduce_fn=self._reduce if self.reduce_group is not None else None,
             )
-        slices = self._slices(level_grads, scale)
+        slices = self._owned_copies(owned_grads, scale)
         if self._groups is not None or self._pending is not None:
             start = time.perf_counter()
             size = self.schedule.level_size(level)
@@ -259,7 +301,7 @@ class ShardedSOAP:
         self.timings["update"] += time.perf_counter() - start
         self._folder = None
         start = time.perf_counter()
-        self.broadcast_params()
+        self.sync_params()
         self.timings["communication"] += time.perf_counter() - start
 
     def discard_window(self) -> None:
@@ -270,6 +312,19 @@ class ShardedSOAP:
         self._segment_start = 0
         self.last_grad_rows = None
 
+    def sync_params(self) -> None:
+        """Share the owners' updated blocks with the whole group (``param_sync``)."""
+        if self.world_size == 1:
+            return
+        if self.param_sync == "broadcast":
+            self.broadcast_params()
+            return
+        layout, data = self.param_layout, [[p.data for p in self.params]]
+        mine = layout.pack(data, self.param_wire_dtype, self.params[0], ranks=[self.rank])
+        flat = mine.new_empty(layout.numel)
+        all_gather_flat(flat, mine, self.group, async_op=False)
+        layout.unpack_into(flat, data, skip=self.rank)
+
     def broadcast_params(self) -> None:
         """Every owner sends its updated blocks to the rest of the group (one message each)."""
         if self.world_size == 1:
@@ -278,10 +333,7 @@ class ShardedSOAP:
             blocks = self.assignment.blocks_of(rank)
             if not blocks:
                 continue
-            views = [
-                OwnedBlock(b, self.params[b.param_index], {}).view(self.params[b.param_index].data)
-                for b in blocks
-            ]
+            views = [block_view(self.params[b.param_index].data, b) for b in blocks]
             flat = torch.cat([v.reshape(-1) for v in views])
             dist.broadcast(flat, src=dist.get_global_rank(self.group, rank), group=self.group)
             if rank != self.rank:
@@ -290,14 +342,23 @@ class ShardedSOAP:
                     v.copy_(flat[offset : offset + v.numel()].view_as(v))
                     offset += v.numel()
 
+    def param_padding_per_rank(self) -> list[int]:
+        """Padding elements of each rank's segment of the parameter all-gather buffer."""
+        return self.param_layout.padding_per_rank()
+
     def communication_bytes_per_step(self) -> int:
-        """Bytes each rank receives per step for the parameter broadcast."""
+        """Bytes this rank sends per step to share the updated params (ring algorithms).
+
+        The level reductions run in the Megatron glue (``LevelReducer``), which counts them:
+        see ``MLFOPMegatronOptimizer.communication_bytes_per_step`` for the whole step.
+        """
         if self.world_size == 1:
             return 0
-        elem = self.params[0].element_size()
-        total = sum(b.numel for b in self.assignment.blocks)
-        mine = sum(o.block.numel for o in self.owned)
-        return (total - mine) * elem
+        if self.param_sync == "broadcast":  # N broadcasts: every rank relays every block
+            elem = self.params[0].element_size()
+            return sum(b.numel for b in self.assignment.blocks) * elem
+        wire = torch.finfo(self.param_wire_dtype).bits // 8
+        return (self.world_size - 1) * self.param_layout.segment_size * wire
 
     # ------------------------------------------------------------------ state
     def state_bytes(self) -> int:

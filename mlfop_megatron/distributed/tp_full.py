@@ -34,8 +34,12 @@ def shard_of(full: torch.Tensor, partition_dim: int, tp_group: dist.ProcessGroup
     return torch.chunk(full, tp, dim=partition_dim)[dist.get_rank(tp_group)]
 
 
-class TensorParallelFullSOAP:
-    """ShardedSOAP over full matrices assembled from TP shards (see module docstring)."""
+class TensorParallelFullSOAP(ShardedSOAP):
+    """ShardedSOAP over full matrices assembled from TP shards (see module docstring).
+
+    Its ``params`` are the full matrices (the SOAP engine's view); ``grad_params`` the local
+    shards whose ``main_grad`` the DDP fills and that ``step`` writes back.
+    """
 
     def __init__(
         self,
@@ -46,6 +50,7 @@ class TensorParallelFullSOAP:
         tp_group: dist.ProcessGroup,
         owner_group: dist.ProcessGroup | None,
         block_size: int | None = None,
+        param_sync: str = "all_gather",
     ) -> None:
         for p, name, dim in zip(params, names, partition_dims):
             if dim not in (0, 1) or p.dim() != 2:
@@ -60,40 +65,43 @@ class TensorParallelFullSOAP:
             self.full = [
                 gather_full(p.detach(), d, tp_group) for p, d in zip(self.shards, partition_dims)
             ]
-        self.engine = ShardedSOAP(
-            self.full, names, config, group=owner_group, block_size=block_size
+        super().__init__(
+            self.full,
+            names,
+            config,
+            group=owner_group,
+            block_size=block_size,
+            param_sync=param_sync,
         )
 
     @property
-    def params(self) -> list[torch.Tensor]:
+    def grad_params(self) -> list[torch.Tensor]:
         """The local shards (whose main_grad the DDP fills)."""
         return self.shards
 
-    def __getattr__(self, name: str):
-        # Everything else (stats, state, checkpoint hooks) is the inner engine's.
-        return getattr(self.__dict__["engine"], name)
-
-    def fold_level(self, level: int, level_shards: Sequence[torch.Tensor], scale: float) -> None:
-        """All-gather the shards' level gradients and fold the full matrices."""
+    def _gather(self, level_shards: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         start = time.perf_counter()
         fulls = [
             gather_full(g, d, self.tp_group) for g, d in zip(level_shards, self.partition_dims)
         ]
-        self.engine.timings["communication"] += time.perf_counter() - start
-        self.engine.fold_level(level, fulls, scale=scale)
+        self.timings["communication"] += time.perf_counter() - start
+        return fulls
 
-    def add_segment(self, level_shards: Sequence[torch.Tensor], end: int, scale: float) -> None:
-        """All-gather a diagnostics segment's shard gradients (see ShardedSOAP.add_segment)."""
-        start = time.perf_counter()
-        fulls = [
-            gather_full(g, d, self.tp_group) for g, d in zip(level_shards, self.partition_dims)
-        ]
-        self.engine.timings["communication"] += time.perf_counter() - start
-        self.engine.add_segment(fulls, end, scale)
+    def fold_reduced_level(
+        self, level: int, level_grads: Sequence[torch.Tensor], scale: float = 1.0
+    ) -> None:
+        """All-gather the shards' level gradients (DP-reduced) and fold the full matrices."""
+        super().fold_reduced_level(level, self._gather(level_grads), scale=scale)
+
+    def add_reduced_segment(
+        self, level_grads: Sequence[torch.Tensor], end: int, scale: float
+    ) -> None:
+        """All-gather a diagnostics segment's shard gradients (see add_reduced_segment)."""
+        super().add_reduced_segment(self._gather(level_grads), end, scale)
 
     def step(self, lr: float, weight_decay: float, grad_scale: float = 1.0) -> None:
         """Step the full matrices, share them, and write each rank's shard back."""
-        self.engine.step(lr, weight_decay, grad_scale=grad_scale)
+        super().step(lr, weight_decay, grad_scale=grad_scale)
         with torch.no_grad():
             for shard, full, dim in zip(self.shards, self.full, self.partition_dims):
                 shard.copy_(shard_of(full, dim, self.tp_group))

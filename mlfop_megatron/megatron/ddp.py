@@ -1,14 +1,19 @@
 """Megatron DistributedDataParallel whose level boundaries are gradient sync points.
 
 Megatron's DDP reduces the gradient buckets once, after the last micro-batch. For multi-level
-folding every level boundary L_j must be a sync point: at the end of the backward pass of
-micro-step L_j the buckets are all-reduced (Megatron's own bucket machinery, with overlap when
-``overlap_grad_reduce`` is on) and a callback hands the reduced level gradients to the
-optimizer, which folds them and zeroes the folded params' slices of ``main_grad``.
+folding every level boundary L_j must be a sync point: when the last param of micro-step L_j
+has its gradient, a callback hands the level to the optimizer. Two ways to reduce it
+(``CommConfig.level_reduce``, set by the optimizer through ``configure_level_reduction``):
 
-Params that are not folded (those handled by Adam) keep accumulating in ``main_grad``: each
-sync averages over the data-parallel group, and averaging a value that is already equal on all
-ranks leaves it unchanged, so their final ``main_grad`` is the ordinary DP mean.
+* "reduce_scatter" (default): Megatron's buckets never reduce. The optimizer packs the folded
+  (SOAP) params' level sums into an owner-ordered buffer and reduce-scatters it (each owner
+  receives only its blocks), then zeroes their ``main_grad``. The other (Adam) params keep
+  accumulating in ``main_grad`` over the whole window and this class all-reduces them once,
+  one asynchronous all-reduce per Megatron buffer launched when the window's last micro-step
+  has all its gradients, waited in ``finish_grad_sync`` (or by the optimizer before its step).
+* "all_reduce" (the first version, kept for comparison): at every level boundary Megatron's
+  buckets all-reduce the whole buffer; averaging an already averaged value leaves it
+  unchanged, so the Adam params' final ``main_grad`` is still the DP mean.
 """
 
 from __future__ import annotations
@@ -102,6 +107,9 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         self._in_backward = False
         self._window_done = False
         self._seen: set[int] = set()
+        self._owner_reduce = False
+        self._unfolded: list[tuple[list[torch.nn.Parameter], Any, float]] = []
+        self._unfolded_pending: list[tuple[Any, torch.Tensor, list[torch.nn.Parameter]]] = []
         super().__init__(*args, **kwargs)
         check_supported_features(self.config, self.ddp_config)
         self._num_params_with_grad = len({id(p) for p in compat.ddp_params_with_grad(self)})
@@ -127,6 +135,71 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
             raise ValueError("extra sync points need a callback for the reduced segments")
         self._extra_syncs = points
         self._segment_callback = callback if points else None
+
+    def configure_level_reduction(
+        self, folded_params: Iterable[torch.nn.Parameter], owner_reduce: bool
+    ) -> None:
+        """Called by the optimizer: ``owner_reduce`` True makes the optimizer reduce the
+        ``folded_params``' level sums itself and this DDP all-reduce every other param's
+        gradient once per window; False keeps Megatron's buckets reducing all at each level.
+        """
+        folded = {id(p) for p in folded_params}
+        self._owner_reduce = owner_reduce
+        self._unfolded = []
+        if not owner_reduce:
+            return
+        order = {id(p): i for i, p in enumerate(self.module.parameters())}
+        for buffer in compat.ddp_buffers(self):
+            params = sorted(
+                (p for p in buffer.params if id(p) not in folded), key=lambda p: order[id(p)]
+            )
+            if params:
+                self._unfolded.append((params, *self._buffer_reduction(buffer)))
+
+    def _buffer_reduction(self, buffer: Any) -> tuple[Any, float]:
+        """(group, pre-scaling) that turn a Megatron buffer's grad sums into the DP mean."""
+        group = buffer.data_parallel_group
+        scaling = buffer.gradient_scaling_factor
+        if getattr(self.ddp_config, "average_in_collective", False):
+            scaling = scaling / group.size()  # SUM of pre-scaled grads = Megatron's AVG
+        return group, scaling
+
+    def grad_reduction(self, param: torch.nn.Parameter) -> tuple[Any, float]:
+        """(data-parallel group, pre-scaling factor) Megatron would reduce ``param``'s grad
+        with: a SUM over the group of the scaled sums is the mean Megatron produces.
+        """
+        for buffer in compat.ddp_buffers(self):
+            if any(p is param for p in buffer.params):
+                return self._buffer_reduction(buffer)
+        raise ValueError("param is not registered with this DDP's gradient buffers")
+
+    @property
+    def owner_reduce(self) -> bool:
+        """Whether the optimizer reduces the folded params' level sums (see module)."""
+        return self._owner_reduce
+
+    def _start_unfolded_sync(self) -> None:
+        """One asynchronous all-reduce per Megatron buffer of the non-folded params' grads."""
+        for params, group, scaling in self._unfolded:
+            flat = torch.cat([p.main_grad.reshape(-1) for p in params])
+            if scaling != 1.0:
+                flat.mul_(scaling)
+            work = None
+            if group.size() > 1:
+                work = torch.distributed.all_reduce(flat, group=group, async_op=True)
+            self._unfolded_pending.append((work, flat, params))
+
+    def wait_unfolded_grad_sync(self) -> None:
+        """Finish the non-folded params' all-reduce: their main_grad is the DP mean now."""
+        pending, self._unfolded_pending = self._unfolded_pending, []
+        for work, flat, params in pending:
+            if work is not None:
+                work.wait()
+            offset = 0
+            for p in params:
+                n = p.main_grad.numel()
+                p.main_grad.copy_(flat[offset : offset + n].view_as(p.main_grad))
+                offset += n
 
     @property
     def folding_attached(self) -> bool:
@@ -162,6 +235,7 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
             )
         boundary = self._schedule.level_ending_at(self._micro_step + 1) is not None
         boundary = boundary or (self._micro_step + 1) in self._extra_syncs
+        boundary = boundary and not self._owner_reduce  # Megatron's buckets stay idle then
         for group in compat.ddp_bucket_groups(self):
             group.is_last_microbatch = boundary
 
@@ -178,15 +252,18 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         level = self._schedule.level_ending_at(self._micro_step)
         if level is None and self._micro_step not in self._extra_syncs:
             return
-        super().finish_grad_sync()
-        for group in compat.ddp_bucket_groups(self):
-            group.reset()
+        if not self._owner_reduce:
+            super().finish_grad_sync()
+            for group in compat.ddp_bucket_groups(self):
+                group.reset()
         if level is None:
             self._segment_callback(self._micro_step)
             return
         self._level_callback(level, self._schedule.level_size(level))
         if level == self._schedule.num_levels - 1:
             self._window_done = True
+            if self._owner_reduce:
+                self._start_unfolded_sync()
 
     def _missing_params_error(self, micro_step: int) -> RuntimeError:
         """A param without a gradient would silently fold zeros into its level mean."""
@@ -234,8 +311,10 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
                 f"expects accumulation_steps={self._schedule.boundaries[-1]}; set "
                 "FoldingConfig.accumulation_steps to the schedule's num_microbatches"
             )
+        self.wait_unfolded_grad_sync()
 
     def zero_grad_buffer(self) -> None:
+        self.wait_unfolded_grad_sync()  # never leave a collective behind (e.g. skipped step)
         super().zero_grad_buffer()
         self._micro_step = 0
         self._in_backward = False

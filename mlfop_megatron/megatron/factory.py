@@ -8,6 +8,7 @@ import torch
 from megatron.core.optimizer import FP32Optimizer, OptimizerConfig
 
 from mlfop_megatron.config import TP_MODES, MLFOPConfig
+from mlfop_megatron.distributed.comm_config import CommConfig
 from mlfop_megatron.megatron import compat
 from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel, check_supported_features
@@ -83,6 +84,7 @@ def get_mlfop_optimizer(
     block_size: int | None = None,
     tp_mode: str = "blockwise",
     shard_adam: bool = True,
+    comm: CommConfig | None = None,
 ) -> MLFOPChainedOptimizer:
     """ML-FOP-SOAP for the matrices, AdamW for everything else.
 
@@ -94,6 +96,8 @@ def get_mlfop_optimizer(
     data-parallel group (ZeRO-1, ``ShardedMainParamAdamW``); False keeps them replicated
     (Megatron's FP32Optimizer, or MainParamAdamW for bf16/FP8 params). FP8 params always
     stay replicated.
+    ``comm`` chooses the level reductions and the parameter sync (default: owner-ordered
+    reduce-scatter per level, Adam grads all-reduced once, one parameter all-gather).
     """
     mlfop_config = mlfop_config or MLFOPConfig()
     _check_config(config, tp_mode)
@@ -136,8 +140,9 @@ def get_mlfop_optimizer(
             sharded=sharded,
             block_size=block_size,
             tp_mode=tp_mode,
+            comm=comm,
         )
-        chunk.attach_folding(ours.schedule, ours.on_level)
+        chunk.attach_folding(ours.schedule, ours.reduce_and_fold_level)
         chained.append(ours)
     # Expert-parallel params get their own Adam: their grads are replicated over the
     # expert-data-parallel group, not the dense one, which the global norm must know.

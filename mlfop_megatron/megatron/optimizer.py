@@ -1,8 +1,13 @@
 """ML-FOP-SOAP as a Megatron-core optimizer, chained with Megatron's Adam for non-matrix params.
 
 ``MLFOPMegatronOptimizer`` owns the SOAP matrices of one pipeline stage; their state is sharded
-over the data-parallel group by block (``ShardedSOAP``). It receives each level's reduced
-gradient from ``FoldingDistributedDataParallel`` and folds it into the owner's fp32 buffer.
+over the data-parallel group by block (``ShardedSOAP``). At each level boundary
+``FoldingDistributedDataParallel`` calls ``reduce_and_fold_level``; with ``CommConfig.level_reduce=
+"reduce_scatter"`` (default) this packs the SOAP params' level sums into one owner-ordered
+buffer per data-parallel group and starts one asynchronous reduce-scatter (``LevelReducer``),
+then zeroes their ``main_grad`` so the next micro-step can start. The reduction overlaps the
+next micro-steps' forward and backward; it is waited and folded at the next level boundary
+(before that level's reduction starts) or, for the last level, in ``prepare_grads``.
 ``MLFOPChainedOptimizer.step`` keeps Megatron's contract, (success, grad_norm, num_zeros), with
 the inf/NaN check and the gradient norm reduced over every rank that holds a piece of the
 model, so a skipped step is skipped everywhere and clipping uses the true global norm.
@@ -11,6 +16,7 @@ model, so a skipped step is skipped everywhere and clipping uses the true global
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,33 +34,44 @@ from mlfop_megatron.core.diagnostics import (
 )
 from mlfop_megatron.core.folding import summarize_level
 from mlfop_megatron.core.levels import LevelSchedule
-from mlfop_megatron.distributed.sharded_soap import PHASES, ShardedSOAP
+from mlfop_megatron.distributed.comm_config import CommConfig
+from mlfop_megatron.distributed.engine import (
+    EngineGroups,
+    ParallelGroups,
+    SOAPEngine,
+    make_engine,
+)
+from mlfop_megatron.distributed.owner_buffer import FlatAllReduce, LevelReducer
+from mlfop_megatron.distributed.sharded_soap import PHASES
 from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP
 from mlfop_megatron.megatron import compat, fused_kernels
 from mlfop_megatron.megatron.fp8 import QuantizedParamShadows
 
 
-def _engine_groups(expert: bool) -> tuple[Any, int, Any, int]:
-    """(data-parallel group, its rank, TP group or None when TP=1, TP rank) for an engine.
+def megatron_parallel_groups() -> ParallelGroups:
+    """The engines' process groups, read once from megatron.core.parallel_state.
 
     Dense params are replicated over data x context parallel ranks (Megatron's DDP reduces
-    over that group); expert params over the expert-data-parallel group, split over the
-    expert-tensor-parallel group.
+    over that group) and owned over TP x DP x CP in tp_mode="full"; expert params over the
+    expert-data-parallel group, split over the expert-tensor-parallel group (no full mode).
     """
-    if expert:
-        tp_size = parallel_state.get_expert_tensor_parallel_world_size()
-        return (
-            parallel_state.get_expert_data_parallel_group(),
-            parallel_state.get_expert_data_parallel_rank(),
-            parallel_state.get_expert_tensor_parallel_group() if tp_size > 1 else None,
-            parallel_state.get_expert_tensor_parallel_rank(),
-        )
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    return (
-        parallel_state.get_data_parallel_group(with_context_parallel=True),
-        parallel_state.get_data_parallel_rank(with_context_parallel=True),
-        parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None,
-        parallel_state.get_tensor_model_parallel_rank(),
+    ps = parallel_state
+    expert_tp = ps.get_expert_tensor_parallel_world_size() > 1
+    dense_tp = ps.get_tensor_model_parallel_world_size() > 1
+    return ParallelGroups(
+        dense=EngineGroups(
+            dp=ps.get_data_parallel_group(with_context_parallel=True),
+            dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+            tp=ps.get_tensor_model_parallel_group() if dense_tp else None,
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_dp=ps.get_tensor_and_data_parallel_group(with_context_parallel=True),
+        ),
+        expert=EngineGroups(
+            dp=ps.get_expert_data_parallel_group(),
+            dp_rank=ps.get_expert_data_parallel_rank(),
+            tp=ps.get_expert_tensor_parallel_group() if expert_tp else None,
+            tp_rank=ps.get_expert_tensor_parallel_rank(),
+        ),
     )
 
 
@@ -78,9 +95,13 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         sharded: bool = True,
         block_size: int | None = None,
         tp_mode: str = "blockwise",
+        comm: CommConfig | None = None,
+        groups: ParallelGroups | None = None,
     ) -> None:
         from mlfop_megatron.megatron.param_groups import megatron_group_fields
 
+        self.comm = comm or CommConfig()
+        groups = groups or megatron_parallel_groups()
         group = {"params": params, "lr": config.lr, "weight_decay": config.weight_decay}
         holder = _ParamGroups([dict(group, **megatron_group_fields(config, 1.0))], {})
         super().__init__(holder, config)
@@ -96,11 +117,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         expert = [not getattr(p, "allreduce", True) for p in params]
         # FP8 primary weights: the engines see high-precision shadows (fp32 main weights on the
         # owners), requantized into the model params after each step (see megatron/fp8.py).
-        self.fp8 = QuantizedParamShadows(
-            params, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
-        )
+        self.fp8 = QuantizedParamShadows(params, group=groups.dense.dp)
         params = self.fp8.substitute(params)
-        self.engines: list[Any] = []
+        self.engines: list[SOAPEngine] = []
         # Whether an engine's gradients count towards the global norm on this rank: every
         # gradient must be counted exactly once over DP x CP x TP x PP (expert params: once
         # over expert-DP x EP x expert-TP x PP).
@@ -118,37 +137,29 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             if not chosen:
                 continue
             ps, ns = [p for p, _ in chosen], [n for _, n in chosen]
-            dp_group, dp_rank, tp_group, tp_rank = _engine_groups(is_expert)
-            if tp_sharded and tp_mode == "full" and tp_group is not None and not is_expert:
-                owners = parallel_state.get_tensor_and_data_parallel_group(
-                    with_context_parallel=True
-                )
-                engine = TensorParallelFullSOAP(
-                    ps,
-                    ns,
-                    [p.partition_dim for p in ps],
-                    mlfop_config,
-                    tp_group=tp_group,
-                    owner_group=owners if sharded else None,
-                    block_size=block_size,
-                )
-                counts = sharded or (dp_rank == 0 and tp_rank == 0)
+            g = groups.of(is_expert)
+            engine = make_engine(
+                ps,
+                ns,
+                mlfop_config,
+                g,
+                tp_sharded=tp_sharded,
+                sharded=sharded,
+                tp_mode=tp_mode,
+                block_size=block_size,
+                master_params=[i for i, p in enumerate(ps) if self.fp8.is_shadow(p)],
+                param_sync=self.comm.param_sync,
+            )
+            if isinstance(engine, TensorParallelFullSOAP):
+                counts = sharded or (g.dp_rank == 0 and g.tp_rank == 0)
             else:
-                engine = ShardedSOAP(
-                    ps,
-                    ns,
-                    mlfop_config,
-                    group=dp_group if sharded else None,
-                    reduce_group=tp_group if tp_sharded else None,
-                    block_size=block_size,
-                    master_params=[i for i, p in enumerate(ps) if self.fp8.is_shadow(p)],
-                )
-                counts = (sharded or dp_rank == 0) and (tp_sharded or tp_rank == 0)
+                counts = (sharded or g.dp_rank == 0) and (tp_sharded or g.tp_rank == 0)
             self.engines.append(engine)
             self._engine_counts.append(counts)
             full = isinstance(engine, TensorParallelFullSOAP)
-            self._diag_counts.append(counts and (full or tp_rank == 0))
+            self._diag_counts.append(counts and (full or g.tp_rank == 0))
         self.fp8.release()  # shadows hold storage only during a step
+        self._build_reducers()
         self._grad_scale = 1.0
         self.skipped_steps = 0
         # Megatron-LM multiplies the loss by this (on the loss's device) before backward.
@@ -158,25 +169,158 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         self._armed_segments = 0
         self._diag_window: tuple[tuple[int, ...], int] | None = None
 
+    # ------------------------------------------------------------ level reductions
+    def _model_grads(self, engine: Any) -> list[torch.Tensor]:
+        """main_grad of the model params behind an engine's params (FP8: the quantized ones)."""
+        return [self.fp8.model_param(p).main_grad for p in engine.grad_params]
+
+    def _build_reducers(self) -> None:
+        """One LevelReducer per data-parallel group over the ShardedSOAP engines (their
+        blocks in one owner-ordered buffer); TP-full engines all-reduce their shards over DP
+        (one flat all-reduce each) and gather full matrices over TP inside the engine.
+        """
+        chunk = self.model_chunks[0]
+        self._reducers: list[tuple[LevelReducer, list[int]]] = []
+        self._shard_reducers: list[tuple[FlatAllReduce, int]] = []
+        self._pending: tuple[str, int, float] | None = None
+        owner_reduce = self.comm.owner_reduce
+        folded = [self.fp8.model_param(p) for e in self.engines for p in e.grad_params]
+        chunk.configure_level_reduction(folded, owner_reduce)
+        if not owner_reduce:
+            return
+        wire = torch.bfloat16 if self.comm.grad_wire_dtype == "bf16" else torch.float32
+        by_group: dict[int, tuple[Any, float, list[int]]] = {}
+        for i, engine in enumerate(self.engines):
+            reductions = {chunk.grad_reduction(self.fp8.model_param(p)) for p in engine.grad_params}
+            if len(reductions) != 1:
+                raise ValueError(
+                    "an ML-FOP-SOAP engine's params are reduced over different data-parallel "
+                    "groups or scalings; keep expert and dense params in separate engines"
+                )
+            group, scaling = reductions.pop()
+            if isinstance(engine, TensorParallelFullSOAP):
+                self._shard_reducers.append((FlatAllReduce(group, scaling), i))
+                continue
+            key = id(group)
+            if key in by_group and by_group[key][1] != scaling:
+                raise ValueError("params of one data-parallel group have different scalings")
+            by_group.setdefault(key, (group, scaling, []))[2].append(i)
+        for group, scaling, members in by_group.values():
+            engines = [self.engines[i] for i in members]
+            owner_world = engines[0].world_size
+            if any(e.world_size != owner_world for e in engines):
+                raise ValueError("engines of one data-parallel group mix sharded and replicated")
+            reducer = LevelReducer(
+                [e.assignment for e in engines], owner_world, group, scaling, wire_dtype=wire
+            )
+            self._reducers.append((reducer, members))
+
+    def _launch_reductions(self, kind: str, index: int, scale: float) -> None:
+        """Pack and start the reductions of the level (or segment) that just ended, then
+        zero the folded params' main_grad: the next micro-step accumulates onto zero.
+        """
+        for reducer, members in self._reducers:
+            reducer.launch([self._model_grads(self.engines[i]) for i in members])
+        for reducer, i in self._shard_reducers:
+            reducer.launch(self._model_grads(self.engines[i]))
+        for engine in self.engines:
+            fused_kernels.zero_(self._model_grads(engine))
+        self._pending = (kind, index, scale)
+
+    def _complete_reductions(self) -> None:
+        """Wait for the reductions in flight and fold (or add) them on their owners."""
+        if self._pending is None:
+            return
+        kind, index, scale = self._pending
+        self._pending = None
+        for reducer, members in self._reducers:
+            start = time.perf_counter()
+            owned = reducer.wait()
+            self.engines[members[0]].timings["communication"] += time.perf_counter() - start
+            for i, blocks in zip(members, owned):
+                if kind == "level":
+                    self.engines[i].fold_owned_level(index, blocks, scale=scale)
+                else:
+                    self.engines[i].add_owned_segment(blocks, index, scale)
+        for reducer, i in self._shard_reducers:
+            start = time.perf_counter()
+            shards = reducer.wait()
+            self.engines[i].timings["communication"] += time.perf_counter() - start
+            if kind == "level":
+                self.engines[i].fold_reduced_level(index, shards, scale=scale)
+            else:
+                self.engines[i].add_reduced_segment(shards, index, scale)
+
+    def padding_per_rank(self) -> dict[str, list[int]]:
+        """Padding elements per rank of the owner-ordered buffers: each level reduce-scatter
+        buffer ("grads/<n>") and each engine's parameter all-gather buffer ("params/<n>").
+        """
+        out = {f"grads/{n}": r.layout.padding_per_rank() for n, (r, _) in enumerate(self._reducers)}
+        for n, engine in enumerate(self.engines):
+            out[f"params/{n}"] = engine.param_padding_per_rank()
+        return out
+
+    def communication_bytes_per_step(self) -> dict[str, int]:
+        """Bytes this rank sends per step (ring algorithms, padding included), by kind:
+        level reductions of the SOAP grads, the Adam grads' all-reduce, the parameter sync
+        and the TP-full gathers; "total" sums them. Diagnostics segments are not counted.
+        """
+        levels = self.schedule.num_levels
+        out = {"soap_grads": 0, "adam_grads": 0, "params": 0, "tp_full": 0}
+        chunk = self.model_chunks[0]
+        if self.comm.owner_reduce:
+            out["soap_grads"] = levels * sum(r.bytes_per_reduction() for r, _ in self._reducers)
+            for reducer, i in self._shard_reducers:
+                numel = sum(p.numel() for p in self.engines[i].grad_params)
+                out["soap_grads"] += levels * reducer.bytes_per_reduction(numel)
+            for params, group, _ in chunk._unfolded:
+                n = group.size()
+                numel = sum(p.numel() for p in params)
+                out["adam_grads"] += 2 * (n - 1) * numel * 4 // n if n > 1 else 0
+        else:  # Megatron's buckets: ring all-reduce of every buffer at every level
+            for buffer in compat.ddp_buffers(chunk):
+                n = buffer.data_parallel_group.size()
+                size = buffer.grad_data.numel() * buffer.grad_data.element_size()
+                out["soap_grads"] += levels * (2 * (n - 1) * size // n if n > 1 else 0)
+        for engine in self.engines:
+            out["params"] += engine.communication_bytes_per_step()
+            if isinstance(engine, TensorParallelFullSOAP):
+                tp = dist.get_world_size(engine.tp_group)
+                numel = sum(p.numel() for p in engine.shards)
+                out["tp_full"] += levels * (tp - 1) * numel * 4
+        out["total"] = sum(out.values())
+        return out
+
     # ------------------------------------------------------------ folding hook
     @torch.no_grad()
-    def on_level(self, level: int, level_size: int) -> None:
-        """DDP callback after a level's reduction: fold it, then clear the folded grads."""
+    def reduce_and_fold_level(self, level: int, level_size: int) -> None:
+        """DDP callback at a level boundary: reduce the level's sums and fold the level mean
+        (with owner reduction: start the reduce-scatter now, fold it at the next boundary or
+        in prepare_grads), then clear the folded grads.
+        """
         scale = self.schedule.accumulation_steps / level_size
+        if self.comm.owner_reduce:
+            self._complete_reductions()
+            self._launch_reductions("level", level, scale)
+            return
         for engine in self.engines:
-            grads = [self.fp8.model_param(p).main_grad for p in engine.params]
-            engine.fold_level(level, grads, scale=scale)
+            grads = [self.fp8.model_param(p).main_grad for p in engine.grad_params]
+            engine.fold_reduced_level(level, grads, scale=scale)
             # The next level accumulates onto zero: at its boundary main_grad is its own sum
             # (also with TE's fused wgrad accumulation into main_grad; see megatron/fp8.py).
             fused_kernels.zero_(grads)
 
     @torch.no_grad()
-    def on_segment(self, micro_steps: int) -> None:
+    def reduce_segment(self, micro_steps: int) -> None:
         """DDP callback at an extra (diagnostics) sync point: hand the reduced segment over."""
         k = self.schedule.accumulation_steps
+        if self.comm.owner_reduce:
+            self._complete_reductions()
+            self._launch_reductions("segment", micro_steps, float(k))
+            return
         for engine in self.engines:
-            grads = [self.fp8.model_param(p).main_grad for p in engine.params]
-            engine.add_segment(grads, micro_steps, scale=k)  # main_grad is the sum / K
+            grads = [self.fp8.model_param(p).main_grad for p in engine.grad_params]
+            engine.add_reduced_segment(grads, micro_steps, scale=k)  # main_grad is the sum / K
             fused_kernels.zero_(grads)
 
     def request_grad_diagnostics(self, groups: Sequence[int] | None = None) -> None:
@@ -198,7 +342,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         for engine in self.engines:
             engine.arm_grad_diagnostics(groups)
         for chunk in self.model_chunks:
-            chunk.set_extra_sync_points(extra, self.on_segment)
+            chunk.set_extra_sync_points(extra, self.reduce_segment)
         self._armed_groups = groups
         self._armed_segments = len(ends)
 
@@ -247,6 +391,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
 
     # ------------------------------------------------------------------ steps
     def prepare_grads(self) -> bool:
+        self._complete_reductions()
+        for chunk in self.model_chunks:  # the Adam params' once-per-step all-reduce
+            chunk.wait_unfolded_grad_sync()
         for engine in self.engines:
             if not engine.has_window():
                 raise RuntimeError(
@@ -269,6 +416,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         return True
 
     def discard_step(self) -> None:
+        self._complete_reductions()
         for engine in self.engines:
             engine.discard_window()
         self.skipped_steps += 1
@@ -382,7 +530,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         host_timings = [0.0] * len(PHASES)
         for engine in self.engines:
             host_timings = [t + engine.timings[k] for t, k in zip(host_timings, PHASES)]
-            for k in PHASES:  # reset in place (the TP-full wrapper shares its engine's dict)
+            for k in PHASES:  # reset in place
                 engine.timings[k] = 0.0
         timings = torch.cat([torch.tensor(host_timings, dtype=f64, device=dev), *maxes])
         dist.all_reduce(timings, op=dist.ReduceOp.MAX)

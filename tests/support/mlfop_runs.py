@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -11,6 +12,8 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.distributed.comm_config import CommConfig
+from mlfop_megatron.distributed.comm_counter import count_collectives
 from mlfop_megatron.megatron import compat
 from mlfop_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
 from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
@@ -40,7 +43,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     expert_model_parallel_size), extra_config (TinyGPTConfig.extra_config pairs), folding
     (more FoldingConfig options, e.g. structure, step_size, statistics_from, beta_max),
     grad_groups (group id per micro-batch: request_grad_diagnostics before every window),
-    shard_adam (ZeRO-1 Adam for the non-matrix params, default True).
+    shard_adam (ZeRO-1 Adam for the non-matrix params, default True),
+    comm (CommConfig options), count_comm (count the collectives of training and steps).
     """
     init_megatron_parallel(
         tp=spec.get("tp", 1), pp=spec.get("pp", 1), seed=1234, **spec.get("parallel", {})
@@ -87,6 +91,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         sharded=spec.get("sharded", True),
         shard_adam=spec.get("shard_adam", True),
         tp_mode=spec.get("tp_mode", "blockwise"),
+        comm=CommConfig(**spec.get("comm", {})),
     )
     # Megatron's own LR/WD scheduler drives the chained optimizer, as in Megatron-LM.
     scheduler = OptimizerParamScheduler(
@@ -105,6 +110,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     dp = parallel_state.get_data_parallel_world_size()
     mbs = spec.get("global_micro", 2) // dp
     losses, results, step_times = [], [], []
+    comm_counts: list[tuple[dict[str, int], dict[str, int]]] = []
     first = 0
     if spec.get("load_from"):
         first = load_checkpoint(spec["load_from"], model, optimizer) + 1
@@ -116,17 +122,22 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         nan_at = spec.get("nan_at")
         if nan_at is not None and nan_at[0] == it and nan_at[1] == torch.distributed.get_rank():
             poison_next_backward(model)
-        local = train_iteration(model, cfg, it, k, mbs, zero_grad=False)
+        counting = count_collectives() if spec.get("count_comm") else nullcontext()
+        with counting as counts:  # the window's backward passes and the step, not the loss
+            local = train_iteration(model, cfg, it, k, mbs, zero_grad=False)
+            if spec.get("discard_at") != it:
+                start = time.perf_counter()
+                results.append(optimizer.step())
+                step_times.append(time.perf_counter() - start)
+        if counts is not None:
+            comm_counts.append((dict(counts.launches), dict(counts.bytes)))
         losses.append(global_mean_loss(local))
         if spec.get("discard_at") == it:  # reference for the NaN test: drop this step
             for opt in optimizer.mlfop:
                 opt.discard_step()
             results.append((False, None, None))
             continue
-        start = time.perf_counter()
-        results.append(optimizer.step())
         scheduler.step(increment=1)
-        step_times.append(time.perf_counter() - start)
         if spec.get("save_at") is not None and spec["save_at"][0] == it:
             save_checkpoint(spec["save_at"][1], model, optimizer, it)
     names = canonical_param_names(model)
@@ -150,6 +161,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         "grad_buffer_bytes": sum(
             b.grad_data.numel() * b.grad_data.element_size() for b in compat.ddp_buffers(model)
         ),
+        "comm_counts": comm_counts,
+        "comm_bytes": [o.communication_bytes_per_step() for o in optimizer.mlfop],
         "stats": optimizer.stats(),
     }
 

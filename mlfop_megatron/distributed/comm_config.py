@@ -1,0 +1,48 @@
+"""How the ML-FOP-SOAP gradient and parameter collectives run (a validated config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LEVEL_REDUCE = ("reduce_scatter", "all_reduce")
+GRAD_WIRE_DTYPES = ("fp32", "bf16")
+PARAM_SYNC = ("all_gather", "broadcast")
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """Collectives of the folding levels and of the parameter sync.
+
+    ``level_reduce``: "reduce_scatter" (default) packs the SOAP blocks' level sums into an
+    owner-ordered buffer and reduce-scatters it, so each owner receives only its own blocks,
+    and the non-SOAP (Adam) gradients are all-reduced once per step; "all_reduce" is the first
+    version, kept for comparison: Megatron's buckets all-reduce the whole gradient buffer at
+    every level boundary. ``grad_wire_dtype``: "bf16" sends the level sums in bf16 and sums
+    them in fp32 on the owner (an all-to-all, then a local fp32 sum in rank order); only with
+    level_reduce="reduce_scatter". ``param_sync``: "all_gather" (one all-gather of the
+    owner-ordered parameter buffer per engine) or "broadcast" (one broadcast per owner rank,
+    the first version).
+    """
+
+    level_reduce: str = "reduce_scatter"
+    grad_wire_dtype: str = "fp32"
+    param_sync: str = "all_gather"
+
+    def __post_init__(self) -> None:
+        for option, value, allowed in (
+            ("level_reduce", self.level_reduce, LEVEL_REDUCE),
+            ("grad_wire_dtype", self.grad_wire_dtype, GRAD_WIRE_DTYPES),
+            ("param_sync", self.param_sync, PARAM_SYNC),
+        ):
+            if value not in allowed:
+                raise ValueError(f"CommConfig.{option} must be one of {allowed} (got {value!r})")
+        if self.grad_wire_dtype == "bf16" and self.level_reduce != "reduce_scatter":
+            raise ValueError(
+                "CommConfig.grad_wire_dtype='bf16' needs level_reduce='reduce_scatter' (the "
+                "all_reduce path reduces Megatron's fp32 buckets); set grad_wire_dtype='fp32'"
+            )
+
+    @property
+    def owner_reduce(self) -> bool:
+        """Whether the level sums go to their owners only (the folding glue reduces them)."""
+        return self.level_reduce == "reduce_scatter"

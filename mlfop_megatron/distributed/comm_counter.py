@@ -1,0 +1,123 @@
+"""Count the collectives a run really launches, at the torch.distributed boundary.
+
+``count_collectives()`` wraps the public torch.distributed collectives for the duration of a
+``with`` block; every outermost call (a deprecated alias that forwards to its replacement
+counts once) adds one launch and its bytes to the counter of its kind. Bytes are what one rank
+sends with ring algorithms, the usual NCCL cost model: all-reduce 2(n-1)/n x size,
+reduce-scatter and all-to-all (n-1)/n x input, all-gather (n-1)/n x output, broadcast the
+size (each non-root receives it once), where n is the group size and size is in bytes.
+Calls on a group of one rank (e.g. Megatron's vocab-parallel cross entropy at TP=1) move
+nothing and are counted apart, in ``trivial``. Works with any backend; nothing is estimated
+from a formula of the model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_LOCAL = threading.local()
+
+
+def _numel_bytes(t: Any) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    if isinstance(t, (list, tuple)):
+        return sum(_numel_bytes(x) for x in t)
+    return 0
+
+
+def _group_size(kwargs: dict[str, Any], args: tuple, position: int) -> int:
+    group = kwargs.get("group", args[position] if len(args) > position else None)
+    return dist.get_world_size(group)
+
+
+# name -> (kind, bytes sent by one rank given (args, kwargs))
+def _ring(
+    factor: float, tensor_pos: int, group_pos: int
+) -> Callable[[tuple, dict], tuple[int, int]]:
+    def sent(args: tuple, kwargs: dict) -> tuple[int, int]:
+        n = _group_size(kwargs, args, group_pos)
+        size = _numel_bytes(args[tensor_pos]) if len(args) > tensor_pos else 0
+        return n, int(factor * (n - 1) * size / n) if n > 1 else 0
+
+    return sent
+
+
+def _broadcast(args: tuple, kwargs: dict) -> tuple[int, int]:
+    n = _group_size(kwargs, args, 2)
+    return n, _numel_bytes(args[0]) if n > 1 else 0
+
+
+_WRAPPED: dict[str, tuple[str, Callable[[tuple, dict], tuple[int, int]]]] = {
+    "all_reduce": ("all_reduce", _ring(2.0, 0, 2)),
+    "reduce_scatter_tensor": ("reduce_scatter", _ring(1.0, 1, 3)),
+    "reduce_scatter_single": ("reduce_scatter", _ring(1.0, 1, 3)),
+    "reduce_scatter": ("reduce_scatter", _ring(1.0, 1, 3)),
+    "all_gather_into_tensor": ("all_gather", _ring(1.0, 0, 2)),
+    "all_gather_single": ("all_gather", _ring(1.0, 0, 2)),
+    "all_gather": ("all_gather", _ring(1.0, 0, 2)),
+    "all_to_all_single": ("all_to_all", _ring(1.0, 1, 4)),
+    "broadcast": ("broadcast", _broadcast),
+}
+
+
+@dataclass
+class CollectiveCounts:
+    """Launches and bytes sent by this rank, per collective kind."""
+
+    launches: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    trivial: int = 0  # calls on one-rank groups (not in launches)
+
+    def add(self, kind: str, sent: int) -> None:
+        self.launches[kind] = self.launches.get(kind, 0) + 1
+        self.bytes[kind] = self.bytes.get(kind, 0) + sent
+
+    @property
+    def total_launches(self) -> int:
+        return sum(self.launches.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
+@contextmanager
+def count_collectives() -> Iterator[CollectiveCounts]:
+    """Count every collective launched inside the block on this rank (see module)."""
+    counts = CollectiveCounts()
+    originals = {name: getattr(dist, name) for name in _WRAPPED if hasattr(dist, name)}
+
+    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        kind, sent = _WRAPPED[name]
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if getattr(_LOCAL, "depth", 0):
+                return fn(*args, **kwargs)
+            n, sent_bytes = sent(args, kwargs)
+            if n > 1:
+                counts.add(kind, sent_bytes)
+            else:
+                counts.trivial += 1
+            _LOCAL.depth = 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _LOCAL.depth = 0
+
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)

@@ -1,0 +1,185 @@
+"""Alpha-beta model of the optimizer's communication and memory per step, per layout.
+
+Layouts compared on the same parameter shapes and data-parallel size N (r = (N-1)/N):
+
+* ``mlfop`` (this package, CommConfig defaults): per level one reduce-scatter of the
+  owner-ordered SOAP buffer (fp32, or bf16 with ``bf16_wire``), the Adam params' grads
+  all-reduced once (fp32), one all-gather of the owner-ordered bf16 params, one all-reduce of
+  the (norm, found-inf) pair. Segments are padded to the most loaded owner, from the real
+  :class:`Assignment` of the SOAP blocks.
+* ``mlfop_v1`` (the first version, ``CommConfig(level_reduce="all_reduce",
+  param_sync="broadcast")``): Megatron's buckets all-reduce every grad at every level, then
+  one broadcast per owner rank.
+* ``distopt`` (Megatron DistributedOptimizer, Adam): fp32 grad reduce-scatter + bf16 param
+  all-gather per bucket, fp32 main weights and moments sharded 1/N.
+* ``layerwise`` (Megatron LayerWiseDistributedOptimizer, 0.19): the same collectives on a
+  whole-param layout dealt ping-pong (its padding: the most loaded rank's whole params); the
+  non-matrix params through DistributedOptimizer.
+
+Link figures (stated, not measured here): an H100 SXM node (DGX H100) has one ConnectX-7
+400 Gb/s NDR InfiniBand port per GPU (NVIDIA DGX H100 User Guide, "Network ports"), i.e.
+50 GB/s per GPU; we assume NCCL reaches 80% of it across nodes (``BETA_BYTES_PER_S`` = 40e9,
+an assumption) and a latency of ``ALPHA_S`` = 10 us per log2(N) step of NCCL's tree / PAT
+algorithms (an assumption of the order NCCL's tuning model uses for InfiniBand). Seconds per
+step = sum over collectives of ALPHA_S x ceil(log2 N) + bytes sent / BETA_BYTES_PER_S.
+The bytes are what one rank sends with ring algorithms (the counting of
+``comm_counter.count_collectives``, which measures the same quantities on real runs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mlfop_megatron.distributed.assignment import (
+    Assignment,
+    BlockingConfig,
+    ParamSpec,
+    make_blocks,
+    pingpong_owners,
+)
+from mlfop_megatron.distributed.model_shapes import model_shapes
+
+ALPHA_S = 10e-6
+BETA_BYTES_PER_S = 40e9
+BUCKET_ELEMENTS = 40_000_000  # Megatron's default bucket: max(40M, 1M x N) elements
+
+
+@dataclass(frozen=True)
+class LayoutCost:
+    """One layout's per-rank, per-step communication and optimizer memory."""
+
+    layout: str
+    dp: int
+    bytes_per_soap_element: float  # bytes sent per step per matrix element
+    bytes_per_adam_element: float  # bytes sent per step per non-matrix element
+    launches: int  # collective launches per step
+    seconds: float  # modelled communication seconds per step
+    optimizer_gib: float  # optimizer state per rank (fp32 main weights, moments, factors)
+
+
+def _buckets(numel: int, dp: int) -> int:
+    return max(1, math.ceil(numel / max(BUCKET_ELEMENTS, 1_000_000 * dp)))
+
+
+def _time(collectives: Sequence[tuple[int, float]], dp: int) -> float:
+    """(launches, bytes sent) pairs -> seconds with the alpha-beta figures."""
+    hops = math.ceil(math.log2(dp)) if dp > 1 else 0
+    return sum(n * ALPHA_S * hops + b / BETA_BYTES_PER_S for n, b in collectives)
+
+
+def _soap_block_bytes(rows: int, cols: int, rotate_rows: bool, rotate_cols: bool) -> int:
+    """fp32 SOAP state of one block: factor + basis per rotated side, two moments, master."""
+    side = (2 * rows * rows if rotate_rows else 0) + (2 * cols * cols if rotate_cols else 0)
+    return 4 * (side + 3 * rows * cols)
+
+
+def layout_costs(
+    specs: Sequence[ParamSpec],
+    dp: int,
+    levels: int,
+    block_size: int | None = 1024,
+    max_precond_dim: int = 10000,
+) -> list[LayoutCost]:
+    """Modelled cost of every layout (see module) for these shapes at data-parallel size dp."""
+    soap = [s for s in specs if s.preconditioned]
+    adam = [s for s in specs if not s.preconditioned]
+    p_soap = sum(s.numel for s in soap)
+    p_adam = sum(s.numel for s in adam)
+    p_all = p_soap + p_adam
+    r = (dp - 1) / dp
+    gib = 2.0**30
+    blocks = make_blocks(soap, BlockingConfig(block_size, max_precond_dim))
+    assignment = Assignment.build(blocks, dp)
+    seg = max(assignment.numel_loads)  # owner segment: the most loaded owner's elements
+    pad = dp * seg / p_soap  # padded buffer / useful elements
+    mem = [0] * dp
+    for b, owner in zip(assignment.blocks, assignment.owners):
+        mem[owner] += _soap_block_bytes(b.rows, b.cols, b.rotate_rows, b.rotate_cols)
+    adam_bytes = 12 * p_adam  # fp32 main weights + two moments, replicated
+    out = []
+    for name, wire in (("mlfop", 4), ("mlfop_bf16_wire", 2)):
+        soap_sent = levels * wire * r * pad * p_soap + 2 * r * pad * p_soap
+        colls = [(levels, levels * wire * r * pad * p_soap), (1, 8 * r * p_adam)]
+        colls += [(1, 2 * r * pad * p_soap), (1, 16 * r)]
+        out.append(
+            LayoutCost(
+                name,
+                dp,
+                soap_sent / p_soap,
+                8 * r,
+                levels + 3,
+                _time(colls, dp),
+                (max(mem) + adam_bytes) / gib,
+            )
+        )
+    buckets = _buckets(p_all, dp)
+    v1 = [(levels * buckets, levels * 8 * r * p_all), (dp, 2 * r * p_soap), (1, 16 * r)]
+    out.append(
+        LayoutCost(
+            "mlfop_v1",
+            dp,
+            levels * 8 * r + 2 * r,
+            levels * 8 * r,
+            levels * buckets + dp + 1,
+            _time(v1, dp),
+            (max(mem) + adam_bytes) / gib,
+        )
+    )
+    dist = [(buckets, 4 * r * p_all), (buckets, 2 * r * p_all), (1, 16 * r)]
+    out.append(
+        LayoutCost(
+            "distopt", dp, 6 * r, 6 * r, 2 * buckets + 1, _time(dist, dp), 12 * p_all / dp / gib
+        )
+    )
+    whole = make_blocks(soap, BlockingConfig(None, max_precond_dim))
+    loads = [0] * dp
+    for b, owner in zip(whole, pingpong_owners([b.numel for b in whole], dp)):
+        loads[owner] += b.numel
+    lw_pad = dp * max(loads) / p_soap
+    lw = [
+        (_buckets(p_soap, dp), 6 * r * lw_pad * p_soap),
+        (2 * _buckets(p_adam, dp), 6 * r * p_adam),
+        (1, 16 * r),
+    ]
+    out.append(
+        LayoutCost(
+            "layerwise",
+            dp,
+            6 * r * lw_pad,
+            6 * r,
+            2 * _buckets(p_soap, dp) + 2 * _buckets(p_adam, dp) + 1,
+            _time(lw, dp),
+            12 * (max(loads) + p_adam / dp) / gib,
+        )
+    )
+    return out
+
+
+def communication_table(
+    model: str = "llama3-8b",
+    dp_sizes: Sequence[int] = (64, 256, 1024),
+    levels: int = 4,
+    block_size: int | None = 1024,
+    tp: int = 1,
+) -> list[LayoutCost]:
+    """The model's layouts at each DP size (what ``mlfop-plan`` can print)."""
+    specs = model_shapes(model, tp)
+    return [c for dp in dp_sizes for c in layout_costs(specs, dp, levels, block_size)]
+
+
+def format_table(rows: Sequence[LayoutCost]) -> str:
+    """Markdown table of layout costs."""
+    lines = [
+        "| DP | layout | B/matrix elem | B/other elem | launches/step | modelled s/step | "
+        "optimizer GiB/rank |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in rows:
+        lines.append(
+            f"| {c.dp} | {c.layout} | {c.bytes_per_soap_element:.2f} | "
+            f"{c.bytes_per_adam_element:.2f} | {c.launches} | {c.seconds:.3f} | "
+            f"{c.optimizer_gib:.2f} |"
+        )
+    return "\n".join(lines)

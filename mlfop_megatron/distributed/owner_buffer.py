@@ -1,0 +1,275 @@
+"""Owner-ordered flat buffers: one reduce-scatter per level, one all-gather of the parameters.
+
+Every rank of a data-parallel group builds the same :class:`OwnerLayout` from the engines'
+assignments: rank r's segment holds, in order, the blocks rank r owns in engine 0, then in
+engine 1, ...; each segment is padded to the longest one, so that rank r's segment of the
+buffer is exactly what ``reduce_scatter`` hands to rank r and what ``all_gather`` collects
+from it. No Megatron here: tensors, blocks and torch.distributed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mlfop_megatron.distributed.assignment import Assignment, Block
+
+
+def block_view(full: torch.Tensor, block: Block) -> torch.Tensor:
+    """The block's region of a tensor shaped like its param (a view, no copy)."""
+    matrix = full.view(full.shape[0], -1) if full.dim() > 1 else full.view(1, -1)
+    return matrix[
+        block.row_offset : block.row_offset + block.rows,
+        block.col_offset : block.col_offset + block.cols,
+    ]
+
+
+def reduce_scatter_flat(
+    out: torch.Tensor, flat: torch.Tensor, group: dist.ProcessGroup | None, async_op: bool
+) -> dist.Work | None:
+    """``torch.distributed.reduce_scatter_tensor`` (``reduce_scatter_single`` where newer)."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, flat, group=group, async_op=async_op)
+
+
+def all_gather_flat(
+    out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGroup | None, async_op: bool
+) -> dist.Work | None:
+    """``torch.distributed.all_gather_into_tensor`` (``all_gather_single`` where newer)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, mine, group=group, async_op=async_op)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One block in an owner segment: which engine, which block, where in the segment."""
+
+    engine: int
+    block: Block
+    offset: int
+
+
+class OwnerLayout:
+    """Blocks of several engines laid out by owner rank, every segment padded to one length."""
+
+    def __init__(self, assignments: Sequence[Assignment], world_size: int) -> None:
+        self.world_size = world_size
+        self.segments: list[list[Slot]] = []
+        for rank in range(world_size):
+            slots, offset = [], 0
+            for e, assignment in enumerate(assignments):
+                for block in assignment.blocks_of(rank):
+                    slots.append(Slot(e, block, offset))
+                    offset += block.numel
+            self.segments.append(slots)
+        self.used = [sum(s.block.numel for s in seg) for seg in self.segments]
+        self.segment_size = max(self.used, default=0)
+        self.num_engines = len(assignments)
+
+    @property
+    def numel(self) -> int:
+        """Elements of the whole padded buffer (world_size x segment_size)."""
+        return self.world_size * self.segment_size
+
+    def padding_per_rank(self) -> list[int]:
+        """Padding elements in each rank's segment (segment length minus its blocks)."""
+        return [self.segment_size - u for u in self.used]
+
+    def padding_fraction(self) -> float:
+        """Padding as a fraction of the whole buffer (0 when the owners are balanced)."""
+        return sum(self.padding_per_rank()) / self.numel if self.numel else 0.0
+
+    def pack(
+        self,
+        tensors: Sequence[Sequence[torch.Tensor]],
+        dtype: torch.dtype,
+        like: torch.Tensor,
+        ranks: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Flat copy of the blocks of ``tensors[engine][param_index]`` in owner order, zero
+        padded, in ``dtype`` on ``like``'s device (one cat). ``ranks``: the segments to pack
+        (default: all).
+        """
+        ranks = range(self.world_size) if ranks is None else ranks
+        pieces: list[torch.Tensor] = []
+        for rank in ranks:
+            for slot in self.segments[rank]:
+                full = tensors[slot.engine][slot.block.param_index]
+                pieces.append(block_view(full, slot.block).reshape(-1).to(dtype))
+            pad = self.segment_size - self.used[rank]
+            if pad:
+                pieces.append(like.new_zeros(pad, dtype=dtype))
+        if not pieces:
+            return like.new_zeros(0, dtype=dtype)
+        return torch.cat(pieces)
+
+    def unpack_into(
+        self, flat: torch.Tensor, tensors: Sequence[Sequence[torch.Tensor]], skip: int
+    ) -> None:
+        """Copy every rank's blocks but ``skip``'s from the whole buffer into ``tensors``."""
+        for rank in range(self.world_size):
+            if rank == skip:
+                continue
+            base = rank * self.segment_size
+            for slot in self.segments[rank]:
+                b = slot.block
+                src = flat[base + slot.offset : base + slot.offset + b.numel]
+                dst = block_view(tensors[slot.engine][b.param_index], b)
+                dst.copy_(src.view(b.rows, b.cols))
+
+    def segment_views(self, segment: torch.Tensor, rank: int) -> list[list[torch.Tensor]]:
+        """Rank ``rank``'s blocks inside its flat segment, per engine, as (rows, cols) views."""
+        out: list[list[torch.Tensor]] = [[] for _ in range(self.num_engines)]
+        for slot in self.segments[rank]:
+            b = slot.block
+            out[slot.engine].append(
+                segment[slot.offset : slot.offset + b.numel].view(b.rows, b.cols)
+            )
+        return out
+
+
+class LevelReducer:
+    """Reduces the level sums of the SOAP blocks of engines sharing one data-parallel group.
+
+    ``owner_world`` is the engines' owner group size: the data-parallel size (sharded: one
+    reduce-scatter, each owner receives only its blocks) or 1 (replicated: one all-reduce,
+    every rank receives every block). ``scaling`` multiplies the sums before the reduction
+    (Megatron's gradient_scaling_factor: 1/DP for a mean). ``wire_dtype`` bfloat16 sends bf16
+    and accumulates in fp32 on the receiver: an all-to-all (sharded) or all-gather
+    (replicated) of bf16 pieces, summed in fp32 in rank order, so the result is the same on
+    every replica and deterministic. ``launch`` is asynchronous; ``wait`` returns the views.
+    """
+
+    def __init__(
+        self,
+        assignments: Sequence[Assignment],
+        owner_world: int,
+        group: dist.ProcessGroup | None,
+        scaling: float,
+        wire_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.group_size = dist.get_world_size(group) if group is not None else 1
+        if owner_world not in (1, self.group_size):
+            raise ValueError(
+                f"the engines' owner group has {owner_world} ranks, the reduction group "
+                f"{self.group_size}: blocks must be owned over the data-parallel group or "
+                "replicated"
+            )
+        self.layout = OwnerLayout(assignments, owner_world)
+        self.group = group
+        self.rank = dist.get_rank(group) if owner_world > 1 else 0
+        self.scaling = scaling
+        self.wire_dtype = wire_dtype
+        self._pending: tuple[dist.Work | None, torch.Tensor, torch.Tensor, torch.dtype] | None
+        self._pending = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout.world_size > 1
+
+    def launch(self, grads: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Pack ``grads[engine][param]``'s blocks, scale them and start the reduction."""
+        if self._pending is not None:
+            raise RuntimeError("a level reduction is still in flight: wait() for it first")
+        ref = next(g for gs in grads for g in gs)
+        dtype = ref.dtype  # main_grad: fp32 (fp64 in the tests)
+        flat = self.layout.pack(grads, dtype, ref)
+        if self.scaling != 1.0:
+            flat.mul_(self.scaling)
+        n, seg = self.group_size, self.layout.segment_size
+        work: dist.Work | None = None
+        if n == 1:
+            out = flat
+        elif self.wire_dtype in (torch.float32, dtype):
+            if self.sharded:
+                out = flat.new_empty(seg)
+                work = reduce_scatter_flat(out, flat, self.group, async_op=True)
+            else:
+                out = flat
+                work = dist.all_reduce(out, group=self.group, async_op=True)
+        else:
+            wire = flat.to(self.wire_dtype)
+            if self.sharded:  # piece r of every rank goes to owner r
+                out = torch.empty_like(wire)
+                work = dist.all_to_all_single(out, wire, group=self.group, async_op=True)
+            else:
+                out = wire.new_empty(n * wire.numel())
+                work = all_gather_flat(out, wire, self.group, async_op=True)
+        self._pending = (work, flat, out, dtype)
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    def wait(self) -> list[list[torch.Tensor]]:
+        """Finish the reduction: this rank's owned blocks, per engine, as (rows, cols) views
+        in the grads' dtype.
+        """
+        if self._pending is None:
+            raise RuntimeError("no level reduction in flight")
+        work, _, out, dtype = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        if out.dtype != dtype:  # bf16 pieces of every sender: fp32 (grad dtype) sum, rank order
+            out = out.view(self.group_size, -1).to(dtype).sum(dim=0)
+        return self.layout.segment_views(out, self.rank)
+
+    def bytes_per_reduction(self) -> int:
+        """Bytes one rank sends per reduction with ring algorithms (padding included)."""
+        n = self.group_size
+        if n == 1:
+            return 0
+        wire = torch.finfo(self.wire_dtype).bits // 8
+        if self.sharded:  # reduce-scatter or all-to-all: (n - 1) segments
+            return (n - 1) * self.layout.segment_size * wire
+        if self.wire_dtype == torch.float32:  # ring all-reduce
+            return 2 * (n - 1) * self.layout.segment_size * wire // n
+        return (n - 1) * self.layout.segment_size * wire  # all-gather of the bf16 pieces
+
+
+class FlatAllReduce:
+    """One asynchronous all-reduce of a list of same-dtype tensors packed into a flat copy
+    (pre-scaled by ``scaling``); ``wait`` returns the reduced tensors (views of the copy).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, scaling: float) -> None:
+        self.group = group
+        self.group_size = dist.get_world_size(group) if group is not None else 1
+        self.scaling = scaling
+        self._pending: tuple[dist.Work | None, torch.Tensor, list[torch.Size]] | None = None
+
+    def launch(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Pack (one cat), scale and start the all-reduce."""
+        if self._pending is not None:
+            raise RuntimeError("an all-reduce is still in flight: wait() for it first")
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        if self.scaling != 1.0:
+            flat.mul_(self.scaling)
+        work = None
+        if self.group_size > 1:
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self._pending = (work, flat, [t.shape for t in tensors])
+
+    def wait(self) -> list[torch.Tensor]:
+        """The reduced tensors, shaped like the launched ones (views of the flat copy)."""
+        if self._pending is None:
+            raise RuntimeError("no all-reduce in flight")
+        work, flat, shapes = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        out, offset = [], 0
+        for shape in shapes:
+            n = shape.numel()
+            out.append(flat[offset : offset + n].view(shape))
+            offset += n
+        return out
+
+    def bytes_per_reduction(self, numel: int) -> int:
+        """Bytes one rank sends for a ring all-reduce of ``numel`` fp32 elements."""
+        n = self.group_size
+        return 2 * (n - 1) * numel * 4 // n if n > 1 else 0

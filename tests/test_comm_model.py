@@ -1,0 +1,44 @@
+"""The alpha-beta communication model against hand-computed bytes on toy shapes.
+
+With 8 equal 64x64 blocks over N=4 or 8 ranks every owner gets the same number of elements, so
+the owner-ordered buffers carry no padding and the model must give the design's formulas
+exactly: (4L+2) r bytes per matrix element (fp32 wire), (2L+2) r (bf16 wire), 8 r per Adam
+element, first version 8L r + 2 r, DistributedOptimizer 6 r, r = (N-1)/N; launches L+3.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mlfop_megatron.distributed.assignment import ParamSpec
+from mlfop_megatron.distributed.comm_model import communication_table, layout_costs
+
+SPECS = [ParamSpec(f"w{i}", (64, 64)) for i in range(8)] + [
+    ParamSpec("norm", (64,), preconditioned=False)
+]
+
+
+@pytest.mark.parametrize("dp", [4, 8])
+@pytest.mark.parametrize("levels", [1, 4])
+def test_model_matches_the_formulas_without_padding(dp, levels):
+    r = (dp - 1) / dp
+    costs = {c.layout: c for c in layout_costs(SPECS, dp, levels, block_size=None)}
+    assert costs["mlfop"].bytes_per_soap_element == pytest.approx((4 * levels + 2) * r)
+    assert costs["mlfop_bf16_wire"].bytes_per_soap_element == pytest.approx((2 * levels + 2) * r)
+    assert costs["mlfop"].bytes_per_adam_element == pytest.approx(8 * r)
+    assert costs["mlfop"].launches == levels + 3
+    assert costs["mlfop_v1"].bytes_per_soap_element == pytest.approx(8 * levels * r + 2 * r)
+    assert costs["distopt"].bytes_per_soap_element == pytest.approx(6 * r)
+    assert costs["mlfop"].seconds < costs["mlfop_v1"].seconds
+    # fp32 state per rank: each owner holds 1/N of the blocks' factors, bases, moments, master
+    block = 4 * (2 * 64 * 64 * 2 + 3 * 64 * 64)
+    adam = 12 * 64
+    assert costs["mlfop"].optimizer_gib * 2**30 == pytest.approx(8 // dp * block + adam)
+
+
+def test_llama_table_meets_launch_target_and_reports_padding():
+    rows = communication_table("llama3-8b", (256,), levels=4)
+    mlfop = next(c for c in rows if c.layout == "mlfop")
+    assert mlfop.launches <= 4 + 4  # L + 4 whatever N
+    # 4L+2 = 18 B per element at r ~ 1, times the owner buffer's padding (a few percent)
+    assert 17.0 < mlfop.bytes_per_soap_element < 18.0 * 1.1
