@@ -69,6 +69,9 @@ class SOAPConfig:
     precondition_1d: bool = False
     correct_bias: bool = True
     refresh_method: str = "qr"  # "qr": one power-iteration step + QR; "eigh": full eigh
+    # Engine, not math: True runs blocks of equal shape as stacked batches (core/batched.py),
+    # False one block at a time (core/soap.py); same results to rounding.
+    batched: bool = True
 
     def __post_init__(self) -> None:
         check_range("lr", self.lr, 0.0)
@@ -83,7 +86,7 @@ class SOAPConfig:
         check_range("weight_decay", self.weight_decay, 0.0)
         check_int("precondition_frequency", self.precondition_frequency, 1)
         check_int("max_precond_dim", self.max_precond_dim, 1)
-        for name in ("precondition_1d", "correct_bias"):
+        for name in ("precondition_1d", "correct_bias", "batched"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, "True or False", getattr(self, name))
         if self.refresh_method not in REFRESH_METHODS:
