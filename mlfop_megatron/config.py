@@ -70,8 +70,10 @@ class SOAPConfig:
     correct_bias: bool = True
     refresh_method: str = "qr"  # "qr": one power-iteration step + QR; "eigh": full eigh
     # Engine, not math: True runs blocks of equal shape as stacked batches (core/batched.py),
-    # False one block at a time (core/soap.py); same results to rounding.
-    batched: bool = True
+    # False one block at a time (core/soap.py); same results to rounding. Off by default
+    # until the batched engine also keeps the Megatron owner-sharded == replicated and the
+    # resume tests bitwise (tests/test_megatron_dp.py, tests/test_resume.py; issue 14).
+    batched: bool = False
 
     def __post_init__(self) -> None:
         check_range("lr", self.lr, 0.0)

@@ -175,7 +175,9 @@ def test_one_window_matches_per_block(dtype, options):
 def test_states_are_views_of_the_stacks_and_checkpoints_cross_engines():
     """Per-block state stays addressable; a checkpoint of either engine loads into the other."""
     model = stack_model(1, torch.float64)
-    opt = MLFOPSOAP(model.parameters(), accumulation_steps=2, precondition_frequency=2)
+    opt = MLFOPSOAP(
+        model.parameters(), accumulation_steps=2, precondition_frequency=2, batched=True
+    )
     train(model, opt, steps=3, k=2, seed=0)
     hidden = model[2].weight
     cls = next(c for c in opt._engine.classes if c.size == 3)
@@ -201,7 +203,7 @@ def test_states_are_views_of_the_stacks_and_checkpoints_cross_engines():
     torch.save(ob.state_dict(), buf2)
     buf2.seek(0)
     m3 = copy.deepcopy(mb)
-    o3 = MLFOPSOAP(m3.parameters(), accumulation_steps=2, precondition_frequency=2)
+    o3 = MLFOPSOAP(m3.parameters(), accumulation_steps=2, precondition_frequency=2, batched=True)
     o3.load_state_dict(torch.load(buf2, weights_only=False))
     train(m3, o3, steps=2, k=2, seed=6)
     train(mb, ob, steps=2, k=2, seed=6)
@@ -312,7 +314,7 @@ def test_operator_count_is_independent_of_the_number_of_blocks():
 
 def test_engine_rebuilds_when_states_are_replaced():
     model = stack_model(0, torch.float32)
-    opt = MLFOPSOAP(model.parameters())
+    opt = MLFOPSOAP(model.parameters(), batched=True)
     train(model, opt, steps=2, k=1, seed=0)
     params = [p for p in model.parameters()]
     states = [opt.state[p] for p in params]
@@ -327,3 +329,36 @@ def test_engine_rebuilds_when_states_are_replaced():
 def test_batched_blocks_validates_its_inputs():
     with pytest.raises(ValueError, match="one param and one config per block"):
         BatchedBlocks([{}], [], [])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU emulation only")
+@pytest.mark.parametrize("refresh_method", ["qr", "eigh"])
+def test_batched_engine_is_device_clean_and_fold_is_sync_free(refresh_method):
+    """Under the strict CPU emulation of a GPU: no host/device mixing in the batched engine
+    (stacking, fold, step, batched refresh) and no host sync in accumulate()."""
+    from mlfop_megatron.testing.cpu_emulation import cpu_emulation, is_cpu_emulation_installed
+    from mlfop_megatron.testing.strict_device import forbid_host_sync
+
+    if is_cpu_emulation_installed():
+        pytest.skip("an emulation is already installed in this process")
+    with cpu_emulation(with_megatron=False, strict=True):
+        model = stack_model(0, torch.float32).cuda()
+        opt = MLFOPSOAP(
+            model.parameters(),
+            accumulation_steps=4,
+            precondition_frequency=2,
+            refresh_method=refresh_method,
+            step_size="eta_star",
+            batched=True,
+        )
+        for _ in range(4):
+            for _ in range(4):
+                x = torch.randn(16, 7).cuda()
+                model(x).pow(2).mean().backward()
+                with forbid_host_sync():
+                    opt.accumulate()
+            opt.step()
+        assert all(c.index.is_cuda for c in opt._engine.classes)
+        for p in model.parameters():
+            assert p.is_cuda and torch.isfinite(p).all()
+            assert all(v.is_cuda for v in opt.state[p].values() if torch.is_tensor(v))

@@ -20,8 +20,12 @@ fallback behaves exactly as in the per-block engine.
 Numerics versus the per-block engine (``core/soap.py``): elementwise ops (moments, the fold
 itself, the update) are the same ops on the same values; batched matmul / baddbmm / eigh / QR
 may round differently from their unbatched forms (different blocking inside the BLAS/LAPACK
-kernels, on GPU a different eigh algorithm for small matrices), and the FOP inner products are
-reduced in a different order than ``torch.dot``. Results agree to rounding, not bitwise.
+kernels, on GPU a different eigh algorithm for small matrices), and in float32 the FOP inner
+products are reduced in a different order than ``torch.dot``. Results agree to rounding, not
+bitwise (on CPU, one window from the same state: ~1e-15 in float64, ~1e-5 in float32; see
+tests/test_batched_engine.py). The ops used do not depend on which blocks share a class, so
+an owner-sharded run (classes of the blocks one rank owns) is bitwise equal to a replicated
+one (classes of all blocks) on CPU.
 
 Whoever changes a block's state tensors from outside (loading a checkpoint) must rebuild the
 engine; :meth:`BatchedBlocks.matches` tells whether the states still hold the engine's views.
@@ -50,6 +54,11 @@ SIDES = (("L", "QL", 0), ("R", "QR", 1))
 
 def _bt(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-2, -1)
+
+
+def _on(values: list, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device`` (one host-to-device copy)."""
+    return torch.as_tensor(values).to(device)
 
 
 @dataclass
@@ -205,7 +214,7 @@ def _canonicalize(new: torch.Tensor, ranks: list[int], usable: list[bool]) -> No
         if good and r < n:
             by_rank.setdefault(r, []).append(j)
     for r, members in by_rank.items():
-        idx = torch.tensor(members, device=new.device)
+        idx = _on(members, new.device)
         sub = new.index_select(0, idx)
         kept = sub[..., :r]
         gen = torch.Generator(device="cpu").manual_seed(n * 7919 + r)
@@ -255,7 +264,7 @@ def _finish(job: _SideJob, host: list[list[int]] | None, counters: LinalgCounter
             v.copy_(torch.gather(v, 2, order[:, None, :].expand_as(v)))
     change = torch.matmul(_bt(new), old)  # old rotated coordinates -> new ones
     if any(kept_old):  # exactly the identity where the previous basis was kept
-        mask = torch.tensor(kept_old, device=change.device)[:, None, None]
+        mask = _on(kept_old, change.device)[:, None, None]
         change = torch.where(mask, torch.eye(n, dtype=change.dtype, device=change.device), change)
     m = st["exp_avg"]
     if job.dim == 0:
@@ -345,7 +354,7 @@ class BatchedBlocks:
             self.classes.append(
                 ShapeClass(
                     positions=positions,
-                    index=torch.tensor(positions, dtype=torch.long, device=device),
+                    index=_on(positions, device),
                     states=members,
                     params=[params[i] for i in positions],
                     cfg=cfgs[positions[0]],
@@ -363,7 +372,7 @@ class BatchedBlocks:
             inverse = [0] * self.num_blocks
             for k, i in enumerate(order):
                 inverse[i] = k
-            self._inverse = torch.tensor(inverse, dtype=torch.long, device=device)
+            self._inverse = _on(inverse, device)
 
     def matches(self, states: Sequence[State]) -> bool:
         """True while ``states`` are this engine's blocks and still hold its views."""

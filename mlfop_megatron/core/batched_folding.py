@@ -3,7 +3,7 @@
 Same schedule, same estimates and the same FOP scalars as :class:`WindowFolder`, but every
 estimate is a list of per-class [B, r, c] stacks of a :class:`BatchedBlocks` engine: a level
 costs one rotation (batched matmul) per class, the FOP inner products are per-block reductions
-of the stacks (two batched matrix-vector products per sum), and the fold is two elementwise
+of the stacks (``linalg.vecdot``: each block reduced alone), and the fold is two elementwise
 ops per class. The scalars (s, beta, cz, ch, eta*, diagnostics) are vectors in block order,
 reduced across ranks by ``reduce_fn`` in one call per phase, exactly as in the per-block
 folder. Nothing here reads a device value on the host.
@@ -35,9 +35,11 @@ Stacks = list[torch.Tensor]
 
 
 def bdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """<x_b, y_b> for every block b of two [B, r, c] stacks ([B])."""
-    b = x.shape[0]
-    return torch.matmul(x.reshape(b, 1, -1), y.reshape(b, -1, 1)).reshape(b)
+    """<x_b, y_b> for every block b of two [B, r, c] stacks ([B]). ``vecdot`` reduces each
+    block alone, so a block's sums do not depend on which blocks share its class (a batched
+    matrix-vector product does: its kernel choice follows the batch size), which keeps
+    owner-sharded runs bitwise equal to replicated ones."""
+    return torch.linalg.vecdot(x.flatten(1), y.flatten(1))
 
 
 def batched_phase1(a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
