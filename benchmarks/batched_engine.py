@@ -78,6 +78,7 @@ VIEW_OPS = {
     "aten::_unsafe_view",
     "aten::set_",
     "aten::result_type",
+    "aten::to",  # a real conversion shows as its child aten::_to_copy / copy_; alone a no-op
 }
 _T0 = time.perf_counter()
 
