@@ -112,9 +112,40 @@ def fold_coefficients(
     acc_dtype = torch.float64
     a_list = [wz * z + wh * h for z, h in zip(z_rot, h_rot)]
     d_list = [z - h for z, h in zip(z_rot, h_rot)]
-    sums1 = torch.stack(
-        [phase1_sums(a, d, m).to(acc_dtype) for a, d, m in zip(a_list, d_list, diags)]
+
+    def phase1() -> torch.Tensor:
+        return torch.stack(
+            [phase1_sums(a, d, m).to(acc_dtype) for a, d, m in zip(a_list, d_list, diags)]
+        )
+
+    def phase2(s: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            [
+                phase2_sums(a, d, m, s_i.to(a.dtype), with_eta).to(acc_dtype)
+                for a, d, m, s_i in zip(a_list, d_list, diags, s)
+            ]
+        )
+
+    return coefficients_from_sums(
+        phase1, phase2, z_rot[0].dtype, n_z, n_h, cfg, reduce_fn, with_eta
     )
+
+
+def coefficients_from_sums(
+    phase1: Callable[[], torch.Tensor],
+    phase2: Callable[[torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
+    n_z: int,
+    n_h: int,
+    cfg: FoldingConfig,
+    reduce_fn: ReduceFn | None = None,
+    with_eta: bool = False,
+) -> FoldCoefficients:
+    """The FOP scalars of every block from its partial sums: ``phase1()`` gives the [n, 5]
+    phase-1 sums, ``phase2(s)`` the [n, 3 or 4] phase-2 sums for the projection s (fp64,
+    block order); ``reduce_fn`` sums each across ranks. ``dtype``: the estimates' dtype."""
+    wz, wh = n_z / (n_z + n_h), n_h / (n_z + n_h)
+    sums1 = phase1()
     if reduce_fn is not None:
         sums1 = reduce_fn(sums1)
     eps = cfg.fop_eps
@@ -124,12 +155,7 @@ def fold_coefficients(
         s = torch.zeros_like(sums1[:, DMA])
     sums2 = None
     if cfg.fixed_beta is None or with_eta:
-        sums2 = torch.stack(
-            [
-                phase2_sums(a, d, m, s_i.to(a.dtype), with_eta).to(acc_dtype)
-                for a, d, m, s_i in zip(a_list, d_list, diags, s)
-            ]
-        )
+        sums2 = phase2(s)
         if reduce_fn is not None:
             sums2 = reduce_fn(sums2)
     if cfg.fixed_beta is not None:
@@ -137,7 +163,7 @@ def fold_coefficients(
     else:
         tol = cfg.parallel_tol
         if tol is None:
-            tol = default_parallel_tol(z_rot[0].dtype)
+            tol = default_parallel_tol(dtype)
         beta = sums2[:, A_MI_DP] / (sums2[:, DP_MI_DP] + eps)
         parallel = sums2[:, DP_MI_DP] <= (tol * tol) * sums2[:, D_MI_D]
         beta = torch.where(parallel, torch.zeros_like(beta), beta)

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.core.batched import BatchedBlocks
+from mlfop_megatron.core.batched_folding import BatchedWindowFolder
 from mlfop_megatron.core.diagnostics import GroupSums, group_block_rows
 from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder
 from mlfop_megatron.core.levels import LevelSchedule
@@ -112,7 +114,8 @@ class ShardedSOAP:
         self.counters = LinalgCounters()
         # Wall seconds per optimizer phase since the last reset (telemetry; host clock).
         self.timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
-        self._folder: WindowFolder | None = None
+        self._folder: WindowFolder | BatchedWindowFolder | None = None
+        self._engine: BatchedBlocks | None = None  # shape classes (config.soap.batched)
         self.last_diagnostics: list[LevelDiagnostics] = []
         self.last_eta: torch.Tensor | None = None  # eta* per owned block (step_size=eta_star)
         # Grad-group diagnostics (off unless armed for a window, see arm_grad_diagnostics).
@@ -141,11 +144,32 @@ class ShardedSOAP:
         dist.all_reduce(sums, group=self.reduce_group)
         return sums
 
-    def _slices(self, level_grads: Sequence[torch.Tensor], scale: float) -> list[torch.Tensor]:
-        """This rank's block slices of the per-param gradients, copied, in state precision."""
-        return self._owned_copies(
-            [o.view(level_grads[o.block.param_index]) for o in self.owned], scale
-        )
+    @property
+    def batched(self) -> bool:
+        return self.config.soap.batched
+
+    def batched_engine(self) -> BatchedBlocks:
+        """The shape classes of the owned blocks (rebuilt when their states were replaced)."""
+        states = [o.state for o in self.owned]
+        if self._engine is None or not self._engine.matches(states):
+            self._engine = BatchedBlocks(
+                states,
+                [o.view(o.param.data) for o in self.owned],
+                [self.config.soap] * len(self.owned),
+            )
+        return self._engine
+
+    def _class_stacks(self, owned_grads: Sequence[torch.Tensor], scale: float) -> list:
+        """Owned block gradients (``self.owned`` order) stacked per shape class, in state
+        precision, times ``scale``: one stack (and cast) per class.
+        """
+        out = []
+        for cls in self._engine.classes:
+            stacked = torch.stack([owned_grads[i] for i in cls.positions]).to(cls.dtype)
+            if scale != 1.0:
+                stacked.mul_(scale)
+            out.append(stacked)
+        return out
 
     def _owned_copies(self, owned: Sequence[torch.Tensor], scale: float) -> list[torch.Tensor]:
         """Copies of this rank's owned block gradients in state precision, times ``scale``."""
@@ -194,6 +218,20 @@ class ShardedSOAP:
         self._segment_start = end
         self.timings["diagnostics"] += time.perf_counter() - start
 
+    def _new_folder(self) -> WindowFolder | BatchedWindowFolder:
+        reduce_fn = self._reduce if self.reduce_group is not None else None
+        if self.batched:
+            return BatchedWindowFolder(
+                self.schedule, self.config.folding, self.batched_engine(), reduce_fn
+            )
+        return WindowFolder(
+            self.schedule,
+            self.config.folding,
+            rotate_fns=[lambda x, s=o.state: rotate(x, s) for o in self.owned],
+            metric_diags=[metric_diag(o.state, self.config.soap) for o in self.owned],
+            reduce_fn=reduce_fn,
+        )
+
     def fold_reduced_level(
         self, level: int, level_grads: Sequence[torch.Tensor], scale: float = 1.0
     ) -> None:
@@ -216,13 +254,13 @@ class ShardedSOAP:
         if level == 0 or self._folder is None:
             if level != 0:
                 raise RuntimeError(f"level {level} folded before level 0 in this window")
-            self._folder = WindowFolder(
-                self.schedule,
-                self.config.folding,
-                rotate_fns=[lambda x, s=o.state: rotate(x, s) for o in self.owned],
-                metric_diags=[metric_diag(o.state, self.config.soap) for o in self.owned],
-                reduce_fn=self._reduce if self.reduce_group is not None else None,
-            )
+            self._folder = self._new_folder()
+        if self.batched and self._groups is None and self._pending is None:
+            stacks = self._class_stacks(owned_grads, scale)
+            start = time.perf_counter()
+            self._folder.fold_level_stacked(level, stacks)
+            self.timings["fold"] += time.perf_counter() - start
+            return
         slices = self._owned_copies(owned_grads, scale)
         if self._groups is not None or self._pending is not None:
             start = time.perf_counter()
@@ -251,8 +289,10 @@ class ShardedSOAP:
 
     def local_grad_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of squares, non-finite flag) over this rank's owned folded gradients."""
-        grads, _ = self.window_gradients()
         device = self.params[0].device  # a rank that owns no block still reduces these
+        if isinstance(self._folder, BatchedWindowFolder):
+            return self._folder.grad_stats(device)
+        grads, _ = self.window_gradients()
         sq = torch.zeros((), dtype=torch.float64, device=device)
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for g in grads:
@@ -265,7 +305,8 @@ class ShardedSOAP:
         """Update owned blocks with the folded gradients (times ``grad_scale``), then share."""
         if self._folder is None:
             raise RuntimeError("no folded gradients: the backward passes did not reach the DDP")
-        window = self._folder.output()
+        batched = isinstance(self._folder, BatchedWindowFolder)
+        window = self._folder.class_output() if batched else self._folder.output()
         self.last_diagnostics = self._folder.diagnostics
         self.last_eta = self._folder.eta
         start = time.perf_counter()
@@ -286,7 +327,10 @@ class ShardedSOAP:
             start = time.perf_counter()
         if grad_scale != 1.0:
             window.scale_(grad_scale)
-        for i, (owned, g) in enumerate(zip(self.owned, window.grads)):
+        if batched:
+            n = len(self.owned)
+            self._engine.step(window, [lr] * n, [weight_decay] * n, self.counters, self.timings)
+        for i, (owned, g) in enumerate(zip(self.owned, [] if batched else window.grads)):
             soap_step(
                 owned.view(owned.param.data),
                 g,
@@ -390,3 +434,4 @@ class ShardedSOAP:
             )
         self.counters = LinalgCounters(**state["counters"])
         self._folder = None
+        self._engine = None

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from mlfop_megatron.config import FoldingConfig, MLFOPConfig, SOAPConfig
+from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow
+from mlfop_megatron.core.batched_folding import BatchedWindowFolder
 from mlfop_megatron.core.diagnostics import (
     GroupSums,
     check_groups,
@@ -42,8 +44,9 @@ from mlfop_megatron.core.soap import (
 )
 
 STATS_KEY = "__mlfop_stats__"
-# Per-group options that may differ between param groups (everything in SOAPConfig).
-_GROUP_OPTIONS = tuple(asdict(SOAPConfig()).keys())
+# Per-group options that may differ between param groups (SOAPConfig's math options; the
+# engine choice ``batched`` is the optimizer's, from its config).
+_GROUP_OPTIONS = tuple(k for k in asdict(SOAPConfig()) if k != "batched")
 
 
 class MLFOPSOAP(torch.optim.Optimizer):
@@ -69,7 +72,9 @@ class MLFOPSOAP(torch.optim.Optimizer):
         self.counters = LinalgCounters()
         self.skipped_steps = 0
         self.steps = 0
-        self._folder: WindowFolder | None = None
+        self._folder: WindowFolder | BatchedWindowFolder | None = None
+        self._engine: BatchedBlocks | None = None  # shape classes of the last window's params
+        self._engine_params: list[torch.Tensor] = []
         self._window_params: list[torch.Tensor] = []
         self.last_diagnostics: list[LevelDiagnostics] = []
         self.last_eta: torch.Tensor | None = None  # eta* per window param (step_size=eta_star)
@@ -105,6 +110,22 @@ class MLFOPSOAP(torch.optim.Optimizer):
             out.extend((p, cfg) for p in group["params"] if p.requires_grad)
         return out
 
+    def _batched_engine(self, params: Sequence[torch.Tensor]) -> BatchedBlocks:
+        """Shape classes of ``params`` (classes split by param group); rebuilt when the set
+        of params changed or their states were replaced (load_state_dict)."""
+        states = [self.state[p] for p in params]
+        engine = self._engine
+        same = len(self._engine_params) == len(params) and all(
+            a is b for a, b in zip(self._engine_params, params)
+        )
+        if engine is None or not same or not engine.matches(states):
+            index = {p: g for g, group in enumerate(self.param_groups) for p in group["params"]}
+            cfgs = [self._group_config(self.param_groups[index[p]]) for p in params]
+            views = [p.data.view(s["exp_avg"].shape) for p, s in zip(params, states)]
+            self._engine = BatchedBlocks(states, views, cfgs, [index[p] for p in params])
+            self._engine_params = list(params)
+        return self._engine
+
     def _groups_by_param(self) -> dict[torch.Tensor, tuple[SOAPConfig, dict[str, Any]]]:
         return {
             p: (self._group_config(group), group)
@@ -136,12 +157,17 @@ class MLFOPSOAP(torch.optim.Optimizer):
             params = [p for p, _ in pairs]
             states = [self._param_state(p, cfg) for p, cfg in pairs]
             self._window_params = params
-            self._folder = WindowFolder(
-                self.schedule,
-                self.folding_config,
-                rotate_fns=[lambda x, s=s: rotate(x, s) for s in states],
-                metric_diags=[metric_diag(s, cfg) for s, (_, cfg) in zip(states, pairs)],
-            )
+            if self.config.soap.batched:
+                self._folder = BatchedWindowFolder(
+                    self.schedule, self.folding_config, self._batched_engine(params)
+                )
+            else:
+                self._folder = WindowFolder(
+                    self.schedule,
+                    self.folding_config,
+                    rotate_fns=[lambda x, s=s: rotate(x, s) for s in states],
+                    metric_diags=[metric_diag(s, cfg) for s, (_, cfg) in zip(states, pairs)],
+                )
         elif [p for p, _ in pairs] != self._window_params:
             raise ValueError(
                 "the set of parameters with gradients changed inside an accumulation window; "
@@ -175,6 +201,12 @@ class MLFOPSOAP(torch.optim.Optimizer):
             self.last_grad_rows = self._last_grad_window = None
             return loss
         groups = self._groups_by_param()
+        if isinstance(window, ClassWindow):
+            lrs = [groups[p][1]["lr"] for p in params]
+            wds = [groups[p][1]["weight_decay"] for p in params]
+            self._engine.step(window, lrs, wds, self.counters)
+            self.steps += 1
+            return loss
         for i, (p, g) in enumerate(zip(params, window.grads)):
             cfg, group = groups[p]
             state = self.state[p]
@@ -191,11 +223,15 @@ class MLFOPSOAP(torch.optim.Optimizer):
         self.steps += 1
         return loss
 
-    def _collect_gradients(self) -> tuple[list[torch.Tensor], WindowOutput, torch.Tensor]:
-        """(params, the window's gradients, finite flag) from the window or from p.grad."""
+    def _collect_gradients(
+        self,
+    ) -> tuple[list[torch.Tensor], WindowOutput | ClassWindow, torch.Tensor]:
+        """(params, the window's gradients, finite flag) from the window or from p.grad
+        (per class for the batched engine, per param otherwise)."""
         if self._folder is not None:
             folder = self._folder
-            window = folder.output()
+            batched = isinstance(folder, BatchedWindowFolder)
+            window = folder.class_output() if batched else folder.output()
             self.last_diagnostics = folder.diagnostics
             self.last_eta = folder.eta
             self.last_grad_rows = self._last_grad_window = None
@@ -227,6 +263,11 @@ class MLFOPSOAP(torch.optim.Optimizer):
         self.last_diagnostics = []
         self.last_eta = None
         self.last_grad_rows = self._last_grad_window = None
+        if params and self.config.soap.batched:
+            stacks = self._batched_engine(params).stack(grads)
+            flags = [torch.isfinite(x).all() for x in stacks]
+            finite = torch.stack(flags).all()
+            return params, ClassWindow(stacks, [None] * len(stacks)), finite
         flags = [torch.isfinite(g).all() for g in grads]
         finite = torch.stack(flags).all() if flags else torch.tensor(True)
         return params, WindowOutput(grads, [None] * len(grads)), finite
@@ -288,3 +329,4 @@ class MLFOPSOAP(torch.optim.Optimizer):
                     k: v.to(p.device) if torch.is_tensor(v) else v for k, v in value.items()
                 }
         self._folder = None
+        self._engine = None
