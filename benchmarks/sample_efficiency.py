@@ -22,9 +22,9 @@ the trailing mean over the same window is <= target; ratio = AdamW steps / optim
 (> 1: fewer samples than AdamW). The wall-clock ratio is the same with the cumulative
 train-step time instead of steps.
 
-    python benchmarks/sample_efficiency.py              # full: 31 runs, ~41 min on 2 shared cores
-    python benchmarks/sample_efficiency.py --smoke      # < 2 min check, does not touch RESULTS.md
-    python benchmarks/sample_efficiency.py --report-only  # tables from the saved runs
+    python -m benchmarks.sample_efficiency              # full: 31 runs, ~41 min on 2 shared cores
+    python -m benchmarks.sample_efficiency --smoke      # < 2 min check, does not touch RESULTS.md
+    python -m benchmarks.sample_efficiency --report-only  # tables from the saved runs
 
 Every run keeps its folder (metrics.csv / metrics.jsonl, checkpoint) under ``--out``; the
 aggregate goes to ``<out>/results.json`` and, for full runs, into benchmarks/RESULTS.md.
@@ -46,13 +46,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-import train_digits as td  # noqa: E402
-from results_md import cpu_model, replace_section  # noqa: E402
+from benchmarks.results_md import cpu_model, replace_section
+from examples.digits import cli, rundir, train
+from examples.digits import spec as td
 
 SECTION = "## Sample efficiency (digits image+text, CPU)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -174,9 +170,9 @@ def run_job(job: Job, nproc: int, resume: bool, index: str) -> dict[str, Any]:
         log(f"{index} reuse {what}")
         return json.loads(saved.read_text())
     log(f"{index} run {what}")
-    td.start_metric_files(out, td.metric_columns(td.fold_levels(s, nproc)))
+    rundir.start_metric_files(out, td.metric_columns(td.fold_levels(s, nproc)))
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    res = run_distributed(td.train_worker, nproc, s, timeout=7200.0, threads=s.threads)[0]
+    res = run_distributed(train.train_worker, nproc, s, timeout=7200.0, threads=s.threads)[0]
     keep = ("step", "loss", "image_loss", "text_loss", "step_time_s", "tokens_per_s")
     result = {
         "setting": job.setting,
@@ -187,7 +183,7 @@ def run_job(job: Job, nproc: int, resume: bool, index: str) -> dict[str, Any]:
         "load": [load0, os.getloadavg()[0]],
         "rows": [{k: r[k] for k in keep} for r in res["rows"]],
     }
-    saved.write_text(json.dumps(result, default=td.clean))
+    saved.write_text(json.dumps(result, default=rundir.clean))
     sm = result["summary"]
     log(
         f"{index} done in {result['wall_s']:.0f} s: final loss {sm['final_loss']:.4f} "
@@ -765,9 +761,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Train (or reload), analyse, print, and write the RESULTS.md section."""
     args = parse_args(argv)
     if not args.verbose:
-        td.quiet_warnings()
+        cli.quiet_warnings()
     out = Path(args.out)
-    command = "python benchmarks/sample_efficiency.py " + " ".join(
+    command = "python -m benchmarks.sample_efficiency " + " ".join(
         sys.argv[1:] if argv is None else list(argv)
     )
     saved = out / "results.json"
@@ -786,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": f"{machine_line(args.nproc)} (at start: {_LOAD0})",
         }
         out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps({"bench": bench, "meta": meta}, default=td.clean))
+        saved.write_text(json.dumps({"bench": bench, "meta": meta}, default=rundir.clean))
     res = analyse(bench)
     body = report(bench, res, meta)
     print("\n" + body)

@@ -95,6 +95,7 @@ def get_mlfop_optimizer(
     sharded: bool = True,
     block_size: int | None = None,
     tp_mode: str = "blockwise",
+    adam_only: bool = False,
 ) -> MLFOPChainedOptimizer:
     """ML-FOP-SOAP for the matrices, Megatron's Adam (FP32Optimizer) for everything else.
 
@@ -102,6 +103,8 @@ def get_mlfop_optimizer(
     the SOAP and folding options (its accumulation_steps must equal the schedule's
     num_microbatches). ``sharded`` spreads SOAP state over the data-parallel group (and over
     TP x DP in ``tp_mode="full"``, which preconditions whole matrices instead of TP shards).
+    ``adam_only`` sends every param to the Adam part (an AdamW baseline through the same
+    chained optimizer; any Megatron DistributedDataParallel, ``mlfop_config`` unused).
     """
     mlfop_config = mlfop_config or MLFOPConfig()
     _check_config(config, tp_mode)
@@ -111,7 +114,7 @@ def get_mlfop_optimizer(
             "use one model chunk per pipeline stage"
         )
     chunk = model_chunks[0]
-    if not isinstance(chunk, FoldingDistributedDataParallel):
+    if not adam_only and not isinstance(chunk, FoldingDistributedDataParallel):
         raise TypeError(
             "wrap the model in mlfop_megatron.megatron.FoldingDistributedDataParallel (a "
             f"subclass of Megatron's DistributedDataParallel), got {type(chunk).__name__}"
@@ -127,7 +130,7 @@ def get_mlfop_optimizer(
         if not param.requires_grad:
             continue
         name = names[param]
-        if is_soap_param(name, param):
+        if not adam_only and is_soap_param(name, param):
             soap.append((param, name))
         elif param.dim() >= 2:
             adam_decay.append(param)
