@@ -1,18 +1,16 @@
-"""The run folder: metrics.csv / metrics.jsonl rows and the per-rank atomic checkpoint."""
+"""The run folder: metrics.csv / metrics.jsonl rows and the package's checkpoints."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from .spec import RunSpec
@@ -52,6 +50,11 @@ def start_metric_files(out: Path, columns: Sequence[str]) -> None:
     (out / "metrics.jsonl").write_text("")
 
 
+def checkpoint_dir(out: Path, name: str) -> Path:
+    """The folder of one optimizer's checkpoints: ``<out>/checkpoint/<name>/``."""
+    return out / "checkpoint" / name
+
+
 def save_checkpoint(
     out: Path,
     name: str,
@@ -60,68 +63,33 @@ def save_checkpoint(
     step: int,
     spec: RunSpec,
 ) -> Path:
-    """torch.save model + optimizer state of every rank into checkpoint/<name>/, atomically.
+    """Save model + optimizer with the package's dist_checkpointing save, then prune.
 
-    Ranks write ``rank_XXXXX.pt`` into a temporary sibling folder, then rank 0 swaps it in with
-    a rename, so a crash never leaves a half-written checkpoint/<name>/ behind. All ranks need
-    the same filesystem (one node, or a shared one under Slurm). Optimizer state is sharded by
-    block over DP, so every rank's file is needed to resume.
+    ``mlfop_megatron.megatron.checkpointing.save_checkpoint`` writes ``iter_<step>`` through
+    a temporary folder renamed when every rank is done and then moves the ``latest`` marker,
+    so a crash never leaves a folder resume would trust; the checkpoint is reshardable (any DP
+    size). Afterwards rank 0 removes every other entry (older checkpoints, temporary folders of
+    killed saves), so one complete checkpoint is kept. ``spec`` goes to ``run.json`` beside it.
     """
-    root = out / "checkpoint"
-    final, tmp, old = root / name, root / f".{name}.tmp", root / f".{name}.old"
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    payload = {
-        "step": step,
-        "spec": asdict(spec),
-        "model": model.module.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rank": rank,
-        "world_size": dist.get_world_size(),
-    }
-    part = tmp / f"rank_{rank:05d}.pt.part"
-    torch.save(payload, part)
-    os.replace(part, tmp / f"rank_{rank:05d}.pt")
-    dist.barrier()
-    if rank == 0:
-        meta = {
-            "step": step,
-            "optimizer": name,
-            "world_size": dist.get_world_size(),
-            "tp": spec.tp,
-            "pp": spec.pp,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():  # else .old (if any) is the latest complete one: keep it until
-            shutil.rmtree(old, ignore_errors=True)  # the new checkpoint is in place
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+    from mlfop_megatron.megatron.checkpointing import save_checkpoint as save
+
+    root = checkpoint_dir(out, name)
+    final = Path(save(str(root), model, optimizer, step))
+    if dist.get_rank() == 0:
+        (root / "run.json").write_text(json.dumps({"step": step, "spec": asdict(spec)}, indent=1))
+        for entry in root.iterdir():
+            if entry.name not in (final.name, "latest", "run.json"):
+                shutil.rmtree(entry, ignore_errors=True)
     dist.barrier()
     return final
 
 
 def load_checkpoint(out: Path, name: str, model: Any, optimizer: Any) -> int:
-    """Load this rank's part of the latest complete checkpoint; returns its step, else 0.
+    """Load the latest complete checkpoint of ``name`` (any DP size); returns its step, else 0."""
+    from mlfop_megatron.megatron.checkpointing import latest_checkpoint
+    from mlfop_megatron.megatron.checkpointing import load_checkpoint as load
 
-    checkpoint/<name>/ is the latest; a save killed between its two renames leaves only the
-    previous one, as .<name>.old/. A folder without meta.json (written last) is never used.
-    """
-    root = out / "checkpoint"
-    complete = [d for d in (root / name, root / f".{name}.old") if (d / "meta.json").exists()]
-    if not complete:
+    path = latest_checkpoint(str(checkpoint_dir(out, name)))
+    if path is None:
         return 0
-    final = complete[0]
-    meta = json.loads((final / "meta.json").read_text())
-    if meta["world_size"] != dist.get_world_size():
-        raise SystemExit(
-            f"checkpoint {final} was written by {meta['world_size']} ranks; resume with the "
-            f"same layout (this job has {dist.get_world_size()} ranks)"
-        )
-    payload = torch.load(final / f"rank_{dist.get_rank():05d}.pt", weights_only=False)
-    model.module.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    return int(payload["step"])
+    return load(path, model, optimizer)
