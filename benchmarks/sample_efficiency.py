@@ -85,6 +85,16 @@ def plans(args: argparse.Namespace) -> dict[str, Any]:
         training = replace(training, steps=args.training_steps)
     if args.training_grid is not None:
         training = replace(training, lr_grid=tuple(float(x) for x in args.training_grid.split(",")))
+    if args.training_layouts is not None:
+        training = replace(training, layouts=tuple(args.training_layouts.split(",")))
+    if args.training_rows is not None:
+        rows = tuple(args.training_rows.split(","))
+        known = {"adamw", "soap", "pcgrad", *(v.label for v in FOLD_VARIANTS)}
+        if set(rows) - known:
+            raise SystemExit(
+                f"--training-rows: unknown {sorted(set(rows) - known)}; known {sorted(known)}"
+            )
+        training = replace(training, rows=rows)
     return {
         "lookahead": fold_lookahead.LookaheadPlan(),
         "training": training,
@@ -116,11 +126,13 @@ def run_parts(args: argparse.Namespace, parts: Sequence[str]) -> dict[str, Any]:
 
 def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     """The RESULTS.md section (also printed)."""
-    lines = [SECTION, "", f"Command: `{meta['command']}` ({meta['wall_s'] / 60:.1f} min).", ""]
+    lines = [SECTION, "", f"Last command: `{meta['command']}` ({meta['wall_s'] / 60:.1f} min).", ""]
     lines += [f"Machine: {meta['machine']}", ""]
     for part in PARTS:
         if part in results:
             lines += PART_REPORTS[part](results[part])
+            command = results[part].get("command", meta["command"])
+            lines += [f"Command of this part: `{command}`", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -216,6 +228,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--training-seeds", type=int, default=None, help="(b) seeds (3)")
     ap.add_argument("--training-steps", type=int, default=None, help="(b) base steps (128)")
     ap.add_argument("--training-grid", default=None, help="(b) lr grid, comma list")
+    ap.add_argument("--training-layouts", default=None, help="(b) layouts, comma list (both)")
+    ap.add_argument(
+        "--training-rows",
+        default=None,
+        help="(b) rows, comma list of adamw, soap, pcgrad and fold-variant labels "
+        "(benchmarks/conflict.py FOLD_VARIANTS)",
+    )
     ap.add_argument("--resume", action="store_true", help="(b) reuse runs with a result.json")
     ap.add_argument(
         "--report-only", action="store_true", help="no runs: tables from <out>/results.json"
@@ -250,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = "python -m benchmarks.sample_efficiency " + " ".join(
             sys.argv[1:] if argv is None else list(argv)
         )
+        for part in fresh.values():
+            part["command"] = command.strip()
         meta = {
             "command": command.strip(),
             "wall_s": time.perf_counter() - _T0,
@@ -260,14 +281,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved.write_text(json.dumps({"results": results, "meta": meta}, default=rundir.clean))
     body = report(results, meta)
     print("\n" + body)
-    if not (args.smoke or args.no_write or args.report_only):
+    if not (args.smoke or args.no_write):
         replace_section(args.results, SECTION, body)
         log(f"wrote section '{SECTION}' to {args.results}")
     log(f"done in {time.perf_counter() - _T0:.0f} s")
     return 0
 
-
-__all__ = ["FOLD_VARIANTS", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

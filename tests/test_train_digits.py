@@ -123,7 +123,7 @@ def test_checkpoint_is_the_package_format_one_complete_per_optimizer(run: dict[s
         assert json.loads((folder / "run.json").read_text())["spec"]["optimizer"] == name
         tensors = saved_tensors(folder)
         assert any(k.startswith("decoder.layers") for k in tensors)
-        assert any(k.startswith("optimizer") for k in tensors)
+        assert any("optimizer" in k for k in tensors)
 
 
 @pytest.mark.parametrize("name", ["loss.png", "cosine.png", "beta.png", "grad.png"])
