@@ -46,7 +46,7 @@ class LookaheadPlan:
 
 SMOKE_LOOKAHEAD = LookaheadPlan(
     steps=8,
-    checkpoints=(0.5, 1.0),
+    checkpoints=(1.0,),
     probe_batches=2,
     global_batch=16,
     large_factor=2,
