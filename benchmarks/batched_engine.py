@@ -41,7 +41,7 @@ from pathlib import Path
 
 import step_time as peers
 import torch
-from results_md import cpu_model, replace_section
+from benchmarks.common import cpu_model, replace_section
 
 from mlfop_megatron.optim import MLFOPSOAP
 

@@ -70,7 +70,8 @@ def max_errors(opt_a, opt_b, model_a, model_b) -> dict[str, float]:
     """Largest relative difference of the params and of the basis-independent state (factors,
     main weights, the first moment in parameter coordinates). Bases and the second moment are
     not compared entry by entry: inside a cluster of nearly equal eigenvalues a basis may turn
-    by rounding / gap, which moves v's entries between coordinates without changing the step."""
+    by rounding / gap, which moves v's entries between coordinates without changing the step.
+    """
     errors = {"param": 0.0, "state": 0.0}
 
     def rel(a, b):
@@ -127,7 +128,8 @@ def test_trajectory_matches_per_block_float64(options):
 
     Within 1e-6 relative: Adam's m/(sqrt(v)+eps) amplifies the rounding of the small rotated
     coordinates over the steps (the per-block engine does the same under any change of
-    rounding, e.g. another BLAS)."""
+    rounding, e.g. another BLAS).
+    """
     models, opts = _pair(torch.float64, options)
     k = options["accumulation_steps"]
     for m, o in zip(models, opts):
@@ -148,7 +150,8 @@ def test_trajectory_matches_per_block_float64(options):
 def test_one_window_matches_per_block(dtype, options):
     """From one state (five per-block windows), one window of each engine (fold, step and a
     refresh) agrees to rounding: 1e-12 (float64) / 1e-4 (float32) relative (measured: 1e-15
-    and 3e-5 at most)."""
+    and 3e-5 at most).
+    """
     k = options["accumulation_steps"]
     options = dict(options, precondition_frequency=2)
     model = stack_model(0, dtype)
@@ -213,7 +216,8 @@ def test_states_are_views_of_the_stacks_and_checkpoints_cross_engines():
 @pytest.mark.parametrize("method", ["qr", "eigh"])
 def test_fallback_stays_per_block(method):
     """A non-finite factor in one block of a class: that block keeps its basis and is counted
-    exactly as in the per-block engine; its class mates refresh normally."""
+    exactly as in the per-block engine; its class mates refresh normally.
+    """
     runs = []
     for flag in (True, False):
         model = stack_model(2, torch.float64)
@@ -307,7 +311,8 @@ def _ops_per_step(layers: int, batched: bool) -> int:
 
 def test_operator_count_is_independent_of_the_number_of_blocks():
     """Batched: aten ops per step (views excluded; a proxy for kernel launches) do not grow
-    with the number of equal-shape blocks; per-block: they grow linearly."""
+    with the number of equal-shape blocks; per-block: they grow linearly.
+    """
     assert _ops_per_step(4, True) == _ops_per_step(16, True)
     assert _ops_per_step(16, False) > 3 * _ops_per_step(4, False) > 0
 
@@ -335,9 +340,10 @@ def test_batched_blocks_validates_its_inputs():
 @pytest.mark.parametrize("refresh_method", ["qr", "eigh"])
 def test_batched_engine_is_device_clean_and_fold_is_sync_free(refresh_method):
     """Under the strict CPU emulation of a GPU: no host/device mixing in the batched engine
-    (stacking, fold, step, batched refresh) and no host sync in accumulate()."""
-    from mlfop_megatron.testing.cpu_emulation import cpu_emulation, is_cpu_emulation_installed
-    from mlfop_megatron.testing.strict_device import forbid_host_sync
+    (stacking, fold, step, batched refresh) and no host sync in accumulate().
+    """
+    from mlfop_megatron.runtime.cpu_emulation import cpu_emulation, is_cpu_emulation_installed
+    from mlfop_megatron.runtime.strict_device import forbid_host_sync
 
     if is_cpu_emulation_installed():
         pytest.skip("an emulation is already installed in this process")

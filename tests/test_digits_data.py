@@ -1,18 +1,14 @@
-"""Tests of the digits unified image+text data pipeline (examples/digits_data.py)."""
+"""Tests of the digits unified image+text data pipeline (examples/digits/data.py)."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("sklearn")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import digits_data as dd  # noqa: E402
+from examples.digits import data as dd  # noqa: E402
 
 # load_digits()[0] is a zero; its first row of intensities is 0 0 5 13 9 1 0 0.
 ROW0 = [0, 0, 5, 13, 9, 1, 0, 0]

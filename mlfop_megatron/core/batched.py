@@ -278,7 +278,8 @@ def compute_bases(
     classes: Sequence[ShapeClass], method: str, counters: LinalgCounters, first: bool
 ) -> None:
     """New bases of every side of ``classes`` (first: eigh of the factors; else the refresh
-    ``method``), with one host read for all of them."""
+    ``method``), with one host read for all of them.
+    """
     jobs = []
     for cls in classes:
         for factor_key, basis_key, dim in SIDES:

@@ -38,7 +38,8 @@ def bdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """<x_b, y_b> for every block b of two [B, r, c] stacks ([B]). ``vecdot`` reduces each
     block alone, so a block's sums do not depend on which blocks share its class (a batched
     matrix-vector product does: its kernel choice follows the batch size), which keeps
-    owner-sharded runs bitwise equal to replicated ones."""
+    owner-sharded runs bitwise equal to replicated ones.
+    """
     return torch.linalg.vecdot(x.flatten(1), y.flatten(1))
 
 

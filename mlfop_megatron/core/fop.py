@@ -143,7 +143,8 @@ def coefficients_from_sums(
 ) -> FoldCoefficients:
     """The FOP scalars of every block from its partial sums: ``phase1()`` gives the [n, 5]
     phase-1 sums, ``phase2(s)`` the [n, 3 or 4] phase-2 sums for the projection s (fp64,
-    block order); ``reduce_fn`` sums each across ranks. ``dtype``: the estimates' dtype."""
+    block order); ``reduce_fn`` sums each across ranks. ``dtype``: the estimates' dtype.
+    """
     wz, wh = n_z / (n_z + n_h), n_h / (n_z + n_h)
     sums1 = phase1()
     if reduce_fn is not None:

@@ -112,7 +112,8 @@ class MLFOPSOAP(torch.optim.Optimizer):
 
     def _batched_engine(self, params: Sequence[torch.Tensor]) -> BatchedBlocks:
         """Shape classes of ``params`` (classes split by param group); rebuilt when the set
-        of params changed or their states were replaced (load_state_dict)."""
+        of params changed or their states were replaced (load_state_dict).
+        """
         states = [self.state[p] for p in params]
         engine = self._engine
         same = len(self._engine_params) == len(params) and all(
@@ -227,7 +228,8 @@ class MLFOPSOAP(torch.optim.Optimizer):
         self,
     ) -> tuple[list[torch.Tensor], WindowOutput | ClassWindow, torch.Tensor]:
         """(params, the window's gradients, finite flag) from the window or from p.grad
-        (per class for the batched engine, per param otherwise)."""
+        (per class for the batched engine, per param otherwise).
+        """
         if self._folder is not None:
             folder = self._folder
             batched = isinstance(folder, BatchedWindowFolder)

@@ -1,7 +1,8 @@
 """PNG plots of a train_digits run folder (matplotlib, Agg backend).
 
-Works on the flat per-step rows that ``train_digits.py`` writes to ``metrics.jsonl``; rerun on a
-finished (or running) folder with ``python examples/plots.py runs/demo``.
+Works on the flat per-step rows that ``train_digits.py`` writes to ``metrics.jsonl``; rerun on
+a finished (or running) folder with ``python -m examples.digits.plots runs/demo`` (from the
+repository root).
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """CLI: regenerate the plots of a run folder from its metrics.jsonl."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        raise SystemExit("usage: python examples/plots.py RUN_DIR")
+        raise SystemExit("usage: python -m examples.digits.plots RUN_DIR")
     run = Path(args[0])
     for p in make_plots(read_jsonl(run / "metrics.jsonl"), run):
         print(p)

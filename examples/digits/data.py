@@ -459,6 +459,25 @@ class DigitsData:
         tasks = balanced[trng.permutation(global_batch_size)].astype(np.int64)
         return out, tasks
 
+    def token_counts(
+        self,
+        step: int,
+        global_batch_size: int,
+        split: str = "train",
+        layout: str = "mixed",
+        micro_samples: int | None = None,
+    ) -> tuple[int, int]:
+        """(image, text) loss-token counts of the global batch at ``step`` (host integers)."""
+        rows, tasks = self.global_batch_spec(
+            step, global_batch_size, split, layout=layout, micro_samples=micro_samples
+        )
+        image = text = 0
+        for r, t in zip(rows, tasks):
+            sample = self.sample(int(r), int(t))
+            image += int(sample.image_loss_mask.sum())
+            text += int(sample.text_loss_mask.sum())
+        return image, text
+
     def global_batch(
         self,
         step: int,
