@@ -21,9 +21,9 @@ allocations excluded; a proxy for GPU kernel launches) on a 32-layer Llama-3-8B-
 at block 1024 scaled down 16x (h = 256, kv = 64, ffn = 896, block 64: the same 6656 blocks
 and shape classes as h = 4096 at block 1024; the op count does not depend on the width).
 
-    python benchmarks/batched_engine.py            # ~8 min on 2 busy cores; writes RESULTS.md
-    python benchmarks/batched_engine.py --quick    # reduced sizes (h 64, blocks 32/16)
-    python benchmarks/batched_engine.py --quick --write   # ... and write RESULTS.md
+    python -m benchmarks.batched_engine            # ~8 min on 2 busy cores; writes RESULTS.md
+    python -m benchmarks.batched_engine --quick    # reduced sizes (h 64, blocks 32/16)
+    python -m benchmarks.batched_engine --quick --write   # ... and write RESULTS.md
 """
 
 from __future__ import annotations
@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"launches: {launch_name}: {len(launch_shapes)} blocks, {len(set(launch_shapes))} classes")
     launches = count_launches(launch_shapes, 2, True)
     total = time.perf_counter() - start
-    command = "python benchmarks/batched_engine.py" + (" --quick --write" if args.quick else "")
+    command = "python -m benchmarks.batched_engine" + (" --quick --write" if args.quick else "")
     body = report(step_rows, fold_rows, launch_name, launch_shapes, launches, total, command)
     print(body)
     if not args.quick or args.write:
