@@ -39,10 +39,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import step_time as peers
 import torch
-from benchmarks.common import cpu_model, replace_section
 
+from benchmarks import step_time as peers
+from benchmarks.common import cpu_model, replace_section
 from mlfop_megatron.optim import MLFOPSOAP
 
 SECTION = "## Batched block engine (CPU, issue 14)"
@@ -84,10 +84,12 @@ _T0 = time.perf_counter()
 
 
 def log(msg: str) -> None:
+    """Print ``msg`` with the seconds since the benchmark started."""
     print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
 
 
 def split(n: int, b: int) -> list[int]:
+    """Sizes of the chunks of at most ``b`` that ``n`` splits into."""
     return [min(b, n - i) for i in range(0, n, b)]
 
 
@@ -116,6 +118,7 @@ class Runner:
 
 
 def ours(params: list[torch.Tensor], batched: bool, freq: int, **extra: object) -> Runner:
+    """An MLFOPSOAP runner over ``params`` (batched or per-block engine)."""
     for p in params:
         p.requires_grad_(True)  # MLFOPSOAP steps trainable params only
     opt = MLFOPSOAP(
@@ -139,6 +142,7 @@ def ours(params: list[torch.Tensor], batched: bool, freq: int, **extra: object) 
 
 
 def contenders(shapes: Sequence[tuple[int, int]], freq: int, with_peers: bool) -> list[Runner]:
+    """The runners compared on ``shapes``, each from the same initial params."""
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     runners = [
@@ -155,6 +159,7 @@ def contenders(shapes: Sequence[tuple[int, int]], freq: int, with_peers: bool) -
 
 
 def timed(fn: Callable[[], object]) -> float:
+    """Wall-clock seconds of one call of ``fn`` (garbage collection off)."""
     gc.disable()
     try:
         t0 = time.perf_counter()
@@ -180,6 +185,7 @@ def bench_steps(runners: list[Runner], shapes, steps: int) -> None:
 
 
 def summary(r: Runner) -> tuple[float, float | None]:
+    """Median plain step time, and the median extra time of refresh steps (None: none ran)."""
     plain = [t for t, f in zip(r.times, r.flags) if not f]
     fresh = [t for t, f in zip(r.times, r.flags) if f]
     p = statistics.median(plain)
@@ -309,6 +315,7 @@ def count_launches(shapes, freq: int, with_peers: bool) -> dict[str, dict[str, i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print its RESULTS.md section (written unless --quick alone)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a loaded CPU)")
     ap.add_argument("--write", action="store_true", help="with --quick: write RESULTS.md too")
@@ -375,10 +382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def fmt(x: float | None, scale: float = 1e3, digits: int = 1) -> str:
+    """``x * scale`` with ``digits`` decimals; ``-`` for None."""
     return "-" if x is None else f"{x * scale:.{digits}f}"
 
 
 def report(step_rows, fold_rows, launch_name, launch_shapes, launches, total, command) -> str:
+    """The RESULTS.md section of the measured rows."""
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [
         SECTION,

@@ -432,8 +432,10 @@ def training_section(bench: dict[str, Any], res: dict[str, Any]) -> list[str]:
 
 
 def verdicts(res: dict[str, Any], label: str) -> list[str]:
-    """Headline checks for one ML-FOP-SOAP row: >= 1.4x vs AdamW on both modalities; below
-    SOAP's final loss by more than the seed spread at the large batch.
+    """Headline checks for one ML-FOP-SOAP row.
+
+    >= 1.4x vs AdamW on both modalities; below SOAP's final loss by more than the seed spread
+    at the large batch.
     """
     lines = []
     for cell, table in res.items():

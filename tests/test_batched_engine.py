@@ -67,8 +67,10 @@ def unrotated_momentum(state) -> torch.Tensor:
 
 
 def max_errors(opt_a, opt_b, model_a, model_b) -> dict[str, float]:
-    """Largest relative difference of the params and of the basis-independent state (factors,
-    main weights, the first moment in parameter coordinates). Bases and the second moment are
+    """Largest relative difference of the params and of the basis-independent state.
+
+    The state compared: factors, main weights, the first moment in parameter coordinates.
+    Bases and the second moment are
     not compared entry by entry: inside a cluster of nearly equal eigenvalues a basis may turn
     by rounding / gap, which moves v's entries between coordinates without changing the step.
     """
@@ -148,9 +150,10 @@ def test_trajectory_matches_per_block_float64(options):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("options", OPTIONS)
 def test_one_window_matches_per_block(dtype, options):
-    """From one state (five per-block windows), one window of each engine (fold, step and a
-    refresh) agrees to rounding: 1e-12 (float64) / 1e-4 (float32) relative (measured: 1e-15
-    and 3e-5 at most).
+    """One window of each engine (fold, step and a refresh) agrees to rounding.
+
+    From one state (five per-block windows): 1e-12 (float64) / 1e-4 (float32) relative
+    (measured: 1e-15 and 3e-5 at most).
     """
     k = options["accumulation_steps"]
     options = dict(options, precondition_frequency=2)
@@ -215,8 +218,10 @@ def test_states_are_views_of_the_stacks_and_checkpoints_cross_engines():
 
 @pytest.mark.parametrize("method", ["qr", "eigh"])
 def test_fallback_stays_per_block(method):
-    """A non-finite factor in one block of a class: that block keeps its basis and is counted
-    exactly as in the per-block engine; its class mates refresh normally.
+    """A non-finite factor in one block of a class falls back as in the per-block engine.
+
+    That block keeps its basis and is counted exactly as in the per-block engine; its class
+    mates refresh normally.
     """
     runs = []
     for flag in (True, False):
@@ -267,7 +272,7 @@ def test_sharded_soap_batched_matches_per_block(structure):
         grads += [[g * 0.5 + 0.1 for g in grads[0]] for _ in range(levels.num_levels - 1)]
         for engine in engines:
             for level in range(levels.num_levels):
-                engine.fold_level(level, grads[level], scale=1.0)
+                engine.fold_reduced_level(level, grads[level], scale=1.0)
             engine.step(lr=0.01, weight_decay=0.05, grad_scale=0.9)
     for pa, pb in zip(*params):
         assert_rel_close(pa, pb, TOL64)
@@ -303,15 +308,17 @@ def _ops_per_step(layers: int, batched: bool) -> int:
         counter = _OpCounter()
         with counter:
             for level in range(engine.schedule.num_levels):
-                engine.fold_level(level, grads)
+                engine.fold_reduced_level(level, grads)
             engine.step(lr=0.01, weight_decay=0.0)
         counts.append(counter.count)
     return counts[-1]
 
 
 def test_operator_count_is_independent_of_the_number_of_blocks():
-    """Batched: aten ops per step (views excluded; a proxy for kernel launches) do not grow
-    with the number of equal-shape blocks; per-block: they grow linearly.
+    """Batched: aten ops per step do not grow with the number of equal-shape blocks.
+
+    Views are excluded; the count is a proxy for kernel launches. Per-block: they grow
+    linearly.
     """
     assert _ops_per_step(4, True) == _ops_per_step(16, True)
     assert _ops_per_step(16, False) > 3 * _ops_per_step(4, False) > 0
@@ -339,8 +346,10 @@ def test_batched_blocks_validates_its_inputs():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU emulation only")
 @pytest.mark.parametrize("refresh_method", ["qr", "eigh"])
 def test_batched_engine_is_device_clean_and_fold_is_sync_free(refresh_method):
-    """Under the strict CPU emulation of a GPU: no host/device mixing in the batched engine
-    (stacking, fold, step, batched refresh) and no host sync in accumulate().
+    """Under the strict CPU emulation of a GPU the batched engine stays device-clean.
+
+    No host/device mixing in the batched engine (stacking, fold, step, batched refresh) and
+    no host sync in accumulate().
     """
     from mlfop_megatron.runtime.cpu_emulation import cpu_emulation, is_cpu_emulation_installed
     from mlfop_megatron.runtime.strict_device import forbid_host_sync

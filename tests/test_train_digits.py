@@ -112,8 +112,10 @@ def test_folding_diagnostics_only_for_mlfop(run: dict[str, Any]) -> None:
 
 
 def test_checkpoint_is_the_package_format_one_complete_per_optimizer(run: dict[str, Any]) -> None:
-    """checkpoint/<optimizer>/ holds one complete dist_checkpointing folder (the package's
-    save_checkpoint: reshardable), its ``latest`` marker and run.json; no temp folder left.
+    """checkpoint/<optimizer>/ holds one complete dist_checkpointing folder.
+
+    The folder is the package's save_checkpoint (reshardable); with it its ``latest`` marker
+    and run.json; no temp folder left.
     """
     root = run["out"] / "checkpoint"
     assert sorted(p.name for p in root.iterdir()) == sorted(OPTIMIZERS)
@@ -166,10 +168,11 @@ def test_strict_device_run_matches_the_plain_run(run: dict[str, Any], tmp_path: 
 
 
 def test_by_modality_layout_dp2_grad_diagnostics(tmp_path: Path) -> None:
-    """--micro-batch-layout by-modality at DP=2 (4 micro-steps: image, image, text, text)
-    through the Megatron path: the optimizer's grad-group cosine of the armed steps equals the
-    demo's independent autograd cosine of the image and text losses (both over the decoder
-    matrices), and the diagnostics columns and plot are written.
+    """--micro-batch-layout by-modality at DP=2 through the Megatron path.
+
+    4 micro-steps: image, image, text, text. The optimizer's grad-group cosine of the armed
+    steps equals the demo's independent autograd cosine of the image and text losses (both
+    over the decoder matrices), and the diagnostics columns and plot are written.
     """
     out = tmp_path / "by_modality"
     cmd = [sys.executable, str(SCRIPT), "--nproc", "2", "--quick", "--steps", "4"]

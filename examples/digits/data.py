@@ -541,8 +541,9 @@ def num_micro_batches(global_batch_size: int, micro_batch_size: int, dp_size: in
 
 
 def modality_tasks(num_micro: int) -> np.ndarray:
-    """Task of each micro-step in the by-modality layout: the first floor(K/2) generation
-    (image loss), the rest understanding (text loss).
+    """Task of each micro-step in the by-modality layout.
+
+    The first floor(K/2) are generation (image loss), the rest understanding (text loss).
     """
     if num_micro < 2:
         raise ValueError(
@@ -555,8 +556,10 @@ def modality_tasks(num_micro: int) -> np.ndarray:
 
 
 def micro_step_groups(layout: str, num_micro: int) -> list[int] | None:
-    """Grad-group ids per micro-step for the optimizer's diagnostics: 0 image (generation),
-    1 text (understanding) in the by-modality layout; None (one group) for mixed.
+    """Grad-group ids per micro-step for the optimizer's diagnostics.
+
+    0 image (generation), 1 text (understanding) in the by-modality layout; None (one group)
+    for mixed.
     """
     if layout == "mixed":
         return None

@@ -134,9 +134,10 @@ def plot_betas(rows: Sequence[Row], path: Path) -> Path:
 
 
 def plot_grad_diagnostics(rows: Sequence[Row], path: Path) -> Path:
-    """The optimizer's grad-group diagnostics (steps armed every --diag-every): modality
-    cosines, predicted loss change per modality for the plain-mean and the folded update,
-    fraction of blocks whose update ascends a modality, and the gradient noise scale.
+    """Plot the optimizer's grad-group diagnostics (steps armed every --diag-every).
+
+    Modality cosines, predicted loss change per modality for the plain-mean and the folded
+    update, fraction of blocks whose update ascends a modality, and the gradient noise scale.
     """
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     groups = {n: g for n, g in by_optimizer(rows).items() if n != "adamw"}

@@ -81,8 +81,9 @@ def eval_microbatches(data: DigitsData, micro_batch: int) -> list[Batch]:
 def loss_func(
     weights: tuple[float, float], batch: Batch, output_tensor: torch.Tensor
 ) -> tuple[torch.Tensor, dict]:
-    """Weighted per-modality loss sums of one micro-batch (see objective_weights), plus the
-    per-modality (sum, count) for logging.
+    """Weighted per-modality loss sums of one micro-batch (see objective_weights).
+
+    Also returns the per-modality (sum, count) for logging.
     """
     per_token = output_tensor.float()
     img, txt = batch["image_loss_mask"], batch["text_loss_mask"]

@@ -77,14 +77,17 @@ class ShapeClass:
 
     @property
     def size(self) -> int:
+        """Number of blocks in the class."""
         return len(self.positions)
 
     @property
     def dtype(self) -> torch.dtype:
+        """State dtype of the class."""
         return self.tensors["exp_avg"].dtype
 
     @property
     def device(self) -> torch.device:
+        """Device of the class's state."""
         return self.tensors["exp_avg"].device
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,6 +239,7 @@ def _finish(job: _SideJob, host: list[list[int]] | None, counters: LinalgCounter
         new = old.clone()
         order = None if job.method == "eigh" else torch.arange(n, device=old.device).repeat(b, 1)
     else:
+        assert host is not None  # compute_bases passes the flags of every computed job
         ok, ranks = [bool(x) for x in host[0]], host[1]
         new, order = job.new, job.order
     _canonicalize(new, ranks, ok)
@@ -277,8 +281,9 @@ def _finish(job: _SideJob, host: list[list[int]] | None, counters: LinalgCounter
 def compute_bases(
     classes: Sequence[ShapeClass], method: str, counters: LinalgCounters, first: bool
 ) -> None:
-    """New bases of every side of ``classes`` (first: eigh of the factors; else the refresh
-    ``method``), with one host read for all of them.
+    """New bases of every side of ``classes``, with one host read for all of them.
+
+    ``first``: eigh of the factors; otherwise the refresh ``method``.
     """
     jobs = []
     for cls in classes:
@@ -310,6 +315,7 @@ def _finish_first(job: _SideJob, host: list[list[int]], counters: LinalgCounters
     st = job.cls.tensors
     ok, ranks = [bool(x) for x in host[0]], host[1]
     new = job.new
+    assert new is not None  # only jobs whose batched call succeeded have flags
     _canonicalize(new, ranks, ok)
     for j in range(new.shape[0]):
         if not ok[j]:
@@ -459,9 +465,9 @@ class ClassWindow:
 
     grads: list[torch.Tensor]
     grads_rot: list[torch.Tensor | None]
-    stats_grads: list[torch.Tensor | None] | None = None
-    stats_grads_rot: list[torch.Tensor | None] | None = None
-    eta: list[torch.Tensor | None] | None = None
+    stats_grads: Sequence[torch.Tensor | None] | None = None
+    stats_grads_rot: Sequence[torch.Tensor | None] | None = None
+    eta: Sequence[torch.Tensor | None] | None = None
     extra: dict = field(default_factory=dict)
 
     def scale_(self, factor: float) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -35,10 +36,11 @@ Stacks = list[torch.Tensor]
 
 
 def bdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """<x_b, y_b> for every block b of two [B, r, c] stacks ([B]). ``vecdot`` reduces each
-    block alone, so a block's sums do not depend on which blocks share its class (a batched
-    matrix-vector product does: its kernel choice follows the batch size), which keeps
-    owner-sharded runs bitwise equal to replicated ones.
+    """<x_b, y_b> for every block b of two [B, r, c] stacks ([B]).
+
+    ``vecdot`` reduces each block alone, so a block's sums do not depend on which blocks share
+    its class (a batched matrix-vector product does: its kernel choice follows the batch
+    size), which keeps owner-sharded runs bitwise equal to replicated ones.
     """
     return torch.linalg.vecdot(x.flatten(1), y.flatten(1))
 
@@ -103,6 +105,7 @@ class BatchedWindowFolder:
     # ----------------------------------------------------------- per-block views
     @property
     def num_blocks(self) -> int:
+        """Number of blocks of the engine."""
         return self.engine.num_blocks
 
     @property
@@ -117,10 +120,12 @@ class BatchedWindowFolder:
 
     @property
     def estimate_rot(self) -> list[torch.Tensor | None]:
+        """Per-block rotated folded gradients (see :meth:`result`)."""
         return self.result()[1]
 
     @property
     def complete(self) -> bool:
+        """Whether the window holds all its micro-steps."""
         return self.micro_steps == self.schedule.accumulation_steps
 
     # ---------------------------------------------------------------- input
@@ -182,7 +187,9 @@ class BatchedWindowFolder:
                 raise RuntimeError(f"fold {fold} met estimates of {z.size} and {h.size} steps")
             with_eta = self._eta_from_fold and fold.index == self.schedule.num_folds - 1
             coef = self._coefficients(z, h, with_eta)
-            for cls, zg, hg, zr, hr in zip(classes, z.grads, h.grads, z.rot, h.rot):
+            # Folds exist only when num_folds > 0, so every rotated form was computed.
+            z_rot, h_rot = cast(Stacks, z.rot), cast(Stacks, h.rot)
+            for cls, zg, hg, zr, hr in zip(classes, z.grads, h.grads, z_rot, h_rot):
                 cz = coef.cz.index_select(0, cls.index).to(zg.dtype)[:, None, None]
                 ch = coef.ch.index_select(0, cls.index).to(zg.dtype)[:, None, None]
                 zg.mul_(cz).addcmul_(hg, ch)
@@ -212,8 +219,9 @@ class BatchedWindowFolder:
 
     def _coefficients(self, z: _Entry, h: _Entry, with_eta: bool) -> FoldCoefficients:
         wz, wh = z.size / (z.size + h.size), h.size / (z.size + h.size)
-        a_list = [wz * zr + wh * hr for zr, hr in zip(z.rot, h.rot)]
-        d_list = [zr - hr for zr, hr in zip(z.rot, h.rot)]
+        z_rot, h_rot = cast(Stacks, z.rot), cast(Stacks, h.rot)  # folds: rotated forms exist
+        a_list = [wz * zr + wh * hr for zr, hr in zip(z_rot, h_rot)]
+        d_list = [zr - hr for zr, hr in zip(z_rot, h_rot)]
         f64 = torch.float64
 
         def phase1() -> torch.Tensor:
@@ -239,7 +247,8 @@ class BatchedWindowFolder:
     def _add_plain(self, means: Stacks, rots: list[torch.Tensor | None], size: int) -> None:
         for flag, attr, new in (
             (self._plain_orig, "_plain", means),
-            (self._plain_rot, "_plain_r", rots),
+            # _plain_rot implies num_folds > 0: every rotated form was computed.
+            (self._plain_rot, "_plain_r", cast(Stacks, rots)),
         ):
             if not flag:
                 continue
@@ -257,8 +266,11 @@ class BatchedWindowFolder:
                 x.div_(k)
 
     def _eta_against_plain_mean(self) -> torch.Tensor:
+        # Called after the last fold with several folds: both are set.
+        assert self._plain_r is not None and self._estimate is not None
+        comb_rots = cast(Stacks, self._estimate.rot)
         rows = []
-        for mean_r, comb_r, diag in zip(self._plain_r, self._estimate.rot, self.class_diags):
+        for mean_r, comb_r, diag in zip(self._plain_r, comb_rots, self.class_diags):
             mi_comb = comb_r if diag is None else comb_r / diag
             rows.append(torch.stack([bdot(mean_r, mi_comb), bdot(comb_r, mi_comb)], 1))
         sums = self.engine.to_block_order([r.to(torch.float64) for r in rows])
@@ -273,6 +285,7 @@ class BatchedWindowFolder:
         if not self.num_blocks:
             return ClassWindow([], [])
         top = self._estimate
+        assert top is not None  # complete with blocks: the last level set it
         eta = None
         if self.eta is not None:
             eta = [self.eta.index_select(0, c.index) for c in self.engine.classes]
@@ -285,28 +298,38 @@ class BatchedWindowFolder:
         w = self.class_output()
         unstack = self.engine.unstack
         if w.stats_grads is not None:
+            assert w.stats_grads_rot is not None  # class_output sets both together
             return WindowOutput(
-                unstack(w.grads),
+                self._unstack_tensors(w.grads),
                 unstack(w.grads_rot),
-                unstack(w.stats_grads),
+                self._unstack_tensors(w.stats_grads),
                 unstack(w.stats_grads_rot),
                 self.eta,
             )
-        return WindowOutput(unstack(w.grads), unstack(w.grads_rot), eta=self.eta)
+        return WindowOutput(self._unstack_tensors(w.grads), unstack(w.grads_rot), eta=self.eta)
 
     def result(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """The folded gradient per block and its rotated form (views of the class stacks)."""
         self._check_done()
         if not self.num_blocks:
             return [], []
-        return self.engine.unstack(self._estimate.grads), self.engine.unstack(self._estimate.rot)
+        assert self._estimate is not None  # complete with blocks: the last level set it
+        return self._unstack_tensors(self._estimate.grads), self.engine.unstack(self._estimate.rot)
+
+    def _unstack_tensors(self, stacks: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """``engine.unstack`` of stacks that are all present (so no block view is None)."""
+        return cast(list[torch.Tensor], self.engine.unstack(stacks))
 
     def grad_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of squares in fp64, non-finite flag) over every folded gradient."""
         self._check_done()
         sq = torch.zeros((), dtype=torch.float64, device=device)
         bad = torch.zeros((), dtype=torch.bool, device=device)
-        for g in self._estimate.grads if self.num_blocks else ():
+        grads: Stacks = []
+        if self.num_blocks:
+            assert self._estimate is not None  # complete with blocks: the last level set it
+            grads = self._estimate.grads
+        for g in grads:
             sq = sq + g.double().pow(2).sum()
             bad = bad | ~torch.isfinite(g).all()
         return sq, bad

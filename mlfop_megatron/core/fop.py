@@ -69,8 +69,9 @@ def phase2_sums(
     s: torch.Tensor,
     with_ama: bool = False,
 ) -> torch.Tensor:
-    """[<a,M^-1 d_perp>, <d_perp,M^-1 d_perp>, <d,M^-1 d>] with d_perp = d - s a, and
-    <a,M^-1 a> as a fourth entry when ``with_ama`` (needed for eta*).
+    """[<a,M^-1 d_perp>, <d_perp,M^-1 d_perp>, <d,M^-1 d>] with d_perp = d - s a.
+
+    <a,M^-1 a> comes as a fourth entry when ``with_ama`` (needed for eta*).
     """
     d_perp = d - s * a
     mi_dp = d_perp if diag is None else d_perp / diag
@@ -141,9 +142,11 @@ def coefficients_from_sums(
     reduce_fn: ReduceFn | None = None,
     with_eta: bool = False,
 ) -> FoldCoefficients:
-    """The FOP scalars of every block from its partial sums: ``phase1()`` gives the [n, 5]
-    phase-1 sums, ``phase2(s)`` the [n, 3 or 4] phase-2 sums for the projection s (fp64,
-    block order); ``reduce_fn`` sums each across ranks. ``dtype``: the estimates' dtype.
+    """The FOP scalars of every block from its partial sums.
+
+    ``phase1()`` gives the [n, 5] phase-1 sums, ``phase2(s)`` the [n, 3 or 4] phase-2 sums
+    for the projection s (fp64, block order); ``reduce_fn`` sums each across ranks.
+    ``dtype``: the estimates' dtype.
     """
     wz, wh = n_z / (n_z + n_h), n_h / (n_z + n_h)
     sums1 = phase1()
@@ -165,6 +168,7 @@ def coefficients_from_sums(
         tol = cfg.parallel_tol
         if tol is None:
             tol = default_parallel_tol(dtype)
+        assert sums2 is not None  # computed above whenever beta is not fixed
         beta = sums2[:, A_MI_DP] / (sums2[:, DP_MI_DP] + eps)
         parallel = sums2[:, DP_MI_DP] <= (tol * tol) * sums2[:, D_MI_D]
         beta = torch.where(parallel, torch.zeros_like(beta), beta)
@@ -175,6 +179,7 @@ def coefficients_from_sums(
     ch = keep * wh - beta
     eta = None
     if with_eta:
+        assert sums2 is not None  # computed above whenever with_eta
         ama, amidp = sums2[:, A_MI_A], sums2[:, A_MI_DP]
         num = ama + beta * amidp
         eta = eta_star(num, num + beta * amidp + beta * beta * sums2[:, DP_MI_DP])

@@ -16,6 +16,7 @@ class LinalgCounters:
     qr_failures: int = 0  # QR refresh failed or was non-finite: previous basis kept
 
     def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
         return dict(vars(self))
 
 
