@@ -12,16 +12,17 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from mlfop_megatron.config import MLFOPConfig
-from mlfop_megatron.core.batched import BatchedBlocks
+from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow
 from mlfop_megatron.core.batched_folding import BatchedWindowFolder
 from mlfop_megatron.core.diagnostics import GroupSums, group_block_rows
-from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder
+from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder, WindowOutput
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.core.linalg import LinalgCounters
 from mlfop_megatron.core.soap import (
@@ -146,6 +147,7 @@ class ShardedSOAP:
 
     @property
     def batched(self) -> bool:
+        """Whether the owned blocks are updated per shape class (``config.soap.batched``)."""
         return self.config.soap.batched
 
     def batched_engine(self) -> BatchedBlocks:
@@ -159,10 +161,14 @@ class ShardedSOAP:
             )
         return self._engine
 
-    def _class_stacks(self, owned_grads: Sequence[torch.Tensor], scale: float) -> list:
-        """Owned block gradients (``self.owned`` order) stacked per shape class, in state
-        precision, times ``scale``: one stack (and cast) per class.
+    def _class_stacks(
+        self, owned_grads: Sequence[torch.Tensor], scale: float
+    ) -> list[torch.Tensor]:
+        """Owned block gradients (``self.owned`` order) stacked per shape class.
+
+        In state precision, times ``scale``: one stack (and cast) per class.
         """
+        assert self._engine is not None  # built with the batched folder (_new_folder)
         out = []
         for cls in self._engine.classes:
             stacked = torch.stack([owned_grads[i] for i in cls.positions]).to(cls.dtype)
@@ -182,9 +188,10 @@ class ShardedSOAP:
         return slices
 
     def arm_grad_diagnostics(self, groups: Sequence[int]) -> None:
-        """Keep per-group gradient sums in the next window (``groups``: the group id of every
-        micro-step; see core/diagnostics.py). Costs len(set(groups)) gradient-sized buffers
-        per owned block until the window's step.
+        """Keep per-group gradient sums in the next window.
+
+        ``groups``: the group id of every micro-step (see core/diagnostics.py). Costs
+        len(set(groups)) gradient-sized buffers per owned block until the window's step.
         """
         if self._folder is not None or self._pending is not None:
             raise RuntimeError("arm grad diagnostics before the window's first micro-step")
@@ -194,9 +201,11 @@ class ShardedSOAP:
     def add_reduced_segment(
         self, level_grads: Sequence[torch.Tensor], end: int, scale: float
     ) -> None:
-        """A DP-reduced part of the open level that ends at micro-step ``end`` (cumulative)
-        without ending the level (a diagnostics sync point); ``level_grads`` (one tensor per
-        param) times ``scale`` is the sum of its micro-step gradients.
+        """Add a DP-reduced part of the open level that ends at micro-step ``end``.
+
+        ``end`` is cumulative; the segment ends no level (a diagnostics sync point).
+        ``level_grads`` (one tensor per param) times ``scale`` is the sum of its micro-step
+        gradients.
         """
         self.add_owned_segment(
             [o.view(level_grads[o.block.param_index]) for o in self.owned], end, scale
@@ -227,7 +236,7 @@ class ShardedSOAP:
         return WindowFolder(
             self.schedule,
             self.config.folding,
-            rotate_fns=[lambda x, s=o.state: rotate(x, s) for o in self.owned],
+            rotate_fns=[partial(rotate, state=o.state) for o in self.owned],
             metric_diags=[metric_diag(o.state, self.config.soap) for o in self.owned],
             reduce_fn=reduce_fn,
         )
@@ -247,9 +256,11 @@ class ShardedSOAP:
     def fold_owned_level(
         self, level: int, owned_grads: Sequence[torch.Tensor], scale: float = 1.0
     ) -> None:
-        """``fold_reduced_level`` with this rank's owned blocks only (each a (rows, cols) tensor in
-        ``self.owned`` order, DP-reduced to this owner); times ``scale`` they are the level
-        mean. The blocks are copied: the caller may reuse their storage.
+        """``fold_reduced_level`` with this rank's owned blocks only.
+
+        Each is a (rows, cols) tensor in ``self.owned`` order, DP-reduced to this owner; times
+        ``scale`` they are the level mean. The blocks are copied: the caller may reuse their
+        storage.
         """
         if level == 0 or self._folder is None:
             if level != 0:
@@ -258,6 +269,7 @@ class ShardedSOAP:
         if self.batched and self._groups is None and self._pending is None:
             stacks = self._class_stacks(owned_grads, scale)
             start = time.perf_counter()
+            assert isinstance(self._folder, BatchedWindowFolder)  # self.batched: see _new_folder
             self._folder.fold_level_stacked(level, stacks)
             self.timings["fold"] += time.perf_counter() - start
             return
@@ -280,9 +292,11 @@ class ShardedSOAP:
         self.timings["fold"] += time.perf_counter() - start
 
     def has_window(self) -> bool:
+        """Whether the window's levels are all folded (ready for a step)."""
         return self._folder is not None and self._folder.complete
 
     def window_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The folded gradient per owned block and its rotated form (None where not computed)."""
         if self._folder is None:
             raise RuntimeError("no folded gradients: the backward passes did not reach the DDP")
         return self._folder.result()
@@ -305,8 +319,11 @@ class ShardedSOAP:
         """Update owned blocks with the folded gradients (times ``grad_scale``), then share."""
         if self._folder is None:
             raise RuntimeError("no folded gradients: the backward passes did not reach the DDP")
-        batched = isinstance(self._folder, BatchedWindowFolder)
-        window = self._folder.class_output() if batched else self._folder.output()
+        window: ClassWindow | WindowOutput
+        if isinstance(self._folder, BatchedWindowFolder):
+            window = self._folder.class_output()
+        else:
+            window = self._folder.output()
         self.last_diagnostics = self._folder.diagnostics
         self.last_eta = self._folder.eta
         start = time.perf_counter()
@@ -327,21 +344,23 @@ class ShardedSOAP:
             start = time.perf_counter()
         if grad_scale != 1.0:
             window.scale_(grad_scale)
-        if batched:
+        if isinstance(window, ClassWindow):  # the batched folder's output
+            assert self._engine is not None  # built with the batched folder (_new_folder)
             n = len(self.owned)
             self._engine.step(window, [lr] * n, [weight_decay] * n, self.counters, self.timings)
-        for i, (owned, g) in enumerate(zip(self.owned, [] if batched else window.grads)):
-            soap_step(
-                owned.view(owned.param.data),
-                g,
-                owned.state,
-                self.config.soap,
-                self.counters,
-                lr=lr,
-                weight_decay=weight_decay,
-                timings=self.timings,
-                **window.block(i),
-            )
+        else:
+            for i, (owned, g) in enumerate(zip(self.owned, window.grads)):
+                soap_step(
+                    owned.view(owned.param.data),
+                    g,
+                    owned.state,
+                    self.config.soap,
+                    self.counters,
+                    lr=lr,
+                    weight_decay=weight_decay,
+                    timings=self.timings,
+                    **window.block(i),
+                )
         self.timings["update"] += time.perf_counter() - start
         self._folder = None
         start = time.perf_counter()
@@ -373,6 +392,7 @@ class ShardedSOAP:
         """Every owner sends its updated blocks to the rest of the group (one message each)."""
         if self.world_size == 1:
             return
+        assert self.group is not None  # world_size > 1 needs a group
         for rank in range(self.world_size):
             blocks = self.assignment.blocks_of(rank)
             if not blocks:
@@ -415,16 +435,19 @@ class ShardedSOAP:
         )
 
     def block_name(self, owned: OwnedBlock) -> str:
+        """The block's checkpoint key: ``<param name>@<row offset>,<col offset>``."""
         b = owned.block
         return f"{b.param_name}@{b.row_offset},{b.col_offset}"
 
     def state_dict(self) -> dict[str, Any]:
+        """The owned blocks' SOAP states (by ``block_name``) and the linalg counters."""
         return {
             "blocks": {self.block_name(o): dict(o.state) for o in self.owned},
             "counters": self.counters.as_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a ``state_dict()`` with the same owned blocks (states moved to their device)."""
         blocks = state["blocks"]
         for o in self.owned:
             saved = blocks[self.block_name(o)]
