@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import step_time as peers
-from benchmarks.common import cpu_model, replace_section
+from benchmarks.common import cpu_model, replace_section, timed
 from mlfop_megatron.optim import MLFOPSOAP
 
 SECTION = "## Batched block engine (CPU, issue 14)"
@@ -156,17 +156,6 @@ def contenders(shapes: Sequence[tuple[int, int]], freq: int, with_peers: bool) -
             if c is not None:
                 runners.append(Runner(c.name, c.params, c.opt.step, c.refreshed, c.opt))
     return runners
-
-
-def timed(fn: Callable[[], object]) -> float:
-    """Wall-clock seconds of one call of ``fn`` (garbage collection off)."""
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    finally:
-        gc.enable()
 
 
 def bench_steps(runners: list[Runner], shapes, steps: int) -> None:

@@ -7,10 +7,12 @@ The benchmarks are modules of the ``benchmarks`` package, run from the repositor
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -25,6 +27,17 @@ def elapsed() -> float:
 def log(msg: str) -> None:
     """Progress line with the benchmark's elapsed time."""
     print(f"[{elapsed():7.1f} s] {msg}", flush=True)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall-clock seconds of one call of ``fn`` (garbage collection paused)."""
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    finally:
+        gc.enable()
 
 
 def package_version(name: str) -> str:

@@ -1,6 +1,7 @@
 """Shared pieces of the "when does the folding help" benchmark: optimizer variants, PCGrad, stats.
 
 * ``FOLD_VARIANTS``: the ML-FOP-SOAP folding variants compared (FoldingConfig fields);
+* ``variant_run_spec``: a digits run spec switched to one of those variants;
 * ``pcgrad_combine``: the PCGrad-style positive control (Yu et al. 2020, two tasks): when the
   two task gradients conflict (negative inner product), each is projected off the other
   before they are averaged;
@@ -11,9 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from examples.digits.spec import RunSpec
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,18 @@ FOLD_VARIANTS: tuple[FoldVariant, ...] = (
     FoldVariant("last", "eta_star", "mean"),
 )
 VARIANTS_BY_LABEL = {v.label: v for v in FOLD_VARIANTS}
+
+
+def variant_run_spec(spec: RunSpec, label: str) -> RunSpec:
+    """``spec`` switched to ML-FOP-SOAP with the folding variant named ``label``."""
+    v = VARIANTS_BY_LABEL[label]
+    return replace(
+        spec,
+        optimizer="mlfop",
+        fold_structure=v.structure,
+        step_size=v.step_size,
+        statistics_from=v.statistics_from,
+    )
 
 
 def pcgrad_combine(g_a: torch.Tensor, g_b: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -13,11 +13,16 @@ modality's probe loss more than the plain mean did).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.conflict import FOLD_VARIANTS, VARIANTS_BY_LABEL, mean_std, sign_test
+from benchmarks.conflict import (
+    FOLD_VARIANTS,
+    mean_std,
+    sign_test,
+    variant_run_spec,
+)
 from examples.digits.model import build_model, build_optimizer
 from examples.digits.rundir import load_checkpoint, save_checkpoint
 from examples.digits.spec import RunSpec
@@ -92,14 +97,7 @@ def variant_spec(spec: RunSpec, label: str) -> RunSpec:
     """The spec of one update rule: plain mean (SOAP) or an ML-FOP-SOAP variant."""
     if label == PLAIN:
         return spec
-    v = VARIANTS_BY_LABEL[label]
-    return replace(
-        spec,
-        optimizer="mlfop",
-        fold_structure=v.structure,
-        step_size=v.step_size,
-        statistics_from=v.statistics_from,
-    )
+    return variant_run_spec(spec, label)
 
 
 def lookahead_worker(cell: Cell) -> dict[str, Any] | None:

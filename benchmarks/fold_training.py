@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.conflict import FOLD_VARIANTS, VARIANTS_BY_LABEL
+from benchmarks.conflict import FOLD_VARIANTS, variant_run_spec
 from examples.digits import rundir
 from examples.digits.spec import RunSpec, fold_levels, metric_columns
 
@@ -88,14 +88,7 @@ def row_spec(base: RunSpec, label: str) -> RunSpec:
     """The spec of a row: AdamW (also under PCGrad), SOAP or an ML-FOP-SOAP variant."""
     if label in ("adamw", "pcgrad", "soap"):
         return replace(base, optimizer="soap" if label == "soap" else "adamw")
-    v = VARIANTS_BY_LABEL[label]
-    return replace(
-        base,
-        optimizer="mlfop",
-        fold_structure=v.structure,
-        step_size=v.step_size,
-        statistics_from=v.statistics_from,
-    )
+    return variant_run_spec(base, label)
 
 
 def make_job(

@@ -42,6 +42,7 @@ from benchmarks.common import (
     machine_facts,
     package_version,
     replace_section,
+    timed,
 )
 from mlfop_megatron.core.linalg import LinalgCounters
 from mlfop_megatron.core.soap import refresh_bases, rotate
@@ -357,17 +358,6 @@ def ms(x: float | None) -> str:
 
 
 # ---------------------------------------------------------------- benchmarks
-def timed(fn: Callable[[], object]) -> float:
-    """Wall time of one call with the garbage collector paused."""
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    finally:
-        gc.enable()
-
-
 class LoadGate:
     """Holds a timed round back (bounded) while other processes load the CPU.
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
+from typing import overload
 
 import numpy as np
 import torch
@@ -78,6 +79,28 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", 
 CAPTION_WORDS: tuple[str, ...] = ("a", "handwritten", *DIGIT_NAMES)
 
 
+class _SpecialId:
+    """Id of the special token ``<name>`` for attribute ``name``: its index in ``specials``."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+        self.token = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.token = f"<{name}>"
+
+    @overload
+    def __get__(self, vocab: None, owner: type | None = None) -> _SpecialId: ...
+
+    @overload
+    def __get__(self, vocab: DigitsVocab, owner: type | None = None) -> int: ...
+
+    def __get__(self, vocab: DigitsVocab | None, owner: type | None = None) -> int | _SpecialId:
+        if vocab is None:
+            return self
+        return vocab.specials.index(self.token)
+
+
 @dataclass(frozen=True)
 class DigitsVocab:
     """Token ids: specials, then ``num_levels`` image tokens, then caption words; one id space."""
@@ -92,40 +115,13 @@ class DigitsVocab:
             raise ValueError(f"num_levels must be in [2, 17], got {self.num_levels}")
 
     # Special token ids (fixed positions at the start of the vocabulary).
-    @property
-    def pad(self) -> int:
-        """Padding id (never a loss target)."""
-        return self.specials.index("<pad>")
-
-    @property
-    def bos(self) -> int:
-        """Begin-of-sequence id."""
-        return self.specials.index("<bos>")
-
-    @property
-    def eos(self) -> int:
-        """End-of-sequence id."""
-        return self.specials.index("<eos>")
-
-    @property
-    def boi(self) -> int:
-        """Begin-of-image delimiter id."""
-        return self.specials.index("<boi>")
-
-    @property
-    def eoi(self) -> int:
-        """End-of-image delimiter id."""
-        return self.specials.index("<eoi>")
-
-    @property
-    def gen(self) -> int:
-        """Task token for text -> image generation."""
-        return self.specials.index("<gen>")
-
-    @property
-    def und(self) -> int:
-        """Task token for image -> text understanding."""
-        return self.specials.index("<und>")
+    pad = _SpecialId("Padding id (never a loss target).")
+    bos = _SpecialId("Begin-of-sequence id.")
+    eos = _SpecialId("End-of-sequence id.")
+    boi = _SpecialId("Begin-of-image delimiter id.")
+    eoi = _SpecialId("End-of-image delimiter id.")
+    gen = _SpecialId("Task token for text -> image generation.")
+    und = _SpecialId("Task token for image -> text understanding.")
 
     @property
     def image_offset(self) -> int:

@@ -33,7 +33,6 @@ engine; :meth:`BatchedBlocks.matches` tells whether the states still hold the en
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from mlfop_megatron.core.linalg import (
     qr_refresh_basis,
     robust_eigh_basis,
 )
-from mlfop_megatron.core.soap import State
+from mlfop_megatron.core.soap import State, adam_moments_update
 
 FIELDS = ("exp_avg", "exp_avg_sq", "L", "R", "QL", "QR", "master")
 SIDES = (("L", "QL", 0), ("R", "QR", 1))
@@ -490,20 +489,15 @@ def _class_step(cls: ShapeClass, window: ClassWindow, k: int, lr: float, wd: flo
     if not cls.initialized:
         cls.update_factors(stats)
         return False
-    beta1, beta2 = cfg.betas
     g_rot = cls.rotate(grad) if grad_rot is None else grad_rot
     if stats_grad is None:
         s_rot = g_rot
     else:
         s_rot = cls.rotate(stats_grad) if stats_rot is None else stats_rot
     cls.step += 1
-    t = cls.step
-    st["exp_avg"].mul_(beta1).add_(g_rot, alpha=1.0 - beta1)
-    st["exp_avg_sq"].mul_(beta2).addcmul_(s_rot, s_rot, value=1.0 - beta2)
-    step_size = lr
-    if cfg.correct_bias:
-        step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-    normalized = st["exp_avg"] / st["exp_avg_sq"].sqrt().add_(cfg.eps)
+    normalized, step_size = adam_moments_update(
+        st["exp_avg"], st["exp_avg_sq"], g_rot, s_rot, cls.step, lr, cfg
+    )
     direction = cls.unrotate(normalized)
     if eta is not None:
         direction.mul_(eta.to(direction.dtype)[:, None, None])

@@ -22,7 +22,7 @@ import torch
 
 from mlfop_megatron.config import FoldingConfig
 from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow
-from mlfop_megatron.core.folding import LevelDiagnostics, WindowOutput
+from mlfop_megatron.core.folding import FoldStack, LevelDiagnostics, StackEntry, WindowOutput
 from mlfop_megatron.core.fop import (
     FoldCoefficients,
     ReduceFn,
@@ -69,14 +69,7 @@ def batched_phase2(
 
 
 @dataclass
-class _Entry:
-    size: int
-    grads: Stacks
-    rot: list[torch.Tensor | None]
-
-
-@dataclass
-class BatchedWindowFolder:
+class BatchedWindowFolder(FoldStack):
     """Accumulates and folds the level gradients of one window on an engine's shape classes."""
 
     schedule: LevelSchedule
@@ -90,17 +83,9 @@ class BatchedWindowFolder:
 
     def __post_init__(self) -> None:
         self.class_diags = self.engine.metric_diags()
-        self._stack: list[_Entry] = []
         self._level_sums: Stacks | None = None
-        self._estimate: _Entry | None = None
-        folds = self.schedule.num_folds
-        mean_stats = self.cfg.statistics_from == "mean" and folds > 0
-        eta = self.cfg.step_size == "eta_star" and folds > 0
-        self._eta_from_fold = eta and folds == 1
-        self._plain_orig = mean_stats
-        self._plain_rot = mean_stats or (eta and folds > 1)
-        self._plain: Stacks | None = None
-        self._plain_r: Stacks | None = None
+        self._estimate: StackEntry | None = None
+        self._init_stack()
 
     # ----------------------------------------------------------- per-block views
     @property
@@ -123,21 +108,10 @@ class BatchedWindowFolder:
         """Per-block rotated folded gradients (see :meth:`result`)."""
         return self.result()[1]
 
-    @property
-    def complete(self) -> bool:
-        """Whether the window holds all its micro-steps."""
-        return self.micro_steps == self.schedule.accumulation_steps
-
     # ---------------------------------------------------------------- input
     def add_micro_step(self, grads: Sequence[torch.Tensor]) -> None:
         """Add one micro-step's gradients (one per block, block order); folds at level ends."""
-        if len(grads) != self.num_blocks:
-            raise ValueError(f"expected {self.num_blocks} gradients, got {len(grads)}")
-        if self.complete:
-            raise ValueError(
-                f"more than accumulation_steps={self.schedule.accumulation_steps} micro-steps "
-                "in one window; call step() after the last micro-step"
-            )
+        self._check_micro_step(len(grads))
         stacks = self.engine.stack(grads)
         if stacks:
             flags = torch.stack([torch.isfinite(x).all() for x in stacks]).all()
@@ -170,54 +144,25 @@ class BatchedWindowFolder:
     def _fold(self, level: int, means: Stacks) -> None:
         if not self.num_blocks:
             return
-        size = self.schedule.level_size(level)
-        classes = self.engine.classes
-        if self.schedule.num_folds:
-            rots: list[torch.Tensor | None] = []
-            for cls, mean in zip(classes, means):
-                rotated = cls.rotate(mean)
-                rots.append(rotated.clone() if rotated is mean else rotated)
-        else:
-            rots = [None] * len(means)
-        self._add_plain(means, rots, size)
-        self._stack.append(_Entry(size, list(means), rots))
-        for fold in self.schedule.folds_at(level):
-            h, z = self._stack.pop(), self._stack.pop()
-            if (z.size, h.size) != (fold.n_z, fold.n_h):
-                raise RuntimeError(f"fold {fold} met estimates of {z.size} and {h.size} steps")
-            with_eta = self._eta_from_fold and fold.index == self.schedule.num_folds - 1
-            coef = self._coefficients(z, h, with_eta)
-            # Folds exist only when num_folds > 0, so every rotated form was computed.
-            z_rot, h_rot = cast(Stacks, z.rot), cast(Stacks, h.rot)
-            for cls, zg, hg, zr, hr in zip(classes, z.grads, h.grads, z_rot, h_rot):
-                cz = coef.cz.index_select(0, cls.index).to(zg.dtype)[:, None, None]
-                ch = coef.ch.index_select(0, cls.index).to(zg.dtype)[:, None, None]
-                zg.mul_(cz).addcmul_(hg, ch)
-                zr.mul_(cz).addcmul_(hr, ch)
-            if with_eta:
-                self.eta = coef.eta
-            if self.cfg.diagnostics:
-                self.diagnostics.append(
-                    LevelDiagnostics(
-                        level,
-                        z.size,
-                        h.size,
-                        coef.s,
-                        coef.beta,
-                        coef.sums,
-                        fold.index,
-                        coef.cz,
-                        coef.ch,
-                    )
-                )
-            self._stack.append(_Entry(z.size + h.size, z.grads, z.rot))
-        if level == self.schedule.num_levels - 1:
-            (self._estimate,) = self._stack
-            self._finish_plain()
-            if self.cfg.step_size == "eta_star" and self.schedule.num_folds > 1:
-                self.eta = self._eta_against_plain_mean()
+        rotate_fns = [cls.rotate for cls in self.engine.classes]
+        top = self._push_level(level, list(means), rotate_fns)
+        if top is not None:
+            self._estimate = top
+            self._finish_window()
 
-    def _coefficients(self, z: _Entry, h: _Entry, with_eta: bool) -> FoldCoefficients:
+    def _fold_pair(self, z: StackEntry, h: StackEntry, with_eta: bool) -> FoldCoefficients:
+        """Fold ``h`` into ``z`` in place (both forms, every class); the fold's coefficients."""
+        coef = self._coefficients(z, h, with_eta)
+        # Folds exist only when num_folds > 0, so every rotated form was computed.
+        z_rot, h_rot = cast(Stacks, z.rot), cast(Stacks, h.rot)
+        for cls, zg, hg, zr, hr in zip(self.engine.classes, z.grads, h.grads, z_rot, h_rot):
+            cz = coef.cz.index_select(0, cls.index).to(zg.dtype)[:, None, None]
+            ch = coef.ch.index_select(0, cls.index).to(zg.dtype)[:, None, None]
+            zg.mul_(cz).addcmul_(hg, ch)
+            zr.mul_(cz).addcmul_(hr, ch)
+        return coef
+
+    def _coefficients(self, z: StackEntry, h: StackEntry, with_eta: bool) -> FoldCoefficients:
         wz, wh = z.size / (z.size + h.size), h.size / (z.size + h.size)
         z_rot, h_rot = cast(Stacks, z.rot), cast(Stacks, h.rot)  # folds: rotated forms exist
         a_list = [wz * zr + wh * hr for zr, hr in zip(z_rot, h_rot)]
@@ -243,27 +188,6 @@ class BatchedWindowFolder:
         return coefficients_from_sums(
             phase1, phase2, dtype, z.size, h.size, self.cfg, self.reduce_fn, with_eta
         )
-
-    def _add_plain(self, means: Stacks, rots: list[torch.Tensor | None], size: int) -> None:
-        for flag, attr, new in (
-            (self._plain_orig, "_plain", means),
-            # _plain_rot implies num_folds > 0: every rotated form was computed.
-            (self._plain_rot, "_plain_r", cast(Stacks, rots)),
-        ):
-            if not flag:
-                continue
-            current = getattr(self, attr)
-            if current is None:
-                setattr(self, attr, [x.mul(size) for x in new])
-            else:
-                for acc, x in zip(current, new):
-                    acc.add_(x, alpha=size)
-
-    def _finish_plain(self) -> None:
-        k = self.schedule.accumulation_steps
-        for sums in (self._plain, self._plain_r):
-            for x in sums or ():
-                x.div_(k)
 
     def _eta_against_plain_mean(self) -> torch.Tensor:
         # Called after the last fold with several folds: both are set.
@@ -333,10 +257,3 @@ class BatchedWindowFolder:
             sq = sq + g.double().pow(2).sum()
             bad = bad | ~torch.isfinite(g).all()
         return sq, bad
-
-    def _check_done(self) -> None:
-        if not self.complete:
-            raise ValueError(
-                f"the window has {self.micro_steps} micro-steps but accumulation_steps="
-                f"{self.schedule.accumulation_steps}; call accumulate() once per micro-batch"
-            )

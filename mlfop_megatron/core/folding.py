@@ -175,16 +175,154 @@ class WindowOutput:
 
 
 @dataclass
-class _Entry:
-    """An estimate on the fold stack: per-block tensors covering ``size`` micro-steps."""
+class StackEntry:
+    """An estimate on the fold stack: tensors (per block or per class) over ``size`` steps."""
 
     size: int
     grads: list[torch.Tensor]
     rot: list[torch.Tensor | None]
 
 
+class FoldStack:
+    """The fold stack of one window, shared by :class:`WindowFolder` and the batched folder.
+
+    Subclasses (dataclasses) hold ``schedule``, ``cfg``, ``micro_steps``, ``diagnostics`` and
+    ``eta``, call :meth:`_init_stack` from ``__post_init__``, and give ``num_blocks``,
+    :meth:`_fold_pair` (the FOP fold of two entries) and :meth:`_eta_against_plain_mean`.
+    An entry's tensors are whatever the subclass folds (per block or per shape class).
+    """
+
+    schedule: LevelSchedule
+    cfg: FoldingConfig
+    micro_steps: int
+    diagnostics: list[LevelDiagnostics]
+    eta: torch.Tensor | None
+
+    def _init_stack(self) -> None:
+        self._stack: list[StackEntry] = []
+        folds = self.schedule.num_folds
+        mean_stats = self.cfg.statistics_from == "mean" and folds > 0
+        eta = self.cfg.step_size == "eta_star" and folds > 0
+        self._eta_from_fold = eta and folds == 1  # that fold's a is the window mean
+        self._plain_orig = mean_stats
+        self._plain_rot = mean_stats or (eta and folds > 1)
+        self._plain: list[torch.Tensor] | None = None
+        self._plain_r: list[torch.Tensor] | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks."""
+        raise NotImplementedError
+
+    @property
+    def complete(self) -> bool:
+        """Whether the window holds all its micro-steps."""
+        return self.micro_steps == self.schedule.accumulation_steps
+
+    def _check_micro_step(self, num_grads: int) -> None:
+        """Refuse a micro-step with the wrong gradient count or beyond the window."""
+        if num_grads != self.num_blocks:
+            raise ValueError(f"expected {self.num_blocks} gradients, got {num_grads}")
+        if self.complete:
+            raise ValueError(
+                f"more than accumulation_steps={self.schedule.accumulation_steps} micro-steps "
+                "in one window; call step() after the last micro-step"
+            )
+
+    def _check_done(self) -> None:
+        if not self.complete:
+            raise ValueError(
+                f"the window has {self.micro_steps} micro-steps but accumulation_steps="
+                f"{self.schedule.accumulation_steps}; call accumulate() once per micro-batch"
+            )
+
+    def _fold_pair(self, z: StackEntry, h: StackEntry, with_eta: bool) -> FoldCoefficients:
+        """Fold ``h`` into ``z`` in place (both forms); the fold's coefficients."""
+        raise NotImplementedError
+
+    def _eta_against_plain_mean(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _push_level(
+        self,
+        level: int,
+        means: list[torch.Tensor],
+        rotate_fns: Sequence[RotateFn],
+    ) -> StackEntry | None:
+        """Push a level's means (taken over) and run its folds; the top entry after the last."""
+        size = self.schedule.level_size(level)
+        rots: list[torch.Tensor | None]
+        if self.schedule.num_folds:
+            rots = []
+            for rot, mean in zip(rotate_fns, means):
+                rotated = rot(mean)
+                # An identity rotation returns its input; the two estimates must not alias.
+                rots.append(rotated.clone() if rotated is mean else rotated)
+        else:
+            rots = [None] * len(means)
+        self._add_plain(means, rots, size)
+        self._stack.append(StackEntry(size, means, rots))
+        for fold in self.schedule.folds_at(level):
+            h, z = self._stack.pop(), self._stack.pop()
+            if (z.size, h.size) != (fold.n_z, fold.n_h):  # the plan and the stack disagree
+                raise RuntimeError(f"fold {fold} met estimates of {z.size} and {h.size} steps")
+            with_eta = self._eta_from_fold and fold.index == self.schedule.num_folds - 1
+            coef = self._fold_pair(z, h, with_eta)
+            if with_eta:
+                self.eta = coef.eta
+            if self.cfg.diagnostics:
+                self.diagnostics.append(
+                    LevelDiagnostics(
+                        level,
+                        z.size,
+                        h.size,
+                        coef.s,
+                        coef.beta,
+                        coef.sums,
+                        fold.index,
+                        coef.cz,
+                        coef.ch,
+                    )
+                )
+            self._stack.append(StackEntry(z.size + h.size, z.grads, z.rot))
+        if level != self.schedule.num_levels - 1:
+            return None
+        (top,) = self._stack
+        return top
+
+    def _finish_window(self) -> None:
+        """After the last level (the estimate set): the plain mean and eta* against it."""
+        self._finish_plain()
+        if self.cfg.step_size == "eta_star" and self.schedule.num_folds > 1:
+            self.eta = self._eta_against_plain_mean()
+
+    def _add_plain(
+        self, means: list[torch.Tensor], rots: list[torch.Tensor | None], size: int
+    ) -> None:
+        """Running sums of level sums (size x level mean) for the plain window mean."""
+        for flag, attr, new in (
+            (self._plain_orig, "_plain", means),
+            # _plain_rot implies num_folds > 0: every rotated form was computed.
+            (self._plain_rot, "_plain_r", cast(list[torch.Tensor], rots)),
+        ):
+            if not flag:
+                continue
+            current = getattr(self, attr)
+            if current is None:
+                setattr(self, attr, [x.mul(size) for x in new])
+            else:
+                for acc, x in zip(current, new):
+                    acc.add_(x, alpha=size)
+
+    def _finish_plain(self) -> None:
+        k = self.schedule.accumulation_steps
+        for sums in (self._plain, self._plain_r):
+            for x in sums or ():
+                x.div_(k)
+
+
 @dataclass
-class WindowFolder:
+class WindowFolder(FoldStack):
     """Accumulates and folds the micro-step gradients of one window for a list of blocks."""
 
     schedule: LevelSchedule
@@ -207,35 +345,16 @@ class WindowFolder:
         self.level_sums = [None] * n
         self.estimate = [None] * n
         self.estimate_rot = [None] * n
-        self._stack: list[_Entry] = []
-        folds = self.schedule.num_folds
-        mean_stats = self.cfg.statistics_from == "mean" and folds > 0
-        eta = self.cfg.step_size == "eta_star" and folds > 0
-        self._eta_from_fold = eta and folds == 1  # that fold's a is the window mean
-        self._plain_orig = mean_stats
-        self._plain_rot = mean_stats or (eta and folds > 1)
-        self._plain: list[torch.Tensor] | None = None
-        self._plain_r: list[torch.Tensor] | None = None
+        self._init_stack()
 
     @property
     def num_blocks(self) -> int:
         """Number of blocks."""
         return len(self.rotate_fns)
 
-    @property
-    def complete(self) -> bool:
-        """Whether the window holds all its micro-steps."""
-        return self.micro_steps == self.schedule.accumulation_steps
-
     def add_micro_step(self, grads: Sequence[torch.Tensor]) -> None:
         """Add one micro-step's gradients (one per block); folds when a level ends."""
-        if len(grads) != self.num_blocks:
-            raise ValueError(f"expected {self.num_blocks} gradients, got {len(grads)}")
-        if self.complete:
-            raise ValueError(
-                f"more than accumulation_steps={self.schedule.accumulation_steps} micro-steps "
-                "in one window; call step() after the last micro-step"
-            )
+        self._check_micro_step(len(grads))
         flags = []
         for i, g in enumerate(grads):
             flags.append(torch.isfinite(g).all())
@@ -271,87 +390,30 @@ class WindowFolder:
     def _fold(self, level: int, level_means: Sequence[torch.Tensor]) -> None:
         if not self.num_blocks:  # a rank that owns no block still walks the schedule
             return
-        size = self.schedule.level_size(level)
-        means = list(level_means)
-        rots: list[torch.Tensor | None]
-        if self.schedule.num_folds:
-            rots = []
-            for rot, mean in zip(self.rotate_fns, means):
-                rotated = rot(mean)
-                # An identity rotation returns its input; the two estimates must not alias.
-                rots.append(rotated.clone() if rotated is mean else rotated)
-        else:
-            rots = [None] * len(means)
-        self._add_plain(means, rots, size)
-        self._stack.append(_Entry(size, means, rots))
-        for fold in self.schedule.folds_at(level):
-            h, z = self._stack.pop(), self._stack.pop()
-            if (z.size, h.size) != (fold.n_z, fold.n_h):  # the plan and the stack disagree
-                raise RuntimeError(f"fold {fold} met estimates of {z.size} and {h.size} steps")
-            with_eta = self._eta_from_fold and fold.index == self.schedule.num_folds - 1
-            # Folds exist only when num_folds > 0, so every rotated form was computed.
-            z_rot, h_rot = cast(list[torch.Tensor], z.rot), cast(list[torch.Tensor], h.rot)
-            coef: FoldCoefficients = fold_coefficients(
-                z_rot,
-                h_rot,
-                self.metric_diags,
-                z.size,
-                h.size,
-                self.cfg,
-                self.reduce_fn,
-                with_eta=with_eta,
-            )
-            for i in range(self.num_blocks):
-                apply_fold(z.grads[i], h.grads[i], coef.cz[i], coef.ch[i])
-                apply_fold(z_rot[i], h_rot[i], coef.cz[i], coef.ch[i])
-            if with_eta:
-                self.eta = coef.eta
-            if self.cfg.diagnostics:
-                self.diagnostics.append(
-                    LevelDiagnostics(
-                        level,
-                        z.size,
-                        h.size,
-                        coef.s,
-                        coef.beta,
-                        coef.sums,
-                        fold.index,
-                        coef.cz,
-                        coef.ch,
-                    )
-                )
-            self._stack.append(_Entry(z.size + h.size, z.grads, z.rot))
-        if level == self.schedule.num_levels - 1:
-            (top,) = self._stack
+        top = self._push_level(level, list(level_means), self.rotate_fns)
+        if top is not None:
             self.estimate = cast(list[torch.Tensor | None], top.grads)
             self.estimate_rot = top.rot
-            self._finish_plain()
-            if self.cfg.step_size == "eta_star" and self.schedule.num_folds > 1:
-                self.eta = self._eta_against_plain_mean()
+            self._finish_window()
 
-    def _add_plain(
-        self, means: list[torch.Tensor], rots: list[torch.Tensor | None], size: int
-    ) -> None:
-        """Running sums of level sums (size x level mean) for the plain window mean."""
-        for flag, attr, new in (
-            (self._plain_orig, "_plain", means),
-            # _plain_rot implies num_folds > 0: every rotated form was computed.
-            (self._plain_rot, "_plain_r", cast(list[torch.Tensor], rots)),
-        ):
-            if not flag:
-                continue
-            current = getattr(self, attr)
-            if current is None:
-                setattr(self, attr, [x.mul(size) for x in new])
-            else:
-                for acc, x in zip(current, new):
-                    acc.add_(x, alpha=size)
-
-    def _finish_plain(self) -> None:
-        k = self.schedule.accumulation_steps
-        for sums in (self._plain, self._plain_r):
-            for x in sums or ():
-                x.div_(k)
+    def _fold_pair(self, z: StackEntry, h: StackEntry, with_eta: bool) -> FoldCoefficients:
+        """Fold ``h`` into ``z`` in place (both forms); the fold's coefficients."""
+        # Folds exist only when num_folds > 0, so every rotated form was computed.
+        z_rot, h_rot = cast(list[torch.Tensor], z.rot), cast(list[torch.Tensor], h.rot)
+        coef: FoldCoefficients = fold_coefficients(
+            z_rot,
+            h_rot,
+            self.metric_diags,
+            z.size,
+            h.size,
+            self.cfg,
+            self.reduce_fn,
+            with_eta=with_eta,
+        )
+        for i in range(self.num_blocks):
+            apply_fold(z.grads[i], h.grads[i], coef.cz[i], coef.ch[i])
+            apply_fold(z_rot[i], h_rot[i], coef.cz[i], coef.ch[i])
+        return coef
 
     def _eta_against_plain_mean(self) -> torch.Tensor:
         """eta* = <g_mean, M^-1 g_comb> / <g_comb, M^-1 g_comb> per block (several folds)."""
@@ -383,10 +445,6 @@ class WindowFolder:
 
     def result(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """The folded gradient per block and its rotated form (None where not computed)."""
-        if not self.complete:
-            raise ValueError(
-                f"the window has {self.micro_steps} micro-steps but accumulation_steps="
-                f"{self.schedule.accumulation_steps}; call accumulate() once per micro-batch"
-            )
+        self._check_done()
         # Complete: the last level set every block's estimate.
         return list(cast(list[torch.Tensor], self.estimate)), list(self.estimate_rot)

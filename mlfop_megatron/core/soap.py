@@ -159,6 +159,30 @@ def refresh_bases(state: State, method: str, counters: LinalgCounters) -> None:
         state[basis_key] = new
 
 
+def adam_moments_update(
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    g_rot: torch.Tensor,
+    s_rot: torch.Tensor,
+    step: int,
+    lr: float,
+    cfg: SOAPConfig,
+) -> tuple[torch.Tensor, float]:
+    """Adam's moment update in the eigenbasis (in place) and its normalised direction.
+
+    The first moment takes ``g_rot``, the second ``s_rot`` (both rotated). Returns
+    m / (sqrt(v) + eps) in rotated coordinates and the step size: ``lr``, bias-corrected for
+    ``step`` (the step count after this update) when ``cfg.correct_bias``.
+    """
+    beta1, beta2 = cfg.betas
+    exp_avg.mul_(beta1).add_(g_rot, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(s_rot, s_rot, value=1.0 - beta2)
+    step_size = lr
+    if cfg.correct_bias:
+        step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    return exp_avg / exp_avg_sq.sqrt().add_(cfg.eps), step_size
+
+
 def soap_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -189,7 +213,6 @@ def soap_step(
         update_factors(state, stats, cfg.factor_beta)
         init_bases(state, counters)
         return False
-    beta1, beta2 = cfg.betas
     g_rot = rotate(grad, state) if grad_rot is None else grad_rot
     if stats_grad is None:
         s_rot = g_rot
@@ -197,12 +220,9 @@ def soap_step(
         s_rot = rotate(stats_grad, state) if stats_grad_rot is None else stats_grad_rot
     state["step"] += 1
     t = state["step"]
-    state["exp_avg"].mul_(beta1).add_(g_rot, alpha=1.0 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(s_rot, s_rot, value=1.0 - beta2)
-    step_size = lr
-    if cfg.correct_bias:
-        step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-    normalized = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(cfg.eps)
+    normalized, step_size = adam_moments_update(
+        state["exp_avg"], state["exp_avg_sq"], g_rot, s_rot, t, lr, cfg
+    )
     direction = unrotate(normalized, state)
     if direction_scale is not None:
         direction.mul_(direction_scale.to(direction.dtype))
