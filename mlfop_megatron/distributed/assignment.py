@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -380,29 +380,27 @@ class Assignment:
             raise ValueError(f"rank must be in [0, {self.world_size - 1}], got {rank!r}")
         return self._blocks_by_rank[rank]
 
+    def _per_rank(self, cost: Callable[[Block], float]) -> list[float]:
+        """Sum of ``cost(block)`` over the blocks each rank owns."""
+        loads = [0.0] * self.world_size
+        for b, o in zip(self.blocks, self.owners):
+            loads[o] += cost(b)
+        return loads
+
     @cached_property
     def compute_loads(self) -> tuple[float, ...]:
         """Per-rank amortized flops per step."""
-        loads = [0.0] * self.world_size
-        for b, o in zip(self.blocks, self.owners):
-            loads[o] += self.cost_model.compute_flops(b)
-        return tuple(loads)
+        return tuple(self._per_rank(self.cost_model.compute_flops))
 
     @cached_property
     def memory_loads(self) -> tuple[int, ...]:
         """Per-rank optimizer-state bytes."""
-        loads = [0] * self.world_size
-        for b, o in zip(self.blocks, self.owners):
-            loads[o] += self.cost_model.memory_bytes(b)
-        return tuple(loads)
+        return tuple(int(x) for x in self._per_rank(self.cost_model.memory_bytes))
 
     @cached_property
     def numel_loads(self) -> tuple[int, ...]:
         """Per-rank number of parameter entries owned (what each rank contributes to gathers)."""
-        loads = [0] * self.world_size
-        for b, o in zip(self.blocks, self.owners):
-            loads[o] += b.numel
-        return tuple(loads)
+        return tuple(int(x) for x in self._per_rank(lambda b: b.numel))
 
     @property
     def compute_balance(self) -> float:
