@@ -80,6 +80,70 @@ def _soap_block_bytes(rows: int, cols: int, rotate_rows: bool, rotate_cols: bool
     return 4 * (side + 3 * rows * cols)
 
 
+@dataclass(frozen=True)
+class MlfopTraffic:
+    """Bytes one rank sends per step on this package's path (CommConfig defaults), by call.
+
+    ``level_reduce``: L reduce-scatters of the owner-ordered SOAP buffer (N segments of the
+    most loaded owner's elements); ``adam_reduce``: the Adam grads' fp32 all-reduce, once;
+    ``soap_gather``: the all-gather of the owner-ordered params; ``adam_gather``: the ZeRO-1
+    Adam params' all-gather (0 with replicated Adam); ``norm``: the (norm, found-inf) pair.
+    """
+
+    levels: int
+    dp: int
+    level_reduce: float
+    adam_reduce: float
+    soap_gather: float
+    adam_gather: float
+    norm: float
+
+    @property
+    def launches(self) -> int:
+        """Collective launches per step: L + 3, + 1 for the ZeRO-1 Adam all-gather."""
+        return self.levels + 3 + (1 if self.adam_gather else 0)
+
+    @property
+    def total(self) -> float:
+        """All bytes one rank sends per step."""
+        return (
+            self.level_reduce + self.adam_reduce + self.soap_gather + self.adam_gather + self.norm
+        )
+
+    def collectives(self) -> list[tuple[int, float]]:
+        """(launches, bytes) per collective kind, for the alpha-beta time."""
+        out = [(self.levels, self.level_reduce), (1, self.adam_reduce)]
+        out += [(1, self.soap_gather), (1, self.norm)]
+        return out + ([(1, self.adam_gather)] if self.adam_gather else [])
+
+
+def mlfop_traffic(
+    segment: int,
+    adam_numel: int,
+    dp: int,
+    levels: int,
+    wire_bytes: int = 4,
+    param_bytes: int = 2,
+    shard_adam: bool = True,
+) -> MlfopTraffic:
+    """Per-rank bytes of each collective of a step, ring algorithms, r = (N-1)/N.
+
+    ``segment``: the most loaded owner's SOAP elements (each owner's segment is padded to it).
+    """
+    r = (dp - 1) / dp
+    buffer = dp * segment  # the padded owner-ordered buffer
+    adam_padded = dp * math.ceil(adam_numel / dp)
+    return MlfopTraffic(
+        levels=levels,
+        dp=dp,
+        level_reduce=levels * wire_bytes * r * buffer,
+        adam_reduce=8 * r * adam_numel,
+        soap_gather=param_bytes * r * buffer,
+        adam_gather=param_bytes * r * adam_padded if shard_adam and adam_numel else 0.0,
+        norm=16 * r,
+    )
+
+
 def layout_costs(
     specs: Sequence[ParamSpec],
     dp: int,
@@ -89,8 +153,8 @@ def layout_costs(
     shard_adam: bool = True,
 ) -> list[LayoutCost]:
     """Modelled cost of every layout (see module) for these shapes at data-parallel size dp."""
-    soap = [s for s in specs if s.preconditioned]
-    adam = [s for s in specs if not s.preconditioned]
+    soap = [s for s in specs if s.soap_matrix]
+    adam = [s for s in specs if not s.soap_matrix]
     p_soap = sum(s.numel for s in soap)
     p_adam = sum(s.numel for s in adam)
     p_all = p_soap + p_adam
@@ -99,29 +163,23 @@ def layout_costs(
     blocks = make_blocks(soap, BlockingConfig(block_size, max_precond_dim))
     assignment = Assignment.build(blocks, dp)
     seg = max(assignment.numel_loads)  # owner segment: the most loaded owner's elements
-    pad = dp * seg / p_soap  # padded buffer / useful elements
     mem = [0] * dp
     for b, owner in zip(assignment.blocks, assignment.owners):
         mem[owner] += _soap_block_bytes(b.rows, b.cols, b.rotate_rows, b.rotate_cols)
     replicated_adam = 12 * p_adam  # fp32 main weights + two moments on every rank
     # ZeRO-1: the owned slice of the flat buffer padded to a multiple of N
     adam_bytes = 12 * math.ceil(p_adam / dp) if shard_adam else replicated_adam
-    adam_gather = 2 * r * dp * math.ceil(p_adam / dp) if shard_adam and p_adam else 0.0
     out = []
     for name, wire in (("mlfop", 4), ("mlfop_bf16_wire", 2)):
-        soap_sent = levels * wire * r * pad * p_soap + 2 * r * pad * p_soap
-        colls = [(levels, levels * wire * r * pad * p_soap), (1, 8 * r * p_adam)]
-        colls += [(1, 2 * r * pad * p_soap), (1, 16 * r)]
-        if adam_gather:
-            colls.append((1, adam_gather))
+        t = mlfop_traffic(seg, p_adam, dp, levels, wire, shard_adam=shard_adam)
         out.append(
             LayoutCost(
                 name,
                 dp,
-                soap_sent / p_soap,
-                (8 * r * p_adam + adam_gather) / p_adam if p_adam else 0.0,
-                levels + 3 + (1 if adam_gather else 0),
-                _time(colls, dp),
+                (t.level_reduce + t.soap_gather) / p_soap,
+                (t.adam_reduce + t.adam_gather) / p_adam if p_adam else 0.0,
+                t.launches,
+                _time(t.collectives(), dp),
                 (max(mem) + adam_bytes) / gib,
                 (max(mem) + adam_bytes) / (sum(mem) + replicated_adam),
             )
