@@ -273,10 +273,11 @@ def test_flags_are_generated_from_every_config_field():
     from dataclasses import fields
 
     from mlfop_megatron.config import ShardingConfig
+    from mlfop_megatron.distributed.comm_config import CommConfig
     from mlfop_megatron.megatron_lm.arguments import FLAGS, LoggingConfig
 
     by_option = {(flag.owner, flag.option): flag for flag in FLAGS}
-    for owner in (SOAPConfig, FoldingConfig, ShardingConfig, LoggingConfig):
+    for owner in (SOAPConfig, FoldingConfig, ShardingConfig, CommConfig, LoggingConfig):
         for f in fields(owner):
             if f.metadata.get("flag", "") is None:
                 assert not any(o is owner and n.startswith(f.name) for o, n in by_option)
@@ -326,6 +327,36 @@ def test_layout_and_logging_flags_build_their_configs():
     args = megatron_like_parser().parse_args(argv)
     assert sharding_config_from_args(args) == ShardingConfig(False, 64, "full")
     assert logging_config_from_args(args) == LoggingConfig(5, "halves")
+    # Adam sharding is its own switch: replicating SOAP state leaves Adam ZeRO-1 and back.
+    adam = megatron_like_parser().parse_args(["--mlfop-replicated-adam"])
+    assert sharding_config_from_args(adam) == ShardingConfig(shard_adam=False)
+    assert sharding_config_from_args(args).shard_adam is True
+
+
+def test_comm_flags_build_the_comm_config():
+    from mlfop_megatron.distributed.comm_config import CommConfig
+    from mlfop_megatron.megatron_lm.arguments import comm_config_from_args
+
+    assert comm_config_from_args(megatron_like_parser().parse_args([])) == CommConfig()
+    argv = "--mlfop-level-reduce all_reduce --mlfop-param-sync broadcast".split()
+    first = comm_config_from_args(megatron_like_parser().parse_args(argv))
+    assert first == CommConfig(level_reduce="all_reduce", param_sync="broadcast")
+    bf16 = comm_config_from_args(
+        megatron_like_parser().parse_args(["--mlfop-grad-wire-dtype", "bf16"])
+    )
+    assert bf16 == CommConfig(grad_wire_dtype="bf16") and bf16.owner_reduce
+
+
+def test_comm_flags_refuse_bad_values_and_combinations(capsys):
+    from mlfop_megatron.megatron_lm.arguments import validate_megatron_args
+
+    with pytest.raises(SystemExit):
+        megatron_like_parser().parse_args(["--mlfop-param-sync", "scatter"])
+    assert "--mlfop-param-sync: invalid choice: 'scatter'" in capsys.readouterr().err
+    argv = "--optimizer mlfop_soap --mlfop-level-reduce all_reduce --mlfop-grad-wire-dtype bf16"
+    args = megatron_like_parser().parse_args(argv.split())
+    with pytest.raises(ValueError, match=r"--mlfop-grad-wire-dtype bf16 needs --mlfop-level-"):
+        validate_megatron_args(args)
 
 
 def test_readme_flag_table_lists_every_flag():
