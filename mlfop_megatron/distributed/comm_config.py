@@ -47,13 +47,13 @@ class CommConfig:
     )
 
     def __post_init__(self) -> None:
-        for option, value, allowed in (
+        for name, value, allowed in (
             ("level_reduce", self.level_reduce, LEVEL_REDUCE),
             ("grad_wire_dtype", self.grad_wire_dtype, GRAD_WIRE_DTYPES),
             ("param_sync", self.param_sync, PARAM_SYNC),
         ):
             if value not in allowed:
-                raise ValueError(f"CommConfig.{option} must be one of {allowed} (got {value!r})")
+                raise ValueError(f"CommConfig.{name} must be one of {allowed} (got {value!r})")
         if self.grad_wire_dtype == "bf16" and self.level_reduce != "reduce_scatter":
             raise ValueError(
                 "CommConfig.grad_wire_dtype='bf16' needs level_reduce='reduce_scatter' (the "
