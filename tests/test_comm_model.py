@@ -65,3 +65,38 @@ def test_llama_table_meets_launch_target_and_reports_padding():
     assert mlfop.optimizer_vs_dp1 <= 1.1 / 256  # issue 13: all params' state <= 1.1/N
     # 4L+2 = 18 B per element at r ~ 1, times the owner buffer's padding (a few percent)
     assert 17.0 < mlfop.bytes_per_soap_element < 18.0 * 1.1
+
+
+def test_optimizer_state_of_all_params_per_rank_measured_at_dp_2_and_4():
+    """Issue 13's memory target on real runs: all params' optimizer state per rank vs DP=1.
+
+    Sharding neither duplicates nor loses state (the ranks' SOAP state sums to DP=1's; the
+    Adam slices sum to DP=1's plus < N padding elements), so the most loaded rank holds 1/N
+    plus the owner imbalance. At DP=2 that is within 1.1/2. At DP=4 the tiny GPT's 8 unequal
+    matrices over 4 owners leave the busiest owner with 0.29 of the SOAP state (> 1.1/4, the
+    target missed on this model, recorded in benchmarks/RESULTS.md); the model at Llama-3
+    shapes (thousands of blocks) is checked in
+    test_llama_table_meets_launch_target_and_reports_padding.
+    """
+    import torch
+
+    from mlfop_megatron.runtime.spawn import run_distributed
+    from tests.support.mlfop_runs import run_tiny_gpt
+
+    base = dict(iters=1, microbatches=4, global_micro=4, hidden=64, dtype=torch.float32)
+    (dp1,) = run_distributed(run_tiny_gpt, 1, base)
+    soap1, adam1 = dp1["state_bytes"], dp1["adam_state_bytes"]
+    for dp in (2, 4):
+        runs = run_distributed(run_tiny_gpt, dp, base)
+        soap = [r["state_bytes"] for r in runs]
+        adam = [r["adam_state_bytes"] for r in runs]
+        assert sum(soap) == soap1, (dp, soap, soap1)  # every block's state on one owner
+        # fp32 Adam: two fp32 moments per owned element (< N padding elements per rank) and
+        # one step counter per owned piece
+        assert adam1 <= sum(adam) <= adam1 + dp * (2 * 4 * dp + 8), (dp, adam, adam1)
+        assert max(adam) <= 1.1 * adam1 / dp
+        total = max(s + a for s, a in zip(soap, adam))
+        if dp == 2:
+            assert total <= 1.1 * (soap1 + adam1) / dp, (total, soap1 + adam1)
+        else:  # bounded by the busiest SOAP owner's share, not by 1.1/N (see docstring)
+            assert total / (soap1 + adam1) <= max(soap) / soap1 + 1.1 / dp * adam1 / soap1
