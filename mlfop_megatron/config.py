@@ -108,6 +108,13 @@ class SOAPConfig:
         "basis refresh: one power-iteration step + QR (qr) or a full eigh",
         choices=REFRESH_METHODS,
     )
+    # Engine, not math: True runs blocks of equal shape as stacked batches (core/batched.py),
+    # False one block at a time (core/soap.py); same results to rounding. Off by default
+    # until the batched engine also keeps the Megatron owner-sharded == replicated and the
+    # resume tests bitwise (tests/test_megatron_dp.py, tests/test_resume.py; issue 14).
+    batched: bool = option(
+        False, "run equal-shape SOAP blocks as stacked batches (same results to rounding)"
+    )
 
     def __post_init__(self) -> None:
         check_range("lr", self.lr, 0.0)
@@ -122,7 +129,7 @@ class SOAPConfig:
         check_range("weight_decay", self.weight_decay, 0.0)
         check_int("precondition_frequency", self.precondition_frequency, 1)
         check_int("max_precond_dim", self.max_precond_dim, 1)
-        for name in ("precondition_1d", "correct_bias"):
+        for name in ("precondition_1d", "correct_bias", "batched"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, "True or False", getattr(self, name))
         if self.refresh_method not in REFRESH_METHODS:

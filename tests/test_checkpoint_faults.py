@@ -9,12 +9,15 @@ and a signal sent exactly then:
 * SIGTERM while a save is being written: the save completes, the ranks agree to stop at the
   next step boundary, checkpoint, write requeue.flag and exit with the requeue code; resuming
   ends bit-identical too;
-* a save killed between its two renames (only ``.<name>.old`` complete) resumes from that one.
+* a save killed after its rename but before the ``latest`` marker moved (the marker names an
+  older folder, or is gone) resumes from a complete folder and ends bit-identical.
+
+The checkpoints are the package's (mlfop_megatron.megatron.checkpointing): ``iter_N.tmp/``
+while written, renamed to ``iter_N/`` when complete, then the ``latest`` marker.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -30,9 +33,11 @@ from mlfop_megatron.runtime.spawn import find_free_port
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("sklearn")
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+from tests.digits_checkpoints import assert_same_tensors, complete_step, temp_folders  # noqa: E402
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
 STEPS = 16
 
@@ -66,32 +71,16 @@ def logs(out: Path) -> str:
     return "".join((out / f"rank{r}.log").read_text(errors="replace") for r in (0, 1))
 
 
-def complete_step(folder: Path) -> int | None:
-    """Step of a complete checkpoint folder (meta.json is written last), else None."""
-    try:
-        return int(json.loads((folder / "meta.json").read_text())["step"])
-    except (FileNotFoundError, ValueError):  # absent, or renamed away while reading
-        return None
-
-
-def save_in_progress(tmp: Path) -> bool:
-    try:
-        return tmp.is_dir() and "meta.json" not in os.listdir(tmp)
-    except FileNotFoundError:
-        return False
-
-
 def signal_during_save(procs: list[subprocess.Popen], out: Path, sig: int, after: int) -> int:
     """Send ``sig`` to both ranks while a save after step ``after`` is being written."""
-    tmp = out / "checkpoint" / ".mlfop.tmp"
-    final = out / "checkpoint" / "mlfop"
+    folder = out / "checkpoint" / "mlfop"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
             raise AssertionError("ranks exited before the signal:\n" + logs(out)[-3000:])
-        if save_in_progress(tmp):
-            step = complete_step(final)
-            if step is not None and step >= after and save_in_progress(tmp):
+        if temp_folders(folder):
+            step = complete_step(folder)
+            if step is not None and step >= after and temp_folders(folder):
                 for p in procs:
                     p.send_signal(sig)
                 return step
@@ -99,19 +88,10 @@ def signal_during_save(procs: list[subprocess.Popen], out: Path, sig: int, after
     raise AssertionError("never saw a save in progress:\n" + logs(out)[-3000:])
 
 
-def final_params(out: Path) -> list[dict]:
-    return [
-        torch.load(out / "checkpoint" / "mlfop" / f"rank_{r:05d}.pt", weights_only=False)
-        for r in (0, 1)
-    ]
-
-
 def assert_same_end(reference: Path, resumed: Path) -> None:
-    for a, b in zip(final_params(reference), final_params(resumed)):
-        assert a["step"] == b["step"] == STEPS
-        for key, value in a["model"].items():
-            if torch.is_tensor(value):
-                assert torch.equal(value, b["model"][key]), key
+    ref, res = reference / "checkpoint" / "mlfop", resumed / "checkpoint" / "mlfop"
+    assert complete_step(ref) == complete_step(res) == STEPS
+    assert_same_tensors(ref, res)
 
 
 @pytest.fixture(scope="module")
@@ -123,39 +103,47 @@ def reference(tmp_path_factory) -> Path:
 
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(reference, tmp_path):
     out = tmp_path / "killed"
+    folder = out / "checkpoint" / "mlfop"
     procs = launch_ranks(out, "--save-interval", "1")
     previous = signal_during_save(procs, out, signal.SIGKILL, after=5)
     assert wait_all(procs) == [-signal.SIGKILL, -signal.SIGKILL]
-    tmp = out / "checkpoint" / ".mlfop.tmp"
-    assert tmp.is_dir() and not (tmp / "meta.json").exists()  # a partial save was left behind
-    assert complete_step(out / "checkpoint" / "mlfop") == previous
+    assert temp_folders(folder)  # a partial save was left behind, never renamed
+    assert complete_step(folder) in (previous, previous + 1)  # killed before/after the rename
     assert wait_all(launch_ranks(out, "--resume", "--save-interval", "1")) == [0, 0], logs(out)
-    assert not tmp.exists()
+    assert not temp_folders(folder)
     assert_same_end(reference, out)
 
 
 def test_sigterm_during_a_checkpoint_write_stops_cleanly_for_requeue(reference, tmp_path):
     out = tmp_path / "terminated"
+    folder = out / "checkpoint" / "mlfop"
     procs = launch_ranks(out, "--save-interval", "1")
     during = signal_during_save(procs, out, signal.SIGTERM, after=5)
     assert wait_all(procs) == [REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE], logs(out)[-3000:]
     stopped = int((out / REQUEUE_MARKER).read_text())
     # The interrupted save finished (step during+1), then the ranks stopped one step later.
     assert stopped == during + 2, (during, stopped)
-    assert complete_step(out / "checkpoint" / "mlfop") == stopped
-    assert not (out / "checkpoint" / ".mlfop.tmp").exists()
+    assert complete_step(folder) == stopped
+    assert not temp_folders(folder)
     assert wait_all(launch_ranks(out, "--resume")) == [0, 0], logs(out)[-3000:]
     assert_same_end(reference, out)
 
 
-def test_crash_between_the_renames_resumes_from_the_old_checkpoint(reference, tmp_path):
-    out = tmp_path / "renamed"
+@pytest.mark.parametrize("marker", ["stale", "missing"])
+def test_crash_before_the_marker_moved_resumes_from_a_complete_checkpoint(
+    reference, tmp_path, marker
+):
+    out = tmp_path / f"marker_{marker}"
+    folder = out / "checkpoint" / "mlfop"
     assert wait_all(launch_ranks(out, "--stop-at-step", "8")) == [REQUEUE_EXIT_CODE] * 2
-    root = out / "checkpoint"
-    # State after `final -> .old` and before `.tmp -> final`: only the old one is complete.
-    os.replace(root / "mlfop", root / ".mlfop.old")
-    shutil.copytree(root / ".mlfop.old", root / ".mlfop.tmp")
-    os.remove(root / ".mlfop.tmp" / "meta.json")
+    # State after `iter_9.tmp -> iter_9` and before the marker update: iter_9 complete (a
+    # copy of iter_8 renamed: resume must not care which it takes), marker stale or gone.
+    shutil.copytree(folder / "iter_0000008", folder / "iter_0000009")
+    if marker == "missing":
+        os.remove(folder / "latest")
+        assert complete_step(folder) == 9  # the newest complete folder
+    else:
+        assert complete_step(folder) == 8  # the marker still names iter_8
+    (out / REQUEUE_MARKER).unlink(missing_ok=True)
     assert wait_all(launch_ranks(out, "--resume")) == [0, 0], logs(out)[-3000:]
-    assert not (root / ".mlfop.old").exists()
     assert_same_end(reference, out)

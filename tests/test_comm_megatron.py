@@ -1,23 +1,21 @@
 """Issue 13 in a real megatron-core run (tiny GPT, gloo, DP=2).
 
 Collectives are counted on the real torch.distributed calls, and the owner-ordered path is
-compared against the first version.
-
-At DP=2 a sum of two addends does not depend on the order, and both paths pre-scale by 1/DP
-before the reduction as Megatron does, so the SOAP params' level means, hence their updates, are
-bitwise those of the all-reduce + broadcast path. The Adam params differ in rounding only: the
-first version averaged their partial sums at every level (mean(x + b_r) = x + mean(b_r) up to
-rounding), the new path reduces the window's sum once; so after one step SOAP params agree
-bitwise and Adam params to fp32 round-off, and without folding (one level) everything is
-bitwise, over several steps. The bf16 wire rounds each rank's level sum to bf16 (relative
-error <= 2^-9) before the fp32 sum. SOAP skips its first update (it only builds its
-factors), so after two steps the Adam params (fp32 wire, unchanged inputs) are bitwise
-those of the fp32 wire. The SOAP params are compared by the RMS of their difference, in
+checked against the first version. At DP=2 a sum of two addends does not depend on the order,
+and both paths pre-scale by 1/DP before the reduction as Megatron does, so the SOAP params'
+level means, hence their updates, are bitwise those of the all-reduce + broadcast path. The Adam
+params differ in rounding only: the first version averaged their partial sums at every level
+(mean(x + b_r) = x + mean(b_r) up to rounding), the new path reduces the window's sum once; so
+after one step SOAP params agree bitwise and Adam params to fp32 round-off, and without folding
+(one level) everything is bitwise, over several steps. The bf16 wire rounds each rank's level
+sum to bf16 (relative error <= 2^-9) before the fp32 sum. SOAP skips its first update (it only
+builds its factors), so after two steps the Adam params (fp32 wire, unchanged inputs) are
+bitwise those of the fp32 wire. The SOAP params are compared by the RMS of their difference, in
 units of one step (lr): elementwise bounds do not exist, because where the ranks' gradients
-nearly cancel the bf16 error is relative to the pieces, not to their sum, and Adam's
-m/sqrt(v) (here without rotation, max_precond_dim=1) turns such a tiny absolute error into a
-full +-lr step (measured: max |difference| 2.0e-2 = 2 lr after two steps). The level sums
-themselves are checked against their bound in test_comm.py.
+nearly cancel the bf16 error is relative to the pieces, not to their sum, and Adam's m/sqrt(v)
+(here without rotation, max_precond_dim=1) turns such a tiny absolute error into a full +-lr
+step (measured: max |difference| 2.0e-2 = 2 lr after two steps). The level sums themselves are
+checked against their bound in test_comm.py.
 """
 
 from __future__ import annotations

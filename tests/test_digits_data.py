@@ -1,18 +1,14 @@
-"""Tests of the digits unified image+text data pipeline (examples/digits_data.py)."""
+"""Tests of the digits unified image+text data pipeline (examples/digits/data.py)."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("sklearn")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import digits_data as dd  # noqa: E402
+from examples.digits import data as dd  # noqa: E402
 
 # load_digits()[0] is a zero; its first row of intensities is 0 0 5 13 9 1 0 0.
 ROW0 = [0, 0, 5, 13, 9, 1, 0, 0]
@@ -261,8 +257,10 @@ def test_micro_batch_rejects_bad_geometry(data: dd.DigitsData) -> None:
 def test_by_modality_layout_one_task_per_micro_step_on_every_rank(
     data: dd.DigitsData, dp_size: int, micro: int
 ) -> None:
-    """by-modality: micro-step k holds one task on every DP rank (image first, text second
-    half), the rows are mixed's, the split stays 50/50, and DP=N micro b equals DP=1 micro N*b.
+    """by-modality: micro-step k holds one task on every DP rank.
+
+    Image first, text second half; the rows are mixed's, the split stays 50/50, and DP=N
+    micro b equals DP=1 micro N*b.
     """
     G, step = 16, 4
     k = dd.num_micro_batches(G, micro, dp_size)
@@ -290,7 +288,8 @@ def test_by_modality_layout_one_task_per_micro_step_on_every_rank(
 
 
 def test_by_modality_layout_odd_and_single_micro_step(data: dd.DigitsData) -> None:
-    """Odd K: one more text micro-step (the closest split with one task per micro-step);
+    """Odd K: one more text micro-step (the closest split with one task per micro-step).
+
     K=1 cannot hold both tasks and is refused; unknown layouts are refused.
     """
     _, tasks = data.global_batch_spec(0, 12, layout="by-modality", micro_samples=4)

@@ -15,9 +15,11 @@ import pytest
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("sklearn")
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+from tests.digits_checkpoints import assert_same_tensors, complete_step  # noqa: E402
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
 
 
@@ -28,8 +30,8 @@ def _train(out: Path, *extra: str, code: int = 0) -> str:
     return proc.stdout + proc.stderr
 
 
-def _model(out: Path, rank: int) -> dict:
-    return torch.load(out / "checkpoint" / "mlfop" / f"rank_{rank:05d}.pt", weights_only=False)
+def _folder(out: Path) -> Path:
+    return out / "checkpoint" / "mlfop"
 
 
 def test_resume_skips_partial_checkpoint_and_matches_uninterrupted(tmp_path):
@@ -38,18 +40,14 @@ def test_resume_skips_partial_checkpoint_and_matches_uninterrupted(tmp_path):
     log = _train(resumed, "--steps", "30", "--stop-at-step", "20", code=3)
     assert "preempted: checkpoint at step 20" in log
     assert (resumed / "requeue.flag").read_text().strip() == "20"
-    # A save that died mid-write: temp dir with a truncated rank file and no meta.json.
-    partial = resumed / "checkpoint" / ".mlfop.tmp"
+    # A later save that died mid-write: its temp folder with a truncated file, never renamed.
+    partial = _folder(resumed) / "iter_0000025.tmp"
     partial.mkdir()
-    (partial / "rank_00000.pt.part").write_bytes(b"\x80\x02truncated")
-    assert _model(resumed, 0)["step"] == 20
+    (partial / "__0_0.distcp").write_bytes(b"\x80\x02truncated")
+    assert complete_step(_folder(resumed)) == 20
     _train(resumed, "--steps", "30", "--resume")
-    for rank in (0, 1):
-        a, b = _model(full, rank), _model(resumed, rank)
-        assert a["step"] == b["step"] == 30
-        for key, value in a["model"].items():
-            if torch.is_tensor(value):
-                assert torch.equal(value, b["model"][key]), key
+    assert complete_step(_folder(full)) == complete_step(_folder(resumed)) == 30
+    assert_same_tensors(_folder(full), _folder(resumed))  # model and optimizer state
     rows = (resumed / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 30 and rows[-1].startswith("30,")
-    assert not partial.exists()  # the next save replaced the stale temp directory
+    assert not partial.exists()  # the next save pruned the stale temp folder

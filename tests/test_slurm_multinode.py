@@ -19,7 +19,6 @@ Skipped unless that cluster runs here (the env file it writes, root for ip netns
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -28,8 +27,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.digits_checkpoints import assert_same_tensors, complete_step, temp_folders
 from tests.test_megatron_lm_entry import SKIP_REASON as MEGATRON_LM_SKIP_REASON
 from tests.test_slurm import (
     _job,
@@ -94,33 +93,14 @@ def _rows(run_dir: Path) -> int:
 
 
 def _complete_step(run_dir: Path) -> int:
-    """Step of the latest complete checkpoint (meta.json present), 0 if none."""
-    for name in ("mlfop", ".mlfop.old"):
-        meta = run_dir / "checkpoint" / name / "meta.json"
-        try:
-            return int(json.loads(meta.read_text())["step"])
-        except (OSError, ValueError, KeyError):
-            continue
-    return 0
-
-
-def _final_models(run_dir: Path) -> list[dict]:
-    models = []
-    for rank in range(len(NODES)):
-        payload = torch.load(
-            run_dir / "checkpoint" / "mlfop" / f"rank_{rank:05d}.pt", weights_only=False
-        )
-        assert payload["step"] == STEPS
-        models.append(payload["model"])
-    return models
+    """Step of the latest complete checkpoint (the package format), 0 if none."""
+    return complete_step(run_dir / "checkpoint" / "mlfop") or 0
 
 
 def _assert_same_parameters(a_dir: Path, b_dir: Path) -> None:
-    for a, b in zip(_final_models(a_dir), _final_models(b_dir), strict=True):
-        assert a.keys() == b.keys()
-        for key, value in a.items():
-            if torch.is_tensor(value):
-                assert torch.equal(value, b[key]), key
+    a, b = a_dir / "checkpoint" / "mlfop", b_dir / "checkpoint" / "mlfop"
+    assert complete_step(a) == complete_step(b) == STEPS
+    assert_same_tensors(a, b)
 
 
 def _slurmd_pid(node: str) -> int:
@@ -153,14 +133,14 @@ def _ranks_in(node: str) -> list[int]:
 
 
 CHECK_CHECKPOINT = """
-import json, socket, sys, torch
+import json, socket, sys
 from pathlib import Path
-d = Path(sys.argv[1])
-meta = json.loads((d / "meta.json").read_text())
-steps = {torch.load(d / f"rank_{r:05d}.pt", weights_only=False)["step"]
-         for r in range(meta["world_size"])}
-assert steps == {meta["step"]}, (steps, meta)
-print(socket.gethostname(), meta["step"], meta["world_size"])
+from torch.distributed.checkpoint import FileSystemReader
+from mlfop_megatron.megatron.checkpointing import latest_checkpoint
+path = Path(latest_checkpoint(sys.argv[1]))
+FileSystemReader(str(path)).read_metadata()  # complete and readable from this node
+ranks = {p.name.split("_")[2] for p in path.glob("__*_*.distcp")}
+print(socket.gethostname(), int(path.name.removeprefix("iter_")), len(ranks))
 """
 
 
@@ -215,7 +195,7 @@ def test_two_node_preemption_reaches_every_rank_and_resumes_exactly(clean_run, t
         time.sleep(0.3)
     step = _complete_step(run_dir)
     assert 0 < step < STEPS
-    assert not (run_dir / "checkpoint" / ".mlfop.tmp").exists()
+    assert not temp_folders(run_dir / "checkpoint" / "mlfop")
     for node in NODES:
         res = _on_node(
             node, sys.executable, "-c", CHECK_CHECKPOINT, str(run_dir / "checkpoint" / "mlfop")
@@ -291,8 +271,8 @@ def test_node_killed_mid_step_fails_cleanly_and_requeue_resumes_last_complete(cl
         assert time.monotonic() < deadline, f"left on {NODES[0]}: {_processes_in(NODES[0])}"
         time.sleep(0.5)
     assert not (run_dir / "requeue.flag").exists()  # no preemption checkpoint was claimed
-    # A save cut by the failure leaves only the temp folder, never marked complete.
-    assert not (run_dir / "checkpoint" / ".mlfop.tmp" / "meta.json").exists()
+    # A save cut by the failure leaves at most its temp folder, never renamed complete: the
+    # latest complete checkpoint is a save-interval one (checked below).
     last = _complete_step(run_dir)
     assert SAVE_INTERVAL <= last <= killed_at and last % SAVE_INTERVAL == 0, (last, killed_at)
 

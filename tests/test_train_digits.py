@@ -2,8 +2,8 @@
 
 One subprocess run (the real command line, as `make demo` runs it, minus the size) trains the
 three optimizers one after another through the Megatron integration; the tests then check the
-run folder: falling per-modality losses, metrics.csv / metrics.jsonl columns, the atomic
-per-rank checkpoint, the PNG plots and summary.json.
+run folder: falling per-modality losses, metrics.csv / metrics.jsonl columns, the package-format
+checkpoint, the PNG plots and summary.json.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ pytest.importorskip("tqdm")
 torch = pytest.importorskip("torch")
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+from tests.digits_checkpoints import complete_step, saved_tensors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_digits.py"
@@ -110,22 +111,22 @@ def test_folding_diagnostics_only_for_mlfop(run: dict[str, Any]) -> None:
     assert all(-1.0 <= c <= 1.0 for c in cosines)
 
 
-def test_checkpoint_per_rank_written_atomically(run: dict[str, Any]) -> None:
+def test_checkpoint_is_the_package_format_one_complete_per_optimizer(run: dict[str, Any]) -> None:
+    """checkpoint/<optimizer>/ holds one complete dist_checkpointing folder.
+
+    The folder is the package's save_checkpoint (reshardable); with it its ``latest`` marker
+    and run.json; no temp folder left.
+    """
     root = run["out"] / "checkpoint"
-    assert sorted(p.name for p in root.iterdir()) == sorted(OPTIMIZERS)  # no temp dirs left
+    assert sorted(p.name for p in root.iterdir()) == sorted(OPTIMIZERS)
     for name in OPTIMIZERS:
         folder = root / name
-        assert sorted(p.name for p in folder.iterdir()) == [
-            "meta.json",
-            "rank_00000.pt",
-            "rank_00001.pt",
-        ]
-        assert json.loads((folder / "meta.json").read_text())["step"] == STEPS
-        for rank in (0, 1):
-            ckpt = torch.load(folder / f"rank_{rank:05d}.pt", weights_only=False)
-            assert ckpt["step"] == STEPS and ckpt["rank"] == rank and ckpt["world_size"] == 2
-            assert any("decoder.layers.0" in k for k in ckpt["model"])
-            assert ckpt["optimizer"]
+        assert sorted(p.name for p in folder.iterdir()) == ["iter_0000030", "latest", "run.json"]
+        assert complete_step(folder) == STEPS
+        assert json.loads((folder / "run.json").read_text())["spec"]["optimizer"] == name
+        tensors = saved_tensors(folder)
+        assert any(k.startswith("decoder.layers") for k in tensors)
+        assert any("optimizer" in k for k in tensors)
 
 
 @pytest.mark.parametrize("name", ["loss.png", "cosine.png", "beta.png", "grad.png"])
@@ -167,10 +168,11 @@ def test_strict_device_run_matches_the_plain_run(run: dict[str, Any], tmp_path: 
 
 
 def test_by_modality_layout_dp2_grad_diagnostics(tmp_path: Path) -> None:
-    """--micro-batch-layout by-modality at DP=2 (4 micro-steps: image, image, text, text)
-    through the Megatron path: the optimizer's grad-group cosine of the armed steps equals the
-    demo's independent autograd cosine of the image and text losses (both over the decoder
-    matrices), and the diagnostics columns and plot are written.
+    """--micro-batch-layout by-modality at DP=2 through the Megatron path.
+
+    4 micro-steps: image, image, text, text. The optimizer's grad-group cosine of the armed
+    steps equals the demo's independent autograd cosine of the image and text losses (both
+    over the decoder matrices), and the diagnostics columns and plot are written.
     """
     out = tmp_path / "by_modality"
     cmd = [sys.executable, str(SCRIPT), "--nproc", "2", "--quick", "--steps", "4"]

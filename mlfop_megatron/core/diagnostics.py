@@ -91,6 +91,7 @@ class DiagLayout:
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
+        """Group pairs (i, j), i <= j, in column order."""
         g = self.num_groups
         return [(i, j) for i in range(g) for j in range(i, g)]
 
@@ -99,33 +100,42 @@ class DiagLayout:
         return self.pairs.index((i, j))
 
     def euc(self, i: int, j: int) -> int:
+        """Column of <g_i, g_j>."""
         return self._pair(i, j)
 
     def mi(self, i: int, j: int) -> int:
+        """Column of <g_i, M^-1 g_j>."""
         return len(self.pairs) + self._pair(i, j)
 
     def gu0(self, m: int) -> int:
+        """Column of <g_m, M^-1 u0>."""
         return 2 * len(self.pairs) + m
 
     def gu(self, m: int) -> int:
+        """Column of <g_m, M^-1 u>."""
         return 2 * len(self.pairs) + self.num_groups + m
 
     def pred0(self, m: int) -> int:
+        """Column of -lr <g_m, M^-1 u0>."""
         return 2 * len(self.pairs) + 2 * self.num_groups + m
 
     def pred(self, m: int) -> int:
+        """Column of -lr <g_m, M^-1 u>."""
         return 2 * len(self.pairs) + 3 * self.num_groups + m
 
     @property
     def uu(self) -> int:
+        """Column of <u, M^-1 u>."""
         return 2 * len(self.pairs) + 4 * self.num_groups
 
     @property
     def u0u(self) -> int:
+        """Column of <u0, M^-1 u>."""
         return self.uu + 1
 
     @property
     def sq(self) -> int:
+        """Column of the segments' sum of squares (``GroupSums.sq``)."""
         return self.uu + 2
 
     @property
@@ -134,25 +144,31 @@ class DiagLayout:
         return self.uu + 3
 
     def asc0(self, m: int) -> int:
+        """Column of the flag gu0[m] < 0."""
         return self.linear_width + m
 
     def asc(self, m: int) -> int:
+        """Column of the flag gu[m] < 0."""
         return self.linear_width + self.num_groups + m
 
     @property
     def asc0_any(self) -> int:
+        """Column of the flag: gu0[m] < 0 for some m."""
         return self.linear_width + 2 * self.num_groups
 
     @property
     def asc_any(self) -> int:
+        """Column of the flag: gu[m] < 0 for some m."""
         return self.asc0_any + 1
 
     @property
     def blocks(self) -> int:
+        """Column of the block count (1 per row)."""
         return self.asc0_any + 2
 
     @property
     def width(self) -> int:
+        """Number of columns."""
         return self.blocks + 1
 
 
@@ -176,6 +192,7 @@ class GroupSums:
 
     @property
     def num_groups(self) -> int:
+        """Number of groups G."""
         return max(self.groups) + 1
 
     @property
@@ -185,6 +202,7 @@ class GroupSums:
 
     @property
     def complete(self) -> bool:
+        """Whether every micro-step of the window was added."""
         return self.micro_steps == len(self.groups)
 
     def add_segment(
@@ -234,8 +252,9 @@ def block_rows(
     sq: Sequence[torch.Tensor],
     reduce_fn: ReduceFn | None = None,
 ) -> torch.Tensor:
-    """Per-block diagnostic rows [num_blocks, DiagLayout(G).width] (float64, on the blocks'
-    device, no host sync).
+    """Per-block diagnostic rows [num_blocks, DiagLayout(G).width].
+
+    float64, on the blocks' device, no host sync.
 
     ``means_rot[b]``: the rotated mean gradients of the G groups in block b, [G, *shape];
     ``counts[m]``: group m's micro-steps; ``diags[b]``: metric diagonal (None: M = I);
@@ -251,8 +270,8 @@ def block_rows(
     if n == 0:
         return torch.zeros(0, layout.width, dtype=torch.float64)
     k = float(sum(counts))
-    iu, ju = zip(*layout.pairs)
-    iu, ju = list(iu), list(ju)
+    iu = [i for i, _ in layout.pairs]
+    ju = [j for _, j in layout.pairs]
     g = num_groups
     core, tails = [], []
     for b in range(n):
@@ -297,8 +316,10 @@ def group_block_rows(
     lrs: Sequence[float],
     reduce_fn: ReduceFn | None = None,
 ) -> torch.Tensor:
-    """``block_rows`` from a complete window's ``GroupSums``: per block one batched rotation
-    of its [G, rows, cols] group means (rot(X) = QL^T X QR broadcasts over the group axis).
+    """``block_rows`` from a complete window's ``GroupSums``.
+
+    Per block one batched rotation of its [G, rows, cols] group means (rot(X) = QL^T X QR
+    broadcasts over the group axis).
     """
     rotated = [rot(m) for rot, m in zip(rotate_fns, sums.means())]
     return block_rows(rotated, sums.counts, diags, comb_rot, eta, lrs, sums.sq or [], reduce_fn)

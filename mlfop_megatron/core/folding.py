@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict, cast
 
 import torch
 
@@ -55,8 +56,9 @@ class LevelDiagnostics:
     ch: torch.Tensor | None = None
 
     def totals(self) -> torch.Tensor:
-        """Additive totals [aa, ad, dd, sum s, sum beta, blocks, sum cz, sum ch] (sum these
-        across ranks).
+        """Additive totals [aa, ad, dd, sum s, sum beta, blocks, sum cz, sum ch].
+
+        Sum these across ranks.
         """
         total = self.sums.sum(dim=0)
         zero = total.new_zeros(())
@@ -74,8 +76,9 @@ class LevelDiagnostics:
         )
 
     def extremes(self) -> torch.Tensor:
-        """[max beta, -min beta, max s, -min s] over blocks (max-reduce these across ranks;
-        -inf without blocks).
+        """[max beta, -min beta, max s, -min s] over blocks.
+
+        Max-reduce these across ranks; -inf without blocks.
         """
         if not self.s.numel():
             return torch.full((4,), -math.inf, dtype=torch.float64, device=self.s.device)
@@ -83,6 +86,7 @@ class LevelDiagnostics:
         return torch.stack([beta.max(), -beta.min(), s.max(), -s.min()])
 
     def summary(self) -> dict[str, float]:
+        """``summarize_level`` of this fold plus the beta and s extremes (this rank's blocks)."""
         out = summarize_level(self.level, self.totals(), self.n_z, self.n_h, self.fold)
         high_beta, low_beta, high_s, low_s = self.extremes().tolist()
         out.update(beta_max=high_beta, beta_min=-low_beta, s_max=high_s, s_min=-low_s)
@@ -125,6 +129,15 @@ def summarize_level(
     return out
 
 
+class BlockStepArgs(TypedDict):
+    """The ``soap_step`` keyword arguments of one block beyond its gradient."""
+
+    grad_rot: torch.Tensor | None
+    stats_grad: torch.Tensor | None
+    stats_grad_rot: torch.Tensor | None
+    direction_scale: torch.Tensor | None
+
+
 @dataclass
 class WindowOutput:
     """What the SOAP step of each block takes from a completed window.
@@ -141,7 +154,7 @@ class WindowOutput:
     stats_grads_rot: list[torch.Tensor | None] | None = None
     eta: torch.Tensor | None = None
 
-    def block(self, i: int) -> dict[str, torch.Tensor | None]:
+    def block(self, i: int) -> BlockStepArgs:
         """soap_step keyword arguments of block i (beyond grad)."""
         return {
             "grad_rot": self.grads_rot[i],
@@ -151,8 +164,9 @@ class WindowOutput:
         }
 
     def scale_(self, factor: float) -> None:
-        """Multiply every gradient by ``factor`` in place (gradient clipping; eta* is
-        invariant).
+        """Multiply every gradient by ``factor`` in place (gradient clipping).
+
+        eta* is invariant.
         """
         for group in (self.grads, self.grads_rot, self.stats_grads, self.stats_grads_rot):
             for g in group or ():
@@ -205,10 +219,12 @@ class WindowFolder:
 
     @property
     def num_blocks(self) -> int:
+        """Number of blocks."""
         return len(self.rotate_fns)
 
     @property
     def complete(self) -> bool:
+        """Whether the window holds all its micro-steps."""
         return self.micro_steps == self.schedule.accumulation_steps
 
     def add_micro_step(self, grads: Sequence[torch.Tensor]) -> None:
@@ -234,9 +250,10 @@ class WindowFolder:
         level = self.schedule.level_ending_at(self.micro_steps)
         if level is not None:
             size = self.schedule.level_size(level)
-            means = []
+            means: list[torch.Tensor] = []
             for i in range(self.num_blocks):
                 mean = self.level_sums[i]
+                assert mean is not None  # every block's sum was set by this micro-step
                 mean.div_(size)
                 means.append(mean)
                 self.level_sums[i] = None
@@ -256,6 +273,7 @@ class WindowFolder:
             return
         size = self.schedule.level_size(level)
         means = list(level_means)
+        rots: list[torch.Tensor | None]
         if self.schedule.num_folds:
             rots = []
             for rot, mean in zip(self.rotate_fns, means):
@@ -271,9 +289,11 @@ class WindowFolder:
             if (z.size, h.size) != (fold.n_z, fold.n_h):  # the plan and the stack disagree
                 raise RuntimeError(f"fold {fold} met estimates of {z.size} and {h.size} steps")
             with_eta = self._eta_from_fold and fold.index == self.schedule.num_folds - 1
+            # Folds exist only when num_folds > 0, so every rotated form was computed.
+            z_rot, h_rot = cast(list[torch.Tensor], z.rot), cast(list[torch.Tensor], h.rot)
             coef: FoldCoefficients = fold_coefficients(
-                z.rot,
-                h.rot,
+                z_rot,
+                h_rot,
                 self.metric_diags,
                 z.size,
                 h.size,
@@ -283,7 +303,7 @@ class WindowFolder:
             )
             for i in range(self.num_blocks):
                 apply_fold(z.grads[i], h.grads[i], coef.cz[i], coef.ch[i])
-                apply_fold(z.rot[i], h.rot[i], coef.cz[i], coef.ch[i])
+                apply_fold(z_rot[i], h_rot[i], coef.cz[i], coef.ch[i])
             if with_eta:
                 self.eta = coef.eta
             if self.cfg.diagnostics:
@@ -303,7 +323,8 @@ class WindowFolder:
             self._stack.append(_Entry(z.size + h.size, z.grads, z.rot))
         if level == self.schedule.num_levels - 1:
             (top,) = self._stack
-            self.estimate, self.estimate_rot = top.grads, top.rot
+            self.estimate = cast(list[torch.Tensor | None], top.grads)
+            self.estimate_rot = top.rot
             self._finish_plain()
             if self.cfg.step_size == "eta_star" and self.schedule.num_folds > 1:
                 self.eta = self._eta_against_plain_mean()
@@ -314,7 +335,8 @@ class WindowFolder:
         """Running sums of level sums (size x level mean) for the plain window mean."""
         for flag, attr, new in (
             (self._plain_orig, "_plain", means),
-            (self._plain_rot, "_plain_r", rots),
+            # _plain_rot implies num_folds > 0: every rotated form was computed.
+            (self._plain_rot, "_plain_r", cast(list[torch.Tensor], rots)),
         ):
             if not flag:
                 continue
@@ -333,8 +355,10 @@ class WindowFolder:
 
     def _eta_against_plain_mean(self) -> torch.Tensor:
         """eta* = <g_mean, M^-1 g_comb> / <g_comb, M^-1 g_comb> per block (several folds)."""
+        assert self._plain_r is not None  # kept whenever eta* needs it (several folds)
+        comb_rots = cast(list[torch.Tensor], self.estimate_rot)  # set: the window folded
         rows = []
-        for mean_r, comb_r, diag in zip(self._plain_r, self.estimate_rot, self.metric_diags):
+        for mean_r, comb_r, diag in zip(self._plain_r, comb_rots, self.metric_diags):
             mi_comb = comb_r if diag is None else comb_r / diag
             rows.append(
                 torch.stack(
@@ -353,6 +377,7 @@ class WindowFolder:
         """Everything the SOAP step takes from the window (see :class:`WindowOutput`)."""
         grads, grads_rot = self.result()
         if self._plain_orig and self.num_blocks:
+            assert self._plain is not None and self._plain_r is not None  # set by every level
             return WindowOutput(grads, grads_rot, list(self._plain), list(self._plain_r), self.eta)
         return WindowOutput(grads, grads_rot, eta=self.eta)
 
@@ -363,4 +388,5 @@ class WindowFolder:
                 f"the window has {self.micro_steps} micro-steps but accumulation_steps="
                 f"{self.schedule.accumulation_steps}; call accumulate() once per micro-batch"
             )
-        return list(self.estimate), list(self.estimate_rot)
+        # Complete: the last level set every block's estimate.
+        return list(cast(list[torch.Tensor], self.estimate)), list(self.estimate_rot)

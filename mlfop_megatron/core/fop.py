@@ -69,8 +69,9 @@ def phase2_sums(
     s: torch.Tensor,
     with_ama: bool = False,
 ) -> torch.Tensor:
-    """[<a,M^-1 d_perp>, <d_perp,M^-1 d_perp>, <d,M^-1 d>] with d_perp = d - s a, and
-    <a,M^-1 a> as a fourth entry when ``with_ama`` (needed for eta*).
+    """[<a,M^-1 d_perp>, <d_perp,M^-1 d_perp>, <d,M^-1 d>] with d_perp = d - s a.
+
+    <a,M^-1 a> comes as a fourth entry when ``with_ama`` (needed for eta*).
     """
     d_perp = d - s * a
     mi_dp = d_perp if diag is None else d_perp / diag
@@ -112,9 +113,43 @@ def fold_coefficients(
     acc_dtype = torch.float64
     a_list = [wz * z + wh * h for z, h in zip(z_rot, h_rot)]
     d_list = [z - h for z, h in zip(z_rot, h_rot)]
-    sums1 = torch.stack(
-        [phase1_sums(a, d, m).to(acc_dtype) for a, d, m in zip(a_list, d_list, diags)]
+
+    def phase1() -> torch.Tensor:
+        return torch.stack(
+            [phase1_sums(a, d, m).to(acc_dtype) for a, d, m in zip(a_list, d_list, diags)]
+        )
+
+    def phase2(s: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            [
+                phase2_sums(a, d, m, s_i.to(a.dtype), with_eta).to(acc_dtype)
+                for a, d, m, s_i in zip(a_list, d_list, diags, s)
+            ]
+        )
+
+    return coefficients_from_sums(
+        phase1, phase2, z_rot[0].dtype, n_z, n_h, cfg, reduce_fn, with_eta
     )
+
+
+def coefficients_from_sums(
+    phase1: Callable[[], torch.Tensor],
+    phase2: Callable[[torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
+    n_z: int,
+    n_h: int,
+    cfg: FoldingConfig,
+    reduce_fn: ReduceFn | None = None,
+    with_eta: bool = False,
+) -> FoldCoefficients:
+    """The FOP scalars of every block from its partial sums.
+
+    ``phase1()`` gives the [n, 5] phase-1 sums, ``phase2(s)`` the [n, 3 or 4] phase-2 sums
+    for the projection s (fp64, block order); ``reduce_fn`` sums each across ranks.
+    ``dtype``: the estimates' dtype.
+    """
+    wz, wh = n_z / (n_z + n_h), n_h / (n_z + n_h)
+    sums1 = phase1()
     if reduce_fn is not None:
         sums1 = reduce_fn(sums1)
     eps = cfg.fop_eps
@@ -124,12 +159,7 @@ def fold_coefficients(
         s = torch.zeros_like(sums1[:, DMA])
     sums2 = None
     if cfg.fixed_beta is None or with_eta:
-        sums2 = torch.stack(
-            [
-                phase2_sums(a, d, m, s_i.to(a.dtype), with_eta).to(acc_dtype)
-                for a, d, m, s_i in zip(a_list, d_list, diags, s)
-            ]
-        )
+        sums2 = phase2(s)
         if reduce_fn is not None:
             sums2 = reduce_fn(sums2)
     if cfg.fixed_beta is not None:
@@ -137,7 +167,8 @@ def fold_coefficients(
     else:
         tol = cfg.parallel_tol
         if tol is None:
-            tol = default_parallel_tol(z_rot[0].dtype)
+            tol = default_parallel_tol(dtype)
+        assert sums2 is not None  # computed above whenever beta is not fixed
         beta = sums2[:, A_MI_DP] / (sums2[:, DP_MI_DP] + eps)
         parallel = sums2[:, DP_MI_DP] <= (tol * tol) * sums2[:, D_MI_D]
         beta = torch.where(parallel, torch.zeros_like(beta), beta)
@@ -148,6 +179,7 @@ def fold_coefficients(
     ch = keep * wh - beta
     eta = None
     if with_eta:
+        assert sums2 is not None  # computed above whenever with_eta
         ama, amidp = sums2[:, A_MI_A], sums2[:, A_MI_DP]
         num = ama + beta * amidp
         eta = eta_star(num, num + beta * amidp + beta * beta * sums2[:, DP_MI_DP])

@@ -1,5 +1,7 @@
-"""Level schedule of the multi-level folding: which micro-steps form which level, and which
-estimates are folded when a level ends (the fold plan of the structure).
+"""Level schedule of the multi-level folding.
+
+Which micro-steps form which level, and which estimates are folded when a level ends (the
+fold plan of the structure).
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ def structure_boundaries(cfg: FoldingConfig) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Fold:
-    """One fold of the plan: after ``level`` ends, the two top estimates of the stack (z
-    below, covering ``n_z`` micro-steps; h on top, ``n_h``) are replaced by FOP(z, h).
+    """One fold of the plan.
+
+    After ``level`` ends, the two top estimates of the stack (z below, covering ``n_z``
+    micro-steps; h on top, ``n_h``) are replaced by FOP(z, h).
     """
 
     index: int
@@ -52,7 +56,9 @@ class Fold:
 
 
 def fold_plan(boundaries: tuple[int, ...], structure: str) -> tuple[Fold, ...]:
-    """Folds in execution order. Each level's mean is pushed on a stack; chain (and last, a
+    """Folds in execution order.
+
+    Each level's mean is pushed on a stack; chain (and last, a
     two-level chain) folds the two entries after every level >= 1; tree folds while the two
     top entries cover equally many micro-steps, and after the last level folds the rest.
     """
@@ -71,8 +77,9 @@ def fold_plan(boundaries: tuple[int, ...], structure: str) -> tuple[Fold, ...]:
 
 @dataclass(frozen=True)
 class LevelSchedule:
-    """Cumulative level boundaries L_0 < ... < L_J=K over one accumulation window, and the
-    fold plan of the structure over those levels.
+    """Cumulative level boundaries L_0 < ... < L_J=K over one accumulation window.
+
+    Also the fold plan of the structure over those levels.
     """
 
     boundaries: tuple[int, ...]
@@ -89,14 +96,17 @@ class LevelSchedule:
 
     @property
     def accumulation_steps(self) -> int:
+        """Micro-steps K of the window."""
         return self.boundaries[-1]
 
     @property
     def num_levels(self) -> int:
+        """Number of levels."""
         return len(self.boundaries)
 
     @property
     def num_folds(self) -> int:
+        """Number of folds in the plan."""
         return len(self.folds)
 
     def level_size(self, level: int) -> int:

@@ -16,6 +16,7 @@ class LinalgCounters:
     qr_failures: int = 0  # QR refresh failed or was non-finite: previous basis kept
 
     def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
         return dict(vars(self))
 
 
@@ -89,9 +90,14 @@ def qr_refresh_basis(
 
     Returns (new_basis, order) where ``order`` sorts the old basis columns by descending
     estimated eigenvalue diag(Q^T F Q); the moments must be permuted by the same order.
-    On failure the old basis is returned with order None (nothing to permute).
+    On failure (a non-finite factor or result) the old basis is returned with order None
+    (nothing to permute).
     """
     try:
+        # A non-finite factor would sort as all-zero estimates and come out as the canonical
+        # basis of "null space" everything: a fault, not a refresh.
+        if not bool(torch.isfinite(factor).all()):
+            raise torch.linalg.LinAlgError("QR refresh of a non-finite factor")
         fq = factor @ basis
         est_eig = (basis * fq).sum(dim=0)  # diag(Q^T F Q) without forming Q^T F Q
         # Noise-level estimates count as exact zeros so that the stable sort keeps the

@@ -37,6 +37,7 @@ class BlockLayout:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the matrix view."""
         return (self.rows, self.cols)
 
 
@@ -68,8 +69,10 @@ def init_state(
     device: torch.device,
     master: torch.Tensor | None = None,
 ) -> State:
-    """Zero state for a block. ``master``: fp32 copy of a low-precision (bf16) param block,
-    which then receives the updates and is copied into the param after each step.
+    """Zero state for a block.
+
+    ``master``: fp32 copy of a low-precision (bf16) param block, which then receives the
+    updates and is copied into the param after each step.
     """
     state: State = {
         "step": 0,

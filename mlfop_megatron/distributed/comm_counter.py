@@ -77,15 +77,18 @@ class CollectiveCounts:
     trivial: int = 0  # calls on one-rank groups (not in launches)
 
     def add(self, kind: str, sent: int) -> None:
+        """Record one launch of ``kind`` that sent ``sent`` bytes."""
         self.launches[kind] = self.launches.get(kind, 0) + 1
         self.bytes[kind] = self.bytes.get(kind, 0) + sent
 
     @property
     def total_launches(self) -> int:
+        """Launches of every kind."""
         return sum(self.launches.values())
 
     @property
     def total_bytes(self) -> int:
+        """Bytes sent by every kind."""
         return sum(self.bytes.values())
 
 

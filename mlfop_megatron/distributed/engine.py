@@ -1,5 +1,7 @@
-"""The interface of the objects that hold SOAP state (engines), and the one function that
-chooses an engine from the parallel layout, with its process groups passed in explicitly.
+"""The interface of the objects that hold SOAP state (engines) and the factory choosing one.
+
+The factory chooses an engine from the parallel layout, with its process groups passed in
+explicitly.
 
 Two engines implement it: :class:`~mlfop_megatron.distributed.sharded_soap.ShardedSOAP`
 (replicated when its group is None, else DP-sharded by block; TP shards preconditioned
@@ -56,51 +58,69 @@ class SOAPEngine(Protocol):
 
     def fold_reduced_level(
         self, level: int, level_grads: Sequence[torch.Tensor], scale: float = 1.0
-    ) -> None: ...
+    ) -> None:
+        """Fold a level from per-param gradients reduced over DP (times ``scale``: the mean)."""
 
     def fold_owned_level(
         self, level: int, owned_grads: Sequence[torch.Tensor], scale: float = 1.0
-    ) -> None: ...
+    ) -> None:
+        """Fold a level from this rank's owned blocks, already reduced to their owner."""
 
     def add_reduced_segment(
         self, level_grads: Sequence[torch.Tensor], end: int, scale: float
-    ) -> None: ...
+    ) -> None:
+        """Add a DP-reduced diagnostics segment (one tensor per param) ending at ``end``."""
 
     def add_owned_segment(
         self, owned_grads: Sequence[torch.Tensor], end: int, scale: float
-    ) -> None: ...
+    ) -> None:
+        """Add a diagnostics segment's owned, reduced blocks ending at micro-step ``end``."""
 
-    def arm_grad_diagnostics(self, groups: Sequence[int]) -> None: ...
+    def arm_grad_diagnostics(self, groups: Sequence[int]) -> None:
+        """Compute grad-group diagnostics in the next window (``groups``: per micro-batch)."""
 
-    def has_window(self) -> bool: ...
+    def has_window(self) -> bool:
+        """Whether a folded window is ready for a step."""
 
-    def window_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]: ...
+    def window_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The folded gradient per owned block and its rotated form (None where not computed)."""
 
-    def local_grad_stats(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def local_grad_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of squares, non-finite flag) of this rank's folded gradients."""
 
-    def step(self, lr: float, weight_decay: float, grad_scale: float = 1.0) -> None: ...
+    def step(self, lr: float, weight_decay: float, grad_scale: float = 1.0) -> None:
+        """Apply one SOAP step to the owned blocks and sync the params."""
 
-    def discard_window(self) -> None: ...
+    def discard_window(self) -> None:
+        """Drop the folded window (skipped step)."""
 
-    def state_bytes(self) -> int: ...
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held on this rank."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's optimizer state."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a ``state_dict()``."""
 
-    def block_name(self, owned: Any) -> str: ...
+    def block_name(self, owned: Any) -> str:
+        """A stable name of an owned block (checkpoint key)."""
 
-    def communication_bytes_per_step(self) -> int: ...
+    def communication_bytes_per_step(self) -> int:
+        """Bytes this rank sends per step to share the updated params."""
 
-    def param_padding_per_rank(self) -> list[int]: ...
+    def param_padding_per_rank(self) -> list[int]:
+        """Padding elements per rank of the parameter all-gather buffer."""
 
 
 @dataclass(frozen=True)
 class EngineGroups:
-    """Process groups of one kind of params (dense or expert), in the style of Megatron's
-    ProcessGroupCollection: ``dp`` the data-parallel group the grads are replicated over
-    (dense: data x context parallel), ``tp`` the tensor-parallel group (None at TP=1),
-    ``tp_dp`` the TP x DP group that owns whole matrices in tp_mode="full".
+    """Process groups of one kind of params (dense or expert).
+
+    In the style of Megatron's ProcessGroupCollection: ``dp`` the data-parallel group the
+    grads are replicated over (dense: data x context parallel), ``tp`` the tensor-parallel
+    group (None at TP=1), ``tp_dp`` the TP x DP group that owns whole matrices in
+    tp_mode="full".
     """
 
     dp: dist.ProcessGroup | None
@@ -118,6 +138,7 @@ class ParallelGroups:
     expert: EngineGroups
 
     def of(self, expert: bool) -> EngineGroups:
+        """The expert groups if ``expert``, else the dense ones."""
         return self.expert if expert else self.dense
 
 
@@ -134,9 +155,11 @@ def make_engine(
     master_params: Sequence[int] = (),
     param_sync: str = "all_gather",
 ) -> SOAPEngine:
-    """The engine for params of one layout: TP-full when they are TP shards, tp_mode="full"
-    and the groups have a TP x DP owner group; else ShardedSOAP (sharded over ``groups.dp``
-    when ``sharded``, TP shards preconditioned blockwise with FOP sums over ``groups.tp``).
+    """The engine for params of one layout.
+
+    TP-full when they are TP shards, tp_mode="full" and the groups have a TP x DP owner
+    group; else ShardedSOAP (sharded over ``groups.dp`` when ``sharded``, TP shards
+    preconditioned blockwise with FOP sums over ``groups.tp``).
     """
     from mlfop_megatron.distributed.sharded_soap import ShardedSOAP
     from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP

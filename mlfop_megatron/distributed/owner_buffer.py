@@ -89,9 +89,10 @@ class OwnerLayout:
         like: torch.Tensor,
         ranks: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Flat copy of the blocks of ``tensors[engine][param_index]`` in owner order, zero
-        padded, in ``dtype`` on ``like``'s device (one cat). ``ranks``: the segments to pack
-        (default: all).
+        """Flat copy of the blocks of ``tensors[engine][param_index]`` in owner order.
+
+        Zero padded, in ``dtype`` on ``like``'s device (one cat). ``ranks``: the segments to
+        pack (default: all).
         """
         ranks = range(self.world_size) if ranks is None else ranks
         pieces: list[torch.Tensor] = []
@@ -168,6 +169,7 @@ class LevelReducer:
 
     @property
     def sharded(self) -> bool:
+        """Whether the blocks are owned over the group (reduce-scatter), not replicated."""
         return self.layout.world_size > 1
 
     def launch(self, grads: Sequence[Sequence[torch.Tensor]]) -> None:
@@ -202,11 +204,14 @@ class LevelReducer:
 
     @property
     def in_flight(self) -> bool:
+        """Whether a launched reduction has not been waited for yet."""
         return self._pending is not None
 
     def wait(self) -> list[list[torch.Tensor]]:
-        """Finish the reduction: this rank's owned blocks, per engine, as (rows, cols) views
-        in the grads' dtype.
+        """Finish the reduction.
+
+        Returns:
+            This rank's owned blocks, per engine, as (rows, cols) views in the grads' dtype.
         """
         if self._pending is None:
             raise RuntimeError("no level reduction in flight")
@@ -232,8 +237,10 @@ class LevelReducer:
 
 
 class FlatAllReduce:
-    """One asynchronous all-reduce of a list of same-dtype tensors packed into a flat copy
-    (pre-scaled by ``scaling``); ``wait`` returns the reduced tensors (views of the copy).
+    """One asynchronous all-reduce of a list of same-dtype tensors packed into a flat copy.
+
+    The copy is pre-scaled by ``scaling``; ``wait`` returns the reduced tensors (views of the
+    copy).
     """
 
     def __init__(self, group: dist.ProcessGroup | None, scaling: float) -> None:

@@ -12,14 +12,17 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow
+from mlfop_megatron.core.batched_folding import BatchedWindowFolder
 from mlfop_megatron.core.diagnostics import GroupSums, group_block_rows
-from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder
+from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder, WindowOutput
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.core.linalg import LinalgCounters
 from mlfop_megatron.core.soap import (
@@ -112,7 +115,8 @@ class ShardedSOAP:
         self.counters = LinalgCounters()
         # Wall seconds per optimizer phase since the last reset (telemetry; host clock).
         self.timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
-        self._folder: WindowFolder | None = None
+        self._folder: WindowFolder | BatchedWindowFolder | None = None
+        self._engine: BatchedBlocks | None = None  # shape classes (config.soap.batched)
         self.last_diagnostics: list[LevelDiagnostics] = []
         self.last_eta: torch.Tensor | None = None  # eta* per owned block (step_size=eta_star)
         # Grad-group diagnostics (off unless armed for a window, see arm_grad_diagnostics).
@@ -141,11 +145,37 @@ class ShardedSOAP:
         dist.all_reduce(sums, group=self.reduce_group)
         return sums
 
-    def _slices(self, level_grads: Sequence[torch.Tensor], scale: float) -> list[torch.Tensor]:
-        """This rank's block slices of the per-param gradients, copied, in state precision."""
-        return self._owned_copies(
-            [o.view(level_grads[o.block.param_index]) for o in self.owned], scale
-        )
+    @property
+    def batched(self) -> bool:
+        """Whether the owned blocks are updated per shape class (``config.soap.batched``)."""
+        return self.config.soap.batched
+
+    def batched_engine(self) -> BatchedBlocks:
+        """The shape classes of the owned blocks (rebuilt when their states were replaced)."""
+        states = [o.state for o in self.owned]
+        if self._engine is None or not self._engine.matches(states):
+            self._engine = BatchedBlocks(
+                states,
+                [o.view(o.param.data) for o in self.owned],
+                [self.config.soap] * len(self.owned),
+            )
+        return self._engine
+
+    def _class_stacks(
+        self, owned_grads: Sequence[torch.Tensor], scale: float
+    ) -> list[torch.Tensor]:
+        """Owned block gradients (``self.owned`` order) stacked per shape class.
+
+        In state precision, times ``scale``: one stack (and cast) per class.
+        """
+        assert self._engine is not None  # built with the batched folder (_new_folder)
+        out = []
+        for cls in self._engine.classes:
+            stacked = torch.stack([owned_grads[i] for i in cls.positions]).to(cls.dtype)
+            if scale != 1.0:
+                stacked.mul_(scale)
+            out.append(stacked)
+        return out
 
     def _owned_copies(self, owned: Sequence[torch.Tensor], scale: float) -> list[torch.Tensor]:
         """Copies of this rank's owned block gradients in state precision, times ``scale``."""
@@ -158,9 +188,10 @@ class ShardedSOAP:
         return slices
 
     def arm_grad_diagnostics(self, groups: Sequence[int]) -> None:
-        """Keep per-group gradient sums in the next window (``groups``: the group id of every
-        micro-step; see core/diagnostics.py). Costs len(set(groups)) gradient-sized buffers
-        per owned block until the window's step.
+        """Keep per-group gradient sums in the next window.
+
+        ``groups``: the group id of every micro-step (see core/diagnostics.py). Costs
+        len(set(groups)) gradient-sized buffers per owned block until the window's step.
         """
         if self._folder is not None or self._pending is not None:
             raise RuntimeError("arm grad diagnostics before the window's first micro-step")
@@ -170,9 +201,11 @@ class ShardedSOAP:
     def add_reduced_segment(
         self, level_grads: Sequence[torch.Tensor], end: int, scale: float
     ) -> None:
-        """A DP-reduced part of the open level that ends at micro-step ``end`` (cumulative)
-        without ending the level (a diagnostics sync point); ``level_grads`` (one tensor per
-        param) times ``scale`` is the sum of its micro-step gradients.
+        """Add a DP-reduced part of the open level that ends at micro-step ``end``.
+
+        ``end`` is cumulative; the segment ends no level (a diagnostics sync point).
+        ``level_grads`` (one tensor per param) times ``scale`` is the sum of its micro-step
+        gradients.
         """
         self.add_owned_segment(
             [o.view(level_grads[o.block.param_index]) for o in self.owned], end, scale
@@ -194,6 +227,20 @@ class ShardedSOAP:
         self._segment_start = end
         self.timings["diagnostics"] += time.perf_counter() - start
 
+    def _new_folder(self) -> WindowFolder | BatchedWindowFolder:
+        reduce_fn = self._reduce if self.reduce_group is not None else None
+        if self.batched:
+            return BatchedWindowFolder(
+                self.schedule, self.config.folding, self.batched_engine(), reduce_fn
+            )
+        return WindowFolder(
+            self.schedule,
+            self.config.folding,
+            rotate_fns=[partial(rotate, state=o.state) for o in self.owned],
+            metric_diags=[metric_diag(o.state, self.config.soap) for o in self.owned],
+            reduce_fn=reduce_fn,
+        )
+
     def fold_reduced_level(
         self, level: int, level_grads: Sequence[torch.Tensor], scale: float = 1.0
     ) -> None:
@@ -209,20 +256,23 @@ class ShardedSOAP:
     def fold_owned_level(
         self, level: int, owned_grads: Sequence[torch.Tensor], scale: float = 1.0
     ) -> None:
-        """``fold_reduced_level`` with this rank's owned blocks only (each a (rows, cols) tensor in
-        ``self.owned`` order, DP-reduced to this owner); times ``scale`` they are the level
-        mean. The blocks are copied: the caller may reuse their storage.
+        """``fold_reduced_level`` with this rank's owned blocks only.
+
+        Each is a (rows, cols) tensor in ``self.owned`` order, DP-reduced to this owner; times
+        ``scale`` they are the level mean. The blocks are copied: the caller may reuse their
+        storage.
         """
         if level == 0 or self._folder is None:
             if level != 0:
                 raise RuntimeError(f"level {level} folded before level 0 in this window")
-            self._folder = WindowFolder(
-                self.schedule,
-                self.config.folding,
-                rotate_fns=[lambda x, s=o.state: rotate(x, s) for o in self.owned],
-                metric_diags=[metric_diag(o.state, self.config.soap) for o in self.owned],
-                reduce_fn=self._reduce if self.reduce_group is not None else None,
-            )
+            self._folder = self._new_folder()
+        if self.batched and self._groups is None and self._pending is None:
+            stacks = self._class_stacks(owned_grads, scale)
+            start = time.perf_counter()
+            assert isinstance(self._folder, BatchedWindowFolder)  # self.batched: see _new_folder
+            self._folder.fold_level_stacked(level, stacks)
+            self.timings["fold"] += time.perf_counter() - start
+            return
         slices = self._owned_copies(owned_grads, scale)
         if self._groups is not None or self._pending is not None:
             start = time.perf_counter()
@@ -242,17 +292,21 @@ class ShardedSOAP:
         self.timings["fold"] += time.perf_counter() - start
 
     def has_window(self) -> bool:
+        """Whether the window's levels are all folded (ready for a step)."""
         return self._folder is not None and self._folder.complete
 
     def window_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The folded gradient per owned block and its rotated form (None where not computed)."""
         if self._folder is None:
             raise RuntimeError("no folded gradients: the backward passes did not reach the DDP")
         return self._folder.result()
 
     def local_grad_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of squares, non-finite flag) over this rank's owned folded gradients."""
-        grads, _ = self.window_gradients()
         device = self.params[0].device  # a rank that owns no block still reduces these
+        if isinstance(self._folder, BatchedWindowFolder):
+            return self._folder.grad_stats(device)
+        grads, _ = self.window_gradients()
         sq = torch.zeros((), dtype=torch.float64, device=device)
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for g in grads:
@@ -265,7 +319,11 @@ class ShardedSOAP:
         """Update owned blocks with the folded gradients (times ``grad_scale``), then share."""
         if self._folder is None:
             raise RuntimeError("no folded gradients: the backward passes did not reach the DDP")
-        window = self._folder.output()
+        window: ClassWindow | WindowOutput
+        if isinstance(self._folder, BatchedWindowFolder):
+            window = self._folder.class_output()
+        else:
+            window = self._folder.output()
         self.last_diagnostics = self._folder.diagnostics
         self.last_eta = self._folder.eta
         start = time.perf_counter()
@@ -286,18 +344,23 @@ class ShardedSOAP:
             start = time.perf_counter()
         if grad_scale != 1.0:
             window.scale_(grad_scale)
-        for i, (owned, g) in enumerate(zip(self.owned, window.grads)):
-            soap_step(
-                owned.view(owned.param.data),
-                g,
-                owned.state,
-                self.config.soap,
-                self.counters,
-                lr=lr,
-                weight_decay=weight_decay,
-                timings=self.timings,
-                **window.block(i),
-            )
+        if isinstance(window, ClassWindow):  # the batched folder's output
+            assert self._engine is not None  # built with the batched folder (_new_folder)
+            n = len(self.owned)
+            self._engine.step(window, [lr] * n, [weight_decay] * n, self.counters, self.timings)
+        else:
+            for i, (owned, g) in enumerate(zip(self.owned, window.grads)):
+                soap_step(
+                    owned.view(owned.param.data),
+                    g,
+                    owned.state,
+                    self.config.soap,
+                    self.counters,
+                    lr=lr,
+                    weight_decay=weight_decay,
+                    timings=self.timings,
+                    **window.block(i),
+                )
         self.timings["update"] += time.perf_counter() - start
         self._folder = None
         start = time.perf_counter()
@@ -329,6 +392,7 @@ class ShardedSOAP:
         """Every owner sends its updated blocks to the rest of the group (one message each)."""
         if self.world_size == 1:
             return
+        assert self.group is not None  # world_size > 1 needs a group
         for rank in range(self.world_size):
             blocks = self.assignment.blocks_of(rank)
             if not blocks:
@@ -371,16 +435,19 @@ class ShardedSOAP:
         )
 
     def block_name(self, owned: OwnedBlock) -> str:
+        """The block's checkpoint key: ``<param name>@<row offset>,<col offset>``."""
         b = owned.block
         return f"{b.param_name}@{b.row_offset},{b.col_offset}"
 
     def state_dict(self) -> dict[str, Any]:
+        """The owned blocks' SOAP states (by ``block_name``) and the linalg counters."""
         return {
             "blocks": {self.block_name(o): dict(o.state) for o in self.owned},
             "counters": self.counters.as_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a ``state_dict()`` with the same owned blocks (states moved to their device)."""
         blocks = state["blocks"]
         for o in self.owned:
             saved = blocks[self.block_name(o)]
@@ -390,3 +457,4 @@ class ShardedSOAP:
             )
         self.counters = LinalgCounters(**state["counters"])
         self._folder = None
+        self._engine = None

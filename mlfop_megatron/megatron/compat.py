@@ -129,6 +129,11 @@ def queue_backward_callback(callback: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
+def main_grad(param: torch.Tensor) -> torch.Tensor:
+    """``param.main_grad``: the gradient buffer view Megatron's DDP attaches to ``param``."""
+    return param.main_grad  # type: ignore[attr-defined]  # Megatron's attribute: not in torch's stubs
+
+
 def ddp_params_with_grad(ddp_model: Any) -> list[Any]:
     """Trainable params registered with a megatron DistributedDataParallel's grad buffers."""
     return list(ddp_model.params_with_grad)

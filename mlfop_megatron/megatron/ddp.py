@@ -123,10 +123,12 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
     def set_extra_sync_points(
         self, points: Iterable[int], callback: SegmentCallback | None = None
     ) -> None:
-        """Also reduce the gradients after these micro-steps (cumulative counts inside the
-        window that end no level) and call ``callback(micro_steps)`` there; the optimizer's
-        grad-group diagnostics use them so that every reduced segment holds one group. Set
-        before the window's first backward; ``points=()`` clears them.
+        """Also reduce the gradients after these micro-steps and call ``callback`` there.
+
+        ``points``: cumulative micro-step counts inside the window that end no level;
+        ``callback(micro_steps)`` receives each reduced segment. The optimizer's grad-group
+        diagnostics use them so that every reduced segment holds one group. Set before the
+        window's first backward; ``points=()`` clears them.
         """
         if self._micro_step and not self._window_done:
             raise RuntimeError("extra sync points must be set before the window starts")
@@ -139,9 +141,11 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
     def configure_level_reduction(
         self, folded_params: Iterable[torch.nn.Parameter], owner_reduce: bool
     ) -> None:
-        """Called by the optimizer: ``owner_reduce`` True makes the optimizer reduce the
-        ``folded_params``' level sums itself and this DDP all-reduce every other param's
-        gradient once per window; False keeps Megatron's buckets reducing all at each level.
+        """Choose who reduces the gradients (called by the optimizer).
+
+        ``owner_reduce`` True makes the optimizer reduce the ``folded_params``' level sums
+        itself and this DDP all-reduce every other param's gradient once per window; False
+        keeps Megatron's buckets reducing all at each level.
         """
         folded = {id(p) for p in folded_params}
         self._owner_reduce = owner_reduce
@@ -165,8 +169,9 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         return group, scaling
 
     def grad_reduction(self, param: torch.nn.Parameter) -> tuple[Any, float]:
-        """(data-parallel group, pre-scaling factor) Megatron would reduce ``param``'s grad
-        with: a SUM over the group of the scaled sums is the mean Megatron produces.
+        """(data-parallel group, pre-scaling factor) Megatron would reduce ``param``'s grad with.
+
+        A SUM over the group of the scaled sums is the mean Megatron produces.
         """
         for buffer in compat.ddp_buffers(self):
             if any(p is param for p in buffer.params):
@@ -181,7 +186,7 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
     def _start_unfolded_sync(self) -> None:
         """One asynchronous all-reduce per Megatron buffer of the non-folded params' grads."""
         for params, group, scaling in self._unfolded:
-            flat = torch.cat([p.main_grad.reshape(-1) for p in params])
+            flat = torch.cat([compat.main_grad(p).reshape(-1) for p in params])
             if scaling != 1.0:
                 flat.mul_(scaling)
             work = None
@@ -197,12 +202,14 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
                 work.wait()
             offset = 0
             for p in params:
-                n = p.main_grad.numel()
-                p.main_grad.copy_(flat[offset : offset + n].view_as(p.main_grad))
+                grad = compat.main_grad(p)
+                n = grad.numel()
+                grad.copy_(flat[offset : offset + n].view_as(grad))
                 offset += n
 
     @property
     def folding_attached(self) -> bool:
+        """Whether the optimizer attached its level schedule and fold callback."""
         return self._level_callback is not None
 
     # ---------------------------------------------------------------- hooks
@@ -227,13 +234,15 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
     def _begin_micro_step(self) -> None:
         """First grad of a backward pass: mark whether this micro-step ends a level."""
         self._in_backward = True
+        schedule = self._schedule
+        assert schedule is not None  # set with the level callback (attach_folding)
         if self._window_done:
             raise RuntimeError(
                 "a backward pass ran after the accumulation window was complete: the schedule "
-                f"ran more micro-batches than accumulation_steps={self._schedule.boundaries[-1]}"
+                f"ran more micro-batches than accumulation_steps={schedule.boundaries[-1]}"
                 "; set FoldingConfig.accumulation_steps to the schedule's num_microbatches"
             )
-        boundary = self._schedule.level_ending_at(self._micro_step + 1) is not None
+        boundary = schedule.level_ending_at(self._micro_step + 1) is not None
         boundary = boundary or (self._micro_step + 1) in self._extra_syncs
         boundary = boundary and not self._owner_reduce  # Megatron's buckets stay idle then
         for group in compat.ddp_bucket_groups(self):
@@ -249,7 +258,9 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         self._in_backward = False
         self._micro_step += 1
         self._seen.clear()
-        level = self._schedule.level_ending_at(self._micro_step)
+        schedule, level_callback = self._schedule, self._level_callback
+        assert schedule is not None and level_callback is not None  # see attach_folding
+        level = schedule.level_ending_at(self._micro_step)
         if level is None and self._micro_step not in self._extra_syncs:
             return
         if not self._owner_reduce:
@@ -257,10 +268,11 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
             for group in compat.ddp_bucket_groups(self):
                 group.reset()
         if level is None:
+            assert self._segment_callback is not None  # set with the extra sync points
             self._segment_callback(self._micro_step)
             return
-        self._level_callback(level, self._schedule.level_size(level))
-        if level == self._schedule.num_levels - 1:
+        level_callback(level, schedule.level_size(level))
+        if level == schedule.num_levels - 1:
             self._window_done = True
             if self._owner_reduce:
                 self._start_unfolded_sync()
@@ -293,6 +305,7 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
             yield
 
     def start_grad_sync(self, *unused: Any) -> None:
+        """Megatron's sync without folding; a no-op with folding (levels sync themselves)."""
         if self._level_callback is None:
             super().start_grad_sync(*unused)
 
@@ -306,6 +319,7 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
             self._seen.clear()
             raise error
         if not self._window_done:
+            assert self._schedule is not None  # set with the level callback (attach_folding)
             raise RuntimeError(
                 f"gradient sync requested after {self._micro_step} micro-steps, but folding "
                 f"expects accumulation_steps={self._schedule.boundaries[-1]}; set "
@@ -314,6 +328,7 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         self.wait_unfolded_grad_sync()
 
     def zero_grad_buffer(self) -> None:
+        """Finish any pending sync, zero Megatron's buffers and restart the window."""
         self.wait_unfolded_grad_sync()  # never leave a collective behind (e.g. skipped step)
         super().zero_grad_buffer()
         self._micro_step = 0

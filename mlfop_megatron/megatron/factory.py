@@ -85,6 +85,7 @@ def get_mlfop_optimizer(
     tp_mode: str = "blockwise",
     shard_adam: bool = True,
     comm: CommConfig | None = None,
+    adam_only: bool = False,
 ) -> MLFOPChainedOptimizer:
     """ML-FOP-SOAP for the matrices, AdamW for everything else.
 
@@ -98,6 +99,8 @@ def get_mlfop_optimizer(
     stay replicated.
     ``comm`` chooses the level reductions and the parameter sync (default: owner-ordered
     reduce-scatter per level, Adam grads all-reduced once, one parameter all-gather).
+    ``adam_only`` sends every param to the Adam part (an AdamW baseline through the same
+    chained optimizer; any Megatron DistributedDataParallel, ``mlfop_config`` unused).
     """
     mlfop_config = mlfop_config or MLFOPConfig()
     _check_config(config, tp_mode)
@@ -107,7 +110,7 @@ def get_mlfop_optimizer(
             "use one model chunk per pipeline stage"
         )
     chunk = model_chunks[0]
-    if not isinstance(chunk, FoldingDistributedDataParallel):
+    if not adam_only and not isinstance(chunk, FoldingDistributedDataParallel):
         raise TypeError(
             "wrap the model in mlfop_megatron.megatron.FoldingDistributedDataParallel (a "
             f"subclass of Megatron's DistributedDataParallel), got {type(chunk).__name__}"
@@ -123,7 +126,7 @@ def get_mlfop_optimizer(
         if not param.requires_grad:
             continue
         name = names[param]
-        if is_soap_param(name, param):
+        if not adam_only and is_soap_param(name, param):
             soap.append((param, name))
         elif param.dim() >= 2:
             adam_decay.append(param)

@@ -21,7 +21,7 @@ from megatron.core.dist_checkpointing.optimizer import (
 from megatron.core.optimizer import FP32Optimizer, OptimizerConfig
 from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
 
-from mlfop_megatron.megatron import fused_kernels
+from mlfop_megatron.megatron import compat, fused_kernels
 from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
 from mlfop_megatron.megatron.fp8 import get_backend
 
@@ -45,7 +45,7 @@ class MainParamAdamW(FP32Optimizer):
                 main = torch.nn.Parameter(value.clone())
                 copy_tensor_model_parallel_attributes(main, p)
                 if hasattr(p, "shared"):
-                    main.shared = p.shared
+                    main.shared = p.shared  # type: ignore[attr-defined]  # Megatron's attribute
                 self.model_params.append(p)
                 mains.append(main)
             main_groups.append(dict(group, params=mains))
@@ -58,12 +58,15 @@ class MainParamAdamW(FP32Optimizer):
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
+        """Point the main copies' ``.grad`` at the params' ``main_grad`` (fp32)."""
         for p, main in zip(self.model_params, self.main_params):
-            main.grad = p.main_grad.float() if p.main_grad.dtype != torch.float32 else p.main_grad
+            grad = compat.main_grad(p)
+            main.grad = grad.float() if grad.dtype != torch.float32 else grad
         return False
 
     @torch.no_grad()
     def step_with_ready_grads(self) -> bool:
+        """AdamW on the main copies, then copy (or requantize) them into the model params."""
         ok = super().step_with_ready_grads()
         pairs = list(zip(self.model_params, self.main_params, self._quantized))
         fused_kernels.copy_(
@@ -80,20 +83,24 @@ class MainParamAdamW(FP32Optimizer):
         return ok
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the main copies' gradients (the model's ``main_grad`` is the DDP's)."""
         for main in self.main_params:
             main.grad = None
 
     @torch.no_grad()
     def reload_model_params(self, state_dict: Any = None) -> None:
+        """Refill the main copies from the (loaded) model params."""
         for p, main, q in zip(self.model_params, self.main_params, self._quantized):
             main.data.copy_(self._fp8.current_value(p) if q else p.data)
 
     def state_dict(self) -> dict[str, Any]:
+        """The Adam state plus the fp32 main copies (``fp32_params``)."""
         out = self.optimizer.state_dict()
         out["fp32_params"] = {i: m.detach().clone() for i, m in enumerate(self.main_params)}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()`` (the main copies too, when saved)."""
         mains = state_dict.pop("fp32_params", None)
         super().load_state_dict(state_dict)
         if mains is not None:
@@ -101,7 +108,10 @@ class MainParamAdamW(FP32Optimizer):
                 for i, value in mains.items():
                     self.main_params[int(i)].copy_(value)
 
-    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
+    def sharded_state_dict(
+        self, model_sharded_state_dict: Any, is_loading: bool = False, metadata: Any = None
+    ) -> dict[str, Any]:
+        """The Adam state and main copies as sharded tensors of the model params' state."""
         if is_loading:
             self.init_state_fn(self.optimizer, self.config)
         state = self.optimizer.state_dict()

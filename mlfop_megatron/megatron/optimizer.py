@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -78,7 +78,7 @@ def megatron_parallel_groups() -> ParallelGroups:
 class _ParamGroups(torch.optim.Optimizer):
     """Holds param_groups (lr, weight_decay) for Megatron's LR scheduler; state is elsewhere."""
 
-    def step(self, closure: Any = None) -> None:  # pragma: no cover - never called
+    def step(self, closure: Any = None) -> NoReturn:  # pragma: no cover - never called
         raise RuntimeError("stepped through MLFOPMegatronOptimizer, not directly")
 
 
@@ -118,7 +118,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         # FP8 primary weights: the engines see high-precision shadows (fp32 main weights on the
         # owners), requantized into the model params after each step (see megatron/fp8.py).
         self.fp8 = QuantizedParamShadows(params, group=groups.dense.dp)
-        params = self.fp8.substitute(params)
+        engine_params = self.fp8.substitute(params)
         self.engines: list[SOAPEngine] = []
         # Whether an engine's gradients count towards the global norm on this rank: every
         # gradient must be counted exactly once over DP x CP x TP x PP (expert params: once
@@ -131,7 +131,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         for is_expert, tp_sharded in ((False, True), (False, False), (True, True), (True, False)):
             chosen = [
                 (p, n)
-                for p, n, s, e in zip(params, names, split, expert)
+                for p, n, s, e in zip(engine_params, names, split, expert)
                 if s == tp_sharded and e == is_expert
             ]
             if not chosen:
@@ -172,12 +172,13 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
     # ------------------------------------------------------------ level reductions
     def _model_grads(self, engine: Any) -> list[torch.Tensor]:
         """main_grad of the model params behind an engine's params (FP8: the quantized ones)."""
-        return [self.fp8.model_param(p).main_grad for p in engine.grad_params]
+        return [compat.main_grad(self.fp8.model_param(p)) for p in engine.grad_params]
 
     def _build_reducers(self) -> None:
-        """One LevelReducer per data-parallel group over the ShardedSOAP engines (their
-        blocks in one owner-ordered buffer); TP-full engines all-reduce their shards over DP
-        (one flat all-reduce each) and gather full matrices over TP inside the engine.
+        """Build one LevelReducer per data-parallel group over the ShardedSOAP engines.
+
+        Their blocks go in one owner-ordered buffer; TP-full engines all-reduce their shards
+        over DP (one flat all-reduce each) and gather full matrices over TP inside the engine.
         """
         chunk = self.model_chunks[0]
         self._reducers: list[tuple[LevelReducer, list[int]]] = []
@@ -216,13 +217,14 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             self._reducers.append((reducer, members))
 
     def _launch_reductions(self, kind: str, index: int, scale: float) -> None:
-        """Pack and start the reductions of the level (or segment) that just ended, then
-        zero the folded params' main_grad: the next micro-step accumulates onto zero.
+        """Pack and start the reductions of the level (or segment) that just ended.
+
+        Then zero the folded params' main_grad: the next micro-step accumulates onto zero.
         """
         for reducer, members in self._reducers:
             reducer.launch([self._model_grads(self.engines[i]) for i in members])
-        for reducer, i in self._shard_reducers:
-            reducer.launch(self._model_grads(self.engines[i]))
+        for shard_reducer, i in self._shard_reducers:
+            shard_reducer.launch(self._model_grads(self.engines[i]))
         for engine in self.engines:
             fused_kernels.zero_(self._model_grads(engine))
         self._pending = (kind, index, scale)
@@ -242,9 +244,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                     self.engines[i].fold_owned_level(index, blocks, scale=scale)
                 else:
                     self.engines[i].add_owned_segment(blocks, index, scale)
-        for reducer, i in self._shard_reducers:
+        for shard_reducer, i in self._shard_reducers:
             start = time.perf_counter()
-            shards = reducer.wait()
+            shards = shard_reducer.wait()
             self.engines[i].timings["communication"] += time.perf_counter() - start
             if kind == "level":
                 self.engines[i].fold_reduced_level(index, shards, scale=scale)
@@ -252,8 +254,10 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 self.engines[i].add_reduced_segment(shards, index, scale)
 
     def padding_per_rank(self) -> dict[str, list[int]]:
-        """Padding elements per rank of the owner-ordered buffers: each level reduce-scatter
-        buffer ("grads/<n>") and each engine's parameter all-gather buffer ("params/<n>").
+        """Padding elements per rank of the owner-ordered buffers.
+
+        Each level reduce-scatter buffer ("grads/<n>") and each engine's parameter all-gather
+        buffer ("params/<n>").
         """
         out = {f"grads/{n}": r.layout.padding_per_rank() for n, (r, _) in enumerate(self._reducers)}
         for n, engine in enumerate(self.engines):
@@ -261,8 +265,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         return out
 
     def communication_bytes_per_step(self) -> dict[str, int]:
-        """Bytes this rank sends per step (ring algorithms, padding included), by kind:
-        level reductions of the SOAP grads, the Adam grads' all-reduce, the parameter sync
+        """Bytes this rank sends per step (ring algorithms, padding included), by kind.
+
+        Level reductions of the SOAP grads, the Adam grads' all-reduce, the parameter sync
         and the TP-full gathers; "total" sums them. Diagnostics segments are not counted.
         """
         levels = self.schedule.num_levels
@@ -294,9 +299,10 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
     # ------------------------------------------------------------ folding hook
     @torch.no_grad()
     def reduce_and_fold_level(self, level: int, level_size: int) -> None:
-        """DDP callback at a level boundary: reduce the level's sums and fold the level mean
-        (with owner reduction: start the reduce-scatter now, fold it at the next boundary or
-        in prepare_grads), then clear the folded grads.
+        """DDP callback at a level boundary: reduce the level's sums and fold the level mean.
+
+        With owner reduction: start the reduce-scatter now, fold it at the next boundary or
+        in prepare_grads. Then clear the folded grads.
         """
         scale = self.schedule.accumulation_steps / level_size
         if self.comm.owner_reduce:
@@ -304,7 +310,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             self._launch_reductions("level", level, scale)
             return
         for engine in self.engines:
-            grads = [self.fp8.model_param(p).main_grad for p in engine.grad_params]
+            grads = [compat.main_grad(self.fp8.model_param(p)) for p in engine.grad_params]
             engine.fold_reduced_level(level, grads, scale=scale)
             # The next level accumulates onto zero: at its boundary main_grad is its own sum
             # (also with TE's fused wgrad accumulation into main_grad; see megatron/fp8.py).
@@ -319,13 +325,15 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             self._launch_reductions("segment", micro_steps, float(k))
             return
         for engine in self.engines:
-            grads = [self.fp8.model_param(p).main_grad for p in engine.grad_params]
+            grads = [compat.main_grad(self.fp8.model_param(p)) for p in engine.grad_params]
             engine.add_reduced_segment(grads, micro_steps, scale=k)  # main_grad is the sum / K
             fused_kernels.zero_(grads)
 
     def request_grad_diagnostics(self, groups: Sequence[int] | None = None) -> None:
-        """Compute the grad-group diagnostics of the next window (call on every rank with the
-        same ``groups``, before its first backward; ``stats()`` after the step reports them).
+        """Compute the grad-group diagnostics of the next window.
+
+        Call on every rank with the same ``groups``, before its first backward; ``stats()``
+        after the step reports them.
 
         ``groups``: the group id (0, 1, ...) of every micro-batch of the window in schedule
         order, e.g. 0 for image micro-batches and 1 for text ones; None: one group. A segment
@@ -351,8 +359,10 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         if self._armed_groups is not None:
             for chunk in self.model_chunks:
                 chunk.set_extra_sync_points(())
-        armed = self._armed_groups is not None and stepped
-        self._diag_window = (self._armed_groups, self._armed_segments) if armed else None
+        groups = self._armed_groups
+        self._diag_window = (
+            (groups, self._armed_segments) if groups is not None and stepped else None
+        )
         self._armed_groups = None
 
     # --------------------------------------------------------------- grad stats
@@ -367,15 +377,18 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 sq = sq + s.to(self.device)
         return sq, bad
 
-    def get_grad_stats_parallel_group(self) -> dist.ProcessGroup:
+    def get_grad_stats_parallel_group(self) -> dist.ProcessGroup | None:
+        """The group the grad stats are reduced over: every rank (WORLD)."""
         return dist.group.WORLD
 
     def get_grad_norm(self) -> float:
+        """Global norm of the folded gradients (a collective)."""
         sq, _ = self.local_grad_stats()
         dist.all_reduce(sq)
         return math.sqrt(float(sq))
 
     def count_zeros(self) -> float:
+        """Zero elements of the folded gradients over every rank (a collective)."""
         zeros = torch.zeros((), dtype=torch.float64, device=self.device)
         for engine, counts in zip(self.engines, self._engine_counts):
             if counts:
@@ -391,6 +404,11 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
 
     # ------------------------------------------------------------------ steps
     def prepare_grads(self) -> bool:
+        """Finish the pending reductions and check the window is folded.
+
+        Returns:
+            False: the inf check is global, in ``MLFOPChainedOptimizer.step``.
+        """
         self._complete_reductions()
         for chunk in self.model_chunks:  # the Adam params' once-per-step all-reduce
             chunk.wait_unfolded_grad_sync()
@@ -404,6 +422,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         return False
 
     def step_with_ready_grads(self) -> bool:
+        """Step every engine with the folded gradients (and the clipping factor)."""
         group = self.optimizer.param_groups[0]
         if len(self.fp8):
             self.fp8.materialize()
@@ -416,6 +435,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         return True
 
     def discard_step(self) -> None:
+        """Skip the step (non-finite gradients): drop the folded windows."""
         self._complete_reductions()
         for engine in self.engines:
             engine.discard_window()
@@ -423,9 +443,11 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         self._end_window(stepped=False)
 
     def step(self):
+        """A full step through the chained optimizer's contract (norm, inf check, clipping)."""
         return MLFOPChainedOptimizer([self]).step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the params' ``.grad`` (the folded gradients come from ``main_grad``)."""
         for p in self.get_parameters():
             p.grad = None
 
@@ -438,9 +460,11 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
 
     # ------------------------------------------------------------ checkpoints
     def state_bytes(self) -> int:
+        """Bytes of SOAP state held on this rank."""
         return sum(e.state_bytes() for e in self.engines)
 
     def state_dict(self) -> dict[str, Any]:
+        """The engines' states, the param groups' hyperparameters and the skipped steps."""
         return {
             "engines": [e.state_dict() for e in self.engines],
             "param_groups": [
@@ -469,14 +493,17 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         self.skipped_steps = state_dict["skipped_steps"]
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
+        """The state for dist_checkpointing (see ``megatron/checkpointing.py``)."""
         from mlfop_megatron.megatron.checkpointing import optimizer_sharded_state_dict
 
         return optimizer_sharded_state_dict(self, is_loading)
 
     def stats(self) -> dict[str, Any]:
-        """Counters, folding diagnostics of the last window, the grad-group diagnostics of the
-        last step when it was armed (``request_grad_diagnostics``) and phase timings since the
-        last call (max over ranks), reduced over all ranks: a collective.
+        """Counters, diagnostics and phase timings reduced over all ranks (a collective).
+
+        Folding diagnostics of the last window, the grad-group diagnostics of the last step
+        when it was armed (``request_grad_diagnostics``) and phase timings since the last call
+        (max over ranks).
 
         Two all-reduces whatever the model size: one SUM of the packed additive totals
         (counters, per-fold sums, eta* sums, grad-group rows) and one MAX of the timings and
@@ -546,11 +573,16 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         out.update({f"time_{k}_s": float(v) for k, v in zip(PHASES, timings)})
         at, at_max = 4, len(PHASES)
         for fold in self.schedule.folds:
-            chunk, ext = packed[at : at + 8], timings[at_max : at_max + 4].tolist()
+            chunk, extremes = packed[at : at + 8], timings[at_max : at_max + 4].tolist()
             at, at_max = at + 8, at_max + 4
             if chunk[5] > 0:  # at least one block was folded in this fold
                 entry = summarize_level(fold.level, chunk, fold.n_z, fold.n_h, fold.index)
-                entry.update(beta_max=ext[0], beta_min=-ext[1], s_max=ext[2], s_min=-ext[3])
+                entry.update(
+                    beta_max=extremes[0],
+                    beta_min=-extremes[1],
+                    s_max=extremes[2],
+                    s_min=-extremes[3],
+                )
                 out["levels"].append(entry)
         if with_eta:
             (total, count), (high, low) = packed[at : at + 2].tolist(), timings[at_max:].tolist()
@@ -566,8 +598,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                         f"armed window, the diagnostics expected {segments}: was the model "
                         "wrapped in FoldingDistributedDataParallel and armed before its backward?"
                     )
-            counts = [groups.count(m) for m in range(max(groups) + 1)]
-            out["grad"] = summarize_grad_diagnostics(packed[at:], counts, segments)
+            group_counts = [groups.count(m) for m in range(max(groups) + 1)]
+            out["grad"] = summarize_grad_diagnostics(packed[at:], group_counts, segments)
         return out
 
 
@@ -576,10 +608,12 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
 
     @property
     def mlfop(self) -> list[MLFOPMegatronOptimizer]:
+        """The chained ML-FOP-SOAP optimizers."""
         return [o for o in self.chained_optimizers if isinstance(o, MLFOPMegatronOptimizer)]
 
     @property
     def others(self) -> list[MegatronOptimizer]:
+        """The chained Adam-side optimizers."""
         return [o for o in self.chained_optimizers if not isinstance(o, MLFOPMegatronOptimizer)]
 
     def _device(self) -> torch.device:
@@ -597,7 +631,7 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
         They are replicated over the data x context parallel group (expert params: over the
         expert-data-parallel group), so only that group's rank 0 counts them.
         """
-        grads = []
+        grads: list[torch.Tensor] = []
         dense_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
         for opt in self.others:
             if getattr(opt, "mlfop_expert_parallel", False):
@@ -609,7 +643,7 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
         return grads
 
     def _other_grads_all_ranks(self) -> list[torch.Tensor]:
-        grads = []
+        grads: list[torch.Tensor] = []
         for opt in self.others:
             grads.extend(g for g in compat.optimizer_grads_for_norm(opt) if g is not None)
         return grads
@@ -634,6 +668,7 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
 
     @torch.no_grad()
     def step(self):
+        """Megatron's step contract: (success, grad_norm, num_zeros), globally consistent."""
         self.prepare_grads()
         grad_norm, found_inf = self._global_stats()
         if found_inf:
@@ -663,8 +698,9 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
         return out
 
     def request_grad_diagnostics(self, groups: Sequence[int] | None = None) -> None:
-        """Grad-group diagnostics of the next window (see
-        MLFOPMegatronOptimizer.request_grad_diagnostics); every rank, before its backward.
+        """Arm the grad-group diagnostics of the next window.
+
+        See MLFOPMegatronOptimizer.request_grad_diagnostics; every rank, before its backward.
         """
         for opt in self.mlfop:
             opt.request_grad_diagnostics(groups)

@@ -28,7 +28,7 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig
 
-from mlfop_megatron.megatron import fused_kernels
+from mlfop_megatron.megatron import compat, fused_kernels
 
 STATE_PREFIX = "optimizer.state"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -82,11 +82,18 @@ def flat_range_boxes(
 class _Piece:
     """The part [start, end) of one model param (flat) that this rank owns in a buffer."""
 
-    def __init__(self, index: int, param: torch.nn.Parameter, start: int, end: int) -> None:
+    def __init__(
+        self,
+        index: int,
+        param: torch.nn.Parameter,
+        start: int,
+        end: int,
+        main: torch.nn.Parameter,
+    ) -> None:
         self.index = index  # position of the param in the optimizer's param list
         self.param = param
         self.start, self.end = start, end
-        self.main: torch.nn.Parameter | None = None  # fp32 view into the owned main slice
+        self.main = main  # fp32 view into the owned main slice
 
 
 class _Buffer:
@@ -126,9 +133,8 @@ class _Buffer:
                 n = p.numel()
                 a, b = max(offset, lo), min(offset + n, hi)
                 if a < b:
-                    piece = _Piece(index, p, a - offset, b - offset)
-                    piece.main = torch.nn.Parameter(self.main[a - lo : b - lo])
-                    self.pieces.append(piece)
+                    main = torch.nn.Parameter(self.main[a - lo : b - lo])
+                    self.pieces.append(_Piece(index, p, a - offset, b - offset, main))
                 offset += n
 
     def gather(self) -> None:
@@ -190,7 +196,7 @@ class ShardedMainParamAdamW(MegatronOptimizer):
     @staticmethod
     def _carrier(p: torch.nn.Parameter) -> torch.nn.Parameter:
         """A view of p.main_grad exposing it as .grad, with p's attributes (for norm filters)."""
-        carrier = torch.nn.Parameter(p.main_grad, requires_grad=False)
+        carrier = torch.nn.Parameter(compat.main_grad(p), requires_grad=False)
         for key, value in vars(p).items():
             if key != "main_grad" and not key.startswith("_"):
                 setattr(carrier, key, value)
@@ -214,16 +220,18 @@ class ShardedMainParamAdamW(MegatronOptimizer):
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
+        """Point the carriers and the owned main pieces at the DP-mean ``main_grad``."""
         self._check_storage()
         for carrier, p in zip(self._carriers, self.model_params):
-            carrier.data = p.main_grad
-            carrier.grad = p.main_grad
+            carrier.data = compat.main_grad(p)
+            carrier.grad = compat.main_grad(p)
         for piece in self.pieces:
-            piece.main.grad = piece.param.main_grad.view(-1)[piece.start : piece.end]
+            piece.main.grad = compat.main_grad(piece.param).view(-1)[piece.start : piece.end]
         return False
 
     @torch.no_grad()
     def step_with_ready_grads(self) -> bool:
+        """AdamW on the owned pieces, then one all-gather per buffer into every rank's params."""
         if self.pieces:
             self.optimizer.step()
         for buffer in self.buffers:
@@ -233,11 +241,13 @@ class ShardedMainParamAdamW(MegatronOptimizer):
 
     @torch.no_grad()
     def step(self):
+        """A full step through the chained optimizer's contract (norm, inf check, clipping)."""
         from mlfop_megatron.megatron.optimizer import MLFOPChainedOptimizer
 
         return MLFOPChainedOptimizer([self]).step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the pieces' and carriers' gradients (``main_grad`` is the DDP's)."""
         for piece in self.pieces:
             piece.main.grad = None
         for carrier in self._carriers:
@@ -249,6 +259,7 @@ class ShardedMainParamAdamW(MegatronOptimizer):
 
     @torch.no_grad()
     def reload_model_params(self, state_dict: Any = None) -> None:
+        """Refill the fp32 main weights from the (loaded) params."""
         for buffer in self.buffers:
             buffer.reload()
 

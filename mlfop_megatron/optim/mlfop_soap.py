@@ -17,11 +17,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast, overload
 
 import torch
 
 from mlfop_megatron.config import FoldingConfig, MLFOPConfig, SOAPConfig
+from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow
+from mlfop_megatron.core.batched_folding import BatchedWindowFolder
 from mlfop_megatron.core.diagnostics import (
     GroupSums,
     check_groups,
@@ -42,8 +44,14 @@ from mlfop_megatron.core.soap import (
 )
 
 STATS_KEY = "__mlfop_stats__"
-# Per-group options that may differ between param groups (everything in SOAPConfig).
-_GROUP_OPTIONS = tuple(asdict(SOAPConfig()).keys())
+# Per-group options that may differ between param groups (SOAPConfig's math options; the
+# engine choice ``batched`` is the optimizer's, from its config).
+_GROUP_OPTIONS = tuple(k for k in asdict(SOAPConfig()) if k != "batched")
+
+
+def _rotation(state: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """rot(X) of one block under its state's bases (the state is read at call time)."""
+    return lambda x: rotate(x, state)
 
 
 class MLFOPSOAP(torch.optim.Optimizer):
@@ -69,7 +77,9 @@ class MLFOPSOAP(torch.optim.Optimizer):
         self.counters = LinalgCounters()
         self.skipped_steps = 0
         self.steps = 0
-        self._folder: WindowFolder | None = None
+        self._folder: WindowFolder | BatchedWindowFolder | None = None
+        self._engine: BatchedBlocks | None = None  # shape classes of the last window's params
+        self._engine_params: list[torch.Tensor] = []
         self._window_params: list[torch.Tensor] = []
         self.last_diagnostics: list[LevelDiagnostics] = []
         self.last_eta: torch.Tensor | None = None  # eta* per window param (step_size=eta_star)
@@ -99,11 +109,31 @@ class MLFOPSOAP(torch.optim.Optimizer):
 
     def _trainable(self) -> list[tuple[torch.Tensor, SOAPConfig]]:
         """(param, its group's config) for every trainable param, in group order."""
-        out = []
+        out: list[tuple[torch.Tensor, SOAPConfig]] = []
         for group in self.param_groups:
             cfg = self._group_config(group)
             out.extend((p, cfg) for p in group["params"] if p.requires_grad)
         return out
+
+    def _batched_engine(self, params: Sequence[torch.Tensor]) -> BatchedBlocks:
+        """Shape classes of ``params`` (classes split by param group).
+
+        Rebuilt when the set of params changed or their states were replaced
+        (load_state_dict).
+        """
+        states = [self.state[p] for p in params]
+        engine = self._engine
+        same = len(self._engine_params) == len(params) and all(
+            a is b for a, b in zip(self._engine_params, params)
+        )
+        if engine is None or not same or not engine.matches(states):
+            index = {p: g for g, group in enumerate(self.param_groups) for p in group["params"]}
+            cfgs = [self._group_config(self.param_groups[index[p]]) for p in params]
+            views = [p.data.view(s["exp_avg"].shape) for p, s in zip(params, states)]
+            engine = BatchedBlocks(states, views, cfgs, [index[p] for p in params])
+            self._engine = engine
+            self._engine_params = list(params)
+        return engine
 
     def _groups_by_param(self) -> dict[torch.Tensor, tuple[SOAPConfig, dict[str, Any]]]:
         return {
@@ -114,10 +144,12 @@ class MLFOPSOAP(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ accumulation
     def request_grad_diagnostics(self, groups: Sequence[int] | None = None) -> None:
-        """Per-group gradient diagnostics of the next window (``stats()["grad"]`` after its
-        step; see core/diagnostics.py). ``groups``: the group id of each of the window's
-        micro-steps in order (e.g. 0 image, 1 text); None: one group. Costs one
-        gradient-sized buffer per group and param, for this window only.
+        """Per-group gradient diagnostics of the next window.
+
+        Read them in ``stats()["grad"]`` after its step; see core/diagnostics.py.
+        ``groups``: the group id of each of the window's micro-steps in order (e.g. 0 image,
+        1 text); None: one group. Costs one gradient-sized buffer per group and param, for
+        this window only.
         """
         if self._folder is not None:
             raise RuntimeError("request grad diagnostics before the window's first accumulate()")
@@ -136,18 +168,24 @@ class MLFOPSOAP(torch.optim.Optimizer):
             params = [p for p, _ in pairs]
             states = [self._param_state(p, cfg) for p, cfg in pairs]
             self._window_params = params
-            self._folder = WindowFolder(
-                self.schedule,
-                self.folding_config,
-                rotate_fns=[lambda x, s=s: rotate(x, s) for s in states],
-                metric_diags=[metric_diag(s, cfg) for s, (_, cfg) in zip(states, pairs)],
-            )
+            if self.config.soap.batched:
+                self._folder = BatchedWindowFolder(
+                    self.schedule, self.folding_config, self._batched_engine(params)
+                )
+            else:
+                self._folder = WindowFolder(
+                    self.schedule,
+                    self.folding_config,
+                    rotate_fns=[_rotation(s) for s in states],
+                    metric_diags=[metric_diag(s, cfg) for s, (_, cfg) in zip(states, pairs)],
+                )
         elif [p for p, _ in pairs] != self._window_params:
             raise ValueError(
                 "the set of parameters with gradients changed inside an accumulation window; "
                 "every micro-step must produce gradients for the same parameters"
             )
-        grads = [self._matrix_grad(p, p.grad) for p, _ in pairs]
+        # pairs hold only params whose grad is set.
+        grads = [self._matrix_grad(p, cast(torch.Tensor, p.grad)) for p, _ in pairs]
         if self._armed_groups is not None:  # every micro-step is a segment of its own
             if self._groups is None:
                 self._groups = GroupSums(self._armed_groups, len(pairs))
@@ -157,6 +195,12 @@ class MLFOPSOAP(torch.optim.Optimizer):
             p.grad = None
 
     # -------------------------------------------------------------------- step
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Apply one optimizer step; a non-finite gradient skips it without touching state."""
@@ -175,6 +219,13 @@ class MLFOPSOAP(torch.optim.Optimizer):
             self.last_grad_rows = self._last_grad_window = None
             return loss
         groups = self._groups_by_param()
+        if isinstance(window, ClassWindow):
+            lrs = [groups[p][1]["lr"] for p in params]
+            wds = [groups[p][1]["weight_decay"] for p in params]
+            assert self._engine is not None  # _collect_gradients built it for this window
+            self._engine.step(window, lrs, wds, self.counters)
+            self.steps += 1
+            return loss
         for i, (p, g) in enumerate(zip(params, window.grads)):
             cfg, group = groups[p]
             state = self.state[p]
@@ -191,11 +242,20 @@ class MLFOPSOAP(torch.optim.Optimizer):
         self.steps += 1
         return loss
 
-    def _collect_gradients(self) -> tuple[list[torch.Tensor], WindowOutput, torch.Tensor]:
-        """(params, the window's gradients, finite flag) from the window or from p.grad."""
+    def _collect_gradients(
+        self,
+    ) -> tuple[list[torch.Tensor], WindowOutput | ClassWindow, torch.Tensor | None]:
+        """(params, the window's gradients, finite flag) from the window or from p.grad.
+
+        Per class for the batched engine, per param otherwise.
+        """
         if self._folder is not None:
             folder = self._folder
-            window = folder.output()
+            window: WindowOutput | ClassWindow
+            if isinstance(folder, BatchedWindowFolder):
+                window = folder.class_output()
+            else:
+                window = folder.output()
             self.last_diagnostics = folder.diagnostics
             self.last_eta = folder.eta
             self.last_grad_rows = self._last_grad_window = None
@@ -227,6 +287,11 @@ class MLFOPSOAP(torch.optim.Optimizer):
         self.last_diagnostics = []
         self.last_eta = None
         self.last_grad_rows = self._last_grad_window = None
+        if params and self.config.soap.batched:
+            stacks = self._batched_engine(params).stack(grads)
+            flags = [torch.isfinite(x).all() for x in stacks]
+            finite = torch.stack(flags).all()
+            return params, ClassWindow(stacks, [None] * len(stacks)), finite
         flags = [torch.isfinite(g).all() for g in grads]
         finite = torch.stack(flags).all() if flags else torch.tensor(True)
         return params, WindowOutput(grads, [None] * len(grads)), finite
@@ -245,6 +310,7 @@ class MLFOPSOAP(torch.optim.Optimizer):
         if self._last_grad_window is not None:
             groups = self._last_grad_window
             counts = [groups.count(m) for m in range(max(groups) + 1)]
+            assert self.last_grad_rows is not None  # set together with _last_grad_window
             out["grad"] = summarize_grad_diagnostics(
                 self.last_grad_rows.sum(dim=0), counts, len(groups)
             )
@@ -252,11 +318,14 @@ class MLFOPSOAP(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """The optimizer state plus the step and linalg counters (outside a window only)."""
         if self._folder is not None:
             raise RuntimeError(
                 "state_dict() called inside an accumulation window; checkpoint after step()"
             )
-        self.state[STATS_KEY] = {
+        # torch types ``state`` as keyed by tensors; the stats ride along under a string key.
+        state: dict[Any, Any] = self.state
+        state[STATS_KEY] = {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "counters": self.counters.as_dict(),
@@ -264,13 +333,14 @@ class MLFOPSOAP(torch.optim.Optimizer):
         try:
             return super().state_dict()
         finally:
-            del self.state[STATS_KEY]
+            del state[STATS_KEY]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load; tensors keep their saved dtype (torch would cast factors to the param dtype)."""
         saved = copy.deepcopy(state_dict)
         super().load_state_dict(state_dict)
-        stats = self.state.pop(STATS_KEY, None)
+        state: dict[Any, Any] = self.state  # (replaced by the load above: take it now)
+        stats = state.pop(STATS_KEY, None)
         if stats is not None:
             self.steps = stats["steps"]
             self.skipped_steps = stats["skipped_steps"]
@@ -288,3 +358,4 @@ class MLFOPSOAP(torch.optim.Optimizer):
                     k: v.to(p.device) if torch.is_tensor(v) else v for k, v in value.items()
                 }
         self._folder = None
+        self._engine = None

@@ -1,7 +1,8 @@
 """PNG plots of a train_digits run folder (matplotlib, Agg backend).
 
-Works on the flat per-step rows that ``train_digits.py`` writes to ``metrics.jsonl``; rerun on a
-finished (or running) folder with ``python examples/plots.py runs/demo``.
+Works on the flat per-step rows that ``train_digits.py`` writes to ``metrics.jsonl``; rerun on
+a finished (or running) folder with ``python -m examples.digits.plots runs/demo`` (from the
+repository root).
 """
 
 from __future__ import annotations
@@ -133,9 +134,10 @@ def plot_betas(rows: Sequence[Row], path: Path) -> Path:
 
 
 def plot_grad_diagnostics(rows: Sequence[Row], path: Path) -> Path:
-    """The optimizer's grad-group diagnostics (steps armed every --diag-every): modality
-    cosines, predicted loss change per modality for the plain-mean and the folded update,
-    fraction of blocks whose update ascends a modality, and the gradient noise scale.
+    """Plot the optimizer's grad-group diagnostics (steps armed every --diag-every).
+
+    Modality cosines, predicted loss change per modality for the plain-mean and the folded
+    update, fraction of blocks whose update ascends a modality, and the gradient noise scale.
     """
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     groups = {n: g for n, g in by_optimizer(rows).items() if n != "adamw"}
@@ -239,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """CLI: regenerate the plots of a run folder from its metrics.jsonl."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        raise SystemExit("usage: python examples/plots.py RUN_DIR")
+        raise SystemExit("usage: python -m examples.digits.plots RUN_DIR")
     run = Path(args[0])
     for p in make_plots(read_jsonl(run / "metrics.jsonl"), run):
         print(p)

@@ -459,6 +459,25 @@ class DigitsData:
         tasks = balanced[trng.permutation(global_batch_size)].astype(np.int64)
         return out, tasks
 
+    def token_counts(
+        self,
+        step: int,
+        global_batch_size: int,
+        split: str = "train",
+        layout: str = "mixed",
+        micro_samples: int | None = None,
+    ) -> tuple[int, int]:
+        """(image, text) loss-token counts of the global batch at ``step`` (host integers)."""
+        rows, tasks = self.global_batch_spec(
+            step, global_batch_size, split, layout=layout, micro_samples=micro_samples
+        )
+        image = text = 0
+        for r, t in zip(rows, tasks):
+            sample = self.sample(int(r), int(t))
+            image += int(sample.image_loss_mask.sum())
+            text += int(sample.text_loss_mask.sum())
+        return image, text
+
     def global_batch(
         self,
         step: int,
@@ -522,8 +541,9 @@ def num_micro_batches(global_batch_size: int, micro_batch_size: int, dp_size: in
 
 
 def modality_tasks(num_micro: int) -> np.ndarray:
-    """Task of each micro-step in the by-modality layout: the first floor(K/2) generation
-    (image loss), the rest understanding (text loss).
+    """Task of each micro-step in the by-modality layout.
+
+    The first floor(K/2) are generation (image loss), the rest understanding (text loss).
     """
     if num_micro < 2:
         raise ValueError(
@@ -536,8 +556,10 @@ def modality_tasks(num_micro: int) -> np.ndarray:
 
 
 def micro_step_groups(layout: str, num_micro: int) -> list[int] | None:
-    """Grad-group ids per micro-step for the optimizer's diagnostics: 0 image (generation),
-    1 text (understanding) in the by-modality layout; None (one group) for mixed.
+    """Grad-group ids per micro-step for the optimizer's diagnostics.
+
+    0 image (generation), 1 text (understanding) in the by-modality layout; None (one group)
+    for mixed.
     """
     if layout == "mixed":
         return None

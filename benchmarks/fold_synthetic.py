@@ -1,0 +1,350 @@
+"""Part (c) of the folding benchmark: two regression tasks with a controlled gradient conflict.
+
+One shared matrix W (d x d) serves two linear-regression tasks, task A and task B, with inputs
+x = S^(1/2) z (S diagonal, eigenvalues log-spaced over ``condition``: preconditioning matters)
+and targets y = A_t x + noise. The targets are A_t = S^-1 B_t with |B_A| = |B_B| = ``scale`` and
+angle(B_A, B_B) = theta, so at W = 0 the two tasks' expected gradients -S(A_t - W) = -B_t meet
+at exactly the angle theta (0: aligned, 90: orthogonal, 170: almost opposed). The objective is
+L = (L_A + L_B) / 2, minimised at W* = (A_A + A_B) / 2; the excess L(W) - L(W*) and each task's
+loss are exact (closed form from S), so the curves carry no evaluation noise.
+
+Every optimizer sees the same samples: a global batch of G (half per task) split into K
+micro-steps, in the ``by-modality`` layout (first K/2 micro-steps task A, the rest task B: the
+final fold of every structure joins A with B) or ``mixed`` (tasks shuffled over the batch).
+Optimizers: AdamW (torch), SOAP (MLFOPSOAP, folding off), ML-FOP-SOAP in each FOLD_VARIANT,
+and PCGrad + AdamW (each task's global-batch gradient projected off the other's on conflict).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from benchmarks.conflict import FOLD_VARIANTS, VARIANTS_BY_LABEL, mean_std, pcgrad_combine
+from examples.digits.spec import lr_at
+
+BASE_OPTIMIZERS = ("adamw", "soap", "pcgrad")
+
+
+@dataclass(frozen=True)
+class SyntheticPlan:
+    """Sizes of part (c)."""
+
+    dim: int = 16
+    condition: float = 100.0
+    noise: float = 0.5
+    scale: float = 10.0  # |B_A| = |B_B| = scale (Frobenius)
+    angles: tuple[float, ...] = (0.0, 90.0, 150.0)
+    layouts: tuple[str, ...] = ("by-modality", "mixed")
+    steps: int = 160  # base batch; the large batch takes steps / large_factor
+    global_batch: int = 32
+    micro_steps: int = 8
+    large_factor: int = 8  # large batch: large_factor x the micro-steps, same micro size
+    lr_grid: tuple[float, ...] = (1e-2, 3e-2, 1e-1, 3e-1)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    optimizers: tuple[str, ...] = BASE_OPTIMIZERS + tuple(v.label for v in FOLD_VARIANTS)
+    warmup_frac: float = 0.1
+    min_lr_frac: float = 0.1
+
+
+SMOKE_SYNTHETIC = SyntheticPlan(
+    dim=8,
+    angles=(0.0, 150.0),
+    layouts=("by-modality",),
+    steps=32,
+    global_batch=16,
+    micro_steps=4,
+    large_factor=2,
+    lr_grid=(1e-2, 3e-2),
+    seeds=(0, 1),
+    optimizers=("adamw", "soap", "pcgrad", "fop-chain-noeta-folded", "fop-last-eta-mean"),
+)
+
+
+@dataclass
+class Problem:
+    """One two-task regression instance (float64, CPU: a small host-side benchmark)."""
+
+    sqrt_s: torch.Tensor  # diag of S^(1/2)
+    targets: tuple[torch.Tensor, torch.Tensor]  # A_A, A_B
+    noise: float
+    optimum: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        """W* of the balanced objective (both tasks share S)."""
+        self.optimum = 0.5 * (self.targets[0] + self.targets[1])
+
+    def task_loss(self, w: torch.Tensor, t: int) -> float:
+        """Expected loss of task t: 1/2 tr((W - A) S (W - A)^T) + 1/2 d noise^2."""
+        diff = (w - self.targets[t]) * self.sqrt_s[None, :]
+        return 0.5 * float((diff * diff).sum()) + 0.5 * w.shape[0] * self.noise**2
+
+    def excess(self, w: torch.Tensor) -> float:
+        """L(W) - L(W*) of the balanced objective."""
+        opt = self.optimum
+        total = sum(self.task_loss(w, t) - self.task_loss(opt, t) for t in (0, 1))
+        return 0.5 * total
+
+    def sample(self, t: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """N samples (x [n, d], y [n, d]) of task t."""
+        d = self.sqrt_s.numel()
+        x = torch.randn(n, d, generator=gen, dtype=torch.float64) * self.sqrt_s
+        y = x @ self.targets[t].T + self.noise * torch.randn(n, d, generator=gen, dtype=x.dtype)
+        return x, y
+
+
+def make_problem(plan: SyntheticPlan, angle_deg: float, seed: int = 1234) -> Problem:
+    """Targets with angle(B_A, B_B) = angle_deg (so the tasks' gradients at W = 0 meet at it)."""
+    gen = torch.Generator().manual_seed(seed)
+    d = plan.dim
+    s = torch.logspace(0.0, math.log10(plan.condition), d, dtype=torch.float64)
+    u = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    u = u / u.norm()
+    v = v - (v * u).sum() * u
+    v = v / v.norm()
+    half = math.radians(angle_deg) / 2
+    b = (math.cos(half) * u + math.sin(half) * v, math.cos(half) * u - math.sin(half) * v)
+    b = (plan.scale * b[0], plan.scale * b[1])
+    # With x = S^(1/2) z the expected gradient of task t is (W - A_t) S; A_t = B_t S^-1 makes
+    # it -B_t at W = 0.
+    targets = (b[0] / s[None, :], b[1] / s[None, :])
+    return Problem(s.sqrt(), targets, plan.noise)
+
+
+def init_gradient_cosine(problem: Problem) -> float:
+    """Cosine of the two tasks' expected gradients at W = 0 (equals cos(theta) by design)."""
+    s = problem.sqrt_s**2
+    ga, gb = ((-a * s[None, :]).reshape(-1) for a in problem.targets)
+    return float(ga @ gb / (ga.norm() * gb.norm()))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What lr_at needs (the demo's warmup + cosine schedule)."""
+
+    lr: float
+    steps: int
+    warmup_frac: float
+    min_lr_frac: float
+
+
+def batch_tasks(layout: str, g: int, step: int, seed: int) -> torch.Tensor:
+    """Task of each of the G samples of a step (half each), in micro-step order."""
+    tasks = torch.arange(g) >= g // 2  # by-modality: first half A (0), second half B (1)
+    if layout == "mixed":
+        gen = torch.Generator().manual_seed(10_000 * seed + step)
+        tasks = tasks[torch.randperm(g, generator=gen)]
+    return tasks.long()
+
+
+def grad_of(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gradient of the sample-mean loss 1/2 |W x - y|^2 over the rows of x (closed form)."""
+    return (x @ w.T - y).T @ x / x.shape[0]
+
+
+def make_optimizer(name: str, w: torch.nn.Parameter, lr: float, k: int) -> Any:
+    """AdamW / PCGrad (AdamW underneath) / SOAP / an ML-FOP-SOAP variant on the one matrix."""
+    if name in ("adamw", "pcgrad"):
+        return torch.optim.AdamW([w], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    from mlfop_megatron.optim.mlfop_soap import MLFOPSOAP
+
+    folding = {} if name == "soap" else VARIANTS_BY_LABEL[name].kwargs()
+    return MLFOPSOAP(
+        [w],
+        lr=lr,
+        betas=(0.95, 0.95),
+        weight_decay=0.0,
+        precondition_frequency=10,
+        accumulation_steps=k,
+        enabled=name != "soap",
+        **folding,
+    )
+
+
+@dataclass(frozen=True)
+class SynthRun:
+    """One training run of part (c)."""
+
+    optimizer: str
+    angle: float
+    layout: str
+    batch: str  # "base" | "large"
+    lr: float
+    seed: int
+
+
+def train(plan: SyntheticPlan, run: SynthRun, problem: Problem) -> dict[str, Any]:
+    """Train one run; returns per-step excess and task losses (exact)."""
+    factor = plan.large_factor if run.batch == "large" else 1
+    k, g = plan.micro_steps * factor, plan.global_batch * factor
+    steps = plan.steps // factor
+    micro = g // k
+    w = torch.nn.Parameter(torch.zeros(plan.dim, plan.dim, dtype=torch.float64))
+    opt = make_optimizer(run.optimizer, w, run.lr, k)
+    sched = Schedule(run.lr, steps, plan.warmup_frac, plan.min_lr_frac)
+    data_gen = torch.Generator().manual_seed(7919 * run.seed + 1)
+    excess, loss_a, loss_b, conflicts = [], [], [], 0
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, sched)
+        tasks = batch_tasks(run.layout, g, step, run.seed)
+        xs = torch.empty(g, plan.dim, dtype=torch.float64)
+        ys = torch.empty(g, plan.dim, dtype=torch.float64)
+        for t in (0, 1):
+            sel = tasks == t
+            xs[sel], ys[sel] = problem.sample(t, int(sel.sum()), data_gen)
+        if run.optimizer in ("adamw", "pcgrad"):
+            if run.optimizer == "adamw":
+                w.grad = grad_of(w.data, xs, ys)
+            else:
+                ga = grad_of(w.data, xs[tasks == 0], ys[tasks == 0]).reshape(-1)
+                gb = grad_of(w.data, xs[tasks == 1], ys[tasks == 1]).reshape(-1)
+                combined, hit = pcgrad_combine(ga, gb)
+                conflicts += int(hit)
+                w.grad = combined.reshape(w.shape)
+        else:
+            for i in range(k):
+                sl = slice(i * micro, (i + 1) * micro)
+                w.grad = grad_of(w.data, xs[sl], ys[sl])
+                opt.accumulate()
+        opt.step()
+        excess.append(problem.excess(w.data))
+        loss_a.append(problem.task_loss(w.data, 0))
+        loss_b.append(problem.task_loss(w.data, 1))
+    return {
+        **run.__dict__,
+        "steps": steps,
+        "samples_per_step": g,
+        "excess": excess,
+        "loss_a": loss_a,
+        "loss_b": loss_b,
+        "pcgrad_conflict_steps": conflicts,
+    }
+
+
+def first_reach(curve: Sequence[float], target: float) -> int | None:
+    """1-based first step with curve <= target, else None."""
+    for i, v in enumerate(curve):
+        if v <= target:
+            return i + 1
+    return None
+
+
+def summarize_runs(plan: SyntheticPlan, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (angle, layout, batch): chosen lr per optimizer, final excess, sample efficiency.
+
+    lr: the grid point with the lowest final excess on seed 0 (mean of the last 10% of steps).
+    Sample efficiency vs AdamW per seed: AdamW's steps to reach its own final excess / the
+    optimizer's steps to reach it (never reached: counted at the last step, marked '+').
+    """
+    out: dict[str, Any] = {}
+    keys = sorted({(r["angle"], r["layout"], r["batch"]) for r in runs})
+    for angle, layout, batch in keys:
+        cell = [r for r in runs if (r["angle"], r["layout"], r["batch"]) == (angle, layout, batch)]
+        entry: dict[str, Any] = {}
+        finals = {}
+        for name in plan.optimizers:
+            grid = [r for r in cell if r["optimizer"] == name and r["seed"] == plan.seeds[0]]
+            if not grid:
+                continue
+            best = min(grid, key=lambda r: _final(r["excess"]))
+            chosen = [r for r in cell if r["optimizer"] == name and r["lr"] == best["lr"]]
+            finals[name] = {r["seed"]: r for r in chosen}
+            entry[name] = {
+                "lr": best["lr"],
+                "final_excess": mean_std([_final(r["excess"]) for r in chosen]),
+                "final_loss_a": mean_std([_final(r["loss_a"]) for r in chosen]),
+                "final_loss_b": mean_std([_final(r["loss_b"]) for r in chosen]),
+                "seeds": len(chosen),
+            }
+        ref = finals.get("adamw", {})
+        for name, by_seed in finals.items():
+            ratios, unreached = [], 0
+            for seed, r in by_seed.items():
+                if seed not in ref:
+                    continue
+                target = _final(ref[seed]["excess"])
+                a_steps = first_reach(ref[seed]["excess"], target) or len(ref[seed]["excess"])
+                o_steps = first_reach(r["excess"], target)
+                unreached += o_steps is None
+                ratios.append(a_steps / (o_steps or len(r["excess"])))
+            entry[name]["ratio_vs_adamw"] = mean_std(ratios)
+            entry[name]["unreached"] = unreached
+        out[f"{angle:g}|{layout}|{batch}"] = entry
+    return out
+
+
+def _final(curve: Sequence[float]) -> float:
+    tail = curve[-max(1, len(curve) // 10) :]
+    return sum(tail) / len(tail)
+
+
+def run_synthetic(plan: SyntheticPlan, log: Any = print) -> dict[str, Any]:
+    """All runs of part (c): lr grid on seed 0, then the other seeds at the chosen lr."""
+    t0 = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    cosines = {}
+    for angle in plan.angles:
+        problem = make_problem(plan, angle)
+        cosines[f"{angle:g}"] = init_gradient_cosine(problem)
+        for layout in plan.layouts:
+            for batch in ("base", "large"):
+                for name in plan.optimizers:
+                    first = plan.seeds[0]
+                    grid = [
+                        train(plan, SynthRun(name, angle, layout, batch, lr, first), problem)
+                        for lr in plan.lr_grid
+                    ]
+                    runs += grid
+                    best = min(grid, key=lambda r: _final(r["excess"]))["lr"]
+                    for seed in plan.seeds[1:]:
+                        runs.append(
+                            train(plan, SynthRun(name, angle, layout, batch, best, seed), problem)
+                        )
+            log(f"synthetic angle {angle:g}: {len(runs)} runs, {time.perf_counter() - t0:.0f} s")
+    return {
+        "plan": {k: v for k, v in plan.__dict__.items()},
+        "init_cosines": cosines,
+        "summary": summarize_runs(plan, runs),
+        "runs": len(runs),
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def synthetic_table(result: dict[str, Any], optimizers: Sequence[str]) -> list[str]:
+    """Markdown rows: per cell, each optimizer's lr, final excess and ratio vs AdamW."""
+    lines = [
+        "| angle | layout | batch | optimizer | lr | final excess (mean ± std) "
+        "| task A loss | task B loss | sample eff. vs AdamW |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, entry in result["summary"].items():
+        angle, layout, batch = key.split("|")
+        for name in optimizers:
+            if name not in entry:
+                continue
+            e = entry[name]
+            ratio, spread = e["ratio_vs_adamw"]
+            mark = f" ({e['unreached']} unreached: upper bound)" if e["unreached"] else ""
+            lines.append(
+                f"| {angle} | {layout} | {batch} | {name} | {e['lr']:g} "
+                f"| {e['final_excess'][0]:.4g} ± {e['final_excess'][1]:.2g} "
+                f"| {e['final_loss_a'][0]:.4g} | {e['final_loss_b'][0]:.4g} "
+                f"| {ratio:.2f} ± {spread:.2f}{mark} |"
+            )
+    return lines
+
+
+__all__ = [
+    "SMOKE_SYNTHETIC",
+    "SyntheticPlan",
+    "make_problem",
+    "run_synthetic",
+    "synthetic_table",
+]

@@ -1,0 +1,149 @@
+"""The demo's model (a megatron-core GPTModel in Megatron's DDP) and its optimizer.
+
+The optimizer always comes from the package's factory ``get_mlfop_optimizer``: ML-FOP-SOAP,
+SOAP (folding off) or, with ``adam_only=True``, the AdamW baseline through the same chained
+optimizer (global norm, clipping and inf check shared by all three).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .data import DigitsData
+from .devices import on_accelerator, use_cuda
+from .spec import VOCAB_MULTIPLE, RunSpec
+
+
+# ------------------------------------------------------------------------------------- model
+def layer_spec() -> Any:
+    """TransformerEngine layer spec on CUDA when TE imports, else megatron's local spec."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_cuda():
+        try:
+            import transformer_engine  # noqa: F401
+
+            return specs.get_gpt_layer_with_transformer_engine_spec()
+        except ImportError:
+            pass
+    return specs.get_gpt_layer_local_spec()
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary padded like Megatron-LM (--make-vocab-size-divisible-by) so TP can split it.
+
+    A multiple of lcm(64, tp): the same padded size for every power-of-two TP up to 64, so
+    TP layouts train the same model. Padding ids never occur in the data.
+    """
+    multiple = math.lcm(VOCAB_MULTIPLE, tp)
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_model(spec: RunSpec, data: DigitsData) -> Any:
+    """This rank's GPTModel stage (current parallel_state) wrapped in the right Megatron DDP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+
+    from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+
+    config = TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden,
+        num_attention_heads=spec.heads,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        # Weights from the CPU RNG on every device (then moved), so GPU, CPU and strict
+        # emulated runs start from the same model.
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        add_bias_linear=False,
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(),
+        vocab_size=padded_vocab_size(data.vocab_size, config.tensor_model_parallel_size),
+        max_sequence_length=data.seq_length,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="learned_absolute",
+    )
+    if on_accelerator():
+        model.cuda(torch.cuda.current_device())
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=True,
+        use_distributed_optimizer=False,
+    )
+    ddp_class = (
+        DistributedDataParallel if spec.optimizer == "adamw" else (FoldingDistributedDataParallel)
+    )
+    ddp = ddp_class(config=config, ddp_config=ddp_config, module=model)
+    # The hooks Megatron-LM's training loop installs, so the schedules drive the DDP buckets.
+    config.no_sync_func = ddp.no_sync
+    config.grad_sync_func = ddp.start_grad_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def build_optimizer(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
+    """ML-FOP-SOAP, SOAP (folding off) or AdamW (``adam_only``), all from the package's factory.
+
+    AdamW: torch AdamW (apex FusedAdam on CUDA with apex) in Megatron's FP32Optimizer, weight
+    decay on matrices only, as megatron's get_megatron_optimizer builds it; chained like the
+    Adam part of ML-FOP-SOAP, so global norm, clipping and the inf check are the same code.
+    """
+    from megatron.core.optimizer import OptimizerConfig
+
+    from mlfop_megatron.config import MLFOPConfig
+    from mlfop_megatron.megatron.factory import get_mlfop_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=spec.lr,
+        min_lr=spec.lr * spec.min_lr_frac,
+        weight_decay=spec.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_eps=1e-8,
+        clip_grad=spec.clip_grad,
+        bf16=False,
+        fp16=False,
+        use_distributed_optimizer=False,
+    )
+    if spec.optimizer == "adamw":
+        return get_mlfop_optimizer(config, [model], adam_only=True)
+    mlfop = MLFOPConfig.from_kwargs(
+        lr=spec.lr,
+        betas=(0.95, 0.95),
+        weight_decay=spec.weight_decay,
+        precondition_frequency=spec.precondition_frequency,
+        accumulation_steps=accumulation_steps,
+        enabled=spec.optimizer == "mlfop",
+        project=spec.fold_project,
+        fixed_beta=spec.fold_fixed_beta,
+        structure=spec.fold_structure,
+        step_size=spec.step_size,
+        statistics_from=spec.statistics_from,
+    )
+    return get_mlfop_optimizer(config, [model], mlfop, sharded=True)
+
+
+def set_lr(optimizer: Any, lr: float) -> None:
+    """Set the learning rate of every param group (weight decay is left alone)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,523 @@
+"""Batched block engine: SOAP blocks of equal shape stacked into shape classes.
+
+Blocks whose state has the same matrix shape, rotated sides, dtype, device, main-weight flag,
+step count and config form a *shape class*. Each state field of a class lives in one stacked
+tensor [B, ...]; every block's state dict holds views of those stacks (``stack[j]``), so
+per-block state stays addressable (checkpoints, tests) while the math runs as one batched op
+per class: rotations are ``matmul`` on [B, r, c], the factor update is ``baddbmm``, moments and
+the fold are elementwise on the stacks, the FOP inner products are per-block reductions of the
+stacks, and the refresh is one batched ``eigh`` or QR per class and side.
+
+Only the parameters themselves are not stacked (a block is a region of a parameter): their
+update is one ``torch._foreach_*`` call per class.
+
+Host syncs: none in the fold; the basis computation (first step and refresh) reads one flag
+tensor per step for all classes together (finiteness and numerical rank of every new basis).
+Blocks whose batched decomposition failed or was non-finite are redone one at a time by the
+per-block routines of ``core/linalg.py`` (fp64 retry, keep the previous basis, counted), so the
+fallback behaves exactly as in the per-block engine.
+
+Numerics versus the per-block engine (``core/soap.py``): elementwise ops (moments, the fold
+itself, the update) are the same ops on the same values; batched matmul / baddbmm / eigh / QR
+may round differently from their unbatched forms (different blocking inside the BLAS/LAPACK
+kernels, on GPU a different eigh algorithm for small matrices), and in float32 the FOP inner
+products are reduced in a different order than ``torch.dot``. Results agree to rounding, not
+bitwise (on CPU, one window from the same state: ~1e-15 in float64, ~1e-5 in float32; see
+tests/test_batched_engine.py). The ops used do not depend on which blocks share a class, so
+an owner-sharded run (classes of the blocks one rank owns) is bitwise equal to a replicated
+one (classes of all blocks) on CPU.
+
+Whoever changes a block's state tensors from outside (loading a checkpoint) must rebuild the
+engine; :meth:`BatchedBlocks.matches` tells whether the states still hold the engine's views.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mlfop_megatron.config import SOAPConfig
+from mlfop_megatron.core.linalg import (
+    LinalgCounters,
+    qr_refresh_basis,
+    robust_eigh_basis,
+)
+from mlfop_megatron.core.soap import State
+
+FIELDS = ("exp_avg", "exp_avg_sq", "L", "R", "QL", "QR", "master")
+SIDES = (("L", "QL", 0), ("R", "QR", 1))
+
+
+def _bt(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-2, -1)
+
+
+def _on(values: list, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device`` (one host-to-device copy)."""
+    return torch.as_tensor(values).to(device)
+
+
+@dataclass
+class ShapeClass:
+    """Blocks of one shape (and dtype, device, step, config): stacked state, block views."""
+
+    positions: list[int]  # the blocks' indices in the engine's block order
+    index: torch.Tensor  # the same, as a long tensor on the class device
+    states: list[State]
+    params: list[torch.Tensor]  # each block's matrix region of its parameter (views)
+    cfg: SOAPConfig
+    tensors: dict[str, torch.Tensor]  # stacked state fields [B, ...]
+    views: dict[str, list[torch.Tensor]]  # views[f][j] is states[j][f]
+    step: int
+    initialized: bool
+
+    @property
+    def size(self) -> int:
+        """Number of blocks in the class."""
+        return len(self.positions)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """State dtype of the class."""
+        return self.tensors["exp_avg"].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the class's state."""
+        return self.tensors["exp_avg"].device
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """QL^T X QR per block of a [B, r, c] stack (identity on a side without a basis)."""
+        if "QL" in self.tensors:
+            x = torch.matmul(_bt(self.tensors["QL"]), x)
+        if "QR" in self.tensors:
+            x = torch.matmul(x, self.tensors["QR"])
+        return x
+
+    def unrotate(self, x: torch.Tensor) -> torch.Tensor:
+        """QL X QR^T per block."""
+        if "QL" in self.tensors:
+            x = torch.matmul(self.tensors["QL"], x)
+        if "QR" in self.tensors:
+            x = torch.matmul(x, _bt(self.tensors["QR"]))
+        return x
+
+    def metric_diag(self) -> torch.Tensor | None:
+        """sqrt(v_hat) + eps of every block [B, r, c]; None while the metric is I."""
+        if not self.initialized or self.step == 0:
+            return None
+        v_hat = self.tensors["exp_avg_sq"] / (1.0 - self.cfg.betas[1] ** self.step)
+        return v_hat.sqrt_().add_(self.cfg.eps)
+
+    def stack(self, per_block: Sequence[torch.Tensor]) -> torch.Tensor:
+        """A [B, r, c] stack (a new tensor) of this class's entries of a per-block list."""
+        return torch.stack([per_block[i] for i in self.positions])
+
+    def update_factors(self, grad: torch.Tensor) -> None:
+        """L <- b L + (1-b) G G^T and R <- b R + (1-b) G^T G for every block."""
+        beta = self.cfg.factor_beta
+        if "L" in self.tensors:
+            self.tensors["L"].mul_(beta).baddbmm_(grad, _bt(grad), alpha=1.0 - beta)
+        if "R" in self.tensors:
+            self.tensors["R"].mul_(beta).baddbmm_(_bt(grad), grad, alpha=1.0 - beta)
+
+    def write_scalars(self) -> None:
+        """Mirror the class's step and initialized flag into every block's state dict."""
+        for s in self.states:
+            s["step"] = self.step
+            s["initialized"] = self.initialized
+
+
+def _class_key(state: State, cfg: SOAPConfig, extra: Hashable) -> tuple:
+    ea = state["exp_avg"]
+    present = tuple(f in state for f in FIELDS)
+    master_dtype = state["master"].dtype if "master" in state else None
+    return (
+        tuple(ea.shape),
+        ea.dtype,
+        str(ea.device),
+        present,
+        master_dtype,
+        int(state["step"]),
+        bool(state["initialized"]),
+        cfg,
+        extra,
+    )
+
+
+# ----------------------------------------------------------------------------- bases
+@dataclass
+class _SideJob:
+    """A batched basis computation of one side of one class, waiting for the host flags."""
+
+    cls: ShapeClass
+    factor_key: str
+    basis_key: str
+    dim: int
+    method: str  # "eigh" or "qr"
+    new: torch.Tensor | None  # [B, n, n]; None when the batched call raised
+    order: torch.Tensor | None  # qr: [B, n] column order
+    flags: torch.Tensor | None  # [2, B]: ok (0/1) and numerical rank
+    rank_cols: int = 0
+
+
+def _null_tol(values: torch.Tensor) -> torch.Tensor:
+    """``linalg.null_tolerance`` per row of a [B, n] tensor ([B, 1])."""
+    eps = torch.finfo(values.dtype).eps
+    return values.abs().amax(dim=-1, keepdim=True) * (values.shape[-1] * eps * 10.0)
+
+
+def _start_eigh(cls: ShapeClass, factor_key: str, basis_key: str, dim: int) -> _SideJob:
+    factors = cls.tensors[factor_key]
+    n = factors.shape[-1]
+    finite_in = torch.isfinite(factors).all(dim=-1).all(dim=-1)
+    eye = torch.eye(n, dtype=factors.dtype, device=factors.device)
+    safe = torch.where(finite_in[:, None, None], factors, eye)
+    try:
+        values, vecs = torch.linalg.eigh(safe)
+    except (RuntimeError, torch.linalg.LinAlgError):
+        return _SideJob(cls, factor_key, basis_key, dim, "eigh", None, None, None)
+    values, vecs = torch.flip(values, dims=[-1]), torch.flip(vecs, dims=[-1])
+    rank = (values > _null_tol(values)).sum(dim=-1)
+    ok = finite_in & torch.isfinite(vecs).all(dim=-1).all(dim=-1)
+    flags = torch.stack([ok.to(rank.dtype), rank])
+    return _SideJob(cls, factor_key, basis_key, dim, "eigh", vecs, None, flags)
+
+
+def _start_qr(cls: ShapeClass, factor_key: str, basis_key: str, dim: int) -> _SideJob:
+    factors, basis = cls.tensors[factor_key], cls.tensors[basis_key]
+    try:
+        fq = torch.matmul(factors, basis)
+        est = (basis * fq).sum(dim=-2)  # diag(Q^T F Q) per block [B, n]
+        est = torch.where(est > _null_tol(est), est, torch.zeros_like(est))
+        order = torch.argsort(est, dim=-1, descending=True, stable=True)
+        sorted_fq = torch.gather(fq, 2, order[:, None, :].expand_as(fq))
+        new, _ = torch.linalg.qr(sorted_fq)
+    except (RuntimeError, torch.linalg.LinAlgError):
+        return _SideJob(cls, factor_key, basis_key, dim, "qr", None, None, None)
+    rank = (est > 0).sum(dim=-1)
+    # The canonical null columns are finite whenever the kept ones are: check those only.
+    cols = torch.arange(new.shape[-1], device=new.device)
+    kept = torch.where((cols[None, :] < rank[:, None])[:, None, :], new, torch.zeros_like(new))
+    ok = torch.isfinite(kept).all(dim=-1).all(dim=-1)
+    ok = ok & torch.isfinite(factors).all(dim=-1).all(dim=-1)
+    flags = torch.stack([ok.to(rank.dtype), rank])
+    return _SideJob(cls, factor_key, basis_key, dim, "qr", new, order, flags)
+
+
+def _canonicalize(new: torch.Tensor, ranks: list[int], usable: list[bool]) -> None:
+    """``canonical_null_basis`` in place, batched over the blocks of equal rank."""
+    n = new.shape[-1]
+    by_rank: dict[int, list[int]] = {}
+    for j, (r, good) in enumerate(zip(ranks, usable)):
+        if good and r < n:
+            by_rank.setdefault(r, []).append(j)
+    for r, members in by_rank.items():
+        idx = _on(members, new.device)
+        sub = new.index_select(0, idx)
+        kept = sub[..., :r]
+        gen = torch.Generator(device="cpu").manual_seed(n * 7919 + r)
+        probe = torch.randn(n, n - r, generator=gen, dtype=torch.float64)
+        probe = probe.to(device=new.device, dtype=new.dtype)
+        projected = probe - kept @ (_bt(kept) @ probe)
+        projected = projected - kept @ (_bt(kept) @ projected)
+        null, _ = torch.linalg.qr(projected)
+        new.index_copy_(0, idx, torch.cat([kept, null], dim=-1))
+
+
+def _finish(job: _SideJob, host: list[list[int]] | None, counters: LinalgCounters) -> None:
+    """Apply a side's new bases: fix-ups per failed block, then rotate m, permute v."""
+    st = job.cls.tensors
+    old = st[job.basis_key]
+    b, n = old.shape[0], old.shape[-1]
+    if job.new is None:  # the batched call raised: the per-block routines redo every block
+        ok, ranks = [False] * b, [n] * b
+        new = old.clone()
+        order = None if job.method == "eigh" else torch.arange(n, device=old.device).repeat(b, 1)
+    else:
+        assert host is not None  # compute_bases passes the flags of every computed job
+        ok, ranks = [bool(x) for x in host[0]], host[1]
+        new, order = job.new, job.order
+    _canonicalize(new, ranks, ok)
+    kept_old = [False] * b  # blocks whose basis does not change (m, v stay as they are)
+    for j in range(b):
+        if ok[j]:
+            continue
+        factor, prev = st[job.factor_key][j], old[j]
+        if job.method == "eigh":
+            basis = robust_eigh_basis(factor, prev, counters)
+            fixed = None
+        else:
+            basis, fixed = qr_refresh_basis(factor, prev, counters)
+        kept_old[j] = basis is prev
+        new[j] = basis
+        if order is not None:
+            if fixed is None:
+                order[j] = torch.arange(n, device=order.device)
+            else:
+                order[j] = fixed
+    v = st["exp_avg_sq"]
+    if order is not None:
+        if job.dim == 0:
+            v.copy_(torch.gather(v, 1, order[:, :, None].expand_as(v)))
+        else:
+            v.copy_(torch.gather(v, 2, order[:, None, :].expand_as(v)))
+    change = torch.matmul(_bt(new), old)  # old rotated coordinates -> new ones
+    if any(kept_old):  # exactly the identity where the previous basis was kept
+        mask = _on(kept_old, change.device)[:, None, None]
+        change = torch.where(mask, torch.eye(n, dtype=change.dtype, device=change.device), change)
+    m = st["exp_avg"]
+    if job.dim == 0:
+        m.copy_(torch.matmul(change, m))
+    else:
+        m.copy_(torch.matmul(m, _bt(change)))
+    old.copy_(new)
+
+
+def compute_bases(
+    classes: Sequence[ShapeClass], method: str, counters: LinalgCounters, first: bool
+) -> None:
+    """New bases of every side of ``classes``, with one host read for all of them.
+
+    ``first``: eigh of the factors; otherwise the refresh ``method``.
+    """
+    jobs = []
+    for cls in classes:
+        for factor_key, basis_key, dim in SIDES:
+            if factor_key not in cls.tensors:
+                continue
+            if first or method == "eigh":
+                jobs.append(_start_eigh(cls, factor_key, basis_key, dim))
+            else:
+                jobs.append(_start_qr(cls, factor_key, basis_key, dim))
+    flags = [j.flags for j in jobs if j.flags is not None]
+    host = torch.cat(flags, dim=1).tolist() if flags else [[], []]  # the one host sync
+    offset = 0
+    for job in jobs:
+        if job.flags is None:
+            _finish(job, None, counters)
+            continue
+        width = job.flags.shape[1]
+        part = [host[0][offset : offset + width], host[1][offset : offset + width]]
+        offset += width
+        if first:  # the first bases replace the identity: no moment to re-express
+            _finish_first(job, part, counters)
+        else:
+            _finish(job, part, counters)
+
+
+def _finish_first(job: _SideJob, host: list[list[int]], counters: LinalgCounters) -> None:
+    """First bases (``soap.init_bases``): the eigenbasis, per-block fallback where it failed."""
+    st = job.cls.tensors
+    ok, ranks = [bool(x) for x in host[0]], host[1]
+    new = job.new
+    assert new is not None  # only jobs whose batched call succeeded have flags
+    _canonicalize(new, ranks, ok)
+    for j in range(new.shape[0]):
+        if not ok[j]:
+            new[j] = robust_eigh_basis(st[job.factor_key][j], st[job.basis_key][j], counters)
+    st[job.basis_key].copy_(new)
+
+
+# ----------------------------------------------------------------------------- engine
+class BatchedBlocks:
+    """The shape classes of a list of block states (see the module docstring).
+
+    ``states[i]``: block i's SOAP state (its tensors are replaced by views of the stacks);
+    ``params[i]``: block i's matrix region of its parameter; ``cfgs[i]``: its SOAP config;
+    ``extras[i]``: anything else that must separate classes (e.g. a param group index).
+    """
+
+    def __init__(
+        self,
+        states: Sequence[State],
+        params: Sequence[torch.Tensor],
+        cfgs: Sequence[SOAPConfig],
+        extras: Sequence[Hashable] | None = None,
+    ) -> None:
+        if not (len(states) == len(params) == len(cfgs)):
+            raise ValueError("BatchedBlocks needs one param and one config per block state")
+        extras = [None] * len(states) if extras is None else list(extras)
+        self.states = list(states)
+        groups: dict[tuple, list[int]] = {}
+        for i, (s, cfg, extra) in enumerate(zip(states, cfgs, extras)):
+            groups.setdefault(_class_key(s, cfg, extra), []).append(i)
+        self.classes: list[ShapeClass] = []
+        for positions in groups.values():
+            members = [states[i] for i in positions]
+            first = members[0]
+            tensors, views = {}, {}
+            for f in FIELDS:
+                if f in first:
+                    tensors[f] = torch.stack([s[f] for s in members])
+                    views[f] = list(tensors[f].unbind(0))
+                    for s, v in zip(members, views[f]):
+                        s[f] = v
+            device = first["exp_avg"].device
+            self.classes.append(
+                ShapeClass(
+                    positions=positions,
+                    index=_on(positions, device),
+                    states=members,
+                    params=[params[i] for i in positions],
+                    cfg=cfgs[positions[0]],
+                    tensors=tensors,
+                    views=views,
+                    step=int(first["step"]),
+                    initialized=bool(first["initialized"]),
+                )
+            )
+        self.num_blocks = len(self.states)
+        order = [i for c in self.classes for i in c.positions]
+        self._identity_order = order == list(range(self.num_blocks))
+        if self.classes and not self._identity_order:
+            device = self.classes[0].device
+            inverse = [0] * self.num_blocks
+            for k, i in enumerate(order):
+                inverse[i] = k
+            self._inverse = _on(inverse, device)
+
+    def matches(self, states: Sequence[State]) -> bool:
+        """True while ``states`` are this engine's blocks and still hold its views."""
+        if len(states) != self.num_blocks:
+            return False
+        for cls in self.classes:
+            for j, i in enumerate(cls.positions):
+                s = states[i]
+                if s is not cls.states[j] or s["step"] != cls.step:
+                    return False
+                for f, vs in cls.views.items():
+                    if s.get(f) is not vs[j]:
+                        return False
+        return True
+
+    def to_block_order(self, per_class: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-class rows [B_c, ...] into block order [n, ...]."""
+        rows = torch.cat(list(per_class))
+        return rows if self._identity_order else rows.index_select(0, self._inverse)
+
+    def stack(self, per_block: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-class [B, r, c] stacks (new tensors) of a per-block list."""
+        return [c.stack(per_block) for c in self.classes]
+
+    def unstack(self, per_class: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Per-block views of per-class stacks (None stays None)."""
+        out: list[torch.Tensor | None] = [None] * self.num_blocks
+        for cls, x in zip(self.classes, per_class):
+            if x is None:
+                continue
+            for i, v in zip(cls.positions, x.unbind(0)):
+                out[i] = v
+        return out
+
+    def metric_diags(self) -> list[torch.Tensor | None]:
+        """Per-class metric diagonals (None: M = I)."""
+        return [c.metric_diag() for c in self.classes]
+
+    def step(
+        self,
+        window: ClassWindow,
+        lrs: Sequence[float],
+        weight_decays: Sequence[float],
+        counters: LinalgCounters,
+        timings: dict[str, float] | None = None,
+    ) -> None:
+        """One SOAP step of every block (``soap.soap_step`` batched per class).
+
+        ``lrs`` / ``weight_decays``: per block (uniform within a class by construction of the
+        caller's ``extras``). The basis computations of all classes share one host read.
+        """
+        first, refresh = [], []
+        for k, cls in enumerate(self.classes):
+            lr, wd = lrs[cls.positions[0]], weight_decays[cls.positions[0]]
+            if _class_step(cls, window, k, lr, wd):
+                if cls.step % cls.cfg.precondition_frequency == 0:
+                    refresh.append(cls)
+            else:
+                first.append(cls)
+        if first:
+            compute_bases(first, "eigh", counters, first=True)
+            for cls in first:
+                cls.initialized = True
+        for method in ("qr", "eigh"):
+            todo = [c for c in refresh if c.cfg.refresh_method == method]
+            if todo:
+                t0 = time.perf_counter()
+                compute_bases(todo, method, counters, first=False)
+                if timings is not None:
+                    timings["refresh"] = timings.get("refresh", 0.0) + time.perf_counter() - t0
+        for cls in self.classes:
+            cls.write_scalars()
+
+
+@dataclass
+class ClassWindow:
+    """Per-class stacked inputs of a step (``folding.WindowOutput`` per class).
+
+    grads[k]: class k's gradient stack; grads_rot[k]: its rotation or None; stats_grads /
+    stats_grads_rot: the statistics gradient (``statistics_from="mean"``) or None; eta[k]:
+    class k's eta* [B] or None.
+    """
+
+    grads: list[torch.Tensor]
+    grads_rot: list[torch.Tensor | None]
+    stats_grads: Sequence[torch.Tensor | None] | None = None
+    stats_grads_rot: Sequence[torch.Tensor | None] | None = None
+    eta: Sequence[torch.Tensor | None] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def scale_(self, factor: float) -> None:
+        """Multiply every gradient by ``factor`` in place (gradient clipping)."""
+        for group in (self.grads, self.grads_rot, self.stats_grads, self.stats_grads_rot):
+            for g in group or ():
+                if g is not None:
+                    g.mul_(factor)
+
+
+def _class_step(cls: ShapeClass, window: ClassWindow, k: int, lr: float, wd: float) -> bool:
+    """The moment and parameter update of one class; False on the statistics-only step."""
+    cfg = cls.cfg
+    grad, grad_rot = window.grads[k], window.grads_rot[k]
+    stats_grad = None if window.stats_grads is None else window.stats_grads[k]
+    stats_rot = None if window.stats_grads_rot is None else window.stats_grads_rot[k]
+    eta = None if window.eta is None else window.eta[k]
+    stats = grad if stats_grad is None else stats_grad
+    st = cls.tensors
+    if not cls.initialized:
+        cls.update_factors(stats)
+        return False
+    beta1, beta2 = cfg.betas
+    g_rot = cls.rotate(grad) if grad_rot is None else grad_rot
+    if stats_grad is None:
+        s_rot = g_rot
+    else:
+        s_rot = cls.rotate(stats_grad) if stats_rot is None else stats_rot
+    cls.step += 1
+    t = cls.step
+    st["exp_avg"].mul_(beta1).add_(g_rot, alpha=1.0 - beta1)
+    st["exp_avg_sq"].mul_(beta2).addcmul_(s_rot, s_rot, value=1.0 - beta2)
+    step_size = lr
+    if cfg.correct_bias:
+        step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+    normalized = st["exp_avg"] / st["exp_avg_sq"].sqrt().add_(cfg.eps)
+    direction = cls.unrotate(normalized)
+    if eta is not None:
+        direction.mul_(eta.to(direction.dtype)[:, None, None])
+    if "master" in st:
+        target = st["master"]
+        target.add_(direction.to(target.dtype), alpha=-step_size)
+        if wd > 0.0:
+            target.add_(target, alpha=-lr * wd)
+        torch._foreach_copy_(cls.params, list(target.unbind(0)))
+    else:
+        targets = cls.params
+        pdtype = targets[0].dtype
+        torch._foreach_add_(targets, list(direction.to(pdtype).unbind(0)), alpha=-step_size)
+        if wd > 0.0:
+            torch._foreach_add_(targets, targets, alpha=-lr * wd)
+    cls.update_factors(stats)
+    return True

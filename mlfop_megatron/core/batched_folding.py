@@ -1,0 +1,342 @@
+"""Multi-level folding of one window on shape-class stacks (``folding.WindowFolder`` batched).
+
+Same schedule, same estimates and the same FOP scalars as :class:`WindowFolder`, but every
+estimate is a list of per-class [B, r, c] stacks of a :class:`BatchedBlocks` engine: a level
+costs one rotation (batched matmul) per class, the FOP inner products are per-block reductions
+of the stacks (``linalg.vecdot``: each block reduced alone), and the fold is two elementwise
+ops per class. The scalars (s, beta, cz, ch, eta*, diagnostics) are vectors in block order,
+reduced across ranks by ``reduce_fn`` in one call per phase, exactly as in the per-block
+folder. Nothing here reads a device value on the host.
+
+Per-block views (``metric_diags``, ``rotate_fns``, ``estimate_rot``, ``output()``) exist for
+the grad-group diagnostics and the callers that take per-block lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+
+from mlfop_megatron.config import FoldingConfig
+from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow
+from mlfop_megatron.core.folding import LevelDiagnostics, WindowOutput
+from mlfop_megatron.core.fop import (
+    FoldCoefficients,
+    ReduceFn,
+    coefficients_from_sums,
+    eta_star,
+)
+from mlfop_megatron.core.levels import LevelSchedule
+from mlfop_megatron.core.soap import rotate
+
+Stacks = list[torch.Tensor]
+
+
+def bdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """<x_b, y_b> for every block b of two [B, r, c] stacks ([B]).
+
+    ``vecdot`` reduces each block alone, so a block's sums do not depend on which blocks share
+    its class (a batched matrix-vector product does: its kernel choice follows the batch
+    size), which keeps owner-sharded runs bitwise equal to replicated ones.
+    """
+    return torch.linalg.vecdot(x.flatten(1), y.flatten(1))
+
+
+def batched_phase1(a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
+    """``fop.phase1_sums`` of every block of a stack ([B, 5])."""
+    ma = a if diag is None else a * diag
+    return torch.stack([bdot(a, ma), bdot(d, ma), bdot(a, a), bdot(a, d), bdot(d, d)], dim=1)
+
+
+def batched_phase2(
+    a: torch.Tensor,
+    d: torch.Tensor,
+    diag: torch.Tensor | None,
+    s: torch.Tensor,
+    with_ama: bool,
+) -> torch.Tensor:
+    """``fop.phase2_sums`` of every block of a stack (``s``: [B] in the stack's dtype)."""
+    d_perp = d - s[:, None, None] * a
+    mi_dp = d_perp if diag is None else d_perp / diag
+    mi_d = d if diag is None else d / diag
+    out = [bdot(a, mi_dp), bdot(d_perp, mi_dp), bdot(d, mi_d)]
+    if with_ama:
+        out.append(bdot(a, a if diag is None else a / diag))
+    return torch.stack(out, dim=1)
+
+
+@dataclass
+class _Entry:
+    size: int
+    grads: Stacks
+    rot: list[torch.Tensor | None]
+
+
+@dataclass
+class BatchedWindowFolder:
+    """Accumulates and folds the level gradients of one window on an engine's shape classes."""
+
+    schedule: LevelSchedule
+    cfg: FoldingConfig
+    engine: BatchedBlocks
+    reduce_fn: ReduceFn | None = None
+    micro_steps: int = 0
+    diagnostics: list[LevelDiagnostics] = field(default_factory=list)
+    finite: torch.Tensor | None = None
+    eta: torch.Tensor | None = None  # eta* per block (block order) once folded (eta_star)
+
+    def __post_init__(self) -> None:
+        self.class_diags = self.engine.metric_diags()
+        self._stack: list[_Entry] = []
+        self._level_sums: Stacks | None = None
+        self._estimate: _Entry | None = None
+        folds = self.schedule.num_folds
+        mean_stats = self.cfg.statistics_from == "mean" and folds > 0
+        eta = self.cfg.step_size == "eta_star" and folds > 0
+        self._eta_from_fold = eta and folds == 1
+        self._plain_orig = mean_stats
+        self._plain_rot = mean_stats or (eta and folds > 1)
+        self._plain: Stacks | None = None
+        self._plain_r: Stacks | None = None
+
+    # ----------------------------------------------------------- per-block views
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks of the engine."""
+        return self.engine.num_blocks
+
+    @property
+    def metric_diags(self) -> list[torch.Tensor | None]:
+        """Per-block metric diagonals (views of the class stacks)."""
+        return self.engine.unstack(self.class_diags)
+
+    @property
+    def rotate_fns(self) -> list:
+        """Per-block rotations (for the grad-group diagnostics)."""
+        return [lambda x, s=s: rotate(x, s) for s in self.engine.states]
+
+    @property
+    def estimate_rot(self) -> list[torch.Tensor | None]:
+        """Per-block rotated folded gradients (see :meth:`result`)."""
+        return self.result()[1]
+
+    @property
+    def complete(self) -> bool:
+        """Whether the window holds all its micro-steps."""
+        return self.micro_steps == self.schedule.accumulation_steps
+
+    # ---------------------------------------------------------------- input
+    def add_micro_step(self, grads: Sequence[torch.Tensor]) -> None:
+        """Add one micro-step's gradients (one per block, block order); folds at level ends."""
+        if len(grads) != self.num_blocks:
+            raise ValueError(f"expected {self.num_blocks} gradients, got {len(grads)}")
+        if self.complete:
+            raise ValueError(
+                f"more than accumulation_steps={self.schedule.accumulation_steps} micro-steps "
+                "in one window; call step() after the last micro-step"
+            )
+        stacks = self.engine.stack(grads)
+        if stacks:
+            flags = torch.stack([torch.isfinite(x).all() for x in stacks]).all()
+            self.finite = flags if self.finite is None else self.finite & flags
+        if self._level_sums is None:
+            self._level_sums = stacks
+        else:
+            for acc, x in zip(self._level_sums, stacks):
+                acc.add_(x)
+        self.micro_steps += 1
+        level = self.schedule.level_ending_at(self.micro_steps)
+        if level is not None:
+            size = self.schedule.level_size(level)
+            means = self._level_sums
+            for m in means:
+                m.div_(size)
+            self._level_sums = None
+            self._fold(level, means)
+
+    def fold_level(self, level: int, level_means: Sequence[torch.Tensor]) -> None:
+        """Fold a completed level's per-block mean gradients (stacked here)."""
+        self.fold_level_stacked(level, self.engine.stack(level_means))
+
+    def fold_level_stacked(self, level: int, stacks: Stacks) -> None:
+        """Fold a completed level's mean gradients given as per-class stacks (taken over)."""
+        self._fold(level, stacks)
+        self.micro_steps = self.schedule.boundaries[level]
+
+    # ----------------------------------------------------------------- fold
+    def _fold(self, level: int, means: Stacks) -> None:
+        if not self.num_blocks:
+            return
+        size = self.schedule.level_size(level)
+        classes = self.engine.classes
+        if self.schedule.num_folds:
+            rots: list[torch.Tensor | None] = []
+            for cls, mean in zip(classes, means):
+                rotated = cls.rotate(mean)
+                rots.append(rotated.clone() if rotated is mean else rotated)
+        else:
+            rots = [None] * len(means)
+        self._add_plain(means, rots, size)
+        self._stack.append(_Entry(size, list(means), rots))
+        for fold in self.schedule.folds_at(level):
+            h, z = self._stack.pop(), self._stack.pop()
+            if (z.size, h.size) != (fold.n_z, fold.n_h):
+                raise RuntimeError(f"fold {fold} met estimates of {z.size} and {h.size} steps")
+            with_eta = self._eta_from_fold and fold.index == self.schedule.num_folds - 1
+            coef = self._coefficients(z, h, with_eta)
+            # Folds exist only when num_folds > 0, so every rotated form was computed.
+            z_rot, h_rot = cast(Stacks, z.rot), cast(Stacks, h.rot)
+            for cls, zg, hg, zr, hr in zip(classes, z.grads, h.grads, z_rot, h_rot):
+                cz = coef.cz.index_select(0, cls.index).to(zg.dtype)[:, None, None]
+                ch = coef.ch.index_select(0, cls.index).to(zg.dtype)[:, None, None]
+                zg.mul_(cz).addcmul_(hg, ch)
+                zr.mul_(cz).addcmul_(hr, ch)
+            if with_eta:
+                self.eta = coef.eta
+            if self.cfg.diagnostics:
+                self.diagnostics.append(
+                    LevelDiagnostics(
+                        level,
+                        z.size,
+                        h.size,
+                        coef.s,
+                        coef.beta,
+                        coef.sums,
+                        fold.index,
+                        coef.cz,
+                        coef.ch,
+                    )
+                )
+            self._stack.append(_Entry(z.size + h.size, z.grads, z.rot))
+        if level == self.schedule.num_levels - 1:
+            (self._estimate,) = self._stack
+            self._finish_plain()
+            if self.cfg.step_size == "eta_star" and self.schedule.num_folds > 1:
+                self.eta = self._eta_against_plain_mean()
+
+    def _coefficients(self, z: _Entry, h: _Entry, with_eta: bool) -> FoldCoefficients:
+        wz, wh = z.size / (z.size + h.size), h.size / (z.size + h.size)
+        z_rot, h_rot = cast(Stacks, z.rot), cast(Stacks, h.rot)  # folds: rotated forms exist
+        a_list = [wz * zr + wh * hr for zr, hr in zip(z_rot, h_rot)]
+        d_list = [zr - hr for zr, hr in zip(z_rot, h_rot)]
+        f64 = torch.float64
+
+        def phase1() -> torch.Tensor:
+            return self.engine.to_block_order(
+                [
+                    batched_phase1(a, d, m).to(f64)
+                    for a, d, m in zip(a_list, d_list, self.class_diags)
+                ]
+            )
+
+        def phase2(s: torch.Tensor) -> torch.Tensor:
+            rows = []
+            for cls, a, d, m in zip(self.engine.classes, a_list, d_list, self.class_diags):
+                s_c = s.index_select(0, cls.index).to(a.dtype)
+                rows.append(batched_phase2(a, d, m, s_c, with_eta).to(f64))
+            return self.engine.to_block_order(rows)
+
+        dtype = self.engine.classes[0].dtype
+        return coefficients_from_sums(
+            phase1, phase2, dtype, z.size, h.size, self.cfg, self.reduce_fn, with_eta
+        )
+
+    def _add_plain(self, means: Stacks, rots: list[torch.Tensor | None], size: int) -> None:
+        for flag, attr, new in (
+            (self._plain_orig, "_plain", means),
+            # _plain_rot implies num_folds > 0: every rotated form was computed.
+            (self._plain_rot, "_plain_r", cast(Stacks, rots)),
+        ):
+            if not flag:
+                continue
+            current = getattr(self, attr)
+            if current is None:
+                setattr(self, attr, [x.mul(size) for x in new])
+            else:
+                for acc, x in zip(current, new):
+                    acc.add_(x, alpha=size)
+
+    def _finish_plain(self) -> None:
+        k = self.schedule.accumulation_steps
+        for sums in (self._plain, self._plain_r):
+            for x in sums or ():
+                x.div_(k)
+
+    def _eta_against_plain_mean(self) -> torch.Tensor:
+        # Called after the last fold with several folds: both are set.
+        assert self._plain_r is not None and self._estimate is not None
+        comb_rots = cast(Stacks, self._estimate.rot)
+        rows = []
+        for mean_r, comb_r, diag in zip(self._plain_r, comb_rots, self.class_diags):
+            mi_comb = comb_r if diag is None else comb_r / diag
+            rows.append(torch.stack([bdot(mean_r, mi_comb), bdot(comb_r, mi_comb)], 1))
+        sums = self.engine.to_block_order([r.to(torch.float64) for r in rows])
+        if self.reduce_fn is not None:
+            sums = self.reduce_fn(sums)
+        return eta_star(sums[:, 0], sums[:, 1])
+
+    # --------------------------------------------------------------- output
+    def class_output(self) -> ClassWindow:
+        """The step's inputs per class (see :class:`ClassWindow`)."""
+        self._check_done()
+        if not self.num_blocks:
+            return ClassWindow([], [])
+        top = self._estimate
+        assert top is not None  # complete with blocks: the last level set it
+        eta = None
+        if self.eta is not None:
+            eta = [self.eta.index_select(0, c.index) for c in self.engine.classes]
+        if self._plain_orig and self.num_blocks:
+            return ClassWindow(top.grads, top.rot, self._plain, self._plain_r, eta)
+        return ClassWindow(top.grads, top.rot, eta=eta)
+
+    def output(self) -> WindowOutput:
+        """Per-block views of :meth:`class_output` (``folding.WindowOutput``)."""
+        w = self.class_output()
+        unstack = self.engine.unstack
+        if w.stats_grads is not None:
+            assert w.stats_grads_rot is not None  # class_output sets both together
+            return WindowOutput(
+                self._unstack_tensors(w.grads),
+                unstack(w.grads_rot),
+                self._unstack_tensors(w.stats_grads),
+                unstack(w.stats_grads_rot),
+                self.eta,
+            )
+        return WindowOutput(self._unstack_tensors(w.grads), unstack(w.grads_rot), eta=self.eta)
+
+    def result(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The folded gradient per block and its rotated form (views of the class stacks)."""
+        self._check_done()
+        if not self.num_blocks:
+            return [], []
+        assert self._estimate is not None  # complete with blocks: the last level set it
+        return self._unstack_tensors(self._estimate.grads), self.engine.unstack(self._estimate.rot)
+
+    def _unstack_tensors(self, stacks: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """``engine.unstack`` of stacks that are all present (so no block view is None)."""
+        return cast(list[torch.Tensor], self.engine.unstack(stacks))
+
+    def grad_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of squares in fp64, non-finite flag) over every folded gradient."""
+        self._check_done()
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        grads: Stacks = []
+        if self.num_blocks:
+            assert self._estimate is not None  # complete with blocks: the last level set it
+            grads = self._estimate.grads
+        for g in grads:
+            sq = sq + g.double().pow(2).sum()
+            bad = bad | ~torch.isfinite(g).all()
+        return sq, bad
+
+    def _check_done(self) -> None:
+        if not self.complete:
+            raise ValueError(
+                f"the window has {self.micro_steps} micro-steps but accumulation_steps="
+                f"{self.schedule.accumulation_steps}; call accumulate() once per micro-batch"
+            )
