@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(f"simulation wall time: {time.perf_counter() - t0:.1f} s")
     if args.measure:
-        print("\nMeasured on this machine (tiny GPT hidden 128, gloo, ring all-reduce bytes):")
+        print("\nMeasured on this machine (tiny GPT hidden 128, gloo, collectives counted):")
         print(f"Machine: {machine_facts()}")
         print("\n".join(measure()))
     if args.json:
@@ -284,34 +284,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def measure(dp_sizes: Sequence[int] = (1, 2, 4), hidden: int = 128, iters: int = 6) -> list[str]:
-    """Measured on CPU: per-rank state bytes, optimizer step time and bytes moved, vs DP size.
+    """Measured on CPU: per-rank state bytes, optimizer step time and collectives, vs DP size.
 
     Same tiny GPT (fp32, K=4 micro-batches, 4 samples per micro-batch summed over DP) through
-    the Megatron adapter with sharded state. Step time is the max over ranks of the median
-    optimizer.step() after the first (statistics-only) step; all ranks share 2 cores, so times
-    at DP>2 include oversubscription.
+    the Megatron adapter with sharded state and the default communication (CommConfig
+    defaults, ZeRO-1 Adam). Step time is the max over ranks of the median optimizer.step()
+    after the first (statistics-only) step; all ranks share 2 cores, so times at DP>2 include
+    oversubscription. Collectives are counted on the real calls
+    (``mlfop_megatron.distributed.comm_counter``, the counting of
+    ``benchmarks/communication.py``, which has the per-kind table and the model at scale).
     """
     from mlfop_megatron.runtime.spawn import run_distributed
     from tests.support.mlfop_runs import run_tiny_gpt
 
     lines = [
-        "| DP | max state KiB/rank | state vs DP=1 | median step ms (max rank) | "
-        "param broadcast KiB/step/rank | level all-reduce KiB/step/rank |",
+        "| DP | max state KiB/rank (SOAP + Adam) | state vs DP=1 | median step ms (max rank) | "
+        "collectives/step | sent KiB/step/rank (counted) |",
         "|---|---|---|---|---|---|",
     ]
     base_state = None
     for dp in dp_sizes:
-        spec = dict(iters=iters, microbatches=4, global_micro=4, hidden=hidden, sharded=True)
+        spec = dict(
+            iters=iters,
+            microbatches=4,
+            global_micro=4,
+            hidden=hidden,
+            sharded=True,
+            count_comm=True,
+        )
         runs = run_distributed(run_tiny_gpt, dp, spec, timeout=600)
-        state = max(r["state_bytes"] for r in runs)
+        state = max(r["state_bytes"] + r["adam_state_bytes"] for r in runs)
         base_state = base_state or state
         step_ms = max(sorted(r["step_times"][1:])[len(r["step_times"][1:]) // 2] for r in runs)
-        bcast = max(r["broadcast_bytes"] for r in runs)
-        # Every level boundary all-reduces the full grad buffer: 3 levels for K=4.
-        allreduce = 3 * runs[0]["grad_buffer_bytes"] * (2 * (dp - 1) / dp)
+        # The last step's counts (every step launches the same), the busiest rank's bytes.
+        launches = sum(runs[0]["comm_counts"][-1][0].values())
+        sent = max(sum(r["comm_counts"][-1][1].values()) for r in runs)
         lines.append(
             f"| {dp} | {state / 1024:.0f} | {state / base_state:.2f} | {1e3 * step_ms:.1f} | "
-            f"{bcast / 1024:.0f} | {allreduce / 1024:.0f} |"
+            f"{launches} | {sent / 1024:.0f} |"
         )
     return lines
 

@@ -302,10 +302,18 @@ class ShardingConfig:
         "blockwise: precondition each TP shard; full: gather whole matrices",
         choices=TP_MODES,
     )
+    shard_adam: bool = option(
+        True,
+        "keep the AdamW state and fp32 main weights of the non-matrix params (embeddings, "
+        "output layer, norms, biases) on every data-parallel rank instead of sharding them "
+        "(ZeRO-1)",
+        flag="replicated-adam",
+    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.sharded, bool):
-            _fail("sharded", "True or False", self.sharded)
+        for name in ("sharded", "shard_adam"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, "True or False", getattr(self, name))
         if self.block_size is not None:
             check_int("block_size", self.block_size, 1)
         if self.tp_mode not in TP_MODES:

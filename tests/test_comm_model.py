@@ -2,8 +2,10 @@
 
 With 8 equal 64x64 blocks over N=4 or 8 ranks every owner gets the same number of elements, so
 the owner-ordered buffers carry no padding and the model must give the design's formulas
-exactly: (4L+2) r bytes per matrix element (fp32 wire), (2L+2) r (bf16 wire), 8 r per Adam
-element, first version 8L r + 2 r, DistributedOptimizer 6 r, r = (N-1)/N; launches L+3.
+exactly: (4L+2) r bytes per matrix element (fp32 wire), (2L+2) r (bf16 wire), 8 r + 2 r per
+Adam element (grads all-reduced once + the ZeRO-1 param all-gather; 8 r with replicated Adam),
+first version 8L r + 2 r, DistributedOptimizer 6 r, r = (N-1)/N; launches L+4 (L+3 with
+replicated Adam).
 """
 
 from __future__ import annotations
@@ -25,20 +27,76 @@ def test_model_matches_the_formulas_without_padding(dp, levels):
     costs = {c.layout: c for c in layout_costs(SPECS, dp, levels, block_size=None)}
     assert costs["mlfop"].bytes_per_soap_element == pytest.approx((4 * levels + 2) * r)
     assert costs["mlfop_bf16_wire"].bytes_per_soap_element == pytest.approx((2 * levels + 2) * r)
-    assert costs["mlfop"].bytes_per_adam_element == pytest.approx(8 * r)
-    assert costs["mlfop"].launches == levels + 3
+    assert costs["mlfop"].bytes_per_adam_element == pytest.approx(10 * r)
+    assert costs["mlfop"].launches == levels + 4
     assert costs["mlfop_v1"].bytes_per_soap_element == pytest.approx(8 * levels * r + 2 * r)
     assert costs["distopt"].bytes_per_soap_element == pytest.approx(6 * r)
     assert costs["mlfop"].seconds < costs["mlfop_v1"].seconds
     # fp32 state per rank: each owner holds 1/N of the blocks' factors, bases, moments, master
     block = 4 * (2 * 64 * 64 * 2 + 3 * 64 * 64)
-    adam = 12 * 64
-    assert costs["mlfop"].optimizer_gib * 2**30 == pytest.approx(8 // dp * block + adam)
+    adam = 12 * 64  # fp32 main weights + two moments of the 64 norm elements
+    assert costs["mlfop"].optimizer_gib * 2**30 == pytest.approx(8 // dp * block + adam // dp)
+    assert costs["mlfop"].optimizer_vs_dp1 == pytest.approx(
+        (8 // dp * block + adam // dp) / (8 * block + adam)
+    )
+    assert costs["distopt"].optimizer_vs_dp1 == pytest.approx(1 / dp)
+    replicated = {
+        c.layout: c for c in layout_costs(SPECS, dp, levels, block_size=None, shard_adam=False)
+    }
+    assert replicated["mlfop"].bytes_per_adam_element == pytest.approx(8 * r)
+    assert replicated["mlfop"].launches == levels + 3
+    assert replicated["mlfop"].optimizer_gib * 2**30 == pytest.approx(8 // dp * block + adam)
+    assert replicated["mlfop_v1"].optimizer_gib == costs["mlfop_v1"].optimizer_gib
+
+
+def test_adam_shard_padding_rounds_up_to_whole_elements():
+    """65 Adam elements over 4 ranks: each rank holds ceil(65/4) = 17 of them."""
+    specs = SPECS[:4] + [ParamSpec("norm", (65,), preconditioned=False)]
+    mlfop = next(c for c in layout_costs(specs, 4, 2, block_size=None) if c.layout == "mlfop")
+    block = 4 * (2 * 64 * 64 * 2 + 3 * 64 * 64)
+    assert mlfop.optimizer_gib * 2**30 == pytest.approx(block + 12 * 17)
+    assert mlfop.bytes_per_adam_element == pytest.approx((8 * 0.75 * 65 + 2 * 3 * 17) / 65)
 
 
 def test_llama_table_meets_launch_target_and_reports_padding():
     rows = communication_table("llama3-8b", (256,), levels=4)
     mlfop = next(c for c in rows if c.layout == "mlfop")
     assert mlfop.launches <= 4 + 4  # L + 4 whatever N
+    assert mlfop.optimizer_vs_dp1 <= 1.1 / 256  # issue 13: all params' state <= 1.1/N
     # 4L+2 = 18 B per element at r ~ 1, times the owner buffer's padding (a few percent)
     assert 17.0 < mlfop.bytes_per_soap_element < 18.0 * 1.1
+
+
+def test_optimizer_state_of_all_params_per_rank_measured_at_dp_2_and_4():
+    """Issue 13's memory target on real runs: all params' optimizer state per rank vs DP=1.
+
+    Sharding neither duplicates nor loses state (the ranks' SOAP state sums to DP=1's; the
+    Adam slices sum to DP=1's plus < N padding elements), so the most loaded rank holds 1/N
+    plus the owner imbalance. At DP=2 that is within 1.1/2. At DP=4 the tiny GPT's 8 unequal
+    matrices over 4 owners leave the busiest owner with 0.29 of the SOAP state (> 1.1/4, the
+    target missed on this model, recorded in benchmarks/RESULTS.md); the model at Llama-3
+    shapes (thousands of blocks) is checked in
+    test_llama_table_meets_launch_target_and_reports_padding.
+    """
+    import torch
+
+    from mlfop_megatron.runtime.spawn import run_distributed
+    from tests.support.mlfop_runs import run_tiny_gpt
+
+    base = dict(iters=1, microbatches=4, global_micro=4, hidden=64, dtype=torch.float32)
+    (dp1,) = run_distributed(run_tiny_gpt, 1, base)
+    soap1, adam1 = dp1["state_bytes"], dp1["adam_state_bytes"]
+    for dp in (2, 4):
+        runs = run_distributed(run_tiny_gpt, dp, base)
+        soap = [r["state_bytes"] for r in runs]
+        adam = [r["adam_state_bytes"] for r in runs]
+        assert sum(soap) == soap1, (dp, soap, soap1)  # every block's state on one owner
+        # fp32 Adam: two fp32 moments per owned element (< N padding elements per rank) and
+        # one step counter per owned piece
+        assert adam1 <= sum(adam) <= adam1 + dp * (2 * 4 * dp + 8), (dp, adam, adam1)
+        assert max(adam) <= 1.1 * adam1 / dp
+        total = max(s + a for s, a in zip(soap, adam))
+        if dp == 2:
+            assert total <= 1.1 * (soap1 + adam1) / dp, (total, soap1 + adam1)
+        else:  # bounded by the busiest SOAP owner's share, not by 1.1/N (see docstring)
+            assert total / (soap1 + adam1) <= max(soap) / soap1 + 1.1 / dp * adam1 / soap1

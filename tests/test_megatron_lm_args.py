@@ -273,10 +273,11 @@ def test_flags_are_generated_from_every_config_field():
     from dataclasses import fields
 
     from mlfop_megatron.config import ShardingConfig
+    from mlfop_megatron.distributed.comm_config import CommConfig
     from mlfop_megatron.megatron_lm.arguments import FLAGS, LoggingConfig
 
     by_option = {(flag.owner, flag.option): flag for flag in FLAGS}
-    for owner in (SOAPConfig, FoldingConfig, ShardingConfig, LoggingConfig):
+    for owner in (SOAPConfig, FoldingConfig, ShardingConfig, CommConfig, LoggingConfig):
         for f in fields(owner):
             if f.metadata.get("flag", "") is None:
                 assert not any(o is owner and n.startswith(f.name) for o, n in by_option)
@@ -326,6 +327,36 @@ def test_layout_and_logging_flags_build_their_configs():
     args = megatron_like_parser().parse_args(argv)
     assert sharding_config_from_args(args) == ShardingConfig(False, 64, "full")
     assert logging_config_from_args(args) == LoggingConfig(5, "halves")
+    # Adam sharding is its own switch: replicating SOAP state leaves Adam ZeRO-1 and back.
+    adam = megatron_like_parser().parse_args(["--mlfop-replicated-adam"])
+    assert sharding_config_from_args(adam) == ShardingConfig(shard_adam=False)
+    assert sharding_config_from_args(args).shard_adam is True
+
+
+def test_comm_flags_build_the_comm_config():
+    from mlfop_megatron.distributed.comm_config import CommConfig
+    from mlfop_megatron.megatron_lm.arguments import comm_config_from_args
+
+    assert comm_config_from_args(megatron_like_parser().parse_args([])) == CommConfig()
+    argv = "--mlfop-level-reduce all_reduce --mlfop-param-sync broadcast".split()
+    first = comm_config_from_args(megatron_like_parser().parse_args(argv))
+    assert first == CommConfig(level_reduce="all_reduce", param_sync="broadcast")
+    bf16 = comm_config_from_args(
+        megatron_like_parser().parse_args(["--mlfop-grad-wire-dtype", "bf16"])
+    )
+    assert bf16 == CommConfig(grad_wire_dtype="bf16") and bf16.owner_reduce
+
+
+def test_comm_flags_refuse_bad_values_and_combinations(capsys):
+    from mlfop_megatron.megatron_lm.arguments import validate_megatron_args
+
+    with pytest.raises(SystemExit):
+        megatron_like_parser().parse_args(["--mlfop-param-sync", "scatter"])
+    assert "--mlfop-param-sync: invalid choice: 'scatter'" in capsys.readouterr().err
+    argv = "--optimizer mlfop_soap --mlfop-level-reduce all_reduce --mlfop-grad-wire-dtype bf16"
+    args = megatron_like_parser().parse_args(argv.split())
+    with pytest.raises(ValueError, match=r"--mlfop-grad-wire-dtype bf16 needs --mlfop-level-"):
+        validate_megatron_args(args)
 
 
 def test_readme_flag_table_lists_every_flag():
@@ -336,3 +367,62 @@ def test_readme_flag_table_lists_every_flag():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [flag.name for flag in FLAGS if f"`{flag.name}`" not in readme]
     assert not missing, f"README.md's flag table lacks {missing}"
+
+
+def _build_from_flags(spec: dict) -> dict:
+    """Rank body: tiny GPT at DP=2, install.build_mlfop_optimizer from parsed flags."""
+    import torch
+    from megatron.core.num_microbatches_calculator import (
+        destroy_num_microbatches_calculator,
+        init_num_microbatches_calculator,
+    )
+    from megatron.core.optimizer import OptimizerConfig
+
+    from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+    from mlfop_megatron.megatron_lm.install import build_mlfop_optimizer
+    from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+    from tests.support.tiny_gpt import TinyGPTConfig, build_tiny_gpt
+
+    init_megatron_parallel(tp=1, pp=1, seed=1234)
+    rank = torch.distributed.get_rank()
+    # 4 micro-batches per step: global batch 8 = micro-batch 1 x DP 2 x 4
+    init_num_microbatches_calculator(rank, None, 8, 1, 2)
+    try:
+        model = build_tiny_gpt(TinyGPTConfig(), ddp_class=FoldingDistributedDataParallel)
+        args = megatron_like_parser().parse_args(["--optimizer", "mlfop_soap", *spec["argv"]])
+        config = OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.01, clip_grad=0.0)
+        optimizer = build_mlfop_optimizer(config, [model], args)
+        return {
+            "comm": [o.comm for o in optimizer.mlfop],
+            "adam": [type(o).__name__ for o in optimizer.others],
+            "owner_reduce": model.owner_reduce,
+            "accumulation_steps": optimizer.mlfop[0].mlfop_config.folding.accumulation_steps,
+        }
+    finally:
+        destroy_num_microbatches_calculator()
+
+
+@pytest.mark.parametrize(
+    "argv,comm,adam",
+    [
+        ([], {}, "ShardedMainParamAdamW"),
+        (
+            "--mlfop-level-reduce all_reduce --mlfop-param-sync broadcast "
+            "--mlfop-replicated-adam".split(),
+            {"level_reduce": "all_reduce", "param_sync": "broadcast"},
+            "FP32Optimizer",
+        ),
+        (["--mlfop-grad-wire-dtype", "bf16"], {"grad_wire_dtype": "bf16"}, "ShardedMainParamAdamW"),
+    ],
+    ids=["defaults", "first-version", "bf16-wire"],
+)
+def test_comm_and_adam_flags_reach_the_optimizer(argv, comm, adam):
+    """install.build_mlfop_optimizer passes the flags into get_mlfop_optimizer (real DP=2)."""
+    from mlfop_megatron.distributed.comm_config import CommConfig
+    from mlfop_megatron.runtime.spawn import run_distributed
+
+    for run in run_distributed(_build_from_flags, 2, {"argv": argv}):
+        assert run["comm"] == [CommConfig(**comm)]
+        assert run["adam"] == [adam]
+        assert run["owner_reduce"] is CommConfig(**comm).owner_reduce
+        assert run["accumulation_steps"] == 4

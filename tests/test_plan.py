@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from mlfop_megatron.distributed.assignment import (
     make_blocks,
     pingpong_assignment,
 )
+from mlfop_megatron.distributed.comm_model import communication_table, format_table
 from mlfop_megatron.distributed.model_shapes import LLAMA3_8B, llama3_8b_shapes
 from mlfop_megatron.launch.plan.cli import main
 from mlfop_megatron.launch.plan.model import PlanConfig, make_plan, split_stages
@@ -43,6 +46,7 @@ EXPECTED_KEYS = {
     "busiest",
     "stages",
     "notes",
+    "communication",
 }
 STAGE_KEYS = {
     "soap_state_max_bytes",
@@ -55,8 +59,10 @@ STAGE_KEYS = {
     "compute_balance",
     "pingpong_balance",
     "grad_buffer_bytes",
-    "allreduce_bytes_per_step",
+    "level_reduce_bytes_per_step",
+    "adam_sync_bytes_per_step",
     "param_gather_bytes_per_step",
+    "launches_per_step",
     "tp_gather_bytes_per_step",
     "comm_bytes_per_step",
 }
@@ -105,7 +111,11 @@ def test_llama3_8b_matches_assignment(tmp_path, capsys):
         total_soap += direct_total
         assert stage["compute_balance"] == pytest.approx(asg.compute_balance)
         assert stage["compute_max_gflop"] == pytest.approx(max(asg.compute_loads) / 1e9)
-        assert stage["param_gather_bytes_per_step"] == asg.comm_bytes_per_step(2)
+        # Owner-ordered buffer: 64 segments of the most loaded owner's elements, ring r = 63/64.
+        buffer = 64 * max(asg.numel_loads)
+        assert stage["param_gather_bytes_per_step"] == pytest.approx(2 * 63 / 64 * buffer)
+        assert stage["level_reduce_bytes_per_step"] == pytest.approx(4 * 4 * 63 / 64 * buffer)
+        assert stage["launches_per_step"] == 4 + 4  # L reduce-scatters + 4
         pp = pingpong_assignment(mats, 64, cost)
         assert stage["pingpong_balance"] == pytest.approx(pp.compute_balance)
         assert stage["fold_buffer_max_bytes"] == 2 * max(asg.numel_loads) * 4
@@ -123,7 +133,8 @@ def test_llama3_8b_matches_assignment(tmp_path, capsys):
     assert format_bytes(busiest["soap_state_total_bytes"]) in out
     assert format_bytes(busiest["soap_state_max_bytes"]) in out
     assert format_flops(busiest["compute_max_gflop"]) in out
-    assert format_bytes(busiest["allreduce_bytes_per_step"]) in out
+    assert format_bytes(busiest["level_reduce_bytes_per_step"]) in out
+    assert format_bytes(busiest["adam_sync_bytes_per_step"]) in out
     assert "NOT included" in out
 
 
@@ -139,10 +150,12 @@ def test_llama3_8b_stage_split_and_comm(tmp_path, capsys):
         numel = sum(p.numel for p in params)
         assert stage["params_per_rank"] == numel
         assert stage["grad_buffer_bytes"] == 4 * numel
-        ring = 2 * 63 / 64 * 4 * numel
-        assert stage["allreduce_bytes_per_step"] == pytest.approx(4 * ring)
         adam = sum(p.numel for p in params if not p.preconditioned)
-        assert stage["adam_state_bytes"] == 2 * adam * 4
+        shard = math.ceil(adam / 64)  # ZeRO-1: this rank's slice of the padded buffer
+        assert stage["adam_state_bytes"] == 2 * shard * 4
+        # fp32 grads all-reduced once (ring 2r x 4 B) + bf16 params all-gathered (r x 2 B)
+        expected = 2 * 63 / 64 * 4 * adam + 63 / 64 * 2 * 64 * shard
+        assert stage["adam_sync_bytes_per_step"] == pytest.approx(expected)
         assert stage["tp_gather_bytes_per_step"] == 0  # blockwise: no TP communication
     assert plan["stages"][0]["params_per_rank"] + plan["stages"][1]["params_per_rank"] == sum(
         p.numel for p in specs
@@ -163,6 +176,10 @@ def test_auto_block_size_uses_choose_block_size(tmp_path, capsys):
 # ---- tiny hand-checked model -----------------------------------------------------------
 
 
+# Per TP rank (tp=2) SOAP matrices of one tiny layer.
+TINY_LAYER_MATRICES = [("qkv", (64, 64)), ("proj", (64, 32)), ("fc1", (128, 64)), ("fc2", (64, 64))]
+
+
 def test_tiny_model_hand_checked(tmp_path, capsys):
     out, plan = _run(TINY, tmp_path, capsys)
     # K = 8 -> dyadic boundaries 1, 2, 4, 8 -> 4 levels, 4 all-reduces per step.
@@ -178,14 +195,27 @@ def test_tiny_model_hand_checked(tmp_path, capsys):
     assert [s["params_per_rank"] for s in plan["stages"]] == [stage0, stage1] == [69888, 69952]
     b = plan["busiest"]
     assert plan["busiest_stage"] == 1
-    # Ring all-reduce of the fp32 grad buffer over DP=4, once per level.
-    expected = 2 * (4 - 1) / 4 * 4 * stage1 * 4
-    assert expected == 1678848.0
     assert b["grad_buffer_bytes"] == 4 * stage1 == 279808
-    assert b["allreduce_bytes_per_level"] == pytest.approx(expected / 4)
-    assert b["allreduce_bytes_per_step"] == pytest.approx(expected)
-    assert b["adam_state_bytes"] == 2 * (2 * 128 + 64 + emb) * 4 == 264704
-    assert format_bytes(expected) in out
+    # Adam: 2 norms of 64 per layer, final norm 64, output layer 512 x 64 per TP rank.
+    adam = 2 * 128 + 64 + emb
+    assert adam == 33088 and math.ceil(adam / 4) == 8272  # ZeRO-1 slice over DP=4
+    assert b["adam_state_bytes"] == 2 * 8272 * 4 == 66176
+    # grads all-reduced once: 2 x 3/4 x 4 B; params all-gathered: 3/4 x 2 B of 4 slices
+    assert b["adam_sync_bytes_per_step"] == pytest.approx(6 * adam + 1.5 * 4 * 8272)
+    # The stage's SOAP matrices (2 layers, whole params) owned over DP=4: every level
+    # reduce-scatters the owner-ordered fp32 buffer of 4 segments of the most loaded owner.
+    mats = [ParamSpec(f"{i}.{n}", sh) for i in range(2) for n, sh in TINY_LAYER_MATRICES]
+    asg = Assignment.build(make_blocks(mats), 4)
+    buffer = 4 * max(asg.numel_loads)
+    assert b["level_reduce_bytes_per_step"] == pytest.approx(4 * 4 * 0.75 * buffer)
+    assert b["param_gather_bytes_per_step"] == pytest.approx(2 * 0.75 * buffer)
+    assert b["comm_bytes_per_step"] == pytest.approx(
+        b["level_reduce_bytes_per_step"]
+        + b["adam_sync_bytes_per_step"]
+        + b["param_gather_bytes_per_step"]
+        + 16 * 0.75
+    )
+    assert format_bytes(b["level_reduce_bytes_per_step"]) in out
     assert "4 level(s) (boundaries 1 2 4 8)" in out
 
 
@@ -210,11 +240,28 @@ def test_tiny_model_full_mode(tmp_path, capsys):
     assert b["compute_balance"] == pytest.approx(asg.compute_balance)
 
 
-def test_no_folding_one_allreduce(tmp_path, capsys):
+def test_no_folding_one_reduce_scatter(tmp_path, capsys):
+    _, folded = _run(TINY, tmp_path, capsys)
     _, plan = _run([*TINY, "--no-folding"], tmp_path, capsys)
     assert plan["levels"] == 1
-    b = plan["busiest"]
-    assert b["allreduce_bytes_per_step"] == pytest.approx(b["allreduce_bytes_per_level"])
+    b, f = plan["busiest"], folded["busiest"]
+    assert b["launches_per_step"] == 1 + 4 and f["launches_per_step"] == 4 + 4
+    assert b["level_reduce_bytes_per_step"] == pytest.approx(f["level_reduce_bytes_per_step"] / 4)
+
+
+@pytest.mark.parametrize("k,dp", [(8, 64), (32, 256)])
+def test_printed_communication_table_is_comm_models(tmp_path, capsys, k, dp):
+    """mlfop-plan prints comm_model's table for the model/layout, number for number."""
+    args = f"--model llama3-8b --dp {dp} --micro-batches {k} --block-size 1024".split()
+    out, plan = _run(args, tmp_path, capsys)
+    levels = k.bit_length()  # dyadic boundaries 1, 2, ..., K
+    rows = communication_table("llama3-8b", (dp,), levels=levels, block_size=1024)
+    assert format_table(rows) in out
+    assert plan["communication"] == [asdict(r) for r in rows]
+    layouts = [r.layout for r in rows]
+    assert layouts == ["mlfop", "mlfop_bf16_wire", "mlfop_v1", "distopt", "layerwise"]
+    mlfop = rows[0]
+    assert mlfop.launches == plan["busiest"]["launches_per_step"] == levels + 4
 
 
 def test_world_size_gives_dp(tmp_path, capsys):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlfop_megatron.config import option
+
 LEVEL_REDUCE = ("reduce_scatter", "all_reduce")
 GRAD_WIRE_DTYPES = ("fp32", "bf16")
 PARAM_SYNC = ("all_gather", "broadcast")
@@ -24,18 +26,34 @@ class CommConfig:
     the first version).
     """
 
-    level_reduce: str = "reduce_scatter"
-    grad_wire_dtype: str = "fp32"
-    param_sync: str = "all_gather"
+    level_reduce: str = option(
+        "reduce_scatter",
+        "folding level reductions: reduce_scatter (each owner receives the level sums of its "
+        "SOAP blocks; Adam grads all-reduced once per step) or all_reduce (Megatron's buckets "
+        "all-reduce every grad at every level: the first version, for comparison)",
+        choices=LEVEL_REDUCE,
+    )
+    grad_wire_dtype: str = option(
+        "fp32",
+        "dtype of the level sums on the wire: bf16 halves the bytes (all-to-all, then fp32 "
+        "sums on the owner; needs --mlfop-level-reduce reduce_scatter)",
+        choices=GRAD_WIRE_DTYPES,
+    )
+    param_sync: str = option(
+        "all_gather",
+        "parameter sync after the step: one all_gather of the owner-ordered params, or one "
+        "broadcast per owner rank (the first version)",
+        choices=PARAM_SYNC,
+    )
 
     def __post_init__(self) -> None:
-        for option, value, allowed in (
+        for name, value, allowed in (
             ("level_reduce", self.level_reduce, LEVEL_REDUCE),
             ("grad_wire_dtype", self.grad_wire_dtype, GRAD_WIRE_DTYPES),
             ("param_sync", self.param_sync, PARAM_SYNC),
         ):
             if value not in allowed:
-                raise ValueError(f"CommConfig.{option} must be one of {allowed} (got {value!r})")
+                raise ValueError(f"CommConfig.{name} must be one of {allowed} (got {value!r})")
         if self.grad_wire_dtype == "bf16" and self.level_reduce != "reduce_scatter":
             raise ValueError(
                 "CommConfig.grad_wire_dtype='bf16' needs level_reduce='reduce_scatter' (the "

@@ -2,14 +2,18 @@
 
 Layouts compared on the same parameter shapes and data-parallel size N (r = (N-1)/N):
 
-* ``mlfop`` (this package, CommConfig defaults): per level one reduce-scatter of the
-  owner-ordered SOAP buffer (fp32, or bf16 with ``bf16_wire``), the Adam params' grads
-  all-reduced once (fp32), one all-gather of the owner-ordered bf16 params, one all-reduce of
-  the (norm, found-inf) pair. Segments are padded to the most loaded owner, from the real
-  :class:`Assignment` of the SOAP blocks.
+* ``mlfop`` (this package, CommConfig defaults, ``shard_adam=True``): per level one
+  reduce-scatter of the owner-ordered SOAP buffer (fp32, or bf16 with ``bf16_wire``), the Adam
+  params' grads all-reduced once (fp32, ``FoldingDistributedDataParallel``), one all-gather of
+  the owner-ordered bf16 SOAP params, one all-gather of the bf16 Adam params by the ZeRO-1
+  ``ShardedMainParamAdamW`` (one buffer per dtype: one here), one all-reduce of the
+  (norm, found-inf) pair: L + 4 launches. Segments are padded to the most loaded owner, from
+  the real :class:`Assignment` of the SOAP blocks. Adam state (fp32 main weights + two
+  moments, 12 B per element) is sharded: ceil(P_adam / N) elements per rank.
+  ``shard_adam=False`` models the replicated Adam (no Adam all-gather, 12 P_adam B per rank).
 * ``mlfop_v1`` (the first version, ``CommConfig(level_reduce="all_reduce",
-  param_sync="broadcast")``): Megatron's buckets all-reduce every grad at every level, then
-  one broadcast per owner rank.
+  param_sync="broadcast")``, replicated Adam): Megatron's buckets all-reduce every grad at
+  every level, then one broadcast per owner rank.
 * ``distopt`` (Megatron DistributedOptimizer, Adam): fp32 grad reduce-scatter + bf16 param
   all-gather per bucket, fp32 main weights and moments sharded 1/N.
 * ``layerwise`` (Megatron LayerWiseDistributedOptimizer, 0.19): the same collectives on a
@@ -57,6 +61,7 @@ class LayoutCost:
     launches: int  # collective launches per step
     seconds: float  # modelled communication seconds per step
     optimizer_gib: float  # optimizer state per rank (fp32 main weights, moments, factors)
+    optimizer_vs_dp1: float  # that per-rank state / the same layout's state at DP=1
 
 
 def _buckets(numel: int, dp: int) -> int:
@@ -75,16 +80,81 @@ def _soap_block_bytes(rows: int, cols: int, rotate_rows: bool, rotate_cols: bool
     return 4 * (side + 3 * rows * cols)
 
 
+@dataclass(frozen=True)
+class MlfopTraffic:
+    """Bytes one rank sends per step on this package's path (CommConfig defaults), by call.
+
+    ``level_reduce``: L reduce-scatters of the owner-ordered SOAP buffer (N segments of the
+    most loaded owner's elements); ``adam_reduce``: the Adam grads' fp32 all-reduce, once;
+    ``soap_gather``: the all-gather of the owner-ordered params; ``adam_gather``: the ZeRO-1
+    Adam params' all-gather (0 with replicated Adam); ``norm``: the (norm, found-inf) pair.
+    """
+
+    levels: int
+    dp: int
+    level_reduce: float
+    adam_reduce: float
+    soap_gather: float
+    adam_gather: float
+    norm: float
+
+    @property
+    def launches(self) -> int:
+        """Collective launches per step: L + 3, + 1 for the ZeRO-1 Adam all-gather."""
+        return self.levels + 3 + (1 if self.adam_gather else 0)
+
+    @property
+    def total(self) -> float:
+        """All bytes one rank sends per step."""
+        return (
+            self.level_reduce + self.adam_reduce + self.soap_gather + self.adam_gather + self.norm
+        )
+
+    def collectives(self) -> list[tuple[int, float]]:
+        """(launches, bytes) per collective kind, for the alpha-beta time."""
+        out = [(self.levels, self.level_reduce), (1, self.adam_reduce)]
+        out += [(1, self.soap_gather), (1, self.norm)]
+        return out + ([(1, self.adam_gather)] if self.adam_gather else [])
+
+
+def mlfop_traffic(
+    segment: int,
+    adam_numel: int,
+    dp: int,
+    levels: int,
+    wire_bytes: int = 4,
+    param_bytes: int = 2,
+    shard_adam: bool = True,
+) -> MlfopTraffic:
+    """Per-rank bytes of each collective of a step, ring algorithms, r = (N-1)/N.
+
+    ``segment``: the most loaded owner's SOAP elements (each owner's segment is padded to it).
+    """
+    r = (dp - 1) / dp
+    buffer = dp * segment  # the padded owner-ordered buffer
+    adam_padded = dp * math.ceil(adam_numel / dp)
+    return MlfopTraffic(
+        levels=levels,
+        dp=dp,
+        level_reduce=levels * wire_bytes * r * buffer,
+        adam_reduce=8 * r * adam_numel,
+        soap_gather=param_bytes * r * buffer,
+        adam_gather=param_bytes * r * adam_padded if shard_adam and adam_numel else 0.0,
+        norm=16 * r,
+    )
+
+
 def layout_costs(
     specs: Sequence[ParamSpec],
     dp: int,
     levels: int,
     block_size: int | None = 1024,
     max_precond_dim: int = 10000,
+    shard_adam: bool = True,
 ) -> list[LayoutCost]:
     """Modelled cost of every layout (see module) for these shapes at data-parallel size dp."""
-    soap = [s for s in specs if s.preconditioned]
-    adam = [s for s in specs if not s.preconditioned]
+    soap = [s for s in specs if s.soap_matrix]
+    adam = [s for s in specs if not s.soap_matrix]
     p_soap = sum(s.numel for s in soap)
     p_adam = sum(s.numel for s in adam)
     p_all = p_soap + p_adam
@@ -93,25 +163,25 @@ def layout_costs(
     blocks = make_blocks(soap, BlockingConfig(block_size, max_precond_dim))
     assignment = Assignment.build(blocks, dp)
     seg = max(assignment.numel_loads)  # owner segment: the most loaded owner's elements
-    pad = dp * seg / p_soap  # padded buffer / useful elements
     mem = [0] * dp
     for b, owner in zip(assignment.blocks, assignment.owners):
         mem[owner] += _soap_block_bytes(b.rows, b.cols, b.rotate_rows, b.rotate_cols)
-    adam_bytes = 12 * p_adam  # fp32 main weights + two moments, replicated
+    replicated_adam = 12 * p_adam  # fp32 main weights + two moments on every rank
+    # ZeRO-1: the owned slice of the flat buffer padded to a multiple of N
+    adam_bytes = 12 * math.ceil(p_adam / dp) if shard_adam else replicated_adam
     out = []
     for name, wire in (("mlfop", 4), ("mlfop_bf16_wire", 2)):
-        soap_sent = levels * wire * r * pad * p_soap + 2 * r * pad * p_soap
-        colls = [(levels, levels * wire * r * pad * p_soap), (1, 8 * r * p_adam)]
-        colls += [(1, 2 * r * pad * p_soap), (1, 16 * r)]
+        t = mlfop_traffic(seg, p_adam, dp, levels, wire, shard_adam=shard_adam)
         out.append(
             LayoutCost(
                 name,
                 dp,
-                soap_sent / p_soap,
-                8 * r,
-                levels + 3,
-                _time(colls, dp),
+                (t.level_reduce + t.soap_gather) / p_soap,
+                (t.adam_reduce + t.adam_gather) / p_adam if p_adam else 0.0,
+                t.launches,
+                _time(t.collectives(), dp),
                 (max(mem) + adam_bytes) / gib,
+                (max(mem) + adam_bytes) / (sum(mem) + replicated_adam),
             )
         )
     buckets = _buckets(p_all, dp)
@@ -124,13 +194,21 @@ def layout_costs(
             levels * 8 * r,
             levels * buckets + dp + 1,
             _time(v1, dp),
-            (max(mem) + adam_bytes) / gib,
+            (max(mem) + replicated_adam) / gib,
+            (max(mem) + replicated_adam) / (sum(mem) + replicated_adam),
         )
     )
     dist = [(buckets, 4 * r * p_all), (buckets, 2 * r * p_all), (1, 16 * r)]
     out.append(
         LayoutCost(
-            "distopt", dp, 6 * r, 6 * r, 2 * buckets + 1, _time(dist, dp), 12 * p_all / dp / gib
+            "distopt",
+            dp,
+            6 * r,
+            6 * r,
+            2 * buckets + 1,
+            _time(dist, dp),
+            12 * math.ceil(p_all / dp) / gib,
+            math.ceil(p_all / dp) / p_all,
         )
     )
     whole = make_blocks(soap, BlockingConfig(None, max_precond_dim))
@@ -151,7 +229,8 @@ def layout_costs(
             6 * r,
             2 * _buckets(p_soap, dp) + 2 * _buckets(p_adam, dp) + 1,
             _time(lw, dp),
-            12 * (max(loads) + p_adam / dp) / gib,
+            12 * (max(loads) + math.ceil(p_adam / dp)) / gib,
+            (max(loads) + math.ceil(p_adam / dp)) / p_all,
         )
     )
     return out
@@ -163,23 +242,28 @@ def communication_table(
     levels: int = 4,
     block_size: int | None = 1024,
     tp: int = 1,
+    shard_adam: bool = True,
 ) -> list[LayoutCost]:
-    """The model's layouts at each DP size (what ``mlfop-plan`` can print)."""
+    """The model's layouts at each DP size (what ``mlfop-plan`` prints)."""
     specs = model_shapes(model, tp)
-    return [c for dp in dp_sizes for c in layout_costs(specs, dp, levels, block_size)]
+    return [
+        c
+        for dp in dp_sizes
+        for c in layout_costs(specs, dp, levels, block_size, shard_adam=shard_adam)
+    ]
 
 
 def format_table(rows: Sequence[LayoutCost]) -> str:
     """Markdown table of layout costs."""
     lines = [
         "| DP | layout | B/matrix elem | B/other elem | launches/step | modelled s/step | "
-        "optimizer GiB/rank |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "optimizer GiB/rank | optimizer state / DP=1 |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in rows:
         lines.append(
             f"| {c.dp} | {c.layout} | {c.bytes_per_soap_element:.2f} | "
             f"{c.bytes_per_adam_element:.2f} | {c.launches} | {c.seconds:.3f} | "
-            f"{c.optimizer_gib:.2f} |"
+            f"{c.optimizer_gib:.2f} | {c.optimizer_vs_dp1:.4f} |"
         )
     return "\n".join(lines)

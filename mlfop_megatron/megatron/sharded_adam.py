@@ -33,8 +33,15 @@ from mlfop_megatron.megatron import compat, fused_kernels
 STATE_PREFIX = "optimizer.state"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-# torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there).
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _all_gather(output: torch.Tensor, shard: torch.Tensor, group: Any) -> Any:
+    """All-gather into one tensor, resolved at call time (so collective counters see it).
+
+    torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there).
+    """
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, shard, group=group)
 
 
 def flat_range_boxes(

@@ -2,7 +2,8 @@
 
 :func:`add_mlfop_args` is an ``extra_args_provider`` for ``megatron.training.pretrain``. The
 flags are generated from the config dataclasses' field metadata (name, help, choices, default:
-:mod:`mlfop_megatron.config`, and :class:`LoggingConfig` here), so flags and config cannot
+:mod:`mlfop_megatron.config`, :class:`~mlfop_megatron.distributed.comm_config.CommConfig`,
+and :class:`LoggingConfig` here), so flags and config cannot
 drift. Every flag value is checked when it is parsed, by the same validated dataclasses the
 Python API uses, so argparse rejects a bad value with the flag's name and the
 allowed range. Checks that need the rest of Megatron-LM's arguments (micro-batch count,
@@ -26,6 +27,7 @@ from mlfop_megatron.config import (
     check_int,
     option,
 )
+from mlfop_megatron.distributed.comm_config import CommConfig
 from mlfop_megatron.megatron_lm.compat import distributed_optimizer_requested
 
 OPTIMIZER_NAME = "mlfop_soap"
@@ -189,7 +191,7 @@ def _check_pair(owner: type, name: str, index: int, value: float) -> None:
 
 FLAGS: tuple[Flag, ...] = tuple(
     flag
-    for owner in (SOAPConfig, FoldingConfig, ShardingConfig, LoggingConfig)
+    for owner in (SOAPConfig, FoldingConfig, ShardingConfig, CommConfig, LoggingConfig)
     for flag in _field_flags(owner)
 )
 
@@ -273,6 +275,20 @@ def _field_values(owner: type, args: argparse.Namespace) -> dict[str, Any]:
 def sharding_config_from_args(args: argparse.Namespace) -> ShardingConfig:
     """The :class:`ShardingConfig` (get_mlfop_optimizer's layout options) of parsed flags."""
     return ShardingConfig(**_field_values(ShardingConfig, args))
+
+
+def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
+    """The :class:`CommConfig` (level reductions, parameter sync) of parsed flags."""
+    try:
+        return CommConfig(**_field_values(CommConfig, args))
+    except ValueError as err:
+        text = str(err)
+        if "grad_wire_dtype='bf16' needs" in text:
+            raise ValueError(
+                "--mlfop-grad-wire-dtype bf16 needs --mlfop-level-reduce reduce_scatter (the "
+                "all_reduce path reduces Megatron's fp32 buckets); drop one of the two flags"
+            ) from None
+        raise
 
 
 def logging_config_from_args(args: argparse.Namespace) -> LoggingConfig:
@@ -381,6 +397,8 @@ def validate_megatron_args(args: argparse.Namespace) -> None:
     for failed, message in checks:
         if failed:
             raise ValueError(message)
+    if hasattr(args, "mlfop_level_reduce"):
+        comm_config_from_args(args)  # flag combinations, refused before any model is built
     if getattr(args, "fp8", None):
         from mlfop_megatron.megatron.fp8 import missing_fp8_requirements
 

@@ -31,6 +31,7 @@ from mlfop_megatron.megatron_lm.arguments import (
     accept_mlfop_optimizer,
     add_mlfop_args,
     chain_args_providers,
+    comm_config_from_args,
     mlfop_config_from_args,
     sharding_config_from_args,
     uses_mlfop,
@@ -86,9 +87,10 @@ def build_mlfop_optimizer(config: Any, model_chunks: list[Any], args: argparse.N
         model_chunks,
         mlfop_config_from_args(args, get_num_microbatches()),
         sharded=layout.sharded,
-        shard_adam=layout.sharded,
+        shard_adam=layout.shard_adam,
         block_size=layout.block_size,
         tp_mode=layout.tp_mode,
+        comm=comm_config_from_args(args),
     )
 
 

@@ -153,6 +153,12 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         "state_bytes": sum(o.state_bytes() for o in optimizer.mlfop),
         "adam_state_bytes": sum(adam_state_bytes(o) for o in optimizer.others),
         "adam_pieces": owned_adam_state(optimizer.others, names),
+        # bytes one rank moves in the ZeRO-1 Adam params' all-gathers per step (0: replicated)
+        "adam_gather_bytes": sum(
+            o.all_gather_bytes_per_step()
+            for o in optimizer.others
+            if hasattr(o, "all_gather_bytes_per_step")
+        ),
         "engines": [type(e).__name__ for o in optimizer.mlfop for e in o.engines],
         "step_times": step_times,
         "broadcast_bytes": sum(

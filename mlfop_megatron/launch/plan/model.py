@@ -10,15 +10,20 @@ same pure owner assignment the optimizer builds at run time
 Model of the Megatron adapter (``mlfop_megatron.megatron``) used here:
 
 * SOAP takes the transformer's linear weights; embeddings, output layer, norms and biases go
-  to Adam (two fp32 moments), replicated over data parallelism.
+  to Adam (two fp32 moments), sharded over data parallelism (ZeRO-1, ``shard_adam=True``:
+  ceil(P_adam / N) elements per rank).
 * ``--tp-mode blockwise``: each TP rank preconditions its own shard; SOAP blocks are owned
   over the DP group. ``--tp-mode full``: shard gradients are all-gathered over TP at every
   level, SOAP blocks of the whole matrices are owned over the TP x DP group, and every rank
   keeps a whole-matrix copy.
-* Every folding level boundary all-reduces the stage's whole fp32 grad buffer over DP
-  (ring: 2(N-1)/N x buffer bytes per rank); K micro-batches give len(dyadic boundaries)
-  levels, e.g. K=8 -> boundaries 1, 2, 4, 8 -> 4 all-reduces.
-* After the step owners broadcast their updated blocks (an uneven all-gather of the params).
+* Communication per step (CommConfig defaults), bytes from
+  :func:`mlfop_megatron.distributed.comm_model.mlfop_traffic` (the one source): every folding
+  level boundary reduce-scatters the owner-ordered fp32 SOAP grad buffer over DP (each owner's
+  segment padded to the most loaded owner); K micro-batches give len(dyadic boundaries)
+  levels, e.g. K=8 -> boundaries 1, 2, 4, 8 -> 4 reduce-scatters. The Adam grads are
+  all-reduced once; after the step one all-gather of the owner-ordered params and one of the
+  ZeRO-1 Adam params. ``Plan.communication`` is comm_model's side-by-side table (this package,
+  Megatron's DistributedOptimizer and layer-wise optimizer) for the busiest stage's shapes.
 * Layers are split evenly over PP stages; the first stage also holds the embedding, the last
   the final norm and the output layer (with tied embeddings and PP > 1 the last stage holds a
   shared copy of the embedding as its output layer, as Megatron does).
@@ -26,6 +31,7 @@ Model of the Megatron adapter (``mlfop_megatron.megatron``) used here:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -41,6 +47,7 @@ from mlfop_megatron.distributed.assignment import (
     make_blocks,
     pingpong_assignment,
 )
+from mlfop_megatron.distributed.comm_model import LayoutCost, layout_costs, mlfop_traffic
 from mlfop_megatron.distributed.model_shapes import TransformerDims, transformer_shapes
 from mlfop_megatron.policies import check_positive
 
@@ -221,10 +228,11 @@ class StagePlan:
     pingpong_max_gflop: float
     speedup_vs_pingpong: float
     grad_buffer_bytes: int
-    allreduce_bytes_per_level: float
-    allreduce_bytes_per_step: float
-    param_gather_bytes_per_step: int
+    level_reduce_bytes_per_step: float  # L reduce-scatters of the owner-ordered SOAP grads
+    adam_sync_bytes_per_step: float  # Adam grads all-reduced once + ZeRO-1 param all-gather
+    param_gather_bytes_per_step: float  # all-gather of the owner-ordered SOAP params
     tp_gather_bytes_per_step: int
+    launches_per_step: int  # DP collectives per step (TP all-gathers of full mode not counted)
     comm_bytes_per_step: float
 
     @property
@@ -251,6 +259,7 @@ class Plan:
     stages: tuple[StagePlan, ...]
     busiest_stage: int
     notes: tuple[str, ...]
+    communication: tuple[LayoutCost, ...]  # comm_model's layouts on the busiest stage
 
     @property
     def busiest(self) -> StagePlan:
@@ -277,6 +286,7 @@ class Plan:
             "busiest": asdict(self.busiest),
             "stages": [asdict(s) for s in self.stages],
             "notes": list(self.notes),
+            "communication": [asdict(c) for c in self.communication],
         }
 
 
@@ -387,14 +397,24 @@ def make_plan(cfg: PlanConfig) -> Plan:
     if cfg.param_bytes != MASTER_PARAM_BYTES:
         notes.append(
             f"param all-gather at --param-bytes {cfg.param_bytes}: this release of the Megatron "
-            f"adapter trains fp32 params, so it broadcasts {MASTER_PARAM_BYTES} B/param "
+            f"adapter trains fp32 params, so it all-gathers {MASTER_PARAM_BYTES} B/param "
             f"(use --param-bytes {MASTER_PARAM_BYTES} to plan for it)"
         )
     if levels > 1:
         notes.append(
-            f"folding costs {levels - 1} grad all-reduce(s) per step more than plain Megatron "
-            "DDP (1 per step)"
+            f"folding reduces the SOAP grads {levels} times per step (one reduce-scatter per "
+            "level), Megatron's DistributedOptimizer once"
         )
+    if cfg.full_mode and cfg.tp > 1:
+        notes.append(
+            "tp-full: the level reduce-scatters are modelled over the DP group on each TP "
+            "shard's SOAP elements (unpadded); the comparison table models blockwise owners"
+        )
+    communication = tuple(
+        layout_costs(
+            local[busiest], cfg.dp, levels, block_size, max_precond_dim=cfg.soap.max_precond_dim
+        )
+    )
     return Plan(
         config=cfg,
         boundaries=schedule.boundaries,
@@ -404,6 +424,7 @@ def make_plan(cfg: PlanConfig) -> Plan:
         stages=tuple(stages),
         busiest_stage=busiest,
         notes=tuple(notes),
+        communication=communication,
     )
 
 
@@ -421,7 +442,8 @@ def _stage_plan(
     stage_numel = sum(p.numel for p in params)
     soap_local = sum(p.numel for p in mats_local)
     adam_numel = stage_numel - soap_local
-    adam_state = 2 * adam_numel * cfg.state_bytes  # exp_avg + exp_avg_sq
+    # exp_avg + exp_avg_sq of this rank's ZeRO-1 slice (fp32 params are their own mains)
+    adam_state = 2 * math.ceil(adam_numel / cfg.dp) * cfg.state_bytes
     soap_mem = asg.memory_loads
     fold = [2 * n * cfg.state_bytes for n in asg.numel_loads]
     # Full mode: a whole-matrix fp32 copy of the params, plus one gathered level gradient.
@@ -431,9 +453,12 @@ def _stage_plan(
     pingpong = pingpong_assignment(mats, world, asg.cost_model, cfg.soap.max_precond_dim)
     pp_max = max(pingpong.compute_loads)
     grad_buffer = stage_numel * GRAD_BYTES
-    ring = 2.0 * (cfg.dp - 1) / cfg.dp
-    allreduce_level = ring * grad_buffer
-    param_gather = asg.comm_bytes_per_step(cfg.param_bytes)
+    # The owner segment over DP: the most loaded owner's elements (full mode: the TP shard's
+    # SOAP elements split evenly over DP, see the note).
+    segment = math.ceil(soap_local / cfg.dp) if cfg.full_mode else max(asg.numel_loads)
+    traffic = mlfop_traffic(
+        segment, adam_numel, cfg.dp, levels, GRAD_BYTES, param_bytes=cfg.param_bytes
+    )
     tp_gather = levels * (cfg.tp - 1) * soap_local * GRAD_BYTES if cfg.full_mode else 0
     per_stage = cfg.dims.layers // cfg.pp
     names = {p.name for p in params}
@@ -468,9 +493,10 @@ def _stage_plan(
         pingpong_max_gflop=pp_max / 1e9,
         speedup_vs_pingpong=pp_max / max(flops) if max(flops) > 0 else 1.0,
         grad_buffer_bytes=grad_buffer,
-        allreduce_bytes_per_level=allreduce_level,
-        allreduce_bytes_per_step=levels * allreduce_level,
-        param_gather_bytes_per_step=param_gather,
+        level_reduce_bytes_per_step=traffic.level_reduce,
+        adam_sync_bytes_per_step=traffic.adam_reduce + traffic.adam_gather,
+        param_gather_bytes_per_step=traffic.soap_gather,
         tp_gather_bytes_per_step=tp_gather,
-        comm_bytes_per_step=levels * allreduce_level + param_gather + tp_gather,
+        launches_per_step=traffic.launches,
+        comm_bytes_per_step=traffic.total + tp_gather,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mlfop_megatron.distributed.comm_model import ALPHA_S, BETA_BYTES_PER_S, format_table
 from mlfop_megatron.launch.plan.model import Plan
 
 KIB, MIB, GIB = 1024.0, float(1 << 20), float(1 << 30)
@@ -89,7 +90,7 @@ def format_plan(plan: Plan) -> str:
             fb(b.soap_state_mean_bytes),
         ),
         _row(
-            "Adam state: embedding/output/norms/biases, replicated",
+            "Adam state: embedding/output/norms/biases, sharded over DP (ZeRO-1)",
             fb(b.adam_state_bytes),
             fb(b.adam_state_bytes),
         ),
@@ -115,21 +116,33 @@ def format_plan(plan: Plan) -> str:
         f"  Megatron ping-pong (whole params, same ranks): balance {b.pingpong_balance:.3f}, "
         f"busiest rank {format_flops(b.pingpong_max_gflop)} -> ours "
         f"{b.speedup_vs_pingpong:.2f}x faster on the busiest rank",
-        _row("communication per optimizer step, per rank (bytes sent/received)", "bytes"),
         _row(
-            f"level all-reduces: {plan.num_levels} x 2(N-1)/N x {fb(b.grad_buffer_bytes)} "
-            f"fp32 grad buffer (N = DP {cfg.dp})",
-            fb(b.allreduce_bytes_per_step),
+            f"communication per optimizer step, per rank (bytes sent, ring; N = DP {cfg.dp}; "
+            f"{b.launches_per_step} launches)",
+            "bytes",
         ),
         _row(
-            f"param all-gather: owners broadcast updated blocks ({cfg.param_bytes} B/param)",
+            f"level reduce-scatters: {plan.num_levels} x (N-1)/N x owner-ordered fp32 SOAP grads",
+            fb(b.level_reduce_bytes_per_step),
+        ),
+        _row(
+            "Adam: grads all-reduced once (fp32) + ZeRO-1 param all-gather",
+            fb(b.adam_sync_bytes_per_step),
+        ),
+        _row(
+            f"param all-gather: owner-ordered SOAP params ({cfg.param_bytes} B/param)",
             fb(b.param_gather_bytes_per_step),
         ),
         _row(
             f"TP all-gather of level grads (tp-full): {plan.num_levels} x (TP-1) x shard",
             fb(b.tp_gather_bytes_per_step) if full else "-",
         ),
-        _row("total", fb(b.comm_bytes_per_step)),
+        _row("total (with the 16 B norm/found-inf all-reduce)", fb(b.comm_bytes_per_step)),
+        "",
+        f"communication and optimizer memory side by side (comm_model, stage {b.stage}, bf16 "
+        f"params, fp32 main weights; alpha-beta {ALPHA_S * 1e6:g} us per log2(N) step, "
+        f"{BETA_BYTES_PER_S / 1e9:g} GB/s per GPU):",
+        format_table(plan.communication),
         "",
         "notes:",
     ]
