@@ -22,6 +22,7 @@ import torch
 
 from mlfop_megatron.config import SOAPConfig
 from mlfop_megatron.core.linalg import LinalgCounters, qr_refresh_basis, robust_eigh_basis
+from mlfop_megatron.policies import rotates
 
 State = dict
 
@@ -32,8 +33,8 @@ class BlockLayout:
 
     rows: int
     cols: int
-    rotate_left: bool
-    rotate_right: bool
+    rotate_rows: bool
+    rotate_cols: bool
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,10 +48,12 @@ def block_layout(shape: torch.Size | tuple[int, ...], cfg: SOAPConfig) -> BlockL
         return BlockLayout(1, 1, False, False)
     if len(shape) == 1:
         n = int(shape[0])
-        return BlockLayout(1, n, False, cfg.precondition_1d and n <= cfg.max_precond_dim)
+        return BlockLayout(1, n, False, cfg.precondition_1d and rotates(n, cfg.max_precond_dim))
     rows = int(shape[0])
     cols = math.prod(int(s) for s in shape[1:])
-    return BlockLayout(rows, cols, rows <= cfg.max_precond_dim, cols <= cfg.max_precond_dim)
+    return BlockLayout(
+        rows, cols, rotates(rows, cfg.max_precond_dim), rotates(cols, cfg.max_precond_dim)
+    )
 
 
 def needs_master(param_dtype: torch.dtype) -> bool:
@@ -84,10 +87,10 @@ def init_state(
     # that the state's structure never changes: checkpoint templates can be built up front.
     if master is not None:
         state["master"] = master.detach().to(dtype=dtype, copy=True).reshape(layout.shape)
-    if layout.rotate_left:
+    if layout.rotate_rows:
         state["L"] = torch.zeros(layout.rows, layout.rows, dtype=dtype, device=device)
         state["QL"] = torch.eye(layout.rows, dtype=dtype, device=device)
-    if layout.rotate_right:
+    if layout.rotate_cols:
         state["R"] = torch.zeros(layout.cols, layout.cols, dtype=dtype, device=device)
         state["QR"] = torch.eye(layout.cols, dtype=dtype, device=device)
     return state

@@ -38,7 +38,9 @@ from dataclasses import dataclass
 
 from mlfop_megatron.distributed.assignment import (
     Assignment,
+    Block,
     BlockingConfig,
+    CostModel,
     ParamSpec,
     make_blocks,
     pingpong_owners,
@@ -74,10 +76,12 @@ def _time(collectives: Sequence[tuple[int, float]], dp: int) -> float:
     return sum(n * ALPHA_S * hops + b / BETA_BYTES_PER_S for n, b in collectives)
 
 
-def _soap_block_bytes(rows: int, cols: int, rotate_rows: bool, rotate_cols: bool) -> int:
-    """fp32 SOAP state of one block: factor + basis per rotated side, two moments, master."""
-    side = (2 * rows * rows if rotate_rows else 0) + (2 * cols * cols if rotate_cols else 0)
-    return 4 * (side + 3 * rows * cols)
+def _soap_block_bytes(block: Block) -> int:
+    """fp32 SOAP state of one block: the cost model's floats plus fp32 main weights."""
+    return 4 * (_STATE.memory_floats(block) + block.numel)
+
+
+_STATE = CostModel()
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ def layout_costs(
     seg = max(assignment.numel_loads)  # owner segment: the most loaded owner's elements
     mem = [0] * dp
     for b, owner in zip(assignment.blocks, assignment.owners):
-        mem[owner] += _soap_block_bytes(b.rows, b.cols, b.rotate_rows, b.rotate_cols)
+        mem[owner] += _soap_block_bytes(b)
     replicated_adam = 12 * p_adam  # fp32 main weights + two moments on every rank
     # ZeRO-1: the owned slice of the flat buffer padded to a multiple of N
     adam_bytes = 12 * math.ceil(p_adam / dp) if shard_adam else replicated_adam
