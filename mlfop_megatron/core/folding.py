@@ -40,6 +40,23 @@ from mlfop_megatron.core.levels import LevelSchedule
 
 RotateFn = Callable[[torch.Tensor], torch.Tensor]
 
+# Packing of one fold's diagnostics for cross-rank reductions (``LevelDiagnostics``):
+# totals() = [aa, ad, dd, sum s, sum beta, blocks, sum cz, sum ch] (SUM-reduced),
+# extremes() = [max beta, -min beta, max s, -min s] (MAX-reduced).
+TOTALS_WIDTH = 8
+EXTREMES_WIDTH = 4
+_BLOCKS = 5  # index of the folded-block count in totals()
+
+
+def empty_totals(device: torch.device) -> torch.Tensor:
+    """Zero ``totals()`` of a fold (fp64), to sum ranks' and engines' totals into."""
+    return torch.zeros(TOTALS_WIDTH, dtype=torch.float64, device=device)
+
+
+def empty_extremes(device: torch.device) -> torch.Tensor:
+    """``extremes()`` of a fold without blocks (-inf, fp64), to max-reduce into."""
+    return torch.full((EXTREMES_WIDTH,), -math.inf, dtype=torch.float64, device=device)
+
 
 @dataclass
 class LevelDiagnostics:
@@ -81,16 +98,35 @@ class LevelDiagnostics:
         Max-reduce these across ranks; -inf without blocks.
         """
         if not self.s.numel():
-            return torch.full((4,), -math.inf, dtype=torch.float64, device=self.s.device)
+            return empty_extremes(self.s.device)
         beta, s = self.beta.to(torch.float64), self.s.to(torch.float64)
         return torch.stack([beta.max(), -beta.min(), s.max(), -s.min()])
 
     def summary(self) -> dict[str, float]:
         """``summarize_level`` of this fold plus the beta and s extremes (this rank's blocks)."""
-        out = summarize_level(self.level, self.totals(), self.n_z, self.n_h, self.fold)
-        high_beta, low_beta, high_s, low_s = self.extremes().tolist()
-        out.update(beta_max=high_beta, beta_min=-low_beta, s_max=high_s, s_min=-low_s)
-        return out
+        return summarize_fold(
+            self.level, self.totals(), self.extremes(), self.n_z, self.n_h, self.fold
+        )
+
+
+def folded_blocks(totals: torch.Tensor) -> float:
+    """How many blocks were folded, from (summed) ``LevelDiagnostics.totals()``."""
+    return float(totals[_BLOCKS])
+
+
+def summarize_fold(
+    level: int,
+    totals: torch.Tensor,
+    extremes: torch.Tensor,
+    n_z: int,
+    n_h: int,
+    fold: int | None = None,
+) -> dict[str, float]:
+    """``summarize_level`` of (reduced) totals plus the beta and s ranges of ``extremes``."""
+    out = summarize_level(level, totals, n_z, n_h, fold)
+    high_beta, low_beta, high_s, low_s = (float(x) for x in extremes)
+    out.update(beta_max=high_beta, beta_min=-low_beta, s_max=high_s, s_min=-low_s)
+    return out
 
 
 def summarize_level(

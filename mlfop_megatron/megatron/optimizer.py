@@ -32,7 +32,14 @@ from mlfop_megatron.core.diagnostics import (
     segment_ends,
     summarize_grad_diagnostics,
 )
-from mlfop_megatron.core.folding import summarize_level
+from mlfop_megatron.core.folding import (
+    EXTREMES_WIDTH,
+    TOTALS_WIDTH,
+    empty_extremes,
+    empty_totals,
+    folded_blocks,
+    summarize_fold,
+)
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.distributed.comm_config import CommConfig
 from mlfop_megatron.distributed.engine import (
@@ -520,8 +527,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         sums = [torch.tensor(host, dtype=f64, device=dev)]
         maxes = []
         for fold in self.schedule.folds:
-            total = torch.zeros(8, dtype=f64, device=dev)
-            ext = torch.full((4,), -math.inf, dtype=f64, device=dev)
+            total, ext = empty_totals(dev), empty_extremes(dev)
             for engine, counts in zip(self.engines, self._engine_counts):
                 for diag in engine.last_diagnostics:
                     if diag.fold == fold.index:
@@ -573,17 +579,13 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         out.update({f"time_{k}_s": float(v) for k, v in zip(PHASES, timings)})
         at, at_max = 4, len(PHASES)
         for fold in self.schedule.folds:
-            chunk, extremes = packed[at : at + 8], timings[at_max : at_max + 4].tolist()
-            at, at_max = at + 8, at_max + 4
-            if chunk[5] > 0:  # at least one block was folded in this fold
-                entry = summarize_level(fold.level, chunk, fold.n_z, fold.n_h, fold.index)
-                entry.update(
-                    beta_max=extremes[0],
-                    beta_min=-extremes[1],
-                    s_max=extremes[2],
-                    s_min=-extremes[3],
+            chunk = packed[at : at + TOTALS_WIDTH]
+            extremes = timings[at_max : at_max + EXTREMES_WIDTH]
+            at, at_max = at + TOTALS_WIDTH, at_max + EXTREMES_WIDTH
+            if folded_blocks(chunk) > 0:  # at least one block was folded in this fold
+                out["levels"].append(
+                    summarize_fold(fold.level, chunk, extremes, fold.n_z, fold.n_h, fold.index)
                 )
-                out["levels"].append(entry)
         if with_eta:
             (total, count), (high, low) = packed[at : at + 2].tolist(), timings[at_max:].tolist()
             at += 2
