@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from mlfop_megatron import policies
+
 from .data import DigitsData
 from .devices import on_accelerator, use_cuda
 from .spec import VOCAB_MULTIPLE, RunSpec
@@ -33,13 +35,12 @@ def layer_spec() -> Any:
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """Vocabulary padded like Megatron-LM (--make-vocab-size-divisible-by) so TP can split it.
+    """Vocabulary padded with Megatron's rule (``policies.padded_vocab_size``) to lcm(64, tp).
 
-    A multiple of lcm(64, tp): the same padded size for every power-of-two TP up to 64, so
-    TP layouts train the same model. Padding ids never occur in the data.
+    The same padded size for every power-of-two TP up to 64, so TP layouts train the same
+    model. Padding ids never occur in the data.
     """
-    multiple = math.lcm(VOCAB_MULTIPLE, tp)
-    return -(-vocab_size // multiple) * multiple
+    return policies.padded_vocab_size(vocab_size, 1, math.lcm(VOCAB_MULTIPLE, tp))
 
 
 def build_model(spec: RunSpec, data: DigitsData) -> Any:
