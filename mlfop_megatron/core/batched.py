@@ -23,9 +23,13 @@ may round differently from their unbatched forms (different blocking inside the 
 kernels, on GPU a different eigh algorithm for small matrices), and in float32 the FOP inner
 products are reduced in a different order than ``torch.dot``. Results agree to rounding, not
 bitwise (on CPU, one window from the same state: ~1e-15 in float64, ~1e-5 in float32; see
-tests/test_batched_engine.py). The ops used do not depend on which blocks share a class, so
-an owner-sharded run (classes of the blocks one rank owns) is bitwise equal to a replicated
-one (classes of all blocks) on CPU.
+tests/test_batched_engine.py). A block's result does not depend on which blocks share its
+class, so an owner-sharded run (classes of the blocks one rank owns) is bitwise equal to a
+replicated one (classes of all blocks) on CPU: batched matmul of matrix-vector shapes is not
+batch-invariant (measured on CPU: [B, 31, 32] @ [B, 32, 1] rounds differently for B = 1 and
+B = 2), so the canonical null bases are computed per block and a rotated single-column block
+is a class of its own (tests/test_batched_engine.py::
+test_block_result_does_not_depend_on_its_class_mates).
 
 Whoever changes a block's state tensors from outside (loading a checkpoint) must rebuild the
 engine; :meth:`BatchedBlocks.matches` tells whether the states still hold the engine's views.
