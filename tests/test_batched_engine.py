@@ -377,3 +377,81 @@ def test_batched_engine_is_device_clean_and_fold_is_sync_free(refresh_method):
         for p in model.parameters():
             assert p.is_cuda and torch.isfinite(p).all()
             assert all(v.is_cuda for v in opt.state[p].values() if torch.is_tensor(v))
+
+
+class _NullDirectionNet(torch.nn.Module):
+    """Hidden 32x32 layers whose inputs miss one coordinate, plus [32, 1] gate weights.
+
+    The input side factor R of every hidden weight has rank 31 (one null column: the
+    canonical null basis is a matrix-vector projection); each gate weight is a rotated
+    single-column block (its rotation is a matrix-vector product).
+    """
+
+    def __init__(self, seed: int, dtype: torch.dtype, layers: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = torch.nn.Linear(7, 32)
+        self.hidden = torch.nn.ModuleList(torch.nn.Linear(32, 32) for _ in range(layers))
+        self.gates = torch.nn.ModuleList(torch.nn.Linear(1, 32) for _ in range(layers))
+        self.out = torch.nn.Linear(32, 5)
+        mask = torch.ones(32)
+        mask[5] = 0.0  # an exact zero coordinate: rank n - 1 in every dtype
+        self.register_buffer("mask", mask)
+        self.to(dtype)
+
+    @property
+    def in_features(self) -> int:
+        return 7
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        for layer, gate in zip(self.hidden, self.gates):
+            h = h * self.mask  # no component along e_5
+            h = torch.tanh(layer(h)) + torch.tanh(gate(h.mean(dim=1, keepdim=True)))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("refresh_method", ["qr", "eigh"])
+def test_block_result_does_not_depend_on_its_class_mates(dtype, refresh_method):
+    """The same blocks in one shape class vs each in a class of its own: bitwise equal.
+
+    This is what keeps owner-sharded runs (classes of the blocks one rank owns) bitwise equal
+    to replicated ones. Param groups split classes, so one optimizer stacks the three hidden
+    weights (and would stack the gates) while the other gives every param a group of its own;
+    the math is identical. The hidden weights' input factors have rank n - 1 (a canonical null
+    basis at every basis computation) and the gates are [32, 1] rotated blocks: the two shapes
+    whose batched matmul is not batch-invariant.
+    """
+    options = dict(
+        batched=True, precondition_frequency=2, refresh_method=refresh_method, weight_decay=0.1
+    )
+    runs = []
+    for split in (False, True):
+        model = _NullDirectionNet(0, dtype)
+        params = list(model.parameters())
+        groups = [{"params": [p]} for p in params] if split else [{"params": params}]
+        opt = MLFOPSOAP(groups, **options)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(7):  # first bases, then refreshes at steps 2, 4, 6
+            x = torch.randn(16, 7, generator=gen).to(dtype)
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((model, opt))
+    (model_a, opt_a), (model_b, opt_b) = runs
+    hidden = [c.size for c in opt_a._engine.classes if c.tensors["exp_avg"].shape[1:] == (32, 32)]
+    assert hidden == [3]  # the hidden weights really share a class ...
+    assert all(c.size == 1 for c in opt_b._engine.classes)  # ... and are alone here
+    # The rank-deficient side really took the canonical null-basis path.
+    r_factor = opt_a.state[model_a.hidden[0].weight]["R"]
+    values = torch.linalg.eigvalsh(r_factor.double())
+    tol = values[-1] * 32 * torch.finfo(dtype).eps * 10.0  # linalg.null_tolerance
+    assert values[0] < tol  # numerically rank-deficient (float64: exactly one null column)
+    if dtype == torch.float64:
+        assert values[1] > tol
+    for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb), name
+        for key, va in opt_a.state[pa].items():
+            if isinstance(va, torch.Tensor):
+                assert torch.equal(va, opt_b.state[pb][key]), f"{name} {key}"

@@ -23,9 +23,13 @@ may round differently from their unbatched forms (different blocking inside the 
 kernels, on GPU a different eigh algorithm for small matrices), and in float32 the FOP inner
 products are reduced in a different order than ``torch.dot``. Results agree to rounding, not
 bitwise (on CPU, one window from the same state: ~1e-15 in float64, ~1e-5 in float32; see
-tests/test_batched_engine.py). The ops used do not depend on which blocks share a class, so
-an owner-sharded run (classes of the blocks one rank owns) is bitwise equal to a replicated
-one (classes of all blocks) on CPU.
+tests/test_batched_engine.py). A block's result does not depend on which blocks share its
+class, so an owner-sharded run (classes of the blocks one rank owns) is bitwise equal to a
+replicated one (classes of all blocks) on CPU: batched matmul of matrix-vector shapes is not
+batch-invariant (measured on CPU: [B, 31, 32] @ [B, 32, 1] rounds differently for B = 1 and
+B = 2), so the canonical null bases are computed per block and a rotated single-column block
+is a class of its own (tests/test_batched_engine.py::
+test_block_result_does_not_depend_on_its_class_mates).
 
 Whoever changes a block's state tensors from outside (loading a checkpoint) must rebuild the
 engine; :meth:`BatchedBlocks.matches` tells whether the states still hold the engine's views.
@@ -42,6 +46,7 @@ import torch
 from mlfop_megatron.config import SOAPConfig
 from mlfop_megatron.core.linalg import (
     LinalgCounters,
+    canonical_null_basis,
     qr_refresh_basis,
     robust_eigh_basis,
 )
@@ -131,8 +136,15 @@ class ShapeClass:
             s["initialized"] = self.initialized
 
 
-def _class_key(state: State, cfg: SOAPConfig, extra: Hashable) -> tuple:
+def _class_key(state: State, cfg: SOAPConfig, extra: Hashable, position: int) -> tuple:
+    """Blocks with equal keys share a class; a rotated single-column block is its own class.
+
+    A rotated [n, 1] block's rotation ``QL^T x`` is a matrix-vector product, which batched
+    matmul does not compute batch-invariantly (see :func:`_canonicalize`): such a block is
+    never stacked with others, so its result does not depend on the other blocks.
+    """
     ea = state["exp_avg"]
+    solo = position if ea.shape[-1] == 1 and "QL" in state else None
     present = tuple(f in state for f in FIELDS)
     master_dtype = state["master"].dtype if "master" in state else None
     return (
@@ -145,6 +157,7 @@ def _class_key(state: State, cfg: SOAPConfig, extra: Hashable) -> tuple:
         bool(state["initialized"]),
         cfg,
         extra,
+        solo,
     )
 
 
@@ -209,23 +222,19 @@ def _start_qr(cls: ShapeClass, factor_key: str, basis_key: str, dim: int) -> _Si
 
 
 def _canonicalize(new: torch.Tensor, ranks: list[int], usable: list[bool]) -> None:
-    """``canonical_null_basis`` in place, batched over the blocks of equal rank."""
+    """``canonical_null_basis`` in place, one block at a time (only rank-deficient blocks).
+
+    Per block, not batched: the projection multiplies by a matrix-vector shape whenever one
+    null or one kept column is left (n - r == 1 or r == 1), and batched matmul / bmm of such
+    shapes is not batch-invariant (torch folds the batch into one GEMM, so a block's rounding
+    follows the number of blocks; measured on CPU: [B, 31, 32] @ [B, 32, 1] differs in the last
+    bit between B = 1 and B = 2). Run per block, a block's basis does not depend on which
+    blocks share its class, which keeps owner-sharded runs bitwise equal to replicated ones.
+    """
     n = new.shape[-1]
-    by_rank: dict[int, list[int]] = {}
     for j, (r, good) in enumerate(zip(ranks, usable)):
         if good and r < n:
-            by_rank.setdefault(r, []).append(j)
-    for r, members in by_rank.items():
-        idx = _on(members, new.device)
-        sub = new.index_select(0, idx)
-        kept = sub[..., :r]
-        gen = torch.Generator(device="cpu").manual_seed(n * 7919 + r)
-        probe = torch.randn(n, n - r, generator=gen, dtype=torch.float64)
-        probe = probe.to(device=new.device, dtype=new.dtype)
-        projected = probe - kept @ (_bt(kept) @ probe)
-        projected = projected - kept @ (_bt(kept) @ projected)
-        null, _ = torch.linalg.qr(projected)
-        new.index_copy_(0, idx, torch.cat([kept, null], dim=-1))
+            new[j] = canonical_null_basis(new[j], r)
 
 
 def _finish(job: _SideJob, host: list[list[int]] | None, counters: LinalgCounters) -> None:
@@ -344,7 +353,7 @@ class BatchedBlocks:
         self.states = list(states)
         groups: dict[tuple, list[int]] = {}
         for i, (s, cfg, extra) in enumerate(zip(states, cfgs, extras)):
-            groups.setdefault(_class_key(s, cfg, extra), []).append(i)
+            groups.setdefault(_class_key(s, cfg, extra, i), []).append(i)
         self.classes: list[ShapeClass] = []
         for positions in groups.values():
             members = [states[i] for i in positions]

@@ -41,7 +41,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     megatron-core 0.19 HybridModel), on_device to create params and batches on the (emulated)
     CUDA device, parallel (more initialize_model_parallel kwargs, e.g.
     expert_model_parallel_size), extra_config (TinyGPTConfig.extra_config pairs), folding
-    (more FoldingConfig options, e.g. structure, step_size, statistics_from, beta_max),
+    (more FoldingConfig options, e.g. structure, step_size, statistics_from, beta_max), soap
+    (more SOAPConfig options, e.g. batched),
     grad_groups (group id per micro-batch: request_grad_diagnostics before every window),
     shard_adam (ZeRO-1 Adam for the non-matrix params, default True),
     comm (CommConfig options), count_comm (count the collectives of training and steps).
@@ -75,6 +76,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         enabled=spec.get("enabled", True),
         max_precond_dim=spec.get("max_precond_dim", 10000),
         **spec.get("folding", {}),
+        **spec.get("soap", {}),
     )
     opt_config = OptimizerConfig(
         optimizer="adam",
