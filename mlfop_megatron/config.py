@@ -109,12 +109,13 @@ class SOAPConfig:
         choices=REFRESH_METHODS,
     )
     # Engine, not math: True runs blocks of equal shape as stacked batches (core/batched.py),
-    # False one block at a time (core/soap.py); same results to rounding. Off by default:
-    # owner-sharded == replicated and resume are bitwise with it (tests/test_megatron_dp.py,
-    # tests/test_resume.py), but the sharded Megatron engines build it lazily inside the
-    # backward hook, which the strict device tests refuse (issue 14).
+    # False one block at a time (core/soap.py); same results to rounding (owner-sharded ==
+    # replicated and resume stay bitwise: tests/test_megatron_dp.py, tests/test_resume.py).
     batched: bool = option(
-        False, "run equal-shape SOAP blocks as stacked batches (same results to rounding)"
+        True,
+        "run SOAP blocks one at a time (core/soap.py) instead of as stacked batches of equal "
+        "shape (same results to rounding)",
+        flag="no-batched",
     )
 
     def __post_init__(self) -> None:

@@ -125,6 +125,7 @@ class ShardedSOAP:
         self._segment_start = 0
         self.last_grad_rows: torch.Tensor | None = None  # per owned block, last armed window
         self.last_grad_segments = 0  # reduced segments the last armed window had
+        self._build_engine()
 
     @property
     def grad_params(self) -> list[torch.Tensor]:
@@ -150,14 +151,26 @@ class ShardedSOAP:
         """Whether the owned blocks are updated per shape class (``config.soap.batched``)."""
         return self.config.soap.batched
 
-    def batched_engine(self) -> BatchedBlocks:
-        """The shape classes of the owned blocks (rebuilt when their states were replaced)."""
-        states = [o.state for o in self.owned]
-        if self._engine is None or not self._engine.matches(states):
+    def _build_engine(self) -> None:
+        """Stack the owned blocks into shape classes (``config.soap.batched``), eagerly.
+
+        Built at construction and after a state load, never inside a backward hook: building
+        copies small index tensors host-to-device, which must stay out of the micro-step path.
+        """
+        self._engine = None
+        if self.batched:
             self._engine = BatchedBlocks(
-                states,
+                [o.state for o in self.owned],
                 [o.view(o.param.data) for o in self.owned],
                 [self.config.soap] * len(self.owned),
+            )
+
+    def batched_engine(self) -> BatchedBlocks:
+        """The shape classes of the owned blocks (built eagerly, see ``_build_engine``)."""
+        if self._engine is None or not self._engine.matches([o.state for o in self.owned]):
+            raise RuntimeError(
+                "the owned blocks' SOAP states were replaced behind the batched engine's back; "
+                "load states through load_state_dict (it rebuilds the engine)"
             )
         return self._engine
 
@@ -457,4 +470,4 @@ class ShardedSOAP:
             )
         self.counters = LinalgCounters(**state["counters"])
         self._folder = None
-        self._engine = None
+        self._build_engine()
