@@ -4,8 +4,8 @@
 ``with`` block; every outermost call (a deprecated alias that forwards to its replacement
 counts once) adds one launch and its bytes to the counter of its kind. Bytes are what one rank
 sends with ring algorithms, the usual NCCL cost model: all-reduce 2(n-1)/n x size,
-reduce-scatter and all-to-all (n-1)/n x input (an uneven all-to-all: the input but this
-rank's own split), all-gather (n-1)/n x output, broadcast the
+reduce-scatter and all-to-all (n-1)/n x input (uneven all-to-alls and
+per-rank lists: all but this rank's own piece), all-gather (n-1)/n x output, broadcast the
 size (each non-root receives it once), where n is the group size and size is in bytes.
 Calls on a group of one rank (e.g. Megatron's vocab-parallel cross entropy at TP=1) move
 nothing and are counted apart, in ``trivial``. Works with any backend; nothing is estimated
@@ -45,7 +45,12 @@ def _ring(
 ) -> Callable[[tuple, dict], tuple[int, int]]:
     def sent(args: tuple, kwargs: dict) -> tuple[int, int]:
         n = _group_size(kwargs, args, group_pos)
-        size = _numel_bytes(args[tensor_pos]) if len(args) > tensor_pos else 0
+        tensors = args[tensor_pos] if len(args) > tensor_pos else None
+        if n > 1 and factor == 1.0 and isinstance(tensors, (list, tuple)) and len(tensors) == n:
+            # a list per rank (possibly uneven): every rank's piece but this rank's own
+            group = kwargs.get("group", args[group_pos] if len(args) > group_pos else None)
+            return n, _numel_bytes(tensors) - _numel_bytes(tensors[dist.get_rank(group)])
+        size = _numel_bytes(tensors) if tensors is not None else 0
         return n, int(factor * (n - 1) * size / n) if n > 1 else 0
 
     return sent

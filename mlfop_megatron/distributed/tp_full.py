@@ -58,6 +58,7 @@ class TensorParallelFullSOAP(ShardedSOAP):
         owner_group: dist.ProcessGroup | None,
         block_size: int | None = None,
         param_sync: str = "all_gather",
+        segments: str = "padded",
     ) -> None:
         for p, name, dim in zip(params, names, partition_dims):
             if dim not in (0, 1) or p.dim() != 2:
@@ -79,6 +80,7 @@ class TensorParallelFullSOAP(ShardedSOAP):
             group=owner_group,
             block_size=block_size,
             param_sync=param_sync,
+            segments=segments,
         )
 
     @property

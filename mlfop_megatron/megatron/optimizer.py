@@ -156,6 +156,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 block_size=block_size,
                 master_params=[i for i, p in enumerate(ps) if self.fp8.is_shadow(p)],
                 param_sync=self.comm.param_sync,
+                segments=self.comm.segments,
             )
             if isinstance(engine, TensorParallelFullSOAP):
                 counts = sharded or (g.dp_rank == 0 and g.tp_rank == 0)
@@ -224,7 +225,12 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             if any(e.world_size != owner_world for e in engines):
                 raise ValueError("engines of one data-parallel group mix sharded and replicated")
             reducer = LevelReducer(
-                [e.assignment for e in engines], owner_world, group, scaling, wire_dtype=wire
+                [e.assignment for e in engines],
+                owner_world,
+                group,
+                scaling,
+                wire_dtype=wire,
+                segments=self.comm.segments,
             )
             self._reducers.append((reducer, members))
 
