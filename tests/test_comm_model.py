@@ -67,6 +67,25 @@ def test_llama_table_meets_launch_target_and_reports_padding():
     assert 17.0 < mlfop.bytes_per_soap_element < 18.0 * 1.1
 
 
+def test_exact_segments_meet_4l_plus_2_where_padding_does_not():
+    """Llama-3-8B, block 1024, DP=1024: 6656 equal blocks, 6 or 7 per owner.
+
+    Padded segments carry 7 blocks for every owner (7 / 6.5 = 1.077 x the mean); exact
+    segments carry what each owner holds, so the bytes per element fall to (4L+2) r.
+    """
+    levels, dp = 4, 1024
+    rows = {c.layout: c for c in communication_table("llama3-8b", (dp,), levels=levels)}
+    assert rows["mlfop"].bytes_per_soap_element > (4 * levels + 2) * 1.05  # padded
+    assert rows["mlfop_exact"].bytes_per_soap_element <= 4 * levels + 2  # (total - min u) / total
+    assert rows["mlfop_exact"].launches == rows["mlfop"].launches
+    assert rows["mlfop_exact"].seconds < rows["mlfop"].seconds  # despite N x alpha latency
+    low = {c.layout: c for c in communication_table("llama3-8b", (64,), levels=levels)}
+    # no padding to remove at DP=64 (104 blocks per owner): only the N x alpha latency is left
+    assert low["mlfop_exact"].bytes_per_soap_element == pytest.approx(
+        low["mlfop"].bytes_per_soap_element, rel=1e-3
+    )
+
+
 def test_optimizer_state_of_all_params_per_rank_measured_at_dp_2_and_4():
     """Issue 13's memory target on real runs: all params' optimizer state per rank vs DP=1.
 

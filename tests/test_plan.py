@@ -259,7 +259,14 @@ def test_printed_communication_table_is_comm_models(tmp_path, capsys, k, dp):
     assert format_table(rows) in out
     assert plan["communication"] == [asdict(r) for r in rows]
     layouts = [r.layout for r in rows]
-    assert layouts == ["mlfop", "mlfop_bf16_wire", "mlfop_v1", "distopt", "layerwise"]
+    assert layouts == [
+        "mlfop",
+        "mlfop_bf16_wire",
+        "mlfop_exact",
+        "mlfop_v1",
+        "distopt",
+        "layerwise",
+    ]
     mlfop = rows[0]
     assert mlfop.launches == plan["busiest"]["launches_per_step"] == levels + 4
 
