@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import cpu_model, replace_section
+from mlfop_megatron.distributed.assignment import ParamSpec, choose_block_size
 from mlfop_megatron.distributed.comm_model import communication_table, format_table
 from mlfop_megatron.runtime.spawn import run_distributed
 from tests.support.mlfop_runs import run_tiny_gpt
@@ -37,7 +38,13 @@ PATHS = {
     "v1": {"comm": {"level_reduce": "all_reduce", "param_sync": "broadcast"}, "shard_adam": False},
     "rs": {"comm": {}},
     "rs-bf16": {"comm": {"grad_wire_dtype": "bf16"}},
+    "rs-exact": {"comm": {"segments": "exact"}},
+    "rs-block": {"comm": {}},  # block_size from choose_block_size (see measured_table)
 }
+# Paths measured at the largest K only (the SOAP-side balance options; K changes nothing there).
+LAST_K_ONLY = ("rs-exact", "rs-block")
+# choose_block_size candidates for the tiny GPT (whole params first: the unchanged math).
+BLOCK_CANDIDATES = (None, 256, 128, 64, 32)
 READING = (
     "Reading. Measured: the owner-ordered path launches L+4 collectives per step at every DP "
     "(L reduce-scatters or all-to-alls, the Adam grads' all-reduce once, the (norm, found-inf) "
@@ -64,7 +71,9 @@ READING = (
 SECTION = "## Communication per step (gloo, counted on the real calls) and at scale (model)"
 
 
-def measure(dp: int, k: int, path: str, hidden: int, layers: int, iters: int) -> dict:
+def measure(
+    dp: int, k: int, path: str, hidden: int, layers: int, iters: int, block_size: int | None
+) -> dict:
     """Per-step launches and bytes per kind (rank 0; every step launches the same)."""
     spec = dict(
         iters=iters,
@@ -73,6 +82,7 @@ def measure(dp: int, k: int, path: str, hidden: int, layers: int, iters: int) ->
         hidden=hidden,
         layers=layers,
         count_comm=True,
+        block_size=block_size if path == "rs-block" else None,
         **PATHS[path],
     )
     runs = run_distributed(run_tiny_gpt, dp, spec, timeout=900.0)
@@ -95,7 +105,24 @@ def measure(dp: int, k: int, path: str, hidden: int, layers: int, iters: int) ->
         # every param's optimizer state on the most loaded rank: SOAP engines + Adam side
         "optimizer": max(r["state_bytes"] + r["adam_state_bytes"] for r in runs),
         "model": run["comm_bytes"][0]["total"] if run["comm_bytes"] else 0,
+        "shapes": {n: tuple(p.shape) for n, p in names.items()},
     }
+
+
+def balanced_block_size(shapes: dict[str, tuple[int, ...]], world: int) -> int | None:
+    """choose_block_size over the tiny GPT's SOAP matrices: state balanced within 1.05 at world.
+
+    The planner's rule (largest candidate meeting the target, whole params first), applied
+    with the issue's state target; the block size changes the math, so it is chosen once for
+    the largest DP measured and used at every DP of the rs-block path.
+    """
+    specs = [
+        ParamSpec(n, s)
+        for n, s in shapes.items()
+        if len(s) >= 2 and "embedding" not in n and "output_layer" not in n
+    ]
+    bs, _ = choose_block_size(specs, world, BLOCK_CANDIDATES, 1.05, balance="memory")
+    return bs
 
 
 def levels_of(k: int) -> int:
@@ -111,16 +138,25 @@ def measured_table(dps: list[int], ks: list[int], hidden: int, layers: int, iter
         "| model B/step |",
         "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    block_size: int | None = None
     for k in ks:
-        dp1_state = None
+        dp1_state: dict[str, int] = {}  # DP=1 state of the whole-param and the blocked layout
         for dp in dps:
             for path in PATHS:
-                if dp == 1 and path != "rs":
+                if path in LAST_K_ONLY and k != ks[-1]:
+                    continue
+                if dp == 1 and path not in ("rs", "rs-block"):
                     continue  # nothing crosses ranks at DP=1
-                m = measure(dp, k, path, hidden, layers, iters)
-                if dp1_state is None:
-                    dp1_state = m["optimizer"] if dp == 1 else None
-                ratio = f"{m['optimizer'] / dp1_state:.3f}" if dp1_state else "-"
+                m = measure(dp, k, path, hidden, layers, iters, block_size)
+                if block_size is None and path == "rs":
+                    block_size = balanced_block_size(m["shapes"], max(dps))
+                layout = "block" if path == "rs-block" else "whole"
+                if dp == 1:
+                    dp1_state[layout] = m["optimizer"]
+                base = dp1_state.get(layout)
+                ratio = f"{m['optimizer'] / base:.3f}" if base else "-"
+                if path == "rs-block":
+                    path = f"rs-block{block_size}"
                 kinds = ", ".join(f"{n} {c}" for n, c in sorted(m["launches"].items())) or "-"
                 b = m["bytes"]
                 total = sum(b.values())
@@ -182,7 +218,13 @@ def main(argv: list[str] | None = None) -> None:
                 "every Megatron bucket at every level + one broadcast per owner, replicated "
                 "Adam), rs = owner-ordered reduce-scatter per level + Adam grads all-reduced "
                 "once + one SOAP param all-gather + ZeRO-1 Adam (one Adam param all-gather), "
-                "rs-bf16 = rs with bf16 on the wire (all-to-all + fp32 sum). `optimizer "
+                "rs-bf16 = rs with bf16 on the wire (all-to-all + fp32 sum), rs-exact = rs "
+                "with unpadded owner segments (`CommConfig(segments='exact')`: uneven "
+                "reduce-scatter per level; gloo runs the uneven param all-gather as one "
+                "all-to-all), rs-blockB = rs with SOAP blocks of at most B x B, B chosen by "
+                "`choose_block_size(balance='memory')` for the largest DP measured (a "
+                "different, block-diagonal preconditioner; its `/ DP=1` divides by its own "
+                "DP=1 run); rs-exact and rs-blockB at the largest K only. `optimizer "
                 "state` = SOAP engines' + Adam side's state on the most loaded rank, "
                 "`/ DP=1` divided by the DP=1 run's (issue 13 target: <= 1.1/N).",
                 "",
