@@ -28,7 +28,9 @@ class CommConfig:
     level reduce-scatters and of the parameter all-gather to the longest one (equal-size
     collectives); "exact" sends no padding (uneven collectives: a reduce-scatter of unequal
     pieces, which NCCL runs as one reduce per rank coalesced into one group, and an uneven
-    all-gather). The math is the same; only the collectives differ.
+    all-gather). The math is the same; only the collectives differ. ``fold_stream``: fold
+    each level on a side CUDA stream, overlapping the next micro-step (off by default: it
+    changes the kernel order on GPU, not the math; a no-op on CPU).
     """
 
     level_reduce: str = option(
@@ -56,6 +58,12 @@ class CommConfig:
         "owner segments of the level reduce-scatters and of the parameter all-gather: padded "
         "to the longest (equal-size collectives) or exact (no padding: uneven collectives)",
         choices=SEGMENTS,
+    )
+
+    fold_stream: bool = option(
+        False,
+        "run each level's fold on a side CUDA stream so it overlaps the next micro-step "
+        "(events make it safe; no effect on CPU; see distributed/fold_stream.py)",
     )
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NoReturn
 
 import torch
@@ -48,6 +49,7 @@ from mlfop_megatron.distributed.engine import (
     SOAPEngine,
     make_engine,
 )
+from mlfop_megatron.distributed.fold_stream import FoldStream
 from mlfop_megatron.distributed.owner_buffer import FlatAllReduce, LevelReducer
 from mlfop_megatron.distributed.sharded_soap import PHASES
 from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP, TPFullReducer
@@ -168,6 +170,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             self._diag_counts.append(counts and (full or g.tp_rank == 0))
         self.fp8.release()  # shadows hold storage only during a step
         self._build_reducers()
+        self._folds = FoldStream(self.device, self.comm.fold_stream)
         self._grad_scale = 1.0
         self.skipped_steps = 0
         # Megatron-LM multiplies the loss by this (on the loss's device) before backward.
@@ -255,13 +258,16 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             return
         kind, index, scale = self._pending
         self._pending = None
+        if kind != "level":  # a diagnostics segment shares state with the folds: in order
+            self._folds.join()
         for reducer, members in self._reducers:
             start = time.perf_counter()
             owned = reducer.wait()
             self.engines[members[0]].timings["communication"] += time.perf_counter() - start
             for i, blocks in zip(members, owned):
                 if kind == "level":
-                    self.engines[i].fold_owned_level(index, blocks, scale=scale)
+                    fold = partial(self.engines[i].fold_owned_level, index, blocks, scale=scale)
+                    self._folds.run(fold, blocks)
                 else:
                     self.engines[i].add_owned_segment(blocks, index, scale)
         for shard_reducer, i in self._shard_reducers:
@@ -277,7 +283,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             blocks = tp_reducer.wait()
             self.engines[i].timings["communication"] += time.perf_counter() - start
             if kind == "level":
-                self.engines[i].fold_owned_level(index, blocks, scale=scale)
+                fold = partial(self.engines[i].fold_owned_level, index, blocks, scale=scale)
+                self._folds.run(fold, blocks)
             else:
                 self.engines[i].add_owned_segment(blocks, index, scale)
 
@@ -442,6 +449,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             False: the inf check is global, in ``MLFOPChainedOptimizer.step``.
         """
         self._complete_reductions()
+        self._folds.join()  # the step reads the folded window
         for chunk in self.model_chunks:  # the Adam params' once-per-step all-reduce
             chunk.wait_unfolded_grad_sync()
         for engine in self.engines:
@@ -469,6 +477,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
     def discard_step(self) -> None:
         """Skip the step (non-finite gradients): drop the folded windows."""
         self._complete_reductions()
+        self._folds.join()
         for engine in self.engines:
             engine.discard_window()
         self.skipped_steps += 1
