@@ -39,6 +39,8 @@ class FoldStream:
         self.enabled = bool(enabled) and device.type == "cuda"
         self.stream = torch.cuda.Stream(device=device) if self.enabled else None
         self.device = device
+        # The CPU emulation's streams have no caching allocator behind them: no record_stream.
+        self._allocator_streams = self.enabled and torch.cuda.is_available()
         self._launched = False
 
     def run(self, fold: Callable[[], None], inputs: Sequence[torch.Tensor]) -> None:
@@ -50,8 +52,9 @@ class FoldStream:
         self.stream.wait_stream(current)  # 1: the reduction's output is complete
         with torch.cuda.stream(self.stream):
             fold()
-        for t in inputs:  # 2: not reused before the fold finished
-            t.record_stream(self.stream)
+        if self._allocator_streams:
+            for t in inputs:  # 2: not reused before the fold finished
+                t.record_stream(self.stream)
         self._launched = True
 
     def join(self) -> None:
