@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 GIB = float(1 << 30)
+BALANCE_METRICS = ("compute", "memory", "both")
 
 
 @dataclass(frozen=True)
@@ -416,6 +417,16 @@ class Assignment:
         mean = sum(self.memory_loads) / self.world_size
         return max(self.memory_loads) / mean if mean > 0 else 1.0
 
+    def balance(self, metric: str = "compute") -> float:
+        """Max / mean load by ``metric``: "compute", "memory" or "both" (the larger of the two)."""
+        if metric == "compute":
+            return self.compute_balance
+        if metric == "memory":
+            return self.memory_balance
+        if metric == "both":
+            return max(self.compute_balance, self.memory_balance)
+        raise ValueError(f"balance metric must be one of {BALANCE_METRICS}, got {metric!r}")
+
     def comm_bytes_per_step(self, dtype_bytes: int = 2, padded: bool = False) -> int:
         """Max bytes one rank receives per step when all ranks all-gather the updated params.
 
@@ -465,9 +476,6 @@ def pingpong_assignment(
     return Assignment(blocks, world_size, owners, cost_model or CostModel(), "pingpong")
 
 
-BALANCE_METRICS = ("compute", "memory", "both")
-
-
 def choose_block_size(
     params: Sequence[ParamSpec],
     world_size: int,
@@ -497,21 +505,14 @@ def choose_block_size(
     def size_key(bs: int | None) -> float:
         return math.inf if bs is None else float(bs)
 
-    def score(asg: Assignment) -> float:
-        if balance == "compute":
-            return asg.compute_balance
-        if balance == "memory":
-            return asg.memory_balance
-        return max(asg.compute_balance, asg.memory_balance)
-
     best: tuple[float, int | None, Assignment] | None = None
     for bs in sorted(candidates, key=size_key, reverse=True):
         blocks = make_blocks(params, BlockingConfig(bs, max_precond_dim))
         asg = Assignment.build(blocks, world_size, cost_model)
-        if score(asg) <= target_balance:
+        if asg.balance(balance) <= target_balance:
             return bs, asg
-        if best is None or score(asg) < best[0]:
-            best = (score(asg), bs, asg)
+        if best is None or asg.balance(balance) < best[0]:
+            best = (asg.balance(balance), bs, asg)
     assert best is not None
     return best[1], best[2]
 
