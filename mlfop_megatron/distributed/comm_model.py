@@ -143,7 +143,7 @@ def mlfop_traffic(
     segment.
     """
     r = (dp - 1) / dp
-    buffer = dp * segment  # the padded owner-ordered buffer
+    buffer = float(dp * segment)  # the padded owner-ordered buffer
     if soap_sent is not None:
         buffer = soap_sent / r if r else 0.0
     adam_padded = dp * math.ceil(adam_numel / dp)
