@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import cpu_model, replace_section
+from mlfop_megatron.distributed.assignment import ParamSpec, choose_block_size
 from mlfop_megatron.distributed.comm_model import communication_table, format_table
 from mlfop_megatron.runtime.spawn import run_distributed
 from tests.support.mlfop_runs import run_tiny_gpt
@@ -37,34 +38,55 @@ PATHS = {
     "v1": {"comm": {"level_reduce": "all_reduce", "param_sync": "broadcast"}, "shard_adam": False},
     "rs": {"comm": {}},
     "rs-bf16": {"comm": {"grad_wire_dtype": "bf16"}},
+    "rs-exact": {"comm": {"segments": "exact"}},
+    "rs-block": {"comm": {}},  # block_size from choose_block_size (see measured_table)
 }
+# Paths measured at the largest K only (the SOAP-side balance options; K changes nothing there).
+LAST_K_ONLY = ("rs-exact", "rs-block")
+# choose_block_size candidates for the tiny GPT (whole params first: the unchanged math).
+BLOCK_CANDIDATES = (None, 256, 128, 64, 32)
 READING = (
-    "Reading. Measured: the owner-ordered path launches L+4 collectives per step at every DP "
-    "(L reduce-scatters or all-to-alls, the Adam grads' all-reduce once, the (norm, found-inf) "
-    "all-reduce, the SOAP params' all-gather and the ZeRO-1 Adam params' all-gather), against "
-    "L x buckets + N + 1 for the first version. Adam elements cost 12r B on the tiny GPT "
-    "(fp32: 8r for the grads' all-reduce + 4r for the params' all-gather; 10r with bf16 "
-    "params, as modelled). The tiny GPT trains in fp32, so its SOAP parameter all-gather "
-    "carries 4 B (2 B with bf16 params): bytes per SOAP element are (4L+4)r x (1 + padding) "
-    "with the fp32 wire and (2L+4)r x (1 + padding) with the bf16 wire; at DP=2 the owner "
-    "segments need no padding, at DP=4 they are padded (8 matrices of unequal shapes, blocks "
-    "assigned by compute cost, not by size). Optimizer state of all params on the most loaded "
-    "rank / DP=1: 0.500 at DP=2 (target 1.1/2 = 0.55: met) and 0.292 at DP=4 (target 1.1/4 = "
-    "0.275: missed by 6%): the Adam side is exactly 1/N plus < N elements of padding, but the "
-    "SOAP side is the most loaded owner's blocks, and 8 unequal matrices do not split evenly "
-    "over 4 owners. Modelled at Llama-3 shapes (thousands of blocks, bf16 params) the ratio is "
-    "within 1% of 1/N (target met); the bytes per matrix element sit at 4L+2 = 18 (K=8) "
-    "within the owner padding (1-8%), still ~3x Megatron's DistributedOptimizer (6 B): the L "
-    "level reductions are intrinsic to folding. Adam elements cost 10r B modelled (bf16 "
-    "params: 8r for the fp32 grads' all-reduce + 2r for the ZeRO-1 all-gather), above the "
-    "issue's 8 B target: the code all-reduces the Adam grads and each rank reads only its "
-    "slice; a reduce-scatter of them (Megatron's DistributedOptimizer: 6r in all) would meet it "
-    "(not done)."
+    "Reading. Measured: the owner-ordered path launches L+4 collectives per step at every "
+    "DP (L reduce-scatters or all-to-alls, the Adam grads' all-reduce once, the (norm, "
+    "found-inf) all-reduce, the SOAP params' all-gather and the ZeRO-1 Adam params' "
+    "all-gather), against L x buckets + N + 1 for the first version. Adam elements cost 12r "
+    "B on the tiny GPT (fp32: 8r for the grads' all-reduce + 4r for the params' all-gather; "
+    "10r with bf16 params, as modelled). The tiny GPT trains in fp32, so its SOAP parameter "
+    "all-gather carries 4 B (2 B with bf16 params): bytes per SOAP element are (4L+4)r x (1 "
+    "+ padding) with the fp32 wire and (2L+4)r x (1 + padding) with the bf16 wire; at DP=2 "
+    "the owner segments need no padding, at DP=4 they are padded (8 matrices of unequal "
+    "shapes, blocks assigned by compute cost, not by size): 17.50 B per SOAP element at K=8 "
+    "where (4L+4)r = 15. rs-exact sends no padding (14.83 B on rank 0: a rank sends every "
+    "other owner's elements, and rank 0 owns more than the mean), with the same math "
+    "(bitwise equal params: tests/test_comm_megatron.py). Optimizer state of all params on "
+    "the most loaded rank / DP=1: 0.500 at DP=2 (target 1.1/2 = 0.55: met) and 0.292 at "
+    "DP=4 with whole matrices (target 1.1/4 = 0.275: missed by 6%): the Adam side is "
+    "exactly 1/N plus < N elements of padding, but the SOAP side is the most loaded owner's "
+    "matrices, and that is the optimum for whole matrices: one owner must hold a 256x64 MLP "
+    "matrix (172032 state floats) and a QKV matrix (106496), 1.172 x the mean; no "
+    "assignment of the 8 matrices does better (exhaustive check in "
+    "tests/test_assignment_balance.py, which LPT meets). Cutting them into blocks of at "
+    "most 128 x 128 (rs-block128, chosen by choose_block_size(balance='memory') for 4 "
+    "owners; a block-diagonal preconditioner, so a different optimizer, not the default) "
+    "gives 0.256 at DP=4 (target met) and 0.500 at DP=2, and no padding (15.00 B = "
+    "(4L+4)r). Modelled at Llama-3 shapes (thousands of blocks, bf16 params) the ratio is "
+    "within 1% of 1/N (target met); with padded segments the bytes per matrix element are "
+    "4L+2 = 18 (K=8) times the owner padding, up to 19.37 at Llama-3-8B DP=1024 (6656 equal "
+    "blocks, 6 or 7 per owner: 7.7% padding); mlfop_exact removes it: 17.98 B (target met), "
+    "modelled 3.45 s per step against 3.64 s even with an N x alpha latency for NCCL's "
+    "per-root uneven collectives (not measured on a GPU cluster; off by default). That is "
+    "still ~3x Megatron's DistributedOptimizer (6 B): the L level reductions are intrinsic "
+    "to folding. Adam elements cost 10r B modelled (bf16 params: 8r for the fp32 grads' "
+    "all-reduce + 2r for the ZeRO-1 all-gather), above the issue's 8 B target: the code "
+    "all-reduces the Adam grads and each rank reads only its slice; a reduce-scatter of "
+    "them (Megatron's DistributedOptimizer: 6r in all) would meet it (not done)."
 )
 SECTION = "## Communication per step (gloo, counted on the real calls) and at scale (model)"
 
 
-def measure(dp: int, k: int, path: str, hidden: int, layers: int, iters: int) -> dict:
+def measure(
+    dp: int, k: int, path: str, hidden: int, layers: int, iters: int, block_size: int | None
+) -> dict:
     """Per-step launches and bytes per kind (rank 0; every step launches the same)."""
     spec = dict(
         iters=iters,
@@ -73,6 +95,7 @@ def measure(dp: int, k: int, path: str, hidden: int, layers: int, iters: int) ->
         hidden=hidden,
         layers=layers,
         count_comm=True,
+        block_size=block_size if path == "rs-block" else None,
         **PATHS[path],
     )
     runs = run_distributed(run_tiny_gpt, dp, spec, timeout=900.0)
@@ -95,7 +118,24 @@ def measure(dp: int, k: int, path: str, hidden: int, layers: int, iters: int) ->
         # every param's optimizer state on the most loaded rank: SOAP engines + Adam side
         "optimizer": max(r["state_bytes"] + r["adam_state_bytes"] for r in runs),
         "model": run["comm_bytes"][0]["total"] if run["comm_bytes"] else 0,
+        "shapes": {n: tuple(p.shape) for n, p in names.items()},
     }
+
+
+def balanced_block_size(shapes: dict[str, tuple[int, ...]], world: int) -> int | None:
+    """choose_block_size over the tiny GPT's SOAP matrices: state balanced within 1.05 at world.
+
+    The planner's rule (largest candidate meeting the target, whole params first), applied
+    with the issue's state target; the block size changes the math, so it is chosen once for
+    the largest DP measured and used at every DP of the rs-block path.
+    """
+    specs = [
+        ParamSpec(n, s)
+        for n, s in shapes.items()
+        if len(s) >= 2 and "embedding" not in n and "output_layer" not in n
+    ]
+    bs, _ = choose_block_size(specs, world, BLOCK_CANDIDATES, 1.05, balance="memory")
+    return bs
 
 
 def levels_of(k: int) -> int:
@@ -111,16 +151,25 @@ def measured_table(dps: list[int], ks: list[int], hidden: int, layers: int, iter
         "| model B/step |",
         "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    block_size: int | None = None
     for k in ks:
-        dp1_state = None
+        dp1_state: dict[str, int] = {}  # DP=1 state of the whole-param and the blocked layout
         for dp in dps:
             for path in PATHS:
-                if dp == 1 and path != "rs":
+                if path in LAST_K_ONLY and k != ks[-1]:
+                    continue
+                if dp == 1 and path not in ("rs", "rs-block"):
                     continue  # nothing crosses ranks at DP=1
-                m = measure(dp, k, path, hidden, layers, iters)
-                if dp1_state is None:
-                    dp1_state = m["optimizer"] if dp == 1 else None
-                ratio = f"{m['optimizer'] / dp1_state:.3f}" if dp1_state else "-"
+                m = measure(dp, k, path, hidden, layers, iters, block_size)
+                if block_size is None and path == "rs":
+                    block_size = balanced_block_size(m["shapes"], max(dps))
+                layout = "block" if path == "rs-block" else "whole"
+                if dp == 1:
+                    dp1_state[layout] = m["optimizer"]
+                base = dp1_state.get(layout)
+                ratio = f"{m['optimizer'] / base:.3f}" if base else "-"
+                if path == "rs-block":
+                    path = f"rs-block{block_size}"
                 kinds = ", ".join(f"{n} {c}" for n, c in sorted(m["launches"].items())) or "-"
                 b = m["bytes"]
                 total = sum(b.values())
@@ -182,7 +231,13 @@ def main(argv: list[str] | None = None) -> None:
                 "every Megatron bucket at every level + one broadcast per owner, replicated "
                 "Adam), rs = owner-ordered reduce-scatter per level + Adam grads all-reduced "
                 "once + one SOAP param all-gather + ZeRO-1 Adam (one Adam param all-gather), "
-                "rs-bf16 = rs with bf16 on the wire (all-to-all + fp32 sum). `optimizer "
+                "rs-bf16 = rs with bf16 on the wire (all-to-all + fp32 sum), rs-exact = rs "
+                "with unpadded owner segments (`CommConfig(segments='exact')`: uneven "
+                "reduce-scatter per level; gloo runs the uneven param all-gather as one "
+                "all-to-all), rs-blockB = rs with SOAP blocks of at most B x B, B chosen by "
+                "`choose_block_size(balance='memory')` for the largest DP measured (a "
+                "different, block-diagonal preconditioner; its `/ DP=1` divides by its own "
+                "DP=1 run); rs-exact and rs-blockB at the largest K only. `optimizer "
                 "state` = SOAP engines' + Adam side's state on the most loaded rank, "
                 "`/ DP=1` divided by the DP=1 run's (issue 13 target: <= 1.1/N).",
                 "",

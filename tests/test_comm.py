@@ -64,6 +64,7 @@ def test_owner_layout_segments_and_padding():
 def _reduce_worker(spec):
     import torch.distributed as dist
 
+    from mlfop_megatron.distributed.comm_counter import count_collectives
     from mlfop_megatron.distributed.owner_buffer import LevelReducer
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -71,7 +72,12 @@ def _reduce_worker(spec):
     owner_world = world if spec["sharded"] else 1
     assignment = _assignment(owner_world)
     wire = torch.bfloat16 if spec["wire"] == "bf16" else torch.float32
-    reducer = LevelReducer([assignment], owner_world, dist.group.WORLD, scaling, wire)
+    reducer = LevelReducer(
+        [assignment], owner_world, dist.group.WORLD, scaling, wire, spec.get("segments", "padded")
+    )
+    with count_collectives() as counts:
+        reducer.launch([_grads(rank)])
+        (owned,) = reducer.wait()
     reducer.launch([_grads(rank)])
     (owned,) = reducer.wait()
     me = rank if spec["sharded"] else 0
@@ -91,7 +97,10 @@ def _reduce_worker(spec):
         "err": exact,
         "bf16": rounded,
         "bytes": reducer.bytes_per_reduction(),
+        "counted": counts.total_bytes,
         "seg": reducer.layout.segment_size,
+        "used": reducer.layout.used,
+        "padding": reducer.layout.padding_per_rank(),
     }
 
 
@@ -99,8 +108,18 @@ def _reduce_worker(spec):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "replicated"])
 @pytest.mark.parametrize("wire", ["fp32", "bf16"])
-def test_level_reducer_gives_owners_the_dense_level_sum(world, sharded, wire):
-    runs = run_distributed(_reduce_worker, world, dict(sharded=sharded, wire=wire))
+@pytest.mark.parametrize("segments", ["padded", "exact"])
+def test_level_reducer_gives_owners_the_dense_level_sum(world, sharded, wire, segments):
+    spec = dict(sharded=sharded, wire=wire, segments=segments)
+    runs = run_distributed(_reduce_worker, world, spec)
+    for rank, r in enumerate(runs):
+        assert r["bytes"] == r["counted"]  # the method == counted on the real call
+        if sharded and segments == "exact":  # no padding: every other owner's blocks only
+            assert r["padding"] == [0] * world
+            wire_bytes = 4 if wire == "fp32" else 2
+            assert r["bytes"] == (sum(r["used"]) - r["used"][rank]) * wire_bytes
+    if sharded:
+        assert max(runs[0]["used"]) > min(runs[0]["used"])  # the shapes leave owners uneven
     for r in runs:
         assert r["n"] == r["expected"] > 0
         if wire == "fp32":
@@ -109,7 +128,7 @@ def test_level_reducer_gives_owners_the_dense_level_sum(world, sharded, wire):
             for (same, scale), err in zip(r["bf16"], r["err"]):
                 assert same  # bitwise: bf16 pieces summed in fp32 in rank order
                 assert err <= world * 2.0**-9 * scale
-    if sharded and wire == "fp32":  # ring reduce-scatter: (n - 1) padded segments of fp32
+    if sharded and wire == "fp32" and segments == "padded":  # (n - 1) padded fp32 segments
         assert runs[0]["bytes"] == (world - 1) * runs[0]["seg"] * 4
 
 
@@ -129,6 +148,7 @@ def _param_sync_worker(spec):
         group=dist.group.WORLD,
         block_size=6,
         param_sync=spec["mode"],
+        segments=spec.get("segments", "padded"),
     )
     for o in engine.owned:  # each owner writes its id + 1 into its blocks
         o.view(o.param.data).fill_(10.0 + rank)
@@ -149,13 +169,19 @@ def _param_sync_worker(spec):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["all_gather", "broadcast"])
+@pytest.mark.parametrize("mode", ["all_gather", "broadcast", "exact"])
 def test_param_sync_shares_owned_blocks_in_one_all_gather(mode):
     world = 3
-    runs = run_distributed(_param_sync_worker, world, dict(mode=mode, dtype=torch.bfloat16))
+    spec = dict(mode=mode, dtype=torch.bfloat16)
+    if mode == "exact":  # unpadded segments: gloo runs the uneven all-gather as an all-to-all
+        spec.update(mode="all_gather", segments="exact")
+    runs = run_distributed(_param_sync_worker, world, spec)
     for r in runs:
         assert r["ok"]
-        if mode == "all_gather":
+        if mode == "exact":
+            assert r["launches"] == {"all_to_all": 1}
+            assert r["bytes"] == r["model"] and r["padding"] == [0] * world
+        elif mode == "all_gather":
             assert r["launches"] == {"all_gather": 1}
             assert r["bytes"] == r["model"]  # counted on the real call == the method
             assert len(r["padding"]) == world and min(r["padding"]) == 0
@@ -172,3 +198,5 @@ def test_comm_config_refuses_bad_options():
         CommConfig(level_reduce="all_reduce", grad_wire_dtype="bf16")
     with pytest.raises(ValueError, match="param_sync"):
         CommConfig(param_sync="scatter")
+    with pytest.raises(ValueError, match="segments"):
+        CommConfig(segments="trimmed")

@@ -96,3 +96,21 @@ def test_bf16_wire_close_to_fp32_wire():
             count += p.numel()
     rms = (sq / count) ** 0.5  # RMS change of the SOAP params, in units of one step (lr)
     assert 0.0 < rms <= 0.1 * spec["lr"], rms
+
+
+def test_exact_segments_equal_padded_segments_bitwise():
+    """segments='exact' changes the collectives only: same params, no padding on the wire."""
+    spec = dict(BASE, iters=2, layers=1)  # 1 layer: owners of 7h^2 and 5h^2 elements at DP=2
+    padded = run_distributed(run_tiny_gpt, 2, spec)
+    exact = run_distributed(run_tiny_gpt, 2, dict(spec, comm={"segments": "exact"}))
+    for r in (0, 1):
+        for name, p in padded[r]["params"].items():
+            assert torch.equal(p, exact[r]["params"][name]), name
+    launches, sent = _steps(exact[0])
+    # gloo runs the uneven parameter all-gather as one all-to-all
+    assert launches == {"reduce_scatter": 3, "all_reduce": 2, "all_gather": 1, "all_to_all": 1}
+    model = exact[0]["comm_bytes"][0]
+    assert model["soap_grads"] == sent["reduce_scatter"]
+    assert model["params"] == sent["all_to_all"]
+    padded_model = padded[0]["comm_bytes"][0]
+    assert model["soap_grads"] < padded_model["soap_grads"]  # the padding is gone

@@ -345,6 +345,9 @@ def test_comm_flags_build_the_comm_config():
         megatron_like_parser().parse_args(["--mlfop-grad-wire-dtype", "bf16"])
     )
     assert bf16 == CommConfig(grad_wire_dtype="bf16") and bf16.owner_reduce
+    argv = "--mlfop-segments exact --mlfop-fold-stream".split()
+    balance = comm_config_from_args(megatron_like_parser().parse_args(argv))
+    assert balance == CommConfig(segments="exact", fold_stream=True)
 
 
 def test_comm_flags_refuse_bad_values_and_combinations(capsys):

@@ -173,6 +173,21 @@ def test_auto_block_size_uses_choose_block_size(tmp_path, capsys):
     assert f"block size {bs} (auto" in out
 
 
+@pytest.mark.parametrize("balance", ["memory", "both"])
+def test_auto_block_size_can_balance_state_memory(tmp_path, capsys, balance):
+    args = [*LLAMA_ARGS, "--auto-block-size", "--balance", balance]
+    _, plan = _run(args, tmp_path, capsys)
+    mats = _stage_matrices(llama3_8b_shapes(8), 16, 31)
+    bs, asg = choose_block_size(mats, 64, target_balance=1.05, balance=balance)
+    assert plan["block_size"] == bs and plan["block_size_source"] == "auto"
+    assert plan["target_balance_met"] is (asg.balance(balance) <= 1.05)
+
+
+def test_balance_flag_refuses_unknown_metric(capsys):
+    assert main([*LLAMA_ARGS, "--auto-block-size", "--balance", "bytes"]) == 2
+    assert "--balance: invalid choice: 'bytes'" in capsys.readouterr().err
+
+
 # ---- tiny hand-checked model -----------------------------------------------------------
 
 
@@ -259,7 +274,14 @@ def test_printed_communication_table_is_comm_models(tmp_path, capsys, k, dp):
     assert format_table(rows) in out
     assert plan["communication"] == [asdict(r) for r in rows]
     layouts = [r.layout for r in rows]
-    assert layouts == ["mlfop", "mlfop_bf16_wire", "mlfop_v1", "distopt", "layerwise"]
+    assert layouts == [
+        "mlfop",
+        "mlfop_bf16_wire",
+        "mlfop_exact",
+        "mlfop_v1",
+        "distopt",
+        "layerwise",
+    ]
     mlfop = rows[0]
     assert mlfop.launches == plan["busiest"]["launches_per_step"] == levels + 4
 

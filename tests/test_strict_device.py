@@ -141,6 +141,7 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from megatron.core.optimizer import OptimizerConfig
 
     from mlfop_megatron.config import MLFOPConfig
+    from mlfop_megatron.distributed.comm_config import CommConfig
     from mlfop_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
@@ -161,8 +162,10 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
     k = 4
     mlfop = MLFOPConfig.from_kwargs(lr=1e-2, precondition_frequency=2, accumulation_steps=k)
     opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, clip_grad=0.05)
-    optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, tp_mode=spec["tp_mode"])
+    comm = CommConfig(**spec.get("comm", {}))
+    optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, tp_mode=spec["tp_mode"], comm=comm)
     ours = optimizer.mlfop[0]
+    assert ours._folds.enabled == comm.fold_stream  # the side-stream path runs when asked
     assert all(p.is_cuda for p in model.parameters())
     assert ours.device.type == "cuda"
 
@@ -247,6 +250,22 @@ def test_megatron_sharded_engine_strict_device() -> None:
         results = run_distributed(_megatron_worker, 2, spec, strict_device=True)
     _check_run(results)
     assert all(r["after_load"][0] for r in results)
+
+
+def test_megatron_fold_stream_strict_device() -> None:
+    """Folds on the side stream: no host sync in the hooks, the same run as inline folds.
+
+    The emulation's streams are no-ops (CPU kernels are synchronous), so this checks the code
+    path (stream waits, record_stream, joins before the step and before diagnostics
+    segments) and that it adds no host sync, not the overlap itself (a GPU-only property).
+    """
+    spec = {"tp": 1, "tp_mode": "blockwise"}
+    inline = run_distributed(_megatron_worker, 2, spec, strict_device=True)
+    side = run_distributed(
+        _megatron_worker, 2, dict(spec, comm={"fold_stream": True}), strict_device=True
+    )
+    _check_run(side)
+    assert [r["results"] for r in side] == [r["results"] for r in inline]
 
 
 def test_megatron_tp_full_engine_strict_device() -> None:

@@ -29,6 +29,7 @@ from functools import cached_property
 from mlfop_megatron.policies import rotates
 
 __all__ = [
+    "BALANCE_METRICS",
     "Assignment",
     "Block",
     "BlockingConfig",
@@ -41,9 +42,11 @@ __all__ = [
     "merged_2d_shape",
     "pingpong_assignment",
     "pingpong_owners",
+    "whole_param_memory_bound",
 ]
 
 GIB = float(1 << 30)
+BALANCE_METRICS = ("compute", "memory", "both")
 
 
 @dataclass(frozen=True)
@@ -414,6 +417,16 @@ class Assignment:
         mean = sum(self.memory_loads) / self.world_size
         return max(self.memory_loads) / mean if mean > 0 else 1.0
 
+    def balance(self, metric: str = "compute") -> float:
+        """Max / mean load by ``metric``: "compute", "memory" or "both" (the larger of the two)."""
+        if metric == "compute":
+            return self.compute_balance
+        if metric == "memory":
+            return self.memory_balance
+        if metric == "both":
+            return max(self.compute_balance, self.memory_balance)
+        raise ValueError(f"balance metric must be one of {BALANCE_METRICS}, got {metric!r}")
+
     def comm_bytes_per_step(self, dtype_bytes: int = 2, padded: bool = False) -> int:
         """Max bytes one rank receives per step when all ranks all-gather the updated params.
 
@@ -470,17 +483,24 @@ def choose_block_size(
     target_balance: float = 1.05,
     max_precond_dim: int = 10000,
     cost_model: CostModel | None = None,
+    balance: str = "compute",
 ) -> tuple[int | None, Assignment]:
     """Largest candidate block size (None = whole params) whose LPT balance meets the target.
 
-    Larger blocks precondition more of each matrix jointly, so we prefer them; if no
-    candidate meets the target the best-balanced one is returned. The block size changes
-    the optimizer's math: choose it once for the largest DP size planned, not per run size.
+    ``balance``: what must be balanced to ``target_balance`` (max / mean over ranks):
+    "compute" (flops per step), "memory" (optimizer-state bytes: the per-rank state target of
+    issue 13) or "both". Larger blocks precondition more of each matrix jointly, so we prefer
+    them; if no candidate meets the target the best-balanced one is returned. The block size
+    changes the optimizer's math (SOAP on blocks is a block-diagonal preconditioner): choose
+    it once for the largest DP size planned, not per run size, so that runs of every DP size
+    (and checkpoints resharded between them) share one preconditioner.
     """
     if not candidates:
         raise ValueError("candidates must be a non-empty sequence of block sizes")
     if target_balance < 1.0:
         raise ValueError(f"target_balance must be >= 1.0, got {target_balance!r}")
+    if balance not in BALANCE_METRICS:
+        raise ValueError(f"balance must be one of {BALANCE_METRICS}, got {balance!r}")
 
     def size_key(bs: int | None) -> float:
         return math.inf if bs is None else float(bs)
@@ -489,9 +509,32 @@ def choose_block_size(
     for bs in sorted(candidates, key=size_key, reverse=True):
         blocks = make_blocks(params, BlockingConfig(bs, max_precond_dim))
         asg = Assignment.build(blocks, world_size, cost_model)
-        if asg.compute_balance <= target_balance:
+        if asg.balance(balance) <= target_balance:
             return bs, asg
-        if best is None or asg.compute_balance < best[0]:
-            best = (asg.compute_balance, bs, asg)
+        if best is None or asg.balance(balance) < best[0]:
+            best = (asg.balance(balance), bs, asg)
     assert best is not None
     return best[1], best[2]
+
+
+def whole_param_memory_bound(
+    params: Sequence[ParamSpec],
+    world_size: int,
+    max_precond_dim: int = 10000,
+    cost_model: CostModel | None = None,
+) -> float:
+    """Lower bound of max / mean optimizer-state memory of any assignment of whole params.
+
+    No assignment can beat max(mean, largest item, (W+1)-th largest + W-th largest, ...):
+    we use the two classic bounds, the largest item and the pigeonhole pair bound (two of
+    the W+1 largest items share a rank). Returned relative to the mean, so a value above a
+    target proves the target unreachable without cutting params into smaller blocks.
+    """
+    cost_model = cost_model or CostModel()
+    blocks = make_blocks(params, BlockingConfig(None, max_precond_dim))
+    mem = sorted((cost_model.memory_bytes(b) for b in blocks), reverse=True)
+    mean = sum(mem) / world_size
+    bound = max(mean, float(mem[0]))
+    if len(mem) > world_size:
+        bound = max(bound, float(mem[world_size - 1] + mem[world_size]))
+    return bound / mean if mean > 0 else 1.0

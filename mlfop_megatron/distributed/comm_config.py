@@ -9,6 +9,7 @@ from mlfop_megatron.config import option
 LEVEL_REDUCE = ("reduce_scatter", "all_reduce")
 GRAD_WIRE_DTYPES = ("fp32", "bf16")
 PARAM_SYNC = ("all_gather", "broadcast")
+SEGMENTS = ("padded", "exact")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,13 @@ class CommConfig:
     them in fp32 on the owner (an all-to-all, then a local fp32 sum in rank order); only with
     level_reduce="reduce_scatter". ``param_sync``: "all_gather" (one all-gather of the
     owner-ordered parameter buffer per engine) or "broadcast" (one broadcast per owner rank,
-    the first version).
+    the first version). ``segments``: "padded" (default) pads every owner's segment of the
+    level reduce-scatters and of the parameter all-gather to the longest one (equal-size
+    collectives); "exact" sends no padding (uneven collectives: a reduce-scatter of unequal
+    pieces, which NCCL runs as one reduce per rank coalesced into one group, and an uneven
+    all-gather). The math is the same; only the collectives differ. ``fold_stream``: fold
+    each level on a side CUDA stream, overlapping the next micro-step (off by default: it
+    changes the kernel order on GPU, not the math; a no-op on CPU).
     """
 
     level_reduce: str = option(
@@ -46,11 +53,25 @@ class CommConfig:
         choices=PARAM_SYNC,
     )
 
+    segments: str = option(
+        "padded",
+        "owner segments of the level reduce-scatters and of the parameter all-gather: padded "
+        "to the longest (equal-size collectives) or exact (no padding: uneven collectives)",
+        choices=SEGMENTS,
+    )
+
+    fold_stream: bool = option(
+        False,
+        "run each level's fold on a side CUDA stream so it overlaps the next micro-step "
+        "(events make it safe; no effect on CPU; see distributed/fold_stream.py)",
+    )
+
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("level_reduce", self.level_reduce, LEVEL_REDUCE),
             ("grad_wire_dtype", self.grad_wire_dtype, GRAD_WIRE_DTYPES),
             ("param_sync", self.param_sync, PARAM_SYNC),
+            ("segments", self.segments, SEGMENTS),
         ):
             if value not in allowed:
                 raise ValueError(f"CommConfig.{name} must be one of {allowed} (got {value!r})")

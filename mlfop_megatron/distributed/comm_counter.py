@@ -4,7 +4,8 @@
 ``with`` block; every outermost call (a deprecated alias that forwards to its replacement
 counts once) adds one launch and its bytes to the counter of its kind. Bytes are what one rank
 sends with ring algorithms, the usual NCCL cost model: all-reduce 2(n-1)/n x size,
-reduce-scatter and all-to-all (n-1)/n x input, all-gather (n-1)/n x output, broadcast the
+reduce-scatter and all-to-all (n-1)/n x input (uneven all-to-alls and
+per-rank lists: all but this rank's own piece), all-gather (n-1)/n x output, broadcast the
 size (each non-root receives it once), where n is the group size and size is in bytes.
 Calls on a group of one rank (e.g. Megatron's vocab-parallel cross entropy at TP=1) move
 nothing and are counted apart, in ``trivial``. Works with any backend; nothing is estimated
@@ -44,10 +45,29 @@ def _ring(
 ) -> Callable[[tuple, dict], tuple[int, int]]:
     def sent(args: tuple, kwargs: dict) -> tuple[int, int]:
         n = _group_size(kwargs, args, group_pos)
-        size = _numel_bytes(args[tensor_pos]) if len(args) > tensor_pos else 0
+        tensors = args[tensor_pos] if len(args) > tensor_pos else None
+        if n > 1 and factor == 1.0 and isinstance(tensors, (list, tuple)) and len(tensors) == n:
+            # a list per rank (possibly uneven): every rank's piece but this rank's own
+            group = kwargs.get("group", args[group_pos] if len(args) > group_pos else None)
+            return n, _numel_bytes(tensors) - _numel_bytes(tensors[dist.get_rank(group)])
+        size = _numel_bytes(tensors) if tensors is not None else 0
         return n, int(factor * (n - 1) * size / n) if n > 1 else 0
 
     return sent
+
+
+def _all_to_all_single(args: tuple, kwargs: dict) -> tuple[int, int]:
+    """Even splits: (n-1)/n x input; uneven (``input_split_sizes``): all but this rank's split."""
+    splits = kwargs.get("input_split_sizes", args[3] if len(args) > 3 else None)
+    if not splits:
+        return _ring(1.0, 1, 4)(args, kwargs)
+    group = kwargs.get("group", args[4] if len(args) > 4 else None)
+    n = dist.get_world_size(group)
+    inp = kwargs.get("input", args[1] if len(args) > 1 else None)
+    assert isinstance(inp, torch.Tensor)
+    per_elem = inp.element_size() * (inp[0].numel() if inp.dim() > 1 else 1)
+    mine = int(splits[dist.get_rank(group)])
+    return n, (int(sum(splits)) - mine) * per_elem if n > 1 else 0
 
 
 def _broadcast(args: tuple, kwargs: dict) -> tuple[int, int]:
@@ -63,7 +83,7 @@ _WRAPPED: dict[str, tuple[str, Callable[[tuple, dict], tuple[int, int]]]] = {
     "all_gather_into_tensor": ("all_gather", _ring(1.0, 0, 2)),
     "all_gather_single": ("all_gather", _ring(1.0, 0, 2)),
     "all_gather": ("all_gather", _ring(1.0, 0, 2)),
-    "all_to_all_single": ("all_to_all", _ring(1.0, 1, 4)),
+    "all_to_all_single": ("all_to_all", _all_to_all_single),
     "broadcast": ("broadcast", _broadcast),
 }
 

@@ -11,6 +11,10 @@ Layouts compared on the same parameter shapes and data-parallel size N (r = (N-1
   the real :class:`Assignment` of the SOAP blocks. Adam state (fp32 main weights + two
   moments, 12 B per element) is sharded: ceil(P_adam / N) elements per rank.
   ``shard_adam=False`` models the replicated Adam (no Adam all-gather, 12 P_adam B per rank).
+* ``mlfop_exact``: ``mlfop`` with ``CommConfig(segments="exact")``: no padding on the wire
+  (uneven reduce-scatters and parameter all-gather, one coalesced launch each); NCCL runs them
+  as one reduce (broadcast) per root, so their latency is modelled as N x ALPHA_S instead of
+  ceil(log2 N) x ALPHA_S.
 * ``mlfop_v1`` (the first version, ``CommConfig(level_reduce="all_reduce",
   param_sync="broadcast")``, replicated Adam): Megatron's buckets all-reduce every grad at
   every level, then one broadcast per owner rank.
@@ -129,13 +133,19 @@ def mlfop_traffic(
     wire_bytes: int = 4,
     param_bytes: int = 2,
     shard_adam: bool = True,
+    soap_sent: float | None = None,
 ) -> MlfopTraffic:
     """Per-rank bytes of each collective of a step, ring algorithms, r = (N-1)/N.
 
     ``segment``: the most loaded owner's SOAP elements (each owner's segment is padded to it).
+    ``soap_sent``: SOAP elements one rank sends per level reduction and per parameter gather
+    when the segments are exact (``CommConfig.segments="exact"``); default the padded r x N x
+    segment.
     """
     r = (dp - 1) / dp
-    buffer = dp * segment  # the padded owner-ordered buffer
+    buffer = float(dp * segment)  # the padded owner-ordered buffer
+    if soap_sent is not None:
+        buffer = soap_sent / r if r else 0.0
     adam_padded = dp * math.ceil(adam_numel / dp)
     return MlfopTraffic(
         levels=levels,
@@ -174,8 +184,16 @@ def layout_costs(
     # ZeRO-1: the owned slice of the flat buffer padded to a multiple of N
     adam_bytes = 12 * math.ceil(p_adam / dp) if shard_adam else replicated_adam
     out = []
-    for name, wire in (("mlfop", 4), ("mlfop_bf16_wire", 2)):
-        t = mlfop_traffic(seg, p_adam, dp, levels, wire, shard_adam=shard_adam)
+    # exact segments: a rank sends every other owner's elements, no padding
+    exact_sent = float(p_soap - min(assignment.numel_loads))
+    for name, wire in (("mlfop", 4), ("mlfop_bf16_wire", 2), ("mlfop_exact", 4)):
+        exact = name == "mlfop_exact"
+        sent = exact_sent if exact else None
+        t = mlfop_traffic(seg, p_adam, dp, levels, wire, shard_adam=shard_adam, soap_sent=sent)
+        seconds = _time(t.collectives(), dp)
+        if exact:  # NCCL runs uneven reduce-scatters / all-gathers as N coalesced root ops
+            hops = math.ceil(math.log2(dp)) if dp > 1 else 0
+            seconds += (levels + 1) * ALPHA_S * (dp - hops)
         out.append(
             LayoutCost(
                 name,
@@ -183,7 +201,7 @@ def layout_costs(
                 (t.level_reduce + t.soap_gather) / p_soap,
                 (t.adam_reduce + t.adam_gather) / p_adam if p_adam else 0.0,
                 t.launches,
-                _time(t.collectives(), dp),
+                seconds,
                 (max(mem) + adam_bytes) / gib,
                 (max(mem) + adam_bytes) / (sum(mem) + replicated_adam),
             )

@@ -154,6 +154,7 @@ def make_engine(
     block_size: int | None = None,
     master_params: Sequence[int] = (),
     param_sync: str = "all_gather",
+    segments: str = "padded",
 ) -> SOAPEngine:
     """The engine for params of one layout.
 
@@ -176,6 +177,7 @@ def make_engine(
             owner_group=groups.tp_dp if sharded else None,
             block_size=block_size,
             param_sync=param_sync,
+            segments=segments,
         )
     return ShardedSOAP(
         params,
@@ -186,4 +188,5 @@ def make_engine(
         block_size=block_size,
         master_params=master_params,
         param_sync=param_sync,
+        segments=segments,
     )

@@ -43,6 +43,46 @@ def all_gather_flat(
     return fn(out, mine, group=group, async_op=async_op)
 
 
+def reduce_scatter_uneven(
+    out: torch.Tensor,
+    flat: torch.Tensor,
+    sizes: Sequence[int],
+    group: dist.ProcessGroup | None,
+    async_op: bool,
+) -> dist.Work | None:
+    """Reduce-scatter of unpadded segments of ``sizes`` elements (``out``: this rank's one).
+
+    ``torch.distributed.reduce_scatter`` with a list of unequal views: gloo reduce-scatters
+    them directly; NCCL runs one reduce per rank, coalesced into one group.
+    """
+    return dist.reduce_scatter(out, list(flat.split(list(sizes))), group=group, async_op=async_op)
+
+
+def all_gather_uneven(
+    out: torch.Tensor,
+    mine: torch.Tensor,
+    sizes: Sequence[int],
+    group: dist.ProcessGroup | None,
+    async_op: bool,
+) -> dist.Work | None:
+    """All-gather of unpadded segments of ``sizes`` elements into ``out`` (their concatenation).
+
+    NCCL: ``all_gather`` of unequal views (coalesced broadcasts, no extra memory). Gloo, whose
+    all-gather needs equal sizes: an uneven all-to-all of ``mine`` repeated once per rank.
+    """
+    if dist.get_backend(group) == "nccl":
+        return dist.all_gather(list(out.split(list(sizes))), mine, group=group, async_op=async_op)
+    n = len(sizes)
+    return dist.all_to_all_single(
+        out,
+        mine.repeat(n),
+        output_split_sizes=list(sizes),
+        input_split_sizes=[mine.numel()] * n,
+        group=group,
+        async_op=async_op,
+    )
+
+
 @dataclass(frozen=True)
 class Slot:
     """One block in an owner segment: which engine, which block, where in the segment."""
@@ -52,10 +92,23 @@ class Slot:
     offset: int
 
 
-class OwnerLayout:
-    """Blocks of several engines laid out by owner rank, every segment padded to one length."""
+SEGMENTS = ("padded", "exact")
 
-    def __init__(self, assignments: Sequence[Assignment], world_size: int) -> None:
+
+class OwnerLayout:
+    """Blocks of several engines laid out by owner rank.
+
+    ``segments="padded"``: every segment padded to the longest one (equal-size collectives:
+    reduce_scatter_tensor, all_gather_into_tensor). ``"exact"``: segments end to end, no
+    padding (uneven collectives: see ``reduce_scatter_uneven`` and ``all_gather_uneven``).
+    """
+
+    def __init__(
+        self, assignments: Sequence[Assignment], world_size: int, segments: str = "padded"
+    ) -> None:
+        if segments not in SEGMENTS:
+            raise ValueError(f"segments must be one of {SEGMENTS} (got {segments!r})")
+        self.exact = segments == "exact"
         self.world_size = world_size
         self.segments: list[list[Slot]] = []
         for rank in range(world_size):
@@ -68,15 +121,18 @@ class OwnerLayout:
         self.used = [sum(s.block.numel for s in seg) for seg in self.segments]
         self.segment_size = max(self.used, default=0)
         self.num_engines = len(assignments)
+        sizes = self.used if self.exact else [self.segment_size] * world_size
+        self.sizes = list(sizes)  # elements of each rank's segment in the buffer
+        self.starts = [sum(sizes[:r]) for r in range(world_size)]
 
     @property
     def numel(self) -> int:
-        """Elements of the whole padded buffer (world_size x segment_size)."""
-        return self.world_size * self.segment_size
+        """Elements of the whole buffer (padded: world_size x segment_size)."""
+        return sum(self.sizes)
 
     def padding_per_rank(self) -> list[int]:
         """Padding elements in each rank's segment (segment length minus its blocks)."""
-        return [self.segment_size - u for u in self.used]
+        return [size - u for size, u in zip(self.sizes, self.used)]
 
     def padding_fraction(self) -> float:
         """Padding as a fraction of the whole buffer (0 when the owners are balanced)."""
@@ -100,7 +156,7 @@ class OwnerLayout:
             for slot in self.segments[rank]:
                 full = tensors[slot.engine][slot.block.param_index]
                 pieces.append(block_view(full, slot.block).reshape(-1).to(dtype))
-            pad = self.segment_size - self.used[rank]
+            pad = self.sizes[rank] - self.used[rank]
             if pad:
                 pieces.append(like.new_zeros(pad, dtype=dtype))
         if not pieces:
@@ -114,7 +170,7 @@ class OwnerLayout:
         for rank in range(self.world_size):
             if rank == skip:
                 continue
-            base = rank * self.segment_size
+            base = self.starts[rank]
             for slot in self.segments[rank]:
                 b = slot.block
                 src = flat[base + slot.offset : base + slot.offset + b.numel]
@@ -151,6 +207,7 @@ class LevelReducer:
         group: dist.ProcessGroup | None,
         scaling: float,
         wire_dtype: torch.dtype = torch.float32,
+        segments: str = "padded",
     ) -> None:
         self.group_size = dist.get_world_size(group) if group is not None else 1
         if owner_world not in (1, self.group_size):
@@ -159,7 +216,7 @@ class LevelReducer:
                 f"{self.group_size}: blocks must be owned over the data-parallel group or "
                 "replicated"
             )
-        self.layout = OwnerLayout(assignments, owner_world)
+        self.layout = OwnerLayout(assignments, owner_world, segments)
         self.group = group
         self.rank = dist.get_rank(group) if owner_world > 1 else 0
         self.scaling = scaling
@@ -181,22 +238,33 @@ class LevelReducer:
         flat = self.layout.pack(grads, dtype, ref)
         if self.scaling != 1.0:
             flat.mul_(self.scaling)
-        n, seg = self.group_size, self.layout.segment_size
+        n, layout = self.group_size, self.layout
+        seg = layout.sizes[self.rank]  # this rank's segment (padded, or exact)
         work: dist.Work | None = None
         if n == 1:
             out = flat
         elif self.wire_dtype in (torch.float32, dtype):
             if self.sharded:
                 out = flat.new_empty(seg)
-                work = reduce_scatter_flat(out, flat, self.group, async_op=True)
+                if layout.exact:
+                    work = reduce_scatter_uneven(out, flat, layout.sizes, self.group, True)
+                else:
+                    work = reduce_scatter_flat(out, flat, self.group, async_op=True)
             else:
                 out = flat
                 work = dist.all_reduce(out, group=self.group, async_op=True)
         else:
             wire = flat.to(self.wire_dtype)
             if self.sharded:  # piece r of every rank goes to owner r
-                out = torch.empty_like(wire)
-                work = dist.all_to_all_single(out, wire, group=self.group, async_op=True)
+                out = wire.new_empty(n * seg)
+                work = dist.all_to_all_single(
+                    out,
+                    wire,
+                    output_split_sizes=[seg] * n,
+                    input_split_sizes=layout.sizes,
+                    group=self.group,
+                    async_op=True,
+                )
             else:
                 out = wire.new_empty(n * wire.numel())
                 work = all_gather_flat(out, wire, self.group, async_op=True)
@@ -229,8 +297,8 @@ class LevelReducer:
         if n == 1:
             return 0
         wire = torch.finfo(self.wire_dtype).bits // 8
-        if self.sharded:  # reduce-scatter or all-to-all: (n - 1) segments
-            return (n - 1) * self.layout.segment_size * wire
+        if self.sharded:  # reduce-scatter or all-to-all: every other owner's segment
+            return (self.layout.numel - self.layout.sizes[self.rank]) * wire
         if self.wire_dtype == torch.float32:  # ring all-reduce
             return 2 * (n - 1) * self.layout.segment_size * wire // n
         return (n - 1) * self.layout.segment_size * wire  # all-gather of the bf16 pieces

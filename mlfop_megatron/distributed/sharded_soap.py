@@ -42,7 +42,12 @@ from mlfop_megatron.distributed.assignment import (
     make_blocks,
 )
 from mlfop_megatron.distributed.comm_config import PARAM_SYNC
-from mlfop_megatron.distributed.owner_buffer import OwnerLayout, all_gather_flat, block_view
+from mlfop_megatron.distributed.owner_buffer import (
+    OwnerLayout,
+    all_gather_flat,
+    all_gather_uneven,
+    block_view,
+)
 
 # Optimizer phases timed per engine: folding levels, the SOAP update (incl. the factor update),
 # the basis refresh inside it, the parameter broadcast, and the grad-group diagnostics (segment
@@ -74,6 +79,8 @@ class ShardedSOAP:
     primary weights, see ``mlfop_megatron.megatron.fp8``), never the source of truth.
     ``param_sync``: "all_gather" (one all-gather of the owner-ordered parameter buffer) or
     "broadcast" (one broadcast per owner rank; the first version, kept for comparison).
+    ``segments``: "padded" (owner segments of the all-gather padded to the longest) or "exact"
+    (unpadded, an uneven all-gather; see ``owner_buffer.all_gather_uneven``).
     """
 
     def __init__(
@@ -86,6 +93,7 @@ class ShardedSOAP:
         block_size: int | None = None,
         master_params: Sequence[int] = (),
         param_sync: str = "all_gather",
+        segments: str = "padded",
     ) -> None:
         if param_sync not in PARAM_SYNC:
             raise ValueError(f"param_sync must be one of {PARAM_SYNC} (got {param_sync!r})")
@@ -108,7 +116,7 @@ class ShardedSOAP:
         self.assignment = Assignment.build(make_blocks(specs, blocking), self.world_size)
         self.owned = [self._own(b) for b in self.assignment.blocks_of(self.rank)]
         self.param_sync = param_sync
-        self.param_layout = OwnerLayout([self.assignment], self.world_size)
+        self.param_layout = OwnerLayout([self.assignment], self.world_size, segments)
         dtypes = {p.dtype for p in self.params}
         # One wire dtype for the parameter all-gather: the params' own (fp32 if they mix).
         self.param_wire_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
@@ -398,7 +406,10 @@ class ShardedSOAP:
         layout, data = self.param_layout, [[p.data for p in self.params]]
         mine = layout.pack(data, self.param_wire_dtype, self.params[0], ranks=[self.rank])
         flat = mine.new_empty(layout.numel)
-        all_gather_flat(flat, mine, self.group, async_op=False)
+        if layout.exact:
+            all_gather_uneven(flat, mine, layout.sizes, self.group, async_op=False)
+        else:
+            all_gather_flat(flat, mine, self.group, async_op=False)
         layout.unpack_into(flat, data, skip=self.rank)
 
     def broadcast_params(self) -> None:
@@ -435,7 +446,10 @@ class ShardedSOAP:
             elem = self.params[0].element_size()
             return sum(b.numel for b in self.assignment.blocks) * elem
         wire = torch.finfo(self.param_wire_dtype).bits // 8
-        return (self.world_size - 1) * self.param_layout.segment_size * wire
+        layout = self.param_layout
+        if layout.exact and dist.get_backend(self.group) != "nccl":  # all-to-all, see sync
+            return (self.world_size - 1) * layout.sizes[self.rank] * wire
+        return (layout.numel - layout.sizes[self.rank]) * wire
 
     # ------------------------------------------------------------------ state
     def state_bytes(self) -> int:

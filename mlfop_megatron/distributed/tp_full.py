@@ -4,18 +4,25 @@ Each TP rank holds a shard of a weight along its partition dim. In full mode the
 gradients of the shards are all-gathered over the TP group into full matrices, SOAP blocks of
 the full matrices are owned across the combined TP x DP group, and after the step the updated
 full matrices are broadcast and every rank copies back its own shard. The math is therefore the
-TP=1 math; the price is one all-gather per level and a full-size copy of these matrices.
+TP=1 math; the price is a full-size copy of these matrices. With owner reduction (the default
+``CommConfig.level_reduce``) and blocks owned over TP x DP, :class:`TPFullReducer` hands each
+owner only its blocks' DP-reduced level sums (a DP reduce-scatter of shard pieces, then an
+uneven TP all-to-all); otherwise (replicated engine, or ``level_reduce="all_reduce"``) the
+level gradients of the shards are reduced over DP and all-gathered over TP into full matrices.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from mlfop_megatron.config import MLFOPConfig
+from mlfop_megatron.distributed.assignment import Block
+from mlfop_megatron.distributed.owner_buffer import all_gather_flat, reduce_scatter_flat
 from mlfop_megatron.distributed.sharded_soap import ShardedSOAP
 
 
@@ -51,6 +58,7 @@ class TensorParallelFullSOAP(ShardedSOAP):
         owner_group: dist.ProcessGroup | None,
         block_size: int | None = None,
         param_sync: str = "all_gather",
+        segments: str = "padded",
     ) -> None:
         for p, name, dim in zip(params, names, partition_dims):
             if dim not in (0, 1) or p.dim() != 2:
@@ -72,6 +80,7 @@ class TensorParallelFullSOAP(ShardedSOAP):
             group=owner_group,
             block_size=block_size,
             param_sync=param_sync,
+            segments=segments,
         )
 
     @property
@@ -105,3 +114,199 @@ class TensorParallelFullSOAP(ShardedSOAP):
         with torch.no_grad():
             for shard, full, dim in zip(self.shards, self.full, self.partition_dims):
                 shard.copy_(shard_of(full, dim, self.tp_group))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of an owned block that lies in one TP shard, in shard coordinates."""
+
+    row_offset: int
+    col_offset: int
+    rows: int
+    cols: int
+
+    @property
+    def numel(self) -> int:
+        """Elements of the piece (0 when the block misses the shard)."""
+        return self.rows * self.cols
+
+
+def block_piece(block: Block, full_shape: Sequence[int], dim: int, tp: int, t: int) -> Piece:
+    """The piece of ``block`` (of the full matrix) held by TP rank ``t`` (split along ``dim``)."""
+    size = full_shape[dim] // tp
+    lo_b = block.row_offset if dim == 0 else block.col_offset
+    len_b = block.rows if dim == 0 else block.cols
+    lo, hi = max(lo_b, t * size), min(lo_b + len_b, (t + 1) * size)
+    extent = max(hi - lo, 0)
+    if dim == 0:
+        return Piece(lo - t * size if extent else 0, block.col_offset, extent, block.cols)
+    return Piece(block.row_offset, lo - t * size if extent else 0, block.rows, extent)
+
+
+class TPFullReducer:
+    """Level sums of a sharded TP-full engine, reduced to the owners of its full-matrix blocks.
+
+    Owners are ranks of the TP x DP group, each a (TP rank t, DP rank d) pair. Step 1, on each
+    TP rank: one reduce-scatter over the DP group of an owner-ordered buffer of this rank's
+    shard pieces, DP segment d holding the pieces of the blocks owned by (t', d) for every t'
+    (padded to the longest segment of this TP rank). Step 2, in each TP group: one uneven
+    all-to-all sends every owner the pieces of its blocks held by the other TP ranks, which the
+    owner concatenates along the partition dim. Each owner thus receives exactly its blocks'
+    DP-reduced level sums, as the DP-sharded engines' ``LevelReducer`` does; the previous path
+    all-reduced every shard over DP and all-gathered the full matrices over TP on every rank.
+    ``wire_dtype`` bfloat16: step 1 is an all-to-all of bf16 pieces summed in fp32 in rank
+    order (as in ``LevelReducer``); step 2 moves already-reduced sums in the grads' dtype.
+    """
+
+    def __init__(
+        self,
+        engine: TensorParallelFullSOAP,
+        dp_group: dist.ProcessGroup | None,
+        scaling: float,
+        wire_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if engine.world_size == 1 or engine.group is None:
+            raise ValueError("TPFullReducer needs a TP-full engine sharded over TP x DP")
+        self.engine = engine
+        self.dp_group = dp_group
+        self.tp_group = engine.tp_group
+        self.dp = dist.get_world_size(dp_group) if dp_group is not None else 1
+        self.tp = dist.get_world_size(self.tp_group)
+        self.t = dist.get_rank(self.tp_group)
+        self.d = dist.get_rank(dp_group) if dp_group is not None else 0
+        if self.tp * self.dp != engine.world_size:
+            raise ValueError(
+                f"the TP-full engine's owner group has {engine.world_size} ranks, TP x DP = "
+                f"{self.tp} x {self.dp}: it must be the tensor-and-data-parallel group"
+            )
+        self.scaling = scaling
+        self.wire_dtype = wire_dtype
+        self.coords = self._owner_coords()
+        # owners[(t, d)] = owner rank in the TP x DP group
+        self.owner_at = {c: o for o, c in enumerate(self.coords)}
+        asg = engine.assignment
+        shapes = [tuple(p.shape) for p in engine.params]
+        dims = engine.partition_dims
+
+        def pieces(owner: int, t: int) -> list[tuple[Block, Piece]]:
+            return [
+                (b, block_piece(b, shapes[b.param_index], dims[b.param_index], self.tp, t))
+                for b in asg.blocks_of(owner)
+            ]
+
+        # Step 1 buffer of this TP rank: per DP rank d', per TP rank t', this shard's pieces.
+        self.send: list[list[list[tuple[Block, Piece]]]] = [
+            [pieces(self.owner_at[(t2, d2)], self.t) for t2 in range(self.tp)]
+            for d2 in range(self.dp)
+        ]
+        used = [sum(p.numel for part in seg for _, p in part) for seg in self.send]
+        self.segment_size = max(used, default=0)
+        self.used = used
+        # Step 2: what this rank sends to TP rank t' and receives from it.
+        mine = self.send[self.d]
+        self.send_splits = [sum(p.numel for _, p in part) for part in mine]
+        me = self.owner_at[(self.t, self.d)]
+        self.recv = [pieces(me, t2) for t2 in range(self.tp)]
+        self.recv_splits = [sum(p.numel for _, p in part) for part in self.recv]
+        self.owned_blocks = list(asg.blocks_of(me))
+        self._pending: tuple[dist.Work | None, torch.Tensor, torch.dtype] | None = None
+
+    def _owner_coords(self) -> list[tuple[int, int]]:
+        """(TP rank, DP rank) of every rank of the owner group, gathered once at construction."""
+        engine = self.engine
+        device = engine.params[0].device
+        mine = torch.tensor([self.t, self.d], dtype=torch.int64, device=device)
+        out = torch.empty(2 * engine.world_size, dtype=torch.int64, device=device)
+        all_gather_flat(out, mine, engine.group, async_op=False)
+        coords = [(int(a), int(b)) for a, b in out.view(-1, 2).tolist()]
+        if sorted(coords) != [(t, d) for t in range(self.tp) for d in range(self.dp)]:
+            raise ValueError(
+                f"the owner group's (TP rank, DP rank) pairs {coords} are not the TP x DP grid"
+            )
+        return coords
+
+    def launch(self, shard_grads: Sequence[torch.Tensor]) -> None:
+        """Pack this shard's pieces in owner order, scale them and start the DP reduction."""
+        if self._pending is not None:
+            raise RuntimeError("a level reduction is still in flight: wait() for it first")
+        ref = shard_grads[0]
+        dtype = ref.dtype
+        chunks: list[torch.Tensor] = []
+        for seg, used in zip(self.send, self.used):
+            for part in seg:
+                for b, p in part:
+                    if p.numel:
+                        chunks.append(_piece_view(shard_grads[b.param_index], p).reshape(-1))
+            if self.segment_size > used:
+                chunks.append(ref.new_zeros(self.segment_size - used))
+        flat = torch.cat(chunks).to(dtype) if chunks else ref.new_zeros(0)
+        if self.scaling != 1.0:
+            flat.mul_(self.scaling)
+        work: dist.Work | None = None
+        if self.dp == 1:
+            out = flat
+        elif self.wire_dtype in (torch.float32, dtype):
+            out = flat.new_empty(self.segment_size)
+            work = reduce_scatter_flat(out, flat, self.dp_group, async_op=True)
+        else:
+            wire = flat.to(self.wire_dtype)
+            out = torch.empty_like(wire)
+            work = dist.all_to_all_single(out, wire, group=self.dp_group, async_op=True)
+        self._pending = (work, out, dtype)
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a launched reduction has not been waited for yet."""
+        return self._pending is not None
+
+    def wait(self) -> list[torch.Tensor]:
+        """Finish both steps; this rank's owned blocks, (rows, cols), in the grads' dtype."""
+        if self._pending is None:
+            raise RuntimeError("no level reduction in flight")
+        work, out, dtype = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        if out.dtype != dtype:  # bf16 pieces of every DP sender: fp32 sum in rank order
+            out = out.view(self.dp, -1).to(dtype).sum(dim=0)
+        send = out[: sum(self.send_splits)]
+        recv = send.new_empty(sum(self.recv_splits))
+        dist.all_to_all_single(
+            recv,
+            send,
+            output_split_sizes=self.recv_splits,
+            input_split_sizes=self.send_splits,
+            group=self.tp_group,
+        )
+        # recv: for each TP rank t', the pieces of my blocks it holds, in block order.
+        parts: list[list[torch.Tensor]] = [[] for _ in self.owned_blocks]
+        base = 0
+        for part in self.recv:
+            offset = base
+            for i, (_, p) in enumerate(part):
+                if p.numel:
+                    parts[i].append(recv[offset : offset + p.numel].view(p.rows, p.cols))
+                    offset += p.numel
+            base = offset
+        dims = self.engine.partition_dims
+        return [
+            torch.cat(ps, dim=dims[b.param_index]) if len(ps) > 1 else ps[0]
+            for b, ps in zip(self.owned_blocks, parts)
+        ]
+
+    def dp_bytes_per_reduction(self) -> int:
+        """Bytes this rank sends in step 1 (reduce-scatter or all-to-all, padding included)."""
+        wire = torch.finfo(self.wire_dtype).bits // 8
+        return (self.dp - 1) * self.segment_size * wire if self.dp > 1 else 0
+
+    def tp_bytes_per_reduction(self, elem_bytes: int = 4) -> int:
+        """Bytes this rank sends in step 2 (pieces for the other TP ranks' blocks)."""
+        return (sum(self.send_splits) - self.send_splits[self.t]) * elem_bytes
+
+
+def _piece_view(shard: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """The piece's region of a shard-shaped tensor (a view)."""
+    return shard[
+        piece.row_offset : piece.row_offset + piece.rows,
+        piece.col_offset : piece.col_offset + piece.cols,
+    ]

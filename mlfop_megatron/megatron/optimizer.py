@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NoReturn
 
 import torch
@@ -48,9 +49,10 @@ from mlfop_megatron.distributed.engine import (
     SOAPEngine,
     make_engine,
 )
+from mlfop_megatron.distributed.fold_stream import FoldStream
 from mlfop_megatron.distributed.owner_buffer import FlatAllReduce, LevelReducer
 from mlfop_megatron.distributed.sharded_soap import PHASES
-from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP
+from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP, TPFullReducer
 from mlfop_megatron.megatron import compat, fused_kernels
 from mlfop_megatron.megatron.fp8 import QuantizedParamShadows
 
@@ -156,6 +158,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 block_size=block_size,
                 master_params=[i for i, p in enumerate(ps) if self.fp8.is_shadow(p)],
                 param_sync=self.comm.param_sync,
+                segments=self.comm.segments,
             )
             if isinstance(engine, TensorParallelFullSOAP):
                 counts = sharded or (g.dp_rank == 0 and g.tp_rank == 0)
@@ -167,6 +170,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             self._diag_counts.append(counts and (full or g.tp_rank == 0))
         self.fp8.release()  # shadows hold storage only during a step
         self._build_reducers()
+        self._folds = FoldStream(self.device, self.comm.fold_stream)
         self._grad_scale = 1.0
         self.skipped_steps = 0
         # Megatron-LM multiplies the loss by this (on the loss's device) before backward.
@@ -184,12 +188,14 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
     def _build_reducers(self) -> None:
         """Build one LevelReducer per data-parallel group over the ShardedSOAP engines.
 
-        Their blocks go in one owner-ordered buffer; TP-full engines all-reduce their shards
-        over DP (one flat all-reduce each) and gather full matrices over TP inside the engine.
+        Their blocks go in one owner-ordered buffer; TP-full engines owned over TP x DP get a
+        TPFullReducer each (DP reduce-scatter of shard pieces, TP all-to-all to the owners);
+        replicated TP-full engines all-reduce their shards over DP and gather over TP.
         """
         chunk = self.model_chunks[0]
         self._reducers: list[tuple[LevelReducer, list[int]]] = []
         self._shard_reducers: list[tuple[FlatAllReduce, int]] = []
+        self._tp_reducers: list[tuple[TPFullReducer, int]] = []
         self._pending: tuple[str, int, float] | None = None
         owner_reduce = self.comm.owner_reduce
         folded = [self.fp8.model_param(p) for e in self.engines for p in e.grad_params]
@@ -207,7 +213,10 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 )
             group, scaling = reductions.pop()
             if isinstance(engine, TensorParallelFullSOAP):
-                self._shard_reducers.append((FlatAllReduce(group, scaling), i))
+                if engine.world_size > 1:  # owned over TP x DP: each owner gets its blocks
+                    self._tp_reducers.append((TPFullReducer(engine, group, scaling, wire), i))
+                else:
+                    self._shard_reducers.append((FlatAllReduce(group, scaling), i))
                 continue
             key = id(group)
             if key in by_group and by_group[key][1] != scaling:
@@ -219,7 +228,12 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             if any(e.world_size != owner_world for e in engines):
                 raise ValueError("engines of one data-parallel group mix sharded and replicated")
             reducer = LevelReducer(
-                [e.assignment for e in engines], owner_world, group, scaling, wire_dtype=wire
+                [e.assignment for e in engines],
+                owner_world,
+                group,
+                scaling,
+                wire_dtype=wire,
+                segments=self.comm.segments,
             )
             self._reducers.append((reducer, members))
 
@@ -232,6 +246,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             reducer.launch([self._model_grads(self.engines[i]) for i in members])
         for shard_reducer, i in self._shard_reducers:
             shard_reducer.launch(self._model_grads(self.engines[i]))
+        for tp_reducer, i in self._tp_reducers:
+            tp_reducer.launch(self._model_grads(self.engines[i]))
         for engine in self.engines:
             fused_kernels.zero_(self._model_grads(engine))
         self._pending = (kind, index, scale)
@@ -242,13 +258,16 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             return
         kind, index, scale = self._pending
         self._pending = None
+        if kind != "level":  # a diagnostics segment shares state with the folds: in order
+            self._folds.join()
         for reducer, members in self._reducers:
             start = time.perf_counter()
             owned = reducer.wait()
             self.engines[members[0]].timings["communication"] += time.perf_counter() - start
             for i, blocks in zip(members, owned):
                 if kind == "level":
-                    self.engines[i].fold_owned_level(index, blocks, scale=scale)
+                    fold = partial(self.engines[i].fold_owned_level, index, blocks, scale=scale)
+                    self._folds.run(fold, blocks)
                 else:
                     self.engines[i].add_owned_segment(blocks, index, scale)
         for shard_reducer, i in self._shard_reducers:
@@ -259,6 +278,15 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 self.engines[i].fold_reduced_level(index, shards, scale=scale)
             else:
                 self.engines[i].add_reduced_segment(shards, index, scale)
+        for tp_reducer, i in self._tp_reducers:
+            start = time.perf_counter()
+            blocks = tp_reducer.wait()
+            self.engines[i].timings["communication"] += time.perf_counter() - start
+            if kind == "level":
+                fold = partial(self.engines[i].fold_owned_level, index, blocks, scale=scale)
+                self._folds.run(fold, blocks)
+            else:
+                self.engines[i].add_owned_segment(blocks, index, scale)
 
     def padding_per_rank(self) -> dict[str, list[int]]:
         """Padding elements per rank of the owner-ordered buffers.
@@ -285,6 +313,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             for reducer, i in self._shard_reducers:
                 numel = sum(p.numel() for p in self.engines[i].grad_params)
                 out["soap_grads"] += levels * reducer.bytes_per_reduction(numel)
+            for tp_reducer, _ in self._tp_reducers:
+                out["soap_grads"] += levels * tp_reducer.dp_bytes_per_reduction()
+                out["tp_full"] += levels * tp_reducer.tp_bytes_per_reduction()
             for params, group, _ in chunk._unfolded:
                 n = group.size()
                 numel = sum(p.numel() for p in params)
@@ -296,7 +327,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 out["soap_grads"] += levels * (2 * (n - 1) * size // n if n > 1 else 0)
         for engine in self.engines:
             out["params"] += engine.communication_bytes_per_step()
-            if isinstance(engine, TensorParallelFullSOAP):
+            owner_reduced = any(self.engines[i] is engine for _, i in self._tp_reducers)
+            if isinstance(engine, TensorParallelFullSOAP) and not owner_reduced:
                 tp = dist.get_world_size(engine.tp_group)
                 numel = sum(p.numel() for p in engine.shards)
                 out["tp_full"] += levels * (tp - 1) * numel * 4
@@ -417,6 +449,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             False: the inf check is global, in ``MLFOPChainedOptimizer.step``.
         """
         self._complete_reductions()
+        self._folds.join()  # the step reads the folded window
         for chunk in self.model_chunks:  # the Adam params' once-per-step all-reduce
             chunk.wait_unfolded_grad_sync()
         for engine in self.engines:
@@ -444,6 +477,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
     def discard_step(self) -> None:
         """Skip the step (non-finite gradients): drop the folded windows."""
         self._complete_reductions()
+        self._folds.join()
         for engine in self.engines:
             engine.discard_window()
         self.skipped_steps += 1

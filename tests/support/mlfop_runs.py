@@ -34,7 +34,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     """Train the tiny GPT for spec['iters'] steps; return params by canonical name and stats.
 
     spec keys: tp, pp, iters, microbatches, global_micro (samples per micro-batch over all DP
-    ranks), lr, clip_grad, sharded, tp_mode, enabled (folding), overlap, dtype, max_precond_dim,
+    ranks), lr, clip_grad, sharded, tp_mode, block_size (SOAP blocks), enabled (folding),
+    overlap, dtype, max_precond_dim,
     nan_at (iteration, rank) to poison one backward, discard_at (iteration) to drop a step,
     save_at (iteration, dir) to checkpoint after that step, load_from (dir) to resume,
     hidden and layers for the model size, arch ('gpt' or 'hybrid': the same model as a
@@ -94,6 +95,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         shard_adam=spec.get("shard_adam", True),
         tp_mode=spec.get("tp_mode", "blockwise"),
         comm=CommConfig(**spec.get("comm", {})),
+        block_size=spec.get("block_size"),
     )
     # Megatron's own LR/WD scheduler drives the chained optimizer, as in Megatron-LM.
     scheduler = OptimizerParamScheduler(

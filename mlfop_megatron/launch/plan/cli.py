@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--block-size", type=int, default=None, help="default: whole params")
     o.add_argument("--auto-block-size", action="store_true", help="choose_block_size")
     o.add_argument("--target-balance", type=float, default=1.05, help="for --auto-block-size")
+    o.add_argument(
+        "--balance",
+        choices=("compute", "memory", "both"),
+        default="compute",
+        help="what --auto-block-size balances to --target-balance: compute per step, "
+        "optimizer-state memory, or both",
+    )
     o.add_argument("--max-precond-dim", type=int, default=10000)
     o.add_argument("--precondition-frequency", type=int, default=10)
     o.add_argument("--tp-mode", choices=TP_MODES, default="blockwise")
@@ -126,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
         block_size=args.block_size,
         auto_block_size=args.auto_block_size,
         target_balance=args.target_balance,
+        balance=args.balance,
         tp_mode=args.tp_mode,
         param_bytes=args.param_bytes,
         state_bytes=args.state_bytes,

@@ -39,6 +39,7 @@ from typing import Any
 from mlfop_megatron.config import TP_MODES, FoldingConfig, SOAPConfig
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.distributed.assignment import (
+    BALANCE_METRICS,
     Assignment,
     BlockingConfig,
     CostModel,
@@ -78,6 +79,7 @@ class PlanConfig:
     block_size: int | None = None
     auto_block_size: bool = False
     target_balance: float = 1.05
+    balance: str = "compute"  # what --auto-block-size balances: compute, memory or both
     tp_mode: str = "blockwise"
     param_bytes: int = 2
     state_bytes: int = 4
@@ -134,6 +136,8 @@ class PlanConfig:
             check_positive("--block-size", self.block_size)
             if self.auto_block_size:
                 raise ValueError("--block-size and --auto-block-size are mutually exclusive")
+        if self.balance not in BALANCE_METRICS:
+            raise ValueError(f"--balance must be one of {BALANCE_METRICS} (got {self.balance!r})")
         if not (self.target_balance >= 1.0):
             raise ValueError(f"--target-balance must be >= 1.0 (got {self.target_balance!r})")
         if not isinstance(self.soap, SOAPConfig):
@@ -353,12 +357,13 @@ def make_plan(cfg: PlanConfig) -> Plan:
                 target_balance=cfg.target_balance,
                 max_precond_dim=cfg.soap.max_precond_dim,
                 cost_model=cost,
+                balance=cfg.balance,
             )[0]
             for mats in soap_owned
         ]
         block_size, source = min(chosen, key=_size_key), "auto"
         target_met = all(
-            assign(m, block_size).compute_balance <= cfg.target_balance for m in soap_owned
+            assign(m, block_size).balance(cfg.balance) <= cfg.target_balance for m in soap_owned
         )
         notes.append(
             "the block size changes the optimizer's math: fix it for the largest DP you plan, "
