@@ -297,7 +297,7 @@ class ShardingConfig:
         flag="replicated-state",
     )
     block_size: int | None = option(
-        None, "split matrices into blocks of at most this many rows/cols (default: auto)"
+        None, "split matrices into blocks of at most this many rows/cols (default: whole matrices)"
     )
     tp_mode: str = option(
         "blockwise",
