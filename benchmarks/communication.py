@@ -4,8 +4,10 @@ Measured part: the tiny GPT (megatron-core GPTModel, FoldingDistributedDataParal
 trained at DP=1, 2, 4 with K=4 and 8 micro-batches per step, for three communication paths
 selected in the same code by ``CommConfig``: the first version ("v1": Megatron's buckets
 all-reduce every grad at every level, one broadcast per owner), the owner-ordered path
-("rs": one reduce-scatter per level, Adam grads all-reduced once, one all-gather), and "rs"
-with bf16 on the wire. Every torch.distributed collective launched during the window's
+("rs": one reduce-scatter per level, the ZeRO-1 Adam grads reduce-scattered once into the
+slices each rank steps, one all-gather of the SOAP params and one of the Adam params), "rs"
+with the Adam grads all-reduced instead ("rs-adam-ar", the previous default) and "rs" with
+bf16 on the wire. Every torch.distributed collective launched during the window's
 backward passes and the optimizer step is counted at the torch.distributed boundary
 (``mlfop_megatron.distributed.comm_counter``): launches and bytes one rank sends (ring
 algorithms), per kind. Collectives on one-rank groups move nothing and are not counted.
@@ -36,6 +38,7 @@ from tests.support.mlfop_runs import run_tiny_gpt
 PATHS = {
     "v1": {"comm": {"level_reduce": "all_reduce", "param_sync": "broadcast"}, "shard_adam": False},
     "rs": {"comm": {}},
+    "rs-adam-ar": {"comm": {"adam_grad_reduce": "all_reduce"}},
     "rs-bf16": {"comm": {"grad_wire_dtype": "bf16"}},
 }
 READING = (
@@ -91,10 +94,13 @@ def measure(dp: int, k: int, path: str, hidden: int, layers: int, iters: int) ->
         "soap": soap,
         "adam": total - soap,
         "adam_gather": run["adam_gather_bytes"],
+        # the ZeRO-1 Adam grads' reduce-scatter (0 when they are all-reduced)
+        "adam_scatter": run["chain_comm_bytes"]["adam_grads"]
+        - sum(c["adam_grads"] for c in run["comm_bytes"]),
         "state": run["state_bytes"],
         # every param's optimizer state on the most loaded rank: SOAP engines + Adam side
         "optimizer": max(r["state_bytes"] + r["adam_state_bytes"] for r in runs),
-        "model": run["comm_bytes"][0]["total"] if run["comm_bytes"] else 0,
+        "model": run["chain_comm_bytes"]["total"],
     }
 
 
@@ -129,12 +135,13 @@ def measured_table(dps: list[int], ks: list[int], hidden: int, layers: int, iter
                     soap_b = adam_b = f"{per_elem:.2f} (all elems)"
                 else:
                     soap_sent = sum(v for n, v in b.items() if n != "all_reduce")
-                    # the Adam grads' all-reduce (less the 16 B norm/found-inf pair) and the
-                    # ZeRO-1 all-gather of the Adam params (the all-gather of the SOAP params
-                    # is the rest of the all_gather bytes)
-                    adam_sent = b.get("all_reduce", 0) - (16 * (dp - 1) // dp if dp > 1 else 0)
-                    adam_sent += m["adam_gather"]
-                    soap_sent -= m["adam_gather"]
+                    # the Adam grads' reduce-scatter or all-reduce (less the 16 B norm /
+                    # found-inf pair, 2 x 16 (N-1)/N B in a ring) and the ZeRO-1 all-gather of
+                    # the Adam params; the SOAP params' all-gather and level reductions are
+                    # the rest
+                    adam_sent = b.get("all_reduce", 0) - 32 * (dp - 1) // dp
+                    adam_sent += m["adam_gather"] + m["adam_scatter"]
+                    soap_sent -= m["adam_gather"] + m["adam_scatter"]
                     soap_b = f"{soap_sent / m['soap']:.2f}"
                     adam_b = f"{adam_sent / m['adam']:.2f}"
                 lines.append(
@@ -177,12 +184,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"{args.hidden}, {args.layers} layers, global micro-batch 4; counts of the "
                 "last step (every step launches the same). B = bytes one rank sends (ring "
                 "algorithms), counted at the torch.distributed boundary; `model B/step` is "
-                "`MLFOPMegatronOptimizer.communication_bytes_per_step()['total']` (it leaves "
+                "`MLFOPChainedOptimizer.communication_bytes_per_step()['total']` (it leaves "
                 "out the 16 B norm/found-inf pair). Paths: v1 = first version (all-reduce of "
                 "every Megatron bucket at every level + one broadcast per owner, replicated "
-                "Adam), rs = owner-ordered reduce-scatter per level + Adam grads all-reduced "
-                "once + one SOAP param all-gather + ZeRO-1 Adam (one Adam param all-gather), "
-                "rs-bf16 = rs with bf16 on the wire (all-to-all + fp32 sum). `optimizer "
+                "Adam), rs = owner-ordered reduce-scatter per level + ZeRO-1 Adam grads "
+                "reduce-scattered once into the slices each rank steps + one SOAP param "
+                "all-gather + one Adam param all-gather, rs-adam-ar = rs with the Adam grads "
+                "all-reduced once (the previous default, `--mlfop-adam-grad-reduce "
+                "all_reduce`), rs-bf16 = rs with bf16 on the wire for the SOAP level sums "
+                "(all-to-all + fp32 sum). `optimizer "
                 "state` = SOAP engines' + Adam side's state on the most loaded rank, "
                 "`/ DP=1` divided by the DP=1 run's (issue 13 target: <= 1.1/N).",
                 "",
