@@ -1,13 +1,22 @@
 """Issue 13 pts 2-3: ZeRO-1 Adam grads reduce-scattered, parameter all-gathers overlapped.
 
 Real megatron-core tiny GPT on gloo. Reduce-scatter vs all-reduce of the Adam grads: each rank
-receives exactly the slice it steps, and the elementwise pre-scaling and gloo's summation order
-are those of the all-reduce (measured bitwise at DP=2, 3, 4), so the params are bitwise equal;
-the global norm is summed from the ranks' slices instead of rank 0's whole gradients, the same
-fp64 terms in another order (rel 1e-14). Overlap on vs off: the same all-gathers, only waited
-later (in the next forward's module pre-hooks), so everything is bitwise equal, through
-clipping and a NaN-skipped step, and a checkpoint saved right after a step holds the gathered
-params.
+receives exactly the slice it steps, with the same elementwise pre-scaling. At DP=2 every
+element is a sum of two addends, which does not depend on their order: the params are bitwise
+equal, and the global norm (summed from the ranks' slices instead of rank 0's whole
+gradients: the same fp64 terms in another order) agrees to rel 1e-14. At DP=4 a ring sums
+four addends in an order set by the element's position in the collective's buffer (gloo's
+reduce-scatter and all-reduce agree bitwise for the same buffer, measured), and the ZeRO-1
+buffer orders the Adam params by optimizer group and pads them to a multiple of N while the
+DDP's all-reduce packs them in module order: Adam grads differ in the last fp32 bit, the
+norm (hence the clipping factor) at rel ~1e-10, and SOAP's m/sqrt(v) turns such differences
+into param differences up to a few percent of one step where a gradient element nearly
+cancels; the next norms drift accordingly (measured after 3 applied steps: params 1.4e-4 =
+0.014 lr, norm rel 3e-5; bounds below: 0.05 lr and rel 1e-4).
+
+Overlap on vs off: the same all-gathers, only waited later (in the next forward's module
+pre-hooks), so everything is bitwise equal, through clipping and a NaN-skipped step, and a
+checkpoint saved right after a step holds the gathered params.
 """
 
 from __future__ import annotations
@@ -33,12 +42,12 @@ def _launches(run):
     return launches[-1], run["comm_counts"][-1][1]
 
 
-def _assert_norms_close(got, want):
+def _assert_norms_close(got, want, rel):
     assert [ok for ok, _ in got] == [ok for ok, _ in want]
     for (_, a), (_, b) in zip(got, want):
         assert (a is None) == (b is None)
         if a is not None:
-            assert a == pytest.approx(b, rel=1e-14, abs=0.0)
+            assert a == pytest.approx(b, rel=rel, abs=0.0)
 
 
 @pytest.mark.parametrize("dp", [2, 4])
@@ -46,12 +55,18 @@ def test_adam_reduce_scatter_equals_all_reduce(dp):
     spec = dict(BASE, nan_at=(2, dp - 1))
     rs = run_distributed(run_tiny_gpt, dp, spec)
     ar = run_distributed(run_tiny_gpt, dp, dict(spec, comm={"adam_grad_reduce": "all_reduce"}))
+    lr = 1e-2  # run_tiny_gpt's default
     for r in range(dp):
         assert [ok for ok, _ in rs[r]["results"]] == [True, True, False, True]
-        _assert_norms_close(rs[r]["results"], ar[r]["results"])
+        _assert_norms_close(rs[r]["results"], ar[r]["results"], 1e-14 if dp == 2 else 1e-4)
         assert all(n > 0.05 for ok, n in rs[r]["results"] if ok)  # clipping active
         for name, value in ar[r]["params"].items():
-            assert torch.equal(rs[r]["params"][name], value), (r, name)
+            got = rs[r]["params"][name]
+            assert torch.equal(got, rs[0]["params"][name]), (r, name)  # replicas agree
+            if dp == 2:
+                assert torch.equal(got, value), (r, name)
+            else:
+                assert float((got - value).abs().max()) <= 0.05 * lr, (r, name)
     launches, sent = _launches(rs[0])
     ar_launches, ar_sent = _launches(ar[0])
     # K=4: 3 level reduce-scatters + the Adam one; the norm pair is the only all-reduce

@@ -448,8 +448,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
 
     def step_with_ready_grads(self) -> bool:
         """Step every engine with the folded gradients (and the clipping factor)."""
-        group = self.optimizer.param_groups[0]
-        self.finish_param_sync()
+        group = self.optimizer.param_groups[0]  # earlier gathers: waited in prepare_grads
         if len(self.fp8):
             self.fp8.materialize()
         for engine in self.engines:

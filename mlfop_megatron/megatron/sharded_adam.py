@@ -346,8 +346,10 @@ class ShardedMainParamAdamW(MegatronOptimizer):
 
     @torch.no_grad()
     def step_with_ready_grads(self) -> bool:
-        """AdamW on the owned pieces, then one all-gather per buffer into every rank's params."""
-        self.finish_param_sync()
+        """AdamW on the owned pieces, then one all-gather per buffer into every rank's params.
+
+        The previous step's gathers were waited in ``prepare_grads``.
+        """
         if self.pieces:
             self.optimizer.step()
         deferred = self._param_gathers is not None
