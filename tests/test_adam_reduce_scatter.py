@@ -158,3 +158,17 @@ def test_overlap_option_is_validated():
         CommConfig(adam_grad_reduce="broadcast")
     assert CommConfig().adam_reduce_scatter
     assert not CommConfig(level_reduce="all_reduce").adam_reduce_scatter
+
+
+def test_overlap_refused_with_megatron_lm_params_norm_logging():
+    """Megatron-LM reads the params right after the step for --log-params-norm."""
+    import argparse
+
+    from mlfop_megatron.megatron_lm.arguments import add_mlfop_args
+    from mlfop_megatron.megatron_lm.install import build_mlfop_optimizer
+
+    args = add_mlfop_args(argparse.ArgumentParser()).parse_args(["--mlfop-overlap-param-gather"])
+    assert args.mlfop_overlap_param_gather is True
+    args.log_params_norm = True
+    with pytest.raises(ValueError, match="--log-params-norm"):
+        build_mlfop_optimizer(None, [], args)
