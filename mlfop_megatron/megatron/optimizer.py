@@ -54,7 +54,7 @@ from mlfop_megatron.distributed.engine import (
     make_engine,
 )
 from mlfop_megatron.distributed.owner_buffer import FlatAllReduce, LevelReducer
-from mlfop_megatron.distributed.sharded_soap import PHASES
+from mlfop_megatron.distributed.sharded_soap import PHASES, ShardedSOAP
 from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP
 from mlfop_megatron.megatron import compat, fused_kernels
 from mlfop_megatron.megatron.fp8 import QuantizedParamShadows
@@ -181,7 +181,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 # TP-full engines write TP shards back after their gather and FP8 params are
                 # requantized from the gathered shadows: those gather within the step.
                 full = isinstance(engine, TensorParallelFullSOAP)
-                if not full and not len(self.fp8) and hasattr(engine, "defer_param_sync"):
+                if not full and not len(self.fp8) and isinstance(engine, ShardedSOAP):
                     engine.defer_param_sync = True
         self._grad_scale = 1.0
         self.skipped_steps = 0
@@ -453,10 +453,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             self.fp8.materialize()
         for engine in self.engines:
             engine.step(group["lr"], group["weight_decay"], grad_scale=self._grad_scale)
-            finish = getattr(engine, "pending_param_sync", None)
-            if finish is not None:
+            if isinstance(engine, ShardedSOAP) and engine.pending_param_sync is not None:
                 assert self._param_gathers is not None  # deferred only with overlap on
-                engine.pending_param_sync = None
+                finish, engine.pending_param_sync = engine.pending_param_sync, None
                 self._param_gathers.add([self.fp8.model_param(p) for p in engine.params], finish)
         if len(self.fp8):
             self.fp8.commit()  # every DP rank requantizes from identical values
