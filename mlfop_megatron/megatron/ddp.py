@@ -155,10 +155,13 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
 
         ``owner_reduce`` True makes the optimizer reduce the ``folded_params``' level sums
         itself and this DDP all-reduce every other param's gradient once per window; False
-        keeps Megatron's buckets reducing all at each level.
+        keeps Megatron's buckets reducing all at each level. A new optimizer configures the
+        reduction afresh: earlier ``take_over_grad_sync`` registrations are dropped.
         """
+        self.wait_unfolded_grad_sync()  # nothing of a previous optimizer left in flight
         self._folded_ids = {id(p) for p in folded_params}
         self._owner_reduce = owner_reduce
+        self._taken_over = []
         self._build_unfolded()
 
     def take_over_grad_sync(
@@ -233,7 +236,7 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
             self._taken_over_pending.append(finish)
 
     def wait_unfolded_grad_sync(self) -> None:
-        """Finish the non-folded params' all-reduce: their main_grad is the DP mean now."""
+        """Finish the non-folded params' reductions (all-reduce, or an optimizer's own)."""
         taken_over, self._taken_over_pending = self._taken_over_pending, []
         for finish in taken_over:
             finish()
