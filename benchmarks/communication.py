@@ -4,8 +4,10 @@ Measured part: the tiny GPT (megatron-core GPTModel, FoldingDistributedDataParal
 trained at DP=1, 2, 4 with K=4 and 8 micro-batches per step, for three communication paths
 selected in the same code by ``CommConfig``: the first version ("v1": Megatron's buckets
 all-reduce every grad at every level, one broadcast per owner), the owner-ordered path
-("rs": one reduce-scatter per level, Adam grads all-reduced once, one all-gather), and "rs"
-with bf16 on the wire. Every torch.distributed collective launched during the window's
+("rs": one reduce-scatter per level, the ZeRO-1 Adam grads reduce-scattered once into the
+slices each rank steps, one all-gather of the SOAP params and one of the Adam params), "rs"
+with the Adam grads all-reduced instead ("rs-adam-ar", the previous default) and "rs" with
+bf16 on the wire. Every torch.distributed collective launched during the window's
 backward passes and the optimizer step is counted at the torch.distributed boundary
 (``mlfop_megatron.distributed.comm_counter``): launches and bytes one rank sends (ring
 algorithms), per kind. Collectives on one-rank groups move nothing and are not counted.
@@ -37,6 +39,7 @@ from tests.support.mlfop_runs import run_tiny_gpt
 PATHS = {
     "v1": {"comm": {"level_reduce": "all_reduce", "param_sync": "broadcast"}, "shard_adam": False},
     "rs": {"comm": {}},
+    "rs-adam-ar": {"comm": {"adam_grad_reduce": "all_reduce"}},
     "rs-bf16": {"comm": {"grad_wire_dtype": "bf16"}},
     "rs-exact": {"comm": {"segments": "exact"}},
     "rs-block": {"comm": {}},  # block_size from choose_block_size (see measured_table)
@@ -46,22 +49,27 @@ LAST_K_ONLY = ("rs-exact", "rs-block")
 # choose_block_size candidates for the tiny GPT (whole params first: the unchanged math).
 BLOCK_CANDIDATES = (None, 256, 128, 64, 32)
 READING = (
-    "Reading. Measured: the owner-ordered path launches L+4 collectives per step at every "
-    "DP (L reduce-scatters or all-to-alls, the Adam grads' all-reduce once, the (norm, "
-    "found-inf) all-reduce, the SOAP params' all-gather and the ZeRO-1 Adam params' "
-    "all-gather), against L x buckets + N + 1 for the first version. Adam elements cost 12r "
-    "B on the tiny GPT (fp32: 8r for the grads' all-reduce + 4r for the params' all-gather; "
-    "10r with bf16 params, as modelled). The tiny GPT trains in fp32, so its SOAP parameter "
-    "all-gather carries 4 B (2 B with bf16 params): bytes per SOAP element are (4L+4)r x (1 "
-    "+ padding) with the fp32 wire and (2L+4)r x (1 + padding) with the bf16 wire; at DP=2 "
-    "the owner segments need no padding, at DP=4 they are padded (8 matrices of unequal "
-    "shapes, blocks assigned by compute cost, not by size): 17.50 B per SOAP element at K=8 "
-    "where (4L+4)r = 15. rs-exact sends no padding (14.83 B on rank 0: a rank sends every "
-    "other owner's elements, and rank 0 owns more than the mean), with the same math "
-    "(bitwise equal params: tests/test_comm_megatron.py). Optimizer state of all params on "
-    "the most loaded rank / DP=1: 0.500 at DP=2 (target 1.1/2 = 0.55: met) and 0.292 at "
-    "DP=4 with whole matrices (target 1.1/4 = 0.275: missed by 6%): the Adam side is "
-    "exactly 1/N plus < N elements of padding, but the SOAP side is the most loaded owner's "
+    "Reading. Measured: the owner-ordered path launches L+4 collectives per step at every DP "
+    "(L reduce-scatters or all-to-alls of the SOAP level sums, one reduce-scatter of the "
+    "ZeRO-1 Adam grads, the (norm, found-inf) all-reduce, the SOAP params' all-gather and the "
+    "ZeRO-1 Adam params' all-gather), against L x buckets + N + 1 for the first version. Adam "
+    "elements: the grads are reduce-scattered once into exactly the slices each rank steps, "
+    "so on the tiny GPT (fp32 params) they cost 4r B for the grads + 4r B for the params' "
+    "all-gather = 8r (4.00 B at DP=2, 6.00 B at DP=4), against 12r (6.00 / 9.00 B) when the "
+    "grads are all-reduced (rs-adam-ar, the previous default); with bf16 params (modelled) "
+    "4r + 2r = 6r, Megatron DistributedOptimizer's figure, within the issue's 8 B target. The "
+    "global norm and the inf check add each rank's own Adam slices (no padding) to its owned "
+    "SOAP blocks, one all-reduce of the pair as before. The tiny GPT trains in fp32, so its "
+    "SOAP parameter all-gather carries 4 B (2 B with bf16 params): bytes per SOAP element are "
+    "(4L+4)r x (1 + padding) with the fp32 wire and (2L+4)r x (1 + padding) with the bf16 "
+    "wire; at DP=2 the owner segments need no padding, at DP=4 they are padded (8 matrices "
+    "of unequal shapes, blocks assigned by compute cost, not by size): 17.50 B per SOAP "
+    "element at K=8 where (4L+4)r = 15. rs-exact sends no padding (14.83 B on rank 0: a rank "
+    "sends every other owner's elements, and rank 0 owns more than the mean), with the same "
+    "math (bitwise equal params: tests/test_comm_megatron.py). Optimizer state of all params "
+    "on the most loaded rank / DP=1: 0.500 at DP=2 (target 1.1/2 = 0.55: met) and 0.292 at "
+    "DP=4 with whole matrices (target 1.1/4 = 0.275: missed by 6%): the Adam side is exactly "
+    "1/N plus < N elements of padding, but the SOAP side is the most loaded owner's "
     "matrices, and that is the optimum for whole matrices: one owner must hold a 256x64 MLP "
     "matrix (172032 state floats) and a QKV matrix (106496), 1.172 x the mean; no "
     "assignment of the 8 matrices does better (exhaustive check in "
@@ -76,10 +84,10 @@ READING = (
     "modelled 3.45 s per step against 3.64 s even with an N x alpha latency for NCCL's "
     "per-root uneven collectives (not measured on a GPU cluster; off by default). That is "
     "still ~3x Megatron's DistributedOptimizer (6 B): the L level reductions are intrinsic "
-    "to folding. Adam elements cost 10r B modelled (bf16 params: 8r for the fp32 grads' "
-    "all-reduce + 2r for the ZeRO-1 all-gather), above the issue's 8 B target: the code "
-    "all-reduces the Adam grads and each rank reads only its slice; a reduce-scatter of "
-    "them (Megatron's DistributedOptimizer: 6r in all) would meet it (not done)."
+    "to folding; the bytes per other (Adam) element are 6r (5.9-6.0 B), as "
+    "DistributedOptimizer. The parameter all-gathers can be left in flight until the next "
+    "forward (--mlfop-overlap-param-gather, off by default): the same calls and bytes, not "
+    "timed here (gloo on CPU shows nothing about NCCL overlap)."
 )
 SECTION = "## Communication per step (gloo, counted on the real calls) and at scale (model)"
 
@@ -114,10 +122,13 @@ def measure(
         "soap": soap,
         "adam": total - soap,
         "adam_gather": run["adam_gather_bytes"],
+        # the ZeRO-1 Adam grads' reduce-scatter (0 when they are all-reduced)
+        "adam_scatter": run["chain_comm_bytes"]["adam_grads"]
+        - sum(c["adam_grads"] for c in run["comm_bytes"]),
         "state": run["state_bytes"],
         # every param's optimizer state on the most loaded rank: SOAP engines + Adam side
         "optimizer": max(r["state_bytes"] + r["adam_state_bytes"] for r in runs),
-        "model": run["comm_bytes"][0]["total"] if run["comm_bytes"] else 0,
+        "model": run["chain_comm_bytes"]["total"],
         "shapes": {n: tuple(p.shape) for n, p in names.items()},
     }
 
@@ -178,12 +189,13 @@ def measured_table(dps: list[int], ks: list[int], hidden: int, layers: int, iter
                     soap_b = adam_b = f"{per_elem:.2f} (all elems)"
                 else:
                     soap_sent = sum(v for n, v in b.items() if n != "all_reduce")
-                    # the Adam grads' all-reduce (less the 16 B norm/found-inf pair) and the
-                    # ZeRO-1 all-gather of the Adam params (the all-gather of the SOAP params
-                    # is the rest of the all_gather bytes)
-                    adam_sent = b.get("all_reduce", 0) - (16 * (dp - 1) // dp if dp > 1 else 0)
-                    adam_sent += m["adam_gather"]
-                    soap_sent -= m["adam_gather"]
+                    # the Adam grads' reduce-scatter or all-reduce (less the 16 B norm /
+                    # found-inf pair, 2 x 16 (N-1)/N B in a ring) and the ZeRO-1 all-gather of
+                    # the Adam params; the SOAP params' all-gather and level reductions are
+                    # the rest
+                    adam_sent = b.get("all_reduce", 0) - 32 * (dp - 1) // dp
+                    adam_sent += m["adam_gather"] + m["adam_scatter"]
+                    soap_sent -= m["adam_gather"] + m["adam_scatter"]
                     soap_b = f"{soap_sent / m['soap']:.2f}"
                     adam_b = f"{adam_sent / m['adam']:.2f}"
                 lines.append(
@@ -226,12 +238,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"{args.hidden}, {args.layers} layers, global micro-batch 4; counts of the "
                 "last step (every step launches the same). B = bytes one rank sends (ring "
                 "algorithms), counted at the torch.distributed boundary; `model B/step` is "
-                "`MLFOPMegatronOptimizer.communication_bytes_per_step()['total']` (it leaves "
+                "`MLFOPChainedOptimizer.communication_bytes_per_step()['total']` (it leaves "
                 "out the 16 B norm/found-inf pair). Paths: v1 = first version (all-reduce of "
                 "every Megatron bucket at every level + one broadcast per owner, replicated "
-                "Adam), rs = owner-ordered reduce-scatter per level + Adam grads all-reduced "
-                "once + one SOAP param all-gather + ZeRO-1 Adam (one Adam param all-gather), "
-                "rs-bf16 = rs with bf16 on the wire (all-to-all + fp32 sum), rs-exact = rs "
+                "Adam), rs = owner-ordered reduce-scatter per level + ZeRO-1 Adam grads "
+                "reduce-scattered once into the slices each rank steps + one SOAP param "
+                "all-gather + one Adam param all-gather, rs-adam-ar = rs with the Adam grads "
+                "all-reduced once (the previous default, `--mlfop-adam-grad-reduce "
+                "all_reduce`), rs-bf16 = rs with bf16 on the wire for the SOAP level sums "
+                "(all-to-all + fp32 sum), rs-exact = rs "
                 "with unpadded owner segments (`CommConfig(segments='exact')`: uneven "
                 "reduce-scatter per level; gloo runs the uneven param all-gather as one "
                 "all-to-all), rs-blockB = rs with SOAP blocks of at most B x B, B chosen by "

@@ -58,22 +58,24 @@ def test_owner_reduce_scatter_equals_first_version_bitwise(enabled):
                 assert torch.equal(p, q), name
     levels = 3 if enabled else 1  # K=4 dyadic: boundaries 1, 2, 4
     launches, sent = _steps(new[0])
-    # L reduce-scatters, one Adam all-reduce + the norm/found-inf all-reduce, one all-gather
-    # of the SOAP params and one of the ZeRO-1 Adam params (shard_adam=True by default)
-    assert launches == {"reduce_scatter": levels, "all_reduce": 2, "all_gather": 2}
+    # L reduce-scatters + the ZeRO-1 Adam grads' one, the norm/found-inf all-reduce, one
+    # all-gather of the SOAP params and one of the ZeRO-1 Adam params (shard_adam=True)
+    assert launches == {"reduce_scatter": levels + 1, "all_reduce": 1, "all_gather": 2}
     assert sum(launches.values()) <= levels + 4
     old_launches, old_sent = _steps(old[0])
     # the first version: every Megatron bucket all-reduced at every level, N broadcasts
     assert old_launches["broadcast"] == 2 and old_launches["all_reduce"] >= levels + 1
     assert sum(sent.values()) < sum(old_sent.values())
     # communication_bytes_per_step counts what the real calls sent, but for the step's
-    # packed [norm^2, found-inf] fp64 pair (16 B; a ring all-reduce at DP=2 sends 16 B)
-    # and the ZeRO-1 Adam all-gather, which the Adam optimizer reports itself
+    # packed [norm^2, found-inf] fp64 pair (16 B; a ring all-reduce at DP=2 sends 16 B); the
+    # chain adds the ZeRO-1 Adam optimizer's reduce-scatter and all-gather to SOAP's counts
     model = new[0]["comm_bytes"][0]
+    chain = new[0]["chain_comm_bytes"]
     adam_gather = new[0]["adam_gather_bytes"]
-    assert adam_gather > 0
-    assert model["total"] == sum(sent.values()) - 16 - adam_gather
-    assert model["soap_grads"] == sent["reduce_scatter"]
+    assert adam_gather > 0 and chain["adam_params"] == adam_gather
+    assert chain["total"] == sum(sent.values()) - 16
+    assert model["soap_grads"] + chain["adam_grads"] == sent["reduce_scatter"]
+    assert model["adam_grads"] == 0  # no Adam grad is all-reduced any more
     assert model["params"] == sent["all_gather"] - adam_gather
 
 
@@ -83,8 +85,11 @@ def test_bf16_wire_close_to_fp32_wire():
     fp32 = run_distributed(run_tiny_gpt, 2, spec)
     bf16 = run_distributed(run_tiny_gpt, 2, dict(spec, comm={"grad_wire_dtype": "bf16"}))
     launches, sent = _steps(bf16[0])
-    assert launches["all_to_all"] == 3 and "reduce_scatter" not in launches
-    assert sent["all_to_all"] * 2 == _steps(fp32[0])[1]["reduce_scatter"]  # half the bytes
+    # the SOAP level sums go as all-to-alls; the ZeRO-1 Adam grads' reduce-scatter stays fp32
+    assert launches["all_to_all"] == 3 and launches["reduce_scatter"] == 1
+    assert sent["reduce_scatter"] == bf16[0]["chain_comm_bytes"]["adam_grads"]
+    fp32_soap = _steps(fp32[0])[1]["reduce_scatter"] - fp32[0]["chain_comm_bytes"]["adam_grads"]
+    assert sent["all_to_all"] * 2 == fp32_soap  # half the bytes
     sq, count = 0.0, 0
     for name, p in fp32[0]["params"].items():
         q = bf16[0]["params"][name]

@@ -153,8 +153,9 @@ def test_llama3_8b_stage_split_and_comm(tmp_path, capsys):
         adam = sum(p.numel for p in params if not p.preconditioned)
         shard = math.ceil(adam / 64)  # ZeRO-1: this rank's slice of the padded buffer
         assert stage["adam_state_bytes"] == 2 * shard * 4
-        # fp32 grads all-reduced once (ring 2r x 4 B) + bf16 params all-gathered (r x 2 B)
-        expected = 2 * 63 / 64 * 4 * adam + 63 / 64 * 2 * 64 * shard
+        # fp32 grads reduce-scattered once into the slices (r x 4 B of the padded buffer) +
+        # bf16 params all-gathered (r x 2 B)
+        expected = 63 / 64 * 4 * 64 * shard + 63 / 64 * 2 * 64 * shard
         assert stage["adam_sync_bytes_per_step"] == pytest.approx(expected)
         assert stage["tp_gather_bytes_per_step"] == 0  # blockwise: no TP communication
     assert plan["stages"][0]["params_per_rank"] + plan["stages"][1]["params_per_rank"] == sum(
@@ -215,8 +216,8 @@ def test_tiny_model_hand_checked(tmp_path, capsys):
     adam = 2 * 128 + 64 + emb
     assert adam == 33088 and math.ceil(adam / 4) == 8272  # ZeRO-1 slice over DP=4
     assert b["adam_state_bytes"] == 2 * 8272 * 4 == 66176
-    # grads all-reduced once: 2 x 3/4 x 4 B; params all-gathered: 3/4 x 2 B of 4 slices
-    assert b["adam_sync_bytes_per_step"] == pytest.approx(6 * adam + 1.5 * 4 * 8272)
+    # grads reduce-scattered once: 3/4 x 4 B, params all-gathered: 3/4 x 2 B, of 4 slices
+    assert b["adam_sync_bytes_per_step"] == pytest.approx(3 * 4 * 8272 + 1.5 * 4 * 8272)
     # The stage's SOAP matrices (2 layers, whole params) owned over DP=4: every level
     # reduce-scatters the owner-ordered fp32 buffer of 4 segments of the most loaded owner.
     mats = [ParamSpec(f"{i}.{n}", sh) for i in range(2) for n, sh in TINY_LAYER_MATRICES]

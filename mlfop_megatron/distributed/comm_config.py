@@ -10,6 +10,7 @@ LEVEL_REDUCE = ("reduce_scatter", "all_reduce")
 GRAD_WIRE_DTYPES = ("fp32", "bf16")
 PARAM_SYNC = ("all_gather", "broadcast")
 SEGMENTS = ("padded", "exact")
+ADAM_GRAD_REDUCE = ("reduce_scatter", "all_reduce")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,19 @@ class CommConfig:
     all-gather). The math is the same; only the collectives differ. ``fold_stream``: fold
     each level on a side CUDA stream, overlapping the next micro-step (off by default: it
     changes the kernel order on GPU, not the math; a no-op on CPU).
+    the first version). ``adam_grad_reduce``: how the non-matrix (Adam) gradients are reduced
+    once per step when their state is sharded (ZeRO-1) and the levels are owner-reduced:
+    "reduce_scatter" (default) hands each rank exactly the slice it steps (4 B per fp32 grad
+    element, as Megatron's DistributedOptimizer), "all_reduce" the whole gradient (8 B); with
+    replicated Adam state or level_reduce="all_reduce" they are all-reduced (every rank needs
+    them whole, or Megatron's buckets reduce everything). ``overlap_param_gather``: leave the
+    step's parameter all-gathers (SOAP blocks and ZeRO-1 Adam slices) in flight and wait for
+    each in the forward pre-hook of the first module that uses its params (Megatron's
+    overlap_param_gather); checkpoint save/load and the next step wait too. Off by default: the
+    gathers overlap only the host work between the step and the first forward (one gather per
+    engine and per Adam buffer, whose first params the first layers need), and code that
+    reads the params outside a forward (Megatron-LM's --log-params-norm, user code) would read
+    them before the gather lands unless it calls ``optimizer.finish_param_sync()``.
     """
 
     level_reduce: str = option(
@@ -52,6 +66,21 @@ class CommConfig:
         "broadcast per owner rank (the first version)",
         choices=PARAM_SYNC,
     )
+    adam_grad_reduce: str = option(
+        "reduce_scatter",
+        "once-per-step reduction of the non-matrix (Adam) grads with ZeRO-1 Adam state: "
+        "reduce_scatter (each rank receives the slice it steps, as Megatron's distributed "
+        "optimizer) or all_reduce (the whole gradient on every rank); replicated Adam "
+        "(--mlfop-replicated-adam) and --mlfop-level-reduce all_reduce always all-reduce",
+        choices=ADAM_GRAD_REDUCE,
+    )
+    overlap_param_gather: bool = option(
+        False,
+        "leave the parameter all-gathers of the step in flight and wait for them in the next "
+        "forward's module pre-hooks (checkpointing and the next step wait too); code reading "
+        "params between the step and the forward must call optimizer.finish_param_sync() "
+        "(refused with Megatron-LM's --log-params-norm)",
+    )
 
     segments: str = option(
         "padded",
@@ -72,9 +101,15 @@ class CommConfig:
             ("grad_wire_dtype", self.grad_wire_dtype, GRAD_WIRE_DTYPES),
             ("param_sync", self.param_sync, PARAM_SYNC),
             ("segments", self.segments, SEGMENTS),
+            ("adam_grad_reduce", self.adam_grad_reduce, ADAM_GRAD_REDUCE),
         ):
             if value not in allowed:
                 raise ValueError(f"CommConfig.{name} must be one of {allowed} (got {value!r})")
+        if not isinstance(self.overlap_param_gather, bool):
+            raise ValueError(
+                "CommConfig.overlap_param_gather must be True or False "
+                f"(got {self.overlap_param_gather!r})"
+            )
         if self.grad_wire_dtype == "bf16" and self.level_reduce != "reduce_scatter":
             raise ValueError(
                 "CommConfig.grad_wire_dtype='bf16' needs level_reduce='reduce_scatter' (the "
@@ -85,3 +120,8 @@ class CommConfig:
     def owner_reduce(self) -> bool:
         """Whether the level sums go to their owners only (the folding glue reduces them)."""
         return self.level_reduce == "reduce_scatter"
+
+    @property
+    def adam_reduce_scatter(self) -> bool:
+        """Whether ZeRO-1 Adam grads are reduce-scattered into the slices (see the class)."""
+        return self.owner_reduce and self.adam_grad_reduce == "reduce_scatter"

@@ -4,13 +4,15 @@ Layouts compared on the same parameter shapes and data-parallel size N (r = (N-1
 
 * ``mlfop`` (this package, CommConfig defaults, ``shard_adam=True``): per level one
   reduce-scatter of the owner-ordered SOAP buffer (fp32, or bf16 with ``bf16_wire``), the Adam
-  params' grads all-reduced once (fp32, ``FoldingDistributedDataParallel``), one all-gather of
-  the owner-ordered bf16 SOAP params, one all-gather of the bf16 Adam params by the ZeRO-1
-  ``ShardedMainParamAdamW`` (one buffer per dtype: one here), one all-reduce of the
-  (norm, found-inf) pair: L + 4 launches. Segments are padded to the most loaded owner, from
-  the real :class:`Assignment` of the SOAP blocks. Adam state (fp32 main weights + two
-  moments, 12 B per element) is sharded: ceil(P_adam / N) elements per rank.
-  ``shard_adam=False`` models the replicated Adam (no Adam all-gather, 12 P_adam B per rank).
+  params' fp32 grads reduce-scattered once into the ZeRO-1 slices (``ShardedMainParamAdamW``,
+  its buffer padded to a multiple of N: 4r B per element), one all-gather of the
+  owner-ordered bf16 SOAP params, one all-gather of the bf16 Adam params (2r B; one buffer per
+  dtype: one here), one all-reduce of the (norm, found-inf) pair: L + 4 launches. Segments are
+  padded to the most loaded owner, from the real :class:`Assignment` of the SOAP blocks. Adam
+  state (fp32 main weights + two moments, 12 B per element) is sharded: ceil(P_adam / N)
+  elements per rank. ``shard_adam=False`` models the replicated Adam (its grads all-reduced,
+  8r B, no Adam all-gather, 12 P_adam B per rank); ``adam_reduce_scatter=False`` the ZeRO-1
+  Adam with all-reduced grads (``CommConfig(adam_grad_reduce="all_reduce")``, 8r + 2r B).
 * ``mlfop_exact``: ``mlfop`` with ``CommConfig(segments="exact")``: no padding on the wire
   (uneven reduce-scatters and parameter all-gather, one coalesced launch each); NCCL runs them
   as one reduce (broadcast) per root, so their latency is modelled as N x ALPHA_S instead of
@@ -93,7 +95,8 @@ class MlfopTraffic:
     """Bytes one rank sends per step on this package's path (CommConfig defaults), by call.
 
     ``level_reduce``: L reduce-scatters of the owner-ordered SOAP buffer (N segments of the
-    most loaded owner's elements); ``adam_reduce``: the Adam grads' fp32 all-reduce, once;
+    most loaded owner's elements); ``adam_reduce``: the Adam grads' fp32 reduction, once (a
+    reduce-scatter into the ZeRO-1 slices, or an all-reduce);
     ``soap_gather``: the all-gather of the owner-ordered params; ``adam_gather``: the ZeRO-1
     Adam params' all-gather (0 with replicated Adam); ``norm``: the (norm, found-inf) pair.
     """
@@ -134,6 +137,7 @@ def mlfop_traffic(
     param_bytes: int = 2,
     shard_adam: bool = True,
     soap_sent: float | None = None,
+    adam_reduce_scatter: bool = True,
 ) -> MlfopTraffic:
     """Per-rank bytes of each collective of a step, ring algorithms, r = (N-1)/N.
 
@@ -141,17 +145,23 @@ def mlfop_traffic(
     ``soap_sent``: SOAP elements one rank sends per level reduction and per parameter gather
     when the segments are exact (``CommConfig.segments="exact"``); default the padded r x N x
     segment.
+    ``adam_reduce_scatter`` (with ``shard_adam``): the Adam grads are reduce-scattered into
+    the ZeRO-1 slices (4r B per padded element) instead of all-reduced (8r B per element).
     """
     r = (dp - 1) / dp
     buffer = float(dp * segment)  # the padded owner-ordered buffer
     if soap_sent is not None:
         buffer = soap_sent / r if r else 0.0
     adam_padded = dp * math.ceil(adam_numel / dp)
+    if shard_adam and adam_reduce_scatter:
+        adam_reduce = 4 * r * adam_padded
+    else:
+        adam_reduce = 8 * r * adam_numel
     return MlfopTraffic(
         levels=levels,
         dp=dp,
         level_reduce=levels * wire_bytes * r * buffer,
-        adam_reduce=8 * r * adam_numel,
+        adam_reduce=adam_reduce,
         soap_gather=param_bytes * r * buffer,
         adam_gather=param_bytes * r * adam_padded if shard_adam and adam_numel else 0.0,
         norm=16 * r,

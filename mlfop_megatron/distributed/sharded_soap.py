@@ -10,7 +10,7 @@ This layer uses torch.distributed but knows nothing about Megatron.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -133,6 +133,9 @@ class ShardedSOAP:
         self._segment_start = 0
         self.last_grad_rows: torch.Tensor | None = None  # per owned block, last armed window
         self.last_grad_segments = 0  # reduced segments the last armed window had
+        # overlap_param_gather: step() leaves the all-gather in flight in pending_param_sync.
+        self.defer_param_sync = False
+        self.pending_param_sync: Callable[[], None] | None = None
         self._build_engine()
 
     @property
@@ -385,7 +388,10 @@ class ShardedSOAP:
         self.timings["update"] += time.perf_counter() - start
         self._folder = None
         start = time.perf_counter()
-        self.sync_params()
+        if self.defer_param_sync:  # left in flight: the caller waits (overlap_param_gather)
+            self.pending_param_sync = self.start_param_sync()
+        else:
+            self.sync_params()
         self.timings["communication"] += time.perf_counter() - start
 
     def discard_window(self) -> None:
@@ -398,19 +404,35 @@ class ShardedSOAP:
 
     def sync_params(self) -> None:
         """Share the owners' updated blocks with the whole group (``param_sync``)."""
+        finish = self.start_param_sync()
+        if finish is not None:
+            finish()
+
+    def start_param_sync(self) -> Callable[[], None] | None:
+        """Launch the parameter all-gather; returns the function that waits and unpacks it.
+
+        None when nothing is left in flight (one rank, or ``param_sync="broadcast"``, which
+        runs synchronously here).
+        """
         if self.world_size == 1:
-            return
+            return None
         if self.param_sync == "broadcast":
             self.broadcast_params()
-            return
+            return None
         layout, data = self.param_layout, [[p.data for p in self.params]]
         mine = layout.pack(data, self.param_wire_dtype, self.params[0], ranks=[self.rank])
         flat = mine.new_empty(layout.numel)
         if layout.exact:
-            all_gather_uneven(flat, mine, layout.sizes, self.group, async_op=False)
+            work = all_gather_uneven(flat, mine, layout.sizes, self.group, async_op=True)
         else:
-            all_gather_flat(flat, mine, self.group, async_op=False)
-        layout.unpack_into(flat, data, skip=self.rank)
+            work = all_gather_flat(flat, mine, self.group, async_op=True)
+
+        def finish() -> None:
+            if work is not None:
+                work.wait()
+            layout.unpack_into(flat, data, skip=self.rank)
+
+        return finish
 
     def broadcast_params(self) -> None:
         """Every owner sends its updated blocks to the rest of the group (one message each)."""

@@ -78,6 +78,11 @@ def adam_init_state_fn(opt: torch.optim.Optimizer, config: Any = None) -> None:
 
 
 def _sharded_state(model: Any, optimizer: Any, iteration: int) -> dict[str, Any]:
+    # Parameter all-gathers the step left in flight (CommConfig.overlap_param_gather) finish
+    # before the params are read (save) or overwritten (load).
+    finish = getattr(optimizer, "finish_param_sync", None)
+    if finish is not None:
+        finish()
     model_sd = model.module.sharded_state_dict()
     return {
         "model": model_sd,

@@ -11,6 +11,9 @@ has its gradient, a callback hands the level to the optimizer. Two ways to reduc
   accumulating in ``main_grad`` over the whole window and this class all-reduces them once,
   one asynchronous all-reduce per Megatron buffer launched when the window's last micro-step
   has all its gradients, waited in ``finish_grad_sync`` (or by the optimizer before its step).
+  Params whose optimizer reduces them itself (the ZeRO-1 Adam: a reduce-scatter into the
+  slices each rank steps, ``take_over_grad_sync``) leave that all-reduce; their reduction is
+  started and finished at the same two points.
 * "all_reduce" (the first version, kept for comparison): at every level boundary Megatron's
   buckets all-reduce the whole buffer; averaging an already averaged value leaves it
   unchanged, so the Adam params' final ``main_grad`` is still the DP mean.
@@ -27,6 +30,7 @@ from megatron.core.distributed import DistributedDataParallel
 
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.megatron import compat
+from mlfop_megatron.megatron.param_gather import PendingParamGathers
 
 # (level index, number of micro-steps in that level) -> None
 LevelCallback = Callable[[int, int], None]
@@ -110,6 +114,12 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
         self._owner_reduce = False
         self._unfolded: list[tuple[list[torch.nn.Parameter], Any, float]] = []
         self._unfolded_pending: list[tuple[Any, torch.Tensor, list[torch.nn.Parameter]]] = []
+        self._folded_ids: set[int] = set()
+        # (params, start, finish) of optimizers that reduce their params' grads themselves
+        self._taken_over: list[tuple[frozenset[int], Callable[[], None], Callable[[], None]]] = []
+        self._taken_over_pending: list[Callable[[], None]] = []
+        # Parameter all-gathers in flight after a step (CommConfig.overlap_param_gather).
+        self.param_gathers = PendingParamGathers()
         super().__init__(*args, **kwargs)
         check_supported_features(self.config, self.ddp_config)
         self._num_params_with_grad = len({id(p) for p in compat.ddp_params_with_grad(self)})
@@ -145,17 +155,45 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
 
         ``owner_reduce`` True makes the optimizer reduce the ``folded_params``' level sums
         itself and this DDP all-reduce every other param's gradient once per window; False
-        keeps Megatron's buckets reducing all at each level.
+        keeps Megatron's buckets reducing all at each level. A new optimizer configures the
+        reduction afresh: earlier ``take_over_grad_sync`` registrations are dropped.
         """
-        folded = {id(p) for p in folded_params}
+        self.wait_unfolded_grad_sync()  # nothing of a previous optimizer left in flight
+        self._folded_ids = {id(p) for p in folded_params}
         self._owner_reduce = owner_reduce
+        self._taken_over = []
+        self._build_unfolded()
+
+    def take_over_grad_sync(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        start: Callable[[], None],
+        finish: Callable[[], None],
+    ) -> None:
+        """Let an optimizer reduce these non-folded params' grads itself (ZeRO-1 reduce-scatter).
+
+        They leave the once-per-window all-reduce; ``start()`` runs where it would be launched
+        (the window's last micro-step has all its gradients), ``finish()`` where it would be
+        waited. Only with owner reduction (Megatron's buckets reduce everything otherwise).
+        """
+        if not self._owner_reduce:
+            raise RuntimeError(
+                "take_over_grad_sync needs CommConfig(level_reduce='reduce_scatter'): with "
+                "'all_reduce' Megatron's buckets reduce every gradient at every level"
+            )
+        self._taken_over.append((frozenset(id(p) for p in params), start, finish))
+        self._build_unfolded()
+
+    def _build_unfolded(self) -> None:
+        """Per Megatron buffer, the params this DDP all-reduces once per window."""
         self._unfolded = []
-        if not owner_reduce:
+        if not self._owner_reduce:
             return
+        skip = set(self._folded_ids).union(*(ids for ids, _, _ in self._taken_over))
         order = {id(p): i for i, p in enumerate(self.module.parameters())}
         for buffer in compat.ddp_buffers(self):
             params = sorted(
-                (p for p in buffer.params if id(p) not in folded), key=lambda p: order[id(p)]
+                (p for p in buffer.params if id(p) not in skip), key=lambda p: order[id(p)]
             )
             if params:
                 self._unfolded.append((params, *self._buffer_reduction(buffer)))
@@ -193,9 +231,15 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
             if group.size() > 1:
                 work = torch.distributed.all_reduce(flat, group=group, async_op=True)
             self._unfolded_pending.append((work, flat, params))
+        for _, start, finish in self._taken_over:
+            start()
+            self._taken_over_pending.append(finish)
 
     def wait_unfolded_grad_sync(self) -> None:
-        """Finish the non-folded params' all-reduce: their main_grad is the DP mean now."""
+        """Finish the non-folded params' reductions (all-reduce, or an optimizer's own)."""
+        taken_over, self._taken_over_pending = self._taken_over_pending, []
+        for finish in taken_over:
+            finish()
         pending, self._unfolded_pending = self._unfolded_pending, []
         for work, flat, params in pending:
             if work is not None:
@@ -326,6 +370,26 @@ class FoldingDistributedDataParallel(DistributedDataParallel):
                 "FoldingConfig.accumulation_steps to the schedule's num_microbatches"
             )
         self.wait_unfolded_grad_sync()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's state dict, after any parameter all-gather in flight."""
+        self.param_gathers.finish_all()
+        return super().state_dict(*args, **kwargs)
+
+    def state_dict_for_save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's checkpoint state dict, after any parameter all-gather in flight."""
+        self.param_gathers.finish_all()
+        return super().state_dict_for_save_checkpoint(*args, **kwargs)
+
+    def sharded_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's sharded state dict, after any parameter all-gather in flight."""
+        self.param_gathers.finish_all()
+        return super().sharded_state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """Load into the module once no parameter all-gather can overwrite it."""
+        self.param_gathers.finish_all()
+        return super().load_state_dict(*args, **kwargs)
 
     def zero_grad_buffer(self) -> None:
         """Finish any pending sync, zero Megatron's buffers and restart the window."""

@@ -98,11 +98,13 @@ def get_mlfop_optimizer(
     (Megatron's FP32Optimizer, or MainParamAdamW for bf16/FP8 params). FP8 params always
     stay replicated.
     ``comm`` chooses the level reductions and the parameter sync (default: owner-ordered
-    reduce-scatter per level, Adam grads all-reduced once, one parameter all-gather).
+    reduce-scatter per level, ZeRO-1 Adam grads reduce-scattered once into the slices each
+    rank steps, one parameter all-gather per engine and per Adam buffer).
     ``adam_only`` sends every param to the Adam part (an AdamW baseline through the same
     chained optimizer; any Megatron DistributedDataParallel, ``mlfop_config`` unused).
     """
     mlfop_config = mlfop_config or MLFOPConfig()
+    comm = comm or CommConfig()
     _check_config(config, tp_mode)
     if len(model_chunks) != 1:
         raise ValueError(
@@ -116,6 +118,12 @@ def get_mlfop_optimizer(
             f"subclass of Megatron's DistributedDataParallel), got {type(chunk).__name__}"
         )
     check_supported_features(getattr(chunk, "config", None), getattr(chunk, "ddp_config", None))
+    if comm.overlap_param_gather and not isinstance(chunk, FoldingDistributedDataParallel):
+        raise TypeError(
+            "CommConfig.overlap_param_gather=True needs the model wrapped in "
+            f"FoldingDistributedDataParallel (its forward pre-hooks wait), got "
+            f"{type(chunk).__name__}"
+        )
     # FP8 (TransformerConfig.fp8 / fp8_param, OptimizerConfig.fp8_recipe, fp8 params) needs
     # TransformerEngine and a GPU: fail here with the fix rather than deep inside TE.
     check_fp8_support(getattr(chunk, "config", None), config, list(chunk.parameters()))
@@ -163,8 +171,23 @@ def get_mlfop_optimizer(
         if groups:
             for adam in _make_adam(groups, config, shard_adam, expert):
                 adam.mlfop_expert_parallel = expert
+                if isinstance(adam, ShardedMainParamAdamW):
+                    _wire_sharded_adam(adam, chunk, comm)
                 chained.append(adam)
     return MLFOPChainedOptimizer(chained)
+
+
+def _wire_sharded_adam(adam: ShardedMainParamAdamW, chunk: Any, comm: CommConfig) -> None:
+    """Reduce-scatter its grads into its slices and defer its all-gather, as ``comm`` asks.
+
+    The reduce-scatter needs the DDP's owner-reduced levels (without them Megatron's buckets
+    all-reduce every grad, and adam_only runs use Megatron's own DDP sync).
+    """
+    if comm.adam_reduce_scatter and getattr(chunk, "owner_reduce", False):
+        adam.take_over_grad_sync(chunk)
+    if comm.overlap_param_gather:
+        chunk.param_gathers.install(chunk.module)
+        adam.defer_param_gather(chunk.param_gathers)
 
 
 def _adam_group(expert: bool) -> Any:

@@ -10,7 +10,12 @@ next micro-steps' forward and backward; it is waited and folded at the next leve
 (before that level's reduction starts) or, for the last level, in ``prepare_grads``.
 ``MLFOPChainedOptimizer.step`` keeps Megatron's contract, (success, grad_norm, num_zeros), with
 the inf/NaN check and the gradient norm reduced over every rank that holds a piece of the
-model, so a skipped step is skipped everywhere and clipping uses the true global norm.
+model, so a skipped step is skipped everywhere and clipping uses the true global norm. Each
+rank adds the squares of what it holds once over the group: its owned SOAP blocks' folded
+gradients and, with ZeRO-1 Adam grads reduce-scattered, its own Adam slices (without the
+padding); replicated Adam grads are counted by DP rank 0. With
+``CommConfig.overlap_param_gather`` the step leaves its parameter all-gathers in flight (see
+``megatron/param_gather.py``); ``finish_param_sync`` waits for them.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from mlfop_megatron.distributed.engine import (
 )
 from mlfop_megatron.distributed.fold_stream import FoldStream
 from mlfop_megatron.distributed.owner_buffer import FlatAllReduce, LevelReducer
-from mlfop_megatron.distributed.sharded_soap import PHASES
+from mlfop_megatron.distributed.sharded_soap import PHASES, ShardedSOAP
 from mlfop_megatron.distributed.tp_full import TensorParallelFullSOAP, TPFullReducer
 from mlfop_megatron.megatron import compat, fused_kernels
 from mlfop_megatron.megatron.fp8 import QuantizedParamShadows
@@ -171,6 +176,17 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         self.fp8.release()  # shadows hold storage only during a step
         self._build_reducers()
         self._folds = FoldStream(self.device, self.comm.fold_stream)
+        self._param_gathers = None
+        if self.comm.overlap_param_gather:
+            chunk = model_chunks[0]
+            self._param_gathers = chunk.param_gathers
+            chunk.param_gathers.install(chunk.module)
+            for engine in self.engines:
+                # TP-full engines write TP shards back after their gather and FP8 params are
+                # requantized from the gathered shadows: those gather within the step.
+                full = isinstance(engine, TensorParallelFullSOAP)
+                if not full and not len(self.fp8) and isinstance(engine, ShardedSOAP):
+                    engine.defer_param_sync = True
         self._grad_scale = 1.0
         self.skipped_steps = 0
         # Megatron-LM multiplies the loss by this (on the loss's device) before backward.
@@ -302,7 +318,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
     def communication_bytes_per_step(self) -> dict[str, int]:
         """Bytes this rank sends per step (ring algorithms, padding included), by kind.
 
-        Level reductions of the SOAP grads, the Adam grads' all-reduce, the parameter sync
+        Level reductions of the SOAP grads, the all-reduce of the Adam grads the DDP reduces
+        (not the ZeRO-1 reduce-scatter: see ``MLFOPChainedOptimizer``), the parameter sync
         and the TP-full gathers; "total" sums them. Diagnostics segments are not counted.
         """
         levels = self.schedule.num_levels
@@ -448,6 +465,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         Returns:
             False: the inf check is global, in ``MLFOPChainedOptimizer.step``.
         """
+        self.finish_param_sync()  # a step without a forward since the last one
         self._complete_reductions()
         self._folds.join()  # the step reads the folded window
         for chunk in self.model_chunks:  # the Adam params' once-per-step all-reduce
@@ -463,11 +481,15 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
 
     def step_with_ready_grads(self) -> bool:
         """Step every engine with the folded gradients (and the clipping factor)."""
-        group = self.optimizer.param_groups[0]
+        group = self.optimizer.param_groups[0]  # earlier gathers: waited in prepare_grads
         if len(self.fp8):
             self.fp8.materialize()
         for engine in self.engines:
             engine.step(group["lr"], group["weight_decay"], grad_scale=self._grad_scale)
+            if isinstance(engine, ShardedSOAP) and engine.pending_param_sync is not None:
+                assert self._param_gathers is not None  # deferred only with overlap on
+                finish, engine.pending_param_sync = engine.pending_param_sync, None
+                self._param_gathers.add([self.fp8.model_param(p) for p in engine.params], finish)
         if len(self.fp8):
             self.fp8.commit()  # every DP rank requantizes from identical values
         self._grad_scale = 1.0
@@ -497,7 +519,13 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         return self._loss_scale
 
     def reload_model_params(self, state_dict: Any = None) -> None:
-        """Model params are the fp32 master params here; nothing to copy."""
+        """Model params are the fp32 master params here; nothing to copy (gathers finish)."""
+        self.finish_param_sync()
+
+    def finish_param_sync(self) -> None:
+        """Wait for the parameter all-gathers the last step left in flight (no-op if none)."""
+        if self._param_gathers is not None:
+            self._param_gathers.finish_all()
 
     # ------------------------------------------------------------ checkpoints
     def state_bytes(self) -> int:
@@ -506,6 +534,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The engines' states, the param groups' hyperparameters and the skipped steps."""
+        self.finish_param_sync()
         return {
             "engines": [e.state_dict() for e in self.engines],
             "param_groups": [
@@ -518,6 +547,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         """Load a state_dict() or a dist_checkpointing-loaded sharded_state_dict()."""
         from mlfop_megatron.megatron.checkpointing import scalars_from_loaded
 
+        self.finish_param_sync()
         if len(state_dict["engines"]) != len(self.engines):
             raise ValueError(
                 f"checkpoint has {len(state_dict['engines'])} SOAP engines, this optimizer "
@@ -537,6 +567,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         """The state for dist_checkpointing (see ``megatron/checkpointing.py``)."""
         from mlfop_megatron.megatron.checkpointing import optimizer_sharded_state_dict
 
+        self.finish_param_sync()
         return optimizer_sharded_state_dict(self, is_loading)
 
     def stats(self) -> dict[str, Any]:
@@ -664,13 +695,16 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
     def _other_grads(self) -> list[torch.Tensor]:
         """Grads of the Adam-side params that this rank counts in the global norm.
 
-        They are replicated over the data x context parallel group (expert params: over the
-        expert-data-parallel group), so only that group's rank 0 counts them.
+        Reduce-scattered ZeRO-1 grads: this rank's own slices (each element on one DP rank).
+        Replicated ones are the same over the data x context parallel group (expert params:
+        over the expert-data-parallel group), so only that group's rank 0 counts them.
         """
         grads: list[torch.Tensor] = []
         dense_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
         for opt in self.others:
-            if getattr(opt, "mlfop_expert_parallel", False):
+            if getattr(opt, "grads_sharded", False):
+                rank = 0
+            elif getattr(opt, "mlfop_expert_parallel", False):
                 rank = parallel_state.get_expert_data_parallel_rank()
             else:
                 rank = dense_rank
@@ -701,6 +735,36 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
         packed = torch.stack([sq_ours + sq_other, bad.double()])
         dist.all_reduce(packed)  # every rank: DP x TP x PP
         return math.sqrt(float(packed[0])), bool(packed[1] > 0)
+
+    def finish_param_sync(self) -> None:
+        """Wait for the parameter all-gathers the last step left in flight (no-op if none).
+
+        Needed only with ``CommConfig.overlap_param_gather`` before reading the params outside
+        a forward pass (the forward pre-hooks, checkpointing and the next step wait already).
+        """
+        for opt in self.chained_optimizers:
+            finish = getattr(opt, "finish_param_sync", None)
+            if finish is not None:
+                finish()
+
+    def communication_bytes_per_step(self) -> dict[str, int]:
+        """Bytes this rank sends per step, by kind, for the whole chain (ring algorithms).
+
+        The ML-FOP-SOAP optimizers' counts plus the ZeRO-1 Adam grads' reduce-scatter
+        ("adam_grads") and params' all-gather ("adam_params"); "total" sums them (the step's
+        16 B norm/found-inf all-reduce is not counted).
+        """
+        out = {"soap_grads": 0, "adam_grads": 0, "params": 0, "tp_full": 0, "adam_params": 0}
+        for opt in self.mlfop:
+            for key, value in opt.communication_bytes_per_step().items():
+                if key != "total":
+                    out[key] += value
+        for opt in self.others:
+            if hasattr(opt, "grad_reduce_scatter_bytes_per_step"):
+                out["adam_grads"] += opt.grad_reduce_scatter_bytes_per_step()
+                out["adam_params"] += opt.all_gather_bytes_per_step()
+        out["total"] = sum(out.values())
+        return out
 
     @torch.no_grad()
     def step(self):

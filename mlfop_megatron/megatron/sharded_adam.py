@@ -3,19 +3,34 @@
 The Adam-side params (embeddings, output layer, norms, biases) of one dtype are laid out in a
 flat buffer of the params' dtype, padded to a multiple of the data-parallel size N; the
 params' storage is re-pointed into it (as Megatron's DistributedOptimizer does with its param
-buffer). DP rank r owns the contiguous slice ``[r*S, (r+1)*S)`` (S = padded size / N) and
-keeps AdamW state (exp_avg, exp_avg_sq) for it only, plus fp32 main weights when the params
-are bf16 (fp32/fp64 params are their own main weights: the owned slice of the buffer).
-A step runs AdamW (the same kernel as the replicated path, per element the same ops) on the
-owned slice, reading the DP-mean ``main_grad`` slices, then ONE ``all_gather_into_tensor`` per
-buffer, in the params' dtype, writes every rank's params.
+buffer). A tied (pipeline-shared) embedding gets a buffer of its own, so the first and the last
+stage slice it the same way. DP rank r owns the contiguous slice ``[r*S, (r+1)*S)`` (S =
+padded size / N) and keeps AdamW state (exp_avg, exp_avg_sq) for it only, plus fp32 main
+weights when the params are bf16 (fp32/fp64 params are their own main weights: the owned slice
+of the buffer). A step runs AdamW (the same kernel as the replicated path, per element the same
+ops) on the owned slice, then ONE ``all_gather_into_tensor`` per buffer, in the params' dtype,
+writes every rank's params; with ``CommConfig.overlap_param_gather`` it is left in flight and
+waited by the forward pre-hooks of ``megatron/param_gather.py``.
 
-Gradients stay full on every rank (DDP all-reduces them), so the chained optimizer's norm,
-inf check and clipping keep counting each gradient once: ``get_parameters()`` exposes one
-"carrier" per model param, a view of its ``main_grad`` (no copy) with ``.grad`` set to it and
-the model param's attributes (TP, shared, ...). Checkpoints: every owned piece becomes
-ShardedTensors of the model param's global tensor (irregular chunks, keys as
-MainParamAdamW's), so a checkpoint written at DP=N loads at any DP size.
+Gradients, two ways:
+
+* reduce-scattered (``take_over_grad_sync``, the default with owner-reduced levels): once per
+  window the ``main_grad`` of a buffer's params are packed in the buffer's order (padding
+  zero), pre-scaled as Megatron would, and reduce-scattered, so rank r receives exactly the
+  DP sum of its slice (Megatron DistributedOptimizer's 4r B + the all-gather's 2r B per bf16
+  element). The slice is written back into the owned range of ``main_grad`` (as Megatron's
+  in-place reduce-scatter leaves it), so finalize_model_grads' later TP / pipeline-embedding
+  all-reduces sum the right values there; the rest of ``main_grad`` is this rank's local sum
+  and is never read. ``get_parameters()`` returns the owned fp32 pieces (with the model
+  param's TP / shared attributes, ``.grad`` = the owned ``main_grad`` range), and every rank
+  counts them in the global norm and inf check (``grads_sharded``): each element once.
+* all-reduced by the DDP (replicated ``main_grad``): ``get_parameters()`` exposes one
+  "carrier" per model param, a view of its ``main_grad`` (no copy) with ``.grad`` set to it
+  and the model param's attributes, counted by DP rank 0 only.
+
+Checkpoints: every owned piece becomes ShardedTensors of the model param's global tensor
+(irregular chunks, keys as MainParamAdamW's), so a checkpoint written at DP=N loads at any DP
+size.
 """
 
 from __future__ import annotations
@@ -28,20 +43,18 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig
 
+from mlfop_megatron.distributed.owner_buffer import all_gather_flat, reduce_scatter_flat
 from mlfop_megatron.megatron import compat, fused_kernels
+from mlfop_megatron.megatron.param_gather import PendingParamGathers
 
 STATE_PREFIX = "optimizer.state"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _all_gather(output: torch.Tensor, shard: torch.Tensor, group: Any) -> Any:
-    """All-gather into one tensor, resolved at call time (so collective counters see it).
-
-    torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there).
-    """
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(output, shard, group=group)
+def _all_gather(output: torch.Tensor, shard: torch.Tensor, group: Any, async_op: bool) -> Any:
+    """All-gather into one tensor (a module attribute, so tests can count the calls)."""
+    return all_gather_flat(output, shard, group, async_op=async_op)
 
 
 def flat_range_boxes(
@@ -89,11 +102,17 @@ class _Piece:
         start: int,
         end: int,
         main: torch.nn.Parameter,
+        shard_offset: int,
     ) -> None:
         self.index = index  # position of the param in the optimizer's param list
         self.param = param
         self.start, self.end = start, end
         self.main = main  # fp32 view into the owned main slice
+        self.shard_offset = shard_offset  # where [start, end) sits in the owned slice
+
+    def owned_grad(self) -> torch.Tensor:
+        """The owned range of the model param's ``main_grad`` (flat view)."""
+        return compat.main_grad(self.param).view(-1)[self.start : self.end]
 
 
 class _Buffer:
@@ -107,6 +126,7 @@ class _Buffer:
         size: int,
     ) -> None:
         first = params[0][1]
+        self.params = [p for _, p in params]
         self.dtype, self.device = first.dtype, first.device
         self.numel = sum(p.numel() for _, p in params)
         self.shard_numel = -(-self.numel // size)  # ceil
@@ -134,15 +154,57 @@ class _Buffer:
                 a, b = max(offset, lo), min(offset + n, hi)
                 if a < b:
                     main = torch.nn.Parameter(self.main[a - lo : b - lo])
-                    self.pieces.append(_Piece(index, p, a - offset, b - offset, main))
+                    self.pieces.append(_Piece(index, p, a - offset, b - offset, main, a - lo))
                 offset += n
+        self.world_size = size
+        self._grad_pending: tuple[Any, torch.Tensor] | None = None
 
-    def gather(self) -> None:
-        """Write the updated owned slice into every rank's params: one all-gather."""
+    # -------------------------------------------------------------- gradients
+    def start_grad_reduce_scatter(self, scaling: float) -> None:
+        """Pack the params' ``main_grad`` in buffer order and reduce-scatter it (async)."""
+        grads = [compat.main_grad(p).reshape(-1) for p in self.params]
+        if self.padding:
+            grads.append(grads[0].new_zeros(self.padding))
+        flat = torch.cat(grads)
+        if scaling != 1.0:
+            flat.mul_(scaling)  # Megatron's pre-scaling: a SUM of these is the DP mean
+        if self.world_size == 1:
+            self._grad_pending = (None, flat)
+            return
+        out = flat.new_empty(self.shard_numel)
+        work = reduce_scatter_flat(out, flat, self.group, async_op=True)
+        self._grad_pending = (work, out)
+
+    def finish_grad_reduce_scatter(self) -> None:
+        """Wait, then write the reduced slice into the owned ranges of the params' main_grad."""
+        if self._grad_pending is None:
+            return
+        work, out = self._grad_pending
+        self._grad_pending = None
+        if work is not None:
+            work.wait()
+        for piece in self.pieces:
+            n = piece.end - piece.start
+            piece.owned_grad().copy_(out[piece.shard_offset : piece.shard_offset + n])
+
+    def grad_reduce_scatter_bytes(self) -> int:
+        """Bytes one rank sends per step in the grads' reduce-scatter (ring: (N-1)/N)."""
+        if self.world_size == 1:
+            return 0
+        grad = compat.main_grad(self.params[0])
+        return (self.world_size - 1) * self.shard_numel * grad.element_size()
+
+    # ------------------------------------------------------------------ params
+    def gather(self, async_op: bool = False) -> Any:
+        """Write the updated owned slice into every rank's params: one all-gather.
+
+        Returns the collective's work handle when ``async_op`` (None on one rank).
+        """
         if self.separate_main:
             self.shard.copy_(self.main)  # one rounding to the params' dtype
-        if dist.get_world_size(self.group) > 1:
-            _all_gather(self.data, self.shard, group=self.group)
+        if self.world_size > 1:
+            return _all_gather(self.data, self.shard, self.group, async_op)
+        return None
 
     def reload(self) -> None:
         """Main weights from the (loaded) params."""
@@ -170,12 +232,14 @@ class ShardedMainParamAdamW(MegatronOptimizer):
                     "FoldingDistributedDataParallel before building the optimizer"
                 )
         group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-        by_dtype: dict[torch.dtype, list[tuple[int, torch.nn.Parameter]]] = {}
+        # One buffer per dtype; a pipeline-tied embedding alone, so that the first and the
+        # last stage shard it identically (their embedding all-reduce then sums owned ranges).
+        by_key: dict[tuple[str, bool], list[tuple[int, torch.nn.Parameter]]] = {}
         for index, p in enumerate(self.model_params):
-            by_dtype.setdefault(p.dtype, []).append((index, p))
+            key = (str(p.dtype), bool(getattr(p, "shared_embedding", False)))
+            by_key.setdefault(key, []).append((index, p))
         self.buffers = [
-            _Buffer(ps, group, self.dp_rank, self.dp_size)
-            for _, ps in sorted(by_dtype.items(), key=lambda item: str(item[0]))
+            _Buffer(ps, group, self.dp_rank, self.dp_size) for _, ps in sorted(by_key.items())
         ]
         self.pieces = [piece for b in self.buffers for piece in b.pieces]
         self._data_ptrs = [p.data_ptr() for p in self.model_params]
@@ -191,20 +255,67 @@ class ShardedMainParamAdamW(MegatronOptimizer):
         self.is_stub_optimizer = False
         self.steps = 0  # completed steps (the same on every rank, also without pieces)
         self._carriers = [self._carrier(p) for p in self.model_params]
+        for piece in self.pieces:  # TP / shared attributes for the norm's filters
+            _copy_attributes(piece.param, piece.main)
+        self.grads_sharded = False  # see take_over_grad_sync
+        self._ddp: Any = None  # the DDP whose grad sync this optimizer took over
+        self._param_gathers: PendingParamGathers | None = None  # see defer_param_gather
         self._loss_scale = torch.ones((), dtype=torch.float32, device=self.buffers[0].device)
 
     @staticmethod
     def _carrier(p: torch.nn.Parameter) -> torch.nn.Parameter:
         """A view of p.main_grad exposing it as .grad, with p's attributes (for norm filters)."""
         carrier = torch.nn.Parameter(compat.main_grad(p), requires_grad=False)
-        for key, value in vars(p).items():
-            if key != "main_grad" and not key.startswith("_"):
-                setattr(carrier, key, value)
+        _copy_attributes(p, carrier)
         return carrier
+
+    # ------------------------------------------------------- wiring (factory)
+    def take_over_grad_sync(self, ddp: Any) -> None:
+        """Reduce-scatter this optimizer's grads into its slices instead of the DDP all-reduce.
+
+        ``ddp`` is the FoldingDistributedDataParallel with owner-reduced levels; every buffer's
+        params must be reduced by it over this optimizer's DP group with one pre-scaling.
+        """
+        mine = dist.get_process_group_ranks(self.dp_group)
+        for buffer in self.buffers:
+            reductions = {ddp.grad_reduction(p) for p in buffer.params}
+            if len(reductions) != 1:
+                raise ValueError(
+                    "the params of one ZeRO-1 Adam buffer are reduced over different groups or "
+                    "scalings by the DDP; use get_mlfop_optimizer(shard_adam=False)"
+                )
+            group, scaling = reductions.pop()
+            if dist.get_process_group_ranks(group) != mine:
+                raise ValueError(
+                    "the DDP reduces these Adam params over another group than the one "
+                    "ShardedMainParamAdamW shards them over; use shard_adam=False"
+                )
+            ddp.take_over_grad_sync(
+                buffer.params,
+                lambda b=buffer, s=scaling: b.start_grad_reduce_scatter(s),
+                buffer.finish_grad_reduce_scatter,
+            )
+        self._ddp = ddp
+        self.grads_sharded = True
+
+    def defer_param_gather(self, gathers: PendingParamGathers) -> None:
+        """Leave the step's all-gathers in flight, registered with ``gathers`` (see module)."""
+        self._param_gathers = gathers
+
+    def finish_param_sync(self) -> None:
+        """Wait for the parameter all-gathers still in flight (no-op when none)."""
+        if self._param_gathers is not None:
+            self._param_gathers.finish_all()
 
     # ----------------------------------------------------------------- contract
     def get_parameters(self) -> list[torch.nn.Parameter]:
-        """One carrier per model param: full DP-mean gradients (counted once by the chain)."""
+        """What the chain counts in the norm and clips: each gradient element once over DP.
+
+        Reduce-scattered grads: the owned fp32 pieces (``.grad``: their reduced range);
+        all-reduced: one carrier per model param (full DP-mean gradients, DP rank 0 counts).
+        """
+        if self.grads_sharded:
+            return [piece.main for piece in self.pieces]
         return self._carriers
 
     def _check_storage(self) -> None:
@@ -220,22 +331,32 @@ class ShardedMainParamAdamW(MegatronOptimizer):
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
-        """Point the carriers and the owned main pieces at the DP-mean ``main_grad``."""
+        """Point the owned main pieces (and the carriers) at the DP-reduced ``main_grad``."""
         self._check_storage()
-        for carrier, p in zip(self._carriers, self.model_params):
-            carrier.data = compat.main_grad(p)
-            carrier.grad = compat.main_grad(p)
+        self.finish_param_sync()  # a step without a forward since the last one
+        if self._ddp is not None:  # the reduce-scatter into the slices has landed
+            self._ddp.wait_unfolded_grad_sync()
+        if not self.grads_sharded:
+            for carrier, p in zip(self._carriers, self.model_params):
+                carrier.data = compat.main_grad(p)
+                carrier.grad = compat.main_grad(p)
         for piece in self.pieces:
-            piece.main.grad = compat.main_grad(piece.param).view(-1)[piece.start : piece.end]
+            piece.main.grad = piece.owned_grad()
         return False
 
     @torch.no_grad()
     def step_with_ready_grads(self) -> bool:
-        """AdamW on the owned pieces, then one all-gather per buffer into every rank's params."""
+        """AdamW on the owned pieces, then one all-gather per buffer into every rank's params.
+
+        The previous step's gathers were waited in ``prepare_grads``.
+        """
         if self.pieces:
             self.optimizer.step()
+        deferred = self._param_gathers is not None
         for buffer in self.buffers:
-            buffer.gather()
+            work = buffer.gather(async_op=deferred)
+            if work is not None and self._param_gathers is not None:
+                self._param_gathers.add(buffer.params, work.wait)
         self.steps += 1
         return True
 
@@ -260,6 +381,7 @@ class ShardedMainParamAdamW(MegatronOptimizer):
     @torch.no_grad()
     def reload_model_params(self, state_dict: Any = None) -> None:
         """Refill the fp32 main weights from the (loaded) params."""
+        self.finish_param_sync()
         for buffer in self.buffers:
             buffer.reload()
 
@@ -279,6 +401,12 @@ class ShardedMainParamAdamW(MegatronOptimizer):
     def padding(self) -> list[int]:
         """Padding elements per buffer (whole buffer; each rank holds padding / N of it)."""
         return [b.padding for b in self.buffers]
+
+    def grad_reduce_scatter_bytes_per_step(self) -> int:
+        """Bytes each rank sends in the grads' reduce-scatters (0 when the DDP all-reduces)."""
+        if not self.grads_sharded:
+            return 0
+        return sum(b.grad_reduce_scatter_bytes() for b in self.buffers)
 
     def all_gather_bytes_per_step(self) -> int:
         """Bytes each rank receives from the step's all-gathers ((N-1)/N of each buffer)."""
@@ -301,6 +429,7 @@ class ShardedMainParamAdamW(MegatronOptimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard (not reshardable; the dist_checkpointing path reshards)."""
+        self.finish_param_sync()
         return {
             "optimizer": self.optimizer.state_dict(),
             "fp32_shards": [b.main.detach().clone() for b in self.buffers if b.separate_main],
@@ -312,6 +441,7 @@ class ShardedMainParamAdamW(MegatronOptimizer):
         self, model_sharded_state_dict: Any, is_loading: bool = False, metadata: Any = None
     ) -> dict[str, Any]:
         """Owned pieces as ShardedTensors of each param's global tensor (see module docstring)."""
+        self.finish_param_sync()
         self._init_state()  # a template (loading, or before the first step) has every tensor
         id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.model_params)
         tensors: dict[str, Any] = {}
@@ -346,6 +476,7 @@ class ShardedMainParamAdamW(MegatronOptimizer):
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a dist_checkpointing-loaded sharded_state_dict() (or this rank's state_dict())."""
+        self.finish_param_sync()
         if "optimizer" in state_dict:  # per-rank state_dict()
             if state_dict["dp_size"] != self.dp_size:
                 raise ValueError(
@@ -379,6 +510,13 @@ class ShardedMainParamAdamW(MegatronOptimizer):
         if _step_in_group(self.optimizer):
             for group in self.optimizer.param_groups:
                 group["step"] = self.steps
+
+
+def _copy_attributes(source: torch.nn.Parameter, target: torch.Tensor) -> None:
+    """Copy a model param's public attributes (TP, shared, ...) but ``main_grad``."""
+    for key, value in vars(source).items():
+        if key != "main_grad" and not key.startswith("_"):
+            setattr(target, key, value)
 
 
 def _step_dtype() -> torch.dtype:

@@ -82,6 +82,13 @@ def build_mlfop_optimizer(config: Any, model_chunks: list[Any], args: argparse.N
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
 
     layout = sharding_config_from_args(args)
+    comm = comm_config_from_args(args)
+    if comm.overlap_param_gather and getattr(args, "log_params_norm", False):
+        raise ValueError(
+            "--mlfop-overlap-param-gather with --log-params-norm: Megatron-LM computes the "
+            "params norm right after the step, while the parameter all-gathers are still in "
+            "flight; drop one of the two flags"
+        )
     return get_mlfop_optimizer(
         config,
         model_chunks,
@@ -90,7 +97,7 @@ def build_mlfop_optimizer(config: Any, model_chunks: list[Any], args: argparse.N
         shard_adam=layout.shard_adam,
         block_size=layout.block_size,
         tp_mode=layout.tp_mode,
-        comm=comm_config_from_args(args),
+        comm=comm,
     )
 
 

@@ -47,6 +47,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     grad_groups (group id per micro-batch: request_grad_diagnostics before every window),
     shard_adam (ZeRO-1 Adam for the non-matrix params, default True),
     comm (CommConfig options), count_comm (count the collectives of training and steps).
+    Returns also, per applied step, how many parameter all-gathers were left in flight
+    ("pending_gathers": CommConfig.overlap_param_gather).
     """
     init_megatron_parallel(
         tp=spec.get("tp", 1), pp=spec.get("pp", 1), seed=1234, **spec.get("parallel", {})
@@ -113,7 +115,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     )
     dp = parallel_state.get_data_parallel_world_size()
     mbs = spec.get("global_micro", 2) // dp
-    losses, results, step_times = [], [], []
+    losses, results, step_times, pending = [], [], [], []
     comm_counts: list[tuple[dict[str, int], dict[str, int]]] = []
     first = 0
     if spec.get("load_from"):
@@ -133,6 +135,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
                 start = time.perf_counter()
                 results.append(optimizer.step())
                 step_times.append(time.perf_counter() - start)
+                pending.append(len(model.param_gathers))
         if counts is not None:
             comm_counts.append((dict(counts.launches), dict(counts.bytes)))
         losses.append(global_mean_loss(local))
@@ -144,6 +147,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         scheduler.step(increment=1)
         if spec.get("save_at") is not None and spec["save_at"][0] == it:
             save_checkpoint(spec["save_at"][1], model, optimizer, it)
+    # The params are read outside a forward: the last step's all-gathers must land first.
+    optimizer.finish_param_sync()
     names = canonical_param_names(model)
     return {
         "params": {names[p]: p.detach().clone() for p in model.parameters()},
@@ -173,6 +178,9 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         ),
         "comm_counts": comm_counts,
         "comm_bytes": [o.communication_bytes_per_step() for o in optimizer.mlfop],
+        # the whole chain: SOAP levels, Adam grads and both parameter all-gathers
+        "chain_comm_bytes": optimizer.communication_bytes_per_step(),
+        "pending_gathers": pending,
         "stats": optimizer.stats(),
     }
 
