@@ -105,9 +105,14 @@ def test_bf16_wire_close_to_fp32_wire():
 
 def test_exact_segments_equal_padded_segments_bitwise():
     """segments='exact' changes the collectives only: same params, no padding on the wire."""
-    spec = dict(BASE, iters=2, layers=1)  # 1 layer: owners of 7h^2 and 5h^2 elements at DP=2
+    # 1 layer: owners of 7h^2 and 5h^2 elements at DP=2. The Adam grads are all-reduced so that
+    # every reduce-scatter counted is a SOAP level's (the Adam reduce-scatter is tested in
+    # tests/test_adam_reduce_scatter.py).
+    spec = dict(BASE, iters=2, layers=1, comm={"adam_grad_reduce": "all_reduce"})
     padded = run_distributed(run_tiny_gpt, 2, spec)
-    exact = run_distributed(run_tiny_gpt, 2, dict(spec, comm={"segments": "exact"}))
+    exact = run_distributed(
+        run_tiny_gpt, 2, dict(spec, comm={"adam_grad_reduce": "all_reduce", "segments": "exact"})
+    )
     for r in (0, 1):
         for name, p in padded[r]["params"].items():
             assert torch.equal(p, exact[r]["params"][name]), name
