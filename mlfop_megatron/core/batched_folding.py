@@ -21,7 +21,7 @@ from typing import cast
 import torch
 
 from mlfop_megatron.config import FoldingConfig
-from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow
+from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow, all_finite
 from mlfop_megatron.core.folding import FoldStack, LevelDiagnostics, StackEntry, WindowOutput
 from mlfop_megatron.core.fop import (
     FoldCoefficients,
@@ -110,26 +110,33 @@ class BatchedWindowFolder(FoldStack):
 
     # ---------------------------------------------------------------- input
     def add_micro_step(self, grads: Sequence[torch.Tensor]) -> None:
-        """Add one micro-step's gradients (one per block, block order); folds at level ends."""
+        """Add one micro-step's gradients (one per block, block order); folds at level ends.
+
+        A level's first micro-step is stacked into new per-class buffers; the others are
+        added into them (one ``_foreach_add_`` per class, no stacked copy). ``finite`` is
+        checked once per window on the window's result (one ``aminmax`` per class): a
+        non-finite micro-step gradient makes its level sum non-finite, and the FOP folds carry
+        that into the folded estimate (its coefficients turn NaN, or c * inf stays non-finite).
+        Unlike a per-micro-step check, this also refuses a window whose finite sums overflow.
+        """
         self._check_micro_step(len(grads))
-        stacks = self.engine.stack(grads)
-        if stacks:
-            flags = torch.stack([torch.isfinite(x).all() for x in stacks]).all()
-            self.finite = flags if self.finite is None else self.finite & flags
         if self._level_sums is None:
-            self._level_sums = stacks
+            self._level_sums = self.engine.stack(grads)
         else:
-            for acc, x in zip(self._level_sums, stacks):
-                acc.add_(x)
+            self.engine.add_into(self._level_sums, grads)
         self.micro_steps += 1
         level = self.schedule.level_ending_at(self.micro_steps)
         if level is not None:
             size = self.schedule.level_size(level)
             means = self._level_sums
-            for m in means:
-                m.div_(size)
+            if size > 1:  # x / 1 is x: a one-step level is its own mean
+                for m in means:
+                    m.div_(size)
             self._level_sums = None
             self._fold(level, means)
+            if self.complete and self.num_blocks:
+                assert self._estimate is not None  # the last level set it
+                self.finite = all_finite(self._estimate.grads)
 
     def fold_level(self, level: int, level_means: Sequence[torch.Tensor]) -> None:
         """Fold a completed level's per-block mean gradients (stacked here)."""
@@ -247,13 +254,12 @@ class BatchedWindowFolder(FoldStack):
     def grad_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of squares in fp64, non-finite flag) over every folded gradient."""
         self._check_done()
-        sq = torch.zeros((), dtype=torch.float64, device=device)
-        bad = torch.zeros((), dtype=torch.bool, device=device)
         grads: Stacks = []
         if self.num_blocks:
             assert self._estimate is not None  # complete with blocks: the last level set it
             grads = self._estimate.grads
+        sq = torch.zeros((), dtype=torch.float64, device=device)
         for g in grads:
             sq = sq + g.double().pow(2).sum()
-            bad = bad | ~torch.isfinite(g).all()
+        bad = ~all_finite(grads) if grads else torch.zeros((), dtype=torch.bool, device=device)
         return sq, bad
