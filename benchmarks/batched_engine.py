@@ -37,12 +37,14 @@ launches-quick).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -432,6 +434,25 @@ def run_launches(key: str) -> dict:
     }
 
 
+@contextlib.contextmanager
+def store_lock():
+    """Hold the store's lock (cases may run in parallel processes)."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "mlfop_batched_engine.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def merge_store(key: str, record: dict) -> dict:
+    """Add ``record`` to the stored cases; every stored case."""
+    with store_lock():
+        store = json.loads(STORE.read_text()) if STORE.exists() else {}
+        store[key] = record
+        STORE.write_text(json.dumps(store, indent=1) + "\n")
+    return store
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages, 'a / b / c'."""
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -457,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = [k for k in keys if k not in known]
         if unknown:
             ap.error(f"--cases: unknown {unknown}; choose from {sorted(known)}")
-    store = json.loads(STORE.read_text()) if STORE.exists() and not args.quick else {}
+    store: dict = {}
     for key in keys:
         record = run_launches(key) if key in LAUNCH_CASES else run_case(key)
         record["command"] = "python -m benchmarks.batched_engine " + " ".join(
@@ -465,12 +486,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         store[key] = record
         if not args.quick:
-            STORE.write_text(json.dumps(store, indent=1) + "\n")  # keep what finished
-    body = report(store)
-    print(body)
-    if not args.quick or args.write:
-        replace_section(RESULTS, SECTION, body)
-        log(f"wrote {RESULTS}")
+            store = merge_store(key, record)  # keep what finished
+    with store_lock():
+        if not args.quick:  # every stored case, those of parallel runs included
+            store = json.loads(STORE.read_text())
+        body = report(store)
+        print(body)
+        if not args.quick or args.write:
+            replace_section(RESULTS, SECTION, body)
+            log(f"wrote {RESULTS}")
     return 0
 
 
