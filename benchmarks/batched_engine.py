@@ -30,8 +30,8 @@ loaded machine; every case records the load average before and after it.
     python -m benchmarks.batched_engine --quick              # reduced sizes, prints only
     python -m benchmarks.batched_engine --quick --write      # ... and writes RESULTS.md
 
-Case names: layer-b512, layer-b1024, model-b64, launches (quick: layer-b32, model-b16,
-launches-quick).
+Case names: layer-b512, layer-b1024, model-b64, launches, launches-batched (quick: layer-b32,
+model-b16, launches-quick).
 """
 
 from __future__ import annotations
@@ -241,6 +241,7 @@ def bench_fold(shapes, windows: int) -> dict[str, tuple[float, float, float]]:
     micro = [[torch.randn(s, generator=gen) * 1e-2 for s in shapes] for _ in range(k)]
     window_times: dict[tuple[bool, bool], list[float]] = {key: [] for key in runs}
     fop_times: dict[bool, list[float]] = {True: [], False: []}
+    rot_times: dict[bool, list[float]] = {True: [], False: []}
     spent = [0.0]
     originals = {cls: cls._fold_pair for cls in (BatchedWindowFolder, WindowFolder)}
 
@@ -273,20 +274,29 @@ def bench_fold(shapes, windows: int) -> dict[str, tuple[float, float, float]]:
                     window_times[key].append(t)
                     if key[1]:
                         fop_times[key[0]].append(spent[0] / 2)
+            if w >= 2:
+                for batched in (True, False):
+                    rot_times[batched].append(
+                        rotation_time(runs[(batched, True)].opt, batched, shapes, 1)
+                    )
     finally:
         for cls, original in originals.items():
             cls._fold_pair = original  # type: ignore[method-assign]
     out = {}
     for batched in (True, False):
-        fold = statistics.median(window_times[(batched, True)])
-        plain = statistics.median(window_times[(batched, False)])
-        rot = rotation_time(runs[(batched, True)].opt, batched, shapes, 5)
+        # Paired: each round's window with folding minus the same round's without (the load
+        # drifts between rounds), median over rounds; the rotation is timed in every round too.
+        pairs = zip(window_times[(batched, True)], window_times[(batched, False)])
+        extra = statistics.median(f - p for f, p in pairs) / 2
+        rot = statistics.median(rot_times[batched])
         fop = statistics.median(fop_times[batched])
-        out["ours batched" if batched else "ours per-block"] = ((fold - plain) / 2, rot, fop)
+        out["ours batched" if batched else "ours per-block"] = (extra, rot, fop)
     return out
 
 
-def count_launches(shapes, freq: int, with_peers: bool) -> dict[str, dict[str, int]]:
+def count_launches(
+    shapes, freq: int, with_peers: bool, per_block: bool = True
+) -> dict[str, dict[str, int]]:
     """Leaf aten ops (no views/allocations) per plain step, refresh step and K=4 window."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -313,6 +323,8 @@ def count_launches(shapes, freq: int, with_peers: bool) -> dict[str, dict[str, i
     init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
     runners = contenders(shapes, freq, with_peers)
+    if not per_block:
+        runners = [r for r in runners if r.name != "ours per-block"]
     for r in runners:
         for p, src in zip(r.params, init):
             p.data.copy_(src)
@@ -332,7 +344,7 @@ def count_launches(shapes, freq: int, with_peers: bool) -> dict[str, dict[str, i
                 step()
         out[r.name] = row
         log(f"  launches {r.name}: {row}")
-    for batched in (True, False):
+    for batched in (True, False) if per_block else (True,):
         params = [p.clone() for p in init]
         r = ours(params, batched, 10_000, accumulation_steps=4)  # no refresh in the window
 
@@ -364,6 +376,12 @@ LAUNCH_CASES = {
         lambda: llama_blocks(256, 32, 64),
     ),
     "launches-quick": ("4 layers, h=64, block 16", lambda: llama_blocks(64, 4, 16)),
+    # Only the batched engine at 32 layers (the per-block engine and the peers take O(blocks)
+    # profiled ops: at 6656 blocks over an hour of profiling on the loaded 2-core machine).
+    "launches-batched": (
+        "32 layers, h=256, block 64 (= h 4096 at block 1024, scaled 1/16), batched engine only",
+        lambda: llama_blocks(256, 32, 64),
+    ),
 }
 
 
@@ -398,7 +416,7 @@ def run_case(key: str) -> dict:
         )
         log(f"  {rname}: plain {1e3 * plain:.1f} ms, refresh +{1e3 * (fresh or 0):.1f} ms")
     fold_rows = []
-    for engine, (extra, rot, fop) in bench_fold(shapes, 3).items():
+    for engine, (extra, rot, fop) in bench_fold(shapes, 7).items():
         fold_rows.append([name, engine, extra, rot, fop])
         log(
             f"  fold {engine}: +{1e3 * extra:.1f} ms per fold (FOP {1e3 * fop:.1f} ms), "
@@ -422,7 +440,8 @@ def run_launches(key: str) -> dict:
     load_before = load_average()
     t0 = time.perf_counter()
     log(f"launches: {name}: {len(shapes)} blocks, {len(set(shapes))} classes")
-    counts = count_launches(shapes, 2, True)
+    alone = key == "launches-batched"
+    counts = count_launches(shapes, 2, not alone, per_block=not alone)
     return {
         "kind": "launches",
         "name": name,
@@ -545,13 +564,14 @@ def report(store: dict) -> str:
             )
     lines += [
         "",
-        "Fold cost (ours, K=4 chain window, levels 1, 2, 4: two folds; no basis refresh in "
-        "the timed windows; 3 timed windows after 2 warmup, medians): extra wall time of the "
-        "window with folding over the same window without folding, per fold, in units of that "
-        "engine's rotation of all blocks (target <= 1). A fold needs the rotation of its new "
-        "level's mean (the window without folding rotates only its mean, in the step), so the "
-        "extra is one rotation plus the FOP work; the FOP column is the time measured inside "
-        "the folder's `_fold_pair` (inner products, scalars, the fold of both forms).",
+        "Fold cost (ours, K=4 chain window, levels 1, 2, 4: two folds; no basis refresh in the "
+        "timed windows; 7 timed rounds after 2 warmup, medians of paired differences): extra "
+        "wall time of the window with folding over the same window without folding, per fold, "
+        "in units of that engine's rotation of all blocks (target <= 1). A fold needs the "
+        "rotation of its new level's mean (the window without folding rotates only its mean, in"
+        " the step), so the extra is one rotation plus the FOP work; the FOP column is the time"
+        " measured inside the folder's `_fold_pair` (inner products, scalars, the fold of both "
+        "forms).",
         "",
         "| case | engine | extra ms per fold | rotation ms | extra per fold (rotations) | "
         "FOP ms per fold | FOP per fold (rotations) |",
