@@ -31,7 +31,7 @@ loaded machine; every case records the load average before and after it.
     python -m benchmarks.batched_engine --quick --write      # ... and writes RESULTS.md
 
 Case names: layer-b512, layer-b1024, model-b64, launches, launches-batched (quick: layer-b32,
-model-b16, launches-quick).
+model-b16, launches-quick); a case name + ``-fold`` runs its fold part only.
 """
 
 from __future__ import annotations
@@ -386,11 +386,28 @@ LAUNCH_CASES = {
 
 
 def run_case(key: str) -> dict:
-    """Run one step/fold case; its stored record."""
-    name, make, freq, steps = {**FULL_CASES, **QUICK_CASES}[key]
+    """Run one step/fold case (``<case>-fold``: its fold part only); its stored record."""
+    fold_only = key.endswith("-fold")
+    name, make, freq, steps = {**FULL_CASES, **QUICK_CASES}[key.removesuffix("-fold")]
     shapes = make()
     load_before = load_average()
     t0 = time.perf_counter()
+    if fold_only:
+        name += " fold only"
+        fold_rows = []
+        for engine, (extra, rot, fop) in bench_fold(shapes, 7).items():
+            fold_rows.append([name, engine, extra, rot, fop])
+            log(
+                f"  fold {engine}: +{1e3 * extra:.1f} ms (FOP {1e3 * fop:.1f}), rot {1e3 * rot:.1f}"
+            )
+        return {
+            "kind": "steps",
+            "name": name,
+            "steps": [],
+            "fold": fold_rows,
+            "load": [load_before, load_average()],
+            "seconds": time.perf_counter() - t0,
+        }
     classes = len(set(shapes))
     log(f"{name}: {len(shapes)} blocks, {classes} shape classes, f={freq}, {steps} steps")
     runners = contenders(shapes, freq, True)
@@ -494,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys = [*QUICK_CASES, "launches-quick"] if args.quick else [*FULL_CASES, "launches"]
     else:
         keys = [k.strip() for k in args.cases.split(",") if k.strip()]
-        unknown = [k for k in keys if k not in known]
+        unknown = [k for k in keys if k.removesuffix("-fold") not in known]
         if unknown:
             ap.error(f"--cases: unknown {unknown}; choose from {sorted(known)}")
     store: dict = {}
