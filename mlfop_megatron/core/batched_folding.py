@@ -59,14 +59,13 @@ class _Workspace:
     def __init__(self, like: Stacks) -> None:
         self.a = [torch.empty_like(x) for x in like]
         self.d = [torch.empty_like(x) for x in like]
-        sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+        largest: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         for x in like:
             key = (x.dtype, x.device)
-            sizes[key] = max(sizes.get(key, 0), x.numel())
-        self._flat = {
-            key: [torch.empty(n, dtype=key[0], device=key[1]) for _ in range(3)]
-            for key, n in sizes.items()
-        }
+            if key not in largest or x.numel() > largest[key].numel():
+                largest[key] = x
+        # new_empty: allocated like the stacks themselves (their device, as they were made)
+        self._flat = {key: [x.new_empty(x.numel()) for _ in range(3)] for key, x in largest.items()}
 
     def shared(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Three scratch stacks of ``x``'s shape, dtype and device (views of shared buffers)."""
