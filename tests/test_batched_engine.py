@@ -1,8 +1,8 @@
 """The batched block engine (core/batched.py) against the per-block engine (core/soap.py).
 
 Tolerances: both engines run the same elementwise ops on the same values, but batched
-matmul/baddbmm and the batched FOP reductions (a batched matrix-vector product per inner
-product instead of ``torch.dot``) round differently, so the two trajectories agree to rounding,
+matmul/baddbmm and the batched FOP reductions (an elementwise product summed per block
+instead of ``torch.dot``) round differently, so the two trajectories agree to rounding,
 not bitwise. In float64 the models below stay within 1e-9 relative after several refreshes; in
 float32 within 1e-4 (rounding differences amplified by the 1/(sqrt(v)+eps) division over a few
 steps, the same order as the per-block engine's own run-to-run change under a different BLAS

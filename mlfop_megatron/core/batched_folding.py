@@ -3,10 +3,12 @@
 Same schedule, same estimates and the same FOP scalars as :class:`WindowFolder`, but every
 estimate is a list of per-class [B, r, c] stacks of a :class:`BatchedBlocks` engine: a level
 costs one rotation (batched matmul) per class, the FOP inner products are per-block reductions
-of the stacks (``linalg.vecdot``: each block reduced alone), and the fold is two elementwise
-ops per class. The scalars (s, beta, cz, ch, eta*, diagnostics) are vectors in block order,
-reduced across ranks by ``reduce_fn`` in one call per phase, exactly as in the per-block
-folder. Nothing here reads a device value on the host.
+of the stacks (elementwise product summed per block: each block reduced alone), and the fold is
+two elementwise ops per class. The FOP's intermediates (a, d, d_perp, products) live in scratch
+stacks kept for the window, so a fold allocates nothing stack-sized. The scalars (s, beta, cz,
+ch, eta*, diagnostics) are vectors in block order, reduced across ranks by ``reduce_fn`` in one
+call per phase, exactly as in the per-block folder. Nothing here reads a device value on the
+host.
 
 Per-block views (``metric_diags``, ``rotate_fns``, ``estimate_rot``, ``output()``) exist for
 the grad-group diagnostics and the callers that take per-block lists.
