@@ -21,19 +21,30 @@ allocations excluded; a proxy for GPU kernel launches) on a 32-layer Llama-3-8B-
 at block 1024 scaled down 16x (h = 256, kv = 64, ffn = 896, block 64: the same 6656 blocks
 and shape classes as h = 4096 at block 1024; the op count does not depend on the width).
 
-    python -m benchmarks.batched_engine            # ~8 min on 2 busy cores; writes RESULTS.md
-    python -m benchmarks.batched_engine --quick    # reduced sizes (h 64, blocks 32/16)
-    python -m benchmarks.batched_engine --quick --write   # ... and write RESULTS.md
+Each run stores its cases' rows in benchmarks/batched_engine.json (merged by case name) and
+rebuilds the RESULTS.md section from every stored case, so the cases can run separately on a
+loaded machine; every case records the load average before and after it.
+
+    python -m benchmarks.batched_engine                      # every case; writes RESULTS.md
+    python -m benchmarks.batched_engine --cases layer-b512   # one case (or a comma list)
+    python -m benchmarks.batched_engine --quick              # reduced sizes, prints only
+    python -m benchmarks.batched_engine --quick --write      # ... and writes RESULTS.md
+
+Case names: layer-b512, layer-b1024, model-b64, launches, launches-batched (quick: layer-b32,
+model-b16, launches-quick); a case name + ``-fold`` runs its fold part only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,11 +53,12 @@ from pathlib import Path
 import torch
 
 from benchmarks import step_time as peers
-from benchmarks.common import cpu_model, replace_section, timed
+from benchmarks.common import cpu_model, package_version, replace_section, timed
 from mlfop_megatron.optim import MLFOPSOAP
 
 SECTION = "## Batched block engine (CPU, issue 14)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+STORE = Path(__file__).resolve().parent / "batched_engine.json"
 LR, BETAS, EPS, WD = 3e-3, (0.95, 0.95), 1e-8, 0.01
 VIEW_OPS = {
     "aten::view",
@@ -205,9 +217,19 @@ def rotation_time(opt: MLFOPSOAP, batched: bool, shapes, repeats: int) -> float:
     return statistics.median(timed(run) for _ in range(repeats))
 
 
-def bench_fold(shapes, windows: int, freq: int) -> dict[str, tuple[float, float]]:
-    """Per engine: (extra seconds per fold, rotation seconds)."""
-    k = 4
+def bench_fold(shapes, windows: int) -> dict[str, tuple[float, float, float]]:
+    """Per engine: (extra seconds per fold, rotation seconds, FOP seconds per fold).
+
+    No basis refresh inside the timed windows (precondition_frequency beyond the run): the
+    windows with and without folding differ only by the folding. FOP seconds: the time spent
+    in the folder's ``_fold_pair`` (the FOP inner products, scalars and the in-place fold of
+    both forms), measured directly; the rest of the extra is the level's rotation and the
+    bookkeeping around it.
+    """
+    from mlfop_megatron.core.batched_folding import BatchedWindowFolder
+    from mlfop_megatron.core.folding import WindowFolder
+
+    k, freq = 4, 10_000
     gen = torch.Generator().manual_seed(2)
     init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     runs = {}
@@ -218,29 +240,63 @@ def bench_fold(shapes, windows: int, freq: int) -> dict[str, tuple[float, float]
             runs[(batched, enabled)] = r
     micro = [[torch.randn(s, generator=gen) * 1e-2 for s in shapes] for _ in range(k)]
     window_times: dict[tuple[bool, bool], list[float]] = {key: [] for key in runs}
-    for w in range(windows + 2):  # two warmup windows: the init step and one plain step
-        for key, r in runs.items():
+    fop_times: dict[bool, list[float]] = {True: [], False: []}
+    rot_times: dict[bool, list[float]] = {True: [], False: []}
+    spent = [0.0]
+    originals = {cls: cls._fold_pair for cls in (BatchedWindowFolder, WindowFolder)}
 
-            def window(r: Runner = r) -> None:
-                for g in micro:
-                    for p, x in zip(r.params, g):
-                        p.grad = x.clone()
-                    r.opt.accumulate()
-                r.opt.step()
+    def timing(original):
+        def wrapper(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
 
-            t = timed(window)
+        return wrapper
+
+    for cls, original in originals.items():
+        cls._fold_pair = timing(original)  # type: ignore[method-assign]
+    try:
+        for w in range(windows + 2):  # two warmup windows: the init step and one plain step
+            for key, r in runs.items():
+
+                def window(r: Runner = r) -> None:
+                    for g in micro:
+                        for p, x in zip(r.params, g):
+                            p.grad = x.clone()
+                        r.opt.accumulate()
+                    r.opt.step()
+
+                spent[0] = 0.0
+                t = timed(window)
+                if w >= 2:
+                    window_times[key].append(t)
+                    if key[1]:
+                        fop_times[key[0]].append(spent[0] / 2)
             if w >= 2:
-                window_times[key].append(t)
+                for batched in (True, False):
+                    rot_times[batched].append(
+                        rotation_time(runs[(batched, True)].opt, batched, shapes, 1)
+                    )
+    finally:
+        for cls, original in originals.items():
+            cls._fold_pair = original  # type: ignore[method-assign]
     out = {}
     for batched in (True, False):
-        fold = statistics.median(window_times[(batched, True)])
-        plain = statistics.median(window_times[(batched, False)])
-        rot = rotation_time(runs[(batched, True)].opt, batched, shapes, 5)
-        out["ours batched" if batched else "ours per-block"] = ((fold - plain) / 2, rot)
+        # Paired: each round's window with folding minus the same round's without (the load
+        # drifts between rounds), median over rounds; the rotation is timed in every round too.
+        pairs = zip(window_times[(batched, True)], window_times[(batched, False)])
+        extra = statistics.median(f - p for f, p in pairs) / 2
+        rot = statistics.median(rot_times[batched])
+        fop = statistics.median(fop_times[batched])
+        out["ours batched" if batched else "ours per-block"] = (extra, rot, fop)
     return out
 
 
-def count_launches(shapes, freq: int, with_peers: bool) -> dict[str, dict[str, int]]:
+def count_launches(
+    shapes, freq: int, with_peers: bool, per_block: bool = True
+) -> dict[str, dict[str, int]]:
     """Leaf aten ops (no views/allocations) per plain step, refresh step and K=4 window."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -267,6 +323,8 @@ def count_launches(shapes, freq: int, with_peers: bool) -> dict[str, dict[str, i
     init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
     runners = contenders(shapes, freq, with_peers)
+    if not per_block:
+        runners = [r for r in runners if r.name != "ours per-block"]
     for r in runners:
         for p, src in zip(r.params, init):
             p.data.copy_(src)
@@ -286,9 +344,9 @@ def count_launches(shapes, freq: int, with_peers: bool) -> dict[str, dict[str, i
                 step()
         out[r.name] = row
         log(f"  launches {r.name}: {row}")
-    for batched in (True, False):
+    for batched in (True, False) if per_block else (True,):
         params = [p.clone() for p in init]
-        r = ours(params, batched, freq, accumulation_steps=4)
+        r = ours(params, batched, 10_000, accumulation_steps=4)  # no refresh in the window
 
         def window(r: Runner = r) -> None:
             for _ in range(4):
@@ -299,74 +357,180 @@ def count_launches(shapes, freq: int, with_peers: bool) -> dict[str, dict[str, i
 
         window()
         window()
-        out[r.name]["K=4 window (3 levels, 2 folds)"] = count(window)
+        out[r.name]["K=4 window (3 levels, 2 folds, no refresh)"] = count(window)
     return out
 
 
+FULL_CASES = {
+    "layer-b512": ("layer-b512 (h=512)", lambda: llama_blocks(512, 1, 512), 4, 9),
+    "layer-b1024": ("layer-b1024 (h=1024)", lambda: llama_blocks(1024, 1, 1024), 2, 5),
+    "model-b64": ("model-b64 (4 layers, h=256)", lambda: llama_blocks(256, 4, 64), 4, 9),
+}
+QUICK_CASES = {
+    "layer-b32": ("layer-b32 (h=64)", lambda: llama_blocks(64, 1, 32), 4, 9),
+    "model-b16": ("model-b16 (2 layers, h=64)", lambda: llama_blocks(64, 2, 16), 4, 9),
+}
+LAUNCH_CASES = {
+    "launches": (
+        "32 layers, h=256, block 64 (= h 4096 at block 1024, scaled 1/16)",
+        lambda: llama_blocks(256, 32, 64),
+    ),
+    "launches-quick": ("4 layers, h=64, block 16", lambda: llama_blocks(64, 4, 16)),
+    # Only the batched engine at 32 layers (the per-block engine and the peers take O(blocks)
+    # profiled ops: at 6656 blocks over an hour of profiling on the loaded 2-core machine).
+    "launches-batched": (
+        "32 layers, h=256, block 64 (= h 4096 at block 1024, scaled 1/16), batched engine only",
+        lambda: llama_blocks(256, 32, 64),
+    ),
+}
+
+
+def run_case(key: str) -> dict:
+    """Run one step/fold case (``<case>-fold``: its fold part only); its stored record."""
+    fold_only = key.endswith("-fold")
+    name, make, freq, steps = {**FULL_CASES, **QUICK_CASES}[key.removesuffix("-fold")]
+    shapes = make()
+    load_before = load_average()
+    t0 = time.perf_counter()
+    if fold_only:
+        name += " fold only"
+        fold_rows = []
+        for engine, (extra, rot, fop) in bench_fold(shapes, 7).items():
+            fold_rows.append([name, engine, extra, rot, fop])
+            log(
+                f"  fold {engine}: +{1e3 * extra:.1f} ms (FOP {1e3 * fop:.1f}), rot {1e3 * rot:.1f}"
+            )
+        return {
+            "kind": "steps",
+            "name": name,
+            "steps": [],
+            "fold": fold_rows,
+            "load": [load_before, load_average()],
+            "seconds": time.perf_counter() - t0,
+        }
+    classes = len(set(shapes))
+    log(f"{name}: {len(shapes)} blocks, {classes} shape classes, f={freq}, {steps} steps")
+    runners = contenders(shapes, freq, True)
+    bench_steps(runners, shapes, steps)
+    results = {r.name: summary(r) for r in runners}
+    del runners
+    gc.collect()
+    peer_plain = [p for n, (p, _) in results.items() if not n.startswith("ours")]
+    peer_fresh = [f for n, (_, f) in results.items() if not n.startswith("ours") and f]
+    step_rows = []
+    for rname, (plain, fresh) in results.items():
+        step_rows.append(
+            [
+                name,
+                len(shapes),
+                classes,
+                rname,
+                plain,
+                fresh,
+                plain / min(peer_plain) if peer_plain else None,
+                fresh / min(peer_fresh) if peer_fresh and fresh else None,
+            ]
+        )
+        log(f"  {rname}: plain {1e3 * plain:.1f} ms, refresh +{1e3 * (fresh or 0):.1f} ms")
+    fold_rows = []
+    for engine, (extra, rot, fop) in bench_fold(shapes, 7).items():
+        fold_rows.append([name, engine, extra, rot, fop])
+        log(
+            f"  fold {engine}: +{1e3 * extra:.1f} ms per fold (FOP {1e3 * fop:.1f} ms), "
+            f"rotation {1e3 * rot:.1f} ms"
+        )
+    gc.collect()
+    return {
+        "kind": "steps",
+        "name": name,
+        "steps": step_rows,
+        "fold": fold_rows,
+        "load": [load_before, load_average()],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def run_launches(key: str) -> dict:
+    """Count the launches of one launch model; its stored record."""
+    name, make = LAUNCH_CASES[key]
+    shapes = make()
+    load_before = load_average()
+    t0 = time.perf_counter()
+    log(f"launches: {name}: {len(shapes)} blocks, {len(set(shapes))} classes")
+    alone = key == "launches-batched"
+    counts = count_launches(shapes, 2, not alone, per_block=not alone)
+    return {
+        "kind": "launches",
+        "name": name,
+        "blocks": len(shapes),
+        "classes": len(set(shapes)),
+        "counts": counts,
+        "load": [load_before, load_average()],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+@contextlib.contextmanager
+def store_lock():
+    """Hold the store's lock (cases may run in parallel processes)."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "mlfop_batched_engine.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def merge_store(key: str, record: dict) -> dict:
+    """Add ``record`` to the stored cases; every stored case."""
+    with store_lock():
+        store = json.loads(STORE.read_text()) if STORE.exists() else {}
+        store[key] = record
+        STORE.write_text(json.dumps(store, indent=1) + "\n")
+    return store
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, 'a / b / c'."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark and print its RESULTS.md section (written unless --quick alone)."""
+    """Run the chosen cases, store them, and print (and write) the RESULTS.md section."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a loaded CPU)")
     ap.add_argument("--write", action="store_true", help="with --quick: write RESULTS.md too")
+    ap.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated case names (default: all of the chosen size; see the docstring)",
+    )
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    start = time.perf_counter()
-    if args.quick:
-        cases = [
-            ("layer-b32 (h=64)", llama_blocks(64, 1, 32), 4, 9),
-            ("model-b16 (2 layers, h=64)", llama_blocks(64, 2, 16), 4, 9),
-        ]
-        launch = ("4 layers, h=64, block 16", llama_blocks(64, 4, 16))
+    known = {**FULL_CASES, **QUICK_CASES, **LAUNCH_CASES}
+    if args.cases is None:
+        keys = [*QUICK_CASES, "launches-quick"] if args.quick else [*FULL_CASES, "launches"]
     else:
-        cases = [
-            ("layer-b512 (h=512)", llama_blocks(512, 1, 512), 4, 9),
-            ("layer-b1024 (h=1024)", llama_blocks(1024, 1, 1024), 2, 5),
-            ("model-b64 (4 layers, h=256)", llama_blocks(256, 4, 64), 4, 9),
-        ]
-        launch = (
-            "32 layers, h=256, block 64 (= h 4096 at block 1024, scaled 1/16)",
-            llama_blocks(256, 32, 64),
+        keys = [k.strip() for k in args.cases.split(",") if k.strip()]
+        unknown = [k for k in keys if k.removesuffix("-fold") not in known]
+        if unknown:
+            ap.error(f"--cases: unknown {unknown}; choose from {sorted(known)}")
+    store: dict = {}
+    for key in keys:
+        record = run_launches(key) if key in LAUNCH_CASES else run_case(key)
+        record["command"] = "python -m benchmarks.batched_engine " + " ".join(
+            a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write"
         )
-    step_rows, fold_rows = [], []
-    for name, shapes, freq, steps in cases:
-        classes = len(set(shapes))
-        log(f"{name}: {len(shapes)} blocks, {classes} shape classes, f={freq}, {steps} steps")
-        runners = contenders(shapes, freq, True)
-        bench_steps(runners, shapes, steps)
-        results = {r.name: summary(r) for r in runners}
-        peer_plain = [p for n, (p, _) in results.items() if not n.startswith("ours")]
-        peer_fresh = [f for n, (_, f) in results.items() if not n.startswith("ours") and f]
-        for r in runners:
-            plain, fresh = results[r.name]
-            step_rows.append(
-                (
-                    name,
-                    len(shapes),
-                    classes,
-                    r.name,
-                    plain,
-                    fresh,
-                    plain / min(peer_plain) if peer_plain else None,
-                    fresh / min(peer_fresh) if peer_fresh and fresh else None,
-                )
-            )
-            log(f"  {r.name}: plain {1e3 * plain:.1f} ms, refresh +{1e3 * (fresh or 0):.1f} ms")
-        del runners
-        gc.collect()
-        for engine, (extra, rot) in bench_fold(shapes, 3, freq).items():
-            fold_rows.append((name, engine, extra, rot))
-            log(f"  fold {engine}: +{1e3 * extra:.1f} ms per fold, rotation {1e3 * rot:.1f} ms")
-        gc.collect()
-    launch_name, launch_shapes = launch
-    log(f"launches: {launch_name}: {len(launch_shapes)} blocks, {len(set(launch_shapes))} classes")
-    launches = count_launches(launch_shapes, 2, True)
-    total = time.perf_counter() - start
-    command = "python -m benchmarks.batched_engine" + (" --quick --write" if args.quick else "")
-    body = report(step_rows, fold_rows, launch_name, launch_shapes, launches, total, command)
-    print(body)
-    if not args.quick or args.write:
-        replace_section(RESULTS, SECTION, body)
-        log(f"wrote {RESULTS}")
+        store[key] = record
+        if not args.quick:
+            store = merge_store(key, record)  # keep what finished
+    with store_lock():
+        if not args.quick:  # every stored case, those of parallel runs included
+            store = json.loads(STORE.read_text())
+        body = report(store)
+        print(body)
+        if not args.quick or args.write:
+            replace_section(RESULTS, SECTION, body)
+            log(f"wrote {RESULTS}")
     return 0
 
 
@@ -375,19 +539,29 @@ def fmt(x: float | None, scale: float = 1e3, digits: int = 1) -> str:
     return "-" if x is None else f"{x * scale:.{digits}f}"
 
 
-def report(step_rows, fold_rows, launch_name, launch_shapes, launches, total, command) -> str:
-    """The RESULTS.md section of the measured rows."""
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+def report(store: dict) -> str:
+    """The RESULTS.md section of every stored case."""
+    steps = [r for r in store.values() if r["kind"] == "steps"]
+    launch = [r for r in store.values() if r["kind"] == "launches"]
     lines = [
         SECTION,
         "",
-        f"Command: `{command}` (total runtime {total:.0f} s)",
+        "Commands (each case records its own; the cases ran separately on a shared, loaded "
+        "machine):",
+        "",
+    ]
+    for key, r in store.items():
+        lines.append(
+            f"- `{r['command'].strip()}`: {key}, {r['seconds']:.0f} s, load average before "
+            f"{r['load'][0]}, after {r['load'][1]}"
+        )
+    lines += [
         "",
         f"Machine: {cpu_model()}, nproc={os.cpu_count()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}, "
-        f"pytorch_optimizer {peers.version('pytorch_optimizer')}, heavyball "
-        f"{peers.version('heavyball')}, load average at the end {load} (the CPU was shared "
-        "with other jobs: absolute times are noisy, the side-by-side ratios less so)",
+        f"pytorch_optimizer {package_version('pytorch_optimizer')}, heavyball "
+        f"{package_version('heavyball')} (the CPU was shared with other jobs: absolute times "
+        "are noisy, the side-by-side ratios less so)",
         "",
         "Method: see the docstring of benchmarks/batched_engine.py. Every contender gets the "
         "same block-shaped fp32 tensors (PyPI SOAPs have no blocking; one parameter per block "
@@ -399,35 +573,47 @@ def report(step_rows, fold_rows, launch_name, launch_shapes, launches, total, co
         "plain / fastest peer | refresh / fastest peer |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for case, n, c, name, plain, fresh, rp, rf in step_rows:
-        lines.append(
-            f"| {case} | {n} | {c} | {name} | {fmt(plain)} | {fmt(fresh)} | "
-            f"{fmt(rp, 1, 2)} | {fmt(rf, 1, 2)} |"
-        )
+    for r in steps:
+        for case, n, c, name, plain, fresh, rp, rf in r["steps"]:
+            lines.append(
+                f"| {case} | {n} | {c} | {name} | {fmt(plain)} | {fmt(fresh)} | "
+                f"{fmt(rp, 1, 2)} | {fmt(rf, 1, 2)} |"
+            )
     lines += [
         "",
-        "Fold cost (ours, K=4 chain window, levels 1, 2, 4: two folds; 3 timed windows after "
-        "2 warmup, medians): extra wall time of the window with folding over the same window "
-        "without folding, per fold, in units of that engine's rotation of all blocks "
-        "(target <= 1).",
+        "Fold cost (ours, K=4 chain window, levels 1, 2, 4: two folds; no basis refresh in the "
+        "timed windows; 7 timed rounds after 2 warmup, medians of paired differences): extra "
+        "wall time of the window with folding over the same window without folding, per fold, "
+        "in units of that engine's rotation of all blocks (target <= 1). A fold needs the "
+        "rotation of its new level's mean (the window without folding rotates only its mean, in"
+        " the step), so the extra is one rotation plus the FOP work; the FOP column is the time"
+        " measured inside the folder's `_fold_pair` (inner products, scalars, the fold of both "
+        "forms).",
         "",
-        "| case | engine | extra ms per fold | rotation ms | folds cost (rotations) |",
-        "|---|---|---|---|---|",
+        "| case | engine | extra ms per fold | rotation ms | extra per fold (rotations) | "
+        "FOP ms per fold | FOP per fold (rotations) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for case, engine, extra, rot in fold_rows:
-        lines.append(f"| {case} | {engine} | {fmt(extra)} | {fmt(rot)} | {extra / rot:.2f} |")
-    lines += [
-        "",
-        f"Launches per step (torch.profiler, leaf aten ops without views/allocations, a "
-        f"``_foreach_`` op counted once: a proxy for GPU kernel launches) on {launch_name}: "
-        f"{len(launch_shapes)} blocks in {len(set(launch_shapes))} shape class(es).",
-        "",
-    ]
-    cols = sorted({k for row in launches.values() for k in row})
-    lines.append("| optimizer | " + " | ".join(cols) + " |")
-    lines.append("|---|" + "---|" * len(cols))
-    for name, row in launches.items():
-        lines.append(f"| {name} | " + " | ".join(str(row.get(c, "-")) for c in cols) + " |")
+    for r in steps:
+        for case, engine, extra, rot, fop in r["fold"]:
+            lines.append(
+                f"| {case} | {engine} | {fmt(extra)} | {fmt(rot)} | {extra / rot:.2f} | "
+                f"{fmt(fop)} | {fop / rot:.2f} |"
+            )
+    for r in launch:
+        lines += [
+            "",
+            f"Launches per step (torch.profiler, leaf aten ops without views/allocations, a "
+            f"``_foreach_`` op counted once: a proxy for GPU kernel launches) on {r['name']}: "
+            f"{r['blocks']} blocks in {r['classes']} shape class(es).",
+            "",
+        ]
+        counts = r["counts"]
+        cols = sorted({k for row in counts.values() for k in row})
+        lines.append("| optimizer | " + " | ".join(cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        for name, row in counts.items():
+            lines.append(f"| {name} | " + " | ".join(str(row.get(c, "-")) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -3,10 +3,12 @@
 Same schedule, same estimates and the same FOP scalars as :class:`WindowFolder`, but every
 estimate is a list of per-class [B, r, c] stacks of a :class:`BatchedBlocks` engine: a level
 costs one rotation (batched matmul) per class, the FOP inner products are per-block reductions
-of the stacks (``linalg.vecdot``: each block reduced alone), and the fold is two elementwise
-ops per class. The scalars (s, beta, cz, ch, eta*, diagnostics) are vectors in block order,
-reduced across ranks by ``reduce_fn`` in one call per phase, exactly as in the per-block
-folder. Nothing here reads a device value on the host.
+of the stacks (elementwise product summed per block: each block reduced alone), and the fold is
+two elementwise ops per class. The FOP's intermediates (a, d, d_perp, products) live in scratch
+stacks kept for the window, so a fold allocates nothing stack-sized. The scalars (s, beta, cz,
+ch, eta*, diagnostics) are vectors in block order, reduced across ranks by ``reduce_fn`` in one
+call per phase, exactly as in the per-block folder. Nothing here reads a device value on the
+host.
 
 Per-block views (``metric_diags``, ``rotate_fns``, ``estimate_rot``, ``output()``) exist for
 the grad-group diagnostics and the callers that take per-block lists.
@@ -21,7 +23,7 @@ from typing import cast
 import torch
 
 from mlfop_megatron.config import FoldingConfig
-from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow
+from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow, all_finite
 from mlfop_megatron.core.folding import FoldStack, LevelDiagnostics, StackEntry, WindowOutput
 from mlfop_megatron.core.fop import (
     FoldCoefficients,
@@ -35,20 +37,64 @@ from mlfop_megatron.core.soap import rotate
 Stacks = list[torch.Tensor]
 
 
-def bdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def bdot(x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """<x_b, y_b> for every block b of two [B, r, c] stacks ([B]).
 
-    ``vecdot`` reduces each block alone, so a block's sums do not depend on which blocks share
-    its class (a batched matrix-vector product does: its kernel choice follows the batch
-    size), which keeps owner-sharded runs bitwise equal to replicated ones.
+    The elementwise product summed per block (the same ops, hence bits, as ``linalg.vecdot``):
+    each block is reduced alone, so a block's sums do not depend on which blocks share its
+    class (a batched matrix-vector product does: its kernel choice follows the batch size),
+    which keeps owner-sharded runs bitwise equal to replicated ones. ``scratch``: a buffer of
+    the stacks' shape for the product (a fresh stack-sized temporary per inner product costs a
+    page-faulting allocation on CPU: measured 5x the product itself at 44 MB).
     """
-    return torch.linalg.vecdot(x.flatten(1), y.flatten(1))
+    prod = torch.mul(x, y) if scratch is None else torch.mul(x, y, out=scratch)
+    return prod.flatten(1).sum(-1)
 
 
-def batched_phase1(a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
-    """``fop.phase1_sums`` of every block of a stack ([B, 5])."""
-    ma = a if diag is None else a * diag
-    return torch.stack([bdot(a, ma), bdot(d, ma), bdot(a, a), bdot(a, d), bdot(d, d)], dim=1)
+class _Workspace:
+    """Scratch stacks of one fold: a and d per class, three shared buffers per dtype/device.
+
+    The shared buffers are sized for the largest class of their dtype and device. Kept for the
+    window (its folds reuse them), so a fold allocates nothing stack-sized.
+    """
+
+    def __init__(self, like: Stacks) -> None:
+        self.a = [torch.empty_like(x) for x in like]
+        self.d = [torch.empty_like(x) for x in like]
+        largest: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        for x in like:
+            key = (x.dtype, x.device)
+            if key not in largest or x.numel() > largest[key].numel():
+                largest[key] = x
+        # new_empty: allocated like the stacks themselves (their device, as they were made)
+        self._flat = {key: [x.new_empty(x.numel()) for _ in range(3)] for key, x in largest.items()}
+
+    def shared(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Three scratch stacks of ``x``'s shape, dtype and device (views of shared buffers)."""
+        n = x.numel()
+        t, u, prod = (f[:n].view(x.shape) for f in self._flat[(x.dtype, x.device)])
+        return t, u, prod
+
+
+def batched_phase1(
+    a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None, ws: tuple | None = None
+) -> torch.Tensor:
+    """``fop.phase1_sums`` of every block of a stack ([B, 5]); ``ws``: (t, u, prod) scratch."""
+    t, _, prod = ws if ws is not None else (None, None, None)
+    if diag is None:
+        ma = a
+    else:
+        ma = a * diag if t is None else torch.mul(a, diag, out=t)
+    return torch.stack(
+        [
+            bdot(a, ma, prod),
+            bdot(d, ma, prod),
+            bdot(a, a, prod),
+            bdot(a, d, prod),
+            bdot(d, d, prod),
+        ],
+        dim=1,
+    )
 
 
 def batched_phase2(
@@ -57,14 +103,26 @@ def batched_phase2(
     diag: torch.Tensor | None,
     s: torch.Tensor,
     with_ama: bool,
+    ws: tuple | None = None,
 ) -> torch.Tensor:
     """``fop.phase2_sums`` of every block of a stack (``s``: [B] in the stack's dtype)."""
-    d_perp = d - s[:, None, None] * a
-    mi_dp = d_perp if diag is None else d_perp / diag
-    mi_d = d if diag is None else d / diag
-    out = [bdot(a, mi_dp), bdot(d_perp, mi_dp), bdot(d, mi_d)]
+    s3 = s[:, None, None]
+    if ws is None:
+        d_perp = d - s3 * a
+        mi_dp = d_perp if diag is None else d_perp / diag
+        mi_d = d if diag is None else d / diag
+        out = [bdot(a, mi_dp), bdot(d_perp, mi_dp), bdot(d, mi_d)]
+        if with_ama:
+            out.append(bdot(a, a if diag is None else a / diag))
+        return torch.stack(out, dim=1)
+    t, u, prod = ws  # the same ops as above, into scratch (u is reused once t is done)
+    d_perp = torch.sub(d, torch.mul(a, s3, out=t), out=t)
+    mi_dp = d_perp if diag is None else torch.div(d_perp, diag, out=u)
+    out = [bdot(a, mi_dp, prod), bdot(d_perp, mi_dp, prod)]
+    mi_d = d if diag is None else torch.div(d, diag, out=u)
+    out.append(bdot(d, mi_d, prod))
     if with_ama:
-        out.append(bdot(a, a if diag is None else a / diag))
+        out.append(bdot(a, a if diag is None else torch.div(a, diag, out=u), prod))
     return torch.stack(out, dim=1)
 
 
@@ -85,6 +143,7 @@ class BatchedWindowFolder(FoldStack):
         self.class_diags = self.engine.metric_diags()
         self._level_sums: Stacks | None = None
         self._estimate: StackEntry | None = None
+        self._ws: _Workspace | None = None  # the folds' scratch stacks (built at the first)
         self._init_stack()
 
     # ----------------------------------------------------------- per-block views
@@ -110,26 +169,33 @@ class BatchedWindowFolder(FoldStack):
 
     # ---------------------------------------------------------------- input
     def add_micro_step(self, grads: Sequence[torch.Tensor]) -> None:
-        """Add one micro-step's gradients (one per block, block order); folds at level ends."""
+        """Add one micro-step's gradients (one per block, block order); folds at level ends.
+
+        A level's first micro-step is stacked into new per-class buffers; the others are
+        added into them (one ``_foreach_add_`` per class, no stacked copy). ``finite`` is
+        checked once per window on the window's result (one ``aminmax`` per class): a
+        non-finite micro-step gradient makes its level sum non-finite, and the FOP folds carry
+        that into the folded estimate (its coefficients turn NaN, or c * inf stays non-finite).
+        Unlike a per-micro-step check, this also refuses a window whose finite sums overflow.
+        """
         self._check_micro_step(len(grads))
-        stacks = self.engine.stack(grads)
-        if stacks:
-            flags = torch.stack([torch.isfinite(x).all() for x in stacks]).all()
-            self.finite = flags if self.finite is None else self.finite & flags
         if self._level_sums is None:
-            self._level_sums = stacks
+            self._level_sums = self.engine.stack(grads)
         else:
-            for acc, x in zip(self._level_sums, stacks):
-                acc.add_(x)
+            self.engine.add_into(self._level_sums, grads)
         self.micro_steps += 1
         level = self.schedule.level_ending_at(self.micro_steps)
         if level is not None:
             size = self.schedule.level_size(level)
             means = self._level_sums
-            for m in means:
-                m.div_(size)
+            if size > 1:  # x / 1 is x: a one-step level is its own mean
+                for m in means:
+                    m.div_(size)
             self._level_sums = None
             self._fold(level, means)
+            if self.complete and self.num_blocks:
+                assert self._estimate is not None  # the last level set it
+                self.finite = all_finite(self._estimate.grads)
 
     def fold_level(self, level: int, level_means: Sequence[torch.Tensor]) -> None:
         """Fold a completed level's per-block mean gradients (stacked here)."""
@@ -165,23 +231,28 @@ class BatchedWindowFolder(FoldStack):
     def _coefficients(self, z: StackEntry, h: StackEntry, with_eta: bool) -> FoldCoefficients:
         wz, wh = z.size / (z.size + h.size), h.size / (z.size + h.size)
         z_rot, h_rot = cast(Stacks, z.rot), cast(Stacks, h.rot)  # folds: rotated forms exist
-        a_list = [wz * zr + wh * hr for zr, hr in zip(z_rot, h_rot)]
-        d_list = [zr - hr for zr, hr in zip(z_rot, h_rot)]
+        if self._ws is None:
+            self._ws = _Workspace(z_rot)
+        ws = self._ws
+        for a, d, zr, hr in zip(ws.a, ws.d, z_rot, h_rot):  # a = wz z + wh h, d = z - h
+            t = ws.shared(a)[0]
+            torch.mul(zr, wz, out=a).add_(torch.mul(hr, wh, out=t))
+            torch.sub(zr, hr, out=d)
         f64 = torch.float64
 
         def phase1() -> torch.Tensor:
             return self.engine.to_block_order(
                 [
-                    batched_phase1(a, d, m).to(f64)
-                    for a, d, m in zip(a_list, d_list, self.class_diags)
+                    batched_phase1(a, d, m, ws.shared(a)).to(f64)
+                    for a, d, m in zip(ws.a, ws.d, self.class_diags)
                 ]
             )
 
         def phase2(s: torch.Tensor) -> torch.Tensor:
             rows = []
-            for cls, a, d, m in zip(self.engine.classes, a_list, d_list, self.class_diags):
+            for cls, a, d, m in zip(self.engine.classes, ws.a, ws.d, self.class_diags):
                 s_c = s.index_select(0, cls.index).to(a.dtype)
-                rows.append(batched_phase2(a, d, m, s_c, with_eta).to(f64))
+                rows.append(batched_phase2(a, d, m, s_c, with_eta, ws.shared(a)).to(f64))
             return self.engine.to_block_order(rows)
 
         dtype = self.engine.classes[0].dtype
@@ -247,13 +318,12 @@ class BatchedWindowFolder(FoldStack):
     def grad_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of squares in fp64, non-finite flag) over every folded gradient."""
         self._check_done()
-        sq = torch.zeros((), dtype=torch.float64, device=device)
-        bad = torch.zeros((), dtype=torch.bool, device=device)
         grads: Stacks = []
         if self.num_blocks:
             assert self._estimate is not None  # complete with blocks: the last level set it
             grads = self._estimate.grads
+        sq = torch.zeros((), dtype=torch.float64, device=device)
         for g in grads:
             sq = sq + g.double().pow(2).sum()
-            bad = bad | ~torch.isfinite(g).all()
+        bad = ~all_finite(grads) if grads else torch.zeros((), dtype=torch.bool, device=device)
         return sq, bad

@@ -22,7 +22,7 @@ from typing import Any, cast, overload
 import torch
 
 from mlfop_megatron.config import FoldingConfig, MLFOPConfig, SOAPConfig
-from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow
+from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow, all_finite
 from mlfop_megatron.core.batched_folding import BatchedWindowFolder
 from mlfop_megatron.core.diagnostics import (
     GroupSums,
@@ -102,10 +102,22 @@ class MLFOPSOAP(torch.optim.Optimizer):
             state.update(init_state(layout, state_dtype(p.dtype), p.device, master=master))
         return state
 
-    def _matrix_grad(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """Gradient as the block's matrix view, in state precision."""
+    def _matrix_grad(
+        self, p: torch.Tensor, grad: torch.Tensor, convert: bool = True
+    ) -> torch.Tensor:
+        """Gradient as the block's matrix view, in state precision (``convert``) or its own.
+
+        No op at all for a detached gradient already of that shape and dtype (a 2-D fp32
+        param): the batched engine's gradient collection stays O(shape classes) in ops and
+        converts a low-precision gradient once per class, when stacking.
+        """
         shape = self.state[p]["exp_avg"].shape
-        return grad.detach().reshape(shape).to(state_dtype(p.dtype))
+        if grad.requires_grad:
+            grad = grad.detach()
+        if grad.shape != shape:
+            grad = grad.reshape(shape)
+        dtype = state_dtype(p.dtype)
+        return grad.to(dtype) if convert and grad.dtype != dtype else grad
 
     def _trainable(self) -> list[tuple[torch.Tensor, SOAPConfig]]:
         """(param, its group's config) for every trainable param, in group order."""
@@ -184,12 +196,14 @@ class MLFOPSOAP(torch.optim.Optimizer):
                 "the set of parameters with gradients changed inside an accumulation window; "
                 "every micro-step must produce gradients for the same parameters"
             )
-        # pairs hold only params whose grad is set.
-        grads = [self._matrix_grad(p, cast(torch.Tensor, p.grad)) for p, _ in pairs]
+        # pairs hold only params whose grad is set. The batched folder converts per class.
+        batched = isinstance(self._folder, BatchedWindowFolder)
+        grads = [self._matrix_grad(p, cast(torch.Tensor, p.grad), not batched) for p, _ in pairs]
         if self._armed_groups is not None:  # every micro-step is a segment of its own
             if self._groups is None:
                 self._groups = GroupSums(self._armed_groups, len(pairs))
-            self._groups.add_segment(self._folder.micro_steps, 1, grads)
+            converted = [self._matrix_grad(p, g) for (p, _), g in zip(pairs, grads)]
+            self._groups.add_segment(self._folder.micro_steps, 1, converted)
         self._folder.add_micro_step(grads)
         for p, _ in pairs:
             p.grad = None
@@ -278,20 +292,19 @@ class MLFOPSOAP(torch.optim.Optimizer):
                 "set accumulation_steps=1"
             )
         params, grads = [], []
+        batched = self.config.soap.batched
         for p, cfg in self._trainable():
             if p.grad is None:
                 continue
             self._param_state(p, cfg)
             params.append(p)
-            grads.append(self._matrix_grad(p, p.grad))
+            grads.append(self._matrix_grad(p, p.grad, not batched))
         self.last_diagnostics = []
         self.last_eta = None
         self.last_grad_rows = self._last_grad_window = None
-        if params and self.config.soap.batched:
+        if params and batched:
             stacks = self._batched_engine(params).stack(grads)
-            flags = [torch.isfinite(x).all() for x in stacks]
-            finite = torch.stack(flags).all()
-            return params, ClassWindow(stacks, [None] * len(stacks)), finite
+            return params, ClassWindow(stacks, [None] * len(stacks)), all_finite(stacks)
         flags = [torch.isfinite(g).all() for g in grads]
         finite = torch.stack(flags).all() if flags else torch.tensor(True)
         return params, WindowOutput(grads, [None] * len(grads)), finite
