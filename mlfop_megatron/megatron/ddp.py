@@ -58,7 +58,8 @@ def check_supported_features(config: Any, ddp_config: Any) -> None:
             on(ddp_config, "overlap_param_gather"),
             "DistributedDataParallelConfig.overlap_param_gather=True is only meaningful with "
             "Megatron's distributed optimizer, which ML-FOP-SOAP replaces: set "
-            "overlap_param_gather=False",
+            "overlap_param_gather=False and use ML-FOP-SOAP's own overlap "
+            "(CommConfig.overlap_param_gather, flag --mlfop-overlap-param-gather)",
         ),
         (
             on(ddp_config, "use_megatron_fsdp") or on(ddp_config, "use_custom_fsdp"),
