@@ -202,7 +202,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
     ap.add_argument("--smoke", action="store_true", help="tiny check (< 2 min), no RESULTS.md")
     ap.add_argument("--training-seeds", type=int, default=None, help="(b) seeds (3)")
-    ap.add_argument("--training-steps", type=int, default=None, help="(b) base steps (128)")
+    ap.add_argument("--training-steps", type=int, default=None, help="(b) base steps (64)")
     ap.add_argument("--training-grid", default=None, help="(b) lr grid, comma list")
     ap.add_argument("--training-layouts", default=None, help="(b) layouts, comma list (both)")
     ap.add_argument(
