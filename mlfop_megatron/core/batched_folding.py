@@ -35,6 +35,7 @@ from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.core.soap import rotate
 
 Stacks = list[torch.Tensor]
+Scratch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (t, u, prod), see _Workspace
 
 
 def bdot(x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,7 +70,7 @@ class _Workspace:
         # new_empty: allocated like the stacks themselves (their device, as they were made)
         self._flat = {key: [x.new_empty(x.numel()) for _ in range(3)] for key, x in largest.items()}
 
-    def shared(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def shared(self, x: torch.Tensor) -> Scratch:
         """Three scratch stacks of ``x``'s shape, dtype and device (views of shared buffers)."""
         n = x.numel()
         t, u, prod = (f[:n].view(x.shape) for f in self._flat[(x.dtype, x.device)])
@@ -77,14 +78,11 @@ class _Workspace:
 
 
 def batched_phase1(
-    a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None, ws: tuple | None = None
+    a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None, ws: Scratch
 ) -> torch.Tensor:
     """``fop.phase1_sums`` of every block of a stack ([B, 5]); ``ws``: (t, u, prod) scratch."""
-    t, _, prod = ws if ws is not None else (None, None, None)
-    if diag is None:
-        ma = a
-    else:
-        ma = a * diag if t is None else torch.mul(a, diag, out=t)
+    t, _, prod = ws
+    ma = a if diag is None else torch.mul(a, diag, out=t)
     return torch.stack(
         [
             bdot(a, ma, prod),
@@ -103,20 +101,15 @@ def batched_phase2(
     diag: torch.Tensor | None,
     s: torch.Tensor,
     with_ama: bool,
-    ws: tuple | None = None,
+    ws: Scratch,
 ) -> torch.Tensor:
-    """``fop.phase2_sums`` of every block of a stack (``s``: [B] in the stack's dtype)."""
-    s3 = s[:, None, None]
-    if ws is None:
-        d_perp = d - s3 * a
-        mi_dp = d_perp if diag is None else d_perp / diag
-        mi_d = d if diag is None else d / diag
-        out = [bdot(a, mi_dp), bdot(d_perp, mi_dp), bdot(d, mi_d)]
-        if with_ama:
-            out.append(bdot(a, a if diag is None else a / diag))
-        return torch.stack(out, dim=1)
-    t, u, prod = ws  # the same ops as above, into scratch (u is reused once t is done)
-    d_perp = torch.sub(d, torch.mul(a, s3, out=t), out=t)
+    """``fop.phase2_sums`` of every block of a stack (``s``: [B] in the stack's dtype).
+
+    The same ops as ``fop.phase2_sums``, written into the scratch ``ws`` = (t, u, prod); u is
+    reused once the term that read it is summed.
+    """
+    t, u, prod = ws
+    d_perp = torch.sub(d, torch.mul(a, s[:, None, None], out=t), out=t)
     mi_dp = d_perp if diag is None else torch.div(d_perp, diag, out=u)
     out = [bdot(a, mi_dp, prod), bdot(d_perp, mi_dp, prod)]
     mi_d = d if diag is None else torch.div(d, diag, out=u)
