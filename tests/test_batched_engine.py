@@ -296,22 +296,41 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ops_per_step(layers: int, batched: bool) -> int:
+def _ops_per_step(
+    layers: int, batched: bool, rank: int | None = None, refresh_method: str = "qr"
+) -> list[int]:
+    """Aten ops of a statistics step, a plain step, a refresh step and a plain step.
+
+    ``rank``: every gradient is a product of 16 x rank and rank x 16 Gaussians, so every
+    block's factors are rank-deficient with the same null dimension (16 - 3 * rank at the
+    refresh, after three gradients).
+    """
     torch.manual_seed(0)
     params = [torch.randn(16, 16) for _ in range(layers)]
-    cfg = MLFOPConfig.from_kwargs(accumulation_steps=4, precondition_frequency=2, batched=batched)
+    cfg = MLFOPConfig.from_kwargs(
+        accumulation_steps=4,
+        precondition_frequency=2,
+        batched=batched,
+        refresh_method=refresh_method,
+    )
     engine = ShardedSOAP(params, [f"w{i}" for i in range(layers)], cfg)
     gen = torch.Generator().manual_seed(0)
+
+    def grad() -> torch.Tensor:
+        if rank is None:
+            return torch.randn(16, 16, generator=gen)
+        return torch.randn(16, rank, generator=gen) @ torch.randn(rank, 16, generator=gen)
+
     counts = []
     for _ in range(4):  # statistics step, plain step, refresh step, plain step
-        grads = [torch.randn(16, 16, generator=gen) for _ in range(layers)]
+        grads = [grad() for _ in range(layers)]
         counter = _OpCounter()
         with counter:
             for level in range(engine.schedule.num_levels):
                 engine.fold_reduced_level(level, grads)
             engine.step(lr=0.01, weight_decay=0.0)
         counts.append(counter.count)
-    return counts[-1]
+    return counts
 
 
 def test_operator_count_is_independent_of_the_number_of_blocks():
@@ -320,8 +339,22 @@ def test_operator_count_is_independent_of_the_number_of_blocks():
     Views are excluded; the count is a proxy for kernel launches. Per-block: they grow
     linearly.
     """
-    assert _ops_per_step(4, True) == _ops_per_step(16, True)
-    assert _ops_per_step(16, False) > 3 * _ops_per_step(4, False) > 0
+    assert _ops_per_step(4, True)[-1] == _ops_per_step(16, True)[-1]
+    assert _ops_per_step(16, False)[-1] > 3 * _ops_per_step(4, False)[-1] > 0
+
+
+@pytest.mark.parametrize("refresh_method", ["qr", "eigh"])
+def test_refresh_op_count_is_independent_of_rank_deficient_blocks(refresh_method):
+    """Rank-deficient blocks of one null dimension get their canonical null bases batched.
+
+    First bases (step 1) and the refresh (step 3) of 4 and of 16 rank-deficient blocks cost
+    the same number of aten ops; the per-block engine grows with the blocks.
+    """
+    few = _ops_per_step(4, True, rank=3, refresh_method=refresh_method)
+    many = _ops_per_step(16, True, rank=3, refresh_method=refresh_method)
+    assert few[0] == many[0] and few[2] == many[2], (few, many)
+    per_block = _ops_per_step(4, False, rank=3, refresh_method=refresh_method)
+    assert _ops_per_step(16, False, rank=3, refresh_method=refresh_method)[2] > 3 * per_block[2]
 
 
 def test_engine_rebuilds_when_states_are_replaced():

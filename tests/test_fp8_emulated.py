@@ -49,6 +49,22 @@ class EmulatedFP8:
             p.columnwise = p.fp8_codes.t().contiguous()  # "transpose cache", rebuilt
 
 
+def test_fp8_expert_params_are_refused_up_front():
+    """An FP8 expert param (allreduce=False) is refused, naming the option to change."""
+    old = fp8.set_backend(EmulatedFP8())
+    try:
+        dense = torch.zeros(4, 4, dtype=torch.bfloat16)
+        dense.emulated_fp8, dense.high_precision_init = True, torch.zeros(4, 4)
+        expert = torch.zeros(4, 4, dtype=torch.bfloat16)
+        expert.emulated_fp8, expert.high_precision_init = True, torch.zeros(4, 4)
+        expert.allreduce = False  # how Megatron marks expert params
+        assert len(fp8.QuantizedParamShadows([dense])) == 1
+        with pytest.raises(ValueError, match="expert.*fp8_param_gather=False"):
+            fp8.QuantizedParamShadows([dense, expert])
+    finally:
+        fp8.set_backend(old)
+
+
 def test_forced_main_weights_for_scratch_params():
     """A scratch (shadow) param of any dtype keeps fp32 main weights in the SOAP state."""
     p, q = torch.randn(6, 4), torch.randn(5, 3)

@@ -23,13 +23,16 @@ may round differently from their unbatched forms (different blocking inside the 
 kernels, on GPU a different eigh algorithm for small matrices), and in float32 the FOP inner
 products are reduced in a different order than ``torch.dot``. Results agree to rounding, not
 bitwise (on CPU, one window from the same state: ~1e-15 in float64, ~1e-5 in float32; see
-tests/test_batched_engine.py). A block's result does not depend on which blocks share its
-class, so an owner-sharded run (classes of the blocks one rank owns) is bitwise equal to a
-replicated one (classes of all blocks) on CPU: batched matmul of matrix-vector shapes is not
-batch-invariant (measured on CPU: [B, 31, 32] @ [B, 32, 1] rounds differently for B = 1 and
-B = 2), so the canonical null bases are computed per block and a rotated single-column block
-is a class of its own (tests/test_batched_engine.py::
-test_block_result_does_not_depend_on_its_class_mates).
+tests/test_batched_engine.py). Whether a block's result depends on which blocks share its
+class is up to the BLAS: batched matmul is batch-invariant on CPU for some shapes and not
+others (measured with MKL, one thread: [B, 32, 32] products are, float64 [B, 33, 33] and
+[B, 5, 48] @ [B, 48, 5] are not; matrix-vector shapes such as [B, 31, 32] @ [B, 32, 1] are
+not). So an owner-sharded run (classes of the blocks one rank owns) equals a replicated one
+(classes of all blocks) to rounding in general and bitwise for the shapes the tests use
+(tests/test_batched_engine.py::test_block_result_does_not_depend_on_its_class_mates).
+Matrix-vector shapes, which are common (a rotated single-column block; a canonical null basis
+with one null or one kept column), are never batched: such a block is a class of its own or
+is computed alone.
 
 Whoever changes a block's state tensors from outside (loading a checkpoint) must rebuild the
 engine; :meth:`BatchedBlocks.matches` tells whether the states still hold the engine's views.
@@ -46,7 +49,7 @@ import torch
 from mlfop_megatron.config import SOAPConfig
 from mlfop_megatron.core.linalg import (
     LinalgCounters,
-    canonical_null_basis,
+    canonical_null_columns,
     qr_refresh_basis,
     robust_eigh_basis,
 )
@@ -61,8 +64,11 @@ def _bt(x: torch.Tensor) -> torch.Tensor:
 
 
 def _on(values: list, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on ``device`` (one host-to-device copy)."""
-    return torch.as_tensor(values).to(device)
+    """A small host list as a tensor on ``device`` (one host-to-device copy, async on CUDA)."""
+    host = torch.as_tensor(values)
+    if device.type == "cuda":  # pinned: the copy does not wait for the device's queue
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def all_finite(stacks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -252,19 +258,31 @@ def _start_qr(cls: ShapeClass, factor_key: str, basis_key: str, dim: int) -> _Si
 
 
 def _canonicalize(new: torch.Tensor, ranks: list[int], usable: list[bool]) -> None:
-    """``canonical_null_basis`` in place, one block at a time (only rank-deficient blocks).
+    """``canonical_null_basis`` in place: batched over the blocks with the same null dimension.
 
-    Per block, not batched: the projection multiplies by a matrix-vector shape whenever one
-    null or one kept column is left (n - r == 1 or r == 1), and batched matmul / bmm of such
-    shapes is not batch-invariant (torch folds the batch into one GEMM, so a block's rounding
-    follows the number of blocks; measured on CPU: [B, 31, 32] @ [B, 32, 1] differs in the last
-    bit between B = 1 and B = 2). Run per block, a block's basis does not depend on which
-    blocks share its class, which keeps owner-sharded runs bitwise equal to replicated ones.
+    One :func:`linalg.canonical_null_columns` call per distinct null dimension k in the class
+    (the usual refresh has few), not per block. Batched, a block's columns equal its columns
+    computed alone to rounding (bitwise where the BLAS is batch-invariant for the shape: see
+    the module docstring); where one null or one kept column is left (matrix-vector products)
+    the block is computed alone, so its result never depends on the others.
     """
     n = new.shape[-1]
+    groups: dict[int, list[int]] = {}
     for j, (r, good) in enumerate(zip(ranks, usable)):
         if good and r < n:
-            new[j] = canonical_null_basis(new[j], r)
+            groups.setdefault(n - r, []).append(j)
+    for null, members in groups.items():
+        if min(null, n - null) == 1:  # vector-shaped products: one block at a time
+            for j in members:
+                new[j, :, n - null :] = canonical_null_columns(new[j : j + 1], null)[0]
+            continue
+        if len(members) == new.shape[0]:
+            new[..., n - null :] = canonical_null_columns(new, null)
+            continue
+        index = _on(members, new.device)
+        sub = new.index_select(0, index)
+        sub[..., n - null :] = canonical_null_columns(sub, null)
+        new.index_copy_(0, index, sub)
 
 
 def _finish(job: _SideJob, host: list[list[int]] | None, counters: LinalgCounters) -> None:

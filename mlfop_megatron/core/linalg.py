@@ -26,26 +26,72 @@ def null_tolerance(values: torch.Tensor) -> torch.Tensor:
     return values.abs().max() * (values.numel() * eps * 10.0)
 
 
+_PROBES: dict[tuple[int, torch.dtype, str], torch.Tensor] = {}
+
+
+def null_probe(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The fixed n x n matrix whose projections define canonical null bases (cached per device).
+
+    Drawn once per (n, dtype, device) from a seeded host generator in float64 and kept on the
+    device, so the refresh never draws or copies it again.
+    """
+    key = (n, dtype, str(device))
+    probe = _PROBES.get(key)
+    if probe is None or probe.device != device:
+        gen = torch.Generator(device="cpu").manual_seed(n * 7919)
+        probe = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        probe = probe.to(device=device, dtype=dtype)
+        _PROBES[key] = probe
+    return probe
+
+
+def canonical_null_columns(bases: torch.Tensor, null: int) -> torch.Tensor:
+    """Canonical orthonormal basis [G, n, k] of the span of the last ``null`` = k columns.
+
+    ``bases``: [G, n, n] orthonormal bases whose last k columns span a numerically-null
+    eigenspace. The result is the QR factor with positive diagonal of P_k projected onto that
+    span (P_k: the first k columns of :func:`null_probe`), which depends only on the span.
+    Computed the cheaper of two equal ways: from the null columns N (k <= n - k:
+    N^T P_k = Q_c R_c, result N Q_c; about 4 n k^2 flops) or by projecting out the kept
+    columns K (k > n - k: QR of P_k - K K^T P_k, twice projected; about 8 n (n - k) k).
+    Batched over G blocks, each block's columns equal those computed alone to rounding
+    (tests/test_linalg.py); bitwise only where the BLAS is batch-invariant for the shape.
+    """
+    g, n = bases.shape[0], bases.shape[-1]
+    kept = n - null
+    probe = null_probe(n, bases.dtype, bases.device)[:, :null].expand(g, n, null)
+    # Row-major copies: the BLAS rounds differently for a column-major operand (how QR and
+    # eigh return their bases) than for a row-major one (a copy of it).
+    if null <= kept:
+        columns = bases[..., kept:].contiguous()
+        q, r = torch.linalg.qr(torch.matmul(columns.transpose(-2, -1), probe))
+        out = torch.matmul(columns, q)
+    else:
+        k_cols = bases[..., :kept].contiguous()
+        k_t = k_cols.transpose(-2, -1)
+        projected = probe - torch.matmul(k_cols, torch.matmul(k_t, probe))
+        projected = projected - torch.matmul(k_cols, torch.matmul(k_t, projected))
+        out, r = torch.linalg.qr(projected)
+    # Householder QR leaves the sign of each R_jj to the data: fixing R_jj > 0 makes the
+    # factorisation unique, so the columns depend on the span only (multiplying by -1 is exact).
+    signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(out.dtype)
+    return out * signs[:, None, :]
+
+
 def canonical_null_basis(basis: torch.Tensor, rank: int) -> torch.Tensor:
     """Replace columns rank.. (a numerically-null eigenspace) by a canonical basis of it.
 
     Inside a degenerate eigenspace any orthonormal basis is an eigenbasis, and eigh picks one
     from rounding noise, so two runs whose factors differ in the last bit (e.g. a different
-    data-parallel reduction order) would rotate those coordinates arbitrarily. Projecting a
-    fixed full-rank matrix onto the space and orthonormalising gives a basis that depends only
-    on the space itself, continuously. Tall and wide gradients make this case the common one.
+    data-parallel reduction order) would rotate those coordinates arbitrarily. The canonical
+    basis (:func:`canonical_null_columns`) depends only on the space itself, continuously.
+    Tall and wide gradients make this case the common one.
     """
     m = basis.shape[0]
     if rank >= m:
         return basis
-    kept = basis[:, :rank]
-    gen = torch.Generator(device="cpu").manual_seed(m * 7919 + rank)
-    probe = torch.randn(m, m - rank, generator=gen, dtype=torch.float64)
-    probe = probe.to(device=basis.device, dtype=basis.dtype)
-    projected = probe - kept @ (kept.T @ probe)
-    projected = projected - kept @ (kept.T @ projected)  # second pass: orthogonality to 1 ulp
-    null, _ = torch.linalg.qr(projected)
-    return torch.cat([kept, null], dim=1)
+    null = canonical_null_columns(basis[None], m - rank)[0]
+    return torch.cat([basis[:, :rank], null], dim=1)
 
 
 def _eigh_descending(matrix: torch.Tensor) -> torch.Tensor:

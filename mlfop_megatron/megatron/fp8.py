@@ -265,6 +265,14 @@ class QuantizedParamShadows:
             for p in params:
                 if not self.backend.is_quantized(p):
                     continue
+                if not getattr(p, "allreduce", True):
+                    raise ValueError(
+                        "FP8 primary weights of MoE expert params are not supported by "
+                        "ML-FOP-SOAP: their scales would be agreed over the dense data-parallel "
+                        "group, not the expert-data-parallel group that holds an expert's "
+                        "replicas. Keep expert weights in bf16 (fp8_param_gather=False, or "
+                        "exclude the experts from FP8 primary weights)"
+                    )
                 shadow = self.backend.initial_value(p).detach().clone()
                 _copy_parallel_attributes(shadow, p)
                 self.model_params.append(p)
