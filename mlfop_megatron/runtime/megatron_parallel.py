@@ -6,6 +6,8 @@ import sys
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 
 
 def init_megatron_parallel(
@@ -23,7 +25,7 @@ def init_megatron_parallel(
     from mlfop_megatron.megatron import compat
 
     compat.check_megatron_core_version()
-    parallel_state.destroy_model_parallel()
+    destroy_megatron_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **parallel_kwargs
     )
@@ -33,6 +35,19 @@ def init_megatron_parallel(
 
 
 def destroy_megatron_parallel() -> None:
-    """Tear down megatron parallel_state if megatron is loaded (safe to call repeatedly)."""
+    """Tear down megatron parallel_state and free its process groups (safe to call repeatedly).
+
+    Megatron's ``destroy_model_parallel`` only drops its references to the groups; torch keeps
+    every group in its registry, and a gloo group keeps its I/O threads, until the group is
+    destroyed. A process that initialises the parallel state once per run (the digits demo
+    and the sample-efficiency benchmark train dozens of runs per process) would otherwise
+    accumulate thousands of gloo threads. Every group but the default one is destroyed here.
+    """
     if "megatron.core.parallel_state" in sys.modules:
         sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
+    if not dist.is_initialized():
+        return
+    default = c10d._get_default_group()
+    for group in list(c10d._world.pg_map):
+        if group is not default:
+            dist.destroy_process_group(group)
