@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Any
 
@@ -41,7 +42,8 @@ def destroy_megatron_parallel() -> None:
     every group in its registry, and a gloo group keeps its I/O threads, until the group is
     destroyed. A process that initialises the parallel state once per run (the digits demo
     and the sample-efficiency benchmark train dozens of runs per process) would otherwise
-    accumulate thousands of gloo threads. Every group but the default one is destroyed here.
+    accumulate thousands of gloo threads. Every group but the default one is destroyed here,
+    and the garbage that still references them is collected.
     """
     if "megatron.core.parallel_state" in sys.modules:
         sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
@@ -51,3 +53,6 @@ def destroy_megatron_parallel() -> None:
     for group in list(c10d._world.pg_map):
         if group is not default:
             dist.destroy_process_group(group)
+    # A finished run's model and optimizer often sit in reference cycles that still hold the
+    # groups (and so their threads) until the cyclic collector runs: run it now.
+    gc.collect()
