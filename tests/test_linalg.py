@@ -57,6 +57,20 @@ def test_canonical_null_columns_depend_only_on_the_span(null):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_null_column_is_batch_invariant(dtype):
+    """One null column is computed elementwise: bitwise the same alone and in any batch."""
+    bases = _orthonormal(48, 7, 4, dtype)
+    together = canonical_null_columns(bases, 1)
+    some = canonical_null_columns(bases[2:5], 1)
+    for j in range(7):
+        alone = canonical_null_columns(bases[j : j + 1], 1)[0]
+        assert torch.equal(together[j], alone)
+        assert torch.equal(alone.abs(), bases[j, :, 47:].abs())  # +-N exactly
+        if 2 <= j < 5:
+            assert torch.equal(some[j - 2], alone)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("null", [2, 5, 24, 30, 46])
 def test_canonical_null_columns_batched_equal_alone(dtype, null):
     """A block's columns computed with other blocks equal its columns computed alone.

@@ -30,9 +30,9 @@ others (measured with MKL, one thread: [B, 32, 32] products are, float64 [B, 33,
 not). So an owner-sharded run (classes of the blocks one rank owns) equals a replicated one
 (classes of all blocks) to rounding in general and bitwise for the shapes the tests use
 (tests/test_batched_engine.py::test_block_result_does_not_depend_on_its_class_mates).
-Matrix-vector shapes, which are common (a rotated single-column block; a canonical null basis
-with one null or one kept column), are never batched: such a block is a class of its own or
-is computed alone.
+Matrix-vector shapes (a rotated single-column block; a canonical null basis with one kept
+column) are never batched: such a block is a class of its own or is computed alone; a single
+null column is canonicalised elementwise.
 
 Whoever changes a block's state tensors from outside (loading a checkpoint) must rebuild the
 engine; :meth:`BatchedBlocks.matches` tells whether the states still hold the engine's views.
@@ -263,8 +263,8 @@ def _canonicalize(new: torch.Tensor, ranks: list[int], usable: list[bool]) -> No
     One :func:`linalg.canonical_null_columns` call per distinct null dimension k in the class
     (the usual refresh has few), not per block. Batched, a block's columns equal its columns
     computed alone to rounding (bitwise where the BLAS is batch-invariant for the shape: see
-    the module docstring); where one null or one kept column is left (matrix-vector products)
-    the block is computed alone, so its result never depends on the others.
+    the module docstring; always with one null column, computed elementwise); where one kept
+    column is left (matrix-vector products) the block is computed alone.
     """
     n = new.shape[-1]
     groups: dict[int, list[int]] = {}
@@ -272,7 +272,7 @@ def _canonicalize(new: torch.Tensor, ranks: list[int], usable: list[bool]) -> No
         if good and r < n:
             groups.setdefault(n - r, []).append(j)
     for null, members in groups.items():
-        if min(null, n - null) == 1:  # vector-shaped products: one block at a time
+        if null > 1 and n - null == 1:  # vector-shaped products: one block at a time
             for j in members:
                 new[j, :, n - null :] = canonical_null_columns(new[j : j + 1], null)[0]
             continue

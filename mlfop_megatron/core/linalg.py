@@ -55,10 +55,19 @@ def canonical_null_columns(bases: torch.Tensor, null: int) -> torch.Tensor:
     N^T P_k = Q_c R_c, result N Q_c; about 4 n k^2 flops) or by projecting out the kept
     columns K (k > n - k: QR of P_k - K K^T P_k, twice projected; about 8 n (n - k) k).
     Batched over G blocks, each block's columns equal those computed alone to rounding
-    (tests/test_linalg.py); bitwise only where the BLAS is batch-invariant for the shape.
+    (tests/test_linalg.py); bitwise only where the BLAS is batch-invariant for the shape, and
+    always for k = 1 (computed elementwise).
     """
     g, n = bases.shape[0], bases.shape[-1]
     kept = n - null
+    if null == 1:
+        # One column: the definition is N sign(<N, p>), exact up to that sign. Elementwise
+        # product and a per-block sum (no matrix-vector product), so a block's result does
+        # not depend on the blocks computed with it.
+        column = bases[..., kept:].contiguous()
+        first = null_probe(n, bases.dtype, bases.device)[:, 0]
+        sign = torch.where((column[..., 0] * first).sum(-1) < 0, -1.0, 1.0)
+        return column * sign.to(column.dtype)[:, None, None]
     probe = null_probe(n, bases.dtype, bases.device)[:, :null].expand(g, n, null)
     # Row-major copies: the BLAS rounds differently for a column-major operand (how QR and
     # eigh return their bases) than for a row-major one (a copy of it).
