@@ -548,8 +548,8 @@ def report(store: dict) -> str:
     lines = [
         SECTION,
         "",
-        "Commands (each case records its own; the cases ran separately on a shared, loaded "
-        "machine):",
+        "Commands (each case records its own command, duration and load average; cases may "
+        "come from separate runs):",
         "",
     ]
     for key, r in store.items():
@@ -562,8 +562,8 @@ def report(store: dict) -> str:
         f"Machine: {cpu_model()}, nproc={os.cpu_count()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}, "
         f"pytorch_optimizer {package_version('pytorch_optimizer')}, heavyball "
-        f"{package_version('heavyball')} (the CPU was shared with other jobs: absolute times "
-        "are noisy, the side-by-side ratios less so)",
+        f"{package_version('heavyball')} (absolute times depend on the machine and its load, "
+        "the side-by-side ratios less so; the notes section below reads them)",
         "",
         "Method: see the docstring of benchmarks/batched_engine.py. Every contender gets the "
         "same block-shaped fp32 tensors (PyPI SOAPs have no blocking; one parameter per block "

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlfop_megatron.core.linalg import canonical_null_basis, canonical_null_columns, null_probe
+from mlfop_megatron.core.linalg import (
+    canonical_null_basis,
+    canonical_null_columns,
+    null_probe,
+    orthonormal_factor,
+)
 
 
 def _orthonormal(n: int, count: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -96,3 +101,14 @@ def test_null_probe_is_drawn_once_per_size_dtype_and_device():
     gen = torch.Generator().manual_seed(20 * 7919)
     expected = torch.randn(20, 20, generator=gen, dtype=torch.float64).float()
     assert torch.equal(a, expected)
+
+
+def test_orthonormal_factor_is_the_q_of_linalg_qr() -> None:
+    """Q from geqrf + householder_product equals torch.linalg.qr's Q bitwise, batched or not."""
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(7, 7), (3, 16, 16), (2, 9, 5)]:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        q = orthonormal_factor(x)
+        assert torch.equal(q, torch.linalg.qr(x)[0])
+        eye = torch.eye(q.shape[-1], dtype=q.dtype)
+        torch.testing.assert_close(q.mT @ q, eye.expand_as(q.mT @ q), rtol=0, atol=1e-12)

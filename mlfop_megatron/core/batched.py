@@ -50,6 +50,7 @@ from mlfop_megatron.config import SOAPConfig
 from mlfop_megatron.core.linalg import (
     LinalgCounters,
     canonical_null_columns,
+    orthonormal_factor,
     qr_refresh_basis,
     robust_eigh_basis,
 )
@@ -245,7 +246,7 @@ def _start_qr(cls: ShapeClass, factor_key: str, basis_key: str, dim: int) -> _Si
         est = torch.where(est > _null_tol(est), est, torch.zeros_like(est))
         order = torch.argsort(est, dim=-1, descending=True, stable=True)
         sorted_fq = torch.gather(fq, 2, order[:, None, :].expand_as(fq))
-        new, _ = torch.linalg.qr(sorted_fq)
+        new = orthonormal_factor(sorted_fq)
     except (RuntimeError, torch.linalg.LinAlgError):
         return _SideJob(cls, factor_key, basis_key, dim, "qr", None, None, None)
     rank = (est > 0).sum(dim=-1)
