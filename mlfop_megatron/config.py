@@ -245,7 +245,11 @@ class FoldingConfig:
     parallel_tol: float | None = option(
         None, "beta = 0 when |d_perp| <= tol |d| in the M^-1 norm ('none': dtype-based)"
     )
-    diagnostics: bool = option(True, "skip the per-level fold diagnostics", flag="no-diagnostics")
+    diagnostics: bool = option(
+        True,
+        "skip the per-level fold diagnostics (and their 3 inner products per fold)",
+        flag="no-diagnostics",
+    )
 
     def __post_init__(self) -> None:
         for name in ("enabled", "project", "diagnostics"):

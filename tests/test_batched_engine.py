@@ -616,3 +616,26 @@ def test_mlfop_soap_ops_per_window_do_not_grow_with_params(k):
     per-param ``detach``/``reshape``/``to`` would make 12 params cost more than 3.
     """
     assert _mlfop_events(3, k) == _mlfop_events(12, k)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_fold_without_diagnostics_skips_only_the_diagnostic_sums(batched):
+    """``diagnostics=False`` drops the Euclidean inner products, not a bit of the update.
+
+    The fold's scalars use only <a,Ma> and <d,Ma> of phase 1 (and the phase-2 sums), so both
+    runs must end bitwise equal; without diagnostics no level summary is kept.
+    """
+    options = dict(accumulation_steps=4, structure="tree", step_size="eta_star")
+    runs = []
+    for diagnostics in (True, False):
+        model = stack_model(0, torch.float32)
+        opt = MLFOPSOAP(model.parameters(), batched=batched, diagnostics=diagnostics, **options)
+        train(model, opt, steps=4, k=4, seed=5)
+        runs.append((model, opt))
+    (model_on, opt_on), (model_off, opt_off) = runs
+    for pa, pb in zip(model_on.parameters(), model_off.parameters()):
+        assert torch.equal(pa, pb)
+        for key, value in opt_on.state[pa].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, opt_off.state[pb][key]), key
+    assert opt_on.stats()["levels"] and not opt_off.stats()["levels"]

@@ -78,21 +78,21 @@ class _Workspace:
 
 
 def batched_phase1(
-    a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None, ws: Scratch
+    a: torch.Tensor,
+    d: torch.Tensor,
+    diag: torch.Tensor | None,
+    ws: Scratch,
+    euclidean: bool = True,
 ) -> torch.Tensor:
     """``fop.phase1_sums`` of every block of a stack ([B, 5]); ``ws``: (t, u, prod) scratch."""
     t, _, prod = ws
     ma = a if diag is None else torch.mul(a, diag, out=t)
-    return torch.stack(
-        [
-            bdot(a, ma, prod),
-            bdot(d, ma, prod),
-            bdot(a, a, prod),
-            bdot(a, d, prod),
-            bdot(d, d, prod),
-        ],
-        dim=1,
-    )
+    sums = [bdot(a, ma, prod), bdot(d, ma, prod)]
+    if euclidean:
+        sums += [bdot(a, a, prod), bdot(a, d, prod), bdot(d, d, prod)]
+    else:  # diagnostics only: left 0 (``fop.phase1_sums``)
+        sums += [sums[0].new_zeros(sums[0].shape)] * 3
+    return torch.stack(sums, dim=1)
 
 
 def batched_phase2(
@@ -236,7 +236,7 @@ class BatchedWindowFolder(FoldStack):
         def phase1() -> torch.Tensor:
             return self.engine.to_block_order(
                 [
-                    batched_phase1(a, d, m, ws.shared(a)).to(f64)
+                    batched_phase1(a, d, m, ws.shared(a), self.cfg.diagnostics).to(f64)
                     for a, d, m in zip(ws.a, ws.d, self.class_diags)
                 ]
             )

@@ -56,9 +56,17 @@ def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.dot(x.reshape(-1), y.reshape(-1))
 
 
-def phase1_sums(a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
-    """[<a,Ma>, <d,Ma>, <a,a>, <a,d>, <d,d>] for one block in rotated coordinates."""
+def phase1_sums(
+    a: torch.Tensor, d: torch.Tensor, diag: torch.Tensor | None, euclidean: bool = True
+) -> torch.Tensor:
+    """[<a,Ma>, <d,Ma>, <a,a>, <a,d>, <d,d>] for one block in rotated coordinates.
+
+    The Euclidean three feed only the fold diagnostics: ``euclidean=False`` leaves them 0.
+    """
     ma = a if diag is None else a * diag
+    if not euclidean:
+        zero = ma.new_zeros(())
+        return torch.stack([_dot(a, ma), _dot(d, ma), zero, zero, zero])
     return torch.stack([_dot(a, ma), _dot(d, ma), _dot(a, a), _dot(a, d), _dot(d, d)])
 
 
@@ -116,7 +124,10 @@ def fold_coefficients(
 
     def phase1() -> torch.Tensor:
         return torch.stack(
-            [phase1_sums(a, d, m).to(acc_dtype) for a, d, m in zip(a_list, d_list, diags)]
+            [
+                phase1_sums(a, d, m, cfg.diagnostics).to(acc_dtype)
+                for a, d, m in zip(a_list, d_list, diags)
+            ]
         )
 
     def phase2(s: torch.Tensor) -> torch.Tensor:
