@@ -145,3 +145,39 @@ def test_grad_group_diagnostics_dp2_equal_dp1_and_leave_training_unchanged(enabl
         stats = dp2[0]["stats"]
         assert 1 / 3 - 1e-9 <= stats["eta_min"] <= stats["eta_mean"] <= stats["eta_max"] <= 1
         assert stats["time_diagnostics_s"] > 0
+
+
+@pytest.mark.parametrize("shard_adam", [True, False], ids=["zero1_adam", "megatron_adam"])
+def test_params_in_a_separately_clipped_group_count_in_the_norm_and_inf_check(shard_adam):
+    """megatron-core 0.19 leaves MTP-tagged params out of an optimizer's main-norm grads.
+
+    The chain takes one global norm and one inf check over every grad: tagging the layer
+    norms (Adam side) as "mtp" changes neither the reported norms nor training, and a NaN in
+    a tagged grad skips the step on every rank.
+    """
+    from mlfop_megatron.megatron import compat
+
+    if "mtp" not in compat.separate_grad_norm_groups():
+        pytest.skip("this megatron-core has no separately clipped grad-norm groups (< 0.19)")
+    base = dict(
+        iters=3,
+        microbatches=4,
+        global_micro=2,
+        clip_grad=0.05,
+        dtype=torch.float64,
+        max_precond_dim=1,
+        shard_adam=shard_adam,
+    )
+    plain = run_distributed(run_tiny_gpt, 2, base)
+    tagged = run_distributed(run_tiny_gpt, 2, dict(base, mtp_tagged=("layernorm",)))
+    poisoned = run_distributed(
+        run_tiny_gpt,
+        2,
+        dict(base, mtp_tagged=("layernorm",), nan_at=(1, 1), nan_param="layernorm"),
+    )
+    norms = [n for _, n in plain[0]["results"]]
+    for r in (0, 1):
+        assert [n for _, n in tagged[r]["results"]] == pytest.approx(norms, rel=1e-12)
+        _assert_params(tagged[r]["params"], plain[r]["params"], "tagged vs untagged")
+        assert [ok for ok, _ in poisoned[r]["results"]] == [True, False, True]
+        assert all(torch.isfinite(p).all() for p in poisoned[r]["params"].values())

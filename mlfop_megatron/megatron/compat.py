@@ -139,16 +139,34 @@ def ddp_params_with_grad(ddp_model: Any) -> list[Any]:
     return list(ddp_model.params_with_grad)
 
 
-def optimizer_grads_for_norm(optimizer: Any) -> list[torch.Tensor]:
-    """Grads a Megatron optimizer counts in the global norm (no shared or TP-duplicate params).
+def separate_grad_norm_groups() -> tuple[str, ...]:
+    """Param groups this megatron-core norms and clips apart from the rest (0.19: ``("mtp",)``).
 
-    0.16-0.18 call it ``get_main_grads_for_grad_norm()``; 0.19 renamed it to
-    ``get_grads_for_grad_norm(grad_norm_group=None)`` (None: the main norm, i.e. every param not
-    tagged into a separately clipped group such as MTP).
+    0.19 tags multi-token-prediction params ``grad_norm_group = "mtp"``; older releases have
+    no such groups.
     """
-    if hasattr(optimizer, "get_grads_for_grad_norm"):
-        return list(optimizer.get_grads_for_grad_norm())
-    return list(optimizer.get_main_grads_for_grad_norm())
+    try:
+        module = importlib.import_module("megatron.core.optimizer.optimizer")
+    except ImportError:
+        return ()
+    return tuple(getattr(module, "SEPARATE_GRAD_NORM_GROUPS", ()))
+
+
+def optimizer_grads_for_norm(optimizer: Any) -> list[torch.Tensor]:
+    """Every grad a Megatron optimizer counts in any of its norms, each once.
+
+    No shared or TP-duplicate params. 0.16-0.18 call it ``get_main_grads_for_grad_norm()``;
+    0.19 renamed it to ``get_grads_for_grad_norm(grad_norm_group=None)``, which leaves out the
+    params tagged into a separately clipped group (MTP): those come from
+    ``get_grads_for_grad_norm(group)``. The ML-FOP-SOAP chain takes one global norm and inf
+    check over all of them (a NaN in an MTP grad must skip the step too).
+    """
+    if not hasattr(optimizer, "get_grads_for_grad_norm"):
+        return list(optimizer.get_main_grads_for_grad_norm())
+    grads = list(optimizer.get_grads_for_grad_norm())
+    for group in separate_grad_norm_groups():
+        grads += optimizer.get_grads_for_grad_norm(group)
+    return grads
 
 
 def _resolve(module: str, *names: str) -> Any:

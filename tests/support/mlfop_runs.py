@@ -36,7 +36,9 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     spec keys: tp, pp, iters, microbatches, global_micro (samples per micro-batch over all DP
     ranks), lr, clip_grad, sharded, tp_mode, block_size (SOAP blocks), enabled (folding),
     overlap, dtype, max_precond_dim,
-    nan_at (iteration, rank) to poison one backward, discard_at (iteration) to drop a step,
+    nan_at (iteration, rank) to poison one backward (nan_param: a name part choosing the
+    poisoned param), mtp_tagged (name parts: params tagged grad_norm_group="mtp" as 0.19 tags
+    MTP params), discard_at (iteration) to drop a step,
     save_at (iteration, dir) to checkpoint after that step, load_from (dir) to resume,
     hidden and layers for the model size, arch ('gpt' or 'hybrid': the same model as a
     megatron-core 0.19 HybridModel), on_device to create params and batches on the (emulated)
@@ -72,6 +74,9 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
         deterministic_init_(model, seed=0)
+    for name, p in model.named_parameters():  # as megatron-core 0.19 tags its MTP params
+        if any(part in name for part in spec.get("mtp_tagged", ())):
+            p.grad_norm_group = "mtp"
     mlfop = MLFOPConfig.from_kwargs(
         lr=spec.get("lr", 1e-2),
         precondition_frequency=spec.get("precondition_frequency", 3),
@@ -127,7 +132,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
             optimizer.request_grad_diagnostics(spec["grad_groups"])
         nan_at = spec.get("nan_at")
         if nan_at is not None and nan_at[0] == it and nan_at[1] == torch.distributed.get_rank():
-            poison_next_backward(model)
+            poison_next_backward(model, spec.get("nan_param"))
         counting = count_collectives() if spec.get("count_comm") else nullcontext()
         with counting as counts:  # the window's backward passes and the step, not the loss
             local = train_iteration(model, cfg, it, k, mbs, zero_grad=False)
@@ -185,9 +190,15 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def poison_next_backward(model: torch.nn.Module) -> None:
-    """Make the next backward produce a NaN gradient in one weight (fault injection)."""
-    param = next(p for p in model.parameters() if p.dim() >= 2)
+def poison_next_backward(model: torch.nn.Module, name_part: str | None = None) -> None:
+    """Make the next backward produce a NaN gradient in one weight (fault injection).
+
+    ``name_part``: the first param whose name contains it (default: the first matrix).
+    """
+    if name_part is None:
+        param = next(p for p in model.parameters() if p.dim() >= 2)
+    else:
+        param = next(p for n, p in model.named_parameters() if name_part in n)
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
         handle.remove()
