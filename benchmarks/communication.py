@@ -31,6 +31,7 @@ import torch
 from benchmarks.common import cpu_model, replace_section
 from mlfop_megatron.distributed.assignment import ParamSpec, choose_block_size
 from mlfop_megatron.distributed.comm_model import communication_table, format_table
+from mlfop_megatron.megatron import compat
 from mlfop_megatron.runtime.spawn import run_distributed
 from tests.support.mlfop_runs import run_tiny_gpt
 
@@ -189,11 +190,12 @@ def measured_table(dps: list[int], ks: list[int], hidden: int, layers: int, iter
                     soap_b = adam_b = f"{per_elem:.2f} (all elems)"
                 else:
                     soap_sent = sum(v for n, v in b.items() if n != "all_reduce")
-                    # the Adam grads' reduce-scatter or all-reduce (less the 16 B norm /
-                    # found-inf pair, 2 x 16 (N-1)/N B in a ring) and the ZeRO-1 all-gather of
-                    # the Adam params; the SOAP params' all-gather and level reductions are
-                    # the rest
-                    adam_sent = b.get("all_reduce", 0) - 32 * (dp - 1) // dp
+                    # the Adam grads' reduce-scatter or all-reduce (less the norm / found-inf
+                    # vector, 2 x S (N-1)/N B in a ring: S = 16 B, 24 B on 0.19 with its "mtp"
+                    # group) and the ZeRO-1 all-gather of the Adam params; the SOAP params'
+                    # all-gather and level reductions are the rest
+                    stats = 8 * (2 + len(compat.separate_grad_norm_groups()))
+                    adam_sent = b.get("all_reduce", 0) - 2 * stats * (dp - 1) // dp
                     adam_sent += m["adam_gather"] + m["adam_scatter"]
                     soap_sent -= m["adam_gather"] + m["adam_scatter"]
                     soap_b = f"{soap_sent / m['soap']:.2f}"

@@ -25,6 +25,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
+from mlfop_megatron.megatron import compat  # noqa: E402
 from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
 from tests.support.mlfop_runs import run_tiny_gpt  # noqa: E402
 
@@ -67,13 +68,15 @@ def test_owner_reduce_scatter_equals_first_version_bitwise(enabled):
     assert old_launches["broadcast"] == 2 and old_launches["all_reduce"] >= levels + 1
     assert sum(sent.values()) < sum(old_sent.values())
     # communication_bytes_per_step counts what the real calls sent, but for the step's
-    # packed [norm^2, found-inf] fp64 pair (16 B; a ring all-reduce at DP=2 sends 16 B); the
-    # chain adds the ZeRO-1 Adam optimizer's reduce-scatter and all-gather to SOAP's counts
+    # packed [norm^2, found-inf] fp64 pair (16 B; a ring all-reduce at DP=2 sends as much;
+    # 0.19 adds the norm^2 of its separately clipped "mtp" group: 24 B); the chain adds the
+    # ZeRO-1 Adam optimizer's reduce-scatter and all-gather to SOAP's counts
     model = new[0]["comm_bytes"][0]
     chain = new[0]["chain_comm_bytes"]
     adam_gather = new[0]["adam_gather_bytes"]
     assert adam_gather > 0 and chain["adam_params"] == adam_gather
-    assert chain["total"] == sum(sent.values()) - 16
+    stats_bytes = 8 * (2 + len(compat.separate_grad_norm_groups()))
+    assert chain["total"] == sum(sent.values()) - stats_bytes
     assert model["soap_grads"] + chain["adam_grads"] == sent["reduce_scatter"]
     assert model["adam_grads"] == 0  # no Adam grad is all-reduced any more
     assert model["params"] == sent["all_gather"] - adam_gather

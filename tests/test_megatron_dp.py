@@ -148,36 +148,55 @@ def test_grad_group_diagnostics_dp2_equal_dp1_and_leave_training_unchanged(enabl
 
 
 @pytest.mark.parametrize("shard_adam", [True, False], ids=["zero1_adam", "megatron_adam"])
-def test_params_in_a_separately_clipped_group_count_in_the_norm_and_inf_check(shard_adam):
-    """megatron-core 0.19 leaves MTP-tagged params out of an optimizer's main-norm grads.
+def test_separately_clipped_grad_norm_group_as_megatron_0_19(shard_adam):
+    """megatron-core 0.19 norms and clips params tagged grad_norm_group="mtp" on their own.
 
-    The chain takes one global norm and one inf check over every grad: tagging the layer
-    norms (Adam side) as "mtp" changes neither the reported norms nor training, and a NaN in
-    a tagged grad skips the step on every rank.
+    The last layer is tagged (its matrices in ML-FOP-SOAP engines of their own, its norms on
+    the Adam side). Checked: the main and the group norm split the untagged run's norm
+    (first step, same gradients); each group is clipped by its own norm
+    (clip / (norm + 1e-6) where norm > clip, else not at all); sharded == replicated bitwise
+    and DP=2 == DP=1; a NaN in a tagged Adam-side grad skips the step on every rank.
     """
     from mlfop_megatron.megatron import compat
 
     if "mtp" not in compat.separate_grad_norm_groups():
         pytest.skip("this megatron-core has no separately clipped grad-norm groups (< 0.19)")
+    clip = 0.3
     base = dict(
         iters=3,
         microbatches=4,
         global_micro=2,
-        clip_grad=0.05,
+        clip_grad=clip,
         dtype=torch.float64,
         max_precond_dim=1,
         shard_adam=shard_adam,
     )
+    tag = dict(base, mtp_tagged=("layers.1.",))
     plain = run_distributed(run_tiny_gpt, 2, base)
-    tagged = run_distributed(run_tiny_gpt, 2, dict(base, mtp_tagged=("layernorm",)))
+    tagged = run_distributed(run_tiny_gpt, 2, dict(tag, sharded=True))
+    replicated = run_distributed(run_tiny_gpt, 2, dict(tag, sharded=False))
+    dp1 = run_distributed(run_tiny_gpt, 1, tag)[0]
     poisoned = run_distributed(
-        run_tiny_gpt,
-        2,
-        dict(base, mtp_tagged=("layernorm",), nan_at=(1, 1), nan_param="layernorm"),
+        run_tiny_gpt, 2, dict(tag, nan_at=(1, 1), nan_param="layers.1.input_layernorm")
     )
-    norms = [n for _, n in plain[0]["results"]]
+    assert len(tagged[0]["engines"]) > len(plain[0]["engines"])  # the group's own engines
+    main0 = tagged[0]["results"][0][1]
+    mtp0 = tagged[0]["group_norms"][0]["mtp"]
+    assert main0**2 + mtp0**2 == pytest.approx(plain[0]["results"][0][1] ** 2, rel=1e-12)
     for r in (0, 1):
-        assert [n for _, n in tagged[r]["results"]] == pytest.approx(norms, rel=1e-12)
-        _assert_params(tagged[r]["params"], plain[r]["params"], "tagged vs untagged")
+        run = tagged[r]
+        for (_, main), groups, scales in zip(
+            run["results"], run["group_norms"], run["clip_scales"]
+        ):
+            want = {
+                g: clip / (n + 1e-6) for g, n in ((None, main), ("mtp", groups["mtp"])) if n > clip
+            }
+            assert scales == [want]
+        _assert_params(run["params"], replicated[r]["params"], "tagged sharded vs repl", True)
+        _assert_params(run["params"], dp1["params"], "tagged DP=2 vs DP=1")
         assert [ok for ok, _ in poisoned[r]["results"]] == [True, False, True]
         assert all(torch.isfinite(p).all() for p in poisoned[r]["params"].values())
+    assert tagged[0]["group_norms"] == tagged[1]["group_norms"]
+    # clip = 0.3 covers both branches: the group is clipped in steps 0-1, not in step 2
+    # (group norms about 0.30, 0.33, 0.27; main 0.83-0.92, always clipped).
+    assert [("mtp" in s[0]) for s in tagged[0]["clip_scales"]] == [True, True, False]

@@ -152,21 +152,38 @@ def separate_grad_norm_groups() -> tuple[str, ...]:
     return tuple(getattr(module, "SEPARATE_GRAD_NORM_GROUPS", ()))
 
 
-def optimizer_grads_for_norm(optimizer: Any) -> list[torch.Tensor]:
-    """Every grad a Megatron optimizer counts in any of its norms, each once.
+def grad_norm_group_of(param: Any) -> str | None:
+    """The separately normed and clipped group ``param`` is tagged into (None: the main norm).
 
-    No shared or TP-duplicate params. 0.16-0.18 call it ``get_main_grads_for_grad_norm()``;
-    0.19 renamed it to ``get_grads_for_grad_norm(grad_norm_group=None)``, which leaves out the
-    params tagged into a separately clipped group (MTP): those come from
-    ``get_grads_for_grad_norm(group)``. The ML-FOP-SOAP chain takes one global norm and inf
-    check over all of them (a NaN in an MTP grad must skip the step too).
+    Tags this megatron-core does not register are refused as Megatron refuses them; releases
+    without such groups (< 0.19) ignore the attribute, as Megatron does.
+    """
+    group = getattr(param, "grad_norm_group", None)
+    registered = separate_grad_norm_groups()
+    if group is None or not registered:
+        return None
+    if group not in registered:
+        raise ValueError(
+            f"a parameter is tagged grad_norm_group={group!r}, which megatron-core "
+            f"{'.'.join(map(str, megatron_core_version()))} does not register (it knows "
+            f"{registered}): register the group in megatron.core.optimizer.optimizer."
+            "SEPARATE_GRAD_NORM_GROUPS or remove the tag"
+        )
+    return group
+
+
+def optimizer_grads_for_norm(optimizer: Any, group: str | None = None) -> list[torch.Tensor]:
+    """Grads a Megatron optimizer counts in one of its norms (no shared or TP-duplicate params).
+
+    ``group`` None: the main norm; else that separately clipped group (0.19: "mtp"). 0.16-0.18
+    call it ``get_main_grads_for_grad_norm()`` and have no separate groups; 0.19 renamed it to
+    ``get_grads_for_grad_norm(grad_norm_group=None)``, which leaves the tagged params out.
     """
     if not hasattr(optimizer, "get_grads_for_grad_norm"):
-        return list(optimizer.get_main_grads_for_grad_norm())
-    grads = list(optimizer.get_grads_for_grad_norm())
-    for group in separate_grad_norm_groups():
-        grads += optimizer.get_grads_for_grad_norm(group)
-    return grads
+        return [] if group is not None else list(optimizer.get_main_grads_for_grad_norm())
+    if group is None:
+        return list(optimizer.get_grads_for_grad_norm())
+    return list(optimizer.get_grads_for_grad_norm(group))
 
 
 def _resolve(module: str, *names: str) -> Any:

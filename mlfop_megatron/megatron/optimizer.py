@@ -129,6 +129,12 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         self.sharded = sharded
         split = [getattr(p, "tensor_model_parallel", False) for p in params]
         expert = [not getattr(p, "allreduce", True) for p in params]
+        # Separately normed and clipped groups (0.19: MTP) get engines of their own.
+        norm_group = [compat.grad_norm_group_of(p) for p in params]
+        self.norm_groups: tuple[str | None, ...] = (
+            None,
+            *sorted({g for g in norm_group if g is not None}),
+        )
         # FP8 primary weights: the engines see high-precision shadows (fp32 main weights on the
         # owners), requantized into the model params after each step (see megatron/fp8.py).
         self.fp8 = QuantizedParamShadows(params, group=groups.dense.dp)
@@ -138,15 +144,18 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         # gradient must be counted exactly once over DP x CP x TP x PP (expert params: once
         # over expert-DP x EP x expert-TP x PP).
         self._engine_counts: list[bool] = []
+        self._engine_norm_groups: list[str | None] = []  # each engine's grad-norm group
         # Whether an engine's per-block diagnostic rows count on this rank: like the norm, but a
         # TP-sharded block in blockwise mode is one block whose rows are already summed over
         # its TP shards (every TP rank holds the same rows), so only TP rank 0 counts it.
         self._diag_counts: list[bool] = []
-        for is_expert, tp_sharded in ((False, True), (False, False), (True, True), (True, False)):
+        layouts = ((False, True), (False, False), (True, True), (True, False))
+        kinds = [(e, t, group) for e, t in layouts for group in self.norm_groups]
+        for is_expert, tp_sharded, kind_group in kinds:
             chosen = [
                 (p, n)
-                for p, n, s, e in zip(engine_params, names, split, expert)
-                if s == tp_sharded and e == is_expert
+                for p, n, s, e, g in zip(engine_params, names, split, expert, norm_group)
+                if s == tp_sharded and e == is_expert and g == kind_group
             ]
             if not chosen:
                 continue
@@ -171,6 +180,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 counts = (sharded or g.dp_rank == 0) and (tp_sharded or g.tp_rank == 0)
             self.engines.append(engine)
             self._engine_counts.append(counts)
+            self._engine_norm_groups.append(kind_group)
             full = isinstance(engine, TensorParallelFullSOAP)
             self._diag_counts.append(counts and (full or g.tp_rank == 0))
         self.fp8.release()  # shadows hold storage only during a step
@@ -187,7 +197,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 full = isinstance(engine, TensorParallelFullSOAP)
                 if not full and not len(self.fp8) and isinstance(engine, ShardedSOAP):
                     engine.defer_param_sync = True
-        self._grad_scale = 1.0
+        self._grad_scales: dict[str | None, float] = {}  # clipping factor per grad-norm group
+        self.last_grad_scales: dict[str | None, float] = {}  # those the last step applied
         self.skipped_steps = 0
         # Megatron-LM multiplies the loss by this (on the loss's device) before backward.
         self._loss_scale = torch.ones(1, dtype=torch.float32, device=self.device)
@@ -422,16 +433,29 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         self._armed_groups = None
 
     # --------------------------------------------------------------- grad stats
-    def local_grad_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of squares, non-finite flag) of this rank's share of the folded gradients."""
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+    def local_grad_sums(self) -> tuple[dict[str | None, torch.Tensor], torch.Tensor]:
+        """Sum of squares of this rank's share of the folded gradients per grad-norm group.
+
+        Keys: None (the main norm) and each separately clipped group of these params; with the
+        non-finite flag over all of them.
+        """
+        sums = {
+            g: torch.zeros((), dtype=torch.float64, device=self.device) for g in self.norm_groups
+        }
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        for engine, counts in zip(self.engines, self._engine_counts):
+        for engine, counts, group in zip(
+            self.engines, self._engine_counts, self._engine_norm_groups
+        ):
             s, b = engine.local_grad_stats()
             bad = bad | b.to(self.device)
             if counts:
-                sq = sq + s.to(self.device)
-        return sq, bad
+                sums[group] = sums[group] + s.to(self.device)
+        return sums, bad
+
+    def local_grad_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of squares, non-finite flag) of this rank's share of the main-norm gradients."""
+        sums, bad = self.local_grad_sums()
+        return sums[None], bad
 
     def get_grad_stats_parallel_group(self) -> dist.ProcessGroup | None:
         """The group the grad stats are reduced over: every rank (WORLD)."""
@@ -454,9 +478,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         dist.all_reduce(zeros)
         return float(zeros)
 
-    def set_grad_scale(self, scale: float) -> None:
-        """Clipping factor applied to the folded gradients in the next step."""
-        self._grad_scale = scale
+    def set_grad_scale(self, scale: float, group: str | None = None) -> None:
+        """Clipping factor of one grad-norm group's folded gradients in the next step."""
+        self._grad_scales[group] = scale
 
     # ------------------------------------------------------------------ steps
     def prepare_grads(self) -> bool:
@@ -484,15 +508,16 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         group = self.optimizer.param_groups[0]  # earlier gathers: waited in prepare_grads
         if len(self.fp8):
             self.fp8.materialize()
-        for engine in self.engines:
-            engine.step(group["lr"], group["weight_decay"], grad_scale=self._grad_scale)
+        for engine, norm_group in zip(self.engines, self._engine_norm_groups):
+            scale = self._grad_scales.get(norm_group, 1.0)
+            engine.step(group["lr"], group["weight_decay"], grad_scale=scale)
             if isinstance(engine, ShardedSOAP) and engine.pending_param_sync is not None:
                 assert self._param_gathers is not None  # deferred only with overlap on
                 finish, engine.pending_param_sync = engine.pending_param_sync, None
                 self._param_gathers.add([self.fp8.model_param(p) for p in engine.params], finish)
         if len(self.fp8):
             self.fp8.commit()  # every DP rank requantizes from identical values
-        self._grad_scale = 1.0
+        self.last_grad_scales, self._grad_scales = self._grad_scales, {}
         self._end_window(stepped=True)
         return True
 
@@ -692,8 +717,10 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
                 return p.device
         return torch.device("cpu")
 
-    def _other_grads(self) -> list[torch.Tensor]:
-        """Grads of the Adam-side params that this rank counts in the global norm.
+    def _other_grads(self, group: str | None = None) -> list[torch.Tensor]:
+        """Grads of the Adam-side params that this rank counts in a grad-norm group's norm.
+
+        ``group`` None: the main norm; else a separately clipped group (0.19: "mtp").
 
         Reduce-scattered ZeRO-1 grads: this rank's own slices (each element on one DP rank).
         Replicated ones are the same over the data x context parallel group (expert params:
@@ -709,32 +736,50 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
             else:
                 rank = dense_rank
             if rank == 0:
-                grads.extend(g for g in compat.optimizer_grads_for_norm(opt) if g is not None)
+                grads.extend(
+                    g for g in compat.optimizer_grads_for_norm(opt, group) if g is not None
+                )
         return grads
 
     def _other_grads_all_ranks(self) -> list[torch.Tensor]:
+        """Every Adam-side grad of this rank, in every grad-norm group (for the inf check)."""
         grads: list[torch.Tensor] = []
         for opt in self.others:
-            grads.extend(g for g in compat.optimizer_grads_for_norm(opt) if g is not None)
+            for group in (None, *compat.separate_grad_norm_groups()):
+                grads.extend(
+                    g for g in compat.optimizer_grads_for_norm(opt, group) if g is not None
+                )
         return grads
 
     @torch.no_grad()
-    def _global_stats(self) -> tuple[float, bool]:
-        """Global gradient norm and whether any rank saw a non-finite gradient."""
+    def _global_stats(self) -> tuple[dict[str | None, float], bool]:
+        """Global gradient norm per grad-norm group, and whether any rank saw a non-finite one.
+
+        None: the main norm; then every group this megatron-core clips separately (0.19:
+        "mtp"), whether or not this rank holds any of its params (one fixed-length reduction
+        on every rank: MTP params may live on one pipeline stage only).
+        """
         device = self._device()
-        sq_ours = torch.zeros((), dtype=torch.float64, device=device)
+        groups: tuple[str | None, ...] = (None, *compat.separate_grad_norm_groups())
+        sq_ours = {g: torch.zeros((), dtype=torch.float64, device=device) for g in groups}
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for opt in self.mlfop:
-            s, b = opt.local_grad_stats()
-            sq_ours, bad = sq_ours + s.to(device), bad | b.to(device)
-        sq_other = torch.zeros((), dtype=torch.float64, device=device)
-        for g in self._other_grads():
-            sq_other += g.double().pow(2).sum().to(device)
-        for g in self._other_grads_all_ranks():
-            bad |= (~torch.isfinite(g).all()).to(device)
-        packed = torch.stack([sq_ours + sq_other, bad.double()])
+            sums, b = opt.local_grad_sums()
+            bad = bad | b.to(device)
+            for group, s in sums.items():
+                sq_ours[group] = sq_ours[group] + s.to(device)
+        totals = []
+        for group in groups:
+            sq_other = torch.zeros((), dtype=torch.float64, device=device)
+            for grad in self._other_grads(group):
+                sq_other += grad.double().pow(2).sum().to(device)
+            totals.append(sq_ours[group] + sq_other)
+        for grad in self._other_grads_all_ranks():
+            bad |= (~torch.isfinite(grad).all()).to(device)
+        packed = torch.stack([*totals, bad.double()])
         dist.all_reduce(packed)  # every rank: DP x TP x PP
-        return math.sqrt(float(packed[0])), bool(packed[1] > 0)
+        norms = {g: math.sqrt(float(packed[i])) for i, g in enumerate(groups)}
+        return norms, bool(packed[-1] > 0)
 
     def finish_param_sync(self) -> None:
         """Wait for the parameter all-gathers the last step left in flight (no-op if none).
@@ -752,7 +797,7 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
 
         The ML-FOP-SOAP optimizers' counts plus the ZeRO-1 Adam grads' reduce-scatter
         ("adam_grads") and params' all-gather ("adam_params"); "total" sums them (the step's
-        16 B norm/found-inf all-reduce is not counted).
+        norm/found-inf all-reduce of 8 B x (2 + separately clipped groups) is not counted).
         """
         out = {"soap_grads": 0, "adam_grads": 0, "params": 0, "tp_full": 0, "adam_params": 0}
         for opt in self.mlfop:
@@ -770,28 +815,34 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
     def step(self):
         """Megatron's step contract: (success, grad_norm, num_zeros), globally consistent."""
         self.prepare_grads()
-        grad_norm, found_inf = self._global_stats()
+        norms, found_inf = self._global_stats()
+        grad_norm = norms[None]
+        # As megatron-core 0.19: the separately clipped groups' norms, by group.
+        self.grad_norms_by_group = {g: n for g, n in norms.items() if g is not None}
         if found_inf:
             for opt in self.mlfop:
                 opt.discard_step()
             return False, None, None
         clip = self.config.clip_grad
-        if clip > 0.0 and grad_norm > clip:
-            coeff = clip / (grad_norm + 1.0e-6)
-            for opt in self.mlfop:
-                opt.set_grad_scale(coeff)
-            fused_kernels.scale_(self._clip_targets(), coeff)
+        for group, norm in norms.items():  # each group clipped by its own norm
+            if clip > 0.0 and norm > clip:
+                coeff = clip / (norm + 1.0e-6)
+                for opt in self.mlfop:
+                    opt.set_grad_scale(coeff, group)
+                fused_kernels.scale_(self._clip_targets(group), coeff)
         num_zeros = None
         if self.config.log_num_zeros_in_grad:
             num_zeros = sum(opt.count_zeros() for opt in self.mlfop)
         success = self.step_with_ready_grads()
         return success, grad_norm, num_zeros
 
-    def _clip_targets(self) -> list[torch.Tensor]:
-        """Every non-matrix grad once (shared params included), for in-place clipping."""
+    def _clip_targets(self, group: str | None = None) -> list[torch.Tensor]:
+        """A grad-norm group's non-matrix grads, each once (shared params included)."""
         seen, out = set(), []
         for opt in self.others:
             for p in opt.get_parameters():
+                if compat.grad_norm_group_of(p) != group:
+                    continue
                 if p.grad is not None and id(p.grad) not in seen:
                     seen.add(id(p.grad))
                     out.append(p.grad)

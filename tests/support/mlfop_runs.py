@@ -121,6 +121,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     dp = parallel_state.get_data_parallel_world_size()
     mbs = spec.get("global_micro", 2) // dp
     losses, results, step_times, pending = [], [], [], []
+    group_norms: list[dict[str, float]] = []  # per step: the separately clipped groups' norms
+    clip_scales: list[list[dict]] = []  # per step: each ML-FOP-SOAP optimizer's clip factors
     comm_counts: list[tuple[dict[str, int], dict[str, int]]] = []
     first = 0
     if spec.get("load_from"):
@@ -140,6 +142,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
                 start = time.perf_counter()
                 results.append(optimizer.step())
                 step_times.append(time.perf_counter() - start)
+                group_norms.append(dict(getattr(optimizer, "grad_norms_by_group", {})))
+                clip_scales.append([dict(o.last_grad_scales) for o in optimizer.mlfop])
                 pending.append(len(model.param_gathers))
         if counts is not None:
             comm_counts.append((dict(counts.launches), dict(counts.bytes)))
@@ -186,6 +190,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         # the whole chain: SOAP levels, Adam grads and both parameter all-gathers
         "chain_comm_bytes": optimizer.communication_bytes_per_step(),
         "pending_gathers": pending,
+        "group_norms": group_norms,
+        "clip_scales": clip_scales,
         "stats": optimizer.stats(),
     }
 
