@@ -31,7 +31,7 @@ import torch
 from benchmarks.common import cpu_model, replace_section
 from mlfop_megatron.distributed.assignment import ParamSpec, choose_block_size
 from mlfop_megatron.distributed.comm_model import communication_table, format_table
-from mlfop_megatron.megatron import compat
+from mlfop_megatron.megatron.optimizer import grad_stats_bytes
 from mlfop_megatron.runtime.spawn import run_distributed
 from tests.support.mlfop_runs import run_tiny_gpt
 
@@ -194,7 +194,7 @@ def measured_table(dps: list[int], ks: list[int], hidden: int, layers: int, iter
                     # vector, 2 x S (N-1)/N B in a ring: S = 16 B, 24 B on 0.19 with its "mtp"
                     # group) and the ZeRO-1 all-gather of the Adam params; the SOAP params'
                     # all-gather and level reductions are the rest
-                    stats = 8 * (2 + len(compat.separate_grad_norm_groups()))
+                    stats = grad_stats_bytes()
                     adam_sent = b.get("all_reduce", 0) - 2 * stats * (dp - 1) // dp
                     adam_sent += m["adam_gather"] + m["adam_scatter"]
                     soap_sent -= m["adam_gather"] + m["adam_scatter"]

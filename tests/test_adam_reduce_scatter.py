@@ -27,8 +27,8 @@ import torch
 pytest.importorskip("megatron.core")
 
 from mlfop_megatron.distributed.comm_config import CommConfig  # noqa: E402
-from mlfop_megatron.megatron import compat  # noqa: E402
 from mlfop_megatron.megatron.checkpointing import latest_checkpoint  # noqa: E402
+from mlfop_megatron.megatron.optimizer import grad_stats_bytes  # noqa: E402
 from mlfop_megatron.megatron.param_gather import PendingParamGathers  # noqa: E402
 from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
 from tests.support.mlfop_runs import run_tiny_gpt  # noqa: E402
@@ -77,7 +77,7 @@ def test_adam_reduce_scatter_equals_all_reduce(dp):
     # Bytes: what the chain reports is what the real calls sent, but for the norm pair.
     # ring all-reduce of the fp64 [norm^2 per grad-norm group, found-inf] vector (0.19 adds
     # the separately clipped "mtp" group's norm^2)
-    pair = 2 * (dp - 1) * 8 * (2 + len(compat.separate_grad_norm_groups())) // dp
+    pair = 2 * (dp - 1) * grad_stats_bytes() // dp
     assert chain["total"] == sum(sent.values()) - pair
     assert chain["adam_grads"] == sent["reduce_scatter"] - rs[0]["comm_bytes"][0]["soap_grads"]
     # The Adam grads' reduce-scatter moves half the bytes of their all-reduce (ring), up to

@@ -10,6 +10,7 @@ may be imported directly elsewhere.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import re
@@ -139,11 +140,12 @@ def ddp_params_with_grad(ddp_model: Any) -> list[Any]:
     return list(ddp_model.params_with_grad)
 
 
+@functools.cache
 def separate_grad_norm_groups() -> tuple[str, ...]:
     """Param groups this megatron-core norms and clips apart from the rest (0.19: ``("mtp",)``).
 
     0.19 tags multi-token-prediction params ``grad_norm_group = "mtp"``; older releases have
-    no such groups.
+    no such groups. Fixed for the process (read once: the step asks per param).
     """
     try:
         module = importlib.import_module("megatron.core.optimizer.optimizer")

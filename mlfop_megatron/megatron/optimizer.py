@@ -89,6 +89,16 @@ def megatron_parallel_groups() -> ParallelGroups:
     )
 
 
+def grad_norm_groups() -> tuple[str | None, ...]:
+    """The step's grad-norm groups: None (the main norm), then each clipped apart."""
+    return (None, *compat.separate_grad_norm_groups())
+
+
+def grad_stats_bytes() -> int:
+    """Bytes of the step's all-reduced fp64 vector: norm^2 per grad-norm group, then found-inf."""
+    return 8 * (len(grad_norm_groups()) + 1)
+
+
 class _ParamGroups(torch.optim.Optimizer):
     """Holds param_groups (lr, weight_decay) for Megatron's LR scheduler; state is elsewhere."""
 
@@ -745,7 +755,7 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
         """Every Adam-side grad of this rank, in every grad-norm group (for the inf check)."""
         grads: list[torch.Tensor] = []
         for opt in self.others:
-            for group in (None, *compat.separate_grad_norm_groups()):
+            for group in grad_norm_groups():
                 grads.extend(
                     g for g in compat.optimizer_grads_for_norm(opt, group) if g is not None
                 )
@@ -760,7 +770,7 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
         on every rank: MTP params may live on one pipeline stage only).
         """
         device = self._device()
-        groups: tuple[str | None, ...] = (None, *compat.separate_grad_norm_groups())
+        groups = grad_norm_groups()
         sq_ours = {g: torch.zeros((), dtype=torch.float64, device=device) for g in groups}
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for opt in self.mlfop:
@@ -797,7 +807,7 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
 
         The ML-FOP-SOAP optimizers' counts plus the ZeRO-1 Adam grads' reduce-scatter
         ("adam_grads") and params' all-gather ("adam_params"); "total" sums them (the step's
-        norm/found-inf all-reduce of 8 B x (2 + separately clipped groups) is not counted).
+        norm/found-inf all-reduce, :func:`grad_stats_bytes`, is not counted).
         """
         out = {"soap_grads": 0, "adam_grads": 0, "params": 0, "tp_full": 0, "adam_params": 0}
         for opt in self.mlfop:
