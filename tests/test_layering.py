@@ -81,6 +81,7 @@ def test_pure_modules_import_no_torch():
         "mlfop_megatron.distributed.model_shapes",
         "mlfop_megatron.megatron.param_groups",
         "mlfop_megatron.megatron_lm.arguments",
+        "mlfop_megatron.launch.stop_signals",
         "mlfop_megatron.launch.plan.cli",
     )
     code = f"import sys\nfor m in {pure!r}: __import__(m)\nprint('torch' in sys.modules)"

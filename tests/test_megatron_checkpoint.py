@@ -60,3 +60,22 @@ def test_latest_checkpoint_ignores_partial_dirs_and_survives_a_bad_marker(tmp_pa
     for bad in ("", "iter_00", "../elsewhere", "iter_0000020.tmp", "iter_0000099"):
         (tmp_path / "latest").write_text(bad)
         assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "iter_0000010"), bad
+
+
+def test_save_survives_stop_signals_sent_to_every_process_of_the_job(tmp_path):
+    """A save's helper processes outlive a stop signal sent to every process of the job.
+
+    Slurm signals every process of a job step (preemption, ``scancel --full``, the time-limit
+    signal the batch shell forwards), not only the ranks. The torch_dist writer keeps a spawned
+    multiprocessing Manager from the first save on: killed by that signal, the next save (the
+    preemption checkpoint) died with EOFError or BrokenPipeError (seen in CI, tests/test_slurm.py).
+    """
+    ckpt = str(tmp_path / "ckpt")
+    base = dict(iters=5, microbatches=2, global_micro=2, precondition_frequency=2)
+    spec = dict(base, save_at=(2, ckpt), signal_after_save=True)
+    full = run_distributed(run_tiny_gpt, 2, spec)
+    for rank in full:  # the writer's Manager was among the signalled processes
+        assert any("multiprocessing" in cmd for cmd in rank["signalled"]), rank["signalled"]
+    resumed = run_distributed(run_tiny_gpt, 2, dict(base, load_from=latest_checkpoint(ckpt)))
+    for r in (0, 1):
+        assert _same(full[r]["params"], resumed[r]["params"])

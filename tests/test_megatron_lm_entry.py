@@ -283,11 +283,14 @@ def test_megatron_parse_args_rejects_bad_mlfop_values():
 FAULT_ITERS = 8
 
 
-def _signal_during_megatron_save(ckpt: Path, log: Path, sig: int, *flags: str) -> int:
+def _signal_during_megatron_save(
+    ckpt: Path, log: Path, sig: int, *flags: str, every_process: bool = False
+) -> int:
     """Interrupt a run while it saves; return its exit code.
 
-    Start a run saving every 2 iterations; send ``sig`` to all its processes while the save
-    after the first complete one is being written. Returns the run's exit code.
+    Start a run saving every 2 iterations; send ``sig`` to its ranks (``every_process`` or
+    SIGKILL: to the ranks and every process they started, as Slurm signals a job step) while
+    the save after the first complete one is being written. Returns the run's exit code.
     """
     cmd, env = launcher_command(
         "--train-iters", str(FAULT_ITERS), "--save", str(ckpt), "--save-interval", "2", *flags
@@ -305,7 +308,7 @@ def _signal_during_megatron_save(ckpt: Path, log: Path, sig: int, *flags: str) -
                 # sessions; signalling torchrun instead makes it tear the workers down).
                 ranks = psutil.Process(proc.pid).children()
                 targets = psutil.Process(proc.pid).children(recursive=True)
-                for child in targets if sig == signal.SIGKILL else ranks:
+                for child in targets if sig == signal.SIGKILL or every_process else ranks:
                     child.send_signal(sig)
                 break
             time.sleep(0.01)
@@ -338,18 +341,23 @@ def test_sigkill_during_a_megatron_save_resumes_from_the_last_complete_one(
         assert value == pytest.approx(fault_reference[it], abs=LOSS_TOL), (it, value)
 
 
+@pytest.mark.parametrize("every_process", [False, True], ids=["ranks", "every-process"])
 def test_sigterm_during_a_megatron_save_finishes_it_and_stops_for_requeue(
-    tmp_path, fault_reference
+    tmp_path, fault_reference, every_process
 ):
     """A signal during a save: the save completes, the run requeues and resumes.
 
     With --exit-signal-handler the interrupted save completes, the run saves again at the
     next iteration and exits with the requeue code; the resumed run repeats the reference.
+    ``every_process``: the signal also reaches the processes the ranks started (the torch_dist
+    writer's Manager, kept since the first save), as Slurm preemption sends it.
     """
     from mlfop_megatron.launch.preemption import REQUEUE_EXIT_CODE
 
     ckpt, log = tmp_path / "ckpt", tmp_path / "terminated.log"
-    code = _signal_during_megatron_save(ckpt, log, signal.SIGTERM, "--exit-signal-handler")
+    code = _signal_during_megatron_save(
+        ckpt, log, signal.SIGTERM, "--exit-signal-handler", every_process=every_process
+    )
     text = log.read_text()
     # torchrun reports a failed worker (1); the ranks themselves exit with the requeue code.
     assert code != 0 and f"(exitcode: {REQUEUE_EXIT_CODE})" in text, text[-3000:]

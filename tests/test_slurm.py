@@ -85,7 +85,9 @@ def _wait(job: str, until, timeout: float = 400.0) -> dict[str, str]:
         if until(info):
             return info
         if info.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            raise AssertionError(f"job {job} ended {info.get('JobState')}")
+            out = Path(info.get("StdOut", ""))
+            tail = out.read_text()[-4000:] if out.is_file() else f"(no output file {out})"
+            raise AssertionError(f"job {job} ended {info.get('JobState')}; its output:\n{tail}")
         time.sleep(0.5)
     raise AssertionError(f"job {job} timed out in state {_job(job).get('JobState')}")
 

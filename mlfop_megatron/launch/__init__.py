@@ -1,1 +1,1 @@
-"""Launch helpers: job planning (``mlfop-plan``) before submitting a Megatron run."""
+"""Launch helpers: job planning (``mlfop-plan``), preemption handling and stop signals."""

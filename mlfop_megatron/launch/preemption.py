@@ -4,6 +4,9 @@ Slurm sends a signal before killing a job (``--signal=B:USR1@120`` to the batch 
 forwards it, or SIGTERM at cancel/preemption). The handler only sets a flag; the training loop
 asks ``stop_requested()`` at each step boundary, where the flag is max-reduced over all ranks so
 every rank stops after the same step, saves, and exits for Slurm to requeue.
+
+Saves run inside :func:`mlfop_megatron.launch.stop_signals.stop_signals_blocked`, so that a
+signal Slurm sends to every process of the job cannot kill the save's helper processes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from mlfop_megatron.distributed.collective_device import collective_device
+from mlfop_megatron.launch.stop_signals import STOP_SIGNALS
 
 REQUEUE_EXIT_CODE = 3  # the trainer's exit code after a preemption checkpoint
 REQUEUE_MARKER = "requeue.flag"  # written into the run dir after that checkpoint is complete
@@ -25,7 +29,7 @@ REQUEUE_MARKER = "requeue.flag"  # written into the run dir after that checkpoin
 class PreemptionHandler:
     """Records that a stop signal arrived; never does work inside the signal handler."""
 
-    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+    def __init__(self, signals: Iterable[int] = STOP_SIGNALS) -> None:
         self.received: int | None = None
         self._previous = {}
         for sig in signals:

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
 
+from mlfop_megatron.launch.stop_signals import stop_signals_blocked
+
 STATE_FIELDS = ("L", "R", "QL", "QR", "exp_avg", "exp_avg_sq", "master")
 SCALAR_FIELDS = {"step": torch.int64, "initialized": torch.bool}
 PREFIX = "optimizer.mlfop"
@@ -103,7 +105,9 @@ def save_checkpoint(checkpoint_dir: str, model: Any, optimizer: Any, iteration: 
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, iteration), tmp)
+    # The writer's helper processes must survive a stop signal sent to the whole job.
+    with stop_signals_blocked():
+        dist_checkpointing.save(_sharded_state(model, optimizer, iteration), tmp)
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)

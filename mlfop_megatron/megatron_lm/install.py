@@ -1,6 +1,6 @@
 """Runtime install of ML-FOP-SOAP into Megatron-LM's training setup (no source patch needed).
 
-``install()`` wraps five functions of ``megatron.training.training`` (Megatron-LM core_v0.16.x
+``install()`` wraps six functions of ``megatron.training.training`` (Megatron-LM core_v0.16.x
 and core_v0.19.x; what differs between them is in :mod:`mlfop_megatron.megatron_lm.compat`);
 each wrapper does nothing new unless the run was started with ``--optimizer mlfop_soap``:
 
@@ -12,6 +12,9 @@ each wrapper does nothing new unless the run was started with ``--optimizer mlfo
   and the Adam settings of the non-matrix params) exactly as for ``--optimizer adam``;
 * ``get_megatron_optimizer``: returns :func:`get_mlfop_optimizer` built from the ``--mlfop-*``
   flags, with ``accumulation_steps`` = the run's number of micro-batches per step;
+* ``save_checkpoint``: runs with the stop signals (SIGTERM, SIGUSR1 and ``--exit-signal``)
+  blocked, so the torch_dist writer's helper processes survive a signal Slurm sends to every
+  process of the job (:func:`mlfop_megatron.launch.stop_signals.stop_signals_blocked`);
 * ``training_log``: every ``--mlfop-stats-interval`` iterations logs the fold diagnostics, the
   optimizer phase timings (fold, factor update, refresh, communication) and NVML GPU memory /
   utilisation / power (max over ranks) to Megatron-LM's tensorboard writer and prints a line.
@@ -26,6 +29,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from mlfop_megatron.launch.stop_signals import STOP_SIGNALS, stop_signals_blocked
 from mlfop_megatron.megatron_lm import compat
 from mlfop_megatron.megatron_lm.arguments import (
     accept_mlfop_optimizer,
@@ -44,6 +48,7 @@ _HOOKED = (
     "setup_model_and_optimizer",
     "get_megatron_optimizer_config",
     "get_megatron_optimizer",
+    "save_checkpoint",
 )
 _MARK = "_mlfop_installed"
 
@@ -188,6 +193,14 @@ def log_stats_if_due(
     return stats
 
 
+def stop_signals_of(args: argparse.Namespace) -> set[int]:
+    """The signals that stop a run: Slurm's (SIGTERM, SIGUSR1) and ``--exit-signal``."""
+    signals: set[int] = set(STOP_SIGNALS)
+    if getattr(args, "exit_signal", None) is not None:
+        signals.add(int(args.exit_signal))
+    return signals
+
+
 def _accept_optimizer_choice(arguments: Any) -> None:
     """Add ``mlfop_soap`` to the ``--optimizer`` choices of every Megatron-LM parser.
 
@@ -271,6 +284,13 @@ def install() -> None:
         _Installed.optimizer = build_mlfop_optimizer(config, model_chunks, args)
         return _Installed.optimizer
 
+    def save_checkpoint(*a: Any, **kw: Any) -> Any:
+        args = get_args()
+        if not uses_mlfop(args):
+            return original["save_checkpoint"](*a, **kw)
+        with stop_signals_blocked(stop_signals_of(args)):
+            return original["save_checkpoint"](*a, **kw)
+
     def training_log(*a: Any, **kw: Any) -> Any:
         result = original["training_log"](*a, **kw)
         args = get_args()
@@ -283,6 +303,7 @@ def install() -> None:
     training.setup_model_and_optimizer = setup_model_and_optimizer
     training.get_megatron_optimizer_config = get_megatron_optimizer_config
     training.get_megatron_optimizer = get_megatron_optimizer
+    training.save_checkpoint = save_checkpoint
     training.training_log = training_log
     setattr(training, _MARK, True)
 

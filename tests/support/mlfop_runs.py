@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -40,6 +41,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     poisoned param), mtp_tagged (name parts: params tagged grad_norm_group="mtp" as 0.19 tags
     MTP params), discard_at (iteration) to drop a step,
     save_at (iteration, dir) to checkpoint after that step, load_from (dir) to resume,
+    signal_after_save: after that save send SIGUSR1 and SIGTERM to every process this rank
+    started (as Slurm signals every process of a job step) and save again,
     hidden and layers for the model size, arch ('gpt' or 'hybrid': the same model as a
     megatron-core 0.19 HybridModel), on_device to create params and batches on the (emulated)
     CUDA device, parallel (more initialize_model_parallel kwargs, e.g.
@@ -124,6 +127,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     group_norms: list[dict[str, float]] = []  # per step: the separately clipped groups' norms
     clip_scales: list[list[dict]] = []  # per step: each ML-FOP-SOAP optimizer's clip factors
     comm_counts: list[tuple[dict[str, int], dict[str, int]]] = []
+    signalled: list[str] = []
     first = 0
     if spec.get("load_from"):
         first = load_checkpoint(spec["load_from"], model, optimizer) + 1
@@ -156,6 +160,9 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         scheduler.step(increment=1)
         if spec.get("save_at") is not None and spec["save_at"][0] == it:
             save_checkpoint(spec["save_at"][1], model, optimizer, it)
+            if spec.get("signal_after_save"):
+                signalled = signal_descendants((signal.SIGUSR1, signal.SIGTERM))
+                save_checkpoint(spec["save_at"][1], model, optimizer, it)
     # The params are read outside a forward: the last step's all-gathers must land first.
     optimizer.finish_param_sync()
     names = canonical_param_names(model)
@@ -193,7 +200,24 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         "group_norms": group_norms,
         "clip_scales": clip_scales,
         "stats": optimizer.stats(),
+        "signalled": signalled,
     }
+
+
+def signal_descendants(signals: tuple[int, ...]) -> list[str]:
+    """Send ``signals`` to every live process this one started; returns their command lines."""
+    import psutil
+
+    hit = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            hit.append(" ".join(proc.cmdline()))
+            for sig in signals:
+                proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            continue
+    time.sleep(0.5)  # let default dispositions take effect before the next use
+    return hit
 
 
 def poison_next_backward(model: torch.nn.Module, name_part: str | None = None) -> None:
