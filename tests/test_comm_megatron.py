@@ -25,7 +25,8 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from mlfop_megatron.megatron.optimizer import grad_stats_bytes  # noqa: E402
+from mlfop_megatron.distributed.comm_model import norm_all_reduce_bytes  # noqa: E402
+from mlfop_megatron.megatron.optimizer import grad_norm_groups, grad_stats_bytes  # noqa: E402
 from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
 from tests.support.mlfop_runs import run_tiny_gpt  # noqa: E402
 
@@ -76,6 +77,8 @@ def test_owner_reduce_scatter_equals_first_version_bitwise(enabled):
     adam_gather = new[0]["adam_gather_bytes"]
     assert adam_gather > 0 and chain["adam_params"] == adam_gather
     assert chain["total"] == sum(sent.values()) - grad_stats_bytes()
+    groups = len(grad_norm_groups())  # the cost model's norm all-reduce is the measured one
+    assert sent["all_reduce"] == norm_all_reduce_bytes(2, groups) == grad_stats_bytes()
     assert model["soap_grads"] + chain["adam_grads"] == sent["reduce_scatter"]
     assert model["adam_grads"] == 0  # no Adam grad is all-reduced any more
     assert model["params"] == sent["all_gather"] - adam_gather

@@ -7,7 +7,8 @@ Layouts compared on the same parameter shapes and data-parallel size N (r = (N-1
   params' fp32 grads reduce-scattered once into the ZeRO-1 slices (``ShardedMainParamAdamW``,
   its buffer padded to a multiple of N: 4r B per element), one all-gather of the
   owner-ordered bf16 SOAP params, one all-gather of the bf16 Adam params (2r B; one buffer per
-  dtype: one here), one all-reduce of the (norm, found-inf) pair: L + 4 launches. Segments are
+  dtype: one here), one all-reduce of the fp64 [norm^2 per grad-norm group, found-inf] vector
+  (one group; megatron-core 0.19 clips its MTP layers apart: two): L + 4 launches. Segments are
   padded to the most loaded owner, from the real :class:`Assignment` of the SOAP blocks. Adam
   state (fp32 main weights + two moments, 12 B per element) is sharded: ceil(P_adam / N)
   elements per rank. ``shard_adam=False`` models the replicated Adam (its grads all-reduced,
@@ -98,7 +99,8 @@ class MlfopTraffic:
     most loaded owner's elements); ``adam_reduce``: the Adam grads' fp32 reduction, once (a
     reduce-scatter into the ZeRO-1 slices, or an all-reduce);
     ``soap_gather``: the all-gather of the owner-ordered params; ``adam_gather``: the ZeRO-1
-    Adam params' all-gather (0 with replicated Adam); ``norm``: the (norm, found-inf) pair.
+    Adam params' all-gather (0 with replicated Adam); ``norm``: the all-reduce of the fp64
+    [norm^2 per grad-norm group, found-inf] vector.
     """
 
     levels: int
@@ -138,6 +140,7 @@ def mlfop_traffic(
     shard_adam: bool = True,
     soap_sent: float | None = None,
     adam_reduce_scatter: bool = True,
+    grad_norm_groups: int = 1,
 ) -> MlfopTraffic:
     """Per-rank bytes of each collective of a step, ring algorithms, r = (N-1)/N.
 
@@ -147,6 +150,8 @@ def mlfop_traffic(
     segment.
     ``adam_reduce_scatter`` (with ``shard_adam``): the Adam grads are reduce-scattered into
     the ZeRO-1 slices (4r B per padded element) instead of all-reduced (8r B per element).
+    ``grad_norm_groups``: norms in the step's norm all-reduce (1; 2 on megatron-core 0.19 with
+    MTP layers, see ``megatron.optimizer.grad_norm_groups``).
     """
     r = (dp - 1) / dp
     buffer = float(dp * segment)  # the padded owner-ordered buffer
@@ -164,8 +169,13 @@ def mlfop_traffic(
         adam_reduce=adam_reduce,
         soap_gather=param_bytes * r * buffer,
         adam_gather=param_bytes * r * adam_padded if shard_adam and adam_numel else 0.0,
-        norm=16 * r,
+        norm=norm_all_reduce_bytes(dp, grad_norm_groups),
     )
+
+
+def norm_all_reduce_bytes(dp: int, grad_norm_groups: int = 1) -> float:
+    """Bytes one rank sends in the ring all-reduce of the fp64 [norm^2 per group, found-inf]."""
+    return 2 * (dp - 1) / dp * 8 * (grad_norm_groups + 1)
 
 
 def layout_costs(
@@ -217,7 +227,8 @@ def layout_costs(
             )
         )
     buckets = _buckets(p_all, dp)
-    v1 = [(levels * buckets, levels * 8 * r * p_all), (dp, 2 * r * p_soap), (1, 16 * r)]
+    v1 = [(levels * buckets, levels * 8 * r * p_all), (dp, 2 * r * p_soap)]
+    v1.append((1, norm_all_reduce_bytes(dp)))
     out.append(
         LayoutCost(
             "mlfop_v1",
@@ -230,6 +241,7 @@ def layout_costs(
             (max(mem) + replicated_adam) / (sum(mem) + replicated_adam),
         )
     )
+    # Megatron's own norm and found-inf: one fp32 each (2r x 8 B; modelled as one launch)
     dist = [(buckets, 4 * r * p_all), (buckets, 2 * r * p_all), (1, 16 * r)]
     out.append(
         LayoutCost(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from mlfop_megatron.launch.stop_signals import STOP_SIGNALS, stop_signals_blocked
@@ -201,6 +202,16 @@ def stop_signals_of(args: argparse.Namespace) -> set[int]:
     return signals
 
 
+def save_signal_guard(args: argparse.Namespace) -> AbstractContextManager[None]:
+    """What a checkpoint save of this run runs inside: the stop signals blocked (mlfop_soap runs).
+
+    Other optimizers' runs get a null context: the install changes nothing for them.
+    """
+    if not uses_mlfop(args):
+        return nullcontext()
+    return stop_signals_blocked(stop_signals_of(args))
+
+
 def _accept_optimizer_choice(arguments: Any) -> None:
     """Add ``mlfop_soap`` to the ``--optimizer`` choices of every Megatron-LM parser.
 
@@ -285,10 +296,7 @@ def install() -> None:
         return _Installed.optimizer
 
     def save_checkpoint(*a: Any, **kw: Any) -> Any:
-        args = get_args()
-        if not uses_mlfop(args):
-            return original["save_checkpoint"](*a, **kw)
-        with stop_signals_blocked(stop_signals_of(args)):
+        with save_signal_guard(get_args()):
             return original["save_checkpoint"](*a, **kw)
 
     def training_log(*a: Any, **kw: Any) -> Any:

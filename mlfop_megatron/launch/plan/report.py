@@ -137,7 +137,7 @@ def format_plan(plan: Plan) -> str:
             f"TP all-gather of level grads (tp-full): {plan.num_levels} x (TP-1) x shard",
             fb(b.tp_gather_bytes_per_step) if full else "-",
         ),
-        _row("total (with the 16 B norm/found-inf all-reduce)", fb(b.comm_bytes_per_step)),
+        _row("total (with the norm/found-inf all-reduce)", fb(b.comm_bytes_per_step)),
         "",
         f"communication and optimizer memory side by side (comm_model, stage {b.stage}, bf16 "
         f"params, fp32 main weights; alpha-beta {ALPHA_S * 1e6:g} us per log2(N) step, "
