@@ -5,7 +5,9 @@ Slurm signals every process of a job step, not only the ranks: preemption (SIGTE
 helper processes (megatron-core's torch_dist writer spawns a multiprocessing Manager that it keeps
 for later saves, and forks writers); they have no handler, so such a signal kills them and the
 save, often the very preemption checkpoint, fails. Started inside :func:`stop_signals_blocked`
-they inherit the signals blocked. Pure: no torch import (the Megatron-LM entry imports it early).
+they inherit the signals blocked. A save that hangs is still ended by the SIGKILL Slurm sends
+KillWait (or the preemption GraceTime) after the signal. Pure: no torch import (the Megatron-LM
+entry imports it early).
 """
 
 from __future__ import annotations
