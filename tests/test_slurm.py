@@ -1,7 +1,10 @@
 """Slurm end to end: preempt a CPU-mode job and check its requeued run.
 
 Submits the CPU-mode job with sbatch, preempts it mid-run, checks that the requeued job resumes
-and ends with exactly the parameters of an uninterrupted run.
+and ends with exactly the parameters of an uninterrupted run. Two ways to preempt: the stop
+signal (``scancel --full --signal=USR1``: what ``--signal=B:USR1@180`` sends before the time
+limit) and Slurm's own preemption (a job of the higher-tier ``urgent`` partition takes the node:
+SIGTERM to the job's processes, SIGKILL after the partition's GraceTime, requeue by Slurm).
 
 Needs a running Slurm (CI starts the two-node test cluster, slurm/start_test_cluster.sh; these
 jobs use one node of it); skipped otherwise.
@@ -48,7 +51,12 @@ _LAUNCHER_ENV = ("GLOO_SOCKET_IFNAME", "MASTER_ADDR", "MASTER_PORT", "RANK", "WO
 
 
 def sbatch_cpu_job(
-    run_dir: Path, nodes: int, tasks_per_node: int, train_args: str, **job_env: str
+    run_dir: Path,
+    nodes: int,
+    tasks_per_node: int,
+    train_args: str,
+    sbatch_args: tuple[str, ...] = (),
+    **job_env: str,
 ) -> str:
     """Submit slurm/pretrain.sbatch in CPU mode; ``job_env`` overrides TRAIN_ARGS etc."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
@@ -62,15 +70,16 @@ def sbatch_cpu_job(
         "--gpus-per-node=0",
         "--cpus-per-task=1",
         f"--output={run_dir}.out",
+        *sbatch_args,
         "slurm/pretrain.sbatch",
     ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip().split(";")[0]
 
 
-def _submit(run_dir: Path, **job_env: str) -> str:
+def _submit(run_dir: Path, sbatch_args: tuple[str, ...] = (), **job_env: str) -> str:
     """Sbatch the CPU-mode job on one node (2 tasks)."""
-    return sbatch_cpu_job(run_dir, 1, 2, f"--quick --steps {STEPS}", **job_env)
+    return sbatch_cpu_job(run_dir, 1, 2, f"--quick --steps {STEPS}", sbatch_args, **job_env)
 
 
 def _job(job: str) -> dict[str, str]:
@@ -116,15 +125,20 @@ def _rows(run_dir: Path) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
 
 
-def test_preempted_job_requeues_resumes_and_matches_uninterrupted(tmp_path):
+def _preempt_and_compare(tmp_path: Path, preempt: Callable[[str], None]) -> str:
+    """Run a clean job (node2) and one (node1) that ``preempt(job)`` stops after 20 steps.
+
+    Waits for the requeued run to complete; checks the checkpoint, the metrics and the final
+    checkpoints (bitwise equal to the clean run's); returns the preempted job's log.
+    """
     clean_dir, preempted_dir = tmp_path / "clean", tmp_path / "preempted"
-    clean = _submit(clean_dir)
-    job = _submit(preempted_dir)
+    clean = _submit(clean_dir, ("--nodelist=node2",))
+    job = _submit(preempted_dir, ("--nodelist=node1",))
     deadline = time.monotonic() + 300
     while _rows(preempted_dir) < 20:  # mid-run: some steps done, most still to go
         assert time.monotonic() < deadline, "training never started"
         time.sleep(0.2)
-    subprocess.run(["scancel", "--full", "--signal=USR1", job], check=True)
+    preempt(job)
 
     _wait_requeued_completion(job)
     _wait(clean, lambda i: i.get("JobState") == "COMPLETED")
@@ -132,13 +146,54 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(tmp_path):
     log = Path(f"{preempted_dir}.out").read_text()
     match = re.search(r"preempted: checkpoint at step (\d+)", log)
     assert match and 0 < int(match.group(1)) < STEPS, log[-3000:]
-    assert "restart 1" in log and "asked for a requeue" in log
+    assert "restart 1" in log, log[-3000:]
     assert _rows(preempted_dir) == STEPS  # metrics continue, no step lost or repeated
     # the final checkpoints (model and optimizer state, every rank's shards) are bitwise equal
     clean_ckpt = clean_dir / "checkpoint" / "mlfop"
     preempted_ckpt = preempted_dir / "checkpoint" / "mlfop"
     assert complete_step(clean_ckpt) == complete_step(preempted_ckpt) == STEPS
     assert_same_tensors(clean_ckpt, preempted_ckpt)
+    return log
+
+
+def test_preempted_job_requeues_resumes_and_matches_uninterrupted(tmp_path):
+    """The stop signal to the batch shell and every step (scancel --full --signal=USR1)."""
+
+    def signal_usr1(job: str) -> None:
+        subprocess.run(["scancel", "--full", "--signal=USR1", job], check=True)
+
+    log = _preempt_and_compare(tmp_path, signal_usr1)
+    assert "asked for a requeue" in log
+
+
+def _has_urgent_partition() -> bool:
+    out = subprocess.run(
+        ["sinfo", "-h", "-p", "urgent", "-o", "%P"], capture_output=True, text=True
+    )
+    return out.returncode == 0 and "urgent" in out.stdout
+
+
+@pytest.mark.skipif(
+    not _has_urgent_partition(),
+    reason="this Slurm has no 'urgent' partition (restart slurm/start_test_cluster.sh)",
+)
+def test_slurm_partition_preemption_requeues_resumes_and_matches_uninterrupted(tmp_path):
+    """Slurm's own preemption: an exclusive job of a higher PriorityTier partition.
+
+    The test cluster (slurm/start_test_cluster.sh) runs PreemptType=preempt/partition_prio,
+    PreemptMode=REQUEUE, GraceTime=120 on ``debug``: Slurm sends SIGTERM to the job's
+    processes, the ranks save at the next step and exit, Slurm requeues the job.
+    """
+    urgent_out = tmp_path / "urgent.out"
+
+    def preempt_by_urgent_job(job: str) -> None:
+        cmd = ["sbatch", "--parsable", "-p", "urgent", "--exclusive", "--nodelist=node1"]
+        cmd += [f"--output={urgent_out}", "--wrap", "echo urgent job ran on $(hostname)"]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+
+    log = _preempt_and_compare(tmp_path, preempt_by_urgent_job)
+    assert "stop signal SIGTERM, checkpoint at step" in log, log[-3000:]
+    assert urgent_out.read_text().strip() == "urgent job ran on node1"
 
 
 MEGATRON_ITERS = 40
