@@ -369,3 +369,37 @@ def test_sigterm_during_a_megatron_save_finishes_it_and_stops_for_requeue(
     assert sorted(resumed) == list(range(stopped + 1, FAULT_ITERS + 1)), out[-3000:]
     for it, value in resumed.items():
         assert value == pytest.approx(fault_reference[it], abs=LOSS_TOL), (it, value)
+
+
+def test_slurm_preemption_sigterm_stops_a_run_that_exits_on_sigusr1(tmp_path, fault_reference):
+    """slurm/pretrain.sbatch passes ``--exit-signal SIGUSR1``; Slurm preempts with SIGTERM.
+
+    SIGTERM to every process of the run (as Slurm's preemption sends it) after iteration 3
+    stops it like SIGUSR1 would: a checkpoint, the requeue exit code, and the resumed run
+    repeats the uninterrupted losses. Without the routing the ranks died of the SIGTERM.
+    """
+    from mlfop_megatron.launch.preemption import REQUEUE_EXIT_CODE
+
+    ckpt, log = tmp_path / "ckpt", tmp_path / "preempted.log"
+    flags = ("--train-iters", str(FAULT_ITERS), "--save", str(ckpt), "--save-interval", "1000")
+    cmd, env = launcher_command(*flags, "--exit-signal-handler", "--exit-signal", "SIGUSR1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 180
+        while len(losses(log.read_text())) < 3:
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=180)
+    text = log.read_text()
+    assert code != 0 and f"(exitcode: {REQUEUE_EXIT_CODE})" in text, text[-3000:]
+    stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= stopped < FAULT_ITERS and f"stopped at iteration {stopped}" in text, text[-3000:]
+    out = check_ok(run_launcher("--train-iters", str(FAULT_ITERS), "--load", str(ckpt)))
+    resumed = losses(out)
+    assert sorted(resumed) == list(range(stopped + 1, FAULT_ITERS + 1)), out[-3000:]
+    for it, value in resumed.items():
+        assert value == pytest.approx(fault_reference[it], abs=LOSS_TOL), (it, value)

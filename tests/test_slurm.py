@@ -185,27 +185,29 @@ def test_slurm_partition_preemption_requeues_resumes_and_matches_uninterrupted(t
     processes, the ranks save at the next step and exit, Slurm requeues the job.
     """
     urgent_out = tmp_path / "urgent.out"
-
-    def preempt_by_urgent_job(job: str) -> None:
-        cmd = ["sbatch", "--parsable", "-p", "urgent", "--exclusive", "--nodelist=node1"]
-        cmd += [f"--output={urgent_out}", "--wrap", "echo urgent job ran on $(hostname)"]
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
-
-    log = _preempt_and_compare(tmp_path, preempt_by_urgent_job)
+    log = _preempt_and_compare(tmp_path, lambda job: _preempt_node1(urgent_out))
     assert "stop signal SIGTERM, checkpoint at step" in log, log[-3000:]
     assert urgent_out.read_text().strip() == "urgent job ran on node1"
+
+
+def _preempt_node1(output: Path) -> None:
+    """Submit an exclusive job of the higher-tier 'urgent' partition to node1."""
+    cmd = ["sbatch", "--parsable", "-p", "urgent", "--exclusive", "--nodelist=node1"]
+    cmd += [f"--output={output}", "--wrap", "echo urgent job ran on $(hostname)"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
 
 
 MEGATRON_ITERS = 40
 
 
 def preempt_megatron_lm_job(
-    tmp_path: Path, submit: Callable[..., str], iters: int, signal_to: str
+    tmp_path: Path, submit: Callable[..., str], iters: int, signal_to: str | Callable[[str], None]
 ) -> tuple[str, Path, int]:
     """Preempt a LAUNCH=megatron-lm job and compare it with a clean one.
 
     Submit a clean and a to-be-preempted LAUNCH=megatron-lm job; USR1 the second after 5
-    iterations (``signal_to``: scancel's --full or --batch), wait for the requeued run and the
+    iterations (``signal_to``: scancel's --full or --batch, or a function that preempts the
+    job), wait for the requeued run and the
     clean one; check the resumed iterations reproduce the clean losses. Returns (log of the
     preempted job, its run dir, the iteration it stopped at).
     """
@@ -223,7 +225,10 @@ def preempt_megatron_lm_job(
     while len(losses(log_path.read_text() if log_path.exists() else "")) < 5:
         assert time.monotonic() < deadline, "training never started"
         time.sleep(0.2)
-    subprocess.run(["scancel", signal_to, "--signal=USR1", job], check=True)
+    if callable(signal_to):
+        signal_to(job)
+    else:
+        subprocess.run(["scancel", signal_to, "--signal=USR1", job], check=True)
     _wait_requeued_completion(job)
     _wait(clean, lambda i: i.get("JobState") == "COMPLETED")
     log = log_path.read_text()
@@ -250,3 +255,27 @@ def test_megatron_lm_job_preempted_requeues_and_resumes_to_the_same_losses(tmp_p
     log, run_dir, _ = preempt_megatron_lm_job(tmp_path, _submit, MEGATRON_ITERS, "--full")
     assert "restart 1" in log and "asked for a requeue" in log
     assert f"successfully loaded checkpoint from {run_dir / 'checkpoints'}" in log
+
+
+@pytest.mark.skipif(MEGATRON_LM_SKIP_REASON is not None, reason=MEGATRON_LM_SKIP_REASON or "")
+@pytest.mark.skipif(
+    not _has_urgent_partition(),
+    reason="this Slurm has no 'urgent' partition (restart slurm/start_test_cluster.sh)",
+)
+def test_megatron_lm_job_preempted_by_slurm_requeues_and_resumes_to_the_same_losses(tmp_path):
+    """LAUNCH=megatron-lm under Slurm's own preemption (SIGTERM; the job exits on SIGUSR1).
+
+    The runtime install routes SIGTERM to Megatron-LM's exit handler: the ranks save at the
+    next iteration, Slurm requeues the job, the resumed iterations repeat the clean run's.
+    """
+
+    def submit(run_dir: Path, **env: str) -> str:  # preempted on node1, clean on node2
+        node = "node1" if run_dir.name == "preempted" else "node2"
+        return _submit(run_dir, (f"--nodelist={node}",), **env)
+
+    urgent_out = tmp_path / "urgent.out"
+    log, run_dir, _ = preempt_megatron_lm_job(
+        tmp_path, submit, MEGATRON_ITERS, lambda job: _preempt_node1(urgent_out)
+    )
+    assert f"successfully loaded checkpoint from {run_dir / 'checkpoints'}" in log
+    assert urgent_out.read_text().strip() == "urgent job ran on node1"

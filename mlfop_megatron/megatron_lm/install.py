@@ -12,6 +12,9 @@ each wrapper does nothing new unless the run was started with ``--optimizer mlfo
   and the Adam settings of the non-matrix params) exactly as for ``--optimizer adam``;
 * ``get_megatron_optimizer``: returns :func:`get_mlfop_optimizer` built from the ``--mlfop-*``
   flags, with ``accumulation_steps`` = the run's number of micro-batches per step;
+* ``setup_model_and_optimizer`` also, with ``--exit-signal-handler``, makes Slurm's other stop
+  signal (SIGTERM or SIGUSR1, whichever ``--exit-signal`` is not) stop the run the same way
+  (:func:`route_stop_signals_to_exit_handler`);
 * ``save_checkpoint``: runs with the stop signals (SIGTERM, SIGUSR1 and ``--exit-signal``)
   blocked, so the torch_dist writer's helper processes survive a signal Slurm sends to every
   process of the job (:func:`mlfop_megatron.launch.stop_signals.stop_signals_blocked`);
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -194,6 +198,28 @@ def log_stats_if_due(
     return stats
 
 
+def route_stop_signals_to_exit_handler(args: argparse.Namespace) -> list[int]:
+    """With ``--exit-signal-handler``: every stop signal sets Megatron-LM's exit flag.
+
+    Megatron-LM catches one signal (``--exit-signal``; slurm/pretrain.sbatch passes SIGUSR1,
+    Slurm's time-limit signal). Slurm's preemption sends SIGTERM to every process of the job
+    instead, which would kill the ranks without a checkpoint. The stop signals that still have
+    their default action get Megatron-LM's handler too (a handler set by someone else is left
+    alone). Returns the signals routed. Call after ``initialize_megatron``.
+    """
+    if not getattr(args, "exit_signal_handler", False):
+        return []
+    handler = signal.getsignal(args.exit_signal)
+    if not callable(handler):  # Megatron-LM has not installed its handler (yet)
+        return []
+    routed = []
+    for sig in STOP_SIGNALS:
+        if sig != args.exit_signal and signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, handler)
+            routed.append(int(sig))
+    return routed
+
+
 def stop_signals_of(args: argparse.Namespace) -> set[int]:
     """The signals that stop a run: Slurm's (SIGTERM, SIGUSR1) and ``--exit-signal``."""
     signals: set[int] = set(STOP_SIGNALS)
@@ -277,6 +303,8 @@ def install() -> None:
 
     def setup_model_and_optimizer(*a: Any, **kw: Any) -> Any:
         select_ddp_class()  # 0.19's ModelConfig builders wrap the model without get_model
+        if uses_mlfop(get_args()):  # Megatron-LM's signal handler is in place by now
+            route_stop_signals_to_exit_handler(get_args())
         return original["setup_model_and_optimizer"](*a, **kw)
 
     def get_megatron_optimizer_config(args: Any) -> Any:
