@@ -22,11 +22,13 @@ STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
 @contextmanager
 def stop_signals_blocked(signals: Iterable[int] = STOP_SIGNALS) -> Iterator[None]:
-    """Block ``signals`` in this thread inside the block; what arrived meanwhile comes after.
+    """Block ``signals`` in this thread inside the block; helpers started inside keep them blocked.
 
     Processes started inside inherit the block (the mask survives fork and exec), so a stop
-    signal sent to every process of the job cannot kill a save's helper processes; the signals
-    that arrived during the block are delivered to this process when it ends.
+    signal sent to every process of the job cannot kill a save's helper processes. This thread
+    gets a signal that arrived meanwhile when the block ends. In this process another thread
+    (gloo's, NCCL's) may still take it at once: with a Python handler installed (the ranks'
+    stop handlers only set a flag) that is harmless; without one the process ends as before.
     """
     wanted = set(signals)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
