@@ -40,7 +40,7 @@ def test_stop_is_agreed_across_ranks():
 
 
 BLOCKED_SAVE = """
-import multiprocessing, os, re, signal, sys
+import multiprocessing, os, re, signal, sys, time
 from pathlib import Path
 from mlfop_megatron.launch.preemption import PreemptionHandler
 from mlfop_megatron.launch.stop_signals import stop_signals_blocked
@@ -56,6 +56,11 @@ if __name__ == "__main__":
         manager = multiprocessing.get_context("spawn").Manager()
         os.kill(os.getpid(), signal.SIGUSR1)
         print("inside", handler.received, flush=True)
+    # The signal is delivered as the mask is restored; CPython runs the Python handler at its
+    # next check for pending calls (not necessarily before the next statement).
+    deadline = time.monotonic() + 5
+    while handler.received is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     print("after", int(handler.received or 0), flush=True)
     for child in multiprocessing.active_children():
         print("manager", blocked(child.pid), flush=True)
