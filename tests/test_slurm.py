@@ -167,16 +167,23 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(tmp_path):
 
 
 def _has_urgent_partition() -> bool:
+    """Whether a running Slurm has the test cluster's preempting 'urgent' partition."""
+    if not _slurm_ready():  # also: no sinfo to run on a machine without Slurm
+        return False
     out = subprocess.run(
         ["sinfo", "-h", "-p", "urgent", "-o", "%P"], capture_output=True, text=True
     )
     return out.returncode == 0 and "urgent" in out.stdout
 
 
-@pytest.mark.skipif(
+# Asked once per session (sinfo), for both Slurm-preemption tests.
+needs_urgent_partition = pytest.mark.skipif(
     not _has_urgent_partition(),
     reason="this Slurm has no 'urgent' partition (restart slurm/start_test_cluster.sh)",
 )
+
+
+@needs_urgent_partition
 def test_slurm_partition_preemption_requeues_resumes_and_matches_uninterrupted(tmp_path):
     """Slurm's own preemption: an exclusive job of a higher PriorityTier partition.
 
@@ -258,10 +265,7 @@ def test_megatron_lm_job_preempted_requeues_and_resumes_to_the_same_losses(tmp_p
 
 
 @pytest.mark.skipif(MEGATRON_LM_SKIP_REASON is not None, reason=MEGATRON_LM_SKIP_REASON or "")
-@pytest.mark.skipif(
-    not _has_urgent_partition(),
-    reason="this Slurm has no 'urgent' partition (restart slurm/start_test_cluster.sh)",
-)
+@needs_urgent_partition
 def test_megatron_lm_job_preempted_by_slurm_requeues_and_resumes_to_the_same_losses(tmp_path):
     """LAUNCH=megatron-lm under Slurm's own preemption (SIGTERM; the job exits on SIGUSR1).
 
