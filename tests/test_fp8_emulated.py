@@ -172,3 +172,113 @@ def test_emulated_fp8_dp2_consistent_scales_sharded_main_weights_and_trains():
     assert fp8_losses[-1] < fp8_losses[0] - 0.1
     for a, b in zip(fp8_losses, bf16_losses):
         assert abs(a - b) < 0.05 * abs(b), (fp8_losses, bf16_losses)
+
+
+def _requantized(value: torch.Tensor) -> torch.Tensor:
+    """What the emulation makes of a full fp32 main weight: bf16 shadow, e4m3, bf16 again."""
+    shadow = value.to(torch.bfloat16)
+    scale = E4M3_MAX / shadow.abs().max().float().clamp_min(1e-12)
+    return ((shadow.float() * scale).to(torch.float8_e4m3fn).float() / scale).to(torch.bfloat16)
+
+
+def _train_fp8_soap(spec):
+    """FP8 primary weights: SOAP param values and the owners' fp32 main weights at each step.
+
+    ``spec["iters"]`` steps, then the optimizer's own state_dict()/load_state_dict() (the
+    engines are rebuilt on the released shadows, as on a resume), then ``spec["iters"]`` more.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import OptimizerConfig
+
+    from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
+    from mlfop_megatron.megatron.factory import get_mlfop_optimizer, is_soap_param
+    from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+    from tests.support.tiny_gpt import (
+        TinyGPTConfig,
+        build_tiny_gpt,
+        canonical_param_names,
+        deterministic_init_,
+        train_iteration,
+    )
+
+    init_megatron_parallel(seed=1234)
+    torch.set_default_dtype(torch.bfloat16)
+    cfg = TinyGPTConfig(dtype=torch.bfloat16)
+    model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
+    deterministic_init_(model, seed=0)
+    names = canonical_param_names(model)
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    backend = EmulatedFP8()
+    fp8.set_backend(backend)
+    soap = {names[p]: p for p in model.parameters() if is_soap_param(names[p], p)}
+    for p in soap.values():
+        p.emulated_fp8 = True
+        p.high_precision_init = p.detach().clone()
+    backend.requantize(list(soap.values()), [p.detach().clone() for p in soap.values()], dp_group)
+    opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, bf16=True)
+    mlfop = MLFOPConfig.from_kwargs(
+        lr=1e-2, precondition_frequency=2, accumulation_steps=4, batched=spec["batched"]
+    )
+    optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True)
+    ours = optimizer.mlfop[0]
+    snapshots = [{n: p.detach().clone() for n, p in soap.items()}]
+    masters = []
+    it = 0
+    for phase in range(2):
+        if phase == 1:
+            ours.load_state_dict(ours.state_dict())  # rebuilds the engines on released shadows
+        for _ in range(spec["iters"]):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            train_iteration(model, cfg, it, 4, 1, zero_grad=False)
+            ok, _, _ = optimizer.step()
+            assert ok
+            it += 1
+            snapshots.append({n: p.detach().clone() for n, p in soap.items()})
+            masters.append(
+                [
+                    (names[ours.fp8.model_param(o.param)], o.block, o.state["master"].clone())
+                    for engine in ours.engines
+                    for o in engine.owned
+                ]
+            )
+    fp8.set_backend(None)
+    parallel_state.destroy_model_parallel()
+    return {"snapshots": snapshots, "masters": masters}
+
+
+def _full_masters(ranks, step):
+    """The full fp32 main weights of a step, assembled from every owner's blocks."""
+    from mlfop_megatron.distributed.owner_buffer import block_view
+
+    full: dict[str, torch.Tensor] = {}
+    shapes = {n: v.shape for n, v in ranks[0]["snapshots"][0].items()}
+    for r in ranks:
+        for name, block, master in r["masters"][step]:
+            full.setdefault(name, torch.full(shapes[name], float("nan")))
+            block_view(full[name], block).copy_(master)
+    return full
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-block"])
+def test_emulated_fp8_soap_weights_step_and_equal_requantized_main_weights(batched):
+    """FP8 SOAP matrices step, also after a reload, and equal their requantized main weights.
+
+    Every one changes at every step after SOAP's first, also after a state reload, and equals
+    the requantized fp32 main weights of its owners (bitwise: the emulation is deterministic).
+
+    Without the fix, the batched engine wrote into the shadows' orphaned storage: every SOAP
+    matrix stayed at its initial value, and after the reload the first step failed.
+    """
+    ranks = run_distributed(_train_fp8_soap, 2, {"batched": batched, "iters": 2})
+    snaps = ranks[0]["snapshots"]
+    assert len(snaps) == 5 and len(snaps[0]) == 8
+    for step in range(1, 5):
+        full = _full_masters(ranks, step - 1)
+        for name, value in snaps[step].items():
+            assert torch.equal(value, ranks[1]["snapshots"][step][name]), name
+            # Step 1 is SOAP's statistics-only first step: no update.
+            assert torch.equal(value, snaps[step - 1][name]) == (step == 1), (step, name)
+            assert not full[name].isnan().any(), name  # every block has an owner
+            assert torch.equal(value, _requantized(full[name])), (step, name)

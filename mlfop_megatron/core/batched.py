@@ -487,12 +487,23 @@ class BatchedBlocks:
         weight_decays: Sequence[float],
         counters: LinalgCounters,
         timings: dict[str, float] | None = None,
+        params: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """One SOAP step of every block (``soap.soap_step`` batched per class).
 
         ``lrs`` / ``weight_decays``: per block (uniform within a class by construction of the
         caller's ``extras``). The basis computations of all classes share one host read.
+        ``params``: each block's matrix region as of now, for callers whose parameter storage
+        is swapped between steps (FP8 shadows get new storage every step); the views given at
+        construction are replaced by these before anything is written.
         """
+        if params is not None:
+            if len(params) != self.num_blocks:
+                raise ValueError(
+                    f"BatchedBlocks.step got {len(params)} param views for {self.num_blocks} blocks"
+                )
+            for cls in self.classes:
+                cls.params = [params[i] for i in cls.positions]
         first, refresh = [], []
         for k, cls in enumerate(self.classes):
             lr, wd = lrs[cls.positions[0]], weight_decays[cls.positions[0]]

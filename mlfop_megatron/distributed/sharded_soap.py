@@ -371,7 +371,11 @@ class ShardedSOAP:
         if isinstance(window, ClassWindow):  # the batched folder's output
             assert self._engine is not None  # built with the batched folder (_new_folder)
             n = len(self.owned)
-            self._engine.step(window, [lr] * n, [weight_decay] * n, self.counters, self.timings)
+            # The params' storage as of now: FP8 shadows get new storage at every step.
+            views = [o.view(o.param.data) for o in self.owned]
+            self._engine.step(
+                window, [lr] * n, [weight_decay] * n, self.counters, self.timings, params=views
+            )
         else:
             for i, (owned, g) in enumerate(zip(self.owned, window.grads)):
                 soap_step(
