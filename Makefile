@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/pip
 # Threads for CPU runs; CI machines have 2 cores.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test test-mcore lint demo bench clean
+.PHONY: setup setup-peers test test-mcore lint demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,31 @@ endif
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The peers venv: megatron-core 0.19.2 exactly as `make setup MCORE=0.19.2`, plus the optimizers
+# Megatron 0.19 ships through NVIDIA's emerging-optimizers (`--optimizer megatron-soap` /
+# `megatron-muon` in the digits demo). emerging-optimizers 0.3.0 declares Python >= 3.12 and
+# uses typing.override (3.12+): installed without that check, with absl-py (its one import
+# beyond torch), and a .pth line in this venv only that aliases typing_extensions.override on
+# Python 3.11 (once it is installed, `import megatron.core` needs it: megatron imports its Lion
+# unguarded). Pinned: PyPI also lists a bogus 999.9.9.
+PEERS_VENV := .venv-peers
+EMERGING_OPTIMIZERS := 0.3.0
+PEERS_SHIM := import typing, typing_extensions; hasattr(typing, "override") or setattr(typing, "override", typing_extensions.override)
+
+$(PEERS_VENV)/.peers-installed: pyproject.toml Makefile
+	$(MAKE) --no-print-directory setup MCORE=0.19.2 VENV=$(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q absl-py
+	$(PEERS_VENV)/bin/pip install -q --ignore-requires-python --no-deps \
+	  emerging-optimizers==$(EMERGING_OPTIMIZERS)
+	$(PEERS_VENV)/bin/python -c 'import sys, sysconfig, pathlib; \
+	  pathlib.Path(sysconfig.get_paths()["purelib"], "typing_override_shim.pth").write_text(sys.argv[1] + "\n")' \
+	  '$(PEERS_SHIM)'
+	$(PEERS_VENV)/bin/python -c 'import megatron.core.optimizer.emerging_optimizers as e; \
+	  print("emerging optimizers:", sorted(e._EMERGING_OPTIMIZERS))'
+	touch $@
+
+setup-peers: $(PEERS_VENV)/.peers-installed
 
 # ruff (incl. docstring rules, Google convention) and mypy: configured in pyproject.toml.
 lint: setup
@@ -57,4 +82,4 @@ bench: setup
 	$(VPY) -m benchmarks.step_time
 
 clean:
-	rm -rf .venv-mcore-* runs .pytest_cache
+	rm -rf .venv-mcore-* $(PEERS_VENV) runs .pytest_cache
