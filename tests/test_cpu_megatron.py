@@ -241,3 +241,26 @@ def test_runs_in_one_process_do_not_pile_up_process_groups(tmp_path) -> None:
     """
     for counts in run_distributed(_groups_and_threads_per_run, 2, 3, str(tmp_path)):
         assert counts[-1] == counts[0], counts
+
+
+def test_megatron_clip_grads_run_on_cpu_as_its_local_path() -> None:
+    """Megatron's own optimizers clip CPU grads under the emulation (compat.clip_grads_on_cpu).
+
+    Its ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor``; the stand-in
+    scales exactly as its local (no apex / TE) multi-tensor path, and is removed on exit.
+    """
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    original = megatron_optimizer.clip_grad_by_total_norm_fp32
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    expected = [p.grad * (1.0 / (4.0 + 1.0e-6)) for p in params]
+    with pytest.raises(AssertionError):
+        original(params, 1.0, 4.0)
+    with cpu_emulation():
+        megatron_optimizer.clip_grad_by_total_norm_fp32(params, 1.0, 4.0)  # clip 1/4
+        assert all(torch.equal(p.grad, e) for p, e in zip(params, expected))
+        megatron_optimizer.clip_grad_by_total_norm_fp32(params, 1.0, 0.5)  # below max: kept
+        assert all(torch.equal(p.grad, e) for p, e in zip(params, expected))
+    assert megatron_optimizer.clip_grad_by_total_norm_fp32 is original

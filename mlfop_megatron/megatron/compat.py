@@ -238,6 +238,9 @@ PRIVATE_API_PROBES: dict[str, Callable[[], Any]] = {
     f"{_FP8}.post_all_gather_processing": lambda: _resolve(_FP8, "post_all_gather_processing"),
     f"{_FP8}.is_float8tensor": lambda: _resolve(_FP8, "is_float8tensor"),
     f"{_FP8}.dequantize_fp8_tensor": lambda: _resolve(_FP8, "dequantize_fp8_tensor"),
+    "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32": lambda: _resolve(
+        "megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"
+    ),
 }
 
 
@@ -253,3 +256,42 @@ def define_moe_te_general_gemm_without_te() -> Callable[[], None]:
         return lambda: None
     moe_utils.te_general_gemm = None
     return lambda: moe_utils.__dict__.pop("te_general_gemm", None)
+
+
+def _clip_grad_by_total_norm_fp32_any_device(
+    parameters: Any, max_norm: float, total_norm: Any, use_decoupled_grad: bool = False
+) -> None:
+    """Megatron's ``clip_grad_by_total_norm_fp32`` without its ``torch.cuda.FloatTensor`` assert.
+
+    The same arithmetic as its local (no apex / TE) path: every fp32 grad scaled in place by
+    ``max_norm / (total_norm + 1e-6)`` when that is below 1 (clamped to 1 for a tensor norm).
+    """
+    params = [parameters] if isinstance(parameters, torch.Tensor) else parameters
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in params if getattr(p, attr, None) is not None]
+    assert all(g.dtype in (torch.float32, torch.bfloat16) for g in grads)
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(clip_coeff, torch.Tensor):
+        coeff = clip_coeff.clamp_max(1.0)
+        for g in grads:
+            g.copy_(g * coeff)
+    elif clip_coeff < 1.0:
+        for g in grads:
+            g.copy_(g * clip_coeff)
+
+
+def clip_grads_on_cpu() -> Callable[[], None]:
+    """CPU runs: let Megatron's own optimizers clip CPU grads. Returns a restorer.
+
+    ``MegatronOptimizer.step`` (``megatron/core/optimizer/optimizer.py``, 0.16-0.19) clips
+    through ``clip_grad_by_total_norm_fp32``, which asserts ``grad.type() ==
+    'torch.cuda.FloatTensor'``: with clipping on, Megatron's FP32Optimizer fails on CPU (the
+    digits demo's peers, Megatron's SOAP and Muon, go through it). The name bound in
+    ``optimizer.py`` is replaced by the same scaling without the assert.
+    """
+    module = importlib.import_module("megatron.core.optimizer.optimizer")
+    name = "clip_grad_by_total_norm_fp32"
+    old = getattr(module, name)
+    setattr(module, name, _clip_grad_by_total_norm_fp32_any_device)
+    return lambda: setattr(module, name, old)

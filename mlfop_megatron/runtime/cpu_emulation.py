@@ -12,7 +12,8 @@ were the CPU:
     ``Event``/``stream``/``current_stream``/``default_stream`` get CPU no-op equivalents;
 (c) the "cuda" RNG is the CPU default generator: ``torch.cuda.manual_seed``/``get_rng_state``/
     ``set_rng_state`` and megatron's private ``_get/_set_cuda_rng_state`` (via
-    ``mlfop_megatron.megatron.compat``) read and write it.
+    ``mlfop_megatron.megatron.compat``) read and write it; Megatron's own optimizers clip
+    CPU grads (``compat.clip_grads_on_cpu``: its clip asserts a ``torch.cuda.FloatTensor``).
 
 (d) optionally (``strict=True`` or ``MLFOP_STRICT_DEVICE=1``), strict device checking: what
     was created for the "GPU" is tagged, reports ``device == cuda:0``, and ops that mix it
@@ -265,6 +266,7 @@ def install_cpu_emulation(with_megatron: bool = True, strict: bool | None = None
             restorers.append(compat.patch_rng_state_functions(_get_rng_state, _set_rng_state))
             restorers.append(compat.silence_rng_fork_warning())
             restorers.append(compat.define_moe_te_general_gemm_without_te())
+            restorers.append(compat.clip_grads_on_cpu())
         mode.__enter__()
         _STATE.mode, _STATE.restorers = mode, restorers
         if strict:
