@@ -19,6 +19,7 @@ from mlfop_megatron.launch.preemption import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 
 from .data import LAYOUTS, modality_tasks, num_micro_batches
 from .devices import torchrun_env, use_cuda
+from .optimizers import TABLE, available
 from .rundir import clean, start_metric_files
 from .spec import DEFAULT_LR, DEFAULTS, OPTIMIZERS, QUICK, RunSpec, fold_levels, metric_columns
 from .train import train_worker
@@ -41,7 +42,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="samples per micro-batch and DP rank (4; quick 2)",
     )
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="mlfop")
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="mlfop",
+        help="; ".join(f"{n}: {e.description}" for n, e in TABLE.items()),
+    )
     p.add_argument(
         "--micro-batch-layout",
         choices=LAYOUTS,
@@ -51,7 +57,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: per optimizer)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--compare", action="store_true", help="train mlfop, soap and adamw in turn")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="train every optimizer installed here in turn (peers without their requirement "
+        "are skipped with the reason)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny run for CI (seconds)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (4; quick 2)")
     p.add_argument("--hidden", type=int, default=None, help="hidden size (128; quick 64)")
@@ -125,20 +136,88 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# Flags that must be >= 1 / >= 0 (None: the preset's value).
+POSITIVE_FLAGS = ("steps", "global_batch", "micro_batch", "layers", "hidden", "heads", "tp", "pp")
+NON_NEGATIVE_FLAGS = ("diag_every", "save_interval", "log_every", "stop_at_step")
+
+
+def flag(name: str) -> str:
+    """``--global-batch`` for ``global_batch``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_flags(args: argparse.Namespace, world_size: int) -> None:
+    """Refuse impossible sizes with one line naming the option and the fix (SystemExit)."""
+    if not torchrun_env() and args.nproc < 1:
+        raise SystemExit(f"--nproc {args.nproc}: the number of ranks to spawn must be >= 1")
+    for name in POSITIVE_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"{flag(name)} {value}: must be >= 1")
+    for name in NON_NEGATIVE_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise SystemExit(f"{flag(name)} {value}: must be >= 0 (0: off)")
+    if args.lr is not None and not args.lr > 0:
+        raise SystemExit(f"--lr {args.lr}: must be > 0")
+    if world_size % (args.tp * args.pp):
+        raise SystemExit(
+            f"world size {world_size} is not a multiple of --tp {args.tp} x --pp {args.pp}: "
+            "change --nproc (or the launcher's ranks), --tp or --pp"
+        )
+
+
+def optimizer_names(args: argparse.Namespace) -> list[str]:
+    """The optimizers to train: --optimizer, or every one installed here with --compare.
+
+    A requested optimizer whose requirement is absent ends the run with the reason; --compare
+    skips those with a printed reason. Megatron's peers save no checkpoints: --resume,
+    --save-interval and --stop-at-step are refused for them (skipped with --compare).
+    """
+    wants_checkpoints = args.resume or args.save_interval or args.stop_at_step
+    if not args.compare:
+        entry = TABLE[args.optimizer]
+        reason = entry.missing()
+        if reason is not None:
+            raise SystemExit(f"--optimizer {args.optimizer} cannot run here: {reason}")
+        if wants_checkpoints and entry.checkpoint_refusal:
+            raise SystemExit(
+                f"--optimizer {args.optimizer} with --resume / --save-interval / "
+                f"--stop-at-step: {entry.checkpoint_refusal}; drop those flags"
+            )
+        return [args.optimizer]
+    names, skipped = available()
+    if wants_checkpoints:
+        for name in list(names):
+            refusal = TABLE[name].checkpoint_refusal
+            if refusal:
+                names.remove(name)
+                skipped[name] = refusal
+    for name, reason in skipped.items():
+        print(f"--compare: skipping {name}: {reason}", flush=True)
+    return names
+
+
 def specs_from_args(args: argparse.Namespace, world_size: int) -> list[RunSpec]:
-    """One RunSpec per optimizer to train (three with --compare)."""
+    """One RunSpec per optimizer to train (every available one with --compare)."""
+    check_flags(args, world_size)
     preset = QUICK if args.quick else DEFAULTS
     size = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
     dp = world_size // (args.tp * args.pp)
-    if dp < 1 or world_size % (args.tp * args.pp):
-        raise SystemExit(f"world size {world_size} is not a multiple of tp*pp={args.tp * args.pp}")
-    k = num_micro_batches(size["global_batch"], size["micro_batch"], dp)  # raises unless divides
+    try:
+        k = num_micro_batches(size["global_batch"], size["micro_batch"], dp)
+    except ValueError:
+        raise SystemExit(
+            f"--global-batch {size['global_batch']} is not a multiple of --micro-batch "
+            f"{size['micro_batch']} x data-parallel size {dp}: choose a global batch divisible "
+            f"by {size['micro_batch'] * dp}"
+        ) from None
     if args.micro_batch_layout == "by-modality":
         try:
             modality_tasks(k)
         except ValueError as err:
             raise SystemExit(str(err)) from None
-    names = OPTIMIZERS if args.compare else (args.optimizer,)
+    names = optimizer_names(args)
     threads = max(1, (os.cpu_count() or 1) // max(1, world_size))
     base = RunSpec(
         optimizer=names[0],

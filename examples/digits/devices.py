@@ -19,7 +19,7 @@ def use_cuda() -> bool:
 def on_accelerator() -> bool:
     """Whether model and batches go to "cuda": a real GPU, or the strict CPU emulation.
 
-    Strict mode (``MLFOP_STRICT_DEVICE=1``, see mlfop_megatron/testing/strict_device.py) tags
+    Strict mode (``MLFOP_STRICT_DEVICE=1``, see mlfop_megatron/runtime/strict_device.py) tags
     what is created for "cuda" and fails on host/device mixing, so the demo's GPU data path
     runs on a CPU machine and device bugs show there. Kernel choices (TE, NCCL, the attention
     mask) still follow use_cuda().

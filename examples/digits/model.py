@@ -1,8 +1,9 @@
 """The demo's model (a megatron-core GPTModel in Megatron's DDP) and its optimizer.
 
-The optimizer always comes from the package's factory ``get_mlfop_optimizer``: ML-FOP-SOAP,
-SOAP (folding off) or, with ``adam_only=True``, the AdamW baseline through the same chained
-optimizer (global norm, clipping and inf check shared by all three).
+The optimizer comes from the table in ``optimizers.py``: ours from the package's factory
+``get_mlfop_optimizer`` (ML-FOP-SOAP, SOAP with folding off, or the AdamW baseline through the
+same chained optimizer: global norm, clipping and inf check shared by all three), or Megatron
+0.19's own SOAP / Muon from ``get_megatron_optimizer``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from mlfop_megatron import policies
 
 from .data import DigitsData
 from .devices import on_accelerator, use_cuda
+from .optimizers import entry
 from .spec import VOCAB_MULTIPLE, RunSpec
 
 
@@ -90,8 +92,12 @@ def build_model(spec: RunSpec, data: DigitsData) -> Any:
         overlap_grad_reduce=True,
         use_distributed_optimizer=False,
     )
+    # Folding needs our DDP (level boundaries are sync points); AdamW and Megatron's own
+    # optimizers get Megatron's standard DDP.
     ddp_class = (
-        DistributedDataParallel if spec.optimizer == "adamw" else (FoldingDistributedDataParallel)
+        FoldingDistributedDataParallel
+        if entry(spec.optimizer).folding_ddp
+        else DistributedDataParallel
     )
     ddp = ddp_class(config=config, ddp_config=ddp_config, module=model)
     # The hooks Megatron-LM's training loop installs, so the schedules drive the DDP buckets.
@@ -102,49 +108,16 @@ def build_model(spec: RunSpec, data: DigitsData) -> Any:
 
 
 def build_optimizer(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
-    """ML-FOP-SOAP, SOAP (folding off) or AdamW (``adam_only``), all from the package's factory.
-
-    AdamW: torch AdamW (apex FusedAdam on CUDA with apex) in Megatron's FP32Optimizer, weight
-    decay on matrices only, as megatron's get_megatron_optimizer builds it; chained like the
-    Adam part of ML-FOP-SOAP, so global norm, clipping and the inf check are the same code.
-    """
-    from megatron.core.optimizer import OptimizerConfig
-
-    from mlfop_megatron.config import MLFOPConfig
-    from mlfop_megatron.megatron.factory import get_mlfop_optimizer
-
-    config = OptimizerConfig(
-        optimizer="adam",
-        lr=spec.lr,
-        min_lr=spec.lr * spec.min_lr_frac,
-        weight_decay=spec.weight_decay,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        adam_eps=1e-8,
-        clip_grad=spec.clip_grad,
-        bf16=False,
-        fp16=False,
-        use_distributed_optimizer=False,
-    )
-    if spec.optimizer == "adamw":
-        return get_mlfop_optimizer(config, [model], adam_only=True)
-    mlfop = MLFOPConfig.from_kwargs(
-        lr=spec.lr,
-        betas=(0.95, 0.95),
-        weight_decay=spec.weight_decay,
-        precondition_frequency=spec.precondition_frequency,
-        accumulation_steps=accumulation_steps,
-        enabled=spec.optimizer == "mlfop",
-        project=spec.fold_project,
-        fixed_beta=spec.fold_fixed_beta,
-        structure=spec.fold_structure,
-        step_size=spec.step_size,
-        statistics_from=spec.statistics_from,
-    )
-    return get_mlfop_optimizer(config, [model], mlfop, sharded=True)
+    """The optimizer ``spec.optimizer`` names, built as its entry in ``optimizers.TABLE`` says."""
+    return entry(spec.optimizer).build(spec, model, accumulation_steps)
 
 
 def set_lr(optimizer: Any, lr: float) -> None:
-    """Set the learning rate of every param group (weight decay is left alone)."""
+    """Set the learning rate of every param group (weight decay is left alone).
+
+    ``optimizer.param_groups`` of ours and of Megatron's optimizers (a ChainedOptimizer lists
+    the live groups of every optimizer it chains). ``lr_mult`` of a Megatron group scales it,
+    as Megatron-LM's OptimizerParamScheduler does (1.0 in every group the demo builds).
+    """
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)

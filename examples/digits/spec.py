@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .data import num_micro_batches
+from .optimizers import TABLE
 
-OPTIMIZERS = ("mlfop", "soap", "adamw")
-# Peak learning rates: one-seed sweep of 1e-3..3e-2 at 200 steps of the default model (val
-# loss, before the vocabulary padding); 5e-3 was best or within noise of the best for each
-# optimizer. --lr overrides.
-DEFAULT_LR = {"mlfop": 5e-3, "soap": 5e-3, "adamw": 5e-3}
+# Every optimizer the demo knows (ours and Megatron's peers; see optimizers.py) and its peak
+# learning rate (--lr overrides).
+OPTIMIZERS = tuple(TABLE)
+DEFAULT_LR = {name: e.default_lr for name, e in TABLE.items()}
 # Defaults sized for a 2-core CPU: the full run well under 10 minutes, --quick in seconds.
 DEFAULTS = {
     "steps": 300,

@@ -26,6 +26,7 @@ from .diagnostics import (
     request_grad_diagnostics,
 )
 from .model import build_model, build_optimizer, set_lr
+from .optimizers import entry
 from .rundir import MetricsWriter, load_checkpoint, save_checkpoint
 from .spec import RunSpec, fold_levels, lr_at, metric_columns
 from .steps import (
@@ -127,16 +128,18 @@ def run_step(run: Run, step: int) -> dict[str, Any]:
     """Diagnostics (every diag_every steps), one optimizer step, and its metrics row."""
     spec, seq = run.spec, run.data.seq_length
     cosine = float("nan")
+    ours = entry(spec.optimizer).ours  # grad diagnostics and stats: ours only
     if spec.diag_every > 0 and (step % spec.diag_every == 0 or step == spec.steps - 1):
         cosine = modality_cosine(run.model, train_microbatches(run.data, spec, step), seq)
-        request_grad_diagnostics(run.optimizer, spec.layout, run.accumulation_steps)
+        if ours:
+            request_grad_diagnostics(run.optimizer, spec.layout, run.accumulation_steps)
     t0 = time.perf_counter()
     sums, success, grad_norm = train_step(
         run.model, run.optimizer, run.data, spec, step, run.accumulation_steps
     )
     dt = time.perf_counter() - t0
     run.skipped += int(not success)
-    run.stats = optimizer_stats(run.optimizer)
+    run.stats = optimizer_stats(run.optimizer) if ours else {}
     return {
         "step": step + 1,
         "optimizer": spec.optimizer,
@@ -165,7 +168,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any] | None:
     out, rank0 = Path(spec.out), dist.get_rank() == 0
     if rank0 and on_accelerator() and not use_cuda():
         print("strict device emulation: model and batches on emulated cuda; mixing fails")
-    start = load_checkpoint(out, spec.optimizer, run.model, run.optimizer) if spec.resume else 0
+    resume = spec.resume and entry(spec.optimizer).checkpoint_refusal is None
+    start = load_checkpoint(out, spec.optimizer, run.model, run.optimizer) if resume else 0
     if start and torchrun_env():  # one line per rank: which node resumed from what
         print(
             f"rank {dist.get_rank()} on {socket.gethostname()}: resumed from "
@@ -183,7 +187,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any] | None:
             update_progress(bar, row)
             log_progress(spec, row)
         if preemption.stop_requested() or step + 1 == spec.stop_at_step:
-            save_checkpoint(out, spec.optimizer, run.model, run.optimizer, step + 1, spec)
+            save_or_skip(run, out, step + 1)
             if torchrun_env():  # one line per rank: did the stop signal reach it?
                 got = preemption.received
                 print(
@@ -204,17 +208,26 @@ def train_worker(spec: RunSpec) -> dict[str, Any] | None:
             dist.barrier()
             raise SystemExit(REQUEUE_EXIT_CODE)
         if spec.save_interval and (step + 1) % spec.save_interval == 0:
-            save_checkpoint(out, spec.optimizer, run.model, run.optimizer, step + 1, spec)
+            save_or_skip(run, out, step + 1)
     preemption.restore()
     train_time = time.perf_counter() - run.start
     if bar is not None:
         bar.close()
     final = evaluate(run.model, run.data, spec)
     if not (spec.save_interval and spec.steps % spec.save_interval == 0):  # else saved already
-        save_checkpoint(out, spec.optimizer, run.model, run.optimizer, spec.steps, spec)
+        save_or_skip(run, out, spec.steps)
     if not rank0:
         return None
     return {"rows": rows, "summary": summarize(spec, rows, final, train_time, run.stats)}
+
+
+def save_or_skip(run: Run, out: Path, step: int) -> None:
+    """Save the checkpoint of ``step``; for optimizers the demo cannot checkpoint, say why."""
+    refusal = entry(run.spec.optimizer).checkpoint_refusal
+    if refusal is None:
+        save_checkpoint(out, run.spec.optimizer, run.model, run.optimizer, step, run.spec)
+    elif dist.get_rank() == 0:
+        print(f"{run.spec.optimizer}: no checkpoint saved at step {step}: {refusal}", flush=True)
 
 
 def update_progress(bar: Any, row: dict[str, Any]) -> None:

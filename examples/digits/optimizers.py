@@ -1,0 +1,221 @@
+"""Every optimizer the digits demo trains, in one table: name -> how it is built.
+
+``--optimizer``, ``--compare``, the default learning rates (``spec.DEFAULT_LR``), the DDP class
+of the model (``model.build_model``) and the optimizer itself (``model.build_optimizer``) all
+read ``TABLE``. Each entry says what it needs installed; ``missing()`` gives the reason it
+cannot run here (None when it can).
+
+Ours, from the package's factory ``get_mlfop_optimizer``: ``mlfop`` (ML-FOP-SOAP), ``soap``
+(the same code, folding off) and ``adamw`` (the factory's Adam-only chain).
+
+Peers, what a Megatron 0.19 user would pick instead, built exactly as Megatron-LM builds them:
+``megatron.core.optimizer.get_megatron_optimizer(OptimizerConfig(optimizer="soap"|"muon"))``
+with Megatron's own defaults for every optimizer-specific field (``soap_*``, ``muon_*``), the
+run's lr / weight decay / Adam betas and eps / clipping / precision, the plain (not layer-wise)
+path (``use_distributed_optimizer=False``) and Megatron's standard DistributedDataParallel.
+Megatron routes embeddings, the output layer and every non-2-D param to Adam itself. They need
+megatron-core >= 0.19 with NVIDIA's emerging-optimizers 0.3.0 (``make setup-peers`` builds
+``.venv-peers``). Not for peers: checkpoints (Megatron's SOAP cannot save its torch_dist
+optimizer state: factor shapes differ from the param's) and the grad-group diagnostics (ours).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .spec import RunSpec
+
+SETUP_PEERS = (
+    "make setup-peers (builds .venv-peers: megatron-core 0.19.2 + emerging-optimizers 0.3.0)"
+)
+PEER_CHECKPOINT_REASON = (
+    "checkpoints of Megatron's emerging optimizers are not supported by the demo (Megatron "
+    "SOAP's torch_dist optimizer state cannot be saved: its factor shapes differ from the param's)"
+)
+
+
+# ----------------------------------------------------------------------------------- builders
+def optimizer_config(spec: RunSpec, optimizer: str = "adam") -> Any:
+    """The run's Megatron OptimizerConfig: lr, weight decay, Adam betas / eps, clipping, fp32.
+
+    The same numbers for every entry (the Adam part of ours and of Megatron's peers); every
+    other field keeps Megatron's default (for the peers: ``soap_*`` and ``muon_*``).
+    """
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(
+        optimizer=optimizer,
+        lr=spec.lr,
+        min_lr=spec.lr * spec.min_lr_frac,
+        weight_decay=spec.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_eps=1e-8,
+        clip_grad=spec.clip_grad,
+        bf16=False,
+        fp16=False,
+        use_distributed_optimizer=False,
+    )
+
+
+def build_mlfop(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
+    """ML-FOP-SOAP (``mlfop``) or SOAP with folding off (``soap``) from the package's factory."""
+    from mlfop_megatron.config import MLFOPConfig
+    from mlfop_megatron.megatron.factory import get_mlfop_optimizer
+
+    mlfop = MLFOPConfig.from_kwargs(
+        lr=spec.lr,
+        betas=(0.95, 0.95),
+        weight_decay=spec.weight_decay,
+        precondition_frequency=spec.precondition_frequency,
+        accumulation_steps=accumulation_steps,
+        enabled=spec.optimizer == "mlfop",
+        project=spec.fold_project,
+        fixed_beta=spec.fold_fixed_beta,
+        structure=spec.fold_structure,
+        step_size=spec.step_size,
+        statistics_from=spec.statistics_from,
+    )
+    return get_mlfop_optimizer(optimizer_config(spec), [model], mlfop, sharded=True)
+
+
+def build_adamw(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
+    """AdamW through the factory's Adam-only chain (``adam_only=True``).
+
+    torch AdamW (apex FusedAdam on CUDA with apex) in Megatron's FP32Optimizer, weight decay on
+    matrices only, as megatron's get_megatron_optimizer builds it; chained like the Adam part
+    of ML-FOP-SOAP, so global norm, clipping and the inf check are the same code.
+    """
+    from mlfop_megatron.megatron.factory import get_mlfop_optimizer
+
+    return get_mlfop_optimizer(optimizer_config(spec), [model], adam_only=True)
+
+
+def build_megatron_emerging(name: str) -> Callable[[RunSpec, Any, int], Any]:
+    """Builder of Megatron's own emerging optimizer ``name`` ("soap", "muon")."""
+
+    def build(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
+        from megatron.core.optimizer import get_megatron_optimizer
+
+        optimizer = get_megatron_optimizer(optimizer_config(spec, name), [model])
+        # What Megatron-LM's OptimizerParamScheduler writes into every group at each step
+        # (the demo keeps weight decay constant, so once): weight_decay = wd * wd_mult
+        # (wd_mult 0 for biases and 1-D params, Megatron's standard overrides).
+        for group in optimizer.param_groups:
+            group["weight_decay"] = spec.weight_decay * group.get("wd_mult", 1.0)
+        return optimizer
+
+    return build
+
+
+# ------------------------------------------------------------------------------ requirements
+def emerging_missing(name: str) -> Callable[[], str | None]:
+    """Why Megatron's emerging optimizer ``name`` cannot be built here (None: it can)."""
+
+    def missing() -> str | None:
+        if importlib.util.find_spec("emerging_optimizers") is None:
+            return f"emerging-optimizers is not installed in this Python; {SETUP_PEERS}"
+        try:
+            import megatron.core
+            from megatron.core.optimizer import emerging_optimizers as eo
+        except ImportError as err:  # megatron-core < 0.19, or 0.19 on Python 3.11 without the shim
+            return (
+                f"megatron.core.optimizer.emerging_optimizers does not import ({err}); "
+                f"{SETUP_PEERS}"
+            )
+        except Exception as err:  # e.g. typing.override missing on Python 3.11
+            return (
+                f"megatron-core with emerging-optimizers fails to import ({err!r}); {SETUP_PEERS}"
+            )
+        if not eo.HAVE_EMERGING_OPTIMIZERS or name not in eo._EMERGING_OPTIMIZERS:
+            version = getattr(megatron.core, "__version__", "?")
+            return (
+                f"megatron-core {version} does not register the emerging optimizer {name!r}; "
+                f"{SETUP_PEERS}"
+            )
+        return None
+
+    return missing
+
+
+def _nothing_missing() -> str | None:
+    return None
+
+
+# ------------------------------------------------------------------------------------ table
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One optimizer of the demo: how it is built and what it needs."""
+
+    name: str
+    description: str
+    build: Callable[[RunSpec, Any, int], Any]  # (spec, DDP model, micro-steps) -> optimizer
+    default_lr: float
+    requires: str  # what must be installed, in words
+    ours: bool  # ML-FOP-SOAP package (stats, grad diagnostics, checkpoints) vs a Megatron peer
+    folding_ddp: bool  # model in FoldingDistributedDataParallel (else Megatron's DDP)
+    probe: Callable[[], str | None] = _nothing_missing
+
+    def missing(self) -> str | None:
+        """Why this optimizer cannot run in this Python (None when it can)."""
+        return self.probe()
+
+    @property
+    def checkpoint_refusal(self) -> str | None:
+        """Why the demo does not save / resume this optimizer's checkpoints (None: it does)."""
+        return None if self.ours else PEER_CHECKPOINT_REASON
+
+
+# Peak learning rates of ours: one-seed sweep of 1e-3..3e-2 at 200 steps of the default model
+# (val loss, before the vocabulary padding); 5e-3 was best or within noise of the best for each
+# optimizer. The peers got no sweep: 5e-3 like ours. --lr overrides.
+_OURS = "mlfop_megatron with megatron-core (any supported version)"
+_PEERS = "megatron-core >= 0.19 with emerging-optimizers 0.3.0 (make setup-peers)"
+TABLE: dict[str, OptimizerEntry] = {
+    e.name: e
+    for e in (
+        OptimizerEntry(
+            "mlfop", "ML-FOP-SOAP: SOAP + multi-level FOP folding", build_mlfop, 5e-3, _OURS,
+            ours=True, folding_ddp=True,
+        ),
+        OptimizerEntry(
+            "soap", "our SOAP (folding off)", build_mlfop, 5e-3, _OURS,
+            ours=True, folding_ddp=True,
+        ),
+        OptimizerEntry(
+            "adamw", "AdamW through our chained optimizer", build_adamw, 5e-3, _OURS,
+            ours=True, folding_ddp=False,
+        ),
+        OptimizerEntry(
+            "megatron-soap", "Megatron 0.19's SOAP (emerging-optimizers)",
+            build_megatron_emerging("soap"), 5e-3, _PEERS,
+            ours=False, folding_ddp=False, probe=emerging_missing("soap"),
+        ),
+        OptimizerEntry(
+            "megatron-muon", "Megatron 0.19's Muon (emerging-optimizers)",
+            build_megatron_emerging("muon"), 5e-3, _PEERS,
+            ours=False, folding_ddp=False, probe=emerging_missing("muon"),
+        ),
+    )
+}  # fmt: skip
+
+
+def entry(name: str) -> OptimizerEntry:
+    """The table entry of ``name``."""
+    return TABLE[name]
+
+
+def available(names: tuple[str, ...] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(names that can run here, {name: reason} of those that cannot), in table order."""
+    ok, skipped = [], {}
+    for name in names or tuple(TABLE):
+        reason = TABLE[name].missing()
+        if reason is None:
+            ok.append(name)
+        else:
+            skipped[name] = reason
+    return ok, skipped
