@@ -28,6 +28,8 @@ NO_FLAG: dict[str, Any] = {"flag": None}
 
 # Basis refresh: one power-iteration step + QR, or a full eigendecomposition.
 REFRESH_METHODS = ("qr", "eigh")
+# Kronecker factor estimation: Shampoo's second moments, or KL-Shampoo's (Lin et al. 2025).
+FACTOR_ESTIMATORS = ("shampoo", "kl")
 # How tensor-parallel shards are preconditioned: each shard on its own, or whole matrices.
 TP_MODES = ("blockwise", "full")
 
@@ -108,6 +110,34 @@ class SOAPConfig:
         "basis refresh: one power-iteration step + QR (qr) or a full eigh",
         choices=REFRESH_METHODS,
     )
+    factor_estimator: str = option(
+        "shampoo",
+        "Kronecker factor estimate: Shampoo's L = E[G G^T], R = E[G^T G] (shampoo) or "
+        "KL-Shampoo's L = E[G R^-1 G^T]/n, R = E[G^T L^-1 G]/m (kl; Lin et al. 2025), the "
+        "inverses from the current bases and diag(Q^T F Q) floored by kl_damping",
+        choices=FACTOR_ESTIMATORS,
+    )
+    kl_damping: float = option(
+        1e-5,
+        "KL-Shampoo: eigenvalue estimates below this fraction of the largest (or below eps) "
+        "are raised to it before inverting; 0 clamps at eps only, as emerging-optimizers does",
+    )
+    correct_factor_bias: bool = option(
+        False,
+        "bias-correct the factors' EMA (factor beta 1-(1-b)/(1-b^k) at the k-th update); "
+        "scales Shampoo's factors only, changes KL-Shampoo's weighting",
+    )
+    first_step_update: bool = option(
+        False,
+        "update the weights at the first step too (its bases from that step's factors) "
+        "instead of a statistics-only first step",
+    )
+    refresh_first: bool = option(
+        False,
+        "update the factors and refresh the bases before the step's moment update, so the "
+        "step's gradient is rotated by bases that include it (one more rotation per step); "
+        "default: after it, as the SOAP reference",
+    )
     # Engine, not math: True runs blocks of equal shape as stacked batches (core/batched.py),
     # False one block at a time (core/soap.py); same results to rounding (owner-sharded ==
     # replicated and resume stay bitwise: tests/test_megatron_dp.py, tests/test_resume.py).
@@ -131,16 +161,43 @@ class SOAPConfig:
         check_range("weight_decay", self.weight_decay, 0.0)
         check_int("precondition_frequency", self.precondition_frequency, 1)
         check_int("max_precond_dim", self.max_precond_dim, 1)
-        for name in ("precondition_1d", "correct_bias", "batched"):
+        for name in (
+            "precondition_1d",
+            "correct_bias",
+            "batched",
+            "correct_factor_bias",
+            "first_step_update",
+            "refresh_first",
+        ):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, "True or False", getattr(self, name))
         if self.refresh_method not in REFRESH_METHODS:
             _fail("refresh_method", f"one of {REFRESH_METHODS}", self.refresh_method)
+        check_range("kl_damping", self.kl_damping, 0.0, 1.0)
+        if self.factor_estimator not in FACTOR_ESTIMATORS:
+            _fail("factor_estimator", f"one of {FACTOR_ESTIMATORS}", self.factor_estimator)
 
     @property
     def factor_beta(self) -> float:
         """EMA coefficient of the Kronecker factors (shampoo_beta, defaulting to beta2)."""
         return self.betas[1] if self.shampoo_beta is None else float(self.shampoo_beta)
+
+    def factor_beta_at(self, count: int) -> float:
+        """EMA coefficient of the ``count``-th factor update (1-based), bias-corrected if asked."""
+        beta = self.factor_beta
+        if not self.correct_factor_bias:
+            return beta
+        return 1.0 - (1.0 - beta) / (1.0 - beta**count)
+
+    def factor_count(self, step: int, initialized: bool) -> int:
+        """1-based index of the factor update of the step that starts from this state.
+
+        Every step updates the factors once; the statistics-only first step
+        (``first_step_update=False``) leaves ``step`` at 0, the updating one counts as 1.
+        """
+        if not initialized:
+            return 1
+        return step + (1 if self.first_step_update else 2)
 
 
 FOLD_STRUCTURES = ("chain", "tree", "last")

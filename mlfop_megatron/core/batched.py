@@ -40,6 +40,7 @@ engine; :meth:`BatchedBlocks.matches` tells whether the states still hold the en
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -159,13 +160,51 @@ class ShapeClass:
         """
         torch._foreach_add_(list(acc.unbind(0)), [per_block[i] for i in self.positions])
 
-    def update_factors(self, grad: torch.Tensor) -> None:
-        """L <- b L + (1-b) G G^T and R <- b R + (1-b) G^T G for every block."""
-        beta = self.cfg.factor_beta
-        if "L" in self.tensors:
-            self.tensors["L"].mul_(beta).baddbmm_(grad, _bt(grad), alpha=1.0 - beta)
-        if "R" in self.tensors:
-            self.tensors["R"].mul_(beta).baddbmm_(_bt(grad), grad, alpha=1.0 - beta)
+    def _eigen_estimate(self, factor_key: str, basis_key: str) -> torch.Tensor:
+        """diag(Q^T F Q) per block [B, n], floored as ``soap._eigen_estimate`` does."""
+        q = self.tensors[basis_key]
+        est = (q * torch.matmul(self.tensors[factor_key], q)).sum(dim=-2)
+        floor = (est.amax(dim=-1, keepdim=True) * self.cfg.kl_damping).clamp_min(self.cfg.eps)
+        return torch.maximum(est, floor)
+
+    def update_factors(self, grad: torch.Tensor, count: int) -> None:
+        """``soap.update_factors`` for every block: the ``count``-th update of L and R."""
+        cfg, st = self.cfg, self.tensors
+        beta = cfg.factor_beta_at(count)
+        rows, cols = grad.shape[-2:]
+        kl = cfg.factor_estimator == "kl"
+        inc_l = inc_r = None
+        if kl and count == 1:  # no estimate yet: both factors count as rms(G) I
+            c = grad.flatten(1).norm(dim=1).div_(math.sqrt(rows * cols)).clamp_min_(cfg.eps)
+            if "L" in st:
+                inc_l = torch.matmul(grad, _bt(grad)).div_(c[:, None, None] * cols)
+            if "R" in st:
+                inc_r = torch.matmul(_bt(grad), grad).div_(c[:, None, None] * rows)
+            kl = False
+        if kl and "L" in st:  # computed from the factors before either side changes
+            if "R" in st:
+                p = torch.matmul(grad, st["QR"])
+                inc_l = torch.matmul(p / self._eigen_estimate("R", "QR")[:, None, :], _bt(p))
+            else:
+                inc_l = torch.matmul(grad, _bt(grad))
+            inc_l.div_(cols)
+        if kl and "R" in st:
+            if "L" in st:
+                p = torch.matmul(_bt(st["QL"]), grad)
+                inc_r = torch.matmul(_bt(p / self._eigen_estimate("L", "QL")[:, :, None]), p)
+            else:
+                inc_r = torch.matmul(_bt(grad), grad)
+            inc_r.div_(rows)
+        if "L" in st:
+            if inc_l is None:
+                st["L"].mul_(beta).baddbmm_(grad, _bt(grad), alpha=1.0 - beta)
+            else:
+                st["L"].mul_(beta).add_(inc_l, alpha=1.0 - beta)
+        if "R" in st:
+            if inc_r is None:
+                st["R"].mul_(beta).baddbmm_(_bt(grad), grad, alpha=1.0 - beta)
+            else:
+                st["R"].mul_(beta).add_(inc_r, alpha=1.0 - beta)
 
     def write_scalars(self) -> None:
         """Mirror the class's step and initialized flag into every block's state dict."""
@@ -504,27 +543,50 @@ class BatchedBlocks:
                 )
             for cls in self.classes:
                 cls.params = [params[i] for i in cls.positions]
-        first, refresh = [], []
+        # Phase 1: what comes before the moment update (the first step's factors and bases;
+        # with refresh_first, every step's factors and refresh).
+        first, early = [], []
         for k, cls in enumerate(self.classes):
-            lr, wd = lrs[cls.positions[0]], weight_decays[cls.positions[0]]
-            if _class_step(cls, window, k, lr, wd):
-                if cls.step % cls.cfg.precondition_frequency == 0:
-                    refresh.append(cls)
-            else:
+            if not cls.initialized:
+                cls.update_factors(_stats_grad(window, k), 1)
                 first.append(cls)
+            elif cls.cfg.refresh_first:
+                cls.update_factors(_stats_grad(window, k), cls.cfg.factor_count(cls.step, True))
+                if (cls.step + 1) % cls.cfg.precondition_frequency == 0:
+                    early.append(cls)
         if first:
             compute_bases(first, "eigh", counters, first=True)
             for cls in first:
                 cls.initialized = True
+        self._refresh(early, counters, timings)
+        # Phase 2: the moment and parameter updates, then the reference-order refreshes.
+        late = []
+        for k, cls in enumerate(self.classes):
+            lr, wd = lrs[cls.positions[0]], weight_decays[cls.positions[0]]
+            is_first = any(c is cls for c in first)
+            if is_first and not cls.cfg.first_step_update:
+                continue  # the statistics-only first step
+            fresh = is_first or any(c is cls for c in early)
+            factors_done = is_first or cls.cfg.refresh_first
+            _class_step(cls, window, k, lr, wd, fresh, factors_done)
+            if not factors_done and cls.step % cls.cfg.precondition_frequency == 0:
+                late.append(cls)
+        self._refresh(late, counters, timings)
+        for cls in self.classes:
+            cls.write_scalars()
+
+    @staticmethod
+    def _refresh(
+        classes: Sequence[ShapeClass], counters: LinalgCounters, timings: dict[str, float] | None
+    ) -> None:
+        """Refresh the bases of ``classes`` by their method (one host read per method)."""
         for method in ("qr", "eigh"):
-            todo = [c for c in refresh if c.cfg.refresh_method == method]
+            todo = [c for c in classes if c.cfg.refresh_method == method]
             if todo:
                 t0 = time.perf_counter()
                 compute_bases(todo, method, counters, first=False)
                 if timings is not None:
                     timings["refresh"] = timings.get("refresh", 0.0) + time.perf_counter() - t0
-        for cls in self.classes:
-            cls.write_scalars()
 
 
 @dataclass
@@ -551,23 +613,41 @@ class ClassWindow:
                     g.mul_(factor)
 
 
-def _class_step(cls: ShapeClass, window: ClassWindow, k: int, lr: float, wd: float) -> bool:
-    """The moment and parameter update of one class; False on the statistics-only step."""
+def _stats_grad(window: ClassWindow, k: int) -> torch.Tensor:
+    """Class k's gradient that feeds v and the factors (the statistics gradient if any)."""
+    stats = None if window.stats_grads is None else window.stats_grads[k]
+    return window.grads[k] if stats is None else stats
+
+
+def _class_step(
+    cls: ShapeClass,
+    window: ClassWindow,
+    k: int,
+    lr: float,
+    wd: float,
+    fresh: bool = False,
+    factors_done: bool = False,
+) -> None:
+    """The moment and parameter update of one class (``soap.soap_step`` after its bases).
+
+    ``fresh``: the bases changed since the window rotated its gradients (rotate again);
+    ``factors_done``: the factors already took this step's gradient (phase 1).
+    """
     cfg = cls.cfg
     grad, grad_rot = window.grads[k], window.grads_rot[k]
     stats_grad = None if window.stats_grads is None else window.stats_grads[k]
     stats_rot = None if window.stats_grads_rot is None else window.stats_grads_rot[k]
+    if fresh:
+        grad_rot = stats_rot = None
     eta = None if window.eta is None else window.eta[k]
     stats = grad if stats_grad is None else stats_grad
     st = cls.tensors
-    if not cls.initialized:
-        cls.update_factors(stats)
-        return False
     g_rot = cls.rotate(grad) if grad_rot is None else grad_rot
     if stats_grad is None:
         s_rot = g_rot
     else:
         s_rot = cls.rotate(stats_grad) if stats_rot is None else stats_rot
+    count = cfg.factor_count(cls.step, True)
     cls.step += 1
     normalized, step_size = adam_moments_update(
         st["exp_avg"], st["exp_avg_sq"], g_rot, s_rot, cls.step, lr, cfg
@@ -587,5 +667,5 @@ def _class_step(cls: ShapeClass, window: ClassWindow, k: int, lr: float, wd: flo
         torch._foreach_add_(targets, list(direction.to(pdtype).unbind(0)), alpha=-step_size)
         if wd > 0.0:
             torch._foreach_add_(targets, targets, alpha=-lr * wd)
-    cls.update_factors(stats)
-    return True
+    if not factors_done:
+        cls.update_factors(stats, count)

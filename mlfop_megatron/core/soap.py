@@ -123,12 +123,65 @@ def metric_diag(state: State, cfg: SOAPConfig) -> torch.Tensor | None:
     return v_hat.sqrt_().add_(cfg.eps)
 
 
-def update_factors(state: State, grad: torch.Tensor, factor_beta: float) -> None:
-    """L <- b L + (1-b) G G^T and R <- b R + (1-b) G^T G."""
-    if "L" in state:
-        state["L"].mul_(factor_beta).addmm_(grad, grad.T, alpha=1.0 - factor_beta)
-    if "R" in state:
-        state["R"].mul_(factor_beta).addmm_(grad.T, grad, alpha=1.0 - factor_beta)
+def _eigen_estimate(state: State, factor_key: str, basis_key: str, cfg: SOAPConfig) -> torch.Tensor:
+    """diag(Q^T F Q), floored at max(eps, kl_damping * its largest): what KL-Shampoo inverts.
+
+    The relative floor bounds the dynamic range a rank-deficient factor would otherwise give
+    the other side (1/eps on its null space), which amplifies rounding without limit.
+    """
+    q = state[basis_key]
+    est = (q * (state[factor_key] @ q)).sum(dim=0)
+    return torch.maximum(est, (est.amax() * cfg.kl_damping).clamp_min(cfg.eps))
+
+
+def factor_increments(
+    state: State, grad: torch.Tensor, cfg: SOAPConfig, first: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The new terms of L and R for gradient G (None for a side without a factor).
+
+    Shampoo: G G^T and G^T G. KL-Shampoo (``factor_estimator="kl"``, Lin et al. 2025):
+    G R^-1 G^T / n and G^T L^-1 G / m with F^-1 = Q diag(1/lam) Q^T, lam = diag(Q^T F Q)
+    floored (``_eigen_estimate``), from the factors and bases before this update. A side
+    without a factor counts as F = I. At the ``first`` update, when no estimate exists yet,
+    both factors count as c I with c = rms(G): the first L (x) R then has the trace of
+    vec(G) vec(G)^T, split evenly (an eps floor there would scale both by 1/eps and leave the
+    pair ~1e16 out of balance for hundreds of steps).
+    """
+    rows, cols = grad.shape
+    if cfg.factor_estimator != "kl":
+        inc_l, inc_r = grad @ grad.T, grad.T @ grad
+    elif first:
+        c = (grad.norm() / math.sqrt(rows * cols)).clamp_min(cfg.eps)
+        inc_l = grad @ grad.T / (cols * c)
+        inc_r = grad.T @ grad / (rows * c)
+    else:
+        if "R" in state:  # G R^-1 G^T = (G QR) diag(1/lam_R) (G QR)^T
+            p = grad @ state["QR"]
+            inc_l = (p / _eigen_estimate(state, "R", "QR", cfg)) @ p.T / cols
+        else:
+            inc_l = grad @ grad.T / cols
+        if "L" in state:  # G^T L^-1 G = (QL^T G)^T diag(1/lam_L) (QL^T G)
+            p = state["QL"].T @ grad
+            inc_r = (p / _eigen_estimate(state, "L", "QL", cfg)[:, None]).T @ p / rows
+        else:
+            inc_r = grad.T @ grad / rows
+    return (inc_l if "L" in state else None), (inc_r if "R" in state else None)
+
+
+def update_factors(state: State, grad: torch.Tensor, cfg: SOAPConfig, count: int) -> None:
+    """L <- b L + (1-b) inc_L and R likewise; b the factor beta of the ``count``-th update."""
+    beta = cfg.factor_beta_at(count)
+    if cfg.factor_estimator != "kl":  # fused: the rounding of the reference's update
+        if "L" in state:
+            state["L"].mul_(beta).addmm_(grad, grad.T, alpha=1.0 - beta)
+        if "R" in state:
+            state["R"].mul_(beta).addmm_(grad.T, grad, alpha=1.0 - beta)
+        return
+    inc_l, inc_r = factor_increments(state, grad, cfg, first=count == 1)
+    if inc_l is not None:
+        state["L"].mul_(beta).add_(inc_l, alpha=1.0 - beta)
+    if inc_r is not None:
+        state["R"].mul_(beta).add_(inc_r, alpha=1.0 - beta)
 
 
 def init_bases(state: State, counters: LinalgCounters) -> None:
@@ -209,18 +262,32 @@ def soap_step(
     then feeds only the first moment m (folding's ``statistics_from="mean"``).
     ``direction_scale``: a 0-d tensor multiplying the preconditioned direction (FOP's eta*;
     decoupled weight decay is not scaled).
-    Returns False on the first, statistics-only step (no parameter change), True otherwise.
+    The first step builds the bases (eigh) and, unless ``cfg.first_step_update``, changes no
+    parameter; ``cfg.refresh_first`` updates the factors and refreshes before the moments.
+    Returns False on a statistics-only first step, True when the parameter was updated.
     """
     stats = grad if stats_grad is None else stats_grad
+    fresh_rotation = False  # the bases change before the moment update: rotate again
     if not state["initialized"]:
-        update_factors(state, stats, cfg.factor_beta)
+        update_factors(state, stats, cfg, 1)
         init_bases(state, counters)
-        return False
+        if not cfg.first_step_update:
+            return False
+        fresh_rotation = True
+    elif cfg.refresh_first:
+        update_factors(state, stats, cfg, cfg.factor_count(state["step"], True))
+        if (state["step"] + 1) % cfg.precondition_frequency == 0:
+            _timed_refresh(state, cfg, counters, timings)
+            fresh_rotation = True
+    if fresh_rotation:
+        grad_rot = stats_grad_rot = None
     g_rot = rotate(grad, state) if grad_rot is None else grad_rot
     if stats_grad is None:
         s_rot = g_rot
     else:
         s_rot = rotate(stats_grad, state) if stats_grad_rot is None else stats_grad_rot
+    factors_done = fresh_rotation or cfg.refresh_first
+    count = cfg.factor_count(state["step"], True)
     state["step"] += 1
     t = state["step"]
     normalized, step_size = adam_moments_update(
@@ -235,10 +302,17 @@ def soap_step(
         target.add_(target, alpha=-lr * weight_decay)
     if target is not param:
         param.copy_(target)
-    update_factors(state, stats, cfg.factor_beta)
-    if t % cfg.precondition_frequency == 0:
-        start = time.perf_counter()
-        refresh_bases(state, cfg.refresh_method, counters)
-        if timings is not None:
-            timings["refresh"] = timings.get("refresh", 0.0) + time.perf_counter() - start
+    if not factors_done:
+        update_factors(state, stats, cfg, count)
+        if t % cfg.precondition_frequency == 0:
+            _timed_refresh(state, cfg, counters, timings)
     return True
+
+
+def _timed_refresh(
+    state: State, cfg: SOAPConfig, counters: LinalgCounters, timings: dict[str, float] | None
+) -> None:
+    start = time.perf_counter()
+    refresh_bases(state, cfg.refresh_method, counters)
+    if timings is not None:
+        timings["refresh"] = timings.get("refresh", 0.0) + time.perf_counter() - start

@@ -34,8 +34,17 @@ class ReferenceSOAP:
         precondition_1d=False,
         correct_bias=True,
         refresh_method="qr",
+        factor_estimator="shampoo",
+        kl_damping=1e-5,
+        correct_factor_bias=False,
+        first_step_update=False,
+        refresh_first=False,
     ):
         self.w = w.clone()
+        self.kl, self.kl_damping = factor_estimator == "kl", kl_damping
+        self.correct_factor_bias = correct_factor_bias
+        self.first_step_update, self.refresh_first = first_step_update, refresh_first
+        self.k = 0  # factor updates so far
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
         self.bs = betas[1] if shampoo_beta is None else shampoo_beta
         self.f, self.method = precondition_frequency, refresh_method
@@ -97,7 +106,21 @@ class ReferenceSOAP:
             if self.right:
                 self.QR = eig_desc(self.R)
             self.started = True
+            if self.first_step_update:  # update at once, in the bases of this gradient
+                self._update(g)
             return
+        if self.refresh_first:  # factors and bases first: rotate g by bases that include it
+            self._factors(g)
+            if (self.t + 1) % self.f == 0:
+                self._refresh()
+            self._update(g)
+            return
+        self._update(g)
+        self._factors(g)
+        if self.t % self.f == 0:
+            self._refresh()
+
+    def _update(self, g):
         self.t += 1
         self.m = self.b1 * self.m + (1 - self.b1) * g
         self.v = self.b2 * self.v + (1 - self.b2) * self.rot(g) ** 2
@@ -108,13 +131,36 @@ class ReferenceSOAP:
         w = w - size * self.unrot(self.rot(self.m) / (self.v.sqrt() + self.eps))
         w = w - self.lr * self.wd * w
         self.w = w.reshape(self.w.shape)
-        self._factors(g)
-        if self.t % self.f == 0:
-            self._refresh()
+
+    def _inverse(self, f, q, used):
+        """KL-Shampoo's F^-1 = Q diag(1/lam) Q^T, lam = diag(Q^T F Q) floored (I without a basis).
+
+        The floor: max(eps, kl_damping * the largest lam).
+        """
+        if not used:
+            return torch.eye(f.shape[0], dtype=f.dtype)
+        lam = torch.diag(q.T @ f @ q)
+        lam = lam.clamp(min=max(self.eps, self.kl_damping * lam.max().item()))
+        return q @ torch.diag(1 / lam) @ q.T
 
     def _factors(self, g):
-        self.L = self.bs * self.L + (1 - self.bs) * (g @ g.T)
-        self.R = self.bs * self.R + (1 - self.bs) * (g.T @ g)
+        self.k += 1
+        b = self.bs
+        if self.correct_factor_bias:  # EMA bias correction of the factors
+            b = 1 - (1 - self.bs) / (1 - self.bs**self.k)
+        if not self.kl:
+            new_l, new_r = g @ g.T, g.T @ g
+        elif self.k == 1:  # KL-Shampoo, no estimate yet: L = R = rms(G) I
+            rms = max(g.norm().item() / math.sqrt(self.rows * self.cols), self.eps)
+            new_l = g @ g.T / (self.cols * rms)
+            new_r = g.T @ g / (self.rows * rms)
+        else:  # KL-Shampoo (Lin et al. 2025): L = E[G R^-1 G^T]/n, R = E[G^T L^-1 G]/m
+            r_inv = self._inverse(self.R, self.QR, self.right)
+            l_inv = self._inverse(self.L, self.QL, self.left)
+            new_l = g @ r_inv @ g.T / self.cols
+            new_r = g.T @ l_inv @ g / self.rows
+        self.L = b * self.L + (1 - b) * new_l
+        self.R = b * self.R + (1 - b) * new_r
 
     def _refresh(self):
         if self.left:
