@@ -80,6 +80,8 @@ def build_mlfop(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
         step_size=spec.step_size,
         statistics_from=spec.statistics_from,
     )
+    if spec.soap_options:
+        mlfop = mlfop.with_soap(**dict(spec.soap_options))
     return get_mlfop_optimizer(optimizer_config(spec), [model], mlfop, sharded=True)
 
 

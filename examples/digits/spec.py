@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .data import num_micro_batches
 from .optimizers import TABLE
@@ -118,6 +119,8 @@ class RunSpec:
     fold_structure: str = "chain"  # FoldingConfig.structure: "chain" | "tree" | "last"
     step_size: str = "none"  # FoldingConfig.step_size: "none" | "eta_star"
     statistics_from: str = "folded"  # FoldingConfig.statistics_from: "folded" | "mean"
+    # SOAP options of ours (SOAPConfig field -> value) over the demo's; benchmarks/peers.py
+    soap_options: tuple[tuple[str, Any], ...] = ()
 
 
 def fold_levels(spec: RunSpec, dp: int) -> list[int]:

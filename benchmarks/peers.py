@@ -1,0 +1,335 @@
+"""Ours against what Megatron ships, on the digits main job: the gap, its causes, the defaults.
+
+Every row trains the digits demo's model, data, schedule, clipping and weight decay at DP=2
+through ``examples/digits/optimizers.py``'s one table: AdamW, Megatron's own ``soap`` and
+``muon`` (``get_megatron_optimizer``; need ``make setup-peers``), and our SOAP / ML-FOP-SOAP
+with SOAP options set per row (the ablation of every difference between our SOAP and
+Megatron's). Each row gets the same lr grid and seeds; its lr is chosen on the *selection*
+seeds, and the table reports the *held-out* seeds at that lr (``--select-seeds`` /
+``--report-seeds``), so no row is tuned on the numbers it is judged by.
+
+Objective: 0.5 (image + text) train loss; ``final`` is its mean over the last 10 steps,
+``steps to target`` the first step where its trailing 10-step mean reaches the best Megatron
+peer's final objective (peers at their best lr), ``ms/step`` the median step time.
+
+Run from the repository root in the peers venv::
+
+    .venv-peers/bin/python -m benchmarks.peers --layouts by-modality,mixed --batches 32
+    .venv-peers/bin/python -m benchmarks.peers --report-only      # tables from results.jsonl
+
+Results: every run appends one line to ``<out>/results.jsonl`` (runs already there are not
+rerun); ``--write`` puts the tables in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, log, machine_facts, package_version, replace_section
+
+SECTION = "## Side by side with Megatron's SOAP and Muon: the digits main job (CPU, DP=2)"
+WINDOW = 10  # steps in the final objective and the trailing mean
+
+# label -> (optimizer of examples/digits/optimizers.py, our SOAP options)
+MEGATRON_LIKE = {
+    "precondition_frequency": 1,
+    "factor_estimator": "kl",
+    "correct_factor_bias": True,
+    "first_step_update": True,
+    "refresh_first": True,
+}
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("adamw", {}),
+    "megatron-soap": ("megatron-soap", {}),
+    "megatron-muon": ("megatron-muon", {}),
+    "soap-reference": ("soap", {"precondition_frequency": 10}),
+    "soap-f1": ("soap", {"precondition_frequency": 1}),
+    "soap-f1+kl": ("soap", {"precondition_frequency": 1, "factor_estimator": "kl"}),
+    "soap-f1+first": ("soap", {"precondition_frequency": 1, "first_step_update": True}),
+    "soap-f1+order": ("soap", {"precondition_frequency": 1, "refresh_first": True}),
+    "soap-f1+kl+bias": (
+        "soap",
+        {"precondition_frequency": 1, "factor_estimator": "kl", "correct_factor_bias": True},
+    ),
+    "soap-megatron-like": ("soap", MEGATRON_LIKE),
+    "soap-megatron-like-f2": ("soap", {**MEGATRON_LIKE, "precondition_frequency": 2}),
+    "soap-megatron-like-f5": ("soap", {**MEGATRON_LIKE, "precondition_frequency": 5}),
+    "soap-megatron-like-b999": ("soap", {**MEGATRON_LIKE, "betas": (0.9, 0.999)}),
+    "mlfop-reference": ("mlfop", {"precondition_frequency": 10}),
+    "mlfop-megatron-like": ("mlfop", MEGATRON_LIKE),
+}
+PEERS = ("megatron-soap", "megatron-muon")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {sorted(ROWS)}")
+    p.add_argument("--layouts", default="by-modality", help="comma list: by-modality, mixed")
+    p.add_argument("--batches", default="32", help="comma list of global batch sizes")
+    p.add_argument("--lrs", default="2e-3,5e-3,1e-2", help="the lr grid of every row")
+    p.add_argument("--select-seeds", default="0", help="seeds that choose each row's lr")
+    p.add_argument("--report-seeds", default="1,2", help="held-out seeds the table reports")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--out", default="runs/peers")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--write", action="store_true", help="write the tables to RESULTS.md")
+    args = p.parse_args(argv)
+    unknown = set(args.rows.split(",")) - set(ROWS)
+    if unknown:
+        raise SystemExit(f"--rows: unknown {sorted(unknown)}; known {sorted(ROWS)}")
+    return args
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+# ----------------------------------------------------------------------------------- running
+def run_key(label: str, layout: str, batch: int, lr: float, seed: int, steps: int) -> str:
+    """Identity of one run in results.jsonl."""
+    return f"{label}|{layout}|{batch}|{lr:g}|{seed}|{steps}"
+
+
+def make_spec(label: str, layout: str, batch: int, lr: float, seed: int, args: Any) -> Any:
+    """The demo's RunSpec of one run (the demo's default model, diagnostics off)."""
+    from examples.digits.spec import RunSpec
+
+    optimizer, options = ROWS[label]
+    threads = max(1, (os.cpu_count() or 1) // args.nproc)
+    return RunSpec(
+        optimizer=optimizer,
+        out=str(Path(args.out) / "runs" / run_key(label, layout, batch, lr, seed, args.steps)),
+        steps=args.steps,
+        global_batch=batch,
+        micro_batch=4,
+        lr=lr,
+        seed=seed,
+        diag_every=0,
+        threads=threads,
+        log_every=max(1, args.steps // 4),
+        layout=layout,
+        soap_options=tuple(sorted(options.items())),
+    )
+
+
+def worker(specs: list[Any]) -> list[dict[str, Any]] | None:
+    """One rank: train every spec in turn; rank 0 returns the per-step rows and the summary."""
+    import torch.distributed as dist
+
+    from examples.digits.train import train_worker
+
+    out = []
+    for spec in specs:
+        t0 = time.perf_counter()
+        res = train_worker(spec)
+        if res is not None:
+            keep = ("step", "image_loss", "text_loss", "step_time_s")
+            rows = [{k: r[k] for k in keep} for r in res["rows"]]
+            out.append({"rows": rows, "wall_s": time.perf_counter() - t0})
+    return out if dist.get_rank() == 0 else None
+
+
+def load_results(path: Path) -> dict[str, dict[str, Any]]:
+    """results.jsonl by run key."""
+    if not path.exists():
+        return {}
+    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+def run_missing(jobs: list[tuple[str, str, int, float, int]], args: Any, path: Path) -> None:
+    """Train the jobs without a result, one spawned world per row and cell; append results."""
+    from examples.digits import rundir
+    from examples.digits.optimizers import entry
+    from examples.digits.spec import fold_levels, metric_columns
+    from mlfop_megatron.runtime.spawn import run_distributed
+
+    done = load_results(path)
+    todo = [j for j in jobs if run_key(*j, args.steps) not in done]
+    groups: dict[tuple[str, str, int], list[tuple[str, str, int, float, int]]] = {}
+    for job in todo:
+        groups.setdefault(job[:3], []).append(job)
+    for (label, layout, batch), members in groups.items():
+        reason = entry(ROWS[label][0]).missing()
+        if reason is not None:
+            log(f"skip {label}: {reason}")
+            continue
+        specs = [make_spec(*j, args) for j in members]
+        for s in specs:
+            rundir.start_metric_files(Path(s.out), metric_columns(fold_levels(s, args.nproc)))
+        t0 = time.perf_counter()
+        res = run_distributed(worker, args.nproc, specs, timeout=7200.0, threads=specs[0].threads)
+        with path.open("a") as f:
+            for job, spec, r in zip(members, specs, res[0]):
+                record = {"key": run_key(*job, args.steps), "spec": asdict(spec), **r}
+                f.write(json.dumps(record) + "\n")
+        took = time.perf_counter() - t0
+        log(f"{label} {layout} batch {batch}: {len(members)} runs in {took:.0f} s")
+
+
+# ---------------------------------------------------------------------------------- analysis
+def objective(rows: list[dict[str, Any]]) -> list[float]:
+    """0.5 (image + text) train loss per step."""
+    return [0.5 * (r["image_loss"] + r["text_loss"]) for r in rows]
+
+
+def final(rows: list[dict[str, Any]]) -> float:
+    """Mean objective over the last WINDOW steps (NaN if any is not finite)."""
+    tail = objective(rows)[-WINDOW:]
+    return sum(tail) / len(tail) if all(x == x and abs(x) < 1e30 for x in tail) else float("nan")
+
+
+def steps_to(rows: list[dict[str, Any]], target: float) -> int | None:
+    """First step whose trailing WINDOW-step mean objective reaches ``target`` (None: never)."""
+    obj = objective(rows)
+    for i in range(WINDOW - 1, len(obj)):
+        if sum(obj[i - WINDOW + 1 : i + 1]) / WINDOW <= target:
+            return rows[i]["step"]
+    return None
+
+
+def ms_per_step(rows: list[dict[str, Any]]) -> float:
+    """Median step time (ms), the first steps (warm-up, first refresh) included."""
+    return 1e3 * statistics.median(r["step_time_s"] for r in rows)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    good = [x for x in xs if x == x]
+    return sum(good) / len(good) if len(good) == len(xs) and good else float("nan")
+
+
+def chosen_lrs(results: dict[str, dict[str, Any]], args: Any, layout: str, batch: int) -> dict:
+    """Each row's lr: the best mean final objective over the selection seeds (label -> lr)."""
+    select = _ints(args.select_seeds)
+    chosen = {}
+    for label in args.rows.split(","):
+        scores = {}
+        for lr in (float(x) for x in args.lrs.split(",")):
+            keys = [run_key(label, layout, batch, lr, s, args.steps) for s in select]
+            if all(k in results for k in keys):
+                score = _mean([final(results[k]["rows"]) for k in keys])
+                if score == score:
+                    scores[lr] = score
+        if scores:
+            chosen[label] = min(scores, key=scores.__getitem__)
+    return chosen
+
+
+def cell_table(results: dict[str, dict[str, Any]], args: Any, layout: str, batch: int) -> list:
+    """Markdown table of one layout and batch: every row at its chosen lr, held-out seeds."""
+    report = _ints(args.report_seeds)
+    chosen = chosen_lrs(results, args, layout, batch)
+
+    def runs(label: str) -> list[dict[str, Any]]:
+        keys = [run_key(label, layout, batch, chosen[label], s, args.steps) for s in report]
+        return [results[k] for k in keys if k in results]
+
+    def mean_steps(rs: list[dict[str, Any]], target: float) -> float:
+        return _mean([float(s or "nan") for s in (steps_to(r["rows"], target) for r in rs)])
+
+    peers = {p: _mean([final(r["rows"]) for r in runs(p)]) for p in PEERS if p in chosen}
+    peers = {p: v for p, v in peers.items() if v == v}
+    best_peer = min(peers, key=peers.__getitem__) if peers else None
+    target = peers[best_peer] if best_peer else None
+    peer_steps = mean_steps(runs(best_peer), target) if best_peer and target else None
+    muon = runs("megatron-muon") if "megatron-muon" in chosen else []
+    muon_ms = _mean([ms_per_step(r["rows"]) for r in muon]) if muon else None
+    lines = [
+        "",
+        f"### {layout}, global batch {batch}, {args.steps} steps "
+        f"(lr chosen on seeds {_ints(args.select_seeds)}, reported on seeds {report})",
+        "",
+        "Target: the best Megatron peer's final objective"
+        + (f" ({best_peer}, {target:.4f})." if target is not None else " (no peer ran)."),
+        "",
+        "| row | lr | final objective (mean) | per seed | steps to target | x peer's steps "
+        "| ms/step | x Muon's |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label in chosen:
+        rs = runs(label)
+        if not rs:
+            continue
+        finals = [final(r["rows"]) for r in rs]
+        st_txt, ratio = "-", "-"
+        if target is not None:
+            st = [steps_to(r["rows"], target) for r in rs]
+            st_txt = ", ".join("-" if x is None else str(x) for x in st)
+            m = mean_steps(rs, target)
+            ratio = f"{m / peer_steps:.2f}" if peer_steps and m == m else "not reached"
+        ms = _mean([ms_per_step(r["rows"]) for r in rs])
+        vs_muon = f"{ms / muon_ms:.2f}" if muon_ms else "-"
+        per_seed = ", ".join(f"{x:.4f}" for x in finals)
+        lines.append(
+            f"| {label} | {chosen[label]:g} | {_mean(finals):.4f} | {per_seed} | {st_txt} "
+            f"| {ratio} | {ms:.0f} | {vs_muon} |"
+        )
+    return lines
+
+
+def analyse(results: dict[str, dict[str, Any]], args: Any) -> list[str]:
+    """The tables of every layout and batch."""
+    return [
+        line
+        for layout in args.layouts.split(",")
+        for batch in _ints(args.batches)
+        for line in cell_table(results, args, layout, batch)
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run what is missing, then print (and with --write, record) the tables."""
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::DeprecationWarning")
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.jsonl"
+    if not args.report_only:
+        cells = [(lo, b) for lo in args.layouts.split(",") for b in _ints(args.batches)]
+        rows = args.rows.split(",")
+        select = [  # phase 1: every lr of the grid on the selection seeds
+            (label, lo, b, float(lr), seed)
+            for lo, b in cells
+            for label in rows
+            for lr in args.lrs.split(",")
+            for seed in _ints(args.select_seeds)
+        ]
+        run_missing(select, args, path)
+        results = load_results(path)
+        report = [  # phase 2: the held-out seeds at each row's chosen lr
+            (label, lo, b, lr, seed)
+            for lo, b in cells
+            for label, lr in chosen_lrs(results, args, lo, b).items()
+            for seed in _ints(args.report_seeds)
+        ]
+        run_missing(report, args, path)
+    lines = analyse(load_results(path), args)
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        header = [
+            "",
+            f"Measured with `.venv-peers/bin/python -m benchmarks.peers --rows {args.rows} "
+            f"--layouts {args.layouts} --batches {args.batches} --lrs {args.lrs} "
+            f"--select-seeds {args.select_seeds} --report-seeds {args.report_seeds} "
+            f"--steps {args.steps}` on "
+            + machine_facts(
+                f"{args.nproc} gloo ranks",
+                f"megatron-core {package_version('megatron-core')}",
+                f"emerging-optimizers {package_version('emerging-optimizers')}",
+            ),
+        ]
+        replace_section(RESULTS, SECTION, "\n".join(header + lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
