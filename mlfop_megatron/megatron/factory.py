@@ -8,6 +8,7 @@ import torch
 from megatron.core.optimizer import FP32Optimizer, OptimizerConfig
 
 from mlfop_megatron.config import TP_MODES, MLFOPConfig
+from mlfop_megatron.core.precision import check_tf32_override
 from mlfop_megatron.distributed.comm_config import CommConfig
 from mlfop_megatron.megatron import compat
 from mlfop_megatron.megatron.checkpointing import adam_init_state_fn
@@ -128,6 +129,8 @@ def get_mlfop_optimizer(
     # TransformerEngine and a GPU: fail here with the fix rather than deep inside TE.
     check_fp8_support(getattr(chunk, "config", None), config, list(chunk.parameters()))
     _check_precision(config, chunk)
+    if not adam_only:
+        check_tf32_override(next(chunk.parameters()).device)
     soap, adam_decay, adam_no_decay = [], [], []
     names = canonical_param_names(chunk)
     for param in chunk.parameters():

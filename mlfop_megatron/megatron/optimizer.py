@@ -47,6 +47,7 @@ from mlfop_megatron.core.folding import (
     summarize_fold,
 )
 from mlfop_megatron.core.levels import LevelSchedule
+from mlfop_megatron.core.precision import fp32_matmuls
 from mlfop_megatron.distributed.comm_config import CommConfig
 from mlfop_megatron.distributed.engine import (
     EngineGroups,
@@ -375,6 +376,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
 
     # ------------------------------------------------------------ folding hook
     @torch.no_grad()
+    @fp32_matmuls()
     def reduce_and_fold_level(self, level: int, level_size: int) -> None:
         """DDP callback at a level boundary: reduce the level's sums and fold the level mean.
 
@@ -394,6 +396,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             fused_kernels.zero_(grads)
 
     @torch.no_grad()
+    @fp32_matmuls()
     def reduce_segment(self, micro_steps: int) -> None:
         """DDP callback at an extra (diagnostics) sync point: hand the reduced segment over."""
         k = self.schedule.accumulation_steps
@@ -493,6 +496,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         self._grad_scales[group] = scale
 
     # ------------------------------------------------------------------ steps
+    @fp32_matmuls()
     def prepare_grads(self) -> bool:
         """Finish the pending reductions and check the window is folded.
 
@@ -513,6 +517,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 )
         return False
 
+    @fp32_matmuls()
     def step_with_ready_grads(self) -> bool:
         """Step every engine with the folded gradients (and the clipping factor)."""
         group = self.optimizer.param_groups[0]  # earlier gathers: waited in prepare_grads
@@ -531,6 +536,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         self._end_window(stepped=True)
         return True
 
+    @fp32_matmuls()
     def discard_step(self) -> None:
         """Skip the step (non-finite gradients): drop the folded windows."""
         self._complete_reductions()

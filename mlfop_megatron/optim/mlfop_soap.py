@@ -33,6 +33,7 @@ from mlfop_megatron.core.diagnostics import (
 from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder, WindowOutput
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.core.linalg import LinalgCounters
+from mlfop_megatron.core.precision import fp32_matmuls
 from mlfop_megatron.core.soap import (
     block_layout,
     init_state,
@@ -168,6 +169,7 @@ class MLFOPSOAP(torch.optim.Optimizer):
         k = self.schedule.accumulation_steps
         self._armed_groups = check_groups([0] * k if groups is None else list(groups), k)
 
+    @fp32_matmuls()
     def accumulate(self) -> None:
         """Fold the current ``p.grad`` of every param into the window as one micro-step.
 
@@ -216,6 +218,7 @@ class MLFOPSOAP(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float]) -> float: ...
 
     @torch.no_grad()
+    @fp32_matmuls()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Apply one optimizer step; a non-finite gradient skips it without touching state."""
         loss = None
