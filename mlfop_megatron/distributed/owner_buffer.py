@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mlfop_megatron.distributed.assignment import Assignment, Block
+from mlfop_megatron.distributed.collective_device import group_backend
 
 
 def block_view(full: torch.Tensor, block: Block) -> torch.Tensor:
@@ -70,7 +71,7 @@ def all_gather_uneven(
     NCCL: ``all_gather`` of unequal views (coalesced broadcasts, no extra memory). Gloo, whose
     all-gather needs equal sizes: an uneven all-to-all of ``mine`` repeated once per rank.
     """
-    if dist.get_backend(group) == "nccl":
+    if group_backend(group, out.device) == "nccl":
         return dist.all_gather(list(out.split(list(sizes))), mine, group=group, async_op=async_op)
     n = len(sizes)
     return dist.all_to_all_single(

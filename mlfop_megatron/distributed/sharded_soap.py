@@ -41,6 +41,7 @@ from mlfop_megatron.distributed.assignment import (
     ParamSpec,
     make_blocks,
 )
+from mlfop_megatron.distributed.collective_device import group_backend
 from mlfop_megatron.distributed.comm_config import PARAM_SYNC
 from mlfop_megatron.distributed.owner_buffer import (
     OwnerLayout,
@@ -473,7 +474,8 @@ class ShardedSOAP:
             return sum(b.numel for b in self.assignment.blocks) * elem
         wire = torch.finfo(self.param_wire_dtype).bits // 8
         layout = self.param_layout
-        if layout.exact and dist.get_backend(self.group) != "nccl":  # all-to-all, see sync
+        device = self.params[0].device
+        if layout.exact and group_backend(self.group, device) != "nccl":  # all-to-all, see sync
             return (self.world_size - 1) * layout.sizes[self.rank] * wire
         return (layout.numel - layout.sizes[self.rank]) * wire
 
