@@ -164,6 +164,7 @@ REFUSED_CONFIG = {
     "external_cuda_graph": (True, "external_cuda_graph=False"),
     "virtual_pipeline_model_parallel_size": (2, "virtual_pipeline_model_parallel_size=None"),
     "delay_wgrad_compute": (True, "delay_wgrad_compute=False"),
+    "defer_embedding_wgrad_compute": (True, "defer_embedding_wgrad_compute=False"),
 }
 
 
@@ -226,6 +227,9 @@ def test_features_that_break_folding_are_refused_naming_the_fix():
         (dict(cuda_graph_impl="transformer_engine"), "--cuda-graph-impl none"),
         (dict(external_cuda_graph=True), "--external-cuda-graph"),
         (dict(delay_wgrad_compute=True), "--delay-wgrad-compute is not supported"),
+        (dict(defer_embedding_wgrad_compute=True), "--defer-embedding-wgrad-compute is not"),
+        (dict(async_save=True), "drop --async-save"),
+        (dict(fp8_param_gather=True), "--fp8-param-gather is not supported"),
         (dict(use_distributed_optimizer=True), "--use-distributed-optimizer cannot be"),
         (dict(virtual_pipeline_model_parallel_size=2), "virtual pipeline stages"),
     ],

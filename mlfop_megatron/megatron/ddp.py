@@ -90,6 +90,13 @@ def check_supported_features(config: Any, ddp_config: Any) -> None:
             "(virtual_pipeline_model_parallel_size=None)",
         ),
         (
+            on(config, "defer_embedding_wgrad_compute"),
+            "TransformerConfig.defer_embedding_wgrad_compute=True computes the output layer's "
+            "weight gradient after the last backward pass, when the folding levels and the "
+            "Adam reduction have consumed main_grad (its gradient would be lost); set "
+            "defer_embedding_wgrad_compute=False",
+        ),
+        (
             on(config, "delay_wgrad_compute"),
             "TransformerConfig.delay_wgrad_compute=True computes weight gradients after the "
             "backward pass that ends a folding level; set delay_wgrad_compute=False",

@@ -389,6 +389,25 @@ def validate_megatron_args(args: argparse.Namespace) -> None:
             "gradient hooks that end folding levels; drop the flag (--cuda-graph-impl none)",
         ),
         (
+            getattr(args, "defer_embedding_wgrad_compute", False),
+            "--defer-embedding-wgrad-compute is not supported with --optimizer mlfop_soap: "
+            "the output layer's weight gradient arrives after the folding levels and the Adam "
+            "reduction consumed main_grad and would be lost; drop it",
+        ),
+        (
+            getattr(args, "async_save", False),
+            "--async-save is not supported with --optimizer mlfop_soap (its optimizer state "
+            "is saved synchronously, under the stop-signal guard that preemption needs); drop "
+            "--async-save",
+        ),
+        (
+            getattr(args, "fp8_param_gather", False),
+            "--fp8-param-gather is not supported with --optimizer mlfop_soap: Megatron-LM "
+            "ties it to --use-distributed-optimizer, which ML-FOP-SOAP replaces. Drop it: "
+            "--fp8-format alone trains FP8 GEMMs on bf16 weights; FP8 primary weights are "
+            "available through the Python API (TransformerConfig.fp8_param=True, README 'FP8')",
+        ),
+        (
             getattr(args, "delay_wgrad_compute", False),
             "--delay-wgrad-compute is not supported with --optimizer mlfop_soap: weight "
             "gradients computed after the backward pass miss their folding level; drop it",
