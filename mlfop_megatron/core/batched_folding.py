@@ -32,6 +32,7 @@ from mlfop_megatron.core.fop import (
     eta_star,
 )
 from mlfop_megatron.core.levels import LevelSchedule
+from mlfop_megatron.core.norms import sum_of_squares
 from mlfop_megatron.core.soap import rotate
 
 Stacks = list[torch.Tensor]
@@ -315,8 +316,6 @@ class BatchedWindowFolder(FoldStack):
         if self.num_blocks:
             assert self._estimate is not None  # complete with blocks: the last level set it
             grads = self._estimate.grads
-        sq = torch.zeros((), dtype=torch.float64, device=device)
-        for g in grads:
-            sq = sq + g.double().pow(2).sum()
+        sq = sum_of_squares(grads, device)
         bad = ~all_finite(grads) if grads else torch.zeros((), dtype=torch.bool, device=device)
         return sq, bad

@@ -25,6 +25,7 @@ from mlfop_megatron.core.diagnostics import GroupSums, group_block_rows
 from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder, WindowOutput
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.core.linalg import LinalgCounters
+from mlfop_megatron.core.norms import sum_of_squares
 from mlfop_megatron.core.soap import (
     BlockLayout,
     init_state,
@@ -332,12 +333,10 @@ class ShardedSOAP:
         if isinstance(self._folder, BatchedWindowFolder):
             return self._folder.grad_stats(device)
         grads, _ = self.window_gradients()
-        sq = torch.zeros((), dtype=torch.float64, device=device)
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for g in grads:
-            sq = sq + g.double().pow(2).sum()
             bad = bad | ~torch.isfinite(g).all()
-        return sq, bad
+        return sum_of_squares(grads, device), bad
 
     # -------------------------------------------------------------------- step
     def step(self, lr: float, weight_decay: float, grad_scale: float = 1.0) -> None:

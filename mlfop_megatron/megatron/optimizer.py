@@ -47,6 +47,7 @@ from mlfop_megatron.core.folding import (
     summarize_fold,
 )
 from mlfop_megatron.core.levels import LevelSchedule
+from mlfop_megatron.core.norms import sum_of_squares
 from mlfop_megatron.core.precision import fp32_matmuls
 from mlfop_megatron.distributed.comm_config import CommConfig
 from mlfop_megatron.distributed.engine import (
@@ -786,9 +787,7 @@ class MLFOPChainedOptimizer(ChainedOptimizer):
                 sq_ours[group] = sq_ours[group] + s.to(device)
         totals = []
         for group in groups:
-            sq_other = torch.zeros((), dtype=torch.float64, device=device)
-            for grad in self._other_grads(group):
-                sq_other += grad.double().pow(2).sum().to(device)
+            sq_other = sum_of_squares(self._other_grads(group), device)
             totals.append(sq_ours[group] + sq_other)
         for grad in self._other_grads_all_ranks():
             bad |= (~torch.isfinite(grad).all()).to(device)
