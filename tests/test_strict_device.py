@@ -181,6 +181,21 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
             reduce_segment(micro_steps)
 
     ours.reduce_segment = segment_without_sync  # request_grad_diagnostics hands this to the DDP
+    # A side-stream fold is told about every current-stream tensor it reads, also the open
+    # level's earlier segments and the diagnostics sums it drops (else record_stream misses
+    # them and the allocator may reuse their memory while the side stream reads it).
+    launches = {"folds": 0, "with_earlier_tensors": 0}
+    run_fold = ours._folds.run
+
+    def checked_run(fold, inputs):
+        reads = [t for e in ours.engines for t in [*(e._pending or ()), *_group_sq(e)]]
+        passed = {id(t) for t in inputs}
+        assert all(id(t) in passed for t in reads), "a tensor the fold drops was not passed"
+        launches["folds"] += 1
+        launches["with_earlier_tensors"] += bool(reads)
+        return run_fold(fold, inputs)
+
+    ours._folds.run = checked_run
     # As Megatron-LM: the schedule multiplies the loss by the optimizer's loss scale.
     model.config.grad_scale_func = optimizer.scale_loss
     loss = torch.ones((), device="cuda") * 2.0
@@ -207,6 +222,7 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "skipped": stats["skipped_steps"],
         "levels": len(stats["levels"]),
         "grad": stats["grad"],
+        "launches": launches,
     }
     if spec.get("checkpoint"):
         ckpt = spec["checkpoint"]
@@ -222,6 +238,11 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
         ok, norm, _ = optimizer.step()
         out["after_load"] = (ok, norm)
     return out
+
+
+def _group_sq(engine: Any) -> list[torch.Tensor]:
+    groups = getattr(engine, "_groups", None)
+    return list(groups.sq or ()) if groups is not None else []
 
 
 def _soap_state(opt: Any) -> dict[str, torch.Tensor]:
@@ -266,6 +287,8 @@ def test_megatron_fold_stream_strict_device() -> None:
     )
     _check_run(side)
     assert [r["results"] for r in side] == [r["results"] for r in inline]
+    for r in side:  # the armed window folded on the side stream with earlier segments open
+        assert r["launches"]["folds"] > 0 and r["launches"]["with_earlier_tensors"] > 0
 
 
 def test_megatron_tp_full_engine_strict_device() -> None:

@@ -44,7 +44,11 @@ class FoldStream:
         self._launched = False
 
     def run(self, fold: Callable[[], None], inputs: Sequence[torch.Tensor]) -> None:
-        """Launch ``fold`` (which reads ``inputs``) after the current stream's work so far."""
+        """Launch ``fold`` (which reads ``inputs``) after the current stream's work so far.
+
+        ``inputs``: every current-stream tensor the fold reads, also those it drops (an
+        engine's ``fold_reads()``: earlier segments, diagnostics sums).
+        """
         if self.stream is None:
             fold()
             return

@@ -279,6 +279,18 @@ class ShardedSOAP:
             level, [o.view(level_grads[o.block.param_index]) for o in self.owned], scale
         )
 
+    def fold_reads(self) -> list[torch.Tensor]:
+        """Tensors of earlier work that the next fold reads and then drops.
+
+        The open level's earlier segments and the diagnostics' sums of squares, made on the
+        current stream: a fold on a side stream must ``record_stream`` them, or the caching
+        allocator may hand their memory out while the side stream still reads it.
+        """
+        out = list(self._pending or ())
+        if self._groups is not None:
+            out += list(self._groups.sq or ())
+        return out
+
     def fold_owned_level(
         self, level: int, owned_grads: Sequence[torch.Tensor], scale: float = 1.0
     ) -> None:

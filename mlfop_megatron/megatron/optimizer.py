@@ -306,7 +306,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             for i, blocks in zip(members, owned):
                 if kind == "level":
                     fold = partial(self.engines[i].fold_owned_level, index, blocks, scale=scale)
-                    self._folds.run(fold, blocks)
+                    self._folds.run(fold, [*blocks, *self.engines[i].fold_reads()])
                 else:
                     self.engines[i].add_owned_segment(blocks, index, scale)
         for shard_reducer, i in self._shard_reducers:
@@ -323,7 +323,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             self.engines[i].timings["communication"] += time.perf_counter() - start
             if kind == "level":
                 fold = partial(self.engines[i].fold_owned_level, index, blocks, scale=scale)
-                self._folds.run(fold, blocks)
+                self._folds.run(fold, [*blocks, *self.engines[i].fold_reads()])
             else:
                 self.engines[i].add_owned_segment(blocks, index, scale)
 
