@@ -46,16 +46,24 @@ FORKSERVER_PRELOAD: tuple[str, ...] = (
 )
 
 
-def default_start_method() -> str:
-    """$MLFOP_MP_START_METHOD, else 'forkserver' where the platform has it, else 'spawn'."""
+def default_start_method(real_cuda: bool = False) -> str:
+    """$MLFOP_MP_START_METHOD, else 'spawn' for ranks on real GPUs, else 'forkserver'.
+
+    ``real_cuda``: the ranks use the machine's GPUs (no CPU emulation). They must not be
+    forked from a server that imported megatron's GPT model: that imports TransformerEngine,
+    which initialises CUDA where flash-attn is installed (NGC images), and a process forked
+    after CUDA initialised fails at its first CUDA call (``set_device``).
+    """
     if os.environ.get("MLFOP_MP_START_METHOD"):
         return os.environ["MLFOP_MP_START_METHOD"]
+    if real_cuda:
+        return "spawn"
     return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
-def _context(start_method: str | None) -> Any:
+def _context(start_method: str | None, real_cuda: bool = False) -> Any:
     """Multiprocessing context for ``start_method`` (forkserver gets the preload list)."""
-    method = start_method or default_start_method()
+    method = start_method or default_start_method(real_cuda)
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))
@@ -143,7 +151,8 @@ def run_distributed(
     Inside ``fn`` use ``torch.distributed.get_rank()`` for the rank. ``emulate_cuda`` installs
     :mod:`mlfop_megatron.runtime.cpu_emulation` in every rank before the world is created.
     ``threads`` is each rank's torch/OpenMP thread count (keep ranks x threads <= cores).
-    ``start_method``: 'forkserver' (default where available) or 'spawn'.
+    ``start_method``: 'forkserver' (default where available) or 'spawn' (default for ranks
+    on real GPUs: ``emulate_cuda=False`` with CUDA available, see ``default_start_method``).
     ``strict_device``: emulate with strict device checking (see
     :mod:`mlfop_megatron.runtime.strict_device`); None reads $MLFOP_STRICT_DEVICE here.
     """
@@ -151,7 +160,7 @@ def run_distributed(
         from mlfop_megatron.runtime.strict_device import env_enabled
 
         strict_device = env_enabled()
-    ctx = _context(start_method)
+    ctx = _context(start_method, real_cuda=not emulate_cuda and torch.cuda.is_available())
     results = ctx.Queue()
     port = find_free_port()
     procs = []
