@@ -1,18 +1,24 @@
 """Part (c) of the folding benchmark: two regression tasks with a controlled gradient conflict.
 
 One shared matrix W (d x d) serves two linear-regression tasks, task A and task B, with inputs
-x = S^(1/2) z (S diagonal, eigenvalues log-spaced over ``condition``: preconditioning matters)
-and targets y = A_t x + noise. The targets are A_t = S^-1 B_t with |B_A| = |B_B| = ``scale`` and
-angle(B_A, B_B) = theta, so at W = 0 the two tasks' expected gradients -S(A_t - W) = -B_t meet
-at exactly the angle theta (0: aligned, 90: orthogonal, 170: almost opposed). The objective is
-L = (L_A + L_B) / 2, minimised at W* = (A_A + A_B) / 2; the excess L(W) - L(W*) and each task's
-loss are exact (closed form from S), so the curves carry no evaluation noise.
+x = Q S^(1/2) z (S diagonal, eigenvalues log-spaced over ``condition``: preconditioning matters;
+Q a random orthogonal matrix, so the curvature Sigma = Q S Q^T is not axis-aligned) and
+targets y = A_t x + noise. The targets are A_t = B_t Sigma^-1 with |B_A| = |B_B| = ``scale`` and
+angle(B_A, B_B) = theta, so at W = 0 the two tasks' expected gradients (W - A_t) Sigma = -B_t
+meet at exactly the angle theta (0: aligned, 90: orthogonal, 170: almost opposed). The
+objective is L = (L_A + L_B) / 2, minimised at W* = (A_A + A_B) / 2; the excess L(W) - L(W*) and
+each task's loss are exact (closed form from Sigma), so the curves carry no evaluation noise.
+
+``curvature="axis-aligned"`` (Q = I) is the control: there AdamW's diagonal preconditioner is
+already exact, which hides what a rotation-aware optimizer adds; "rotated" is the default.
 
 Every optimizer sees the same samples: a global batch of G (half per task) split into K
 micro-steps, in the ``by-modality`` layout (first K/2 micro-steps task A, the rest task B: the
 final fold of every structure joins A with B) or ``mixed`` (tasks shuffled over the batch).
 Optimizers: AdamW (torch), SOAP (MLFOPSOAP, folding off), ML-FOP-SOAP in each FOLD_VARIANT,
-and PCGrad + AdamW (each task's global-batch gradient projected off the other's on conflict).
+PCGrad + AdamW (each task's global-batch gradient projected off the other's on conflict) and,
+where emerging-optimizers is installed (``make setup-peers``), its Muon with its own defaults
+(what Megatron's ``--optimizer muon`` runs per matrix).
 """
 
 from __future__ import annotations
@@ -28,7 +34,19 @@ import torch
 from benchmarks.conflict import FOLD_VARIANTS, VARIANTS_BY_LABEL, mean_std, pcgrad_combine
 from examples.digits.spec import lr_at
 
-BASE_OPTIMIZERS = ("adamw", "soap", "pcgrad")
+CURVATURES = ("rotated", "axis-aligned")
+
+
+def muon_available() -> bool:
+    """Whether emerging-optimizers' Muon imports here (the peers venv)."""
+    try:
+        from emerging_optimizers.orthogonalized_optimizers import Muon  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent, or its imports fail on this Python
+        return False
+    return True
+
+
+BASE_OPTIMIZERS = ("adamw", "soap", "pcgrad") + (("muon",) if muon_available() else ())
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,7 @@ class SyntheticPlan:
 
     dim: int = 16
     condition: float = 100.0
+    curvature: str = "rotated"  # or "axis-aligned": the control (see the module docstring)
     noise: float = 0.5
     scale: float = 10.0  # |B_A| = |B_B| = scale (Frobenius)
     angles: tuple[float, ...] = (0.0, 90.0, 150.0)
@@ -70,18 +89,23 @@ SMOKE_SYNTHETIC = SyntheticPlan(
 class Problem:
     """One two-task regression instance (float64, CPU: a small host-side benchmark)."""
 
-    sqrt_s: torch.Tensor  # diag of S^(1/2)
+    sqrt_cov: torch.Tensor  # C = Q S^(1/2): x = C z, Sigma = C C^T
     targets: tuple[torch.Tensor, torch.Tensor]  # A_A, A_B
     noise: float
     optimum: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        """W* of the balanced objective (both tasks share S)."""
+        """W* of the balanced objective (both tasks share Sigma)."""
         self.optimum = 0.5 * (self.targets[0] + self.targets[1])
 
+    @property
+    def cov(self) -> torch.Tensor:
+        """Sigma = C C^T, the input covariance (the loss's curvature)."""
+        return self.sqrt_cov @ self.sqrt_cov.T
+
     def task_loss(self, w: torch.Tensor, t: int) -> float:
-        """Expected loss of task t: 1/2 tr((W - A) S (W - A)^T) + 1/2 d noise^2."""
-        diff = (w - self.targets[t]) * self.sqrt_s[None, :]
+        """Expected loss of task t: 1/2 tr((W - A) Sigma (W - A)^T) + 1/2 d noise^2."""
+        diff = (w - self.targets[t]) @ self.sqrt_cov
         return 0.5 * float((diff * diff).sum()) + 0.5 * w.shape[0] * self.noise**2
 
     def excess(self, w: torch.Tensor) -> float:
@@ -92,14 +116,16 @@ class Problem:
 
     def sample(self, t: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """N samples (x [n, d], y [n, d]) of task t."""
-        d = self.sqrt_s.numel()
-        x = torch.randn(n, d, generator=gen, dtype=torch.float64) * self.sqrt_s
+        d = self.sqrt_cov.shape[0]
+        x = torch.randn(n, d, generator=gen, dtype=torch.float64) @ self.sqrt_cov.T
         y = x @ self.targets[t].T + self.noise * torch.randn(n, d, generator=gen, dtype=x.dtype)
         return x, y
 
 
 def make_problem(plan: SyntheticPlan, angle_deg: float, seed: int = 1234) -> Problem:
     """Targets with angle(B_A, B_B) = angle_deg (so the tasks' gradients at W = 0 meet at it)."""
+    if plan.curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES} (got {plan.curvature!r})")
     gen = torch.Generator().manual_seed(seed)
     d = plan.dim
     s = torch.logspace(0.0, math.log10(plan.condition), d, dtype=torch.float64)
@@ -111,16 +137,19 @@ def make_problem(plan: SyntheticPlan, angle_deg: float, seed: int = 1234) -> Pro
     half = math.radians(angle_deg) / 2
     b = (math.cos(half) * u + math.sin(half) * v, math.cos(half) * u - math.sin(half) * v)
     b = (plan.scale * b[0], plan.scale * b[1])
-    # With x = S^(1/2) z the expected gradient of task t is (W - A_t) S; A_t = B_t S^-1 makes
-    # it -B_t at W = 0.
-    targets = (b[0] / s[None, :], b[1] / s[None, :])
-    return Problem(s.sqrt(), targets, plan.noise)
+    q = torch.eye(d, dtype=torch.float64)
+    if plan.curvature == "rotated":  # a Haar-random orthogonal Q (QR of a Gaussian, signs fixed)
+        q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r))[None, :]
+    # The expected gradient of task t is (W - A_t) Sigma; A_t = B_t Sigma^-1 makes it -B_t at 0.
+    cov_inv = (q / s[None, :]) @ q.T
+    targets = (b[0] @ cov_inv, b[1] @ cov_inv)
+    return Problem(q * s.sqrt()[None, :], targets, plan.noise)
 
 
 def init_gradient_cosine(problem: Problem) -> float:
     """Cosine of the two tasks' expected gradients at W = 0 (equals cos(theta) by design)."""
-    s = problem.sqrt_s**2
-    ga, gb = ((-a * s[None, :]).reshape(-1) for a in problem.targets)
+    ga, gb = ((-a @ problem.cov).reshape(-1) for a in problem.targets)
     return float(ga @ gb / (ga.norm() * gb.norm()))
 
 
@@ -148,10 +177,35 @@ def grad_of(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x @ w.T - y).T @ x / x.shape[0]
 
 
+class Fp32Muon:
+    """emerging-optimizers' Muon on an fp32 copy of the fp64 matrix (its Newton-Schulz is fp32).
+
+    ``step`` hands it ``w.grad`` in fp32 and copies the updated matrix back into ``w``.
+    """
+
+    def __init__(self, w: torch.nn.Parameter, lr: float) -> None:
+        from emerging_optimizers.orthogonalized_optimizers import Muon
+
+        self.w = w
+        self.shadow = torch.nn.Parameter(w.detach().float())
+        self.inner = Muon([self.shadow], lr=lr, weight_decay=0.0)
+        self.param_groups = self.inner.param_groups
+
+    def step(self) -> None:
+        """One Muon step from ``w.grad``."""
+        assert self.w.grad is not None
+        self.shadow.grad = self.w.grad.float()
+        self.inner.step()
+        with torch.no_grad():
+            self.w.copy_(self.shadow)
+
+
 def make_optimizer(name: str, w: torch.nn.Parameter, lr: float, k: int) -> Any:
     """AdamW / PCGrad (AdamW underneath) / SOAP / an ML-FOP-SOAP variant on the one matrix."""
     if name in ("adamw", "pcgrad"):
         return torch.optim.AdamW([w], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    if name == "muon":  # emerging-optimizers' Muon, its own defaults (Megatron's muon per matrix)
+        return Fp32Muon(w, lr)
     from mlfop_megatron.optim.mlfop_soap import MLFOPSOAP
 
     folding = {} if name == "soap" else VARIANTS_BY_LABEL[name].kwargs()
@@ -199,8 +253,8 @@ def train(plan: SyntheticPlan, run: SynthRun, problem: Problem) -> dict[str, Any
         for t in (0, 1):
             sel = tasks == t
             xs[sel], ys[sel] = problem.sample(t, int(sel.sum()), data_gen)
-        if run.optimizer in ("adamw", "pcgrad"):
-            if run.optimizer == "adamw":
+        if run.optimizer in ("adamw", "pcgrad", "muon"):
+            if run.optimizer in ("adamw", "muon"):
                 w.grad = grad_of(w.data, xs, ys)
             else:
                 ga = grad_of(w.data, xs[tasks == 0], ys[tasks == 0]).reshape(-1)

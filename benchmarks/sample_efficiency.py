@@ -74,7 +74,7 @@ def plans(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "lookahead": fold_lookahead.LookaheadPlan(),
         "training": training,
-        "synthetic": fold_synthetic.SyntheticPlan(),
+        "synthetic": fold_synthetic.SyntheticPlan(curvature=args.synthetic_curvature),
     }
 
 
@@ -217,6 +217,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--results", type=Path, default=RESULTS, help="RESULTS.md to update")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    ap.add_argument(
+        "--synthetic-curvature",
+        choices=fold_synthetic.CURVATURES,
+        default="rotated",
+        help="part (c): rotated curvature x = Q S^(1/2) z (default) or the axis-aligned control",
+    )
     ap.add_argument("--verbose", action="store_true", help="keep library warnings")
     args = ap.parse_args(argv)
     bad = set(args.parts.split(",")) - set(PARTS)

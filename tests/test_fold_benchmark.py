@@ -47,10 +47,16 @@ def test_pcgrad_projects_each_gradient_off_the_other_only_on_conflict() -> None:
     torch.testing.assert_close(combined, 0.5 * (a + c))
 
 
+@pytest.mark.parametrize("curvature", ["rotated", "axis-aligned"])
 @pytest.mark.parametrize("angle", [0.0, 60.0, 90.0, 150.0])
-def test_synthetic_problem_sets_the_conflict_angle_and_exact_losses(angle: float) -> None:
-    plan = SyntheticPlan(dim=6)
+def test_synthetic_problem_sets_the_conflict_angle_and_exact_losses(
+    angle: float, curvature: str
+) -> None:
+    plan = SyntheticPlan(dim=6, curvature=curvature)
     problem = make_problem(plan, angle)
+    off_diagonal = problem.cov - torch.diag(torch.diagonal(problem.cov))
+    # Rotated: Sigma = Q S Q^T is far from diagonal; the control is exactly diagonal.
+    assert (off_diagonal.abs().max() > 1.0) == (curvature == "rotated")
     assert init_gradient_cosine(problem) == pytest.approx(math.cos(math.radians(angle)), abs=1e-9)
     # Closed-form task loss against a Monte-Carlo estimate from the sampler.
     w = torch.full((6, 6), 0.05, dtype=torch.float64)
