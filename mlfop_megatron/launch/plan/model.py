@@ -50,6 +50,7 @@ from mlfop_megatron.distributed.assignment import (
 )
 from mlfop_megatron.distributed.comm_model import LayoutCost, layout_costs, mlfop_traffic
 from mlfop_megatron.distributed.model_shapes import TransformerDims, transformer_shapes
+from mlfop_megatron.launch.plan.memory import RankMemory, rank_memory
 from mlfop_megatron.policies import check_positive
 
 GRAD_BYTES = 4  # Megatron DDP grad buffer (main_grad) is fp32
@@ -238,6 +239,11 @@ class StagePlan:
     tp_gather_bytes_per_step: int
     launches_per_step: int  # DP collectives per step (TP all-gathers of full mode not counted)
     comm_bytes_per_step: float
+    # Peak memory by the tracker's categories (plan/memory.py), the owner rank with the
+    # largest optimizer peak; and Megatron DistributedOptimizer-Adam's on the same params
+    # (fp32 grad buffer + fp32 main weights and two moments sharded over DP).
+    peak_memory: RankMemory | None = None
+    distopt_adam_bytes: int = 0
 
     @property
     def label(self) -> str:
@@ -467,6 +473,21 @@ def _stage_plan(
     tp_gather = levels * (cfg.tp - 1) * soap_local * GRAD_BYTES if cfg.full_mode else 0
     per_stage = cfg.dims.layers // cfg.pp
     names = {p.name for p in params}
+    peaks = [
+        rank_memory(
+            asg,
+            r,
+            params_numel=stage_numel,
+            adam_numel=adam_numel,
+            dp=cfg.dp,
+            param_bytes=cfg.param_bytes,
+            state_bytes=cfg.state_bytes,
+            owner_segment=segment,
+        )
+        for r in range(world)
+    ]
+    peak = max(peaks, key=lambda m: m.optimizer_peak)
+    distopt = stage_numel * GRAD_BYTES + math.ceil(stage_numel / cfg.dp) * 3 * cfg.state_bytes
     return StagePlan(
         stage=index,
         first_layer=index * per_stage,
@@ -504,4 +525,6 @@ def _stage_plan(
         tp_gather_bytes_per_step=tp_gather,
         launches_per_step=traffic.launches,
         comm_bytes_per_step=traffic.total + tp_gather,
+        peak_memory=peak,
+        distopt_adam_bytes=distopt,
     )

@@ -36,6 +36,48 @@ def _row(label: str, *values: str, width: int = 72) -> str:
     return f"  {label:<{width}}" + "".join(f"{v:>12}" for v in values)
 
 
+def _peak_memory_lines(plan: Plan) -> list[str]:
+    """Peak memory per rank by the tracker's categories (launch/plan/memory.py)."""
+    b, cfg, fb = plan.busiest, plan.config, format_bytes
+    m = b.peak_memory
+    if m is None:
+        return []
+    target = 1.1 * (b.distopt_adam_bytes + m.soap_state)
+    lines = [
+        _row("peak memory per rank (categories of benchmarks/memory.py; busiest owner)", "bytes"),
+        _row(f"params ({cfg.param_bytes} B each; not optimizer memory)", fb(m.params)),
+        _row("grads: DDP grad buffer (main_grad, fp32)", fb(m.grads)),
+        _row(
+            "optimizer state: owned SOAP blocks"
+            + (" (with fp32 main weights)" if cfg.param_bytes < 4 else ""),
+            fb(m.soap_state),
+        ),
+        _row("optimizer state: Adam, ZeRO-1 slice", fb(m.adam_state)),
+        _row(
+            "optimizer state: null-probe cache (worst case: n^2 per rotated dim)", fb(m.probe_cache)
+        ),
+        _row(
+            "transient: fold workspace + estimates, first fold to step (4 S + 3 g_max)",
+            fb(m.window_buffers),
+        ),
+        _row("transient: level reduce-scatter send + receive buffers", fb(m.level_buffers)),
+        _row("transient: basis refresh, all new bases + 4 x largest side stack", fb(m.refresh)),
+        _row(
+            f"transient peak ({'step' if m.transient_step >= m.transient_window else 'fwd/bwd'})",
+            fb(m.transient),
+        ),
+        _row("optimizer peak: grads + optimizer state + transient", fb(m.optimizer_peak)),
+        _row(
+            "target: DistributedOptimizer-Adam (4 B + 12 B/DP per param) + SOAP state, +10%",
+            fb(target),
+        ),
+        f"  optimizer peak / target {m.optimizer_peak / target:.3f}"
+        f" ({'within' if m.optimizer_peak <= target else 'OVER'} the DESIGN budget; "
+        "activations and communication library scratch not included)",
+    ]
+    return lines
+
+
 def format_plan(plan: Plan) -> str:
     """Readable multi-section report of a plan."""
     cfg, d, b = plan.config, plan.config.dims, plan.busiest
@@ -107,6 +149,7 @@ def format_plan(plan: Plan) -> str:
         _row("total (max: busiest rank)", fb(b.memory_max_bytes), fb(b.memory_mean_bytes)),
         f"  SOAP state summed over the {b.owner_ranks} owner ranks: "
         f"{fb(b.soap_state_total_bytes)} (memory max/mean {b.soap_memory_balance:.3f})",
+        *_peak_memory_lines(plan),
         "compute per optimizer step (SOAP matmuls + basis refresh amortized over "
         f"{cfg.soap.precondition_frequency} steps)",
         f"  busiest rank {format_flops(b.compute_max_gflop)}, mean "

@@ -1,0 +1,171 @@
+"""Peak memory per rank of an ML-FOP-SOAP Megatron job, by the categories the tracker measures.
+
+``benchmarks/memory.py`` measures live bytes per rank with PyTorch's ``MemTracker`` through
+one accumulation window and optimizer step, by category: params, grads (Megatron's DDP grad
+buffer, ``main_grad``), optimizer state (SOAP state of the owned blocks, ZeRO-1 Adam state,
+the refresh's null-probe cache) and transient (everything allocated inside the window and the
+step). This module models the same categories from the shapes alone (no torch), for the tiny
+GPT of the tests (``tests/test_memory_model.py`` checks it against the tracker) and for
+Llama-3-8B / 70B in ``mlfop-plan``. Per rank r, with its owned blocks (the assignment the
+engines build) in shape classes c (blocks of equal shape, stacked by the batched engine):
+
+* ``S`` = 4 B x the owned blocks' elements (fp32 gradient stacks), ``g_max`` = 4 B x the
+  largest class stack, ``B`` = 4 B x the owned bases (m^2 per rotated left side, n^2 per
+  rotated right side), ``b_max`` = 4 B x the largest (class, side) basis stack.
+* window buffers (from the first fold to the step): the fold workspace ``a`` and ``d`` per
+  class (2 S) and three scratch stacks of the largest class (3 g_max,
+  ``batched_folding._Workspace``), the last level's class stacks (S,
+  ``ShardedSOAP._class_stacks``) and the rotated estimate (S, ``batched.rotate``): 4 S +
+  3 g_max.
+* level buffers (fwd/bwd phase): the packed owner-ordered send buffer of the level
+  reduce-scatter (N x the padded owner segment, fp32) and this owner's received segment,
+  both alive until the next level boundary waits; at DP=1 the packed buffer only.
+* basis refresh (the step): ``batched.compute_bases`` starts every side of every class before
+  it finishes any (one host sync), so every new basis is alive at once (B) while the last
+  side computes ``Q F`` and its sorted copy, the Householder reflectors and the rank mask:
+  4 more stacks of that side (bounded by 4 b_max).
+* transient peak = window buffers + max(level buffers, B + 4 b_max). Not modelled:
+  activations (a few MiB on the tiny GPT, the model's business at scale),
+  except gloo's reduce-scatter scratch (full size, alive until the wait: ``backend="gloo"``,
+  what the CPU measurement sees; NCCL has none).
+* null-probe cache (``linalg.null_probe``, module level, kept for the process): one fp32
+  n x n per distinct rotated dimension n whose factor was ever rank-deficient (counted as
+  always: an upper bound; on a large run factors are full rank after the first steps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mlfop_megatron.distributed.assignment import Assignment, Block
+
+FP32 = 4
+GRAD_BYTES = 4  # Megatron DDP grad buffer (grad_reduce_in_fp32)
+
+
+@dataclass(frozen=True)
+class OwnedShapes:
+    """What a rank's owned blocks weigh in the model's terms (bytes)."""
+
+    grads: int  # S: fp32 stacks of the owned blocks' gradients
+    largest_class: int  # g_max
+    bases: int  # B
+    largest_side: int  # b_max
+    state: int  # factors, bases, moments (+ fp32 masters)
+    probe_cache: int
+
+    @classmethod
+    def of(
+        cls, blocks: Sequence[Block], state_bytes: int = FP32, masters: bool = False
+    ) -> OwnedShapes:
+        """From the blocks one rank owns; ``masters``: fp32 main weights kept (bf16 params)."""
+        classes: dict[tuple[int, int, bool, bool], int] = {}
+        for b in blocks:
+            key = (b.rows, b.cols, b.rotate_rows, b.rotate_cols)
+            classes[key] = classes.get(key, 0) + 1
+        numel = sum(b.numel for b in blocks)
+        sides = [
+            count * d * d
+            for (m, n, rl, rr), count in classes.items()
+            for d, rotated in ((m, rl), (n, rr))
+            if rotated
+        ]
+        dims = {d for (m, n, rl, rr) in classes for d, r in ((m, rl), (n, rr)) if r}
+        factors = sum(sides)  # floats: one factor per side; the basis has as many
+        return cls(
+            grads=FP32 * numel,
+            largest_class=FP32 * max((c * m * n for (m, n, _, _), c in classes.items()), default=0),
+            bases=FP32 * factors,
+            largest_side=FP32 * max(sides, default=0),
+            state=state_bytes * (2 * numel + 2 * factors) + (FP32 * numel if masters else 0),
+            probe_cache=FP32 * sum(d * d for d in dims),
+        )
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Modelled bytes of one rank by category (see the module docstring)."""
+
+    params: int
+    grads: int
+    soap_state: int
+    adam_state: int
+    probe_cache: int
+    window_buffers: int
+    level_buffers: int
+    refresh: int
+
+    @property
+    def opt_state(self) -> int:
+        """Persistent optimizer bytes: SOAP state, Adam state, null-probe cache."""
+        return self.soap_state + self.adam_state + self.probe_cache
+
+    @property
+    def transient_window(self) -> int:
+        """Transient peak of the fwd/bwd phase (without activations)."""
+        return self.window_buffers + self.level_buffers
+
+    @property
+    def transient_step(self) -> int:
+        """Transient peak of the optimizer step (basis refresh)."""
+        return self.window_buffers + self.refresh
+
+    @property
+    def transient(self) -> int:
+        """Transient peak of window + step."""
+        return max(self.transient_window, self.transient_step)
+
+    @property
+    def optimizer_peak(self) -> int:
+        """Peak optimizer memory: grads + optimizer state + transient (params excluded)."""
+        return self.grads + self.opt_state + self.transient
+
+    @property
+    def total(self) -> int:
+        """Peak total: params + optimizer_peak."""
+        return self.params + self.optimizer_peak
+
+
+def rank_memory(
+    assignment: Assignment,
+    rank: int,
+    params_numel: int,
+    adam_numel: int,
+    dp: int,
+    param_bytes: int = FP32,
+    state_bytes: int = FP32,
+    owner_segment: int | None = None,
+    backend: str = "nccl",
+) -> RankMemory:
+    """Modelled peak memory of owner ``rank`` of ``assignment`` (blocks owned over ``dp``).
+
+    ``params_numel``: this rank's params (its TP shard of its PP stage); ``adam_numel``: the
+    non-SOAP ones (ZeRO-1 over ``dp``); ``param_bytes`` < 4 keeps fp32 main weights (SOAP
+    owned blocks, Adam slices). ``owner_segment``: elements of the padded owner segment of
+    the level reduce-scatter (default: the most loaded owner's elements, the padded layout).
+    ``backend`` "gloo" adds the full-size scratch gloo's reduce-scatter keeps until its wait
+    (CPU runs; NCCL reduces without it).
+    """
+    masters = param_bytes < FP32
+    owned = OwnedShapes.of(assignment.blocks_of(rank), state_bytes, masters)
+    adam_slice = math.ceil(adam_numel / dp)
+    adam_state = adam_slice * (2 * state_bytes + (FP32 if masters else 0))
+    segment = max(assignment.numel_loads) if owner_segment is None else owner_segment
+    if dp > 1:
+        level = FP32 * (dp * segment + segment)  # packed send buffer + received segment
+        if backend == "gloo":
+            level += FP32 * dp * segment
+    else:
+        level = owned.grads  # the packed buffer is reduced in place
+    return RankMemory(
+        params=params_numel * param_bytes,
+        grads=params_numel * GRAD_BYTES,
+        soap_state=owned.state,
+        adam_state=adam_state,
+        probe_cache=owned.probe_cache,
+        window_buffers=4 * owned.grads + 3 * owned.largest_class,
+        level_buffers=level,
+        refresh=owned.bases + 4 * owned.largest_side,
+    )
