@@ -193,6 +193,7 @@ def _train_fp8_soap(spec):
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer, is_soap_param
     from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+    from tests.support.step_capture import capture_engine_steps
     from tests.support.tiny_gpt import (
         TinyGPTConfig,
         build_tiny_gpt,
@@ -224,6 +225,8 @@ def _train_fp8_soap(spec):
     snapshots = [{n: p.detach().clone() for n, p in soap.items()}]
     masters = []
     it = 0
+    captured: list = []  # the first step after the reload, against the SOAP equations
+    capture_engine_steps(optimizer, lambda: it == spec["iters"], captured)
     for phase in range(2):
         if phase == 1:
             ours.load_state_dict(ours.state_dict())  # rebuilds the engines on released shadows
@@ -244,7 +247,7 @@ def _train_fp8_soap(spec):
             )
     fp8.set_backend(None)
     parallel_state.destroy_model_parallel()
-    return {"snapshots": snapshots, "masters": masters}
+    return {"snapshots": snapshots, "masters": masters, "captured": captured}
 
 
 def _full_masters(ranks, step):
@@ -282,3 +285,15 @@ def test_emulated_fp8_soap_weights_step_and_equal_requantized_main_weights(batch
             assert torch.equal(value, snaps[step - 1][name]) == (step == 1), (step, name)
             assert not full[name].isnan().any(), name  # every block has an owner
             assert torch.equal(value, _requantized(full[name])), (step, name)
+    # The first step after the reload, block by block: the SOAP equations on the fp32 main
+    # weights (fp32 state: 1e-4), and each shadow block equals its main weights in bf16.
+    from tests.support.step_capture import check_block_step, plain_step
+
+    blocks = 0
+    for rank in ranks:
+        for record in rank["captured"]:
+            for block in record["blocks"]:
+                assert plain_step(block, record) and block["master_after"] is not None
+                check_block_step(block, record, 1e-4)
+                blocks += 1
+    assert blocks == 8  # every SOAP matrix of the model, on its owner

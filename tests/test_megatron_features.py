@@ -25,6 +25,11 @@ pytest.importorskip("megatron.core")
 from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
 from tests.support.megatron_compare import assert_params_close, error_message, merged_params  # noqa: E402
 from tests.support.mlfop_runs import run_tiny_gpt  # noqa: E402
+from tests.support.step_capture import (  # noqa: E402
+    capture_engine_steps,
+    check_block_step,
+    plain_step,
+)
 
 pytestmark = pytest.mark.distributed
 FP64_IDENTITY = dict(dtype=torch.float64, max_precond_dim=1)
@@ -112,6 +117,9 @@ def _small_model_run(context_parallel: int):
     gen = torch.Generator().manual_seed(1)
     rank = torch.distributed.get_rank()
     norms = []
+    captured: list = []  # step 2 of every engine, checked against the SOAP equations
+    done = [0]  # optimizer steps so far
+    capture_engine_steps(opt, lambda: done[0] == 2, captured)
     for _ in range(4):
         ddp.zero_grad_buffer()
         opt.zero_grad()
@@ -119,7 +127,8 @@ def _small_model_run(context_parallel: int):
             x = torch.randn(2, 2, 8, generator=gen, dtype=torch.float64)[rank]
             (ddp(x).pow(2).mean() / k).backward()
         norms.append(opt.step()[1])
-    return norms, {n: p.detach().clone() for n, p in module.named_parameters()}
+        done[0] += 1
+    return norms, {n: p.detach().clone() for n, p in module.named_parameters()}, captured
 
 
 def test_context_parallel_cp2_equals_dp2():
@@ -128,6 +137,12 @@ def test_context_parallel_cp2_equals_dp2():
     assert cp2[0][0] == pytest.approx(dp2[0][0], rel=1e-9)  # norms: Adam grads counted once
     assert_params_close(cp2[0][1], dp2[0][1], 1e-9, 1e-12, "CP=2 vs DP=2")
     assert_params_close(cp2[1][1], cp2[0][1], 0, 0, "CP ranks")
+    # Every SOAP block of the CP=2 run steps by the SOAP equations (fp64).
+    blocks = [(b, rec) for rank in cp2 for rec in rank[2] for b in rec["blocks"]]
+    assert blocks
+    for block, record in blocks:
+        assert plain_step(block, record)
+        check_block_step(block, record, 1e-9)
 
 
 # ------------------------------------------------------------------ activation recompute

@@ -21,6 +21,7 @@ from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
 from mlfop_megatron.megatron.factory import get_mlfop_optimizer
 from mlfop_megatron.megatron.sharded_adam import adam_state_bytes, owned_adam_state
 from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+from tests.support.step_capture import capture_engine_steps
 from tests.support.tiny_gpt import (
     TinyGPTConfig,
     build_tiny_gpt,
@@ -131,6 +132,10 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     first = 0
     if spec.get("load_from"):
         first = load_checkpoint(spec["load_from"], model, optimizer) + 1
+    captured: list[dict[str, Any]] = []
+    it = first
+    if spec.get("check_step") is not None:  # record that iteration's SOAP step per engine
+        capture_engine_steps(optimizer, lambda: it == spec["check_step"], captured)
     for it in range(first, spec.get("iters", 10)):
         model.zero_grad_buffer()
         optimizer.zero_grad()
@@ -201,6 +206,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         "clip_scales": clip_scales,
         "stats": optimizer.stats(),
         "signalled": signalled,
+        "captured_steps": captured,
     }
 
 
