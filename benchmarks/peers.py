@@ -46,6 +46,7 @@ MEGATRON_LIKE = {
     "first_step_update": True,
     "refresh_first": True,
 }
+ORDER_FIRST = {"first_step_update": True, "refresh_first": True}
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "megatron-soap": ("megatron-soap", {}),
@@ -63,6 +64,15 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "soap-megatron-like-f2": ("soap", {**MEGATRON_LIKE, "precondition_frequency": 2}),
     "soap-megatron-like-f5": ("soap", {**MEGATRON_LIKE, "precondition_frequency": 5}),
     "soap-megatron-like-b999": ("soap", {**MEGATRON_LIKE, "betas": (0.9, 0.999)}),
+    # Megatron's refresh order and first-step update, Shampoo's factors (KL hurt: see RESULTS)
+    "soap-f1+first+order": ("soap", {**ORDER_FIRST, "precondition_frequency": 1}),
+    "soap-f2+first+order": ("soap", {**ORDER_FIRST, "precondition_frequency": 2}),
+    "soap-f5+first+order": ("soap", {**ORDER_FIRST, "precondition_frequency": 5}),
+    "soap-f1+first+order-b0.9": (
+        "soap",
+        {**ORDER_FIRST, "precondition_frequency": 1, "betas": (0.9, 0.95)},
+    ),
+    "mlfop-f1+first+order": ("mlfop", {**ORDER_FIRST, "precondition_frequency": 1}),
     "mlfop-reference": ("mlfop", {"precondition_frequency": 10}),
     "mlfop-megatron-like": ("mlfop", MEGATRON_LIKE),
 }
