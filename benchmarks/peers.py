@@ -36,11 +36,23 @@ from typing import Any
 from benchmarks.common import RESULTS, log, machine_facts, package_version, replace_section
 
 SECTION = "## Side by side with Megatron's SOAP and Muon: the digits main job (CPU, DP=2)"
+TIMING_SECTION = "## Step time side by side with Megatron's SOAP and Muon (digits model, CPU, DP=2)"
 WINDOW = 10  # steps in the final objective and the trailing mean
 
-# label -> (optimizer of examples/digits/optimizers.py, our SOAP options)
+# label -> (optimizer of examples/digits/optimizers.py, our SOAP options). Every row states
+# every option it ablates (REFERENCE: the 2024 SOAP reference's choices), so a change of the
+# package defaults changes no row.
+REFERENCE: dict[str, Any] = {
+    "betas": (0.95, 0.95),
+    "precondition_frequency": 10,
+    "factor_estimator": "shampoo",
+    "correct_factor_bias": False,
+    "first_step_update": False,
+    "refresh_first": False,
+}
+F1 = {**REFERENCE, "precondition_frequency": 1}
 MEGATRON_LIKE = {
-    "precondition_frequency": 1,
+    **F1,
     "factor_estimator": "kl",
     "correct_factor_bias": True,
     "first_step_update": True,
@@ -51,30 +63,28 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "megatron-soap": ("megatron-soap", {}),
     "megatron-muon": ("megatron-muon", {}),
-    "soap-reference": ("soap", {"precondition_frequency": 10}),
-    "soap-f1": ("soap", {"precondition_frequency": 1}),
-    "soap-f1+kl": ("soap", {"precondition_frequency": 1, "factor_estimator": "kl"}),
-    "soap-f1+first": ("soap", {"precondition_frequency": 1, "first_step_update": True}),
-    "soap-f1+order": ("soap", {"precondition_frequency": 1, "refresh_first": True}),
-    "soap-f1+kl+bias": (
-        "soap",
-        {"precondition_frequency": 1, "factor_estimator": "kl", "correct_factor_bias": True},
-    ),
+    "soap-reference": ("soap", REFERENCE),
+    "soap-f1": ("soap", F1),
+    "soap-f1+kl": ("soap", {**F1, "factor_estimator": "kl"}),
+    "soap-f1+first": ("soap", {**F1, "first_step_update": True}),
+    "soap-f1+order": ("soap", {**F1, "refresh_first": True}),
+    "soap-f1+kl+bias": ("soap", {**F1, "factor_estimator": "kl", "correct_factor_bias": True}),
     "soap-megatron-like": ("soap", MEGATRON_LIKE),
     "soap-megatron-like-f2": ("soap", {**MEGATRON_LIKE, "precondition_frequency": 2}),
     "soap-megatron-like-f5": ("soap", {**MEGATRON_LIKE, "precondition_frequency": 5}),
     "soap-megatron-like-b999": ("soap", {**MEGATRON_LIKE, "betas": (0.9, 0.999)}),
     # Megatron's refresh order and first-step update, Shampoo's factors (KL hurt: see RESULTS)
-    "soap-f1+first+order": ("soap", {**ORDER_FIRST, "precondition_frequency": 1}),
-    "soap-f2+first+order": ("soap", {**ORDER_FIRST, "precondition_frequency": 2}),
-    "soap-f5+first+order": ("soap", {**ORDER_FIRST, "precondition_frequency": 5}),
-    "soap-f1+first+order-b0.9": (
-        "soap",
-        {**ORDER_FIRST, "precondition_frequency": 1, "betas": (0.9, 0.95)},
-    ),
-    "mlfop-f1+first+order": ("mlfop", {**ORDER_FIRST, "precondition_frequency": 1}),
-    "mlfop-reference": ("mlfop", {"precondition_frequency": 10}),
+    "soap-f1+first+order": ("soap", {**F1, **ORDER_FIRST}),
+    "soap-f2+first+order": ("soap", {**F1, **ORDER_FIRST, "precondition_frequency": 2}),
+    "soap-f5+first+order": ("soap", {**F1, **ORDER_FIRST, "precondition_frequency": 5}),
+    "soap-f1+first+order-b0.9": ("soap", {**F1, **ORDER_FIRST, "betas": (0.9, 0.95)}),
+    "mlfop-f1+first+order": ("mlfop", {**F1, **ORDER_FIRST}),
+    "mlfop-f5+first+order": ("mlfop", {**F1, **ORDER_FIRST, "precondition_frequency": 5}),
+    "mlfop-reference": ("mlfop", REFERENCE),
     "mlfop-megatron-like": ("mlfop", MEGATRON_LIKE),
+    # the package defaults, whatever they are (SOAPConfig())
+    "soap-default": ("soap", {}),
+    "mlfop-default": ("mlfop", {}),
 }
 PEERS = ("megatron-soap", "megatron-muon")
 
@@ -92,6 +102,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--out", default="runs/peers")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument(
+        "--timing",
+        type=int,
+        default=0,
+        help="instead of training to compare: time every row for this many steps, one after "
+        "the other on an otherwise idle machine (ms/step table; <out>/timing.jsonl)",
+    )
     p.add_argument("--write", action="store_true", help="write the tables to RESULTS.md")
     args = p.parse_args(argv)
     unknown = set(args.rows.split(",")) - set(ROWS)
@@ -296,6 +313,51 @@ def analyse(results: dict[str, dict[str, Any]], args: Any) -> list[str]:
     ]
 
 
+def run_timing(args: Any, path: Path) -> None:
+    """Time every row (lr 5e-3, seed 100, the first layout and batch) not yet in ``path``."""
+    from examples.digits.optimizers import entry
+    from mlfop_megatron.runtime.spawn import run_distributed
+
+    done = load_results(path)
+    layout, batch = args.layouts.split(",")[0], _ints(args.batches)[0]
+    for label in args.rows.split(","):
+        key = run_key(label, layout, batch, 5e-3, 100, args.timing)
+        reason = entry(ROWS[label][0]).missing()
+        if key in done or reason is not None:
+            if reason:
+                log(f"skip {label}: {reason}")
+            continue
+        timing_args = argparse.Namespace(**{**vars(args), "steps": args.timing})
+        spec = make_spec(label, layout, batch, 5e-3, 100, timing_args)
+        res = run_distributed(worker, args.nproc, [spec], timeout=3600.0, threads=spec.threads)
+        with path.open("a") as f:
+            f.write(json.dumps({"key": key, "label": label, **res[0][0]}) + "\n")
+        log(f"timed {label}: {ms_per_step(res[0][0]['rows'][2:]):.0f} ms/step")
+
+
+def timing_table(path: Path, args: Any) -> list[str]:
+    """ms/step of every timed row (median, steps 3 on), and its ratio to Megatron's Muon."""
+    runs = {
+        r["label"]: r for r in load_results(path).values() if r["key"].endswith(f"|{args.timing}")
+    }
+    if not runs:
+        return []
+    ms = {label: ms_per_step(r["rows"][2:]) for label, r in runs.items()}
+    muon = ms.get("megatron-muon")
+    lines = [
+        "",
+        f"### Step time: every row timed back to back, {args.timing} steps, median of steps 3 on",
+        "",
+        "| row | ms/step | x Megatron Muon |",
+        "|---|---|---|",
+    ]
+    for label in args.rows.split(","):
+        if label in ms:
+            ratio = f"{ms[label] / muon:.2f}" if muon else "-"
+            lines.append(f"| {label} | {ms[label]:.0f} | {ratio} |")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run what is missing, then print (and with --write, record) the tables."""
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::DeprecationWarning")
@@ -303,6 +365,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"
+    if args.timing:
+        timing = out / "timing.jsonl"
+        if not args.report_only:
+            run_timing(args, timing)
+        lines = timing_table(timing, args)
+        print("\n".join(lines))
+        if args.write:
+            header = [
+                "",
+                f"Measured with `.venv-peers/bin/python -m benchmarks.peers --timing {args.timing} "
+                f"--rows {args.rows}` on an otherwise idle "
+                + machine_facts(f"{args.nproc} gloo ranks"),
+            ]
+            replace_section(RESULTS, TIMING_SECTION, "\n".join(header + lines) + "\n")
+        return
     if not args.report_only:
         cells = [(lo, b) for lo in args.layouts.split(",") for b in _ints(args.batches)]
         rows = args.rows.split(",")

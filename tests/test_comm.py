@@ -11,6 +11,8 @@ at most n x 2^-9 x max|piece| (one bf16 rounding per piece).
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -78,7 +80,19 @@ def _reduce_worker(spec):
     with count_collectives() as counts:
         reducer.launch([_grads(rank)])
         (owned,) = reducer.wait()
-    reducer.launch([_grads(rank)])
+
+    def fp32_packs_alive() -> int:
+        return sum(
+            1
+            for o in gc.get_objects()
+            if torch.is_tensor(o) and o.dtype == torch.float32 and o.numel() == reducer.layout.numel
+        )
+
+    grads = [_grads(rank)]
+    before = fp32_packs_alive()
+    reducer.launch(grads)
+    # What the reduction in flight keeps alive: fp32 buffers the size of the whole pack.
+    fp32_packs = fp32_packs_alive() - before
     (owned,) = reducer.wait()
     me = rank if spec["sharded"] else 0
     blocks = assignment.blocks_of(me)
@@ -101,6 +115,7 @@ def _reduce_worker(spec):
         "seg": reducer.layout.segment_size,
         "used": reducer.layout.used,
         "padding": reducer.layout.padding_per_rank(),
+        "fp32_packs": fp32_packs,
     }
 
 
@@ -114,6 +129,9 @@ def test_level_reducer_gives_owners_the_dense_level_sum(world, sharded, wire, se
     runs = run_distributed(_reduce_worker, world, spec)
     for rank, r in enumerate(runs):
         assert r["bytes"] == r["counted"]  # the method == counted on the real call
+        # bf16 wire: only the bf16 copy is kept in flight, the fp32 pack is gone; fp32: the
+        # pack is the send buffer (sharded) or the all-reduce buffer (replicated).
+        assert r["fp32_packs"] == (0 if wire == "bf16" else 1)
         if sharded and segments == "exact":  # no padding: every other owner's blocks only
             assert r["padding"] == [0] * world
             wire_bytes = 4 if wire == "fp32" else 2

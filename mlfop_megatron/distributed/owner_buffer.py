@@ -256,6 +256,7 @@ class LevelReducer:
                 work = dist.all_reduce(out, group=self.group, async_op=True)
         else:
             wire = flat.to(self.wire_dtype)
+            flat = wire  # the fp32 pack dies here: only the wire copy is sent (and kept alive)
             if self.sharded:  # piece r of every rank goes to owner r
                 out = wire.new_empty(n * seg)
                 work = dist.all_to_all_single(
@@ -269,7 +270,7 @@ class LevelReducer:
             else:
                 out = wire.new_empty(n * wire.numel())
                 work = all_gather_flat(out, wire, self.group, async_op=True)
-        self._pending = (work, flat, out, dtype)
+        self._pending = (work, flat, out, dtype)  # flat: the send buffer, alive until wait()
 
     @property
     def in_flight(self) -> bool:
