@@ -49,7 +49,7 @@ import torch
 
 from benchmarks.common import log, machine_facts, package_version, replace_section
 
-SECTION = "## Memory per rank by category (MemTracker, CPU, baseline before memory fixes)"
+SECTION = "## Memory per rank by category (MemTracker, CPU)"
 MIB = float(1 << 20)
 SITE_MIN_BYTES = 64 * 1024
 CATEGORIES = ("params", "grads", "SOAP state", "Adam state", "opt buffers", "other", "transient")
@@ -652,8 +652,8 @@ def main(argv: list[str] | None = None) -> None:
                 "One warm-up iteration, then one accumulation window + optimizer step under "
                 "`torch.distributed._tools.mem_tracker.MemTracker` (benchmarks/memory.py: live "
                 "tensors registered by storage as params / DDP grad buffers / optimizer state "
-                "before entry; everything allocated inside is transient). Baseline: measured "
-                "before any memory fix.",
+                "before entry; everything allocated inside is transient). The baseline before the "
+                "memory fixes is the section before this one.",
                 "",
                 text,
                 "",
@@ -662,16 +662,16 @@ def main(argv: list[str] | None = None) -> None:
                 "`batched.compute_bases` starts the QR of every side of every owned class before "
                 "finishing any (one host sync), so all new bases are alive at once "
                 "(`linalg.orthonormal_factor`) while the last side also holds `Q F`, its sorted "
-                "copy and the rank mask (`_start_qr`: 4 basis stacks); the window's fold "
-                "workspace (`a`, `d`, 3 scratch stacks), the last level's class stacks and the "
-                "rotated estimate (4 S + 3 g_max) live from the first fold to the step. In the "
-                "micro-steps the packed send buffer of the level reduce-scatter (all of the "
-                "rank's SOAP grads, fp32, owner-ordered) lives until the next boundary waits, "
-                "next to the received segment and, on gloo, a full-size scratch of the "
-                "reduce-scatter. So the transient is several times one owned shape-class "
-                "stack (DESIGN target: <= 1): the baseline for the memory fixes. The null-probe "
-                "cache (`linalg._PROBES`, one fp32 n x n per rotated dimension, kept for the "
-                "process) is persistent optimizer memory outside the state dicts.",
+                "copy and the rank mask (`_start_qr`: 4 basis stacks), beside the folded "
+                "estimate's two forms (2 S). The fold workspace (`a`, `d`, 3 scratch stacks) is "
+                "dropped after the window's last fold (since 2026-12-06; it lived to the step). "
+                "In the micro-steps the packed send buffer of the level reduce-scatter (all of "
+                "the rank's SOAP grads, fp32, owner-ordered) lives until the next boundary "
+                "waits, next to the received segment and, on gloo, a full-size scratch of the "
+                "reduce-scatter (with the bf16 wire, only the bf16 copy is kept). The transient "
+                "is still several times one owned shape-class stack (DESIGN target: <= 1). The "
+                "null-probe cache (`linalg._PROBES`, one fp32 n x n per rotated dimension, kept "
+                "for the process) is persistent optimizer memory outside the state dicts.",
             ]
         )
         replace_section(Path(__file__).with_name("RESULTS.md"), SECTION, body)

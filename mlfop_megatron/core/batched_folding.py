@@ -56,8 +56,9 @@ def bdot(x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None = None) 
 class _Workspace:
     """Scratch stacks of one fold: a and d per class, three shared buffers per dtype/device.
 
-    The shared buffers are sized for the largest class of their dtype and device. Kept for the
-    window (its folds reuse them), so a fold allocates nothing stack-sized.
+    The shared buffers are sized for the largest class of their dtype and device. Kept while
+    the window folds (its folds reuse them, so a fold allocates nothing stack-sized) and
+    dropped after its last fold, before the step and its refresh.
     """
 
     def __init__(self, like: Stacks) -> None:
@@ -209,6 +210,7 @@ class BatchedWindowFolder(FoldStack):
         if top is not None:
             self._estimate = top
             self._finish_window()
+            self._ws = None  # the folds' scratch dies with the window's last fold
 
     def _fold_pair(self, z: StackEntry, h: StackEntry, with_eta: bool) -> FoldCoefficients:
         """Fold ``h`` into ``z`` in place (both forms, every class); the fold's coefficients."""

@@ -12,11 +12,11 @@ engines build) in shape classes c (blocks of equal shape, stacked by the batched
 * ``S`` = 4 B x the owned blocks' elements (fp32 gradient stacks), ``g_max`` = 4 B x the
   largest class stack, ``B`` = 4 B x the owned bases (m^2 per rotated left side, n^2 per
   rotated right side), ``b_max`` = 4 B x the largest (class, side) basis stack.
-* window buffers (from the first fold to the step): the fold workspace ``a`` and ``d`` per
-  class (2 S) and three scratch stacks of the largest class (3 g_max,
-  ``batched_folding._Workspace``), the last level's class stacks (S,
-  ``ShardedSOAP._class_stacks``) and the rotated estimate (S, ``batched.rotate``): 4 S +
-  3 g_max.
+* window buffers (while the window folds): the fold workspace ``a`` and ``d`` per class
+  (2 S) and three scratch stacks of the largest class (3 g_max,
+  ``batched_folding._Workspace``, dropped after the last fold), the last level's class
+  stacks (S, ``ShardedSOAP._class_stacks``) and the rotated estimate (S, ``batched.rotate``):
+  4 S + 3 g_max; at the step only the estimate's two forms are left (2 S).
 * level buffers (fwd/bwd phase): the packed owner-ordered send buffer of the level
   reduce-scatter (N x the padded owner segment, fp32) and this owner's received segment,
   both alive until the next level boundary waits; at DP=1 the packed buffer only.
@@ -24,7 +24,7 @@ engines build) in shape classes c (blocks of equal shape, stacked by the batched
   it finishes any (one host sync), so every new basis is alive at once (B) while the last
   side computes ``Q F`` and its sorted copy, the Householder reflectors and the rank mask:
   4 more stacks of that side (bounded by 4 b_max).
-* transient peak = window buffers + max(level buffers, B + 4 b_max). Not modelled:
+* transient peak = max(window buffers + level buffers, 2 S + B + 4 b_max). Not modelled:
   activations (a few MiB on the tiny GPT, the model's business at scale),
   except gloo's reduce-scatter scratch (full size, alive until the wait: ``backend="gloo"``,
   what the CPU measurement sees; NCCL has none).
@@ -96,6 +96,7 @@ class RankMemory:
     window_buffers: int
     level_buffers: int
     refresh: int
+    step_buffers: int = 0  # what of the window is left at the step (the folded estimate)
 
     @property
     def opt_state(self) -> int:
@@ -110,7 +111,7 @@ class RankMemory:
     @property
     def transient_step(self) -> int:
         """Transient peak of the optimizer step (basis refresh)."""
-        return self.window_buffers + self.refresh
+        return self.step_buffers + self.refresh
 
     @property
     def transient(self) -> int:
@@ -166,6 +167,7 @@ def rank_memory(
         adam_state=adam_state,
         probe_cache=owned.probe_cache,
         window_buffers=4 * owned.grads + 3 * owned.largest_class,
+        step_buffers=2 * owned.grads,
         level_buffers=level,
         refresh=owned.bases + 4 * owned.largest_side,
     )
