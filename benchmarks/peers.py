@@ -224,6 +224,19 @@ def steps_to(rows: list[dict[str, Any]], target: float) -> int | None:
     return None
 
 
+def mean_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The seeds' mean per-step losses (one curve)."""
+    n = len(runs)
+    return [
+        {
+            "step": rows[0]["step"],
+            "image_loss": sum(r["image_loss"] for r in rows) / n,
+            "text_loss": sum(r["text_loss"] for r in rows) / n,
+        }
+        for rows in zip(*(run["rows"] for run in runs))
+    ]
+
+
 def ms_per_step(rows: list[dict[str, Any]]) -> float:
     """Median step time (ms), the first steps (warm-up, first refresh) included."""
     return 1e3 * statistics.median(r["step_time_s"] for r in rows)
@@ -261,7 +274,9 @@ def cell_table(results: dict[str, dict[str, Any]], args: Any, layout: str, batch
         return [results[k] for k in keys if k in results]
 
     def mean_steps(rs: list[dict[str, Any]], target: float) -> float:
-        return _mean([float(s or "nan") for s in (steps_to(r["rows"], target) for r in rs)])
+        """Steps to ``target`` of the seeds' mean curve (NaN: not reached)."""
+        reached = steps_to(mean_rows(rs), target) if rs else None
+        return float("nan") if reached is None else float(reached)
 
     peers = {p: _mean([final(r["rows"]) for r in runs(p)]) for p in PEERS if p in chosen}
     peers = {p: v for p, v in peers.items() if v == v}
@@ -278,7 +293,8 @@ def cell_table(results: dict[str, dict[str, Any]], args: Any, layout: str, batch
         "Target: the best Megatron peer's final objective"
         + (f" ({best_peer}, {target:.4f})." if target is not None else " (no peer ran)."),
         "",
-        "| row | lr | final objective (mean) | per seed | steps to target | x peer's steps "
+        "| row | lr | final objective (mean) | per seed | steps to target (mean curve) "
+        "| x peer's steps "
         "| ms/step | x Muon's |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -289,10 +305,9 @@ def cell_table(results: dict[str, dict[str, Any]], args: Any, layout: str, batch
         finals = [final(r["rows"]) for r in rs]
         st_txt, ratio = "-", "-"
         if target is not None:
-            st = [steps_to(r["rows"], target) for r in rs]
-            st_txt = ", ".join("-" if x is None else str(x) for x in st)
             m = mean_steps(rs, target)
-            ratio = f"{m / peer_steps:.2f}" if peer_steps and m == m else "not reached"
+            st_txt = "not reached" if m != m else f"{m:.0f}"
+            ratio = f"{m / peer_steps:.2f}" if peer_steps and m == m else "-"
         ms = _mean([ms_per_step(r["rows"]) for r in rs])
         vs_muon = f"{ms / muon_ms:.2f}" if muon_ms else "-"
         per_seed = ", ".join(f"{x:.4f}" for x in finals)

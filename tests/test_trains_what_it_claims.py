@@ -28,9 +28,17 @@ pytestmark = pytest.mark.distributed
 
 F64 = torch.float64
 MOE = (("num_moe_experts", 4), ("moe_router_topk", 2), ("moe_token_dispatcher_type", "allgather"))
-# iters 4: steps 0 (first), 1, 2 (captured: t=2 -> 3, not a refresh with f=3), 3.
+# iters 4, the step of iteration 3 captured: with the default order (update from the first
+# step, refresh before the update every f=3 steps) t goes 3 -> 4, no refresh before it; with
+# the reference's (statistics-only first step, refresh after) t goes 2 -> 3.
 BASE: dict[str, Any] = dict(
-    iters=4, check_step=2, microbatches=4, global_micro=2, precondition_frequency=3, dtype=F64
+    package_order=True,
+    iters=4,
+    check_step=3,
+    microbatches=4,
+    global_micro=2,
+    precondition_frequency=3,
+    dtype=F64,
 )
 ROWS: dict[str, tuple[int, dict[str, Any]]] = {
     "dp2-sharded": (2, {}),
@@ -38,10 +46,10 @@ ROWS: dict[str, tuple[int, dict[str, Any]]] = {
     "dp2-replicated-adam": (2, dict(shard_adam=False)),
     "dp2-no-folding": (2, dict(enabled=False)),
     "dp2-per-block-engine": (2, dict(soap={"batched": False})),
-    # The first step updates too: iteration 3 is the plain step (t 3 -> 4).
-    "dp2-megatron-order": (
+    # The SOAP reference's order: statistics-only first step, refresh after the update.
+    "dp2-reference-order": (
         2,
-        dict(check_step=3, soap={"refresh_first": True, "first_step_update": True}),
+        dict(soap={"refresh_first": False, "first_step_update": False}),
     ),
     "tp2-blockwise": (2, dict(tp=2)),
     "tp2-full": (2, dict(tp=2, tp_mode="full")),
@@ -106,12 +114,12 @@ def test_hybrid_model_steps_every_soap_block_by_the_equations():
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-block"])
 def test_a_resumed_run_steps_every_soap_block_by_the_equations(tmp_path, batched):
-    """Save after step 1 at DP=2, resume in fresh processes, check the first step after it."""
+    """Save after step 1 at DP=2, resume in fresh processes, check the second step after it."""
     from mlfop_megatron.megatron.checkpointing import latest_checkpoint
 
     spec = dict(BASE, soap={"batched": batched}, check_step=None)
     run_distributed(run_tiny_gpt, 2, dict(spec, iters=2, save_at=(1, str(tmp_path))))
     resumed = run_distributed(
-        run_tiny_gpt, 2, dict(spec, load_from=latest_checkpoint(str(tmp_path)), check_step=2)
+        run_tiny_gpt, 2, dict(spec, load_from=latest_checkpoint(str(tmp_path)), check_step=3)
     )
     assert _check(resumed, 1e-9) > 0

@@ -67,12 +67,16 @@ def build_mlfop(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
     from mlfop_megatron.config import MLFOPConfig
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
 
+    soap = (
+        {}
+        if spec.precondition_frequency is None
+        else {"precondition_frequency": spec.precondition_frequency}
+    )
     mlfop = MLFOPConfig.from_kwargs(
         lr=spec.lr,
-        betas=(0.95, 0.95),
         weight_decay=spec.weight_decay,
-        precondition_frequency=spec.precondition_frequency,
         accumulation_steps=accumulation_steps,
+        **soap,
         enabled=spec.optimizer == "mlfop",
         project=spec.fold_project,
         fixed_beta=spec.fold_fixed_beta,

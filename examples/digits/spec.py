@@ -106,7 +106,7 @@ class RunSpec:
     clip_grad: float = 1.0
     warmup_frac: float = 0.1
     min_lr_frac: float = 0.1
-    precondition_frequency: int = 10
+    precondition_frequency: int | None = None  # None: the package default (SOAPConfig)
     diag_every: int = 10
     save_interval: int = 0
     threads: int = 1

@@ -21,6 +21,7 @@ from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
 from mlfop_megatron.megatron.factory import get_mlfop_optimizer
 from mlfop_megatron.megatron.sharded_adam import adam_state_bytes, owned_adam_state
 from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+from tests.support.order import REFERENCE_ORDER
 from tests.support.step_capture import capture_engine_steps
 from tests.support.tiny_gpt import (
     TinyGPTConfig,
@@ -52,7 +53,9 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     (more SOAPConfig options, e.g. batched),
     grad_groups (group id per micro-batch: request_grad_diagnostics before every window),
     shard_adam (ZeRO-1 Adam for the non-matrix params, default True),
-    comm (CommConfig options), count_comm (count the collectives of training and steps).
+    comm (CommConfig options), count_comm (count the collectives of training and steps),
+    package_order (the package's default SOAP order instead of REFERENCE_ORDER), check_step
+    (capture that iteration's SOAP step of every engine: tests/support/step_capture.py).
     Returns also, per applied step, how many parameter all-gathers were left in flight
     ("pending_gathers": CommConfig.overlap_param_gather).
     """
@@ -81,6 +84,9 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     for name, p in model.named_parameters():  # as megatron-core 0.19 tags its MTP params
         if any(part in name for part in spec.get("mtp_tagged", ())):
             p.grad_norm_group = "mtp"
+    # The machinery tests run the SOAP reference's order unless a spec asks for the package's
+    # (package_order=True, or its soap options set it): see tests/support/order.py.
+    order = {} if spec.get("package_order") else dict(REFERENCE_ORDER)
     mlfop = MLFOPConfig.from_kwargs(
         lr=spec.get("lr", 1e-2),
         precondition_frequency=spec.get("precondition_frequency", 3),
@@ -88,7 +94,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         enabled=spec.get("enabled", True),
         max_precond_dim=spec.get("max_precond_dim", 10000),
         **spec.get("folding", {}),
-        **spec.get("soap", {}),
+        **{**order, **spec.get("soap", {})},
     )
     opt_config = OptimizerConfig(
         optimizer="adam",
