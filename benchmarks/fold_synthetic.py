@@ -33,6 +33,7 @@ import torch
 
 from benchmarks.conflict import FOLD_VARIANTS, VARIANTS_BY_LABEL, mean_std, pcgrad_combine
 from examples.digits.spec import lr_at
+from mlfop_megatron.config import REFERENCE_SOAP
 
 CURVATURES = ("rotated", "axis-aligned")
 
@@ -214,8 +215,8 @@ def make_optimizer(name: str, w: torch.nn.Parameter, lr: float, k: int) -> Any:
         lr=lr,
         betas=(0.95, 0.95),
         weight_decay=0.0,
-        precondition_frequency=10,
         accumulation_steps=k,
+        **REFERENCE_SOAP,  # the SOAP these results were measured with (RESULTS.md)
         enabled=name != "soap",
         **folding,
     )

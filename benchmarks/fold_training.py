@@ -26,6 +26,7 @@ from typing import Any
 from benchmarks.conflict import FOLD_VARIANTS, variant_run_spec
 from examples.digits import rundir
 from examples.digits.spec import RunSpec, fold_levels, metric_columns
+from mlfop_megatron.config import REFERENCE_SOAP
 
 KEYS = ("image_loss", "text_loss", "loss")  # per modality, then overall (token mean)
 KEY_NAMES = {"image_loss": "image", "text_loss": "text", "loss": "overall"}
@@ -120,6 +121,8 @@ def make_job(
         threads=threads,
         log_every=plan.log_every,
         layout=layout,
+        # The SOAP these results were measured with (RESULTS.md): the reference's choices.
+        soap_options=tuple(REFERENCE_SOAP.items()),
     )
     return Job(layout, batch, label, row_spec(base, label))
 

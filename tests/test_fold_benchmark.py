@@ -101,7 +101,9 @@ def test_smoke_run_writes_every_part(tmp_path: Path) -> None:
         assert entry["pairs"] == pairs
         for m in ("image_loss", "text_loss", "balanced"):
             assert math.isfinite(entry[m]["change"][0])
-            assert entry[m]["change"][0] < 0  # one step from these early states lowers the probe
+        # One step from these early states lowers the objective it optimises (one modality may
+        # rise: that is the competition the folds act on).
+        assert entry["balanced"]["change"][0] < 0
     assert cell["analysis"]["plain-mean"]["balanced"]["sign"]["n"] == 0  # paired with itself
 
     training = results["training"]

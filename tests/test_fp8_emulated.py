@@ -286,7 +286,9 @@ def test_emulated_fp8_soap_weights_step_and_equal_requantized_main_weights(batch
             assert not full[name].isnan().any(), name  # every block has an owner
             assert torch.equal(value, _requantized(full[name])), (step, name)
     # The first step after the reload, block by block: the SOAP equations on the fp32 main
-    # weights (fp32 state: 1e-4), and each shadow block equals its main weights in bf16.
+    # weights, and each shadow block equals its main weights in bf16. fp32 state: 1e-3 (Adam's
+    # m / (sqrt(v) + eps) amplifies the rounding of coordinates whose v is tiny; measured 4e-4
+    # with the default order; a frozen or wrong update is off by O(1)).
     from tests.support.step_capture import check_block_step, plain_step
 
     blocks = 0
@@ -294,6 +296,6 @@ def test_emulated_fp8_soap_weights_step_and_equal_requantized_main_weights(batch
         for record in rank["captured"]:
             for block in record["blocks"]:
                 assert plain_step(block, record) and block["master_after"] is not None
-                check_block_step(block, record, 1e-4)
+                check_block_step(block, record, 1e-3)
                 blocks += 1
     assert blocks == 8  # every SOAP matrix of the model, on its owner
