@@ -77,11 +77,7 @@ def check_int(option: str, value: Any, low: int) -> int:
 
 # The 2024 SOAP reference implementation's choices where our defaults differ (ablations,
 # tests that compare with the reference's published behaviour).
-REFERENCE_SOAP: dict[str, Any] = {
-    "precondition_frequency": 10,
-    "first_step_update": False,
-    "refresh_first": False,
-}
+REFERENCE_SOAP: dict[str, Any] = {"precondition_frequency": 10, "refresh_first": False}
 
 
 @dataclass(frozen=True)
@@ -89,11 +85,13 @@ class SOAPConfig:
     """SOAP hyperparameters; defaults chosen by measurement (benchmarks/RESULTS.md).
 
     Against the 2024 SOAP reference's defaults (``REFERENCE_SOAP``: refresh every 10 steps,
-    after the moment update, statistics-only first step), these refresh the bases every step
-    before the moment update, so the step's gradient is rotated by bases that include it,
-    and update from the first step, as Megatron 0.19's SOAP does. On the digits main job that
-    took the final objective from 0.81 (reference defaults) to 0.57, past Megatron's SOAP and
-    Muon (``benchmarks/peers.py``); the refresh order alone carries most of it.
+    after the moment update), these refresh the bases every step, before the moment update,
+    so the step's gradient is rotated by bases whose factors include it, as Megatron 0.19's
+    SOAP does. On the digits main job (held-out seeds) that took the final objective from
+    0.81 (reference defaults) to 0.57, past Megatron's SOAP (0.62) and Muon (0.59)
+    (``benchmarks/peers.py``). The first step still only collects statistics: updating from
+    it (Megatron's choice, ``first_step_update``) made the refresh-first order diverge on
+    small batches.
     """
 
     lr: float = field(default=3e-3, metadata=NO_FLAG)  # Megatron's --lr and scheduler
@@ -145,10 +143,10 @@ class SOAPConfig:
         "scales Shampoo's factors only, changes KL-Shampoo's weighting",
     )
     first_step_update: bool = option(
-        True,
-        "statistics only at the first step, as the SOAP reference (default: update the "
-        "weights at the first step too, its bases from that step's factors)",
-        flag="no-first-step-update",
+        False,
+        "update the weights at the first step too (its bases from that step's factors), as "
+        "Megatron's SOAP, instead of a statistics-only first step (unstable with "
+        "refresh_first on small batches: see README)",
     )
     refresh_first: bool = option(
         True,

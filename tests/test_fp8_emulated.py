@@ -218,7 +218,7 @@ def _train_fp8_soap(spec):
     backend.requantize(list(soap.values()), [p.detach().clone() for p in soap.values()], dp_group)
     opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, bf16=True)
     mlfop = MLFOPConfig.from_kwargs(
-        lr=1e-2, precondition_frequency=2, accumulation_steps=4, batched=spec["batched"]
+        lr=1e-2, precondition_frequency=3, accumulation_steps=4, batched=spec["batched"]
     )
     optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True)
     ours = optimizer.mlfop[0]
@@ -268,9 +268,9 @@ def _full_masters(ranks, step):
 def test_emulated_fp8_soap_weights_step_and_equal_requantized_main_weights(batched):
     """FP8 SOAP matrices step, also after a reload, and equal their requantized main weights.
 
-    Every one changes at every step (the first included: SOAP's default updates from it),
-    also after a state reload, and equals the requantized fp32 main weights of its owners
-    (bitwise: the emulation is deterministic).
+    Every one changes at every step after SOAP's statistics-only first, also after a state
+    reload, and equals the requantized fp32 main weights of its owners (bitwise: the emulation
+    is deterministic).
 
     Without the fix, the batched engine wrote into the shadows' orphaned storage: every SOAP
     matrix stayed at its initial value, and after the reload the first step failed.
@@ -282,7 +282,8 @@ def test_emulated_fp8_soap_weights_step_and_equal_requantized_main_weights(batch
         full = _full_masters(ranks, step - 1)
         for name, value in snaps[step].items():
             assert torch.equal(value, ranks[1]["snapshots"][step][name]), name
-            assert not torch.equal(value, snaps[step - 1][name]), (step, name)
+            # Step 1 is SOAP's statistics-only first step: no update.
+            assert torch.equal(value, snaps[step - 1][name]) == (step == 1), (step, name)
             assert not full[name].isnan().any(), name  # every block has an owner
             assert torch.equal(value, _requantized(full[name])), (step, name)
     # The first step after the reload, block by block: the SOAP equations on the fp32 main

@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 
+from mlfop_megatron.config import REFERENCE_SOAP
 from mlfop_megatron.optim import MLFOPSOAP
 
 
@@ -146,7 +147,7 @@ def test_eigh_failure_on_first_step_uses_identity(monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "eigh", always_fail)
     model = tiny_model()
-    opt = MLFOPSOAP(model.parameters())
+    opt = MLFOPSOAP(model.parameters(), **REFERENCE_SOAP)  # no QR refresh in the 3 steps
     train(model, opt, steps=3, k=1, seed=0)
     w = model[0].weight
     assert torch.equal(opt.state[w]["QL"], torch.eye(8))

@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 
 from mlfop_megatron.optim import MLFOPSOAP
+from tests.support.order import REFERENCE_ORDER
 
 
 def _train(rank: int, noise: float, m: int = 32, n: int = 32, steps: int = 4) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
     noise_gen = torch.Generator().manual_seed(5)
     p = torch.nn.Parameter(torch.randn(m, n, dtype=torch.float64, generator=gen))
-    opt = MLFOPSOAP([p], lr=1e-2, precondition_frequency=3)
+    opt = MLFOPSOAP([p], lr=1e-2, precondition_frequency=3, **REFERENCE_ORDER)
     spectrum = torch.logspace(0, -6, rank, dtype=torch.float64)
     for _ in range(steps):
         left = torch.randn(m, rank, dtype=torch.float64, generator=gen) * spectrum

@@ -167,19 +167,6 @@ class ShapeClass:
         floor = (est.amax(dim=-1, keepdim=True) * self.cfg.kl_damping).clamp_min(self.cfg.eps)
         return torch.maximum(est, floor)
 
-    def range_mask(self) -> torch.Tensor | None:
-        """``soap.range_mask`` of every block, [B, r, c] (None when no side rotates)."""
-        mask = None
-        for factor_key, basis_key, dim in SIDES:
-            if factor_key not in self.tensors:
-                continue
-            q = self.tensors[basis_key]
-            est = (q * torch.matmul(self.tensors[factor_key], q)).sum(dim=-2)  # [B, n]
-            keep = (est > _null_tol(est)).to(q.dtype)
-            keep = keep[:, :, None] if dim == 0 else keep[:, None, :]
-            mask = keep if mask is None else mask * keep
-        return mask
-
     def update_factors(self, grad: torch.Tensor, count: int) -> None:
         """``soap.update_factors`` for every block: the ``count``-th update of L and R."""
         cfg, st = self.cfg, self.tensors
@@ -660,11 +647,6 @@ def _class_step(
         s_rot = g_rot
     else:
         s_rot = cls.rotate(stats_grad) if stats_rot is None else stats_rot
-    if fresh:  # the bases include this gradient: drop its null-space rounding
-        mask = cls.range_mask()
-        if mask is not None:
-            g_rot = g_rot * mask
-            s_rot = g_rot if stats_grad is None else s_rot * mask
     count = cfg.factor_count(cls.step, True)
     cls.step += 1
     normalized, step_size = adam_moments_update(

@@ -21,12 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from mlfop_megatron.config import SOAPConfig
-from mlfop_megatron.core.linalg import (
-    LinalgCounters,
-    null_tolerance,
-    qr_refresh_basis,
-    robust_eigh_basis,
-)
+from mlfop_megatron.core.linalg import LinalgCounters, qr_refresh_basis, robust_eigh_basis
 from mlfop_megatron.policies import rotates
 
 State = dict
@@ -137,27 +132,6 @@ def _eigen_estimate(state: State, factor_key: str, basis_key: str, cfg: SOAPConf
     q = state[basis_key]
     est = (q * (state[factor_key] @ q)).sum(dim=0)
     return torch.maximum(est, (est.amax() * cfg.kl_damping).clamp_min(cfg.eps))
-
-
-def range_mask(state: State) -> torch.Tensor | None:
-    """1 where a rotated coordinate lies in the factors' range, 0 in their null space.
-
-    diag(QL^T L QL) and diag(QR^T R QR) above ``linalg.null_tolerance`` per side, as an outer
-    product [rows, cols] (None when no side rotates). Used right after the bases were made
-    from factors that include the step's gradient (the first step, ``refresh_first``): that
-    gradient lies in their range exactly, so its rotated coordinates in the null space are
-    rounding, which Adam's normalisation would lift to O(1) updates.
-    """
-    mask = None
-    for factor_key, basis_key, dim in (("L", "QL", 0), ("R", "QR", 1)):
-        if factor_key not in state:
-            continue
-        q = state[basis_key]
-        est = (q * (state[factor_key] @ q)).sum(dim=0)
-        keep = (est > null_tolerance(est)).to(q.dtype)
-        keep = keep[:, None] if dim == 0 else keep[None, :]
-        mask = keep if mask is None else mask * keep
-    return mask
 
 
 def factor_increments(
@@ -312,11 +286,6 @@ def soap_step(
         s_rot = g_rot
     else:
         s_rot = rotate(stats_grad, state) if stats_grad_rot is None else stats_grad_rot
-    if fresh_rotation:  # the bases include this gradient: drop its null-space rounding
-        mask = range_mask(state)
-        if mask is not None:
-            g_rot = g_rot * mask
-            s_rot = g_rot if stats_grad is None else s_rot * mask
     factors_done = fresh_rotation or cfg.refresh_first
     count = cfg.factor_count(state["step"], True)
     state["step"] += 1

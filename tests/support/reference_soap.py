@@ -37,7 +37,7 @@ class ReferenceSOAP:
         factor_estimator="shampoo",
         kl_damping=1e-5,
         correct_factor_bias=False,
-        first_step_update=True,
+        first_step_update=False,
         refresh_first=True,
     ):
         self.w = w.clone()
@@ -107,42 +107,22 @@ class ReferenceSOAP:
                 self.QR = eig_desc(self.R)
             self.started = True
             if self.first_step_update:  # update at once, in the bases of this gradient
-                self._update(g, fresh=True)
+                self._update(g)
             return
         if self.refresh_first:  # factors and bases first: rotate g by bases that include it
             self._factors(g)
-            fresh = (self.t + 1) % self.f == 0
-            if fresh:
+            if (self.t + 1) % self.f == 0:
                 self._refresh()
-            self._update(g, fresh)
+            self._update(g)
             return
         self._update(g)
         self._factors(g)
         if self.t % self.f == 0:
             self._refresh()
 
-    def _null_mask(self):
-        """1 on rotated coordinates in the range of L and R, 0 in a null space (n eps tol)."""
-        mask = torch.ones(self.rows, self.cols, dtype=self.w.dtype)
-        for f, q, used, dim in ((self.L, self.QL, self.left, 0), (self.R, self.QR, self.right, 1)):
-            if not used:
-                continue
-            lam = torch.diag(q.T @ f @ q)
-            keep = (lam > lam.abs().max() * lam.numel() * torch.finfo(lam.dtype).eps * 10).to(
-                mask.dtype
-            )
-            mask = mask * (keep[:, None] if dim == 0 else keep[None, :])
-        return mask
-
-    def _update(self, g, fresh=False):
-        """Adam in the eigenbasis, g projected on the factors' range when ``fresh``.
-
-        ``fresh``: the bases were just made from factors that include g, so g lies in their
-        range and its null-space coordinates are rounding: they are dropped.
-        """
+    def _update(self, g):
+        """Adam in the eigenbasis of the current bases."""
         self.t += 1
-        if fresh:  # m is kept in original coordinates: project g onto the factors' range
-            g = self.unrot(self.rot(g) * self._null_mask())
         self.m = self.b1 * self.m + (1 - self.b1) * g
         self.v = self.b2 * self.v + (1 - self.b2) * self.rot(g) ** 2
         size = self.lr

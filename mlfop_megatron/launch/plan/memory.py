@@ -12,11 +12,12 @@ engines build) in shape classes c (blocks of equal shape, stacked by the batched
 * ``S`` = 4 B x the owned blocks' elements (fp32 gradient stacks), ``g_max`` = 4 B x the
   largest class stack, ``B`` = 4 B x the owned bases (m^2 per rotated left side, n^2 per
   rotated right side), ``b_max`` = 4 B x the largest (class, side) basis stack.
-* window buffers (while the window folds): the fold workspace ``a`` and ``d`` per class
-  (2 S) and three scratch stacks of the largest class (3 g_max,
+* window buffers (while the window folds): the SOAP metric sqrt(v_hat) + eps per class (S,
+  ``batched.metric_diag``, from the window's start to its step), the fold workspace ``a``
+  and ``d`` per class (2 S) and three scratch stacks of the largest class (3 g_max,
   ``batched_folding._Workspace``, dropped after the last fold), the last level's class
   stacks (S, ``ShardedSOAP._class_stacks``) and the rotated estimate (S, ``batched.rotate``):
-  4 S + 3 g_max; at the step only the estimate's two forms are left (2 S).
+  5 S + 3 g_max; at the step the metric and the estimate's two forms are left (3 S).
 * level buffers (fwd/bwd phase): the packed owner-ordered send buffer of the level
   reduce-scatter (N x the padded owner segment, fp32) and this owner's received segment,
   both alive until the next level boundary waits; at DP=1 the packed buffer only.
@@ -24,7 +25,7 @@ engines build) in shape classes c (blocks of equal shape, stacked by the batched
   it finishes any (one host sync), so every new basis is alive at once (B) while the last
   side computes ``Q F`` and its sorted copy, the Householder reflectors and the rank mask:
   4 more stacks of that side (bounded by 4 b_max).
-* transient peak = max(window buffers + level buffers, 2 S + B + 4 b_max). Not modelled:
+* transient peak = max(window buffers + level buffers, 3 S + B + 4 b_max). Not modelled:
   activations (a few MiB on the tiny GPT, the model's business at scale),
   except gloo's reduce-scatter scratch (full size, alive until the wait: ``backend="gloo"``,
   what the CPU measurement sees; NCCL has none).
@@ -166,8 +167,8 @@ def rank_memory(
         soap_state=owned.state,
         adam_state=adam_state,
         probe_cache=owned.probe_cache,
-        window_buffers=4 * owned.grads + 3 * owned.largest_class,
-        step_buffers=2 * owned.grads,
+        window_buffers=5 * owned.grads + 3 * owned.largest_class,
+        step_buffers=3 * owned.grads,
         level_buffers=level,
         refresh=owned.bases + 4 * owned.largest_side,
     )

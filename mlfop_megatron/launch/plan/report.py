@@ -57,10 +57,12 @@ def _peak_memory_lines(plan: Plan) -> list[str]:
             "optimizer state: null-probe cache (worst case: n^2 per rotated dim)", fb(m.probe_cache)
         ),
         _row(
-            "transient: fold workspace + estimates while the window folds (4 S + 3 g_max)",
+            "transient: metric + fold workspace + estimates while the window folds (5 S + 3 g_max)",
             fb(m.window_buffers),
         ),
-        _row("transient: the folded estimate left at the step (2 S)", fb(m.step_buffers)),
+        _row(
+            "transient: the metric and folded estimate left at the step (3 S)", fb(m.step_buffers)
+        ),
         _row("transient: level reduce-scatter send + receive buffers", fb(m.level_buffers)),
         _row("transient: basis refresh, all new bases + 4 x largest side stack", fb(m.refresh)),
         _row(
