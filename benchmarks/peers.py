@@ -37,7 +37,23 @@ from benchmarks.common import RESULTS, log, machine_facts, package_version, repl
 
 SECTION = "## Side by side with Megatron's SOAP and Muon: the digits main job (CPU, DP=2)"
 TIMING_SECTION = "## Step time side by side with Megatron's SOAP and Muon (digits model, CPU, DP=2)"
-WINDOW = 10  # steps in the final objective and the trailing mean
+WINDOW = 10  # steps
+# What a reader of the recorded tables must know (kept with them by --write).
+NOTES = [
+    "",
+    "Rows: every row states every SOAP option it ablates (`ROWS` in benchmarks/peers.py); "
+    "`soap-reference` is the 2024 reference's defaults, `soap-f1+order` (refresh every step, "
+    "before the moment update, statistics-only first step, Shampoo factors, betas 0.95/0.95) "
+    "is what SOAPConfig now defaults to. Peers run Megatron's own defaults for their "
+    "optimizer-specific fields; the run's Adam betas are 0.9/0.95 for every optimizer. "
+    "ms/step here is from runs that shared the 2-core machine with tests: see the step-time "
+    "section for timings.",
+    "",
+    "Caveat, recorded as it happened: `soap-f1+first+order` and `mlfop-f1+first+order` chose "
+    "their lr on seed 0 with the code of the time (0.547 and 0.549 there), and their held-out "
+    "seeds ran after a null-space mask of the rotated gradient was added (later removed): with "
+    "it they diverged (1.59, 1.51). Updating from the first step is not a default.",
+]
 
 # label -> (optimizer of examples/digits/optimizers.py, our SOAP options). Every row states
 # every option it ablates (REFERENCE: the 2024 SOAP reference's choices), so a change of the
@@ -393,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"--rows {args.rows}` on an otherwise idle "
                 + machine_facts(f"{args.nproc} gloo ranks"),
             ]
-            replace_section(RESULTS, TIMING_SECTION, "\n".join(header + lines) + "\n")
+            body = "\n".join([TIMING_SECTION, *header, *lines]) + "\n"
+            replace_section(RESULTS, TIMING_SECTION, body)
         return
     if not args.report_only:
         cells = [(lo, b) for lo in args.layouts.split(",") for b in _ints(args.batches)]
@@ -430,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"emerging-optimizers {package_version('emerging-optimizers')}",
             ),
         ]
-        replace_section(RESULTS, SECTION, "\n".join(header + lines) + "\n")
+        replace_section(RESULTS, SECTION, "\n".join([SECTION, *header, *NOTES, *lines]) + "\n")
 
 
 if __name__ == "__main__":
