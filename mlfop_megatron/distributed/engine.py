@@ -66,6 +66,10 @@ class SOAPEngine(Protocol):
     ) -> None:
         """Fold a level from this rank's owned blocks, already reduced to their owner."""
 
+    def fold_reads(self) -> list[torch.Tensor]:
+        """Tensors of earlier work the next fold reads and drops (record_stream them)."""
+        ...
+
     def add_reduced_segment(
         self, level_grads: Sequence[torch.Tensor], end: int, scale: float
     ) -> None:
