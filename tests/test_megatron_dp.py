@@ -192,7 +192,12 @@ def test_separately_clipped_grad_norm_group_as_megatron_0_19(shard_adam):
                 g: clip / (n + 1e-6) for g, n in ((None, main), ("mtp", groups["mtp"])) if n > clip
             }
             assert scales == [want]
-        _assert_params(run["params"], replicated[r]["params"], "tagged sharded vs repl", True)
+        # Megatron's own Adam reads the global norm for its clip factor; that fp64 norm sums the
+        # SOAP blocks in another order sharded than replicated, so its last bit may differ
+        # (bitwise on the 2026-12-02 CI machine, not on the 2026-12-06 session's, also at that
+        # landing's code): compared to TOL there, bitwise with ZeRO-1 Adam.
+        exact = shard_adam
+        _assert_params(run["params"], replicated[r]["params"], "tagged sharded vs repl", exact)
         _assert_params(run["params"], dp1["params"], "tagged DP=2 vs DP=1")
         assert [ok for ok, _ in poisoned[r]["results"]] == [True, False, True]
         assert all(torch.isfinite(p).all() for p in poisoned[r]["params"].values())
