@@ -117,9 +117,10 @@ def _small_model_run(context_parallel: int):
     gen = torch.Generator().manual_seed(1)
     rank = torch.distributed.get_rank()
     norms = []
-    captured: list = []  # step 2 of every engine, checked against the SOAP equations
+    captured: list = []  # one step of every engine, checked against the SOAP equations
     done = [0]  # optimizer steps so far
-    capture_engine_steps(opt, lambda: done[0] == 2, captured)
+    # The fourth step: t 2 -> 3, no refresh before it (every 2 steps, before the update).
+    capture_engine_steps(opt, lambda: done[0] == 3, captured)
     for _ in range(4):
         ddp.zero_grad_buffer()
         opt.zero_grad()
