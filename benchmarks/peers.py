@@ -346,7 +346,9 @@ def analyse(results: dict[str, dict[str, Any]], args: Any) -> list[str]:
 
 def run_timing(args: Any, path: Path) -> None:
     """Time every row (lr 5e-3, seed 100, the first layout and batch) not yet in ``path``."""
+    from examples.digits import rundir
     from examples.digits.optimizers import entry
+    from examples.digits.spec import fold_levels, metric_columns
     from mlfop_megatron.runtime.spawn import run_distributed
 
     done = load_results(path)
@@ -360,6 +362,7 @@ def run_timing(args: Any, path: Path) -> None:
             continue
         timing_args = argparse.Namespace(**{**vars(args), "steps": args.timing})
         spec = make_spec(label, layout, batch, 5e-3, 100, timing_args)
+        rundir.start_metric_files(Path(spec.out), metric_columns(fold_levels(spec, args.nproc)))
         res = run_distributed(worker, args.nproc, [spec], timeout=3600.0, threads=spec.threads)
         with path.open("a") as f:
             f.write(json.dumps({"key": key, "label": label, **res[0][0]}) + "\n")
