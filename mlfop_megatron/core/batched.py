@@ -167,44 +167,52 @@ class ShapeClass:
         floor = (est.amax(dim=-1, keepdim=True) * self.cfg.kl_damping).clamp_min(self.cfg.eps)
         return torch.maximum(est, floor)
 
-    def update_factors(self, grad: torch.Tensor, count: int) -> None:
-        """``soap.update_factors`` for every block: the ``count``-th update of L and R."""
-        cfg, st = self.cfg, self.tensors
-        beta = cfg.factor_beta_at(count)
+    def _kl_increments(
+        self, grad: torch.Tensor, first: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``soap.kl_factor_increments`` for every block ([B, r, r], [B, c, c] or None)."""
+        st = self.tensors
         rows, cols = grad.shape[-2:]
-        kl = cfg.factor_estimator == "kl"
         inc_l = inc_r = None
-        if kl and count == 1:  # no estimate yet: both factors count as rms(G) I
-            c = grad.flatten(1).norm(dim=1).div_(math.sqrt(rows * cols)).clamp_min_(cfg.eps)
+        if first:  # no estimate yet: both factors count as rms(G) I
+            c = grad.flatten(1).norm(dim=1).div_(math.sqrt(rows * cols)).clamp_min_(self.cfg.eps)
             if "L" in st:
                 inc_l = torch.matmul(grad, _bt(grad)).div_(c[:, None, None] * cols)
             if "R" in st:
                 inc_r = torch.matmul(_bt(grad), grad).div_(c[:, None, None] * rows)
-            kl = False
-        if kl and "L" in st:  # computed from the factors before either side changes
+            return inc_l, inc_r
+        # From the factors and bases before either side changes.
+        if "L" in st:
             if "R" in st:
                 p = torch.matmul(grad, st["QR"])
                 inc_l = torch.matmul(p / self._eigen_estimate("R", "QR")[:, None, :], _bt(p))
             else:
                 inc_l = torch.matmul(grad, _bt(grad))
             inc_l.div_(cols)
-        if kl and "R" in st:
+        if "R" in st:
             if "L" in st:
                 p = torch.matmul(_bt(st["QL"]), grad)
                 inc_r = torch.matmul(_bt(p / self._eigen_estimate("L", "QL")[:, :, None]), p)
             else:
                 inc_r = torch.matmul(_bt(grad), grad)
             inc_r.div_(rows)
-        if "L" in st:
-            if inc_l is None:
+        return inc_l, inc_r
+
+    def update_factors(self, grad: torch.Tensor, count: int) -> None:
+        """``soap.update_factors`` for every block: the ``count``-th update of L and R."""
+        st = self.tensors
+        beta = self.cfg.factor_beta_at(count)
+        if self.cfg.factor_estimator != "kl":  # fused, as the per-block engine
+            if "L" in st:
                 st["L"].mul_(beta).baddbmm_(grad, _bt(grad), alpha=1.0 - beta)
-            else:
-                st["L"].mul_(beta).add_(inc_l, alpha=1.0 - beta)
-        if "R" in st:
-            if inc_r is None:
+            if "R" in st:
                 st["R"].mul_(beta).baddbmm_(_bt(grad), grad, alpha=1.0 - beta)
-            else:
-                st["R"].mul_(beta).add_(inc_r, alpha=1.0 - beta)
+            return
+        inc_l, inc_r = self._kl_increments(grad, first=count == 1)
+        if inc_l is not None:
+            st["L"].mul_(beta).add_(inc_l, alpha=1.0 - beta)
+        if inc_r is not None:
+            st["R"].mul_(beta).add_(inc_r, alpha=1.0 - beta)
 
     def write_scalars(self) -> None:
         """Mirror the class's step and initialized flag into every block's state dict."""
@@ -561,12 +569,13 @@ class BatchedBlocks:
         self._refresh(early, counters, timings)
         # Phase 2: the moment and parameter updates, then the reference-order refreshes.
         late = []
+        first_ids, early_ids = {id(c) for c in first}, {id(c) for c in early}
         for k, cls in enumerate(self.classes):
             lr, wd = lrs[cls.positions[0]], weight_decays[cls.positions[0]]
-            is_first = any(c is cls for c in first)
+            is_first = id(cls) in first_ids
             if is_first and not cls.cfg.first_step_update:
                 continue  # the statistics-only first step
-            fresh = is_first or any(c is cls for c in early)
+            fresh = is_first or id(cls) in early_ids
             factors_done = is_first or cls.cfg.refresh_first
             _class_step(cls, window, k, lr, wd, fresh, factors_done)
             if not factors_done and cls.step % cls.cfg.precondition_frequency == 0:

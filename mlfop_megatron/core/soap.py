@@ -134,42 +134,48 @@ def _eigen_estimate(state: State, factor_key: str, basis_key: str, cfg: SOAPConf
     return torch.maximum(est, (est.amax() * cfg.kl_damping).clamp_min(cfg.eps))
 
 
-def factor_increments(
+def kl_factor_increments(
     state: State, grad: torch.Tensor, cfg: SOAPConfig, first: bool = False
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The new terms of L and R for gradient G (None for a side without a factor).
+    """KL-Shampoo's new terms of L and R for gradient G (None for a side without a factor).
 
-    Shampoo: G G^T and G^T G. KL-Shampoo (``factor_estimator="kl"``, Lin et al. 2025):
-    G R^-1 G^T / n and G^T L^-1 G / m with F^-1 = Q diag(1/lam) Q^T, lam = diag(Q^T F Q)
-    floored (``_eigen_estimate``), from the factors and bases before this update. A side
-    without a factor counts as F = I. At the ``first`` update, when no estimate exists yet,
-    both factors count as c I with c = rms(G): the first L (x) R then has the trace of
-    vec(G) vec(G)^T, split evenly (an eps floor there would scale both by 1/eps and leave the
-    pair ~1e16 out of balance for hundreds of steps).
+    G R^-1 G^T / n and G^T L^-1 G / m (Lin et al. 2025) with F^-1 = Q diag(1/lam) Q^T,
+    lam = diag(Q^T F Q) floored (``_eigen_estimate``), from the factors and bases before this
+    update. A side without a factor counts as F = I. At the ``first`` update, when no estimate
+    exists yet, both factors count as c I with c = rms(G): the first L (x) R then has the
+    trace of vec(G) vec(G)^T, split evenly (an eps floor there would scale both by 1/eps and
+    leave the pair ~1e16 out of balance for hundreds of steps).
     """
     rows, cols = grad.shape
-    if cfg.factor_estimator != "kl":
-        inc_l, inc_r = grad @ grad.T, grad.T @ grad
-    elif first:
+    inc_l = inc_r = None
+    if first:
         c = (grad.norm() / math.sqrt(rows * cols)).clamp_min(cfg.eps)
-        inc_l = grad @ grad.T / (cols * c)
-        inc_r = grad.T @ grad / (rows * c)
-    else:
+        if "L" in state:
+            inc_l = grad @ grad.T / (cols * c)
+        if "R" in state:
+            inc_r = grad.T @ grad / (rows * c)
+        return inc_l, inc_r
+    if "L" in state:
         if "R" in state:  # G R^-1 G^T = (G QR) diag(1/lam_R) (G QR)^T
             p = grad @ state["QR"]
             inc_l = (p / _eigen_estimate(state, "R", "QR", cfg)) @ p.T / cols
         else:
             inc_l = grad @ grad.T / cols
+    if "R" in state:
         if "L" in state:  # G^T L^-1 G = (QL^T G)^T diag(1/lam_L) (QL^T G)
             p = state["QL"].T @ grad
             inc_r = (p / _eigen_estimate(state, "L", "QL", cfg)[:, None]).T @ p / rows
         else:
             inc_r = grad.T @ grad / rows
-    return (inc_l if "L" in state else None), (inc_r if "R" in state else None)
+    return inc_l, inc_r
 
 
 def update_factors(state: State, grad: torch.Tensor, cfg: SOAPConfig, count: int) -> None:
-    """L <- b L + (1-b) inc_L and R likewise; b the factor beta of the ``count``-th update."""
+    """L <- b L + (1-b) inc_L and R likewise; b the factor beta of the ``count``-th update.
+
+    Shampoo's increments are G G^T and G^T G (fused into the update), KL-Shampoo's those of
+    :func:`kl_factor_increments`.
+    """
     beta = cfg.factor_beta_at(count)
     if cfg.factor_estimator != "kl":  # fused: the rounding of the reference's update
         if "L" in state:
@@ -177,7 +183,7 @@ def update_factors(state: State, grad: torch.Tensor, cfg: SOAPConfig, count: int
         if "R" in state:
             state["R"].mul_(beta).addmm_(grad.T, grad, alpha=1.0 - beta)
         return
-    inc_l, inc_r = factor_increments(state, grad, cfg, first=count == 1)
+    inc_l, inc_r = kl_factor_increments(state, grad, cfg, first=count == 1)
     if inc_l is not None:
         state["L"].mul_(beta).add_(inc_l, alpha=1.0 - beta)
     if inc_r is not None:
