@@ -75,31 +75,38 @@ def test_forced_main_weights_for_scratch_params():
     assert torch.equal(states["q"]["master"], q)
 
 
-def _train(spec):
+def _bf16_tiny_gpt():
+    """This rank's bf16 tiny GPT in FoldingDistributedDataParallel, its names and DP group."""
     from megatron.core import parallel_state
-    from megatron.core.optimizer import OptimizerConfig
 
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
-    from mlfop_megatron.megatron.factory import get_mlfop_optimizer, is_soap_param
     from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
     from tests.support.tiny_gpt import (
         TinyGPTConfig,
         build_tiny_gpt,
         canonical_param_names,
         deterministic_init_,
-        global_mean_loss,
-        train_iteration,
     )
+
+    init_megatron_parallel(seed=1234)
+    torch.set_default_dtype(torch.bfloat16)
+    cfg = TinyGPTConfig(dtype=torch.bfloat16)
+    model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
+    deterministic_init_(model, seed=0)
+    names = canonical_param_names(model)
+    return cfg, model, names, parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def _train(spec):
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import OptimizerConfig
+
+    from mlfop_megatron.megatron.factory import get_mlfop_optimizer, is_soap_param
+    from tests.support.tiny_gpt import global_mean_loss, train_iteration
 
     out = {}
     for mode in ("bf16", "fp8"):
-        init_megatron_parallel(seed=1234)
-        torch.set_default_dtype(torch.bfloat16)
-        cfg = TinyGPTConfig(dtype=torch.bfloat16)
-        model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
-        deterministic_init_(model, seed=0)
-        names = canonical_param_names(model)
-        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        cfg, model, names, dp_group = _bf16_tiny_gpt()
         backend = EmulatedFP8()
         fp8.set_backend(backend if mode == "fp8" else None)
         quantized = [
@@ -190,25 +197,11 @@ def _train_fp8_soap(spec):
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
 
-    from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer, is_soap_param
-    from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
     from tests.support.step_capture import capture_engine_steps
-    from tests.support.tiny_gpt import (
-        TinyGPTConfig,
-        build_tiny_gpt,
-        canonical_param_names,
-        deterministic_init_,
-        train_iteration,
-    )
+    from tests.support.tiny_gpt import train_iteration
 
-    init_megatron_parallel(seed=1234)
-    torch.set_default_dtype(torch.bfloat16)
-    cfg = TinyGPTConfig(dtype=torch.bfloat16)
-    model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
-    deterministic_init_(model, seed=0)
-    names = canonical_param_names(model)
-    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    cfg, model, names, dp_group = _bf16_tiny_gpt()
     backend = EmulatedFP8()
     fp8.set_backend(backend)
     soap = {names[p]: p for p in model.parameters() if is_soap_param(names[p], p)}
