@@ -189,12 +189,20 @@ def load_results(path: Path) -> dict[str, dict[str, Any]]:
     return {r["key"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
 
 
-def run_missing(jobs: list[tuple[str, str, int, float, int]], args: Any, path: Path) -> None:
-    """Train the jobs without a result, one spawned world per row and cell; append results."""
+def train_specs(specs: list[Any], nproc: int) -> list[dict[str, Any]]:
+    """Train ``specs`` in turn in one spawned world (their run folders started here)."""
     from examples.digits import rundir
-    from examples.digits.optimizers import entry
     from examples.digits.spec import fold_levels, metric_columns
     from mlfop_megatron.runtime.spawn import run_distributed
+
+    for s in specs:
+        rundir.start_metric_files(Path(s.out), metric_columns(fold_levels(s, nproc)))
+    return run_distributed(worker, nproc, specs, timeout=7200.0, threads=specs[0].threads)[0]
+
+
+def run_missing(jobs: list[tuple[str, str, int, float, int]], args: Any, path: Path) -> None:
+    """Train the jobs without a result, one spawned world per row and cell; append results."""
+    from examples.digits.optimizers import entry
 
     done = load_results(path)
     todo = [j for j in jobs if run_key(*j, args.steps) not in done]
@@ -207,12 +215,10 @@ def run_missing(jobs: list[tuple[str, str, int, float, int]], args: Any, path: P
             log(f"skip {label}: {reason}")
             continue
         specs = [make_spec(*j, args) for j in members]
-        for s in specs:
-            rundir.start_metric_files(Path(s.out), metric_columns(fold_levels(s, args.nproc)))
         t0 = time.perf_counter()
-        res = run_distributed(worker, args.nproc, specs, timeout=7200.0, threads=specs[0].threads)
+        res = train_specs(specs, args.nproc)
         with path.open("a") as f:
-            for job, spec, r in zip(members, specs, res[0]):
+            for job, spec, r in zip(members, specs, res):
                 record = {"key": run_key(*job, args.steps), "spec": asdict(spec), **r}
                 f.write(json.dumps(record) + "\n")
         took = time.perf_counter() - t0
@@ -346,10 +352,7 @@ def analyse(results: dict[str, dict[str, Any]], args: Any) -> list[str]:
 
 def run_timing(args: Any, path: Path) -> None:
     """Time every row (lr 5e-3, seed 100, the first layout and batch) not yet in ``path``."""
-    from examples.digits import rundir
     from examples.digits.optimizers import entry
-    from examples.digits.spec import fold_levels, metric_columns
-    from mlfop_megatron.runtime.spawn import run_distributed
 
     done = load_results(path)
     layout, batch = args.layouts.split(",")[0], _ints(args.batches)[0]
@@ -362,11 +365,10 @@ def run_timing(args: Any, path: Path) -> None:
             continue
         timing_args = argparse.Namespace(**{**vars(args), "steps": args.timing})
         spec = make_spec(label, layout, batch, 5e-3, 100, timing_args)
-        rundir.start_metric_files(Path(spec.out), metric_columns(fold_levels(spec, args.nproc)))
-        res = run_distributed(worker, args.nproc, [spec], timeout=3600.0, threads=spec.threads)
+        (res,) = train_specs([spec], args.nproc)
         with path.open("a") as f:
-            f.write(json.dumps({"key": key, "label": label, **res[0][0]}) + "\n")
-        log(f"timed {label}: {ms_per_step(res[0][0]['rows'][2:]):.0f} ms/step")
+            f.write(json.dumps({"key": key, "label": label, **res}) + "\n")
+        log(f"timed {label}: {ms_per_step(res['rows'][2:]):.0f} ms/step")
 
 
 def timing_table(path: Path, args: Any) -> list[str]:
