@@ -84,6 +84,14 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "soap-f1+kl": ("soap", {**F1, "factor_estimator": "kl"}),
     "soap-f1+first": ("soap", {**F1, "first_step_update": True}),
     "soap-f1+order": ("soap", {**F1, "refresh_first": True}),
+    "soap-f2+order": ("soap", {**F1, "refresh_first": True, "precondition_frequency": 2}),
+    "soap-f3+order": ("soap", {**F1, "refresh_first": True, "precondition_frequency": 3}),
+    "soap-f5+order": ("soap", {**F1, "refresh_first": True, "precondition_frequency": 5}),
+    "soap-f10+order": ("soap", {**F1, "refresh_first": True, "precondition_frequency": 10}),
+    # drift-gated refresh (refresh_tolerance): checked every step, refreshed where drifted
+    "soap-f1+order+tol1e-3": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 1e-3}),
+    "soap-f1+order+tol3e-3": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 3e-3}),
+    "soap-f1+order+tol1e-2": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 1e-2}),
     "soap-f1+kl+bias": ("soap", {**F1, "factor_estimator": "kl", "correct_factor_bias": True}),
     "soap-megatron-like": ("soap", MEGATRON_LIKE),
     "soap-megatron-like-f2": ("soap", {**MEGATRON_LIKE, "precondition_frequency": 2}),
@@ -178,7 +186,8 @@ def worker(specs: list[Any]) -> list[dict[str, Any]] | None:
         if res is not None:
             keep = ("step", "image_loss", "text_loss", "step_time_s")
             rows = [{k: r[k] for k in keep} for r in res["rows"]]
-            out.append({"rows": rows, "wall_s": time.perf_counter() - t0})
+            counts = {k: res["summary"][k] for k in ("refreshes_done", "refreshes_skipped")}
+            out.append({"rows": rows, "wall_s": time.perf_counter() - t0, **counts})
     return out if dist.get_rank() == 0 else None
 
 

@@ -115,6 +115,11 @@ class SOAPConfig:
     precondition_frequency: int = option(
         1, "refresh the eigenbases every this many optimizer steps (the reference: 10)"
     )
+    refresh_tolerance: float = option(
+        0.0,
+        "at a scheduled refresh, refresh a basis only where it has drifted: the share of "
+        "||Q^T F Q||_F^2 off the diagonal exceeds this (0: refresh every scheduled time)",
+    )
     max_precond_dim: int = option(
         10000, "dimensions larger than this get no rotation (identity basis)"
     )
@@ -177,6 +182,7 @@ class SOAPConfig:
         check_range("eps", self.eps, 0.0, low_open=True)
         check_range("weight_decay", self.weight_decay, 0.0)
         check_int("precondition_frequency", self.precondition_frequency, 1)
+        check_range("refresh_tolerance", self.refresh_tolerance, 0.0, 1.0, high_open=True)
         check_int("max_precond_dim", self.max_precond_dim, 1)
         for name in (
             "precondition_1d",

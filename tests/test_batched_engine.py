@@ -698,3 +698,54 @@ def test_default_order_matches_per_block_on_full_rank_factors():
             o.zero_grad()
     for pa, pb in zip(models[0].parameters(), models[1].parameters()):
         assert_rel_close(pa.detach(), pb.detach(), 1e-7)
+
+
+@pytest.mark.parametrize("refresh_method", ["qr", "eigh"])
+def test_drift_gated_refresh_of_part_of_a_class_matches_per_block(refresh_method):
+    """refresh_tolerance refreshes the drifted blocks of a class and leaves the others as they are.
+
+    Four 6 x 5 blocks in one class, both sides rotated: blocks 0 and 2 hold the exact
+    eigenbases of their factors (off-diagonal share ~1e-30), blocks 1 and 3 random orthogonal
+    bases. The batched refresh must equal the per-block ``soap.refresh_bases`` block by block
+    (fp64, 1e-12), leave the aligned blocks' bases and moments bitwise, and re-express the
+    drifted blocks' first moment through both sides in turn (L, then R).
+    """
+    from mlfop_megatron.config import SOAPConfig
+    from mlfop_megatron.core.batched import compute_bases
+    from mlfop_megatron.core.linalg import LinalgCounters
+    from mlfop_megatron.core.soap import block_layout, init_state, refresh_bases
+
+    cfg = SOAPConfig(refresh_method=refresh_method, refresh_tolerance=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    layout = block_layout((6, 5), cfg)
+    states = []
+    for j in range(4):
+        st = init_state(layout, torch.float64, torch.device("cpu"))
+        st.update(step=4, initialized=True)
+        for f, q in (("L", "QL"), ("R", "QR")):
+            n = st[f].shape[0]
+            a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+            st[f] = a @ a.T
+            st[q] = torch.linalg.eigh(st[f])[1].flip(1) if j % 2 == 0 else torch.linalg.qr(a)[0]
+        st["exp_avg"] = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+        st["exp_avg_sq"] = torch.rand(6, 5, generator=gen, dtype=torch.float64)
+        states.append(st)
+    per_block = copy.deepcopy(states)
+    before = copy.deepcopy(states)
+    counters_ref = LinalgCounters()
+    for st in per_block:
+        refresh_bases(st, refresh_method, counters_ref, cfg.refresh_tolerance)
+    params = [torch.zeros(6, 5, dtype=torch.float64) for _ in states]
+    engine = BatchedBlocks(states, params, [cfg] * 4)
+    assert [c.size for c in engine.classes] == [4]
+    counters = LinalgCounters()
+    compute_bases(engine.classes, refresh_method, counters, first=False)
+    assert (counters.refreshes_done, counters.refreshes_skipped) == (4, 4)
+    assert (counters_ref.refreshes_done, counters_ref.refreshes_skipped) == (4, 4)
+    for j, (got, want, old) in enumerate(zip(states, per_block, before)):
+        for key in ("QL", "QR", "exp_avg", "exp_avg_sq"):
+            if j % 2 == 0:
+                assert torch.equal(got[key], old[key]), (j, key)
+            else:
+                assert not torch.equal(got[key], old[key]) or key == "exp_avg_sq", (j, key)
+                assert_rel_close(got[key], want[key], 1e-12, f"block {j} {key}")

@@ -272,6 +272,8 @@ def summarize(
         "skipped_steps": rows[-1]["skipped_steps"] if rows else 0,
         "eigh_failures": stats.get("eigh_failures", 0),
         "qr_failures": stats.get("qr_failures", 0),
+        "refreshes_done": stats.get("refreshes_done", 0),
+        "refreshes_skipped": stats.get("refreshes_skipped", 0),
     }
     for key in ("loss", "image_loss", "text_loss"):
         out[f"first_{key}"] = rows[0][key] if rows else float("nan")

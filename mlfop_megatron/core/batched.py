@@ -12,7 +12,8 @@ Only the parameters themselves are not stacked (a block is a region of a paramet
 update is one ``torch._foreach_*`` call per class.
 
 Host syncs: none in the fold; the basis computation (first step and refresh) reads one flag
-tensor per step for all classes together (finiteness and numerical rank of every new basis).
+tensor per step for all classes together (finiteness and numerical rank of every new basis),
+and with ``refresh_tolerance`` one more before the refresh (which blocks' bases drifted).
 Blocks whose batched decomposition failed or was non-finite are redone one at a time by the
 per-block routines of ``core/linalg.py`` (fp64 retry, keep the previous basis, counted), so the
 fallback behaves exactly as in the per-block engine.
@@ -51,6 +52,7 @@ from mlfop_megatron.config import SOAPConfig
 from mlfop_megatron.core.linalg import (
     LinalgCounters,
     canonical_null_columns,
+    off_diagonal_share,
     orthonormal_factor,
     qr_refresh_basis,
     robust_eigh_basis,
@@ -251,7 +253,7 @@ def _class_key(state: State, cfg: SOAPConfig, extra: Hashable, position: int) ->
 class _SideJob:
     """A batched basis computation of one side of one class, waiting for the host flags."""
 
-    cls: ShapeClass
+    tensors: dict[str, torch.Tensor]  # the class's stacks (or a part's copies: _Part)
     factor_key: str
     basis_key: str
     dim: int
@@ -268,8 +270,8 @@ def _null_tol(values: torch.Tensor) -> torch.Tensor:
     return values.abs().amax(dim=-1, keepdim=True) * (values.shape[-1] * eps * 10.0)
 
 
-def _start_eigh(cls: ShapeClass, factor_key: str, basis_key: str, dim: int) -> _SideJob:
-    factors = cls.tensors[factor_key]
+def _start_eigh(st: dict[str, torch.Tensor], factor_key: str, basis_key: str, dim: int) -> _SideJob:
+    factors = st[factor_key]
     n = factors.shape[-1]
     finite_in = finite_blocks(factors)
     eye = torch.eye(n, dtype=factors.dtype, device=factors.device)
@@ -277,32 +279,42 @@ def _start_eigh(cls: ShapeClass, factor_key: str, basis_key: str, dim: int) -> _
     try:
         values, vecs = torch.linalg.eigh(safe)
     except (RuntimeError, torch.linalg.LinAlgError):
-        return _SideJob(cls, factor_key, basis_key, dim, "eigh", None, None, None)
+        return _SideJob(st, factor_key, basis_key, dim, "eigh", None, None, None)
     values, vecs = torch.flip(values, dims=[-1]), torch.flip(vecs, dims=[-1])
     rank = (values > _null_tol(values)).sum(dim=-1)
     ok = finite_in & finite_blocks(vecs)
     flags = torch.stack([ok.to(rank.dtype), rank])
-    return _SideJob(cls, factor_key, basis_key, dim, "eigh", vecs, None, flags)
+    return _SideJob(st, factor_key, basis_key, dim, "eigh", vecs, None, flags)
 
 
-def _start_qr(cls: ShapeClass, factor_key: str, basis_key: str, dim: int) -> _SideJob:
-    factors, basis = cls.tensors[factor_key], cls.tensors[basis_key]
+def _start_qr(
+    st: dict[str, torch.Tensor],
+    factor_key: str,
+    basis_key: str,
+    dim: int,
+    product: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> _SideJob:
+    """``linalg.qr_refresh_basis`` batched; ``product``: (F Q, diag(Q^T F Q)) if already formed."""
+    factors, basis = st[factor_key], st[basis_key]
     try:
-        fq = torch.matmul(factors, basis)
-        est = (basis * fq).sum(dim=-2)  # diag(Q^T F Q) per block [B, n]
+        if product is None:
+            fq = torch.matmul(factors, basis)
+            est = (basis * fq).sum(dim=-2)  # diag(Q^T F Q) per block [B, n]
+        else:
+            fq, est = product
         est = torch.where(est > _null_tol(est), est, torch.zeros_like(est))
         order = torch.argsort(est, dim=-1, descending=True, stable=True)
         sorted_fq = torch.gather(fq, 2, order[:, None, :].expand_as(fq))
         new = orthonormal_factor(sorted_fq)
     except (RuntimeError, torch.linalg.LinAlgError):
-        return _SideJob(cls, factor_key, basis_key, dim, "qr", None, None, None)
+        return _SideJob(st, factor_key, basis_key, dim, "qr", None, None, None)
     rank = (est > 0).sum(dim=-1)
     # The canonical null columns are finite whenever the kept ones are: check those only.
     cols = torch.arange(new.shape[-1], device=new.device)
     kept = torch.where((cols[None, :] < rank[:, None])[:, None, :], new, torch.zeros_like(new))
     ok = finite_blocks(kept) & finite_blocks(factors)
     flags = torch.stack([ok.to(rank.dtype), rank])
-    return _SideJob(cls, factor_key, basis_key, dim, "qr", new, order, flags)
+    return _SideJob(st, factor_key, basis_key, dim, "qr", new, order, flags)
 
 
 def _canonicalize(new: torch.Tensor, ranks: list[int], usable: list[bool]) -> None:
@@ -335,7 +347,7 @@ def _canonicalize(new: torch.Tensor, ranks: list[int], usable: list[bool]) -> No
 
 def _finish(job: _SideJob, host: list[list[int]] | None, counters: LinalgCounters) -> None:
     """Apply a side's new bases: fix-ups per failed block, then rotate m, permute v."""
-    st = job.cls.tensors
+    st = job.tensors
     old = st[job.basis_key]
     b, n = old.shape[0], old.shape[-1]
     if job.new is None:  # the batched call raised: the per-block routines redo every block
@@ -382,41 +394,127 @@ def _finish(job: _SideJob, host: list[list[int]] | None, counters: LinalgCounter
     old.copy_(new)
 
 
+@dataclass
+class _Part:
+    """Copies of the blocks of one class side that a drift-gated refresh recomputes."""
+
+    parent: dict[str, torch.Tensor]  # the class's stacks
+    index: torch.Tensor  # the blocks' positions in the class
+    tensors: dict[str, torch.Tensor]  # their factor and basis, then moments (copies)
+
+    def load_moments(self) -> None:
+        """Copy the blocks' moments as they are now (after the class's other side finished)."""
+        for key in ("exp_avg", "exp_avg_sq"):
+            self.tensors[key] = self.parent[key].index_select(0, self.index)
+
+    def write_back(self, basis_key: str) -> None:
+        """Put the part's new bases and re-expressed moments into the class's stacks."""
+        for key in (basis_key, "exp_avg", "exp_avg_sq"):
+            self.parent[key].index_copy_(0, self.index, self.tensors[key])
+
+
+_Side = tuple[dict[str, torch.Tensor], str, str, int]
+
+
+def _drifted(
+    sides: list[tuple[ShapeClass, str, str, int]], counters: LinalgCounters
+) -> tuple[list[_Side], dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], dict[int, _Part]]:
+    """The sides (or parts of them) whose bases drifted past ``refresh_tolerance``.
+
+    Sides of classes with tolerance 0 are kept whole. For the others, F Q and the
+    off-diagonal share per block are computed for all together and read in one host read;
+    aligned blocks keep their bases, a side with some drifted blocks becomes a :class:`_Part`
+    (copies of those blocks, written back by the caller). Returns the sides to refresh, the
+    (F Q, diag) products already formed (by id of the side's stacks and its factor key) and
+    the parts (by id of their stacks).
+    """
+    gated, shares = [], []
+    out: list[_Side] = []
+    for cls, fk, bk, dim in sides:
+        tol = cls.cfg.refresh_tolerance
+        if tol <= 0.0:
+            out.append((cls.tensors, fk, bk, dim))
+            continue
+        factors, basis = cls.tensors[fk], cls.tensors[bk]
+        fq = torch.matmul(factors, basis)
+        est = (basis * fq).sum(dim=-2)
+        gated.append((cls, fk, bk, dim, fq, est))
+        shares.append(~(off_diagonal_share(factors, est) <= tol))  # NaN: refresh (and fail)
+    products: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    parts: dict[int, _Part] = {}
+    if not gated:
+        return out, products, parts
+    drifted = torch.cat(shares).tolist()  # the gate's host read
+    offset = 0
+    for cls, fk, bk, dim, fq, est in gated:
+        b = fq.shape[0]
+        members = [j for j in range(b) if drifted[offset + j]]
+        offset += b
+        counters.refreshes_skipped += b - len(members)
+        if not members:
+            continue
+        if len(members) == b:
+            out.append((cls.tensors, fk, bk, dim))
+            products[(id(cls.tensors), fk)] = (fq, est)
+            continue
+        index = _on(members, fq.device)
+        copies = {k: cls.tensors[k].index_select(0, index) for k in (fk, bk)}
+        part = _Part(cls.tensors, index, copies)
+        out.append((part.tensors, fk, bk, dim))
+        products[(id(part.tensors), fk)] = (fq.index_select(0, index), est.index_select(0, index))
+        parts[id(part.tensors)] = part
+    return out, products, parts
+
+
 def compute_bases(
     classes: Sequence[ShapeClass], method: str, counters: LinalgCounters, first: bool
 ) -> None:
     """New bases of every side of ``classes``, with one host read for all of them.
 
-    ``first``: eigh of the factors; otherwise the refresh ``method``.
+    ``first``: eigh of the factors; otherwise the refresh ``method``, gated per block by
+    ``refresh_tolerance`` where it is set (then one more host read, before the refresh).
     """
+    sides = [(c, fk, bk, dim) for c in classes for fk, bk, dim in SIDES if fk in c.tensors]
+    if first:
+        todo: list[_Side] = [(c.tensors, fk, bk, dim) for c, fk, bk, dim in sides]
+        products: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        parts: dict[int, _Part] = {}
+    else:
+        todo, products, parts = _drifted(sides, counters)
     jobs = []
-    for cls in classes:
-        for factor_key, basis_key, dim in SIDES:
-            if factor_key not in cls.tensors:
-                continue
-            if first or method == "eigh":
-                jobs.append(_start_eigh(cls, factor_key, basis_key, dim))
-            else:
-                jobs.append(_start_qr(cls, factor_key, basis_key, dim))
+    for st, factor_key, basis_key, dim in todo:
+        if not first:
+            counters.refreshes_done += st[factor_key].shape[0]
+        if first or method == "eigh":
+            jobs.append(_start_eigh(st, factor_key, basis_key, dim))
+        else:
+            product = products.get((id(st), factor_key))
+            jobs.append(_start_qr(st, factor_key, basis_key, dim, product))
     flags = [j.flags for j in jobs if j.flags is not None]
     host = torch.cat(flags, dim=1).tolist() if flags else [[], []]  # the one host sync
     offset = 0
     for job in jobs:
+        # A part re-expresses the moments as the class's other side left them (L, then R).
+        part = parts.get(id(job.tensors))
+        if part is not None:
+            part.load_moments()
         if job.flags is None:
             _finish(job, None, counters)
-            continue
-        width = job.flags.shape[1]
-        part = [host[0][offset : offset + width], host[1][offset : offset + width]]
-        offset += width
-        if first:  # the first bases replace the identity: no moment to re-express
-            _finish_first(job, part, counters)
         else:
-            _finish(job, part, counters)
+            width = job.flags.shape[1]
+            host_part = [host[0][offset : offset + width], host[1][offset : offset + width]]
+            offset += width
+            if first:  # the first bases replace the identity: no moment to re-express
+                _finish_first(job, host_part, counters)
+            else:
+                _finish(job, host_part, counters)
+        if part is not None:
+            part.write_back(job.basis_key)
 
 
 def _finish_first(job: _SideJob, host: list[list[int]], counters: LinalgCounters) -> None:
     """First bases (``soap.init_bases``): the eigenbasis, per-block fallback where it failed."""
-    st = job.cls.tensors
+    st = job.tensors
     ok, ranks = [bool(x) for x in host[0]], host[1]
     new = job.new
     assert new is not None  # only jobs whose batched call succeeded have flags

@@ -9,11 +9,18 @@ import torch
 
 @dataclass
 class LinalgCounters:
-    """Counts of numerical fallbacks, surfaced in the optimizer's stats."""
+    """Counts of numerical fallbacks and of refreshes, surfaced in the optimizer's stats."""
 
     eigh_fp64_retries: int = 0
     eigh_failures: int = 0  # both precisions failed: previous basis kept
     qr_failures: int = 0  # QR refresh failed or was non-finite: previous basis kept
+    refreshes_done: int = 0  # bases (one side of one block) recomputed by a refresh
+    refreshes_skipped: int = 0  # scheduled refreshes skipped: basis within refresh_tolerance
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The counters' names, in a fixed order."""
+        return tuple(cls.__dataclass_fields__)
 
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""
@@ -148,6 +155,29 @@ def robust_eigh_basis(
     if previous is not None:
         return previous
     return torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+
+
+def off_diagonal_share(factor: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
+    """Share of ||Q^T F Q||_F^2 off the diagonal, given ``est`` = diag(Q^T F Q) (batched).
+
+    For orthogonal Q, ||Q^T F Q||_F = ||F||_F, so the share is 1 - ||est||^2 / ||F||^2: one
+    product F Q (which the QR refresh forms anyway), never Q^T F Q. 0 for a zero factor, NaN
+    for a non-finite one. ``factor`` [..., n, n], ``est`` [..., n]; result [...].
+    """
+    total = torch.linalg.vector_norm(factor, dim=(-2, -1))
+    ratio = torch.linalg.vector_norm(est, dim=-1) / total.clamp_min(torch.finfo(total.dtype).tiny)
+    return (1.0 - ratio.square()).clamp_min(0.0)
+
+
+def basis_aligned(factor: torch.Tensor, basis: torch.Tensor, tolerance: float) -> bool:
+    """Whether Q^T F Q's off-diagonal share is at most ``tolerance`` (False when tolerance 0).
+
+    A non-finite factor is never aligned, so its refresh runs and counts the failure.
+    """
+    if tolerance <= 0.0:
+        return False
+    est = (basis * (factor @ basis)).sum(dim=0)
+    return bool(off_diagonal_share(factor, est) <= tolerance)
 
 
 def qr_refresh_basis(

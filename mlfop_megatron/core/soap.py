@@ -21,7 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from mlfop_megatron.config import SOAPConfig
-from mlfop_megatron.core.linalg import LinalgCounters, qr_refresh_basis, robust_eigh_basis
+from mlfop_megatron.core.linalg import (
+    LinalgCounters,
+    basis_aligned,
+    qr_refresh_basis,
+    robust_eigh_basis,
+)
 from mlfop_megatron.policies import rotates
 
 State = dict
@@ -199,12 +204,22 @@ def init_bases(state: State, counters: LinalgCounters) -> None:
     state["initialized"] = True
 
 
-def refresh_bases(state: State, method: str, counters: LinalgCounters) -> None:
-    """Refresh the bases; permute v with the basis, re-express m exactly in the new basis."""
+def refresh_bases(
+    state: State, method: str, counters: LinalgCounters, tolerance: float = 0.0
+) -> None:
+    """Refresh the bases; permute v with the basis, re-express m exactly in the new basis.
+
+    ``tolerance`` > 0: a side whose basis is still aligned with its factor (off-diagonal share
+    of Q^T F Q at most ``tolerance``: ``linalg.off_diagonal_share``) keeps it.
+    """
     for factor_key, basis_key, dim in (("L", "QL", 0), ("R", "QR", 1)):
         if factor_key not in state:
             continue
         old = state[basis_key]
+        if basis_aligned(state[factor_key], old, tolerance):
+            counters.refreshes_skipped += 1
+            continue
+        counters.refreshes_done += 1
         if method == "qr":
             new, order = qr_refresh_basis(state[factor_key], old, counters)
             if order is not None:
@@ -319,6 +334,6 @@ def _timed_refresh(
     state: State, cfg: SOAPConfig, counters: LinalgCounters, timings: dict[str, float] | None
 ) -> None:
     start = time.perf_counter()
-    refresh_bases(state, cfg.refresh_method, counters)
+    refresh_bases(state, cfg.refresh_method, counters, cfg.refresh_tolerance)
     if timings is not None:
         timings["refresh"] = timings.get("refresh", 0.0) + time.perf_counter() - start

@@ -47,6 +47,7 @@ from mlfop_megatron.core.folding import (
     summarize_fold,
 )
 from mlfop_megatron.core.levels import LevelSchedule
+from mlfop_megatron.core.linalg import LinalgCounters
 from mlfop_megatron.core.norms import sum_of_squares
 from mlfop_megatron.core.precision import fp32_matmuls
 from mlfop_megatron.distributed.comm_config import CommConfig
@@ -625,12 +626,12 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         """
         dev, f64 = self.device, torch.float64
         # Host counters go to the device in one copy; the diagnostics stay on the device.
-        host = [0.0, 0.0, 0.0, float(self.skipped_steps)]
+        counter_keys = LinalgCounters.keys()
+        host = [0.0] * len(counter_keys) + [float(self.skipped_steps)]
         for engine in self.engines:
-            c = engine.counters
-            host[:3] = [
-                h + v for h, v in zip(host, (c.eigh_fp64_retries, c.eigh_failures, c.qr_failures))
-            ]
+            c = engine.counters.as_dict()
+            for i, key in enumerate(counter_keys):
+                host[i] += c[key]
         sums = [torch.tensor(host, dtype=f64, device=dev)]
         maxes = []
         for fold in self.schedule.folds:
@@ -676,15 +677,12 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         dist.all_reduce(timings, op=dist.ReduceOp.MAX)
         packed, timings = packed.cpu(), timings.cpu()
         world = dist.get_world_size()
-        out: dict[str, Any] = {
-            "eigh_fp64_retries": int(packed[0]),
-            "eigh_failures": int(packed[1]),
-            "qr_failures": int(packed[2]),
-            "skipped_steps": int(packed[3]) // world,
-            "levels": [],
-        }
+        # Counters are summed over ranks (a replicated engine counts its blocks on every rank).
+        out: dict[str, Any] = {key: int(packed[i]) for i, key in enumerate(counter_keys)}
+        at = len(counter_keys)
+        out.update(skipped_steps=int(packed[at]) // world, levels=[])
         out.update({f"time_{k}_s": float(v) for k, v in zip(PHASES, timings)})
-        at, at_max = 4, len(PHASES)
+        at, at_max = at + 1, len(PHASES)
         for fold in self.schedule.folds:
             chunk = packed[at : at + TOTALS_WIDTH]
             extremes = timings[at_max : at_max + EXTREMES_WIDTH]

@@ -39,11 +39,14 @@ class ReferenceSOAP:
         correct_factor_bias=False,
         first_step_update=False,
         refresh_first=True,
+        refresh_tolerance=0.0,
     ):
         self.w = w.clone()
         self.kl, self.kl_damping = factor_estimator == "kl", kl_damping
         self.correct_factor_bias = correct_factor_bias
         self.first_step_update, self.refresh_first = first_step_update, refresh_first
+        self.tolerance = refresh_tolerance
+        self.refreshed = self.skipped = 0  # sides refreshed / kept as aligned
         self.k = 0  # factor updates so far
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
         self.bs = betas[1] if shampoo_beta is None else shampoo_beta
@@ -174,6 +177,13 @@ class ReferenceSOAP:
                 self.v = self.v[:, order]
 
     def _new_basis(self, f, q):
+        if self.tolerance > 0:  # refresh only a drifted basis: Q^T F Q's off-diagonal share
+            d = q.T @ f @ q
+            off = d - torch.diag(torch.diag(d))
+            if (off**2).sum() <= self.tolerance * (d**2).sum():
+                self.skipped += 1
+                return q, None
+        self.refreshed += 1
         if self.method == "eigh":
             return eig_desc(f), None
         order = torch.argsort(torch.diag(q.T @ f @ q), descending=True)
