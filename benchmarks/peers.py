@@ -65,6 +65,7 @@ REFERENCE: dict[str, Any] = {
     "correct_factor_bias": False,
     "first_step_update": False,
     "refresh_first": False,
+    "refresh_tolerance": 0.0,
 }
 F1 = {**REFERENCE, "precondition_frequency": 1}
 MEGATRON_LIKE = {
@@ -92,6 +93,9 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "soap-f1+order+tol1e-3": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 1e-3}),
     "soap-f1+order+tol3e-3": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 3e-3}),
     "soap-f1+order+tol1e-2": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 1e-2}),
+    "soap-f1+order+tol3e-2": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 3e-2}),
+    "mlfop-f1+order+tol3e-2": ("mlfop", {**F1, "refresh_first": True, "refresh_tolerance": 3e-2}),
+    "soap-f1+order+tol1e-1": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 1e-1}),
     "soap-f1+kl+bias": ("soap", {**F1, "factor_estimator": "kl", "correct_factor_bias": True}),
     "soap-megatron-like": ("soap", MEGATRON_LIKE),
     "soap-megatron-like-f2": ("soap", {**MEGATRON_LIKE, "precondition_frequency": 2}),

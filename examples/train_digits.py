@@ -27,9 +27,10 @@ modality-balanced: half the image token mean plus half the text token mean of th
 batch, whatever the micro-batch layout. Every run writes metrics.csv / metrics.jsonl (one row
 per step), checkpoint/<optimizer>/ (per rank, written atomically; not for Megatron's peers),
 loss.png / cosine.png / beta.png / grad.png and summary.json into ``--out``.
-``--micro-batch-layout by-modality`` gives each micro-batch one task (image first half of the
-step, text second half); every ``--diag-every`` steps the optimizer reports its grad-group
-diagnostics (ours only).
+``--micro-batch-layout by-modality`` (the default) gives each micro-batch one task (image
+first half of the step, text second half; ``mixed`` mixes them in every micro-batch); every
+``--diag-every`` steps the optimizer reports its grad-group diagnostics (ours only), whose
+per-modality panels of grad.png need the by-modality layout.
 """
 
 from digits.cli import main

@@ -66,7 +66,7 @@ def test_optimizer_front_end_validates():
 
 
 def test_defaults_follow_soap_reference_but_the_measured_three():
-    """The reference's defaults except two: refresh every step, before the update.
+    """The reference's defaults except three: check every step, before the update, by drift.
 
     Those three were chosen by measurement (benchmarks/peers.py); REFERENCE_SOAP restores them.
     """
@@ -78,4 +78,5 @@ def test_defaults_follow_soap_reference_but_the_measured_three():
     assert cfg.refresh_first and not cfg.first_step_update and cfg.factor_estimator == "shampoo"
     reference = SOAPConfig(**REFERENCE_SOAP)
     assert reference.precondition_frequency == 10 and not reference.refresh_first
+    assert cfg.refresh_tolerance == 0.03 and reference.refresh_tolerance == 0.0
     assert cfg.factor_beta == 0.95 and cfg.correct_bias and not cfg.precondition_1d

@@ -50,6 +50,31 @@ def test_dp2_sharded_equals_replicated_bitwise_fp32(enabled):
         assert len(sharded[0]["stats"]["levels"]) >= 1
 
 
+def test_dp2_drift_gated_refresh_sharded_equals_replicated_bitwise_fp32():
+    """refresh_tolerance decides per block from its state: owners decide as replicas do.
+
+    Bases checked every step, refreshed where drifted (the package's default gate); some
+    checks refresh and some keep the basis, the same ones on both layouts (a replicated
+    engine counts every block on both ranks: twice the sharded totals), and the weights agree
+    bitwise.
+    """
+    base = dict(
+        iters=10,
+        microbatches=4,
+        global_micro=2,
+        precondition_frequency=1,
+        soap={"refresh_tolerance": 0.03},
+    )
+    sharded = run_distributed(run_tiny_gpt, 2, dict(base, sharded=True))
+    replicated = run_distributed(run_tiny_gpt, 2, dict(base, sharded=False))
+    for r in (0, 1):
+        _assert_params(sharded[r]["params"], replicated[r]["params"], "sharded vs repl", True)
+    done, skipped = (sharded[0]["stats"][k] for k in ("refreshes_done", "refreshes_skipped"))
+    assert done > 0 and skipped > 0, (done, skipped)
+    rep = replicated[0]["stats"]
+    assert (rep["refreshes_done"], rep["refreshes_skipped"]) == (2 * done, 2 * skipped)
+
+
 @pytest.mark.parametrize("enabled", [True, False], ids=["folding", "no_folding"])
 def test_dp2_equals_dp1_with_doubled_micro_batch_fp64(enabled):
     base = dict(

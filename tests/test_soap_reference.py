@@ -157,8 +157,8 @@ def test_drift_gated_refresh_matches_reference(order, method, name, batched):
 
     The reference forms Q^T F Q and sums its off-diagonal squares; the engine uses
     ||Q^T F Q||_F = ||F||_F and diag(Q^T F Q) only. fp64 over 35 steps, refresh checked every
-    step (tall, wide: every 3); the tolerance is set so that some checks refresh and others keep the basis, and both
-    sides count the same of each.
+    step (tall, wide: every 3); the tolerance is set so that some checks refresh and others
+    keep the basis, and both sides count the same of each.
     """
     frequency = 3 if name in ("tall", "wide") else 1
     opts = dict(lr=1e-2, max_precond_dim=32, refresh_method=method, refresh_tolerance=1e-2)

@@ -51,9 +51,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--micro-batch-layout",
         choices=LAYOUTS,
-        default="mixed",
-        help="mixed: micro-batches mix both tasks at random; by-modality: one task per "
-        "micro-batch, image first half of each step, text second half",
+        default="by-modality",
+        help="by-modality (default: the layout in which grad.png's modality panels show "
+        "something): one task per micro-batch, image first half of each step, text second "
+        "half; mixed: micro-batches mix both tasks at random",
     )
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: per optimizer)")
     p.add_argument("--seed", type=int, default=1234)

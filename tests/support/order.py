@@ -16,7 +16,13 @@ from typing import Any
 
 from mlfop_megatron.optim import MLFOPSOAP
 
-REFERENCE_ORDER: dict[str, Any] = {"first_step_update": False, "refresh_first": False}
+# ... and the reference's unconditional refresh: a drift gate (refresh_tolerance) decides at a
+# threshold that two code paths' rounding may straddle; it is tested on its own.
+REFERENCE_ORDER: dict[str, Any] = {
+    "first_step_update": False,
+    "refresh_first": False,
+    "refresh_tolerance": 0.0,
+}
 
 
 def reference_order_soap(params: Any, **kwargs: Any) -> MLFOPSOAP:

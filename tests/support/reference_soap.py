@@ -39,7 +39,7 @@ class ReferenceSOAP:
         correct_factor_bias=False,
         first_step_update=False,
         refresh_first=True,
-        refresh_tolerance=0.0,
+        refresh_tolerance=0.03,
     ):
         self.w = w.clone()
         self.kl, self.kl_damping = factor_estimator == "kl", kl_damping
