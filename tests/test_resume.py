@@ -34,6 +34,18 @@ def _folder(out: Path) -> Path:
     return out / "checkpoint" / "mlfop"
 
 
+def _saved_counters(folder: Path) -> list[dict]:
+    """The linalg counters in the common state of the latest checkpoint in ``folder``."""
+    from megatron.core.dist_checkpointing import load_common_state_dict
+
+    latest = folder / (folder / "latest").read_text().strip()
+    optimizer = load_common_state_dict(str(latest))["optimizer"]
+    if isinstance(optimizer, dict) and "counters" not in optimizer:  # chained: by index
+        optimizer = list(optimizer.values())
+    parts = optimizer if isinstance(optimizer, list) else [optimizer]
+    return [part["counters"] for part in parts if isinstance(part, dict) and "counters" in part]
+
+
 def test_resume_skips_partial_checkpoint_and_matches_uninterrupted(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _train(full, "--steps", "30")
@@ -48,6 +60,10 @@ def test_resume_skips_partial_checkpoint_and_matches_uninterrupted(tmp_path):
     _train(resumed, "--steps", "30", "--resume")
     assert complete_step(_folder(full)) == complete_step(_folder(resumed)) == 30
     assert_same_tensors(_folder(full), _folder(resumed))  # model and optimizer state
+    # The counters' world totals (common state) carry on across the resume as well.
+    counters = _saved_counters(_folder(full))
+    assert counters and counters == _saved_counters(_folder(resumed))
+    assert counters[0]["refreshes_done"] > 0 and counters[0]["refreshes_skipped"] > 0
     rows = (resumed / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 30 and rows[-1].startswith("30,")
     assert not partial.exists()  # the next save pruned the stale temp folder

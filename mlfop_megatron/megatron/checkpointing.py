@@ -3,7 +3,8 @@
 Every SOAP block tensor becomes a ShardedTensor keyed by (global param name, TP rank, block
 offsets, field). The owner saves it (replica 0), so a checkpoint written at DP=N loads at any
 DP size with the same blocking: each rank simply asks for the blocks it owns there.
-Scalars (step, initialized) travel as 0-d tensors; param groups are common state.
+Scalars (step, initialized) travel as 0-d tensors; param groups and the world totals of the
+linalg counters (``world_counters``) are common state.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,6 +20,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
 
+from mlfop_megatron.core.linalg import LinalgCounters
+from mlfop_megatron.distributed.collective_device import collective_device
 from mlfop_megatron.launch.stop_signals import stop_signals_blocked
 
 STATE_FIELDS = ("L", "R", "QL", "QR", "exp_avg", "exp_avg_sq", "master")
@@ -52,14 +56,31 @@ def optimizer_sharded_state_dict(optimizer: Any, is_loading: bool = False) -> di
                     f"{key}.{field}", value, replica_id=replica
                 )
             blocks[name] = entry
-        engines.append({"blocks": blocks, "counters": engine.counters.as_dict()})
+        engines.append({"blocks": blocks})
     return {
         "engines": engines,
+        "counters": {} if is_loading else world_counters(optimizer.engines),
         "param_groups": [
             {k: v for k, v in g.items() if k != "params"} for g in optimizer.optimizer.param_groups
         ],
         "skipped_steps": optimizer.skipped_steps,
     }
+
+
+def world_counters(engines: Sequence[Any]) -> dict[str, int]:
+    """The linalg counters of every engine summed over all ranks (a collective).
+
+    dist_checkpointing keeps one copy of the common (non-sharded) state, rank 0's: per-rank
+    counts there (each rank counts its own blocks' refreshes) would be lost or, worse, copied
+    to every rank. The world total is the same on every rank; a load gives it to rank 0 alone
+    (``MLFOPMegatronOptimizer.load_state_dict``), so the summed stats carry on across a resume
+    at any parallel layout.
+    """
+    keys = LinalgCounters.keys()
+    totals = [float(sum(e.counters.as_dict()[k] for e in engines)) for k in keys]
+    packed = torch.tensor(totals, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(packed)
+    return {k: int(v) for k, v in zip(keys, packed.tolist())}
 
 
 def scalars_from_loaded(state: dict[str, Any]) -> dict[str, Any]:

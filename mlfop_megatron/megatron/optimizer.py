@@ -596,12 +596,19 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 f"checkpoint has {len(state_dict['engines'])} SOAP engines, this optimizer "
                 f"{len(self.engines)}: the set of tensor-parallel matrices differs"
             )
-        for engine, saved in zip(self.engines, state_dict["engines"]):
+        # A dist_checkpointing load carries the world totals of the counters (common state):
+        # rank 0's first engine takes them, so the stats' sum over ranks carries on.
+        totals = state_dict.get("counters")
+        for i, (engine, saved) in enumerate(zip(self.engines, state_dict["engines"])):
             blocks = {
                 name: scalars_from_loaded(entry) if torch.is_tensor(entry["step"]) else entry
                 for name, entry in saved["blocks"].items()
             }
-            engine.load_state_dict(dict(saved, blocks=blocks))
+            counters = saved.get("counters")
+            if counters is None:
+                first = i == 0 and dist.get_rank() == 0
+                counters = dict(totals) if first and totals is not None else {}
+            engine.load_state_dict(dict(saved, blocks=blocks, counters=counters))
         for group, saved in zip(self.optimizer.param_groups, state_dict["param_groups"]):
             group.update(saved)
         self.skipped_steps = state_dict["skipped_steps"]
