@@ -23,9 +23,10 @@ Layouts compared on the same parameter shapes and data-parallel size N (r = (N-1
   every level, then one broadcast per owner rank.
 * ``distopt`` (Megatron DistributedOptimizer, Adam): fp32 grad reduce-scatter + bf16 param
   all-gather per bucket, fp32 main weights and moments sharded 1/N.
-* ``layerwise`` (Megatron LayerWiseDistributedOptimizer, 0.19): the same collectives on a
-  whole-param layout dealt ping-pong (its padding: the most loaded rank's whole params); the
-  non-matrix params through DistributedOptimizer.
+* ``layerwise`` (Megatron LayerWiseDistributedOptimizer, 0.19): the same collectives on its
+  whole-param layout, packed per DDP bucket largest first (``layerwise_layout``: the padding
+  is that of every bucket's most loaded shard, one reduce-scatter and one all-gather per
+  bucket); the non-matrix params through DistributedOptimizer.
 
 Link figures (stated, not measured here): an H100 SXM node (DGX H100) has one ConnectX-7
 400 Gb/s NDR InfiniBand port per GPU (NVIDIA DGX H100 User Guide, "Network ports"), i.e.
@@ -50,8 +51,8 @@ from mlfop_megatron.distributed.assignment import (
     CostModel,
     ParamSpec,
     make_blocks,
-    pingpong_owners,
 )
+from mlfop_megatron.distributed.layerwise_layout import layerwise_layout
 from mlfop_megatron.distributed.model_shapes import model_shapes
 
 ALPHA_S = 10e-6
@@ -255,26 +256,26 @@ def layout_costs(
             math.ceil(p_all / dp) / p_all,
         )
     )
-    whole = make_blocks(soap, BlockingConfig(None, max_precond_dim))
-    loads = [0] * dp
-    for b, owner in zip(whole, pingpong_owners([b.numel for b in whole], dp)):
-        loads[owner] += b.numel
-    lw_pad = dp * max(loads) / p_soap
+    # Megatron 0.19's layer-wise layout: whole params packed per bucket (layerwise_layout).
+    lw_layout = layerwise_layout([s.numel for s in soap], dp, max(BUCKET_ELEMENTS, 1_000_000 * dp))
+    padded, lw_buckets, owned = lw_layout.padded_numel, len(lw_layout.buckets), max(lw_layout.loads)
     lw = [
-        (_buckets(p_soap, dp), 6 * r * lw_pad * p_soap),
-        (2 * _buckets(p_adam, dp), 6 * r * p_adam),
+        (lw_buckets, 4 * r * padded),  # fp32 grad reduce-scatter per bucket
+        (lw_buckets, 2 * r * padded),  # bf16 param all-gather per bucket
+        (_buckets(p_adam, dp), 4 * r * p_adam),
+        (_buckets(p_adam, dp), 2 * r * p_adam),
         (1, 16 * r),
     ]
     out.append(
         LayoutCost(
             "layerwise",
             dp,
-            6 * r * lw_pad,
+            6 * r * padded / p_soap,
             6 * r,
-            2 * _buckets(p_soap, dp) + 2 * _buckets(p_adam, dp) + 1,
+            2 * lw_buckets + 2 * _buckets(p_adam, dp) + 1,
             _time(lw, dp),
-            12 * (max(loads) + math.ceil(p_adam / dp)) / gib,
-            (max(loads) + math.ceil(p_adam / dp)) / p_all,
+            12 * (owned + math.ceil(p_adam / dp)) / gib,
+            (owned + math.ceil(p_adam / dp)) / p_all,
         )
     )
     return out
