@@ -282,6 +282,7 @@ def test_printed_communication_table_is_comm_models(tmp_path, capsys, k, dp):
         "mlfop_v1",
         "distopt",
         "layerwise",
+        "layerwise_pingpong",
     ]
     mlfop = rows[0]
     assert mlfop.launches == plan["busiest"]["launches_per_step"] == levels + 4

@@ -27,6 +27,8 @@ Layouts compared on the same parameter shapes and data-parallel size N (r = (N-1
   whole-param layout, packed per DDP bucket largest first (``layerwise_layout``: the padding
   is that of every bucket's most loaded shard, one reduce-scatter and one all-gather per
   bucket); the non-matrix params through DistributedOptimizer.
+* ``layerwise_pingpong``: its fallback (core 0.16's only layout): whole params dealt
+  ping-pong over the ranks, one buffer padded to the most loaded rank's whole params.
 
 Link figures (stated, not measured here): an H100 SXM node (DGX H100) has one ConnectX-7
 400 Gb/s NDR InfiniBand port per GPU (NVIDIA DGX H100 User Guide, "Network ports"), i.e.
@@ -51,6 +53,7 @@ from mlfop_megatron.distributed.assignment import (
     CostModel,
     ParamSpec,
     make_blocks,
+    pingpong_owners,
 )
 from mlfop_megatron.distributed.layerwise_layout import layerwise_layout
 from mlfop_megatron.distributed.model_shapes import model_shapes
@@ -276,6 +279,31 @@ def layout_costs(
             _time(lw, dp),
             12 * (owned + math.ceil(p_adam / dp)) / gib,
             (owned + math.ceil(p_adam / dp)) / p_all,
+        )
+    )
+    # Its fallback without a bucketed layout (0.16's only one): whole params dealt ping-pong
+    # over the ranks in one buffer padded to the most loaded rank's whole params.
+    loads = [0] * dp
+    for spec, owner in zip(soap, pingpong_owners([s.numel for s in soap], dp)):
+        loads[owner] += spec.numel
+    pp_pad = dp * max(loads)
+    pp = [
+        (_buckets(p_soap, dp), 4 * r * pp_pad),
+        (_buckets(p_soap, dp), 2 * r * pp_pad),
+        (_buckets(p_adam, dp), 4 * r * p_adam),
+        (_buckets(p_adam, dp), 2 * r * p_adam),
+        (1, 16 * r),
+    ]
+    out.append(
+        LayoutCost(
+            "layerwise_pingpong",
+            dp,
+            6 * r * pp_pad / p_soap,
+            6 * r,
+            2 * _buckets(p_soap, dp) + 2 * _buckets(p_adam, dp) + 1,
+            _time(pp, dp),
+            12 * (max(loads) + math.ceil(p_adam / dp)) / gib,
+            (max(loads) + math.ceil(p_adam / dp)) / p_all,
         )
     )
     return out
