@@ -1,7 +1,8 @@
 """Cost of the drift-gated refresh (``SOAPConfig.refresh_tolerance``) in the batched engine.
 
-The gate forms F Q and diag(Q^T F Q) per side (one batched product, which the QR refresh
-reuses when the side refreshes) and reads which blocks drifted in one host read. Per case,
+The gate forms F Q and diag(Q^T F Q) per side (one batched product, dropped at once so that
+memory holds one side's product; a refreshed side forms it again in its power step) and
+reads which blocks drifted in one host read. Per case,
 on the block shapes of ``benchmarks/batched_engine.py`` (fp32, one thread, the batched
 engine's own classes after three warm-up steps), the median wall time of:
 

@@ -287,21 +287,12 @@ def _start_eigh(st: dict[str, torch.Tensor], factor_key: str, basis_key: str, di
     return _SideJob(st, factor_key, basis_key, dim, "eigh", vecs, None, flags)
 
 
-def _start_qr(
-    st: dict[str, torch.Tensor],
-    factor_key: str,
-    basis_key: str,
-    dim: int,
-    product: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> _SideJob:
-    """``linalg.qr_refresh_basis`` batched; ``product``: (F Q, diag(Q^T F Q)) if already formed."""
+def _start_qr(st: dict[str, torch.Tensor], factor_key: str, basis_key: str, dim: int) -> _SideJob:
+    """``linalg.qr_refresh_basis`` batched over a class side's stacks."""
     factors, basis = st[factor_key], st[basis_key]
     try:
-        if product is None:
-            fq = torch.matmul(factors, basis)
-            est = (basis * fq).sum(dim=-2)  # diag(Q^T F Q) per block [B, n]
-        else:
-            fq, est = product
+        fq = torch.matmul(factors, basis)
+        est = (basis * fq).sum(dim=-2)  # diag(Q^T F Q) per block [B, n]
         est = torch.where(est > _null_tol(est), est, torch.zeros_like(est))
         order = torch.argsort(est, dim=-1, descending=True, stable=True)
         sorted_fq = torch.gather(fq, 2, order[:, None, :].expand_as(fq))
@@ -418,15 +409,15 @@ _Side = tuple[dict[str, torch.Tensor], str, str, int]
 
 def _drifted(
     sides: list[tuple[ShapeClass, str, str, int]], counters: LinalgCounters
-) -> tuple[list[_Side], dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], dict[int, _Part]]:
+) -> tuple[list[_Side], dict[int, _Part]]:
     """The sides (or parts of them) whose bases drifted past ``refresh_tolerance``.
 
-    Sides of classes with tolerance 0 are kept whole. For the others, F Q and the
-    off-diagonal share per block are computed for all together and read in one host read;
-    aligned blocks keep their bases, a side with some drifted blocks becomes a :class:`_Part`
-    (copies of those blocks, written back by the caller). Returns the sides to refresh, the
-    (F Q, diag) products already formed (by id of the side's stacks and its factor key) and
-    the parts (by id of their stacks).
+    Sides of classes with tolerance 0 are kept whole. For the others, the off-diagonal share
+    per block is computed side by side (each side's F Q dropped at once: memory stays that of
+    one side's product, and a refreshed side forms it again in its power step) and read for
+    all of them in one host read; aligned blocks keep their bases, a side with some drifted
+    blocks becomes a :class:`_Part` (copies of those blocks, written back by the caller).
+    Returns the sides to refresh and the parts (by id of their stacks).
     """
     gated, shares = [], []
     out: list[_Side] = []
@@ -436,18 +427,16 @@ def _drifted(
             out.append((cls.tensors, fk, bk, dim))
             continue
         factors, basis = cls.tensors[fk], cls.tensors[bk]
-        fq = torch.matmul(factors, basis)
-        est = (basis * fq).sum(dim=-2)
-        gated.append((cls, fk, bk, dim, fq, est))
+        est = (basis * torch.matmul(factors, basis)).sum(dim=-2)
+        gated.append((cls, fk, bk, dim))
         shares.append(~(off_diagonal_share(factors, est) <= tol))  # NaN: refresh (and fail)
-    products: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     parts: dict[int, _Part] = {}
     if not gated:
-        return out, products, parts
+        return out, parts
     drifted = torch.cat(shares).tolist()  # the gate's host read
     offset = 0
-    for cls, fk, bk, dim, fq, est in gated:
-        b = fq.shape[0]
+    for cls, fk, bk, dim in gated:
+        b = cls.size
         members = [j for j in range(b) if drifted[offset + j]]
         offset += b
         counters.refreshes_skipped += b - len(members)
@@ -455,15 +444,13 @@ def _drifted(
             continue
         if len(members) == b:
             out.append((cls.tensors, fk, bk, dim))
-            products[(id(cls.tensors), fk)] = (fq, est)
             continue
-        index = _on(members, fq.device)
+        index = _on(members, cls.device)
         copies = {k: cls.tensors[k].index_select(0, index) for k in (fk, bk)}
         part = _Part(cls.tensors, index, copies)
         out.append((part.tensors, fk, bk, dim))
-        products[(id(part.tensors), fk)] = (fq.index_select(0, index), est.index_select(0, index))
         parts[id(part.tensors)] = part
-    return out, products, parts
+    return out, parts
 
 
 def compute_bases(
@@ -477,10 +464,9 @@ def compute_bases(
     sides = [(c, fk, bk, dim) for c in classes for fk, bk, dim in SIDES if fk in c.tensors]
     if first:
         todo: list[_Side] = [(c.tensors, fk, bk, dim) for c, fk, bk, dim in sides]
-        products: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         parts: dict[int, _Part] = {}
     else:
-        todo, products, parts = _drifted(sides, counters)
+        todo, parts = _drifted(sides, counters)
     jobs = []
     for st, factor_key, basis_key, dim in todo:
         if not first:
@@ -488,8 +474,7 @@ def compute_bases(
         if first or method == "eigh":
             jobs.append(_start_eigh(st, factor_key, basis_key, dim))
         else:
-            product = products.get((id(st), factor_key))
-            jobs.append(_start_qr(st, factor_key, basis_key, dim, product))
+            jobs.append(_start_qr(st, factor_key, basis_key, dim))
     flags = [j.flags for j in jobs if j.flags is not None]
     host = torch.cat(flags, dim=1).tolist() if flags else [[], []]  # the one host sync
     offset = 0
