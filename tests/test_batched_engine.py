@@ -424,6 +424,7 @@ def test_batched_engine_is_device_clean_and_fold_is_sync_free(refresh_method):
             accumulation_steps=4,
             precondition_frequency=2,
             refresh_method=refresh_method,
+            refresh_tolerance=0.03,  # the drift gate (and its parts) on the device too
             step_size="eta_star",
             batched=True,
         )
