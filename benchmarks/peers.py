@@ -60,7 +60,8 @@ NOTES = [
     "Held-out seeds: rows measured in the previous session (the ablation rows) have seeds 1 "
     "and 2 only; the rows run again here have 1, 2 and 3. The batch-128 cells first ran the "
     "grid 5e-3..2e-2, where every row chose the lowest lr; 2e-3 was then added for every "
-    "row, so each row's lr is chosen from 2e-3..2e-2 there too.",
+    "row, so each row's lr is chosen from 2e-3..2e-2 there too. The mixed layout at batch "
+    "128 was not run (its table is empty).",
     "",
     "Caveat, recorded as it happened: `soap-f1+first+order` and `mlfop-f1+first+order` chose "
     "their lr on seed 0 with the code of the time (0.547 and 0.549 there), and their held-out "
