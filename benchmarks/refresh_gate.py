@@ -28,7 +28,7 @@ import torch
 from benchmarks.batched_engine import llama_blocks
 from benchmarks.common import RESULTS, cpu_model, log, replace_section, timed
 from mlfop_megatron.core.batched import BatchedBlocks, compute_bases
-from mlfop_megatron.core.linalg import LinalgCounters, off_diagonal_share
+from mlfop_megatron.core.linalg import LinalgCounters, diag_in_basis, off_diagonal_share
 from mlfop_megatron.optim import MLFOPSOAP
 
 SECTION = "## Drift-gated refresh: what the gate costs (batched engine, CPU)"
@@ -69,8 +69,7 @@ def shares(engine: BatchedBlocks) -> list[float]:
     for cls in engine.classes:
         for f, q in (("L", "QL"), ("R", "QR")):
             if f in cls.tensors:
-                fq = torch.matmul(cls.tensors[f], cls.tensors[q])
-                est = (cls.tensors[q] * fq).sum(dim=-2)
+                est = diag_in_basis(cls.tensors[f], cls.tensors[q])
                 out += off_diagonal_share(cls.tensors[f], est).tolist()
     return out
 

@@ -52,6 +52,7 @@ from mlfop_megatron.config import SOAPConfig
 from mlfop_megatron.core.linalg import (
     LinalgCounters,
     canonical_null_columns,
+    diag_in_basis,
     off_diagonal_share,
     orthonormal_factor,
     qr_refresh_basis,
@@ -164,8 +165,7 @@ class ShapeClass:
 
     def _eigen_estimate(self, factor_key: str, basis_key: str) -> torch.Tensor:
         """diag(Q^T F Q) per block [B, n], floored as ``soap._eigen_estimate`` does."""
-        q = self.tensors[basis_key]
-        est = (q * torch.matmul(self.tensors[factor_key], q)).sum(dim=-2)
+        est = diag_in_basis(self.tensors[factor_key], self.tensors[basis_key])
         floor = (est.amax(dim=-1, keepdim=True) * self.cfg.kl_damping).clamp_min(self.cfg.eps)
         return torch.maximum(est, floor)
 
@@ -427,7 +427,7 @@ def _drifted(
             out.append((cls.tensors, fk, bk, dim))
             continue
         factors, basis = cls.tensors[fk], cls.tensors[bk]
-        est = (basis * torch.matmul(factors, basis)).sum(dim=-2)
+        est = diag_in_basis(factors, basis)
         gated.append((cls, fk, bk, dim))
         shares.append(~(off_diagonal_share(factors, est) <= tol))  # NaN: refresh (and fail)
     parts: dict[int, _Part] = {}

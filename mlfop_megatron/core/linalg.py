@@ -157,6 +157,11 @@ def robust_eigh_basis(
     return torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
 
 
+def diag_in_basis(factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """diag(Q^T F Q) without forming Q^T F Q: [..., n] for [..., n, n] (batched or not)."""
+    return (basis * torch.matmul(factor, basis)).sum(dim=-2)
+
+
 def off_diagonal_share(factor: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
     """Share of ||Q^T F Q||_F^2 off the diagonal, given ``est`` = diag(Q^T F Q) (batched).
 
@@ -176,8 +181,7 @@ def basis_aligned(factor: torch.Tensor, basis: torch.Tensor, tolerance: float) -
     """
     if tolerance <= 0.0:
         return False
-    est = (basis * (factor @ basis)).sum(dim=0)
-    return bool(off_diagonal_share(factor, est) <= tolerance)
+    return bool(off_diagonal_share(factor, diag_in_basis(factor, basis)) <= tolerance)
 
 
 def qr_refresh_basis(

@@ -24,6 +24,7 @@ from mlfop_megatron.config import SOAPConfig
 from mlfop_megatron.core.linalg import (
     LinalgCounters,
     basis_aligned,
+    diag_in_basis,
     qr_refresh_basis,
     robust_eigh_basis,
 )
@@ -134,8 +135,7 @@ def _eigen_estimate(state: State, factor_key: str, basis_key: str, cfg: SOAPConf
     The relative floor bounds the dynamic range a rank-deficient factor would otherwise give
     the other side (1/eps on its null space), which amplifies rounding without limit.
     """
-    q = state[basis_key]
-    est = (q * (state[factor_key] @ q)).sum(dim=0)
+    est = diag_in_basis(state[factor_key], state[basis_key])
     return torch.maximum(est, (est.amax() * cfg.kl_damping).clamp_min(cfg.eps))
 
 

@@ -182,6 +182,38 @@ def norm_all_reduce_bytes(dp: int, grad_norm_groups: int = 1) -> float:
     return 2 * (dp - 1) / dp * 8 * (grad_norm_groups + 1)
 
 
+def _whole_param_cost(
+    layout: str, dp: int, buckets: int, padded: int, owned: int, p_soap: int, p_adam: int
+) -> LayoutCost:
+    """A layer-wise layout's cost: its matrix params as whole params, the rest by distopt.
+
+    ``buckets`` buckets of the matrix params, ``padded`` elements with their padding (what
+    each collective moves), ``owned`` elements on the most loaded rank; per bucket one fp32
+    grad reduce-scatter and one bf16 param all-gather, the same for the non-matrix params in
+    DistributedOptimizer's buckets, and Megatron's norm / found-inf reduction.
+    """
+    r = (dp - 1) / dp
+    adam_buckets = _buckets(p_adam, dp)
+    collectives = [
+        (buckets, 4 * r * padded),
+        (buckets, 2 * r * padded),
+        (adam_buckets, 4 * r * p_adam),
+        (adam_buckets, 2 * r * p_adam),
+        (1, 16 * r),
+    ]
+    state = owned + math.ceil(p_adam / dp)
+    return LayoutCost(
+        layout,
+        dp,
+        6 * r * padded / p_soap,
+        6 * r,
+        2 * buckets + 2 * adam_buckets + 1,
+        _time(collectives, dp),
+        12 * state / 2.0**30,
+        state / (p_soap + p_adam),
+    )
+
+
 def layout_costs(
     specs: Sequence[ParamSpec],
     dp: int,
@@ -261,24 +293,15 @@ def layout_costs(
     )
     # Megatron 0.19's layer-wise layout: whole params packed per bucket (layerwise_layout).
     lw_layout = layerwise_layout([s.numel for s in soap], dp, max(BUCKET_ELEMENTS, 1_000_000 * dp))
-    padded, lw_buckets, owned = lw_layout.padded_numel, len(lw_layout.buckets), max(lw_layout.loads)
-    lw = [
-        (lw_buckets, 4 * r * padded),  # fp32 grad reduce-scatter per bucket
-        (lw_buckets, 2 * r * padded),  # bf16 param all-gather per bucket
-        (_buckets(p_adam, dp), 4 * r * p_adam),
-        (_buckets(p_adam, dp), 2 * r * p_adam),
-        (1, 16 * r),
-    ]
     out.append(
-        LayoutCost(
+        _whole_param_cost(
             "layerwise",
             dp,
-            6 * r * padded / p_soap,
-            6 * r,
-            2 * lw_buckets + 2 * _buckets(p_adam, dp) + 1,
-            _time(lw, dp),
-            12 * (owned + math.ceil(p_adam / dp)) / gib,
-            (owned + math.ceil(p_adam / dp)) / p_all,
+            len(lw_layout.buckets),
+            lw_layout.padded_numel,
+            max(lw_layout.loads),
+            p_soap,
+            p_adam,
         )
     )
     # Its fallback without a bucketed layout (0.16's only one): whole params dealt ping-pong
@@ -286,24 +309,15 @@ def layout_costs(
     loads = [0] * dp
     for spec, owner in zip(soap, pingpong_owners([s.numel for s in soap], dp)):
         loads[owner] += spec.numel
-    pp_pad = dp * max(loads)
-    pp = [
-        (_buckets(p_soap, dp), 4 * r * pp_pad),
-        (_buckets(p_soap, dp), 2 * r * pp_pad),
-        (_buckets(p_adam, dp), 4 * r * p_adam),
-        (_buckets(p_adam, dp), 2 * r * p_adam),
-        (1, 16 * r),
-    ]
     out.append(
-        LayoutCost(
+        _whole_param_cost(
             "layerwise_pingpong",
             dp,
-            6 * r * pp_pad / p_soap,
-            6 * r,
-            2 * _buckets(p_soap, dp) + 2 * _buckets(p_adam, dp) + 1,
-            _time(pp, dp),
-            12 * (max(loads) + math.ceil(p_adam / dp)) / gib,
-            (max(loads) + math.ceil(p_adam / dp)) / p_all,
+            _buckets(p_soap, dp),
+            dp * max(loads),
+            max(loads),
+            p_soap,
+            p_adam,
         )
     )
     return out
