@@ -654,7 +654,7 @@ def test_fold_without_diagnostics_skips_only_the_diagnostic_sums(batched):
     The fold's scalars use only <a,Ma> and <d,Ma> of phase 1 (and the phase-2 sums), so both
     runs must end bitwise equal; without diagnostics no level summary is kept.
     """
-    options = dict(accumulation_steps=4, structure="tree", step_size="eta_star")
+    options = dict(accumulation_steps=4, structure="tree", step_size="eta_star", enabled=True)
     runs = []
     for diagnostics in (True, False):
         model = stack_model(0, torch.float32)
@@ -714,7 +714,7 @@ def test_drift_gated_refresh_of_part_of_a_class_matches_per_block(refresh_method
     from mlfop_megatron.config import SOAPConfig
     from mlfop_megatron.core.batched import compute_bases
     from mlfop_megatron.core.linalg import LinalgCounters
-    from mlfop_megatron.core.soap import block_layout, init_state, refresh_bases
+    from mlfop_megatron.core.soap import block_layout, init_state, refresh_bases, set_estimates
 
     cfg = SOAPConfig(refresh_method=refresh_method, refresh_tolerance=1e-3)
     gen = torch.Generator().manual_seed(0)
@@ -728,6 +728,7 @@ def test_drift_gated_refresh_of_part_of_a_class_matches_per_block(refresh_method
             a = torch.randn(n, n, generator=gen, dtype=torch.float64)
             st[f] = a @ a.T
             st[q] = torch.linalg.eigh(st[f])[1].flip(1) if j % 2 == 0 else torch.linalg.qr(a)[0]
+        set_estimates(st)  # the tracked diag(Q^T F Q) of the bases just set
         st["exp_avg"] = torch.randn(6, 5, generator=gen, dtype=torch.float64)
         st["exp_avg_sq"] = torch.rand(6, 5, generator=gen, dtype=torch.float64)
         states.append(st)
@@ -750,3 +751,8 @@ def test_drift_gated_refresh_of_part_of_a_class_matches_per_block(refresh_method
             else:
                 assert not torch.equal(got[key], old[key]) or key == "exp_avg_sq", (j, key)
                 assert_rel_close(got[key], want[key], 1e-12, f"block {j} {key}")
+        # The tracked estimates: kept where the basis is, formed anew where it changed.
+        for f in ("L", "R"):
+            want_est = (got["Q" + f] * (got[f] @ got["Q" + f])).sum(dim=0)
+            assert_rel_close(got["D" + f], want_est, 1e-12, f"block {j} D{f}")
+            assert_rel_close(want["D" + f], want_est, 1e-12, f"per-block {j} D{f}")

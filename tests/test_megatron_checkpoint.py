@@ -9,6 +9,8 @@ import torch
 
 pytest.importorskip("megatron.core")
 
+from megatron.core import dist_checkpointing  # noqa: E402
+
 from mlfop_megatron.megatron.checkpointing import latest_checkpoint  # noqa: E402
 from mlfop_megatron.runtime.spawn import run_distributed  # noqa: E402
 from tests.support.mlfop_runs import run_tiny_gpt  # noqa: E402
@@ -31,6 +33,27 @@ def test_save_dp2_resume_dp2_bitwise(tmp_path):
     for r in (0, 1):
         assert _same(full[r]["params"], resumed[r]["params"])
         assert full[r]["losses"][4:] == resumed[r]["losses"]
+
+
+def test_checkpoint_without_the_tracked_estimates_loads_and_trains_on(tmp_path):
+    """A checkpoint saved before DL, DR were kept: the load forms them from L, QL, R, QR.
+
+    fp64 so that the formed estimates equal the tracked ones to ~1e-15: the drift gate takes
+    the same decisions and the resumed run matches the uninterrupted one to 1e-10.
+    """
+    ckpt = str(tmp_path / "ckpt")
+    base = dict(iters=7, microbatches=4, global_micro=2, dtype=torch.float64)
+    old = dict(base, save_at=(3, ckpt), save_without=("DL", "DR"))
+    full = run_distributed(run_tiny_gpt, 2, old)
+    path = latest_checkpoint(ckpt)
+    keys = list(dist_checkpointing.load_tensors_metadata(path))
+    assert any(k.endswith(".QL") for k in keys)
+    assert not any(k.endswith((".DL", ".DR")) for k in keys)
+    resumed = run_distributed(run_tiny_gpt, 2, dict(base, load_from=path))
+    for r in (0, 1):
+        assert full[r]["losses"][4:] != full[r]["losses"][:3]  # it trains past the save
+        for name, value in full[r]["params"].items():
+            assert torch.allclose(resumed[r]["params"][name], value, rtol=1e-10, atol=0), name
 
 
 def test_save_dp2_reshard_to_dp1_allclose(tmp_path):

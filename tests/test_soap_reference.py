@@ -183,3 +183,56 @@ def test_drift_gated_refresh_matches_reference(order, method, name, batched):
     stats = opt.stats()
     assert (stats["refreshes_done"], stats["refreshes_skipped"]) == (ref.refreshed, ref.skipped)
     assert ref.refreshed > 0 and ref.skipped > 0, (ref.refreshed, ref.skipped)
+
+
+ESTIMATE_SHAPES = [(12, 12), (24, 6), (5, 20), (40, 6)]  # 40 > max_precond_dim: one side
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("estimator", ["shampoo", "kl"])
+@pytest.mark.parametrize("order", ["defaults", "reference_order", "folded_mean_statistics"])
+def test_tracked_estimates_equal_diag_in_basis(order, estimator, batched):
+    """DL, DR stay diag(QL^T L QL), diag(QR^T R QR) through updates, refreshes and skips.
+
+    The engines never form Q^T F Q for them: each factor update adds the row / column sums
+    of the rotated gradient's squares (KL: divided by the other side's floored estimate), a
+    refresh forms them anew. Checked against the product itself after every step, fp64,
+    relative to the largest entry (1e-10): a wrong increment, a missed refresh or a stale
+    part would be off by O(1). ``folded_mean_statistics``: the factors are fed the window's
+    plain mean through the folder's rotated statistics (K=2, statistics_from="mean").
+    """
+    opts = dict(
+        lr=1e-2, max_precond_dim=32, refresh_tolerance=1e-2, factor_estimator=estimator
+    )
+    k = 1
+    if order == "reference_order":
+        opts.update(REFERENCE_ORDER, precondition_frequency=2)
+    if order == "folded_mean_statistics":
+        k = 2
+        opts.update(enabled=True, accumulation_steps=k, statistics_from="mean")
+    gen = torch.Generator().manual_seed(11)
+    params = [
+        torch.nn.Parameter(torch.randn(s, dtype=torch.float64, generator=gen))
+        for s in ESTIMATE_SHAPES
+    ]
+    opt = MLFOPSOAP(params, batched=batched, **opts)
+    checked = 0
+    for _ in range(12):
+        for micro in range(k):
+            for p in params:
+                p.grad = torch.randn(p.shape, dtype=torch.float64, generator=gen)
+            if k > 1:
+                opt.accumulate()
+        opt.step()
+        for p in params:
+            st = opt.state[p]
+            for f in ("L", "R"):
+                if f not in st:
+                    continue
+                want = (st["Q" + f] * (st[f] @ st["Q" + f])).sum(dim=0)
+                err = ((st["D" + f] - want).abs().max() / want.abs().max()).item()
+                assert err < 1e-10, f"{f} of {tuple(p.shape)}: {err:.1e}"
+                checked += 1
+    stats = opt.stats()
+    assert stats["refreshes_done"] > 0 and stats["refreshes_skipped"] > 0, stats
+    assert checked == 12 * 7

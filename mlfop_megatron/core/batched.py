@@ -14,6 +14,9 @@ update is one ``torch._foreach_*`` call per class.
 Host syncs: none in the fold; the basis computation (first step and refresh) reads one flag
 tensor per step for all classes together (finiteness and numerical rank of every new basis),
 and with ``refresh_tolerance`` one more before the refresh (which blocks' bases drifted).
+The drift gate and KL-Shampoo read the tracked estimates DL, DR (``core/soap.py``), updated
+from the rotated gradient the step uses anyway: no product with a factor on a step that
+refreshes nothing.
 Blocks whose batched decomposition failed or was non-finite are redone one at a time by the
 per-block routines of ``core/linalg.py`` (fp64 retry, keep the previous basis, counted), so the
 fallback behaves exactly as in the per-block engine.
@@ -58,10 +61,17 @@ from mlfop_megatron.core.linalg import (
     qr_refresh_basis,
     robust_eigh_basis,
 )
-from mlfop_megatron.core.soap import State, adam_moments_update
+from mlfop_megatron.core.soap import (
+    State,
+    adam_moments_update,
+    ensure_estimates,
+    estimate_increments,
+    floored_estimate,
+)
 
-FIELDS = ("exp_avg", "exp_avg_sq", "L", "R", "QL", "QR", "master")
+FIELDS = ("exp_avg", "exp_avg_sq", "L", "R", "QL", "QR", "DL", "DR", "master")
 SIDES = (("L", "QL", 0), ("R", "QR", 1))
+ESTIMATE = {"L": "DL", "R": "DR"}  # a factor's tracked diag(Q^T F Q)
 
 
 def _bt(x: torch.Tensor) -> torch.Tensor:
@@ -163,12 +173,6 @@ class ShapeClass:
         """
         torch._foreach_add_(list(acc.unbind(0)), [per_block[i] for i in self.positions])
 
-    def _eigen_estimate(self, factor_key: str, basis_key: str) -> torch.Tensor:
-        """diag(Q^T F Q) per block [B, n], floored as ``soap._eigen_estimate`` does."""
-        est = diag_in_basis(self.tensors[factor_key], self.tensors[basis_key])
-        floor = (est.amax(dim=-1, keepdim=True) * self.cfg.kl_damping).clamp_min(self.cfg.eps)
-        return torch.maximum(est, floor)
-
     def _kl_increments(
         self, grad: torch.Tensor, first: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -187,34 +191,50 @@ class ShapeClass:
         if "L" in st:
             if "R" in st:
                 p = torch.matmul(grad, st["QR"])
-                inc_l = torch.matmul(p / self._eigen_estimate("R", "QR")[:, None, :], _bt(p))
+                inc_l = torch.matmul(p / floored_estimate(st["DR"], self.cfg)[:, None, :], _bt(p))
             else:
                 inc_l = torch.matmul(grad, _bt(grad))
             inc_l.div_(cols)
         if "R" in st:
             if "L" in st:
                 p = torch.matmul(_bt(st["QL"]), grad)
-                inc_r = torch.matmul(_bt(p / self._eigen_estimate("L", "QL")[:, :, None]), p)
+                inc_r = torch.matmul(_bt(p / floored_estimate(st["DL"], self.cfg)[:, :, None]), p)
             else:
                 inc_r = torch.matmul(_bt(grad), grad)
             inc_r.div_(rows)
         return inc_l, inc_r
 
-    def update_factors(self, grad: torch.Tensor, count: int) -> None:
-        """``soap.update_factors`` for every block: the ``count``-th update of L and R."""
+    def update_factors(
+        self, grad: torch.Tensor, count: int, rotated: torch.Tensor | None = None
+    ) -> None:
+        """``soap.update_factors`` for every block: the ``count``-th update of L and R.
+
+        Once the bases exist, the estimates DL, DR follow from ``rotated`` (the stack rotated
+        in the current bases; rotated here when None).
+        """
         st = self.tensors
         beta = self.cfg.factor_beta_at(count)
+        first = count == 1
+        est_l = est_r = None
+        if self.initialized and ("DL" in st or "DR" in st):
+            est_l, est_r = estimate_increments(
+                st, self.rotate(grad) if rotated is None else rotated, self.cfg, first
+            )
         if self.cfg.factor_estimator != "kl":  # fused, as the per-block engine
             if "L" in st:
                 st["L"].mul_(beta).baddbmm_(grad, _bt(grad), alpha=1.0 - beta)
             if "R" in st:
                 st["R"].mul_(beta).baddbmm_(_bt(grad), grad, alpha=1.0 - beta)
-            return
-        inc_l, inc_r = self._kl_increments(grad, first=count == 1)
-        if inc_l is not None:
-            st["L"].mul_(beta).add_(inc_l, alpha=1.0 - beta)
-        if inc_r is not None:
-            st["R"].mul_(beta).add_(inc_r, alpha=1.0 - beta)
+        else:
+            inc_l, inc_r = self._kl_increments(grad, first=first)
+            if inc_l is not None:
+                st["L"].mul_(beta).add_(inc_l, alpha=1.0 - beta)
+            if inc_r is not None:
+                st["R"].mul_(beta).add_(inc_r, alpha=1.0 - beta)
+        if est_l is not None:
+            st["DL"].mul_(beta).add_(est_l, alpha=1.0 - beta)
+        if est_r is not None:
+            st["DR"].mul_(beta).add_(est_r, alpha=1.0 - beta)
 
     def write_scalars(self) -> None:
         """Mirror the class's step and initialized flag into every block's state dict."""
@@ -383,6 +403,14 @@ def _finish(job: _SideJob, host: list[list[int]] | None, counters: LinalgCounter
     else:
         m.copy_(torch.matmul(m, _bt(change)))
     old.copy_(new)
+    _set_estimate(st, job.factor_key)
+
+
+def _set_estimate(st: dict[str, torch.Tensor], factor_key: str) -> None:
+    """Form the tracked estimate of a side anew after its bases changed (``soap.set_estimates``)."""
+    est_key = ESTIMATE[factor_key]
+    if est_key in st:
+        st[est_key].copy_(diag_in_basis(st[factor_key], st["Q" + factor_key]))
 
 
 @dataclass
@@ -398,10 +426,11 @@ class _Part:
         for key in ("exp_avg", "exp_avg_sq"):
             self.tensors[key] = self.parent[key].index_select(0, self.index)
 
-    def write_back(self, basis_key: str) -> None:
-        """Put the part's new bases and re-expressed moments into the class's stacks."""
-        for key in (basis_key, "exp_avg", "exp_avg_sq"):
-            self.parent[key].index_copy_(0, self.index, self.tensors[key])
+    def write_back(self, factor_key: str) -> None:
+        """Put the part's new bases, estimates and re-expressed moments into the class's stacks."""
+        for key in ("Q" + factor_key, ESTIMATE[factor_key], "exp_avg", "exp_avg_sq"):
+            if key in self.tensors:
+                self.parent[key].index_copy_(0, self.index, self.tensors[key])
 
 
 _Side = tuple[dict[str, torch.Tensor], str, str, int]
@@ -413,8 +442,7 @@ def _drifted(
     """The sides (or parts of them) whose bases drifted past ``refresh_tolerance``.
 
     Sides of classes with tolerance 0 are kept whole. For the others, the off-diagonal share
-    per block is computed side by side (each side's F Q dropped at once: memory stays that of
-    one side's product, and a refreshed side forms it again in its power step) and read for
+    per block comes from the tracked estimate (no product with the factor) and is read for
     all of them in one host read; aligned blocks keep their bases, a side with some drifted
     blocks becomes a :class:`_Part` (copies of those blocks, written back by the caller).
     Returns the sides to refresh and the parts (by id of their stacks).
@@ -426,8 +454,7 @@ def _drifted(
         if tol <= 0.0:
             out.append((cls.tensors, fk, bk, dim))
             continue
-        factors, basis = cls.tensors[fk], cls.tensors[bk]
-        est = diag_in_basis(factors, basis)
+        factors, est = cls.tensors[fk], cls.tensors[ESTIMATE[fk]]
         gated.append((cls, fk, bk, dim))
         shares.append(~(off_diagonal_share(factors, est) <= tol))  # NaN: refresh (and fail)
     parts: dict[int, _Part] = {}
@@ -446,7 +473,7 @@ def _drifted(
             out.append((cls.tensors, fk, bk, dim))
             continue
         index = _on(members, cls.device)
-        copies = {k: cls.tensors[k].index_select(0, index) for k in (fk, bk)}
+        copies = {k: cls.tensors[k].index_select(0, index) for k in (fk, bk, ESTIMATE[fk])}
         part = _Part(cls.tensors, index, copies)
         out.append((part.tensors, fk, bk, dim))
         parts[id(part.tensors)] = part
@@ -455,11 +482,13 @@ def _drifted(
 
 def compute_bases(
     classes: Sequence[ShapeClass], method: str, counters: LinalgCounters, first: bool
-) -> None:
+) -> set[int]:
     """New bases of every side of ``classes``, with one host read for all of them.
 
     ``first``: eigh of the factors; otherwise the refresh ``method``, gated per block by
     ``refresh_tolerance`` where it is set (then one more host read, before the refresh).
+    Returns the ids of the stacks (``ShapeClass.tensors``) of the classes whose bases were
+    recomputed (in part or whole): the others' rotations still hold.
     """
     sides = [(c, fk, bk, dim) for c in classes for fk, bk, dim in SIDES if fk in c.tensors]
     if first:
@@ -478,9 +507,11 @@ def compute_bases(
     flags = [j.flags for j in jobs if j.flags is not None]
     host = torch.cat(flags, dim=1).tolist() if flags else [[], []]  # the one host sync
     offset = 0
+    changed: set[int] = set()
     for job in jobs:
         # A part re-expresses the moments as the class's other side left them (L, then R).
         part = parts.get(id(job.tensors))
+        changed.add(id(job.tensors if part is None else part.parent))
         if part is not None:
             part.load_moments()
         if job.flags is None:
@@ -494,7 +525,8 @@ def compute_bases(
             else:
                 _finish(job, host_part, counters)
         if part is not None:
-            part.write_back(job.basis_key)
+            part.write_back(job.factor_key)
+    return changed
 
 
 def _finish_first(job: _SideJob, host: list[list[int]], counters: LinalgCounters) -> None:
@@ -508,6 +540,7 @@ def _finish_first(job: _SideJob, host: list[list[int]], counters: LinalgCounters
         if not ok[j]:
             new[j] = robust_eigh_basis(st[job.factor_key][j], st[job.basis_key][j], counters)
     st[job.basis_key].copy_(new)
+    _set_estimate(st, job.factor_key)
 
 
 # ----------------------------------------------------------------------------- engine
@@ -531,6 +564,8 @@ class BatchedBlocks:
         extras = [None] * len(states) if extras is None else list(extras)
         self.states = list(states)
         groups: dict[tuple, list[int]] = {}
+        for s in states:  # a loaded state may lack the derived estimates
+            ensure_estimates(s)
         for i, (s, cfg, extra) in enumerate(zip(states, cfgs, extras)):
             groups.setdefault(_class_key(s, cfg, extra, i), []).append(i)
         self.classes: list[ShapeClass] = []
@@ -635,32 +670,39 @@ class BatchedBlocks:
             for cls in self.classes:
                 cls.params = [params[i] for i in cls.positions]
         # Phase 1: what comes before the moment update (the first step's factors and bases;
-        # with refresh_first, every step's factors and refresh).
+        # with refresh_first, every step's factors and refresh). The statistics gradient's
+        # rotation in the current bases feeds the estimates and, where no basis changes, the
+        # step.
         first, early = [], []
+        rotated: dict[int, torch.Tensor] = {}
         for k, cls in enumerate(self.classes):
             if not cls.initialized:
                 cls.update_factors(_stats_grad(window, k), 1)
                 first.append(cls)
             elif cls.cfg.refresh_first:
-                cls.update_factors(_stats_grad(window, k), cls.cfg.factor_count(cls.step, True))
+                rotated[k] = _stats_rotation(cls, window, k)
+                count = cls.cfg.factor_count(cls.step, True)
+                cls.update_factors(_stats_grad(window, k), count, rotated[k])
                 if (cls.step + 1) % cls.cfg.precondition_frequency == 0:
                     early.append(cls)
         if first:
             compute_bases(first, "eigh", counters, first=True)
             for cls in first:
                 cls.initialized = True
-        self._refresh(early, counters, timings)
+        changed = self._refresh(early, counters, timings)
         # Phase 2: the moment and parameter updates, then the reference-order refreshes.
         late = []
-        first_ids, early_ids = {id(c) for c in first}, {id(c) for c in early}
+        first_ids = {id(c) for c in first}
         for k, cls in enumerate(self.classes):
             lr, wd = lrs[cls.positions[0]], weight_decays[cls.positions[0]]
             is_first = id(cls) in first_ids
             if is_first and not cls.cfg.first_step_update:
                 continue  # the statistics-only first step
-            fresh = is_first or id(cls) in early_ids
+            fresh = is_first or id(cls.tensors) in changed
             factors_done = is_first or cls.cfg.refresh_first
-            _class_step(cls, window, k, lr, wd, fresh, factors_done)
+            _class_step(
+                cls, window, k, lr, wd, fresh, factors_done, None if fresh else rotated.get(k)
+            )
             if not factors_done and cls.step % cls.cfg.precondition_frequency == 0:
                 late.append(cls)
         self._refresh(late, counters, timings)
@@ -670,15 +712,20 @@ class BatchedBlocks:
     @staticmethod
     def _refresh(
         classes: Sequence[ShapeClass], counters: LinalgCounters, timings: dict[str, float] | None
-    ) -> None:
-        """Refresh the bases of ``classes`` by their method (one host read per method)."""
+    ) -> set[int]:
+        """Refresh the bases of ``classes`` by their method (one host read per method).
+
+        Returns the ids of the stacks of the classes whose bases changed (``compute_bases``).
+        """
+        changed: set[int] = set()
         for method in ("qr", "eigh"):
             todo = [c for c in classes if c.cfg.refresh_method == method]
             if todo:
                 t0 = time.perf_counter()
-                compute_bases(todo, method, counters, first=False)
+                changed |= compute_bases(todo, method, counters, first=False)
                 if timings is not None:
                     timings["refresh"] = timings.get("refresh", 0.0) + time.perf_counter() - t0
+        return changed
 
 
 @dataclass
@@ -711,6 +758,16 @@ def _stats_grad(window: ClassWindow, k: int) -> torch.Tensor:
     return window.grads[k] if stats is None else stats
 
 
+def _stats_rotation(cls: ShapeClass, window: ClassWindow, k: int) -> torch.Tensor:
+    """Class k's statistics gradient rotated in its current bases (the window's if it has it)."""
+    stats = None if window.stats_grads is None else window.stats_grads[k]
+    if stats is None:
+        given = window.grads_rot[k]
+        return cls.rotate(window.grads[k]) if given is None else given
+    given = None if window.stats_grads_rot is None else window.stats_grads_rot[k]
+    return cls.rotate(stats) if given is None else given
+
+
 def _class_step(
     cls: ShapeClass,
     window: ClassWindow,
@@ -719,11 +776,13 @@ def _class_step(
     wd: float,
     fresh: bool = False,
     factors_done: bool = False,
+    stats_rotated: torch.Tensor | None = None,
 ) -> None:
     """The moment and parameter update of one class (``soap.soap_step`` after its bases).
 
     ``fresh``: the bases changed since the window rotated its gradients (rotate again);
-    ``factors_done``: the factors already took this step's gradient (phase 1).
+    ``factors_done``: the factors already took this step's gradient (phase 1);
+    ``stats_rotated``: phase 1's rotation of the statistics gradient in the current bases.
     """
     cfg = cls.cfg
     grad, grad_rot = window.grads[k], window.grads_rot[k]
@@ -731,6 +790,11 @@ def _class_step(
     stats_rot = None if window.stats_grads_rot is None else window.stats_grads_rot[k]
     if fresh:
         grad_rot = stats_rot = None
+    elif stats_rotated is not None:
+        if stats_grad is None:
+            grad_rot = stats_rotated
+        else:
+            stats_rot = stats_rotated
     eta = None if window.eta is None else window.eta[k]
     stats = grad if stats_grad is None else stats_grad
     st = cls.tensors
@@ -760,4 +824,4 @@ def _class_step(
         if wd > 0.0:
             torch._foreach_add_(targets, targets, alpha=-lr * wd)
     if not factors_done:
-        cls.update_factors(stats, count)
+        cls.update_factors(stats, count, s_rot)

@@ -174,14 +174,15 @@ def off_diagonal_share(factor: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
     return (1.0 - ratio.square()).clamp_min(0.0)
 
 
-def basis_aligned(factor: torch.Tensor, basis: torch.Tensor, tolerance: float) -> bool:
+def estimate_aligned(factor: torch.Tensor, est: torch.Tensor, tolerance: float) -> bool:
     """Whether Q^T F Q's off-diagonal share is at most ``tolerance`` (False when tolerance 0).
 
-    A non-finite factor is never aligned, so its refresh runs and counts the failure.
+    ``est`` = diag(Q^T F Q), tracked by the caller. A non-finite factor is never aligned, so
+    its refresh runs and counts the failure.
     """
     if tolerance <= 0.0:
         return False
-    return bool(off_diagonal_share(factor, diag_in_basis(factor, basis)) <= tolerance)
+    return bool(off_diagonal_share(factor, est) <= tolerance)
 
 
 def qr_refresh_basis(

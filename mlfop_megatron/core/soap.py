@@ -8,6 +8,10 @@ State of a block (a plain dict so torch's optimizer state_dict can carry it):
                first step; absent on a side that is not rotated)
   exp_avg      first moment, in rotated coordinates
   exp_avg_sq   second moment, in rotated coordinates
+  DL, DR       diag(QL^T L QL) and diag(QR^T R QR): the factors' eigenvalue estimates in the
+               current bases, kept up to date from the rotated gradient at every factor
+               update (see :func:`update_factors`) and formed again only when a basis changes;
+               derived state (recomputed when a loaded state lacks it: :func:`ensure_estimates`)
   master       fp32 main weights of a bf16/fp16 param block (absent for fp32/fp64 params)
 A block whose sides are both identity is plain AdamW (used for 1-D params).
 """
@@ -23,8 +27,8 @@ import torch
 from mlfop_megatron.config import SOAPConfig
 from mlfop_megatron.core.linalg import (
     LinalgCounters,
-    basis_aligned,
     diag_in_basis,
+    estimate_aligned,
     qr_refresh_basis,
     robust_eigh_basis,
 )
@@ -96,10 +100,32 @@ def init_state(
     if layout.rotate_rows:
         state["L"] = torch.zeros(layout.rows, layout.rows, dtype=dtype, device=device)
         state["QL"] = torch.eye(layout.rows, dtype=dtype, device=device)
+        state["DL"] = torch.zeros(layout.rows, dtype=dtype, device=device)
     if layout.rotate_cols:
         state["R"] = torch.zeros(layout.cols, layout.cols, dtype=dtype, device=device)
         state["QR"] = torch.eye(layout.cols, dtype=dtype, device=device)
+        state["DR"] = torch.zeros(layout.cols, dtype=dtype, device=device)
     return state
+
+
+SIDE_KEYS = (("L", "QL", "DL", 0), ("R", "QR", "DR", 1))  # factor, basis, estimate, matrix dim
+
+
+def ensure_estimates(state: State) -> None:
+    """Form diag(Q^T F Q) of every side whose estimate is missing (a state saved without it)."""
+    for factor_key, basis_key, est_key, _ in SIDE_KEYS:
+        if factor_key in state and est_key not in state:
+            state[est_key] = diag_in_basis(state[factor_key], state[basis_key])
+
+
+def rotated_square_sums(rotated: torch.Tensor, dim: int) -> torch.Tensor:
+    """Row (``dim`` 0) or column (1) sums of rot(G)^2 over the last two dims.
+
+    For orthogonal QL, QR: diag(QL^T G G^T QL) is the row sums of (QL^T G QR)^2 and
+    diag(QR^T G^T G QR) the column sums, so the estimates follow a factor update from the
+    rotated gradient alone, without a product with the factor.
+    """
+    return rotated.square().sum(dim=-1 if dim == 0 else -2)
 
 
 def rotate(x: torch.Tensor, state: State) -> torch.Tensor:
@@ -129,14 +155,14 @@ def metric_diag(state: State, cfg: SOAPConfig) -> torch.Tensor | None:
     return v_hat.sqrt_().add_(cfg.eps)
 
 
-def _eigen_estimate(state: State, factor_key: str, basis_key: str, cfg: SOAPConfig) -> torch.Tensor:
-    """diag(Q^T F Q), floored at max(eps, kl_damping * its largest): what KL-Shampoo inverts.
+def floored_estimate(est: torch.Tensor, cfg: SOAPConfig) -> torch.Tensor:
+    """diag(Q^T F Q) [..., n] floored at max(eps, kl_damping * its largest): what KL inverts.
 
     The relative floor bounds the dynamic range a rank-deficient factor would otherwise give
     the other side (1/eps on its null space), which amplifies rounding without limit.
     """
-    est = diag_in_basis(state[factor_key], state[basis_key])
-    return torch.maximum(est, (est.amax() * cfg.kl_damping).clamp_min(cfg.eps))
+    floor = (est.amax(dim=-1, keepdim=True) * cfg.kl_damping).clamp_min(cfg.eps)
+    return torch.maximum(est, floor)
 
 
 def kl_factor_increments(
@@ -145,11 +171,12 @@ def kl_factor_increments(
     """KL-Shampoo's new terms of L and R for gradient G (None for a side without a factor).
 
     G R^-1 G^T / n and G^T L^-1 G / m (Lin et al. 2025) with F^-1 = Q diag(1/lam) Q^T,
-    lam = diag(Q^T F Q) floored (``_eigen_estimate``), from the factors and bases before this
-    update. A side without a factor counts as F = I. At the ``first`` update, when no estimate
-    exists yet, both factors count as c I with c = rms(G): the first L (x) R then has the
-    trace of vec(G) vec(G)^T, split evenly (an eps floor there would scale both by 1/eps and
-    leave the pair ~1e16 out of balance for hundreds of steps).
+    lam = diag(Q^T F Q) floored (:func:`floored_estimate` of the tracked DL, DR), from the
+    factors and bases before this update. A side without a factor counts as F = I. At the
+    ``first`` update, when no estimate exists yet, both factors count as c I with
+    c = rms(G): the first L (x) R then has the trace of vec(G) vec(G)^T, split evenly (an eps
+    floor there would scale both by 1/eps and leave the pair ~1e16 out of balance for
+    hundreds of steps).
     """
     rows, cols = grad.shape
     inc_l = inc_r = None
@@ -163,36 +190,97 @@ def kl_factor_increments(
     if "L" in state:
         if "R" in state:  # G R^-1 G^T = (G QR) diag(1/lam_R) (G QR)^T
             p = grad @ state["QR"]
-            inc_l = (p / _eigen_estimate(state, "R", "QR", cfg)) @ p.T / cols
+            inc_l = (p / floored_estimate(state["DR"], cfg)) @ p.T / cols
         else:
             inc_l = grad @ grad.T / cols
     if "R" in state:
         if "L" in state:  # G^T L^-1 G = (QL^T G)^T diag(1/lam_L) (QL^T G)
             p = state["QL"].T @ grad
-            inc_r = (p / _eigen_estimate(state, "L", "QL", cfg)[:, None]).T @ p / rows
+            inc_r = (p / floored_estimate(state["DL"], cfg)[:, None]).T @ p / rows
         else:
             inc_r = grad.T @ grad / rows
     return inc_l, inc_r
 
 
-def update_factors(state: State, grad: torch.Tensor, cfg: SOAPConfig, count: int) -> None:
+def estimate_increments(
+    state: State, rotated: torch.Tensor, cfg: SOAPConfig, first: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """diag(Q^T inc Q) of each side's factor increment, from rot(G) = QL^T G QR alone.
+
+    Shampoo: row / column sums of rot(G)^2 (:func:`rotated_square_sums`). KL-Shampoo
+    (:func:`kl_factor_increments`): QL^T (G QR) diag(1/lam_R) (G QR)^T QL has the diagonal
+    sum_j rot(G)_ij^2 / lam_R,j, divided by n as the increment is (and likewise for R);
+    ``first``: the rms(G) scaling of the first update. ``rotated`` is [..., r, c].
+    """
+    has_l, has_r = "DL" in state, "DR" in state
+    if cfg.factor_estimator != "kl":
+        return (
+            rotated_square_sums(rotated, 0) if has_l else None,
+            rotated_square_sums(rotated, 1) if has_r else None,
+        )
+    rows, cols = rotated.shape[-2:]
+    sq = rotated.square()
+    if first:
+        c = (sq.sum(dim=(-2, -1)).sqrt() / math.sqrt(rows * cols)).clamp_min(cfg.eps)
+        c = c[..., None]
+        inc_l = sq.sum(dim=-1) / (cols * c) if has_l else None
+        inc_r = sq.sum(dim=-2) / (rows * c) if has_r else None
+        return inc_l, inc_r
+    inc_l = inc_r = None
+    if has_l:
+        weighted = sq / floored_estimate(state["DR"], cfg)[..., None, :] if has_r else sq
+        inc_l = weighted.sum(dim=-1) / cols
+    if has_r:
+        weighted = sq / floored_estimate(state["DL"], cfg)[..., :, None] if has_l else sq
+        inc_r = weighted.sum(dim=-2) / rows
+    return inc_l, inc_r
+
+
+def update_factors(
+    state: State,
+    grad: torch.Tensor,
+    cfg: SOAPConfig,
+    count: int,
+    rotated: torch.Tensor | None = None,
+) -> None:
     """L <- b L + (1-b) inc_L and R likewise; b the factor beta of the ``count``-th update.
 
     Shampoo's increments are G G^T and G^T G (fused into the update), KL-Shampoo's those of
-    :func:`kl_factor_increments`.
+    :func:`kl_factor_increments`. Once the bases exist (``initialized``) the estimates DL, DR
+    take the same EMA of diag(Q^T inc Q) (:func:`estimate_increments`), from ``rotated`` =
+    rot(grad) in the current bases (rotated here when None); before, the first bases form
+    them (:func:`init_bases`).
     """
     beta = cfg.factor_beta_at(count)
+    first = count == 1
+    track = bool(state["initialized"]) and ("DL" in state or "DR" in state)
+    est_l = est_r = None
+    if track:
+        est_l, est_r = estimate_increments(
+            state, rotate(grad, state) if rotated is None else rotated, cfg, first
+        )
     if cfg.factor_estimator != "kl":  # fused: the rounding of the reference's update
         if "L" in state:
             state["L"].mul_(beta).addmm_(grad, grad.T, alpha=1.0 - beta)
         if "R" in state:
             state["R"].mul_(beta).addmm_(grad.T, grad, alpha=1.0 - beta)
-        return
-    inc_l, inc_r = kl_factor_increments(state, grad, cfg, first=count == 1)
-    if inc_l is not None:
-        state["L"].mul_(beta).add_(inc_l, alpha=1.0 - beta)
-    if inc_r is not None:
-        state["R"].mul_(beta).add_(inc_r, alpha=1.0 - beta)
+    else:
+        inc_l, inc_r = kl_factor_increments(state, grad, cfg, first=first)
+        if inc_l is not None:
+            state["L"].mul_(beta).add_(inc_l, alpha=1.0 - beta)
+        if inc_r is not None:
+            state["R"].mul_(beta).add_(inc_r, alpha=1.0 - beta)
+    if est_l is not None:
+        state["DL"].mul_(beta).add_(est_l, alpha=1.0 - beta)
+    if est_r is not None:
+        state["DR"].mul_(beta).add_(est_r, alpha=1.0 - beta)
+
+
+def set_estimates(state: State, side: str | None = None) -> None:
+    """Form DL = diag(QL^T L QL) (and DR) anew: after a basis changed (``side``: "L" or "R")."""
+    for factor_key, basis_key, est_key, _ in SIDE_KEYS:
+        if factor_key in state and side in (None, factor_key):
+            state[est_key] = diag_in_basis(state[factor_key], state[basis_key])
 
 
 def init_bases(state: State, counters: LinalgCounters) -> None:
@@ -201,22 +289,25 @@ def init_bases(state: State, counters: LinalgCounters) -> None:
         state["QL"] = robust_eigh_basis(state["L"], state.get("QL"), counters)
     if "R" in state:
         state["QR"] = robust_eigh_basis(state["R"], state.get("QR"), counters)
+    set_estimates(state)
     state["initialized"] = True
 
 
 def refresh_bases(
     state: State, method: str, counters: LinalgCounters, tolerance: float = 0.0
-) -> None:
+) -> bool:
     """Refresh the bases; permute v with the basis, re-express m exactly in the new basis.
 
     ``tolerance`` > 0: a side whose basis is still aligned with its factor (off-diagonal share
-    of Q^T F Q at most ``tolerance``: ``linalg.off_diagonal_share``) keeps it.
+    of Q^T F Q at most ``tolerance``, from the tracked estimate: ``linalg.off_diagonal_share``)
+    keeps it. A refreshed side's estimate is formed anew. Returns whether any basis changed.
     """
-    for factor_key, basis_key, dim in (("L", "QL", 0), ("R", "QR", 1)):
+    changed = False
+    for factor_key, basis_key, est_key, dim in SIDE_KEYS:
         if factor_key not in state:
             continue
         old = state[basis_key]
-        if basis_aligned(state[factor_key], old, tolerance):
+        if estimate_aligned(state[factor_key], state[est_key], tolerance):
             counters.refreshes_skipped += 1
             continue
         counters.refreshes_done += 1
@@ -234,6 +325,9 @@ def refresh_bases(
         else:
             state["exp_avg"] = state["exp_avg"] @ change.T
         state[basis_key] = new
+        set_estimates(state, factor_key)
+        changed = True
+    return changed
 
 
 def adam_moments_update(
@@ -287,19 +381,27 @@ def soap_step(
     parameter; ``cfg.refresh_first`` updates the factors and refreshes before the moments.
     Returns False on a statistics-only first step, True when the parameter was updated.
     """
+    ensure_estimates(state)
     stats = grad if stats_grad is None else stats_grad
     fresh_rotation = False  # the bases change before the moment update: rotate again
+    factors_done = cfg.refresh_first  # this step's factor update comes before the moments
     if not state["initialized"]:
+        factors_done = True
         update_factors(state, stats, cfg, 1)
         init_bases(state, counters)
         if not cfg.first_step_update:
             return False
         fresh_rotation = True
     elif cfg.refresh_first:
-        update_factors(state, stats, cfg, cfg.factor_count(state["step"], True))
+        # The rotations in the current bases feed the estimates' update and, where no basis
+        # changes, the step itself.
+        grad_rot = rotate(grad, state) if grad_rot is None else grad_rot
+        if stats_grad is not None and stats_grad_rot is None:
+            stats_grad_rot = rotate(stats_grad, state)
+        stats_rot = grad_rot if stats_grad is None else stats_grad_rot
+        update_factors(state, stats, cfg, cfg.factor_count(state["step"], True), stats_rot)
         if (state["step"] + 1) % cfg.precondition_frequency == 0:
-            _timed_refresh(state, cfg, counters, timings)
-            fresh_rotation = True
+            fresh_rotation = _timed_refresh(state, cfg, counters, timings)
     if fresh_rotation:
         grad_rot = stats_grad_rot = None
     g_rot = rotate(grad, state) if grad_rot is None else grad_rot
@@ -307,7 +409,6 @@ def soap_step(
         s_rot = g_rot
     else:
         s_rot = rotate(stats_grad, state) if stats_grad_rot is None else stats_grad_rot
-    factors_done = fresh_rotation or cfg.refresh_first
     count = cfg.factor_count(state["step"], True)
     state["step"] += 1
     t = state["step"]
@@ -324,7 +425,7 @@ def soap_step(
     if target is not param:
         param.copy_(target)
     if not factors_done:
-        update_factors(state, stats, cfg, count)
+        update_factors(state, stats, cfg, count, s_rot)
         if t % cfg.precondition_frequency == 0:
             _timed_refresh(state, cfg, counters, timings)
     return True
@@ -332,8 +433,9 @@ def soap_step(
 
 def _timed_refresh(
     state: State, cfg: SOAPConfig, counters: LinalgCounters, timings: dict[str, float] | None
-) -> None:
+) -> bool:
     start = time.perf_counter()
-    refresh_bases(state, cfg.refresh_method, counters, cfg.refresh_tolerance)
+    changed = refresh_bases(state, cfg.refresh_method, counters, cfg.refresh_tolerance)
     if timings is not None:
         timings["refresh"] = timings.get("refresh", 0.0) + time.perf_counter() - start
+    return changed

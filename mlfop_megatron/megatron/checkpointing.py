@@ -24,7 +24,10 @@ from mlfop_megatron.core.linalg import LinalgCounters
 from mlfop_megatron.distributed.collective_device import collective_device
 from mlfop_megatron.launch.stop_signals import stop_signals_blocked
 
-STATE_FIELDS = ("L", "R", "QL", "QR", "exp_avg", "exp_avg_sq", "master")
+STATE_FIELDS = ("L", "R", "QL", "QR", "DL", "DR", "exp_avg", "exp_avg_sq", "master")
+# Derived from the saved factors and bases: a checkpoint written before they were kept lacks
+# them, and the engines form them at load (``soap.ensure_estimates``).
+DERIVED_FIELDS = ("DL", "DR")
 SCALAR_FIELDS = {"step": torch.int64, "initialized": torch.bool}
 PREFIX = "optimizer.mlfop"
 
@@ -174,7 +177,42 @@ def load_checkpoint(path: str, model: Any, optimizer: Any) -> int:
         if hasattr(opt, "init_state_fn") and not hasattr(opt, "engines"):
             opt.init_state_fn(opt.optimizer, opt.config)
     template["optimizer"] = optimizer.sharded_state_dict(template["model"], is_loading=True)
+    _drop_derived_fields_absent_from(template["optimizer"], path)
     loaded = dist_checkpointing.load(template, path)
     model.module.load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     return int(loaded["iteration"])
+
+
+def _drop_derived_fields_absent_from(template: Any, path: str) -> None:
+    """Leave out of a loading template the derived fields a checkpoint does not hold.
+
+    A checkpoint saved before the estimates DL, DR were kept loads, and the engines form them
+    from the loaded factors and bases. (Megatron-LM's own loader does the same with
+    ``--dist-ckpt-strictness log_all``.) ``template``: an optimizer's (or a chain's) sharded
+    state dict, walked whole.
+    """
+    saved = dist_checkpointing.load_tensors_metadata(path)
+    suffixes = tuple(f".{field}" for field in DERIVED_FIELDS)
+
+    def absent(value: Any) -> bool:
+        return (
+            isinstance(value, ShardedTensor)
+            and PREFIX in value.key
+            and value.key.endswith(suffixes)
+            and value.key not in saved
+        )
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in [k for k, v in node.items() if absent(v)]:
+                del node[key]
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            return
+        for child in children:
+            walk(child)
+
+    walk(template)

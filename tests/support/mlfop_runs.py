@@ -37,12 +37,14 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     """Train the tiny GPT for spec['iters'] steps; return params by canonical name and stats.
 
     spec keys: tp, pp, iters, microbatches, global_micro (samples per micro-batch over all DP
-    ranks), lr, clip_grad, sharded, tp_mode, block_size (SOAP blocks), enabled (folding),
+    ranks), lr, clip_grad, sharded, tp_mode, block_size (SOAP blocks), enabled (folding: on
+    unless False here, off in the package's FoldingConfig),
     overlap, dtype, max_precond_dim,
     nan_at (iteration, rank) to poison one backward (nan_param: a name part choosing the
     poisoned param), mtp_tagged (name parts: params tagged grad_norm_group="mtp" as 0.19 tags
     MTP params), discard_at (iteration) to drop a step,
     save_at (iteration, dir) to checkpoint after that step, load_from (dir) to resume,
+    save_without (SOAP state fields left out of that checkpoint, as an older version wrote),
     signal_after_save: after that save send SIGUSR1 and SIGTERM to every process this rank
     started (as Slurm signals every process of a job step) and save again,
     hidden and layers for the model size, arch ('gpt' or 'hybrid': the same model as a
@@ -170,6 +172,11 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
             continue
         scheduler.step(increment=1)
         if spec.get("save_at") is not None and spec["save_at"][0] == it:
+            if spec.get("save_without"):
+                import mlfop_megatron.megatron.checkpointing as ckpt_module
+
+                kept = tuple(f for f in ckpt_module.STATE_FIELDS if f not in spec["save_without"])
+                ckpt_module.STATE_FIELDS = kept  # this rank process only
             save_checkpoint(spec["save_at"][1], model, optimizer, it)
             if spec.get("signal_after_save"):
                 signalled = signal_descendants((signal.SIGUSR1, signal.SIGTERM))
