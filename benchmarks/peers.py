@@ -36,6 +36,9 @@ from typing import Any
 from benchmarks.common import RESULTS, log, machine_facts, package_version, replace_section
 
 SECTION = "## Side by side with Megatron's SOAP and Muon: the digits main job (CPU, DP=2)"
+STABILITY_SECTION = "## Large-batch stability: the largest lr that trains (digits, CPU, DP=2)"
+# A run diverged when a loss is not finite or its final objective is not below the first
+# step's: it made no progress (the first step's objective is the same for every row).
 TIMING_SECTION = "## Step time side by side with Megatron's SOAP and Muon (digits model, CPU, DP=2)"
 WINDOW = 10  # steps
 # What a reader of the recorded tables must know (kept with them by --write).
@@ -151,6 +154,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="instead of training to compare: time every row for this many steps, one after "
         "the other on an otherwise idle machine (ms/step table; <out>/timing.jsonl)",
     )
+    p.add_argument(
+        "--stability",
+        action="store_true",
+        help="the stability test: every row at every lr of the grid on the selection seeds; "
+        "per row the largest lr that trains without diverging and its final objective",
+    )
     p.add_argument("--write", action="store_true", help="write the tables to RESULTS.md")
     args = p.parse_args(argv)
     unknown = set(args.rows.split(",")) - set(ROWS)
@@ -250,6 +259,48 @@ def run_missing(jobs: list[tuple[str, str, int, float, int]], args: Any, path: P
                 f.write(json.dumps(record) + "\n")
         took = time.perf_counter() - t0
         log(f"{label} {layout} batch {batch}: {len(members)} runs in {took:.0f} s")
+
+
+def diverged(rows: list[dict[str, Any]]) -> bool:
+    """Non-finite losses, or a final objective not below the first step's (see above)."""
+    last = final(rows)
+    return last != last or last >= objective(rows)[0]
+
+
+def stability_table(results: dict[str, dict[str, Any]], args: Any) -> list[str]:
+    """Per cell and row: the objective at every lr, the largest lr that trained, and its loss."""
+    lrs = [float(x) for x in args.lrs.split(",")]
+    seeds = _ints(args.select_seeds)
+    lines: list[str] = []
+    for layout in args.layouts.split(","):
+        for batch in _ints(args.batches):
+            head = " | ".join(f"lr {lr:g}" for lr in lrs)
+            lines += [
+                "",
+                f"### {layout}, global batch {batch}, seeds {args.select_seeds}",
+                "",
+                f"| optimizer | {head} | largest lr that trains | its final objective |",
+                "|---|" + "---|" * (len(lrs) + 2),
+            ]
+            for label in args.rows.split(","):
+                cells, stable = [], None
+                for lr in lrs:
+                    runs = [
+                        results.get(run_key(label, layout, batch, lr, seed, args.steps))
+                        for seed in seeds
+                    ]
+                    if any(r is None for r in runs):
+                        cells.append("not run")
+                        continue
+                    bad = any(diverged(r["rows"]) for r in runs if r is not None)
+                    value = _mean([final(r["rows"]) for r in runs if r is not None])
+                    cells.append("diverged" if bad else f"{value:.3f}")
+                    if not bad:
+                        stable = (lr, value)
+                best = "none" if stable is None else f"{stable[0]:g}"
+                loss = "" if stable is None else f"{stable[1]:.3f}"
+                lines.append(f"| {label} | {' | '.join(cells)} | {best} | {loss} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------- analysis
@@ -459,6 +510,36 @@ def main(argv: Sequence[str] | None = None) -> None:
             ]
             body = "\n".join([TIMING_SECTION, *header, *lines]) + "\n"
             replace_section(RESULTS, TIMING_SECTION, body)
+        return
+    if args.stability:
+        if not args.report_only:
+            run_missing(
+                [
+                    (label, lo, b, float(lr), seed)
+                    for lo in args.layouts.split(",")
+                    for b in _ints(args.batches)
+                    for label in args.rows.split(",")
+                    for lr in args.lrs.split(",")
+                    for seed in _ints(args.select_seeds)
+                ],
+                args,
+                path,
+            )
+        lines = stability_table(load_results(path), args)
+        print("\n".join(lines))
+        if args.write:
+            header = [
+                "",
+                f"Measured with `.venv-peers/bin/python -m benchmarks.peers --stability --rows "
+                f"{args.rows} --layouts {args.layouts} --batches {args.batches} --lrs "
+                f"{args.lrs} --select-seeds {args.select_seeds} --steps {args.steps}` on "
+                + machine_facts(f"{args.nproc} gloo ranks")
+                + ". Each cell: the final objective (mean of the last 10 steps) at that lr, or "
+                "'diverged' (a non-finite loss, or a final objective not below the first "
+                "step's). Every optimizer at its own defaults, the same grid and seeds.",
+            ]
+            body = "\n".join([STABILITY_SECTION, *header, *lines]) + "\n"
+            replace_section(RESULTS, STABILITY_SECTION, body)
         return
     if not args.report_only:
         cells = [(lo, b) for lo in args.layouts.split(",") for b in _ints(args.batches)]

@@ -165,8 +165,8 @@ def diag_in_basis(factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 def off_diagonal_share(factor: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
     """Share of ||Q^T F Q||_F^2 off the diagonal, given ``est`` = diag(Q^T F Q) (batched).
 
-    For orthogonal Q, ||Q^T F Q||_F = ||F||_F, so the share is 1 - ||est||^2 / ||F||^2: one
-    product F Q (which the QR refresh forms anyway), never Q^T F Q. 0 for a zero factor, NaN
+    For orthogonal Q, ||Q^T F Q||_F = ||F||_F, so the share is 1 - ||est||^2 / ||F||^2:
+    never Q^T F Q (the engines track ``est``, ``soap.update_factors``). 0 for a zero factor, NaN
     for a non-finite one. ``factor`` [..., n, n], ``est`` [..., n]; result [...].
     """
     total = torch.linalg.vector_norm(factor, dim=(-2, -1))
