@@ -347,7 +347,8 @@ def count_launches(
         log(f"  launches {r.name}: {row}")
     for batched in (True, False) if per_block else (True,):
         params = [p.clone() for p in init]
-        r = ours(params, batched, 10_000, accumulation_steps=4)  # no refresh in the window
+        # A folding window (3 levels, 2 folds), no refresh in it.
+        r = ours(params, batched, 10_000, accumulation_steps=4, enabled=True)
 
         def window(r: Runner = r) -> None:
             for _ in range(4):

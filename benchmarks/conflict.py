@@ -36,7 +36,7 @@ class FoldVariant:
         return f"fop-{self.structure}-{eta}-{self.statistics_from}"
 
     def kwargs(self) -> dict[str, str]:
-        """The FoldingConfig keyword arguments of this variant."""
+        """This variant's FoldingConfig options (pass ``enabled=True`` too: folding is opt-in)."""
         return {
             "structure": self.structure,
             "step_size": self.step_size,
@@ -44,7 +44,7 @@ class FoldVariant:
         }
 
 
-# The current default first, FOP as published (one half-vs-half fold, eta*, SOAP statistics
+# The default folding options first, FOP as published (one half-vs-half fold, eta*, SOAP statistics
 # from the plain mean) last; the others change one or two of the three choices.
 FOLD_VARIANTS: tuple[FoldVariant, ...] = (
     FoldVariant("chain", "none", "folded"),

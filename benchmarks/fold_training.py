@@ -53,7 +53,7 @@ class TrainingPlan:
         "adamw",
         "soap",
         "pcgrad",
-        FOLD_VARIANTS[0].label,  # the current default
+        FOLD_VARIANTS[0].label,  # the default folding options
         FOLD_VARIANTS[-1].label,  # FOP as published
     )
     log_every: int = 0

@@ -285,7 +285,10 @@ def measure_rank(spec: dict[str, Any]) -> dict[str, Any]:
     deterministic_init_(model, seed=0)
     lr = 1e-3
     mlfop = MLFOPConfig.from_kwargs(
-        lr=lr, precondition_frequency=spec["precondition_frequency"], accumulation_steps=k
+        lr=lr,
+        precondition_frequency=spec["precondition_frequency"],
+        accumulation_steps=k,
+        enabled=True,  # the window with its level reduce-scatters and folds
     )
     opt_config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.01, bf16=False)
     optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True)
@@ -498,6 +501,7 @@ SCALE_LAYOUTS = (("llama3-8b", 64, 8, 2), ("llama3-8b", 8, 1, 1), ("llama3-70b",
 
 def scale_rows() -> list[str]:
     """mlfop-plan's peak memory model at Llama-3 layouts (busiest stage and owner rank)."""
+    from mlfop_megatron.config import FoldingConfig
     from mlfop_megatron.distributed.model_shapes import MODELS
     from mlfop_megatron.launch.plan.model import PlanConfig, make_plan
 
@@ -517,6 +521,7 @@ def scale_rows() -> list[str]:
             micro_batches=8,
             model_name=name,
             auto_block_size=True,
+            folding=FoldingConfig(enabled=True, accumulation_steps=8),
         )
         b = make_plan(cfg).busiest
         m = b.peak_memory

@@ -660,7 +660,7 @@ def profile_ours(hidden: int, rows: int, k_steps: int) -> str:
             else:
                 c.step()
     params = [p.requires_grad_() for p in make_params(shapes, hidden)]
-    opt = MLFOPSOAP(params, precondition_frequency=FREQ, accumulation_steps=k_steps)
+    opt = MLFOPSOAP(params, precondition_frequency=FREQ, accumulation_steps=k_steps, enabled=True)
 
     def window() -> None:
         for k in range(k_steps):

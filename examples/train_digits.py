@@ -18,8 +18,9 @@ GPUs (torchrun or srun set RANK/WORLD_SIZE; NCCL, one GPU per rank, TE layers if
     torchrun --nproc-per-node 8 examples/train_digits.py --tp 2 --out runs/gpu
 
 Optimizers: ``mlfop`` (SOAP + multi-level FOP folding; ``--fold-structure``, ``--step-size``,
-``--statistics-from`` choose the FoldingConfig variant), ``soap`` (the same code with folding
-off: plain SOAP on the mean gradient), ``adamw`` (the factory's Adam-only path: torch AdamW
+``--statistics-from`` choose the FoldingConfig variant; the demo's default, folding turned on
+explicitly), ``soap`` (the same code with folding off, the package's default: plain SOAP on the
+mean gradient), ``adamw`` (the factory's Adam-only path: torch AdamW
 in Megatron's FP32Optimizer, with Megatron's plain DDP) and Megatron 0.19's own
 ``megatron-soap`` / ``megatron-muon`` (``get_megatron_optimizer``; need ``make setup-peers``).
 Every optimizer enters through one table, ``digits/optimizers.py``. The loss is

@@ -242,8 +242,11 @@ class FoldingConfig:
 
     ``accumulation_steps`` is K, the number of micro-steps per optimizer step. A *level* is a
     run of consecutive micro-steps whose DP-reduced mean gradient enters the folding as one
-    estimate; level ends are the gradient sync points. ``enabled=False`` gives the plain mean
-    of the K micro-gradients (plain SOAP).
+    estimate; level ends are the gradient sync points. ``enabled=False`` (the default) gives
+    the plain mean of the K micro-gradients (plain SOAP): on the digits main job folding added
+    nothing beyond the seed spread over the same SOAP in any cell measured, at +19% step time
+    (``benchmarks/RESULTS.md``), so it is opt-in: ``enabled=True`` (``--mlfop-folding``). The
+    options below take effect only with ``enabled=True``.
 
     One fold of two estimates z (earlier micro-steps, n_z of them) and h (later, n_h) under
     the SOAP metric M (``core/fop.py``): a = (n_z z + n_h h)/(n_z + n_h), d = z - h,
@@ -294,7 +297,11 @@ class FoldingConfig:
     """
 
     enabled: bool = option(
-        True, "plain SOAP on the mean gradient (no level folding)", flag="no-folding"
+        False,
+        "multi-level FOP folding of the accumulated micro-batch gradients (off by default: "
+        "plain SOAP on the mean gradient; folding added nothing measured on the digits main "
+        "job, benchmarks/RESULTS.md)",
+        flag="folding",
     )
     accumulation_steps: int = field(default=1, metadata=NO_FLAG)  # Megatron: micro-batches
     boundaries: tuple[int, ...] | None = option(

@@ -16,7 +16,7 @@ def test_bf16_params_follow_fp32_main_weights_exactly():
     grads = [[torch.randn(12, 7, generator=gen) for _ in range(4)] for _ in range(12)]
     p32 = torch.nn.Parameter(w0.clone())
     p16 = torch.nn.Parameter(w0.to(torch.bfloat16))
-    opts = dict(accumulation_steps=4, precondition_frequency=3)
+    opts = dict(accumulation_steps=4, enabled=True, precondition_frequency=3)
     o32, o16 = MLFOPSOAP([p32], **opts), MLFOPSOAP([p16], **opts)
     # Start both from the bf16-rounded weights so the comparison is exact.
     with torch.no_grad():

@@ -80,3 +80,19 @@ def test_defaults_follow_soap_reference_but_the_measured_three():
     assert reference.precondition_frequency == 10 and not reference.refresh_first
     assert cfg.refresh_tolerance == 0.03 and reference.refresh_tolerance == 0.0
     assert cfg.factor_beta == 0.95 and cfg.correct_bias and not cfg.precondition_1d
+
+
+def test_folding_is_off_by_default():
+    """Folding added nothing measured on the main job (benchmarks/RESULTS.md): it is opt-in.
+
+    Every default front end (FoldingConfig, MLFOPConfig, the flat keywords of MLFOPSOAP)
+    builds one level per window: plain SOAP on the mean of the micro-step gradients.
+    """
+    from mlfop_megatron.core.levels import LevelSchedule
+
+    assert not FoldingConfig().enabled and not MLFOPConfig().folding.enabled
+    assert not MLFOPConfig.from_kwargs(accumulation_steps=8).folding.enabled
+    opt = MLFOPSOAP([torch.nn.Parameter(torch.zeros(3, 2))], accumulation_steps=8)
+    assert opt.schedule.boundaries == (8,) and opt.schedule.num_folds == 0
+    on = FoldingConfig(enabled=True, accumulation_steps=8)
+    assert LevelSchedule.from_config(on).boundaries == (1, 2, 4, 8)

@@ -24,7 +24,7 @@ def trained_optimizer(accumulation_steps: int) -> MLFOPSOAP:
     """MLFOPSOAP on a small linear layer after 3 folded steps (fold diagnostics exist)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 5)
-    opt = MLFOPSOAP(model.parameters(), accumulation_steps=accumulation_steps)
+    opt = MLFOPSOAP(model.parameters(), accumulation_steps=accumulation_steps, enabled=True)
     for _ in range(3):
         for _ in range(accumulation_steps):
             model(torch.randn(8, 6)).pow(2).mean().backward()
@@ -82,7 +82,7 @@ def test_grad_group_stats_are_flattened_and_armed_by_the_megatron_lm_hook(capsys
 
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 5)
-    opt = MLFOPSOAP(model.parameters(), accumulation_steps=4, structure="last")
+    opt = MLFOPSOAP(model.parameters(), accumulation_steps=4, enabled=True, structure="last")
     args = argparse.Namespace(mlfop_stats_interval=2, log_interval=1, mlfop_grad_groups="halves")
     writer = RecordingWriter()
     stats = None

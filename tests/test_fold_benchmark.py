@@ -73,7 +73,7 @@ def test_fold_variants_are_valid_folding_configs() -> None:
     labels = [v.label for v in FOLD_VARIANTS]
     assert len(set(labels)) == len(labels)
     for v in FOLD_VARIANTS:
-        FoldingConfig(accumulation_steps=8, **v.kwargs())
+        FoldingConfig(enabled=True, accumulation_steps=8, **v.kwargs())
 
 
 @pytest.mark.slow

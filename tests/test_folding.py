@@ -44,7 +44,7 @@ def sequential_mean(micro):
 
 @pytest.mark.parametrize("shape,k", [((10, 6), 4), ((6, 9), 6), ((13,), 3), ((8, 8), 5)])
 def test_ml_fop_soap_matches_dense_reference(shape, k):
-    opts = dict(lr=1e-2, precondition_frequency=4, accumulation_steps=k)
+    opts = dict(lr=1e-2, precondition_frequency=4, accumulation_steps=k, enabled=True)
     w0, grads = make_grads(shape, steps=32, k=k, seed=k)
     p = torch.nn.Parameter(w0.clone())
     opt = MLFOPSOAP([p], **opts)
@@ -109,15 +109,16 @@ def test_k1_with_folding_equals_plain_soap_bitwise():
 
 def test_dyadic_and_explicit_boundaries_agree():
     w0, grads = make_grads((6, 5), steps=8, k=8)
-    dyadic, _ = run_optimizer(w0, grads, accumulation_steps=8)
-    explicit, _ = run_optimizer(w0, grads, accumulation_steps=8, boundaries=(1, 2, 4, 8))
-    other, _ = run_optimizer(w0, grads, accumulation_steps=8, boundaries=(1, 3, 8))
+    fold = dict(accumulation_steps=8, enabled=True)
+    dyadic, _ = run_optimizer(w0, grads, **fold)
+    explicit, _ = run_optimizer(w0, grads, **fold, boundaries=(1, 2, 4, 8))
+    other, _ = run_optimizer(w0, grads, **fold, boundaries=(1, 3, 8))
     assert torch.equal(dyadic, explicit)
     assert not torch.equal(dyadic, other)
 
 
 def test_schedule_weights_for_k_not_power_of_two():
-    sched = LevelSchedule.from_config(FoldingConfig(accumulation_steps=6))
+    sched = LevelSchedule.from_config(FoldingConfig(enabled=True, accumulation_steps=6))
     assert sched.boundaries == (1, 2, 4, 6)
     assert [sched.fold_weights(j) for j in (1, 2, 3)] == [(1, 1), (2, 2), (4, 2)]
     assert sum(sched.level_size(j) for j in range(sched.num_levels)) == 6
@@ -126,6 +127,8 @@ def test_schedule_weights_for_k_not_power_of_two():
     assert LevelSchedule.from_config(
         FoldingConfig(accumulation_steps=6, enabled=False)
     ).boundaries == (6,)
+    # Folding is off by default: one level holding all K micro-steps.
+    assert LevelSchedule.from_config(FoldingConfig(accumulation_steps=6)).boundaries == (6,)
 
 
 @pytest.mark.parametrize("k", [3, 5, 6, 7])
@@ -133,7 +136,7 @@ def test_beta_zero_fold_is_the_plain_mean(k):
     """With beta fixed at 0 every fold is the count-weighted mean: the level weights are right."""
     w0, grads = make_grads((5, 4), steps=1, k=k)
     p = torch.nn.Parameter(w0.clone())
-    opt = MLFOPSOAP([p], accumulation_steps=k, fixed_beta=0.0)
+    opt = MLFOPSOAP([p], accumulation_steps=k, enabled=True, fixed_beta=0.0)
     for g in grads[0]:
         p.grad = g.clone()
         opt.accumulate()
@@ -143,7 +146,7 @@ def test_beta_zero_fold_is_the_plain_mean(k):
 
 def test_accumulate_misuse_raises_clear_errors():
     p = torch.nn.Parameter(torch.randn(3, 3))
-    opt = MLFOPSOAP([p], accumulation_steps=2)
+    opt = MLFOPSOAP([p], accumulation_steps=2, enabled=True)
     p.grad = torch.randn(3, 3)
     with pytest.raises(ValueError, match="without accumulate"):
         opt.step()
@@ -165,7 +168,7 @@ def test_level_folding_walks_the_schedule_with_and_without_blocks():
     """
     from mlfop_megatron.core.folding import WindowFolder
 
-    cfg = FoldingConfig(accumulation_steps=4)
+    cfg = FoldingConfig(enabled=True, accumulation_steps=4)
     schedule = LevelSchedule.from_config(cfg)
     empty = WindowFolder(schedule, cfg, rotate_fns=[], metric_diags=[])
     one = WindowFolder(schedule, cfg, rotate_fns=[lambda x: x], metric_diags=[None])

@@ -191,7 +191,9 @@ def warmed_optimizer(shapes, k, steps=3, seed=0, **opts):
         w0, grads = make_grads(shape, steps + 1, k, seed=seed + i)
         params.append(torch.nn.Parameter(w0.clone()))
         per_param.append(grads)
-    opt = MLFOPSOAP(params, lr=1e-2, precondition_frequency=2, accumulation_steps=k, **opts)
+    opt = MLFOPSOAP(
+        params, lr=1e-2, precondition_frequency=2, accumulation_steps=k, enabled=True, **opts
+    )
     for step in range(steps):
         accumulate(opt, params, zip(*[g[step] for g in per_param]))
         opt.step()
@@ -235,7 +237,7 @@ def test_structures_coincide_at_k2_and_schedules_have_the_documented_sync_points
     assert torch.equal(outs["chain"], outs["tree"]) and torch.equal(outs["chain"], outs["last"])
 
     def sched(**kw):
-        return LevelSchedule.from_config(FoldingConfig(**kw))
+        return LevelSchedule.from_config(FoldingConfig(**{"enabled": True, **kw}))
 
     assert sched(accumulation_steps=8, structure="last").boundaries == (4, 8)
     assert sched(accumulation_steps=7, structure="last").boundaries == (3, 7)
@@ -284,7 +286,9 @@ def test_eta_star_on_several_blocks_and_summed_over_shards():
     full = [torch.randn(4, 6, dtype=torch.float64, generator=gen) for _ in range(4)]
     diag = torch.rand(4, 6, dtype=torch.float64, generator=gen) + 0.2
     for k, structure in ((2, "chain"), (4, "tree")):
-        cfg = FoldingConfig(accumulation_steps=k, structure=structure, step_size="eta_star")
+        cfg = FoldingConfig(
+            enabled=True, accumulation_steps=k, structure=structure, step_size="eta_star"
+        )
         schedule = LevelSchedule.from_config(cfg)
 
         def sum_shards(t):
@@ -331,7 +335,7 @@ def test_beta_clipping_options_and_parallel_tolerance():
     metric = (torch.diag(diag.reshape(-1)), torch.diag(1 / diag.reshape(-1)))
     results = {}
     for beta_max in (None, math.inf, 1.0, 0.05):
-        cfg = FoldingConfig(accumulation_steps=2, beta_max=beta_max)
+        cfg = FoldingConfig(enabled=True, accumulation_steps=2, beta_max=beta_max)
         folder = WindowFolder(LevelSchedule.from_config(cfg), cfg, [lambda x: x], [diag])
         folder.add_micro_step([z.reshape(3, 4)])
         folder.add_micro_step([h.reshape(3, 4)])
@@ -344,7 +348,7 @@ def test_beta_clipping_options_and_parallel_tolerance():
     # Parallel tolerance: d nearly parallel to a (relative d_perp ~ 1e-5).
     nearly = 2.0 * h + 1e-5 * torch.randn(12, dtype=torch.float64, generator=gen)
     for tol, zeroed in ((1e-3, True), (None, False), (0.0, False)):
-        cfg = FoldingConfig(accumulation_steps=2, beta_max=None, parallel_tol=tol)
+        cfg = FoldingConfig(enabled=True, accumulation_steps=2, beta_max=None, parallel_tol=tol)
         folder = WindowFolder(LevelSchedule.from_config(cfg), cfg, [lambda x: x], [diag])
         folder.add_micro_step([nearly.reshape(3, 4)])
         folder.add_micro_step([h.reshape(3, 4)])
@@ -376,7 +380,13 @@ def test_training_matches_dense_reference(structure, k, options):
     w0, grads = make_grads((6, 5), steps=16, k=k, seed=k)
     p = torch.nn.Parameter(w0.clone())
     opt = MLFOPSOAP(
-        [p], lr=1e-2, precondition_frequency=4, accumulation_steps=k, structure=structure, **opts
+        [p],
+        lr=1e-2,
+        precondition_frequency=4,
+        accumulation_steps=k,
+        enabled=True,
+        structure=structure,
+        **opts,
     )
     ref = PublishedSOAP(w0, lr=1e-2, precondition_frequency=4, refresh_tolerance=0.0)
     etas = []
@@ -409,7 +419,9 @@ def test_statistics_from_mean_equals_plain_soap_statistics():
     k = 4
     w0, grads = make_grads((6, 5), steps=12, k=k, seed=1)
     p = torch.nn.Parameter(w0.clone())
-    opt = MLFOPSOAP([p], accumulation_steps=k, statistics_from="mean", precondition_frequency=3)
+    opt = MLFOPSOAP(
+        [p], accumulation_steps=k, enabled=True, statistics_from="mean", precondition_frequency=3
+    )
     q = torch.nn.Parameter(w0.clone())
     plain = MLFOPSOAP([q], precondition_frequency=3)
     for micro in grads:
@@ -450,8 +462,13 @@ def test_folding_off_with_every_option_equals_plain_soap_bitwise(k):
 
 def test_config_round_trip_through_kwargs():
     cfg = MLFOPConfig.from_kwargs(
-        accumulation_steps=8, structure="tree", step_size="eta_star", statistics_from="mean"
+        enabled=True,
+        accumulation_steps=8,
+        structure="tree",
+        step_size="eta_star",
+        statistics_from="mean",
     )
+    assert cfg.folding.enabled
     assert (cfg.folding.structure, cfg.folding.step_size, cfg.folding.statistics_from) == (
         "tree",
         "eta_star",
@@ -463,7 +480,7 @@ def test_config_round_trip_through_kwargs():
         "none",
         "folded",
     )
-    assert default.beta_max == 1.0
+    assert default.beta_max == 1.0 and not default.enabled  # folding is opt-in
 
 
 # ------------------------------------------------------------------ Megatron path
@@ -537,6 +554,7 @@ def test_published_options_are_device_clean_and_sync_free(structure):
             model.parameters(),
             lr=1e-2,
             accumulation_steps=4,
+            enabled=True,
             precondition_frequency=2,
             structure=structure,
             step_size="eta_star",

@@ -120,7 +120,9 @@ def _train(spec):
                 p.high_precision_init = p.detach().clone()
             backend.requantize(quantized, [p.detach().clone() for p in quantized], dp_group)
         opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, bf16=True)
-        mlfop = MLFOPConfig.from_kwargs(lr=1e-2, precondition_frequency=3, accumulation_steps=4)
+        mlfop = MLFOPConfig.from_kwargs(
+            lr=1e-2, precondition_frequency=3, accumulation_steps=4, enabled=True
+        )
         optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True)
         losses = []
         for it in range(spec["iters"]):
@@ -211,7 +213,11 @@ def _train_fp8_soap(spec):
     backend.requantize(list(soap.values()), [p.detach().clone() for p in soap.values()], dp_group)
     opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, bf16=True)
     mlfop = MLFOPConfig.from_kwargs(
-        lr=1e-2, precondition_frequency=3, accumulation_steps=4, batched=spec["batched"]
+        lr=1e-2,
+        precondition_frequency=3,
+        accumulation_steps=4,
+        enabled=True,
+        batched=spec["batched"],
     )
     optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True)
     ours = optimizer.mlfop[0]

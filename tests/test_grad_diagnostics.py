@@ -210,7 +210,7 @@ def _train_plain(groups, **options):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     model.double()
-    opt = MLFOPSOAP(model.parameters(), accumulation_steps=len(groups), **options)
+    opt = MLFOPSOAP(model.parameters(), accumulation_steps=len(groups), enabled=True, **options)
     recorded = []
     for step in range(3):
         if step == 2:

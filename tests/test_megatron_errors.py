@@ -58,11 +58,11 @@ def _error_cases():
         "plain_ddp": error_message(lambda: get_mlfop_optimizer(ok, [plain])),
         "two_chunks": error_message(lambda: get_mlfop_optimizer(ok, [model, model])),
     }
-    get_mlfop_optimizer(ok, [model], MLFOPConfig.from_kwargs(accumulation_steps=4))
+    get_mlfop_optimizer(ok, [model], MLFOPConfig.from_kwargs(accumulation_steps=4, enabled=True))
     out["too_few"] = error_message(lambda: train_iteration(model, cfg, 0, 2, 1))
     out["too_many"] = error_message(lambda: train_iteration(model, cfg, 0, 5, 1))
     unused = build_tiny_gpt(cfg, ddp_class=DDPWithUnusedParam)
-    get_mlfop_optimizer(ok, [unused], MLFOPConfig.from_kwargs(accumulation_steps=2))
+    get_mlfop_optimizer(ok, [unused], MLFOPConfig.from_kwargs(accumulation_steps=2, enabled=True))
     out["no_grad"] = error_message(lambda: train_iteration(unused, cfg, 0, 2, 1))
     return out
 

@@ -112,7 +112,7 @@ def _small_model_run(context_parallel: int):
     opt = get_mlfop_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1e-3),
         [ddp],
-        MLFOPConfig.from_kwargs(accumulation_steps=k, precondition_frequency=2),
+        MLFOPConfig.from_kwargs(accumulation_steps=k, enabled=True, precondition_frequency=2),
     )
     gen = torch.Generator().manual_seed(1)
     rank = torch.distributed.get_rank()

@@ -54,11 +54,13 @@ def test_defaults_give_the_default_config():
     config = mlfop_config_from_args(args, num_microbatches=4)
     assert config.soap == SOAPConfig()
     assert config.folding == FoldingConfig(accumulation_steps=4)
+    assert not config.folding.enabled  # folding is off by default: --mlfop-folding
 
 
 def test_every_flag_reaches_its_option():
     argv = (
-        "--optimizer mlfop_soap --mlfop-beta1 0.9 --mlfop-beta2 0.99 --mlfop-shampoo-beta 0.98 "
+        "--optimizer mlfop_soap --mlfop-folding --mlfop-beta1 0.9 --mlfop-beta2 0.99 "
+        "--mlfop-shampoo-beta 0.98 "
         "--mlfop-eps 1e-7 --mlfop-precondition-frequency 5 --mlfop-max-precond-dim 512 "
         "--mlfop-refresh-method eigh --mlfop-precondition-1d --mlfop-no-bias-correction "
         "--mlfop-levels 1,3,8 --mlfop-no-projection --mlfop-fixed-beta 0.5 --mlfop-beta-max none "
@@ -80,6 +82,7 @@ def test_every_flag_reaches_its_option():
         correct_bias=False,
     )
     assert config.folding == FoldingConfig(
+        enabled=True,
         accumulation_steps=8,
         boundaries=(1, 3, 8),
         project=False,
@@ -94,8 +97,47 @@ def test_every_flag_reaches_its_option():
     )
     assert args.mlfop_replicated_state and args.mlfop_block_size == 256
     assert args.mlfop_tp_mode == "full" and args.mlfop_stats_interval == 0
-    no_fold = megatron_like_parser().parse_args(["--mlfop-no-folding"])
-    assert not mlfop_config_from_args(no_fold, 2).folding.enabled
+    # --mlfop-no-folding (the default now) is still accepted; the last of the two switches wins.
+    for argv, enabled in (
+        (["--mlfop-no-folding"], False),
+        (["--mlfop-folding", "--mlfop-no-folding"], False),
+        (["--mlfop-no-folding", "--mlfop-folding"], True),
+    ):
+        args = megatron_like_parser().parse_args(argv)
+        assert mlfop_config_from_args(args, 2).folding.enabled is enabled, argv
+
+
+def test_folding_options_without_folding_are_refused():
+    """Folding is off by default: its options alone would be ignored, so they are refused."""
+    for argv, named in (
+        (["--mlfop-levels", "1,2,4"], "--mlfop-levels only acts with --mlfop-folding"),
+        (
+            [
+                "--mlfop-no-folding",
+                "--mlfop-fold-structure",
+                "tree",
+                "--mlfop-step-size",
+                "eta_star",
+            ],
+            "--mlfop-fold-structure, --mlfop-step-size only act with --mlfop-folding",
+        ),
+        (["--mlfop-no-projection"], "--mlfop-no-projection only acts with --mlfop-folding"),
+        (["--mlfop-beta-max", "none"], "--mlfop-beta-max only acts with --mlfop-folding"),
+    ):
+        args = megatron_like_parser().parse_args(["--optimizer", "mlfop_soap", *argv])
+        with pytest.raises(ValueError, match=named):
+            mlfop_config_from_args(args, 4)
+        with pytest.raises(ValueError, match=named):  # before any model is built
+            validate_megatron_args(args)
+        on = megatron_like_parser().parse_args(
+            ["--optimizer", "mlfop_soap", *argv, "--mlfop-folding"]
+        )
+        assert mlfop_config_from_args(on, 4).folding.enabled
+        validate_megatron_args(on)
+    # Options that act without folding, and the default values of the folding ones, pass.
+    argv = "--mlfop-no-diagnostics --mlfop-beta-max 1.0 --mlfop-fold-structure chain".split()
+    args = megatron_like_parser().parse_args(["--optimizer", "mlfop_soap", *argv])
+    assert not mlfop_config_from_args(args, 4).folding.enabled
 
 
 @pytest.mark.parametrize(
@@ -143,17 +185,18 @@ def test_bad_values_are_rejected_naming_the_flag(argv, expected, capsys):
 
 def test_levels_are_checked_against_the_fold_structure():
     """Tree leaves may start above 1; chain levels must start at 1 (named with the flag)."""
-    chain = megatron_like_parser().parse_args(["--mlfop-levels", "2,4"])
+    chain = megatron_like_parser().parse_args(["--mlfop-folding", "--mlfop-levels", "2,4"])
     with pytest.raises(ValueError, match="--mlfop-levels 2,4 with --mlfop-fold-structure chain"):
         mlfop_config_from_args(chain, num_microbatches=4)
     tree = megatron_like_parser().parse_args(
-        ["--mlfop-levels", "2,4", "--mlfop-fold-structure", "tree"]
+        ["--mlfop-folding", "--mlfop-levels", "2,4", "--mlfop-fold-structure", "tree"]
     )
     assert mlfop_config_from_args(tree, num_microbatches=4).folding.boundaries == (2, 4)
 
 
 def test_levels_must_end_at_the_microbatch_count():
-    args = megatron_like_parser().parse_args(["--optimizer", "mlfop_soap", "--mlfop-levels", "1,4"])
+    argv = ["--optimizer", "mlfop_soap", "--mlfop-folding", "--mlfop-levels", "1,4"]
+    args = megatron_like_parser().parse_args(argv)
     assert mlfop_config_from_args(args, 4).folding.boundaries == (1, 4)
     with pytest.raises(ValueError, match=r"--mlfop-levels 1,4 must end at the number of micro"):
         mlfop_config_from_args(args, 8)

@@ -55,7 +55,8 @@ pytestmark = [
 
 ITERS = 6
 SAVE_AT = 3
-# 2 DP ranks x micro-batch 2 x 2 micro-batches = global batch 8; folding levels 1,2.
+# 2 DP ranks x micro-batch 2 x 2 micro-batches = global batch 8; folding levels 1,2 (TRAIN
+# turns folding on: it is off by default).
 MODEL = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
     "--max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 8 "
@@ -70,7 +71,7 @@ CPU_FLAGS = (
 TRAIN = (
     f"--train-iters {ITERS} --lr 1e-3 --lr-decay-style constant --mock-data --split 100,0,0 "
     "--eval-iters 0 --eval-interval 1000 --log-interval 1 --seed 1234 --attention-dropout 0 "
-    "--hidden-dropout 0 --optimizer mlfop_soap --mlfop-precondition-frequency 2 "
+    "--hidden-dropout 0 --optimizer mlfop_soap --mlfop-folding --mlfop-precondition-frequency 2 "
     "--ckpt-format torch_dist"
 ).split()
 LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: ([0-9.E+-]+) \|")
@@ -243,9 +244,10 @@ from mlfop_megatron.megatron_lm import add_mlfop_args
 assert not megatron.core.__file__.startswith(source), megatron.core.__file__
 assert megatron.training.__file__.startswith(source), megatron.training.__file__
 base = sys.argv[1:]
-sys.argv = ['pretrain_gpt_mlfop.py', *base, '--optimizer', 'mlfop_soap', '--mlfop-levels', '1,2']
+sys.argv = ['pretrain_gpt_mlfop.py', *base, '--optimizer', 'mlfop_soap', '--mlfop-folding',
+            '--mlfop-levels', '1,2']
 args = parse_args(add_mlfop_args)
-print('PARSED', args.optimizer, args.mlfop_levels, flush=True)
+print('PARSED', args.optimizer, args.mlfop_folding, args.mlfop_levels, flush=True)
 for bad in (['--mlfop-beta1', '1.5'], ['--mlfop-levels', '2,1'],
             ['--mlfop-precondition-frequency', '0'], ['--mlfop-refresh-method', 'svd']):
     sys.argv = ['pretrain_gpt_mlfop.py', *base, '--optimizer', 'mlfop_soap', *bad]
@@ -268,7 +270,7 @@ def test_megatron_parse_args_rejects_bad_mlfop_values():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "PARSED mlfop_soap (1, 2)" in proc.stdout
+    assert "PARSED mlfop_soap True (1, 2)" in proc.stdout
     assert "ACCEPTED" not in proc.stderr, proc.stderr[-4000:]
     assert proc.stderr.count("EXIT 2") == 4, proc.stderr[-4000:]
     for message in (

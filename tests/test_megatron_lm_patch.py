@@ -155,13 +155,21 @@ def run_megatron_parse(tree: Path, *flags: str) -> subprocess.CompletedProcess:
 
 @needs_source
 def test_patched_megatron_lm_parses_and_validates_mlfop_flags(patched_tree):
-    ok = run_megatron_parse(patched_tree, "--optimizer", "mlfop_soap", "--mlfop-levels", "1,2,4")
+    mlfop = ("--optimizer", "mlfop_soap", "--mlfop-folding")
+    ok = run_megatron_parse(patched_tree, *mlfop, "--mlfop-levels", "1,2,4")
     assert "No module named" not in ok.stderr, (
         "Megatron-LM's training code needs extra packages: pip install '.[megatron-lm]'\n"
         + ok.stderr[-2000:]
     )
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "PARSED mlfop_soap 1e-08 (1, 2, 4)" in ok.stdout
+    # Folding is off by default: its options without --mlfop-folding are refused, not ignored.
+    unfolded = run_megatron_parse(
+        patched_tree, "--optimizer", "mlfop_soap", "--mlfop-levels", "1,2,4"
+    )
+    assert unfolded.returncode != 0
+    refused = "--mlfop-levels only acts with --mlfop-folding"
+    assert refused in unfolded.stderr, unfolded.stderr[-3000:]
 
     bad = run_megatron_parse(patched_tree, "--optimizer", "mlfop_soap", "--mlfop-beta1", "1.5")
     assert bad.returncode == 2

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from benchmarks.memory import measure, modelled  # noqa: E402
+from mlfop_megatron.config import FoldingConfig  # noqa: E402
 from mlfop_megatron.distributed.assignment import (  # noqa: E402
     Assignment,
     Block,
@@ -82,7 +83,8 @@ def test_rank_memory_level_buffers_and_plan() -> None:
     assert rank_memory(asg, 0, 9000, 808, 2, backend="gloo").level_buffers == 4 * 5 * seg
     assert m.adam_state == 404 * 8
     assert m.optimizer_peak == m.grads + m.opt_state + m.transient
-    plan = make_plan(PlanConfig(dims=LLAMA3_8B, dp=8, micro_batches=8))
+    folding = FoldingConfig(enabled=True, accumulation_steps=8)
+    plan = make_plan(PlanConfig(dims=LLAMA3_8B, dp=8, micro_batches=8, folding=folding))
     peak = plan.busiest.peak_memory
     assert peak is not None and peak.soap_state > 0 and peak.transient > 0
     assert plan.busiest.distopt_adam_bytes > peak.grads

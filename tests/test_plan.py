@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mlfop_megatron.config import FoldingConfig
 from mlfop_megatron.distributed.assignment import (
     Assignment,
     BlockingConfig,
@@ -27,11 +28,13 @@ from mlfop_megatron.launch.plan.model import PlanConfig, make_plan, split_stages
 from mlfop_megatron.launch.plan.report import format_bytes, format_flops
 
 REPO = Path(__file__).resolve().parents[1]
-LLAMA_ARGS = "--model llama3-8b --dp 64 --tp 8 --pp 2 --micro-batches 8".split()
-TINY = (
+# Folding is off by default (one level); these plans are of folding runs (L levels).
+LLAMA_ARGS = "--model llama3-8b --dp 64 --tp 8 --pp 2 --micro-batches 8 --folding".split()
+TINY_PLAIN = (
     "--hidden 64 --ffn 128 --layers 4 --heads 4 --kv-heads 2 --vocab 1000 "
     "--dp 4 --tp 2 --pp 2 --micro-batches 8"
 ).split()
+TINY = [*TINY_PLAIN, "--folding"]
 
 EXPECTED_KEYS = {
     "inputs",
@@ -257,18 +260,24 @@ def test_tiny_model_full_mode(tmp_path, capsys):
 
 
 def test_no_folding_one_reduce_scatter(tmp_path, capsys):
+    """Without --folding (the default) one level; --no-folding (older lines) says the same."""
     _, folded = _run(TINY, tmp_path, capsys)
-    _, plan = _run([*TINY, "--no-folding"], tmp_path, capsys)
+    out, plan = _run(TINY_PLAIN, tmp_path, capsys)
     assert plan["levels"] == 1
+    assert "1 level(s) (boundaries 8; folding off: --folding)" in out
     b, f = plan["busiest"], folded["busiest"]
     assert b["launches_per_step"] == 1 + 4 and f["launches_per_step"] == 4 + 4
     assert b["level_reduce_bytes_per_step"] == pytest.approx(f["level_reduce_bytes_per_step"] / 4)
+    _, alias = _run([*TINY, "--no-folding"], tmp_path, capsys)  # the last switch wins
+    assert alias == plan
+    assert main([*TINY_PLAIN, "--boundaries", "1", "8"]) == 2
+    assert "--boundaries needs --folding" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("k,dp", [(8, 64), (32, 256)])
 def test_printed_communication_table_is_comm_models(tmp_path, capsys, k, dp):
     """mlfop-plan prints comm_model's table for the model/layout, number for number."""
-    args = f"--model llama3-8b --dp {dp} --micro-batches {k} --block-size 1024".split()
+    args = f"--model llama3-8b --dp {dp} --micro-batches {k} --block-size 1024 --folding".split()
     out, plan = _run(args, tmp_path, capsys)
     levels = k.bit_length()  # dyadic boundaries 1, 2, ..., K
     rows = communication_table("llama3-8b", (dp,), levels=levels, block_size=1024)
@@ -336,6 +345,9 @@ def test_plan_config_raises_value_error():
     with pytest.raises(ValueError, match="--micro-batches"):
         PlanConfig(LLAMA3_8B, dp=1, micro_batches=0)
     cfg = PlanConfig(LLAMA3_8B, dp=2, tp=8, pp=4, micro_batches=6)
+    assert make_plan(cfg).boundaries == (6,)  # folding off by default: one level
+    folding = FoldingConfig(enabled=True, accumulation_steps=6)
+    cfg = PlanConfig(LLAMA3_8B, dp=2, tp=8, pp=4, micro_batches=6, folding=folding)
     assert make_plan(cfg).boundaries == (1, 2, 4, 6)
 
 

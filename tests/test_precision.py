@@ -62,7 +62,11 @@ def test_mlfop_soap_accumulates_folds_and_steps_without_tf32(tf32_on, monkeypatc
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     opt = MLFOPSOAP(
-        model.parameters(), accumulation_steps=2, precondition_frequency=1, batched=batched
+        model.parameters(),
+        accumulation_steps=2,
+        enabled=True,
+        precondition_frequency=1,
+        batched=batched,
     )
     for _ in range(3):
         for _ in range(2):

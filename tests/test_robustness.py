@@ -44,10 +44,12 @@ def assert_state_equal(a, b):
             assert va == vb, key
 
 
+@pytest.mark.parametrize("folding", [True, False], ids=["folding", "plain"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_resume_continues_bit_exactly(dtype):
+def test_resume_continues_bit_exactly(dtype, folding):
     model = tiny_model().to(dtype)
-    opt = MLFOPSOAP(model.parameters(), accumulation_steps=4, precondition_frequency=3)
+    opts = dict(accumulation_steps=4, enabled=folding, precondition_frequency=3)
+    opt = MLFOPSOAP(model.parameters(), **opts)
     train(model, opt, steps=7, k=4, seed=1)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
@@ -57,7 +59,7 @@ def test_resume_continues_bit_exactly(dtype):
     ckpt = torch.load(buf, weights_only=False)
     resumed = tiny_model(seed=99).to(dtype)
     resumed.load_state_dict(ckpt["model"])
-    opt2 = MLFOPSOAP(resumed.parameters(), accumulation_steps=4, precondition_frequency=3)
+    opt2 = MLFOPSOAP(resumed.parameters(), **opts)
     opt2.load_state_dict(ckpt["opt"])
     assert opt2.steps == 7
     for p in resumed.parameters():
@@ -71,17 +73,20 @@ def test_resume_continues_bit_exactly(dtype):
 
 def test_state_dict_inside_window_is_refused():
     model = tiny_model()
-    opt = MLFOPSOAP(model.parameters(), accumulation_steps=2)
+    opt = MLFOPSOAP(model.parameters(), accumulation_steps=2, enabled=True)
     model(torch.randn(2, 6)).sum().backward()
     opt.accumulate()
     with pytest.raises(RuntimeError, match="inside an accumulation window"):
         opt.state_dict()
 
 
+@pytest.mark.parametrize("folding", [True, False], ids=["folding", "plain"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_micro_step_skips_the_step_without_touching_state(bad):
+def test_non_finite_micro_step_skips_the_step_without_touching_state(bad, folding):
     model = tiny_model()
-    opt = MLFOPSOAP(model.parameters(), accumulation_steps=4, precondition_frequency=2)
+    opt = MLFOPSOAP(
+        model.parameters(), accumulation_steps=4, enabled=folding, precondition_frequency=2
+    )
     train(model, opt, steps=3, k=4, seed=5)
     params, state = snapshot(model, opt)
     for micro in range(4):

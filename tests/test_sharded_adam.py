@@ -199,7 +199,9 @@ def _strict_worker(spec: dict[str, Any]) -> dict[str, Any]:
     model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
     deterministic_init_(model, seed=0)
     k = 4
-    mlfop = MLFOPConfig.from_kwargs(lr=1e-2, precondition_frequency=2, accumulation_steps=k)
+    mlfop = MLFOPConfig.from_kwargs(
+        lr=1e-2, precondition_frequency=2, accumulation_steps=k, enabled=True
+    )
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=1e-2,
@@ -265,7 +267,7 @@ def _build(dtype: torch.dtype) -> tuple[Any, Any, Any]:
     cfg = TinyGPTConfig(dtype=dtype)
     model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
     deterministic_init_(model, seed=0)
-    mlfop = MLFOPConfig.from_kwargs(lr=1e-2, accumulation_steps=4)
+    mlfop = MLFOPConfig.from_kwargs(lr=1e-2, accumulation_steps=4, enabled=True)
     config = OptimizerConfig(
         optimizer="adam", lr=1e-2, weight_decay=0.01, bf16=dtype == torch.bfloat16
     )

@@ -90,7 +90,8 @@ def test_mlfop_soap_on_cuda_params(strict: None) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
     model.cuda()
-    opt = MLFOPSOAP(model.parameters(), lr=1e-2, accumulation_steps=4, precondition_frequency=2)
+    opts = dict(lr=1e-2, accumulation_steps=4, enabled=True)
+    opt = MLFOPSOAP(model.parameters(), precondition_frequency=2, **opts)
     for step in range(3):
         if step == 2:  # grad-group diagnostics: per-micro-step bookkeeping is sync-free too
             opt.request_grad_diagnostics([0, 0, 1, 1])
@@ -107,7 +108,7 @@ def test_mlfop_soap_on_cuda_params(strict: None) -> None:
         assert p.is_cuda and torch.isfinite(p).all()
         assert all(v.is_cuda for v in opt.state[p].values() if torch.is_tensor(v))
     saved = opt.state_dict()
-    fresh = MLFOPSOAP(model.parameters(), lr=1e-2, accumulation_steps=4)
+    fresh = MLFOPSOAP(model.parameters(), **opts)
     fresh.load_state_dict(saved)
     assert all(v.is_cuda for s in fresh.state.values() for v in s.values() if torch.is_tensor(v))
 
@@ -162,7 +163,9 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
     model = build_tiny_gpt(cfg, ddp_class=FoldingDistributedDataParallel)
     deterministic_init_(model, seed=0)
     k = 4
-    mlfop = MLFOPConfig.from_kwargs(lr=1e-2, precondition_frequency=2, accumulation_steps=k)
+    mlfop = MLFOPConfig.from_kwargs(
+        lr=1e-2, precondition_frequency=2, accumulation_steps=k, enabled=True
+    )
     opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, clip_grad=0.05)
     comm = CommConfig(**spec.get("comm", {}))
     optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, tp_mode=spec["tp_mode"], comm=comm)

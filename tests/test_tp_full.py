@@ -19,7 +19,7 @@ from mlfop_megatron.runtime.spawn import run_distributed
 pytestmark = pytest.mark.distributed
 SHAPES = [((12, 8), 0), ((6, 10), 1)]  # (full shape, partition dim)
 K, STEPS = 4, 9
-OPTS = dict(lr=1e-2, precondition_frequency=3, accumulation_steps=K)
+OPTS = dict(lr=1e-2, precondition_frequency=3, accumulation_steps=K, enabled=True)
 
 
 def _problem():

@@ -5,8 +5,9 @@ of the model (``model.build_model``) and the optimizer itself (``model.build_opt
 read ``TABLE``. Each entry says what it needs installed; ``missing()`` gives the reason it
 cannot run here (None when it can).
 
-Ours, from the package's factory ``get_mlfop_optimizer``: ``mlfop`` (ML-FOP-SOAP), ``soap``
-(the same code, folding off) and ``adamw`` (the factory's Adam-only chain).
+Ours, from the package's factory ``get_mlfop_optimizer``: ``mlfop`` (ML-FOP-SOAP, folding on:
+``FoldingConfig(enabled=True)``), ``soap`` (the same code, folding off: the package's default)
+and ``adamw`` (the factory's Adam-only chain).
 
 Peers, what a Megatron 0.19 user would pick instead, built exactly as Megatron-LM builds them:
 ``megatron.core.optimizer.get_megatron_optimizer(OptimizerConfig(optimizer="soap"|"muon"))``

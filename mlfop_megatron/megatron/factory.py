@@ -92,8 +92,10 @@ def get_mlfop_optimizer(
 
     ``config`` supplies lr, weight_decay, clip_grad and the Adam hyperparameters; ``mlfop_config``
     the SOAP and folding options (its accumulation_steps must equal the schedule's
-    num_microbatches). ``sharded`` spreads SOAP state over the data-parallel group (and over
-    TP x DP in ``tp_mode="full"``, which preconditions whole matrices instead of TP shards).
+    num_microbatches; folding runs only with ``FoldingConfig(enabled=True)``, by default the
+    step takes the plain mean of the micro-batch gradients). ``sharded`` spreads SOAP state
+    over the data-parallel group (and over TP x DP in ``tp_mode="full"``, which preconditions
+    whole matrices instead of TP shards).
     ``shard_adam`` shards the AdamW state and fp32 main weights of the other params over the
     data-parallel group (ZeRO-1, ``ShardedMainParamAdamW``); False keeps them replicated
     (Megatron's FP32Optimizer, or MainParamAdamW for bf16/FP8 params). FP8 params always

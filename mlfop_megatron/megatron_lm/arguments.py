@@ -33,6 +33,9 @@ from mlfop_megatron.megatron_lm.compat import distributed_optimizer_requested
 OPTIMIZER_NAME = "mlfop_soap"
 FLAG_PREFIX = "--mlfop-"
 GRAD_GROUPS = ("off", "one", "halves")
+FOLDING_FLAG = FLAG_PREFIX + "folding"  # FoldingConfig.enabled (off by default)
+NO_FOLDING_FLAG = FLAG_PREFIX + "no-folding"  # the default; accepted for older launch lines
+_FOLDING_DEST = FOLDING_FLAG[2:].replace("-", "_")
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,15 @@ def add_mlfop_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     for flag in FLAGS:
         group.add_argument(flag.name, dest=flag.dest, **flag.kwargs)
+    # Folding was on by default before the measurement turned it off (FoldingConfig.enabled):
+    # launch lines that still say --mlfop-no-folding keep working (the last of the two wins).
+    group.add_argument(
+        NO_FOLDING_FLAG,
+        dest=_FOLDING_DEST,
+        action="store_false",
+        default=False,
+        help="plain SOAP on the mean gradient: the default (kept for older launch lines)",
+    )
     return parser
 
 
@@ -296,11 +308,40 @@ def logging_config_from_args(args: argparse.Namespace) -> LoggingConfig:
     return LoggingConfig(**_field_values(LoggingConfig, args))
 
 
+# FoldingConfig fields that do something without folding (the rest only shape the folds).
+_NOT_FOLD_ONLY = ("enabled", "accumulation_steps", "diagnostics")
+
+
+def check_folding_flags(args: argparse.Namespace) -> None:
+    """Refuse folding options given while folding is off (they would be silently ignored).
+
+    Folding is off by default (``FoldingConfig.enabled``), so a launch line that sets e.g.
+    ``--mlfop-levels`` without ``--mlfop-folding`` would train plain SOAP: fail naming both.
+    """
+    values = _field_values(FoldingConfig, args)
+    if values["enabled"]:
+        return
+    defaults = {f.name: f.default for f in fields(FoldingConfig)}
+    given = [
+        _flag_for(name)
+        for name, value in values.items()
+        if name not in _NOT_FOLD_ONLY and value != defaults[name]
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} only act{'s' if len(given) == 1 else ''} with "
+            f"{FOLDING_FLAG} (folding is off by default: plain SOAP on the mean gradient); "
+            f"add {FOLDING_FLAG} or drop {'it' if len(given) == 1 else 'them'}"
+        )
+
+
 def mlfop_config_from_args(args: argparse.Namespace, num_microbatches: int) -> MLFOPConfig:
     """Build the validated :class:`MLFOPConfig` from parsed flags and the micro-batch count.
 
     lr and weight decay are not taken from here: Megatron's scheduler drives them per step.
+    Folding options without ``--mlfop-folding`` are refused (:func:`check_folding_flags`).
     """
+    check_folding_flags(args)
     kwargs: dict[str, Any] = {
         **_field_values(SOAPConfig, args),
         **_field_values(FoldingConfig, args),
@@ -418,6 +459,8 @@ def validate_megatron_args(args: argparse.Namespace) -> None:
             raise ValueError(message)
     if hasattr(args, "mlfop_level_reduce"):
         comm_config_from_args(args)  # flag combinations, refused before any model is built
+    if hasattr(args, _FOLDING_DEST):
+        check_folding_flags(args)
     if getattr(args, "fp8", None):
         from mlfop_megatron.megatron.fp8 import missing_fp8_requirements
 

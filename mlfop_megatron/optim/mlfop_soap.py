@@ -1,8 +1,9 @@
 """``MLFOPSOAP``: ML-FOP-SOAP as a torch.optim.Optimizer for plain PyTorch training loops.
 
-Gradient accumulation with folding::
+Gradient accumulation with folding (``enabled=True``; without it, the default, the step takes
+plain SOAP on the mean of the K micro-batch gradients)::
 
-    opt = MLFOPSOAP(model.parameters(), lr=3e-3, accumulation_steps=4)
+    opt = MLFOPSOAP(model.parameters(), lr=3e-3, accumulation_steps=4, enabled=True)
     for batch in loader:
         for micro in split(batch, 4):
             loss_fn(model(micro)).backward()   # per-micro-batch mean loss, not divided by K
@@ -56,7 +57,11 @@ def _rotation(state: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class MLFOPSOAP(torch.optim.Optimizer):
-    """SOAP preconditioning + FOP multi-level folding of accumulated micro-step gradients."""
+    """SOAP preconditioning + FOP multi-level folding of accumulated micro-step gradients.
+
+    Folding is opt-in (``FoldingConfig.enabled``, keyword ``enabled=True``); by default the
+    step preconditions the plain mean of the window's micro-step gradients.
+    """
 
     def __init__(
         self,

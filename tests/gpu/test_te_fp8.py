@@ -133,7 +133,9 @@ def _run(spec):
         bf16=True,
         fp8_recipe=config.fp8_recipe if fp8 else None,
     )
-    mlfop = MLFOPConfig.from_kwargs(lr=3e-3, accumulation_steps=MICRO, precondition_frequency=2)
+    mlfop = MLFOPConfig.from_kwargs(
+        lr=3e-3, accumulation_steps=MICRO, enabled=True, precondition_frequency=2
+    )
     optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True)
 
     dp = parallel_state.get_data_parallel_world_size()

@@ -10,7 +10,7 @@ comparison), and the bytes each rank moves per optimizer step. The SOAP numbers 
 same pure owner assignment the optimizer builds at run time
 (:mod:`mlfop_megatron.distributed.assignment`).
 
-    mlfop-plan --model llama3-8b --dp 64 --tp 8 --pp 2 --micro-batches 8
+    mlfop-plan --model llama3-8b --dp 64 --tp 8 --pp 2 --micro-batches 8 [--folding]
     mlfop-plan --hidden 2048 --ffn 8192 --layers 16 --heads 16 --vocab 32000 \
         --world-size 256 --tp 4 --micro-batches 16 --auto-block-size --json plan.json
 """
@@ -74,8 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--tp-mode", choices=TP_MODES, default="blockwise")
     o.add_argument("--param-bytes", type=int, default=2, help="bytes/param in the all-gather")
     o.add_argument("--state-bytes", type=int, default=4, help="bytes/float of optimizer state")
-    o.add_argument("--no-folding", action="store_true", help="one level: plain SOAP")
-    o.add_argument("--boundaries", type=int, nargs="+", default=None, help="default: dyadic")
+    o.add_argument(
+        "--folding",
+        action="store_true",
+        help="plan multi-level folding (one reduction per level); off by default, as in the "
+        "optimizer (FoldingConfig.enabled): one level, plain SOAP",
+    )
+    # One level, the default; still accepted from older command lines (not listed in --help).
+    o.add_argument(
+        "--no-folding", dest="folding", action="store_false", default=False, help=argparse.SUPPRESS
+    )
+    o.add_argument(
+        "--boundaries", type=int, nargs="+", default=None, help="with --folding; default: dyadic"
+    )
     ap.add_argument("--json", metavar="FILE", default=None, help="also write the plan as JSON")
     return ap
 
@@ -145,7 +156,7 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
         ),
         folding=_config(
             FoldingConfig,
-            enabled=not args.no_folding,
+            enabled=args.folding,
             accumulation_steps=args.micro_batches,
             boundaries=tuple(args.boundaries) if args.boundaries is not None else None,
         ),

@@ -63,7 +63,8 @@ class PlanConfig:
 
     ``soap`` is the optimizer's own SOAP config (``max_precond_dim`` and
     ``precondition_frequency`` enter the plan); ``folding`` its folding config, whose
-    ``accumulation_steps`` must be ``micro_batches`` (None: the defaults at that K).
+    ``accumulation_steps`` must be ``micro_batches`` (None: the defaults at that K, i.e. no
+    folding: one level, as the optimizer's default).
     """
 
     dims: TransformerDims
@@ -154,7 +155,7 @@ class PlanConfig:
                 f"--micro-batches ({self.micro_batches})"
             )
         if folding.boundaries is not None and not folding.enabled:
-            raise ValueError("--boundaries cannot be combined with --no-folding")
+            raise ValueError("--boundaries needs --folding (folding is off by default)")
         object.__setattr__(self, "folding", folding)
 
     @property

@@ -102,7 +102,8 @@ def format_plan(plan: Plan) -> str:
         f"{', bias' if cfg.bias else ''}{', tied embeddings' if cfg.tied_embeddings else ''})",
         f"layout: DP {cfg.dp} x TP {cfg.tp} x PP {cfg.pp} = {cfg.world} ranks; "
         f"K = {cfg.micro_batches} micro-batches -> {plan.num_levels} level(s) "
-        f"(boundaries {' '.join(map(str, plan.boundaries))})",
+        f"(boundaries {' '.join(map(str, plan.boundaries))}"
+        f"{'' if cfg.folding is None or cfg.folding.enabled else '; folding off: --folding'})",
         f"optimizer: tp_mode {cfg.tp_mode}, {owners}; block size {bs}; "
         f"max_precond_dim {cfg.soap.max_precond_dim}; precondition_frequency "
         f"{cfg.soap.precondition_frequency}; state {cfg.state_bytes} B/float; params in "
