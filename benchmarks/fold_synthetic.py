@@ -202,13 +202,22 @@ class Fp32Muon:
 
 
 def make_optimizer(name: str, w: torch.nn.Parameter, lr: float, k: int) -> Any:
-    """AdamW / PCGrad (AdamW underneath) / SOAP / an ML-FOP-SOAP variant on the one matrix."""
+    """AdamW / PCGrad (AdamW underneath) / SOAP / an ML-FOP-SOAP variant on the one matrix.
+
+    ``soap`` and the fold variants run the SOAP these results were measured with
+    (``REFERENCE_SOAP``); ``soap-default`` / ``mlfop-default`` the package's SOAPConfig and
+    FoldingConfig defaults (folding off / on).
+    """
     if name in ("adamw", "pcgrad"):
         return torch.optim.AdamW([w], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     if name == "muon":  # emerging-optimizers' Muon, its own defaults (Megatron's muon per matrix)
         return Fp32Muon(w, lr)
     from mlfop_megatron.optim.mlfop_soap import MLFOPSOAP
 
+    if name in ("soap-default", "mlfop-default"):  # the package's defaults as they are now
+        return MLFOPSOAP(
+            [w], lr=lr, weight_decay=0.0, accumulation_steps=k, enabled=name == "mlfop-default"
+        )
     folding = {} if name == "soap" else VARIANTS_BY_LABEL[name].kwargs()
     return MLFOPSOAP(
         [w],

@@ -106,10 +106,22 @@ def assert_close_states(opt_a, opt_b, model_a, model_b, tol) -> None:
 
 
 OPTIONS = [
-    dict(accumulation_steps=4, precondition_frequency=2),
-    dict(accumulation_steps=4, precondition_frequency=3, refresh_method="eigh"),
-    dict(accumulation_steps=4, structure="tree", step_size="eta_star", precondition_frequency=2),
-    dict(accumulation_steps=4, structure="last", step_size="eta_star", statistics_from="mean"),
+    dict(accumulation_steps=4, enabled=True, precondition_frequency=2),
+    dict(accumulation_steps=4, enabled=True, precondition_frequency=3, refresh_method="eigh"),
+    dict(
+        accumulation_steps=4,
+        enabled=True,
+        structure="tree",
+        step_size="eta_star",
+        precondition_frequency=2,
+    ),
+    dict(
+        accumulation_steps=4,
+        enabled=True,
+        structure="last",
+        step_size="eta_star",
+        statistics_from="mean",
+    ),
     # 1-D params get a rank-1-per-step factor; a QR refresh of a rank-deficient factor is
     # discontinuous in rounding (in either engine), the eigh refresh is not.
     dict(accumulation_steps=1, precondition_1d=True, refresh_method="eigh"),
@@ -118,6 +130,7 @@ OPTIONS = [
     # rank-deficient for steps, refreshed at every one: eigh (see the 1-D case above).
     dict(
         accumulation_steps=4,
+        enabled=True,
         precondition_frequency=1,
         refresh_method="eigh",
         factor_estimator="kl",
@@ -125,7 +138,13 @@ OPTIONS = [
         first_step_update=True,
         refresh_first=True,
     ),
-    dict(accumulation_steps=2, precondition_frequency=2, refresh_first=True, structure="tree"),
+    dict(
+        accumulation_steps=2,
+        enabled=True,
+        precondition_frequency=2,
+        refresh_first=True,
+        structure="tree",
+    ),
 ]
 
 
@@ -210,7 +229,11 @@ def test_states_are_views_of_the_stacks_and_checkpoints_cross_engines():
     """Per-block state stays addressable; a checkpoint of either engine loads into the other."""
     model = stack_model(1, torch.float64)
     opt = MLFOPSOAP(
-        model.parameters(), accumulation_steps=2, precondition_frequency=2, batched=True
+        model.parameters(),
+        accumulation_steps=2,
+        enabled=True,
+        precondition_frequency=2,
+        batched=True,
     )
     train(model, opt, steps=3, k=2, seed=0)
     hidden = model[2].weight
@@ -226,7 +249,13 @@ def test_states_are_views_of_the_stacks_and_checkpoints_cross_engines():
         ckpt = torch.load(buf, weights_only=False)
         m = stack_model(9, torch.float64)
         m.load_state_dict(ckpt["model"])
-        o = MLFOPSOAP(m.parameters(), accumulation_steps=2, precondition_frequency=2, batched=flag)
+        o = MLFOPSOAP(
+            m.parameters(),
+            accumulation_steps=2,
+            enabled=True,
+            precondition_frequency=2,
+            batched=flag,
+        )
         o.load_state_dict(ckpt["opt"])
         train(m, o, steps=4, k=2, seed=5)
         results.append((m, o))
@@ -237,7 +266,9 @@ def test_states_are_views_of_the_stacks_and_checkpoints_cross_engines():
     torch.save(ob.state_dict(), buf2)
     buf2.seek(0)
     m3 = copy.deepcopy(mb)
-    o3 = MLFOPSOAP(m3.parameters(), accumulation_steps=2, precondition_frequency=2, batched=True)
+    o3 = MLFOPSOAP(
+        m3.parameters(), accumulation_steps=2, enabled=True, precondition_frequency=2, batched=True
+    )
     o3.load_state_dict(torch.load(buf2, weights_only=False))
     train(m3, o3, steps=2, k=2, seed=6)
     train(mb, ob, steps=2, k=2, seed=6)
@@ -286,6 +317,7 @@ def test_sharded_soap_batched_matches_per_block(structure):
         ps = [b.clone() for b in base]
         cfg = MLFOPConfig.from_kwargs(
             accumulation_steps=4,
+            enabled=True,
             structure=structure,
             precondition_frequency=2,
             weight_decay=0.05,
@@ -337,6 +369,7 @@ def _ops_per_step(
     params = [torch.randn(16, 16) for _ in range(layers)]
     cfg = MLFOPConfig.from_kwargs(
         accumulation_steps=4,
+        enabled=True,
         precondition_frequency=2,
         batched=batched,
         refresh_method=refresh_method,
@@ -422,6 +455,7 @@ def test_batched_engine_is_device_clean_and_fold_is_sync_free(refresh_method):
         opt = MLFOPSOAP(
             model.parameters(),
             accumulation_steps=4,
+            enabled=True,
             precondition_frequency=2,
             refresh_method=refresh_method,
             refresh_tolerance=0.03,  # the drift gate (and its parts) on the device too
@@ -566,7 +600,7 @@ def test_window_with_overflowing_sum_or_nan_micro_step_is_skipped(batched):
     """A NaN in one micro-step, or finite micro-steps whose sum overflows, skip the step."""
     for poison in ("nan", "overflow"):
         model = stack_model(0, torch.float32)
-        opt = MLFOPSOAP(model.parameters(), batched=batched, accumulation_steps=4)
+        opt = MLFOPSOAP(model.parameters(), batched=batched, accumulation_steps=4, enabled=True)
         train(model, opt, steps=2, k=4, seed=0)
         before = copy.deepcopy(opt.state_dict())
         params = list(model.parameters())
@@ -611,7 +645,7 @@ def _top_level_aten_events(fn) -> int:
 def _mlfop_events(layers: int, k: int) -> int:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(16, 16)) for _ in range(layers)]
-    opt = MLFOPSOAP(params, accumulation_steps=k, precondition_frequency=1000)
+    opt = MLFOPSOAP(params, accumulation_steps=k, enabled=True, precondition_frequency=1000)
     gen = torch.Generator().manual_seed(0)
 
     def window() -> None:
@@ -685,7 +719,9 @@ def test_default_order_matches_per_block_on_full_rank_factors():
 
     models = [model(0), model(0)]
     opts = [
-        _MLFOPSOAP(m.parameters(), batched=flag, weight_decay=0.1, accumulation_steps=2)
+        _MLFOPSOAP(
+            m.parameters(), batched=flag, weight_decay=0.1, accumulation_steps=2, enabled=True
+        )
         for m, flag in zip(models, (True, False))
     ]
     for m, o in zip(models, opts):

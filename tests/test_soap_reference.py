@@ -201,9 +201,7 @@ def test_tracked_estimates_equal_diag_in_basis(order, estimator, batched):
     part would be off by O(1). ``folded_mean_statistics``: the factors are fed the window's
     plain mean through the folder's rotated statistics (K=2, statistics_from="mean").
     """
-    opts = dict(
-        lr=1e-2, max_precond_dim=32, refresh_tolerance=1e-2, factor_estimator=estimator
-    )
+    opts = dict(lr=1e-2, max_precond_dim=32, refresh_tolerance=1e-2, factor_estimator=estimator)
     k = 1
     if order == "reference_order":
         opts.update(REFERENCE_ORDER, precondition_frequency=2)
@@ -218,7 +216,7 @@ def test_tracked_estimates_equal_diag_in_basis(order, estimator, batched):
     opt = MLFOPSOAP(params, batched=batched, **opts)
     checked = 0
     for _ in range(12):
-        for micro in range(k):
+        for _micro in range(k):
             for p in params:
                 p.grad = torch.randn(p.shape, dtype=torch.float64, generator=gen)
             if k > 1:

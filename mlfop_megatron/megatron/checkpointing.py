@@ -207,7 +207,7 @@ def _drop_derived_fields_absent_from(template: Any, path: str) -> None:
         if isinstance(node, dict):
             for key in [k for k, v in node.items() if absent(v)]:
                 del node[key]
-            children = node.values()
+            children: list[Any] = list(node.values())
         elif isinstance(node, list):
             children = node
         else:
