@@ -67,6 +67,7 @@ from mlfop_megatron.core.soap import (
     ensure_estimates,
     estimate_increments,
     floored_estimate,
+    reexpress_moment,
 )
 
 FIELDS = ("exp_avg", "exp_avg_sq", "L", "R", "QL", "QR", "DL", "DR", "master")
@@ -393,15 +394,12 @@ def _finish(job: _SideJob, host: list[list[int]] | None, counters: LinalgCounter
             v.copy_(torch.gather(v, 1, order[:, :, None].expand_as(v)))
         else:
             v.copy_(torch.gather(v, 2, order[:, None, :].expand_as(v)))
-    change = torch.matmul(_bt(new), old)  # old rotated coordinates -> new ones
-    if any(kept_old):  # exactly the identity where the previous basis was kept
-        mask = _on(kept_old, change.device)[:, None, None]
-        change = torch.where(mask, torch.eye(n, dtype=change.dtype, device=change.device), change)
     m = st["exp_avg"]
-    if job.dim == 0:
-        m.copy_(torch.matmul(change, m))
-    else:
-        m.copy_(torch.matmul(m, _bt(change)))
+    moved = reexpress_moment(m, old, new, job.dim)
+    if any(kept_old):  # exactly the old moment where the previous basis was kept
+        mask = _on(kept_old, m.device)[:, None, None]
+        moved = torch.where(mask, m, moved)
+    m.copy_(moved)
     old.copy_(new)
     _set_estimate(st, job.factor_key)
 

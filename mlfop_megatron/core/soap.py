@@ -319,15 +319,30 @@ def refresh_bases(
             new = robust_eigh_basis(state[factor_key], old, counters)
         if new is old:
             continue
-        change = new.T @ old  # maps old rotated coordinates to new rotated coordinates
-        if dim == 0:
-            state["exp_avg"] = change @ state["exp_avg"]
-        else:
-            state["exp_avg"] = state["exp_avg"] @ change.T
+        state["exp_avg"] = reexpress_moment(state["exp_avg"], old, new, dim)
         state[basis_key] = new
         set_estimates(state, factor_key)
         changed = True
     return changed
+
+
+def reexpress_moment(
+    m: torch.Tensor, old: torch.Tensor, new: torch.Tensor, dim: int
+) -> torch.Tensor:
+    """The first moment in rotated coordinates of basis ``old`` re-expressed in ``new``.
+
+    Side ``dim`` 0 (L): new^T old m; 1 (R): m old^T new ([..., r, c], batched or not). With k
+    the other side's size and n this one's, (new^T old) m costs n^3 + n^2 k multiply-adds and
+    new^T (old m) 2 n^2 k: the cheaper order is taken (the same values to rounding).
+    """
+    n, k = (m.shape[-2], m.shape[-1]) if dim == 0 else (m.shape[-1], m.shape[-2])
+    if dim == 0:
+        if k < n:
+            return torch.matmul(new.transpose(-2, -1), torch.matmul(old, m))
+        return torch.matmul(torch.matmul(new.transpose(-2, -1), old), m)
+    if k < n:
+        return torch.matmul(torch.matmul(m, old.transpose(-2, -1)), new)
+    return torch.matmul(m, torch.matmul(old.transpose(-2, -1), new))
 
 
 def adam_moments_update(
