@@ -92,12 +92,13 @@ class SOAPConfig:
     after the moment update), these check the bases every step, before the moment update, so
     the step's gradient is rotated by bases whose factors include it, as Megatron 0.19's SOAP
     does; a basis is refreshed only where it has drifted (``refresh_tolerance``: the share of
-    Q^T F Q off its diagonal above 0.03), which on the digits main job kept the quality of
-    refreshing every step with a quarter of the refreshes. There (``benchmarks/peers.py``,
-    three held-out seeds) these defaults took the final objective at batch 32 from 0.80
-    (reference defaults) to 0.56, past Megatron's SOAP (0.60) and Muon (0.60); at batch 128
-    Muon stays ahead (0.45 against 0.48). The first step still only collects
-    statistics: updating from it (Megatron's choice, ``first_step_update``) made the
+    Q^T F Q off its diagonal above 0.03, read from the tracked estimates diag(Q^T F Q): no
+    product with a factor on a step that refreshes nothing), which on the digits main job
+    kept the quality of refreshing every step with a quarter of the refreshes. There
+    (``benchmarks/peers.py``, three held-out seeds) these defaults took the final objective
+    at batch 32 from 0.80 (reference defaults) to 0.56, past Megatron's SOAP (0.60) and Muon
+    (0.60); at batch 128 Muon stays ahead (0.45 against 0.48). The first step still only
+    collects statistics: updating from it (Megatron's choice, ``first_step_update``) made the
     refresh-first order diverge on small batches.
     """
 
