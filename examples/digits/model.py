@@ -58,14 +58,20 @@ def build_model(spec: RunSpec, data: DigitsData) -> Any:
 
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
 
+    from .optimizers import check_layer_wise
+
+    check_layer_wise(spec)
+    # Megatron's layer-wise optimizer trains in bf16 (see optimizers.LAYER_WISE); else fp32.
+    dtype = torch.bfloat16 if spec.megatron_layer_wise else torch.float32
     config = TransformerConfig(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden,
         num_attention_heads=spec.heads,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        pipeline_dtype=torch.float32,
-        params_dtype=torch.float32,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
         # Weights from the CPU RNG on every device (then moved), so GPU, CPU and strict
         # emulated runs start from the same model.
         use_cpu_initialization=True,
@@ -92,18 +98,51 @@ def build_model(spec: RunSpec, data: DigitsData) -> Any:
         overlap_grad_reduce=True,
         use_distributed_optimizer=False,
     )
-    # Folding needs our DDP (level boundaries are sync points); AdamW and Megatron's own
-    # optimizers get Megatron's standard DDP.
-    ddp_class = (
-        FoldingDistributedDataParallel
-        if entry(spec.optimizer).folding_ddp
-        else DistributedDataParallel
-    )
-    ddp = ddp_class(config=config, ddp_config=ddp_config, module=model)
+    if spec.megatron_layer_wise:
+        ddp = layer_wise_ddp(spec, config, ddp_config, model)
+    else:
+        # Folding needs our DDP (level boundaries are sync points); AdamW and Megatron's own
+        # optimizers get Megatron's standard DDP.
+        ddp_class = (
+            FoldingDistributedDataParallel
+            if entry(spec.optimizer).folding_ddp
+            else DistributedDataParallel
+        )
+        ddp = ddp_class(config=config, ddp_config=ddp_config, module=model)
     # The hooks Megatron-LM's training loop installs, so the schedules drive the DDP buckets.
     config.no_sync_func = ddp.no_sync
     config.grad_sync_func = ddp.start_grad_sync
     config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def layer_wise_ddp(spec: RunSpec, config: Any, ddp_config: Any, model: Any) -> Any:
+    """The model as Megatron-LM 0.19's ``get_model`` wraps it for a layer-wise optimizer.
+
+    ``--bf16`` (``Float16Module``), the bucket size from its ``resolve_ddp_bucket_size``, then
+    its ``wrap_model_chunks_with_ddp``: with the per-bucket layout (``"layout"``) it tags the
+    params, computes LayerWiseDistributedOptimizer's layout and turns on
+    ``use_distributed_optimizer`` in DDP; ``"pingpong"`` passes
+    ``use_layer_wise_param_layout=False`` (``--no-use-layer-wise-param-layout``).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.module import Float16Module
+    from megatron.training.training import resolve_ddp_bucket_size, wrap_model_chunks_with_ddp
+
+    model = Float16Module(config, model)
+    ddp_config.bucket_size = resolve_ddp_bucket_size(
+        ddp_config,
+        ps.get_data_parallel_group(with_context_parallel=True),
+        ddp_config.overlap_grad_reduce,
+        sum(p.numel() for p in model.parameters()),
+    )
+    (ddp,) = wrap_model_chunks_with_ddp(
+        [model],
+        config,
+        ddp_config,
+        use_layer_wise_distributed_optimizer=True,
+        use_layer_wise_param_layout=spec.megatron_layer_wise == "layout",
+    )
     return ddp
 
 

@@ -18,12 +18,25 @@ Megatron routes embeddings, the output layer and every non-2-D param to Adam its
 megatron-core >= 0.19 with NVIDIA's emerging-optimizers 0.3.0 (``make setup-peers`` builds
 ``.venv-peers``). Not for peers: checkpoints (Megatron's SOAP cannot save its torch_dist
 optimizer state: factor shapes differ from the param's) and the grad-group diagnostics (ours).
+
+The peers' layer-wise distributed optimizer (``RunSpec.megatron_layer_wise``, see
+``LAYER_WISE``; benchmarks/peers_cost.py): Megatron-LM's ``--use-distributed-optimizer`` for an
+emerging optimizer, built as Megatron-LM 0.19's ``get_model`` builds it (its own
+``resolve_ddp_bucket_size`` and ``wrap_model_chunks_with_ddp``: params tagged, the
+LayerWiseDistributedOptimizer layout computed and handed to DDP) and
+``OptimizerConfig(use_layer_wise_distributed_optimizer=True)``, in bf16 (``--bf16``: with fp32
+params 0.19.2's ``get_megatron_optimizer`` fails, ``LAYER_WISE_FP32``). Two CPU stand-ins,
+for the CPU only: while the optimizer is built, ``Tensor.type()`` names emulated "cuda"
+tensors as CUDA ones (Megatron's DistributedOptimizer, which takes the non-matrix params,
+refuses anything but ``torch.cuda.*Tensor``), and for the ping-pong fallback gloo is given the
+all-gather of unequal sizes that NCCL runs and gloo refuses (``gloo_uneven_all_gather``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,16 +51,46 @@ PEER_CHECKPOINT_REASON = (
     "SOAP's torch_dist optimizer state cannot be saved: its factor shapes differ from the param's)"
 )
 
+# RunSpec.megatron_layer_wise -> what it builds (Megatron-LM's flags), peers only.
+LAYER_WISE = {
+    "": "plain path: use_distributed_optimizer=False, fp32",
+    "layout": "--use-distributed-optimizer --bf16: LayerWiseDistributedOptimizer, its "
+    "per-bucket layout (0.19's default)",
+    "pingpong": "--use-distributed-optimizer --no-use-layer-wise-param-layout --bf16: its "
+    "ping-pong fallback (all params in one layer-wise buffer, uneven all-gather)",
+}
+LAYER_WISE_FP32 = (
+    "megatron-core 0.19.2's layer-wise optimizer fails with fp32 params: it chains the bare "
+    "torch optimizers (no config) with a DistributedOptimizer, and ChainedOptimizer asserts "
+    "equal configs"
+)
+
+
+def check_layer_wise(spec: RunSpec) -> None:
+    """Refuse a ``megatron_layer_wise`` value that is unknown or set for one of ours."""
+    value = spec.megatron_layer_wise
+    if value not in LAYER_WISE:
+        raise ValueError(f"megatron_layer_wise={value!r}: expected one of {sorted(LAYER_WISE)}")
+    if value and TABLE[spec.optimizer].ours:
+        raise ValueError(
+            f"megatron_layer_wise={value!r} is for Megatron's peers; {spec.optimizer!r} shards "
+            "its state with the package's own layout"
+        )
+
 
 # ----------------------------------------------------------------------------------- builders
 def optimizer_config(spec: RunSpec, optimizer: str = "adam") -> Any:
     """The run's Megatron OptimizerConfig: lr, weight decay, Adam betas / eps, clipping, fp32.
 
     The same numbers for every entry (the Adam part of ours and of Megatron's peers); every
-    other field keeps Megatron's default (for the peers: ``soap_*`` and ``muon_*``).
+    other field keeps Megatron's default (for the peers: ``soap_*`` and ``muon_*``). A
+    layer-wise peer (``spec.megatron_layer_wise``) sets
+    ``use_layer_wise_distributed_optimizer`` and bf16, as Megatron-LM's arguments do.
     """
     from megatron.core.optimizer import OptimizerConfig
 
+    layer_wise = bool(spec.megatron_layer_wise)
+    extra = {"use_layer_wise_distributed_optimizer": True} if layer_wise else {}
     return OptimizerConfig(
         optimizer=optimizer,
         lr=spec.lr,
@@ -57,10 +100,76 @@ def optimizer_config(spec: RunSpec, optimizer: str = "adam") -> Any:
         adam_beta2=0.95,
         adam_eps=1e-8,
         clip_grad=spec.clip_grad,
-        bf16=False,
+        bf16=layer_wise,
         fp16=False,
         use_distributed_optimizer=False,
+        **extra,
     )
+
+
+@contextlib.contextmanager
+def cuda_type_names_on_cpu() -> Iterator[None]:
+    """Under the CPU emulation: ``Tensor.type()`` says ``torch.cuda.<T>Tensor`` (see module).
+
+    Megatron's DistributedOptimizer sorts params by ``param.type()`` when it is built and
+    raises for anything but CUDA tensors; with the CPU emulation every "cuda" tensor is a CPU
+    one. Nothing changes without the emulation, and nothing outside the block.
+    """
+    import torch
+
+    from mlfop_megatron.runtime.cpu_emulation import is_cpu_emulation_installed
+
+    if not is_cpu_emulation_installed():
+        yield
+        return
+    real = torch.Tensor.type
+
+    def cuda_type(self: Any, *args: Any, **kwargs: Any) -> Any:
+        name = real(self, *args, **kwargs)
+        if args or kwargs or name.startswith("torch.cuda."):
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = cuda_type  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = real  # type: ignore[method-assign]
+
+
+def gloo_uneven_all_gather() -> None:
+    """Let ``torch.distributed.all_gather`` take unequal sizes on gloo (CPU runs only).
+
+    The layer-wise ping-pong fallback all-gathers each rank's flattened params, unequal in
+    size: NCCL runs that, gloo refuses it. On a gloo group with unequal sizes the call pads to
+    the largest, gathers and copies each piece back; any other call is unchanged. Installed
+    once per process, before any counting, so ``comm_counter`` counts the call's own
+    (unpadded) sizes, as NCCL moves them.
+    """
+    import torch
+    import torch.distributed as dist
+
+    real = dist.all_gather
+    if getattr(real, "uneven_on_gloo", False):
+        return
+
+    def all_gather(
+        tensor_list: list[Any], tensor: Any, group: Any = None, async_op: bool = False
+    ) -> Any:
+        sizes = {t.numel() for t in tensor_list} | {tensor.numel()}
+        if len(sizes) == 1 or async_op or dist.get_backend(group) != "gloo":
+            return real(tensor_list, tensor, group=group, async_op=async_op)
+        n = max(sizes)
+        src = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+        src[: tensor.numel()].copy_(tensor.reshape(-1))
+        padded = [torch.empty_like(src) for _ in tensor_list]
+        real(padded, src, group=group)
+        for out, got in zip(tensor_list, padded):
+            out.view(-1).copy_(got[: out.numel()])
+        return None
+
+    all_gather.uneven_on_gloo = True  # type: ignore[attr-defined]
+    dist.all_gather = all_gather
 
 
 def build_mlfop(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
@@ -108,7 +217,14 @@ def build_megatron_emerging(name: str) -> Callable[[RunSpec, Any, int], Any]:
     def build(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
         from megatron.core.optimizer import get_megatron_optimizer
 
-        optimizer = get_megatron_optimizer(optimizer_config(spec, name), [model])
+        check_layer_wise(spec)
+        layer_wise = contextlib.nullcontext()
+        if spec.megatron_layer_wise:
+            layer_wise = cuda_type_names_on_cpu()
+            if spec.megatron_layer_wise == "pingpong":
+                gloo_uneven_all_gather()
+        with layer_wise:
+            optimizer = get_megatron_optimizer(optimizer_config(spec, name), [model])
         # What Megatron-LM's OptimizerParamScheduler writes into every group at each step
         # (the demo keeps weight decay constant, so once): weight_decay = wd * wd_mult
         # (wd_mult 0 for biases and 1-D params, Megatron's standard overrides).

@@ -121,6 +121,11 @@ class RunSpec:
     statistics_from: str = "folded"  # FoldingConfig.statistics_from: "folded" | "mean"
     # SOAP options of ours (SOAPConfig field -> value) over the demo's; benchmarks/peers.py
     soap_options: tuple[tuple[str, Any], ...] = ()
+    # Megatron's peers only (optimizers.LAYER_WISE): "" the plain path (the table's default),
+    # "layout" Megatron-LM's --use-distributed-optimizer (LayerWiseDistributedOptimizer on its
+    # per-bucket layout), "pingpong" that with --no-use-layer-wise-param-layout (its fallback).
+    # Both train the model in bf16 (--bf16): 0.19.2's layer-wise optimizer fails in fp32.
+    megatron_layer_wise: str = ""
 
 
 def fold_levels(spec: RunSpec, dp: int) -> list[int]:

@@ -10,12 +10,22 @@ size (each non-root receives it once), where n is the group size and size is in 
 Calls on a group of one rank (e.g. Megatron's vocab-parallel cross entropy at TP=1) move
 nothing and are counted apart, in ``trivial``. Works with any backend; nothing is estimated
 from a formula of the model.
+
+Modules that bound a collective to a name of their own at import are not seen through
+``torch.distributed``: megatron-core's DDP buffers call ``dist_all_gather_func`` /
+``dist_reduce_scatter_func`` (``param_and_grad_buffer``, the param all-gathers and grad
+reduce-scatters of its DistributedOptimizer and LayerWiseDistributedOptimizer layouts), and its
+tensor-parallel mappings do the same. ``count_collectives(rebind_in=MEGATRON_IMPORT_BINDINGS)``
+counts those too: inside the block, every attribute of those modules that *is* one of the
+wrapped collectives is replaced by its counted version. ``observe`` sees every counted launch
+(kind, bytes, args, kwargs), e.g. to attribute launches to a buffer or a phase.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +98,16 @@ _WRAPPED: dict[str, tuple[str, Callable[[tuple, dict], tuple[int, int]]]] = {
 }
 
 
+# Modules of megatron-core (0.16-0.19) that bind torch.distributed collectives at import.
+MEGATRON_IMPORT_BINDINGS = (
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.tensor_parallel.mappings",
+)
+
+# (kind, bytes sent, args, kwargs) of one counted launch
+Observer = Callable[[str, int, tuple, dict], None]
+
+
 @dataclass
 class CollectiveCounts:
     """Launches and bytes sent by this rank, per collective kind."""
@@ -113,8 +133,15 @@ class CollectiveCounts:
 
 
 @contextmanager
-def count_collectives() -> Iterator[CollectiveCounts]:
-    """Count every collective launched inside the block on this rank (see module)."""
+def count_collectives(
+    observe: Observer | None = None, rebind_in: Sequence[str] = ()
+) -> Iterator[CollectiveCounts]:
+    """Count every collective launched inside the block on this rank (see module).
+
+    ``observe(kind, sent, args, kwargs)`` is called for every counted launch (not for calls on
+    one-rank groups). ``rebind_in``: names of modules whose import-time bindings of the
+    collectives are counted too (loaded ones only; see ``MEGATRON_IMPORT_BINDINGS``).
+    """
     counts = CollectiveCounts()
     originals = {name: getattr(dist, name) for name in _WRAPPED if hasattr(dist, name)}
 
@@ -127,6 +154,8 @@ def count_collectives() -> Iterator[CollectiveCounts]:
             n, sent_bytes = sent(args, kwargs)
             if n > 1:
                 counts.add(kind, sent_bytes)
+                if observe is not None:
+                    observe(kind, sent_bytes, args, kwargs)
             else:
                 counts.trivial += 1
             _LOCAL.depth = 1
@@ -137,10 +166,21 @@ def count_collectives() -> Iterator[CollectiveCounts]:
 
         return counted
 
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
+    wrapped = {name: wrap(name, fn) for name, fn in originals.items()}
+    by_id = {id(fn): wrapped[name] for name, fn in originals.items()}
+    rebound: list[tuple[Any, str, Any]] = []  # (module, attribute, original)
+    for module_name in rebind_in:
+        module = sys.modules.get(module_name)
+        for attr, value in list(vars(module).items()) if module is not None else ():
+            if id(value) in by_id and not attr.startswith("__"):
+                rebound.append((module, attr, value))
+                setattr(module, attr, by_id[id(value)])
+    for name in originals:
+        setattr(dist, name, wrapped[name])
     try:
         yield counts
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+        for module, attr, value in rebound:
+            setattr(module, attr, value)
