@@ -64,7 +64,11 @@ NOTES = [
     "and 2 only; the rows run again here have 1, 2 and 3. The batch-128 cells first ran the "
     "grid 5e-3..2e-2, where every row chose the lowest lr; 2e-3 was then added for every "
     "row, so each row's lr is chosen from 2e-3..2e-2 there too. The mixed layout at batch "
-    "128 was not run (its table is empty).",
+    "128 ran later (2026-12-07) for the peers, AdamW and our two default rows only, on the "
+    "grid 2e-3..1e-2 (no row chose the grid's top at by-modality 128), with the code that "
+    "tracks diag(Q^T F Q) (the same arithmetic as before in exact terms; rounding differs). "
+    "The by-modality batch-128 rows also hold 5e-2 and 1e-1 runs (the stability section), "
+    "outside this grid. ms/step in that cell is from runs sharing the machine with tests.",
     "",
     "Caveat, recorded as it happened: `soap-f1+first+order` and `mlfop-f1+first+order` chose "
     "their lr on seed 0 with the code of the time (0.547 and 0.549 there), and their held-out "
