@@ -31,7 +31,7 @@ from benchmarks.batched_engine import llama_blocks
 from benchmarks.common import RESULTS, cpu_model, log, replace_section, timed
 from mlfop_megatron.core.batched import BatchedBlocks, compute_bases
 from mlfop_megatron.core.linalg import LinalgCounters, diag_in_basis, off_diagonal_share
-from mlfop_megatron.core.soap import estimate_increments
+from mlfop_megatron.core.soap import ema_update, estimate_increments
 from mlfop_megatron.optim import MLFOPSOAP
 
 SECTION = "## Drift-gated refresh: what the gate costs (batched engine, CPU)"
@@ -125,9 +125,8 @@ def run_case(name: str, shapes: list[tuple[int, int]], repeats: int) -> list[obj
 
     def upkeep() -> None:
         for c, x in zip(engine.classes, xs):
-            for key, inc in zip(("DL", "DR"), estimate_increments(c.tensors, x, c.cfg)):
-                if inc is not None:
-                    c.tensors[key].mul_(0.95).add_(inc, alpha=0.05)
+            est_l, est_r = estimate_increments(c.tensors, x, c.cfg)
+            ema_update(c.tensors, 0.95, {"DL": est_l, "DR": est_r})
 
     keep = median_time(upkeep, repeats, restore)
     log(

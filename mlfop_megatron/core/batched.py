@@ -64,6 +64,7 @@ from mlfop_megatron.core.linalg import (
 from mlfop_megatron.core.soap import (
     State,
     adam_moments_update,
+    ema_update,
     ensure_estimates,
     estimate_increments,
     floored_estimate,
@@ -228,14 +229,8 @@ class ShapeClass:
                 st["R"].mul_(beta).baddbmm_(_bt(grad), grad, alpha=1.0 - beta)
         else:
             inc_l, inc_r = self._kl_increments(grad, first=first)
-            if inc_l is not None:
-                st["L"].mul_(beta).add_(inc_l, alpha=1.0 - beta)
-            if inc_r is not None:
-                st["R"].mul_(beta).add_(inc_r, alpha=1.0 - beta)
-        if est_l is not None:
-            st["DL"].mul_(beta).add_(est_l, alpha=1.0 - beta)
-        if est_r is not None:
-            st["DR"].mul_(beta).add_(est_r, alpha=1.0 - beta)
+            ema_update(st, beta, {"L": inc_l, "R": inc_r})
+        ema_update(st, beta, {"DL": est_l, "DR": est_r})
 
     def write_scalars(self) -> None:
         """Mirror the class's step and initialized flag into every block's state dict."""

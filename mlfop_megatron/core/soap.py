@@ -118,16 +118,6 @@ def ensure_estimates(state: State) -> None:
             state[est_key] = diag_in_basis(state[factor_key], state[basis_key])
 
 
-def rotated_square_sums(rotated: torch.Tensor, dim: int) -> torch.Tensor:
-    """Row (``dim`` 0) or column (1) sums of rot(G)^2 over the last two dims.
-
-    For orthogonal QL, QR: diag(QL^T G G^T QL) is the row sums of (QL^T G QR)^2 and
-    diag(QR^T G^T G QR) the column sums, so the estimates follow a factor update from the
-    rotated gradient alone, without a product with the factor.
-    """
-    return rotated.square().sum(dim=-1 if dim == 0 else -2)
-
-
 def rotate(x: torch.Tensor, state: State) -> torch.Tensor:
     """rot(X) = QL^T X QR (identity on a side without a basis)."""
     if "QL" in state:
@@ -207,19 +197,18 @@ def estimate_increments(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """diag(Q^T inc Q) of each side's factor increment, from rot(G) = QL^T G QR alone.
 
-    Shampoo: row / column sums of rot(G)^2 (:func:`rotated_square_sums`). KL-Shampoo
+    For orthogonal QL, QR, diag(QL^T G G^T QL) is the row sums of rot(G)^2 and
+    diag(QR^T G^T G QR) its column sums, so the estimates follow a factor update without a
+    product with the factor. Shampoo: those sums. KL-Shampoo
     (:func:`kl_factor_increments`): QL^T (G QR) diag(1/lam_R) (G QR)^T QL has the diagonal
     sum_j rot(G)_ij^2 / lam_R,j, divided by n as the increment is (and likewise for R);
     ``first``: the rms(G) scaling of the first update. ``rotated`` is [..., r, c].
     """
     has_l, has_r = "DL" in state, "DR" in state
+    sq = rotated.square()  # one class-stack temporary, both sides summed from it
     if cfg.factor_estimator != "kl":
-        return (
-            rotated_square_sums(rotated, 0) if has_l else None,
-            rotated_square_sums(rotated, 1) if has_r else None,
-        )
+        return (sq.sum(dim=-1) if has_l else None, sq.sum(dim=-2) if has_r else None)
     rows, cols = rotated.shape[-2:]
-    sq = rotated.square()
     if first:
         c = (sq.sum(dim=(-2, -1)).sqrt() / math.sqrt(rows * cols)).clamp_min(cfg.eps)
         c = c[..., None]
@@ -234,6 +223,13 @@ def estimate_increments(
         weighted = sq / floored_estimate(state["DL"], cfg)[..., :, None] if has_l else sq
         inc_r = weighted.sum(dim=-2) / rows
     return inc_l, inc_r
+
+
+def ema_update(state: State, beta: float, increments: dict[str, torch.Tensor | None]) -> None:
+    """state[key] <- beta state[key] + (1-beta) inc, for every key with an increment."""
+    for key, inc in increments.items():
+        if inc is not None:
+            state[key].mul_(beta).add_(inc, alpha=1.0 - beta)
 
 
 def update_factors(
@@ -266,14 +262,8 @@ def update_factors(
             state["R"].mul_(beta).addmm_(grad.T, grad, alpha=1.0 - beta)
     else:
         inc_l, inc_r = kl_factor_increments(state, grad, cfg, first=first)
-        if inc_l is not None:
-            state["L"].mul_(beta).add_(inc_l, alpha=1.0 - beta)
-        if inc_r is not None:
-            state["R"].mul_(beta).add_(inc_r, alpha=1.0 - beta)
-    if est_l is not None:
-        state["DL"].mul_(beta).add_(est_l, alpha=1.0 - beta)
-    if est_r is not None:
-        state["DR"].mul_(beta).add_(est_r, alpha=1.0 - beta)
+        ema_update(state, beta, {"L": inc_l, "R": inc_r})
+    ema_update(state, beta, {"DL": est_l, "DR": est_r})
 
 
 def set_estimates(state: State, side: str | None = None) -> None:
