@@ -1,14 +1,21 @@
 """Part (b) of the folding benchmark: training runs on the digits demo, both layouts, two batches.
 
-Every row (AdamW, SOAP, PCGrad + AdamW, ML-FOP-SOAP variants) in every cell (micro-batch layout
-x base / large batch) gets its peak lr from the same grid, chosen on the first seed by the
-lowest final train loss (balanced: mean of the image and text token-mean losses), then runs the
-other seeds at that lr. The large batch is ``large_factor`` x more accumulation micro-steps and
-``large_factor`` x fewer steps: the same samples. Runs of one phase share one spawned gloo
-world (no per-run start-up); each keeps its folder and result.json under ``--out``.
+Every row (AdamW, SOAP, PCGrad + AdamW, ML-FOP-SOAP variants, Megatron's own SOAP and Muon) in
+every cell (micro-batch layout x base / large batch) gets its peak lr from the same grid, chosen
+on the first seed by the lowest final train loss (balanced: mean of the image and text
+token-mean losses), then runs the other seeds at that lr. The large batch is ``large_factor`` x
+more accumulation micro-steps and ``large_factor`` x fewer steps: the same samples. Runs of one
+phase share one spawned gloo world (no per-run start-up); each keeps its folder and result.json
+under ``--out``.
+
+Megatron's peers (``PEERS``: the entries of examples/digits/optimizers.py ``TABLE`` that are not
+ours) are built by that table; a peer that cannot run in this Python (``entry(name).missing()``,
+e.g. no emerging-optimizers) is dropped from the run, its reason logged, recorded under
+``"skipped"`` and printed in the report.
 
 Sample-efficiency ratio per seed: steps for AdamW to reach its own final train loss (trailing
-mean over the last 10% of steps) / steps for the row to reach it (> 1: fewer samples).
+mean over the last 10% of steps) / steps for the row to reach it (> 1: fewer samples). Where
+peers ran, the same ratios against the best peer of each cell (lower final balanced loss).
 """
 
 from __future__ import annotations
@@ -25,12 +32,23 @@ from typing import Any
 
 from benchmarks.conflict import FOLD_VARIANTS, variant_run_spec
 from examples.digits import rundir
+from examples.digits.optimizers import TABLE
 from examples.digits.spec import RunSpec, fold_levels, metric_columns
 from mlfop_megatron.config import REFERENCE_SOAP
 
 KEYS = ("image_loss", "text_loss", "loss")  # per modality, then overall (token mean)
 KEY_NAMES = {"image_loss": "image", "text_loss": "text", "loss": "overall"}
-NAMES = {"adamw": "AdamW", "soap": "SOAP (folding off)", "pcgrad": "PCGrad + AdamW"}
+NAMES = {
+    "adamw": "AdamW",
+    "soap": "SOAP (folding off)",
+    "pcgrad": "PCGrad + AdamW",
+    "megatron-soap": "Megatron SOAP",
+    "megatron-muon": "Megatron Muon",
+}
+# Megatron's own optimizers: the table's entries that are not ours; a row each.
+PEERS = tuple(name for name, e in TABLE.items() if not e.ours)
+# Every row part (b) knows: --training-rows is checked against these.
+KNOWN_ROWS = ("adamw", "soap", "pcgrad", *(v.label for v in FOLD_VARIANTS), *PEERS)
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,7 @@ class TrainingPlan:
         "pcgrad",
         FOLD_VARIANTS[0].label,  # the default folding options
         FOLD_VARIANTS[-1].label,  # FOP as published
+        *PEERS,
     )
     log_every: int = 0
 
@@ -68,7 +87,7 @@ SMOKE_TRAINING = TrainingPlan(
     lr_grid=(1e-2,),
     layouts=("by-modality",),
     batches=("base",),
-    rows=("adamw", "soap", "pcgrad", "fop-last-eta-mean"),
+    rows=("adamw", "soap", "pcgrad", "fop-last-eta-mean", "megatron-soap"),
 )
 
 
@@ -88,10 +107,18 @@ class Job:
 
 
 def row_spec(base: RunSpec, label: str) -> RunSpec:
-    """The spec of a row: AdamW (also under PCGrad), SOAP or an ML-FOP-SOAP variant."""
+    """The spec of a row: AdamW (also under PCGrad), SOAP, an ML-FOP-SOAP variant or a peer."""
+    if label in PEERS:  # Megatron's own defaults: our SOAP options do not apply
+        return replace(base, optimizer=label, soap_options=())
     if label in ("adamw", "pcgrad", "soap"):
         return replace(base, optimizer="soap" if label == "soap" else "adamw")
     return variant_run_spec(base, label)
+
+
+def missing_rows(rows: Sequence[str]) -> dict[str, str]:
+    """{row: why it cannot run in this Python} for the peers among ``rows`` that cannot."""
+    reasons = {label: TABLE[label].missing() for label in rows if label in PEERS}
+    return {label: reason for label, reason in reasons.items() if reason is not None}
 
 
 def make_job(
@@ -182,15 +209,23 @@ def balanced_final(result: dict[str, Any]) -> float:
 
 
 def run_training(plan: TrainingPlan, out: Path, nproc: int, resume: bool, log: Any) -> dict:
-    """Phase 1: the lr grid of every row and cell on the first seed; phase 2: other seeds."""
+    """Phase 1: the lr grid of every row and cell on the first seed; phase 2: other seeds.
+
+    Rows that cannot run here (``missing_rows``) are left out, with their reason under
+    ``"skipped"``.
+    """
     threads = max(1, (os.cpu_count() or 1) // nproc)
     t0 = time.perf_counter()
     first = plan.seeds[0]
+    skipped = missing_rows(plan.rows)
+    for label, reason in skipped.items():
+        log(f"training: skipping {label}: {reason}")
+    rows = [label for label in plan.rows if label not in skipped]
     grid_jobs = [
         make_job(plan, out, layout, batch, label, lr, first, threads)
         for layout in plan.layouts
         for batch in plan.batches
-        for label in plan.rows
+        for label in rows
         for lr in plan.lr_grid
     ]
     log(f"training phase 1: {len(grid_jobs)} lr-grid runs (seed {first})")
@@ -206,7 +241,7 @@ def run_training(plan: TrainingPlan, out: Path, nproc: int, resume: bool, log: A
         make_job(plan, out, layout, batch, label, chosen[f"{layout}|{batch}"][label], seed, threads)
         for layout in plan.layouts
         for batch in plan.batches
-        for label in plan.rows
+        for label in rows
         for seed in plan.seeds[1:]
     ]
     log(f"training phase 2: {len(seed_jobs)} runs (other seeds at the chosen lr)")
@@ -217,6 +252,7 @@ def run_training(plan: TrainingPlan, out: Path, nproc: int, resume: bool, log: A
         "chosen_lr": chosen,
         "grid": [_slim(r) for r in grid],
         "runs": runs,
+        "skipped": skipped,
         "wall_s": time.perf_counter() - t0,
     }
 
@@ -229,6 +265,55 @@ def _find(results: list[dict[str, Any]], cell: str, label: str, lr: float) -> di
 
 def _slim(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "rows"}
+
+
+def same_plan_but_rows(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether two part (b) results ran the same plan (sizes, seeds, grid, cells) but the rows."""
+
+    def sizes(res: dict[str, Any]) -> Any:
+        return json.loads(json.dumps({k: v for k, v in res["plan"].items() if k != "rows"}))
+
+    return sizes(old) == sizes(new)
+
+
+def merge_rows(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` plus the rows of ``old`` that ``new`` did not run (same plan but the rows).
+
+    Rows ``new`` ran come from ``new``; a row it skipped keeps ``old``'s runs. The plan lists
+    ``old``'s rows, then the new ones. Walls add up; the command names both invocations.
+    """
+    skipped_now = new.get("skipped", {})
+    ran = [label for label in new["plan"]["rows"] if label not in skipped_now]
+    kept = [label for label in old["plan"]["rows"] if label not in ran]
+    if not any(r["label"] in kept for r in old["runs"]):
+        return new
+    rows = [
+        *old["plan"]["rows"],
+        *(lb for lb in new["plan"]["rows"] if lb not in old["plan"]["rows"]),
+    ]
+    chosen = {
+        cell: {
+            **{lb: lr for lb, lr in old["chosen_lr"].get(cell, {}).items() if lb in kept},
+            **new["chosen_lr"].get(cell, {}),
+        }
+        for cell in {**old["chosen_lr"], **new["chosen_lr"]}
+    }
+    merged = {
+        **new,
+        "plan": {**new["plan"], "rows": rows},
+        "chosen_lr": chosen,
+        "grid": [r for r in old["grid"] if r["label"] in kept] + new["grid"],
+        "runs": [r for r in old["runs"] if r["label"] in kept] + new["runs"],
+    }
+    has_runs = {r["label"] for r in merged["runs"]}
+    skipped = {**old.get("skipped", {}), **skipped_now}
+    merged["skipped"] = {lb: why for lb, why in skipped.items() if lb not in has_runs}
+    for key in ("wall_s", "part_wall_s"):
+        if key in old and key in new:
+            merged[key] = old[key] + new[key]
+    if "command" in old and "command" in new:
+        merged["command"] = f"{old['command']}, then {new['command']}"
+    return merged
 
 
 # ------------------------------------------------------------------------------- analysis
@@ -372,8 +457,26 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
+def balanced_mean(entry: dict[str, Any]) -> float:
+    """Mean over seeds of a row's final balanced train loss (``balanced_final``; NaN: worst)."""
+    finals = entry["final"]
+    values = [0.5 * (a + b) for a, b in zip(finals["image_loss"], finals["text_loss"])]
+    m = statistics.fmean(values) if values else math.inf
+    return m if math.isfinite(m) else math.inf
+
+
+def best_peer(table: dict[str, Any]) -> str | None:
+    """The Megatron peer of a cell with the lower final balanced train loss (None: no peer)."""
+    peers = [label for label in PEERS if label in table]
+    return min(peers, key=lambda label: balanced_mean(table[label])) if peers else None
+
+
 def analyse_training(bench: dict[str, Any]) -> dict[str, Any]:
-    """Per cell and row: final losses over seeds, ratios vs AdamW and vs SOAP (paired by seed)."""
+    """Per cell and row: final losses over seeds, ratios vs AdamW, SOAP and the best peer.
+
+    Ratios are paired by seed; ``vs_peer`` (every row but the best peer itself) only in cells
+    where a Megatron peer ran.
+    """
     out: dict[str, Any] = {}
     for cell in sorted({r["cell"] for r in bench["runs"]}):
         groups: dict[str, dict[int, dict[str, Any]]] = {}
@@ -402,13 +505,28 @@ def analyse_training(bench: dict[str, Any]) -> dict[str, Any]:
             if "soap" in groups and label != "soap":
                 entry["vs_soap"] = compare(by_seed, groups["soap"])
             table[label] = entry
+        peer = best_peer(table)
+        if peer is not None:
+            for label in table:
+                if label != peer:
+                    table[label]["vs_peer"] = compare(groups[label], groups[peer])
         out[cell] = table
     return out
 
 
+def skipped_lines(bench: dict[str, Any]) -> list[str]:
+    """Markdown: one line per row left out because it cannot run here, with its reason."""
+    skipped = bench.get("skipped", {})
+    if not skipped:
+        return []
+    return ["", "Rows not run here:", ""] + [
+        f"- {name_of(label)} (`{label}`): {reason}" for label, reason in skipped.items()
+    ]
+
+
 def training_section(bench: dict[str, Any], res: dict[str, Any]) -> list[str]:
-    """Markdown: per cell, final losses, ratios vs AdamW, ML-FOP-SOAP rows vs SOAP."""
-    lines: list[str] = []
+    """Markdown: skipped rows; per cell, final losses, ratios vs AdamW, the best peer, SOAP."""
+    lines = skipped_lines(bench)
     rows = bench["plan"]["rows"]
     for cell, table in res.items():
         layout, batch = cell.split("|")
@@ -422,6 +540,15 @@ def training_section(bench: dict[str, Any], res: dict[str, Any]) -> list[str]:
         lines += final_table(table, present)
         lines += ["", "Ratios vs AdamW (AdamW steps / row steps to AdamW's final loss):", ""]
         lines += ratio_table(table, present)
+        peer = best_peer(table)
+        if peer is not None:
+            lines += [
+                "",
+                f"Ratios vs the best Megatron peer of this cell, {name_of(peer)} (lower final "
+                f"balanced train loss; {name_of(peer)} steps / row steps to its final loss):",
+                "",
+            ]
+            lines += ratio_table(table, present, "vs_peer")
         folds = [lb for lb in present if lb.startswith("fop-") or lb == "pcgrad"]
         if folds and "soap" in table:
             lines += ["", "Against SOAP's final loss (SOAP steps / row steps):", ""]

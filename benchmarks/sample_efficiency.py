@@ -5,7 +5,8 @@
     variant; per-modality loss change on a fixed probe set; paired sign test.
 (b) ``training`` (benchmarks/fold_training.py): training runs of the digits demo, both
     micro-batch layouts, base and 8x batch, AdamW / SOAP / PCGrad + AdamW / ML-FOP-SOAP
-    variants, every row's lr chosen on the same grid per cell, several seeds.
+    variants / Megatron's own SOAP and Muon (skipped, with the reason, where they cannot run),
+    every row's lr chosen on the same grid per cell, several seeds.
 (c) ``synthetic`` (benchmarks/fold_synthetic.py): two regression tasks whose gradients meet at
     a controlled angle, the same optimizers.
 
@@ -17,7 +18,9 @@ Run from the repository root (the demo and the benchmark are imported as package
     python -m benchmarks.sample_efficiency --report-only        # tables from <out>/results.json
 
 Results: ``<out>/results.json`` and, unless --smoke / --no-write, the section below in
-benchmarks/RESULTS.md (the parts run in this invocation replace theirs; others are kept).
+benchmarks/RESULTS.md (the parts run in this invocation replace theirs; others are kept). With
+--resume, part (b) adds its rows to the saved part (b) of the same plan: a run of some rows
+(``--training-rows megatron-soap,megatron-muon --resume``) keeps the saved runs of the others.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from typing import Any
 
 from benchmarks import fold_lookahead, fold_synthetic, fold_training
 from benchmarks.common import RESULTS, elapsed, log, machine_facts, package_version, replace_section
-from benchmarks.conflict import FOLD_VARIANTS
 from examples.digits import rundir
 
 SECTION = "## Sample efficiency: when does the folding help (digits image+text and synthetic, CPU)"
@@ -65,10 +67,10 @@ def plans(args: argparse.Namespace) -> dict[str, Any]:
         training = replace(training, layouts=tuple(args.training_layouts.split(",")))
     if args.training_rows is not None:
         rows = tuple(args.training_rows.split(","))
-        known = {"adamw", "soap", "pcgrad", *(v.label for v in FOLD_VARIANTS)}
-        if set(rows) - known:
+        known = fold_training.KNOWN_ROWS
+        if set(rows) - set(known):
             raise SystemExit(
-                f"--training-rows: unknown {sorted(set(rows) - known)}; known {sorted(known)}"
+                f"--training-rows: unknown {sorted(set(rows) - set(known))}; known {list(known)}"
             )
         training = replace(training, rows=rows)
     return {
@@ -208,10 +210,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--training-rows",
         default=None,
-        help="(b) rows, comma list of adamw, soap, pcgrad and fold-variant labels "
-        "(benchmarks/conflict.py FOLD_VARIANTS)",
+        help="(b) rows, comma list of adamw, soap, pcgrad, fold-variant labels "
+        "(benchmarks/conflict.py FOLD_VARIANTS) and Megatron's peers (megatron-soap, "
+        "megatron-muon)",
     )
-    ap.add_argument("--resume", action="store_true", help="(b) reuse runs with a result.json")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="(b) reuse runs with a result.json, and keep the saved part (b) rows this run "
+        "does not run (same plan otherwise)",
+    )
     ap.add_argument(
         "--report-only", action="store_true", help="no runs: tables from <out>/results.json"
     )
@@ -231,6 +239,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def keep_training_rows(previous: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+    """``fresh`` with part (b) merged into the saved part (b) of the same plan (other rows kept)."""
+    old, new = previous.get("training"), fresh.get("training")
+    if old is None or new is None:
+        return fresh
+    if not fold_training.same_plan_but_rows(old, new):
+        log("part training: the saved results have another plan; replaced, not merged")
+        return fresh
+    merged = fold_training.merge_rows(old, new)
+    log(f"part training: rows {merged['plan']['rows']} (saved rows kept, this run's added)")
+    return {**fresh, "training": merged}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or reload) the parts, print the report, update RESULTS.md."""
     from examples.digits.cli import quiet_warnings
@@ -247,12 +268,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts = [p for p in PARTS if p in args.parts.split(",")]
         log(f"machine: {machine_line(args.nproc)}")
         fresh = run_parts(args, parts)
-        results = {**(previous["results"] if not args.smoke else {}), **fresh}
         command = "python -m benchmarks.sample_efficiency " + " ".join(
             sys.argv[1:] if argv is None else list(argv)
         )
         for part in fresh.values():
             part["command"] = command.strip()
+        if args.resume and not args.smoke:
+            fresh = keep_training_rows(previous["results"], fresh)
+        results = {**(previous["results"] if not args.smoke else {}), **fresh}
         meta = {
             "command": command.strip(),
             "wall_s": elapsed(),
