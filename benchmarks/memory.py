@@ -2,10 +2,11 @@
 
 Runs the tiny Megatron GPT (tests/support/tiny_gpt.py) in ``FoldingDistributedDataParallel``
 with ``get_mlfop_optimizer(..., sharded=True)`` (SOAP state sharded by block over DP, ZeRO-1
-Adam for the non-matrix params) at DP = 1, 2, 4 on gloo ranks with the CPU emulation. After
-two warm-up iterations (every persistent buffer and the SOAP metric exist), one whole
-accumulation window (K forward/backward micro-steps; level reduce-scatters and folds at the
-level boundaries) and the optimizer step run under
+Adam for the non-matrix params) at DP = 1, 2, 4 on gloo ranks with the CPU emulation, with
+multi-level folding on and off (the package default: one level, no fold). After two warm-up
+iterations (every persistent buffer and the SOAP metric exist), one whole accumulation window
+(K forward/backward micro-steps; level reduce-scatters and folds at the level boundaries, or
+folding off one reduce-scatter after the last) and the optimizer step run under
 ``torch.distributed._tools.mem_tracker.MemTracker``.
 
 Categories. Before the tracker is entered every live tensor (``gc``) is registered with it by
@@ -30,6 +31,7 @@ launch of a level's reduce-scatter, ``fold``, the chain's ``grad stats``, ``SOAP
 live at the peak.
 
     python -m benchmarks.memory                 # DP 1, 2, 4 at hidden 256, 2 layers, K=8
+    python -m benchmarks.memory --folding off   # folding off only (default: both)
     python -m benchmarks.memory --write         # also replace the RESULTS.md section
 """
 
@@ -288,7 +290,9 @@ def measure_rank(spec: dict[str, Any]) -> dict[str, Any]:
         lr=lr,
         precondition_frequency=spec["precondition_frequency"],
         accumulation_steps=k,
-        enabled=True,  # the window with its level reduce-scatters and folds
+        # on: the window with its level reduce-scatters and folds; off (the package default):
+        # one level, reduced once after the last micro-step
+        enabled=bool(spec.get("folding", True)),
     )
     opt_config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.01, bf16=False)
     optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True)
@@ -400,6 +404,7 @@ def measure_rank(spec: dict[str, Any]) -> dict[str, Any]:
     }
     return {
         "ok": bool(ok),
+        "folding": bool(spec.get("folding", True)),
         "others": sorted(others, reverse=True)[:8],
         "rank": torch.distributed.get_rank(),
         "persistent": persistent,
@@ -456,7 +461,51 @@ def modelled(run: dict[str, Any], dp: int) -> Any:
         adam_numel=run["params_numel"] - run["soap_numel"],
         dp=dp,
         backend="gloo",
+        folding=run.get("folding", True),
     )
+
+
+# Folding off, the tracker phases before the SOAP step: the micro-steps (the one level's
+# reduce-scatter launched by the last backward), the optimizer's own code (the wait in
+# prepare_grads, where gloo's scratch appears) and the level's stacking ("fold").
+BEFORE_STEP = ("fwd/bwd", "level reduce", "optimizer step", "fold")
+
+
+def model_pairs(run: dict[str, Any], dp: int) -> list[tuple[str, int, int]]:
+    """(category, measured bytes, modelled bytes) of one measured rank.
+
+    Folding on, the window's term is the fwd/bwd phase peak (window + level buffers); folding
+    off, the stacking term is the fold phase peak and the window's term the peak of the
+    phases before the SOAP step (``BEFORE_STEP``).
+    """
+    m = modelled(run, dp)
+    persistent, phases = run["persistent"], run["phases"]
+    pairs = [
+        ("params", persistent["params"], m.params),
+        ("grads", persistent["grads"], m.grads),
+        ("SOAP state", persistent["SOAP state"], m.soap_state),
+        ("Adam state", persistent["Adam state"], m.adam_state),
+        ("opt buffers (null-probe cache)", persistent["opt buffers"], m.probe_cache),
+    ]
+    if m.folding:
+        pairs.append(
+            ("transient, fwd/bwd phase peak", phases["fwd/bwd"]["transient"], m.transient_window)
+        )
+    else:
+        before = max(phases[p]["transient"] for p in BEFORE_STEP if p in phases)
+        pairs += [
+            (
+                "transient, level stacking (fold phase peak)",
+                phases["fold"]["transient"],
+                m.stacking,
+            ),
+            ("transient, peak of the phases before the SOAP step", before, m.transient_window),
+        ]
+    return [
+        *pairs,
+        ("transient, SOAP step phase peak", phases["SOAP step"]["transient"], m.transient_step),
+        ("transient peak", run["transient"], m.transient),
+    ]
 
 
 def model_rows(results: dict[int, list[dict[str, Any]]]) -> list[str]:
@@ -466,28 +515,7 @@ def model_rows(results: dict[int, list[dict[str, Any]]]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for dp, runs in results.items():
-        w = busiest(runs)
-        m = modelled(w, dp)
-        persistent = w["persistent"]
-        pairs = [
-            ("params", persistent["params"], m.params),
-            ("grads", persistent["grads"], m.grads),
-            ("SOAP state", persistent["SOAP state"], m.soap_state),
-            ("Adam state", persistent["Adam state"], m.adam_state),
-            ("opt buffers (null-probe cache)", persistent["opt buffers"], m.probe_cache),
-            (
-                "transient, fwd/bwd phase peak",
-                w["phases"]["fwd/bwd"]["transient"],
-                m.transient_window,
-            ),
-            (
-                "transient, SOAP step phase peak",
-                w["phases"]["SOAP step"]["transient"],
-                m.transient_step,
-            ),
-            ("transient peak", w["transient"], m.transient),
-        ]
-        for label, meas, mod in pairs:
+        for label, meas, mod in model_pairs(busiest(runs), dp):
             lines.append(
                 f"| {dp} | {label} | {_mib(meas)} | {_mib(mod)} | {mod / max(meas, 1):.3f} |"
             )
@@ -500,41 +528,43 @@ SCALE_LAYOUTS = (("llama3-8b", 64, 8, 2), ("llama3-8b", 8, 1, 1), ("llama3-70b",
 
 
 def scale_rows() -> list[str]:
-    """mlfop-plan's peak memory model at Llama-3 layouts (busiest stage and owner rank)."""
+    """mlfop-plan's peak memory model at Llama-3 layouts, folding on and off (busiest rank)."""
     from mlfop_megatron.config import FoldingConfig
     from mlfop_megatron.distributed.model_shapes import MODELS
     from mlfop_megatron.launch.plan.model import PlanConfig, make_plan
 
     gib = float(1 << 30)
     lines = [
-        "| layout (K=8, bf16 params, --auto-block-size) | params | grads | SOAP state | "
-        "Adam | probe cache | transient (window / level / refresh) | optimizer peak | "
-        "DistOpt-Adam + SOAP state, +10% |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| layout (K=8, bf16 params, --auto-block-size) | folding | params | grads | "
+        "SOAP state | Adam | probe cache | transient (window / level / stacking / step + "
+        "refresh) | optimizer peak | DistOpt-Adam + SOAP state, +10% |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, dp, tp, pp in SCALE_LAYOUTS:
-        cfg = PlanConfig(
-            dims=MODELS[name],
-            dp=dp,
-            tp=tp,
-            pp=pp,
-            micro_batches=8,
-            model_name=name,
-            auto_block_size=True,
-            folding=FoldingConfig(enabled=True, accumulation_steps=8),
-        )
-        b = make_plan(cfg).busiest
-        m = b.peak_memory
-        assert m is not None
-        target = 1.1 * (b.distopt_adam_bytes + m.soap_state)
-        lines.append(
-            f"| {name} DP {dp} TP {tp} PP {pp} | {m.params / gib:.2f} | {m.grads / gib:.2f} | "
-            f"{m.soap_state / gib:.2f} | {m.adam_state / gib:.2f} | {m.probe_cache / gib:.2f} | "
-            f"{m.transient / gib:.2f} ({m.window_buffers / gib:.2f} / "
-            f"{m.level_buffers / gib:.2f} / {m.refresh / gib:.2f}) | "
-            f"{m.optimizer_peak / gib:.2f} | {target / gib:.2f} "
-            f"({m.optimizer_peak / target:.2f}x) |"
-        )
+        for enabled in (True, False):
+            cfg = PlanConfig(
+                dims=MODELS[name],
+                dp=dp,
+                tp=tp,
+                pp=pp,
+                micro_batches=8,
+                model_name=name,
+                auto_block_size=True,
+                folding=FoldingConfig(enabled=enabled, accumulation_steps=8),
+            )
+            b = make_plan(cfg).busiest
+            m = b.peak_memory
+            assert m is not None
+            target = 1.1 * (b.distopt_adam_bytes + m.soap_state)
+            lines.append(
+                f"| {name} DP {dp} TP {tp} PP {pp} | {'on' if enabled else 'off'} | "
+                f"{m.params / gib:.2f} | {m.grads / gib:.2f} | {m.soap_state / gib:.2f} | "
+                f"{m.adam_state / gib:.2f} | {m.probe_cache / gib:.2f} | "
+                f"{m.transient / gib:.2f} ({m.window_buffers / gib:.2f} / "
+                f"{m.level_buffers / gib:.2f} / {m.stacking / gib:.2f} / "
+                f"{m.transient_step / gib:.2f}) | {m.optimizer_peak / gib:.2f} | "
+                f"{target / gib:.2f} ({m.optimizer_peak / target:.2f}x) |"
+            )
     return lines
 
 
@@ -547,8 +577,11 @@ def busiest(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return max(runs, key=lambda r: r["peak_total"])
 
 
-def report(results: dict[int, list[dict[str, Any]]]) -> str:
-    """Markdown tables: categories per DP, per-phase peaks with their transients, ratios."""
+def report(results: dict[int, list[dict[str, Any]]], scale: bool = True) -> str:
+    """Markdown tables: categories per DP, per-phase peaks with their transients, ratios.
+
+    ``scale``: end with the model at Llama-3 layouts (``scale_rows``).
+    """
     head = " | ".join(CATEGORIES)
     lines = [
         "Per rank, MiB, the busiest rank (largest peak); persistent categories as live at "
@@ -598,14 +631,29 @@ def report(results: dict[int, list[dict[str, Any]]]) -> str:
         )
     lines += ["", "Model (`mlfop_megatron/launch/plan/memory.py`) vs measured:", ""]
     lines += model_rows(results)
-    lines += [
-        "",
-        "The same model at scale (`mlfop-plan`, GiB per rank, NCCL: no gloo scratch; "
-        "activations not included; transient = window + max(level, refresh)):",
-        "",
-    ]
-    lines += scale_rows()
+    if scale:
+        lines += ["", *scale_text()]
     return "\n".join(lines)
+
+
+def scale_text() -> list[str]:
+    """The scale table with its caption."""
+    return [
+        "The same model at scale (`mlfop-plan`, GiB per rank, NCCL: no gloo scratch; "
+        "activations not included; folding on: transient = max(window + level, step + "
+        "refresh); folding off: max(level, stacking, step + refresh)):",
+        "",
+        *scale_rows(),
+    ]
+
+
+MODES = {"on": (True,), "off": (False,), "both": (True, False)}
+MODE_HEADINGS = {
+    True: "**Folding on** (`FoldingConfig(enabled=True)`: K = 8 in four levels, 1 2 4 8; "
+    "three folds).",
+    False: "**Folding off** (the package default: one level of K = 8, reduced once after the "
+    "last micro-step; no fold).",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -621,25 +669,36 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="1: the tracked step refreshes the bases (the worst case)",
     )
+    ap.add_argument(
+        "--folding",
+        choices=sorted(MODES),
+        default="both",
+        help="measure with multi-level folding on, off (the package default) or both",
+    )
     ap.add_argument("--write", action="store_true", help="replace the RESULTS.md section")
     args = ap.parse_args(argv)
-    spec = dict(
-        hidden=args.hidden,
-        layers=args.layers,
-        microbatches=args.microbatches,
-        precondition_frequency=args.precondition_frequency,
-        global_micro=4,
-    )
-    results = {}
-    for dp in args.dp:
-        log(f"DP={dp}: warm-up iteration, then one tracked window + step on each rank")
-        results[dp] = measure(dp, spec)
-        w = busiest(results[dp])
-        log(
-            f"DP={dp}: peak {_mib(w['peak_total'])} MiB on rank {w['rank']}, transient "
-            f"{_mib(w['transient'])} MiB, SOAP state {_mib(w['persistent']['SOAP state'])} MiB"
+    parts = []
+    for folding in MODES[args.folding]:
+        spec = dict(
+            hidden=args.hidden,
+            layers=args.layers,
+            microbatches=args.microbatches,
+            precondition_frequency=args.precondition_frequency,
+            global_micro=4,
+            folding=folding,
         )
-    text = report(results)
+        results = {}
+        for dp in args.dp:
+            log(f"DP={dp}, folding {'on' if folding else 'off'}: one tracked window + step")
+            results[dp] = measure(dp, spec)
+            w = busiest(results[dp])
+            log(
+                f"DP={dp}: peak {_mib(w['peak_total'])} MiB on rank {w['rank']}, transient "
+                f"{_mib(w['transient'])} MiB, SOAP state "
+                f"{_mib(w['persistent']['SOAP state'])} MiB"
+            )
+        parts.append(MODE_HEADINGS[folding] + "\n\n" + report(results, scale=False))
+    text = "\n\n".join([*parts, "\n".join(scale_text())])
     print(text, flush=True)
     if args.write:
         given = argv if argv is not None else sys.argv[1:]
@@ -681,6 +740,20 @@ def main(argv: list[str] | None = None) -> None:
                 "is still several times one owned shape-class stack (DESIGN target: <= 1). The "
                 "null-probe cache (`linalg._PROBES`, one fp32 n x n per rotated dimension, kept "
                 "for the process) is persistent optimizer memory outside the state dicts.",
+                "",
+                "Folding off (the package default), the window has one level: its reduce-scatter "
+                "is launched by the last backward and waited for in the step's `prepare_grads` "
+                "(gloo's scratch appears there, in the `optimizer step` phase); the level is then "
+                "stacked per class (`_class_stacks`) while the received segment is alive, beside "
+                "the SOAP metric, which the batched folder computes on creation although no fold "
+                "uses it (`metric_diag`); at the step, phase 1 of `BatchedBlocks.step` "
+                "(`refresh_first`) rotates the class stacks in the current bases and keeps the "
+                "rotation through the early refresh (`rotate`). The step holds the same 3 S as "
+                "with folding, so the step's peak, the run's peak here, is the same; what "
+                "folding off removes is the fold workspace and the estimates through the window "
+                "(5 S + 3 g_max) and the level reductions in the micro-steps. At scale "
+                "(NCCL) the one level's send buffer (N segments, all of the rank's SOAP grads) "
+                "is then the largest transient where N seg > 3 S + refresh.",
             ]
         )
         replace_section(Path(__file__).with_name("RESULTS.md"), SECTION, body)

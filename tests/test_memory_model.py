@@ -1,9 +1,11 @@
 """The peak-memory model (launch/plan/memory.py) against PyTorch's MemTracker on the tiny GPT.
 
-``benchmarks.memory.measure`` runs one warm-up iteration, then one accumulation window (K=8,
-four folding levels) and the optimizer step (with a basis refresh) under MemTracker on gloo
-ranks, per rank by category. The model, computed from the engines' param shapes alone, must
-match every category within 10% on every rank at DP=1 and DP=2.
+``benchmarks.memory.measure`` runs the warm-up iterations, then one accumulation window (K=8:
+four folding levels with folding on; one level, the package default, with folding off) and
+the optimizer step (with a basis refresh) under MemTracker on gloo ranks, per rank by
+category. The model, computed from the engines' param shapes alone, must match every
+category within 10% on every rank at DP=1 and DP=2, folding on and off
+(``benchmarks.memory.model_pairs``: which tracker phase each modelled term is checked on).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-from benchmarks.memory import measure, modelled  # noqa: E402
+from benchmarks.memory import measure, model_pairs  # noqa: E402
 from mlfop_megatron.config import FoldingConfig  # noqa: E402
 from mlfop_megatron.distributed.assignment import (  # noqa: E402
     Assignment,
@@ -28,29 +30,19 @@ from mlfop_megatron.launch.plan.model import PlanConfig, make_plan  # noqa: E402
 SPEC = dict(hidden=256, layers=2, microbatches=8, precondition_frequency=1, global_micro=4)
 
 
-def _pairs(run: dict, dp: int) -> list[tuple[str, int, int]]:
-    m = modelled(run, dp)
-    persistent, phases = run["persistent"], run["phases"]
-    return [
-        ("params", persistent["params"], m.params),
-        ("grads", persistent["grads"], m.grads),
-        ("SOAP state", persistent["SOAP state"], m.soap_state),
-        ("Adam state", persistent["Adam state"], m.adam_state),
-        ("null-probe cache", persistent["opt buffers"], m.probe_cache),
-        ("transient fwd/bwd", phases["fwd/bwd"]["transient"], m.transient_window),
-        ("transient SOAP step", phases["SOAP step"]["transient"], m.transient_step),
-        ("transient peak", run["transient"], m.transient),
-    ]
-
-
 @pytest.mark.distributed
+@pytest.mark.parametrize("folding", [False, True], ids=["folding_off", "folding_on"])
 @pytest.mark.parametrize("dp", [1, 2])
-def test_model_matches_memtracker_per_category(dp: int) -> None:
-    runs = measure(dp, SPEC)
+def test_model_matches_memtracker_per_category(dp: int, folding: bool) -> None:
+    runs = measure(dp, {**SPEC, "folding": folding})
     assert all(r["ok"] for r in runs)
     for run in runs:
+        assert run["folding"] is folding
         assert run["persistent"]["other"] < 0.01 * run["peak_total"], run["others"]
-        for label, measured, model in _pairs(run, dp):
+        pairs = model_pairs(run, dp)
+        labels = [label for label, _, _ in pairs]
+        assert ("transient, level stacking (fold phase peak)" in labels) is not folding
+        for label, measured, model in pairs:
             assert measured > 0, label
             assert abs(model - measured) <= 0.10 * measured, (
                 f"rank {run['rank']} {label}: model {model} vs measured {measured} "
@@ -88,3 +80,26 @@ def test_rank_memory_level_buffers_and_plan() -> None:
     peak = plan.busiest.peak_memory
     assert peak is not None and peak.soap_state > 0 and peak.transient > 0
     assert plan.busiest.distopt_adam_bytes > peak.grads
+
+
+def test_rank_memory_folding_off_counts_no_fold_buffers() -> None:
+    """Folding off (the default): no fold workspace or estimates; one level's stacking."""
+    specs = [ParamSpec(f"w{i}", (64, 32)) for i in range(4)]
+    asg = Assignment.build(make_blocks(specs, BlockingConfig()), 2)
+    owned = OwnedShapes.of(asg.blocks_of(0))
+    seg = 4 * max(asg.numel_loads)
+    off = rank_memory(asg, 0, params_numel=9000, adam_numel=808, dp=2)  # the default
+    on = rank_memory(asg, 0, params_numel=9000, adam_numel=808, dp=2, folding=True)
+    assert not off.folding and on.folding
+    assert on.window_buffers == 5 * owned.grads + 3 * owned.largest_class and on.stacking == 0
+    assert off.window_buffers == 0
+    assert off.stacking == seg + 2 * owned.grads  # received segment + class stacks + metric
+    assert off.level_buffers == on.level_buffers == 3 * seg
+    assert off.step_buffers == on.step_buffers == 3 * owned.grads
+    assert off.refresh == on.refresh
+    assert off.transient_window == max(off.level_buffers, off.stacking)
+    assert on.transient_window == on.window_buffers + on.level_buffers
+    assert off.transient <= on.transient
+    one = rank_memory(Assignment.build(make_blocks(specs, BlockingConfig()), 1), 0, 9000, 808, 1)
+    assert one.level_buffers == 4 * 4 * 64 * 32  # DP=1: the packed buffer, reduced in place
+    assert one.stacking == 3 * one.level_buffers  # packed buffer + class stacks + metric

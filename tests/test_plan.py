@@ -274,6 +274,35 @@ def test_no_folding_one_reduce_scatter(tmp_path, capsys):
     assert "--boundaries needs --folding" in capsys.readouterr().err
 
 
+def test_no_folding_counts_no_fold_buffers(tmp_path, capsys):
+    """Without --folding no fold buffer, fold workspace or estimate is counted or printed."""
+    args = "--model llama3-8b --dp 8 --micro-batches 8".split()
+    out_on, on = _run([*args, "--folding"], tmp_path, capsys)
+    out, off = _run(args, tmp_path, capsys)
+    b, f = off["busiest"], on["busiest"]
+    assert b["fold_buffer_max_bytes"] == b["fold_buffer_mean_bytes"] == 0
+    assert b["memory_max_bytes"] == b["soap_state_max_bytes"] + b["adam_state_bytes"]
+    assert f["fold_buffer_max_bytes"] == 2 * 4 * (f["soap_params_per_rank"] // 8)
+    assert f["memory_max_bytes"] == b["memory_max_bytes"] + f["fold_buffer_max_bytes"]
+    peak, peak_on = b["peak_memory"], f["peak_memory"]
+    assert not peak["folding"] and peak_on["folding"]
+    assert peak["window_buffers"] == 0 and peak_on["window_buffers"] > 0
+    assert peak["stacking"] > 0 and peak_on["stacking"] == 0
+    # The same one-level reduction buffers, step stacks and refresh, folding on or off.
+    for key in ("level_buffers", "step_buffers", "refresh", "soap_state", "grads"):
+        assert peak[key] == peak_on[key], key
+    fold_rows = ("fold workspace + estimates", "folded estimate", "estimate + rotated estimate")
+    assert not any(row in out for row in fold_rows)
+    assert all(row in out_on for row in fold_rows)
+    assert "fold buffers (folding off: none)" in out
+    assert "fold workspace (folding off: none)" in out
+    assert "transient peak (level reduction)" in out and "transient peak (fwd/bwd)" in out_on
+    # --folding at K = 1: one level, nothing to fold: the same memory as folding off.
+    _, k1 = _run(["--model", "llama3-8b", "--dp", "8", "--folding"], tmp_path, capsys)
+    assert k1["busiest"]["fold_buffer_max_bytes"] == 0
+    assert not k1["busiest"]["peak_memory"]["folding"]
+
+
 @pytest.mark.parametrize("k,dp", [(8, 64), (32, 256)])
 def test_printed_communication_table_is_comm_models(tmp_path, capsys, k, dp):
     """mlfop-plan prints comm_model's table for the model/layout, number for number."""

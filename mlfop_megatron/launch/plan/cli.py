@@ -4,10 +4,10 @@ r"""Size an ML-FOP-SOAP Megatron job before submitting it (pure Python: no torch
 :mod:`mlfop_megatron.launch.plan.model`.
 
 For a model and a DP x TP x PP layout this reports, per rank of the busiest pipeline stage:
-optimizer memory (SOAP state, Adam state, fold buffers), SOAP compute per optimizer step and
-its balance over the owner ranks (with Megatron's whole-param ping-pong assignment for
-comparison), and the bytes each rank moves per optimizer step. The SOAP numbers come from the
-same pure owner assignment the optimizer builds at run time
+optimizer memory (SOAP state, Adam state, fold buffers with --folding), SOAP compute per
+optimizer step and its balance over the owner ranks (with Megatron's whole-param ping-pong
+assignment for comparison), and the bytes each rank moves per optimizer step. The SOAP
+numbers come from the same pure owner assignment the optimizer builds at run time
 (:mod:`mlfop_megatron.distributed.assignment`).
 
     mlfop-plan --model llama3-8b --dp 64 --tp 8 --pp 2 --micro-batches 8 [--folding]

@@ -5,13 +5,18 @@ one accumulation window and optimizer step, by category: params, grads (Megatron
 buffer, ``main_grad``), optimizer state (SOAP state of the owned blocks, ZeRO-1 Adam state,
 the refresh's null-probe cache) and transient (everything allocated inside the window and the
 step). This module models the same categories from the shapes alone (no torch), for the tiny
-GPT of the tests (``tests/test_memory_model.py`` checks it against the tracker) and for
-Llama-3-8B / 70B in ``mlfop-plan``. Per rank r, with its owned blocks (the assignment the
-engines build) in shape classes c (blocks of equal shape, stacked by the batched engine):
+GPT of the tests (``tests/test_memory_model.py`` checks it against the tracker, folding on
+and off) and for Llama-3-8B / 70B in ``mlfop-plan``. Per rank r, with its owned blocks (the
+assignment the engines build) in shape classes c (blocks of equal shape, stacked by the
+batched engine):
 
 * ``S`` = 4 B x the owned blocks' elements (fp32 gradient stacks), ``g_max`` = 4 B x the
   largest class stack, ``B`` = 4 B x the owned bases (m^2 per rotated left side, n^2 per
-  rotated right side), ``b_max`` = 4 B x the largest (class, side) basis stack.
+  rotated right side), ``b_max`` = 4 B x the largest (class, side) basis stack, ``seg`` =
+  4 B x the padded owner segment of the level reduce-scatter.
+
+Folding on (``FoldingConfig.enabled`` with at least one fold: several levels):
+
 * window buffers (while the window folds): the SOAP metric sqrt(v_hat) + eps per class (S,
   ``batched.metric_diag``, from the window's start to its step), the fold workspace ``a``
   and ``d`` per class (2 S) and three scratch stacks of the largest class (3 g_max,
@@ -19,16 +24,40 @@ engines build) in shape classes c (blocks of equal shape, stacked by the batched
   stacks (S, ``ShardedSOAP._class_stacks``) and the rotated estimate (S, ``batched.rotate``):
   5 S + 3 g_max; at the step the metric and the estimate's two forms are left (3 S).
 * level buffers (fwd/bwd phase): the packed owner-ordered send buffer of the level
-  reduce-scatter (N x the padded owner segment, fp32) and this owner's received segment,
-  both alive until the next level boundary waits; at DP=1 the packed buffer only.
+  reduce-scatter (N x seg, fp32) and this owner's received segment (seg), both alive until
+  the next level boundary waits; at DP=1 the packed buffer only (S, reduced in place).
+* transient peak = max(window buffers + level buffers, 3 S + refresh).
+
+Folding off (the default, ``FoldingConfig.enabled=False``; also K=1 or a single level: one
+level, no fold, no rotated estimate, no fold workspace):
+
+* level buffers: the one level reduce-scatter, launched by the window's last backward and
+  waited for in the step's ``prepare_grads``: send buffer + received segment, N seg + seg
+  (DP=1: S), as above but once per window.
+* stacking (``prepare_grads``, after the wait): the window's one level is copied per class
+  (``ShardedSOAP._class_stacks``, S) while the received segment is still alive (seg; DP=1:
+  the packed buffer, S), and the batched folder computes the SOAP metric per class on
+  creation (S, ``BatchedWindowFolder.class_diags``: unused without a fold, but alive until
+  the step ends): seg + 2 S.
+* step buffers: the class stacks, the metric, and the statistics gradient rotated in the
+  current bases before the early refresh (``BatchedBlocks.step`` phase 1, ``refresh_first``,
+  the default; kept until the class steps use it): 3 S, as with folding (where the rotation
+  is the rotated estimate). With ``refresh_first=False`` the rotation is made per class after
+  the refresh and dropped: 2 S, so 3 S is then an upper bound.
+* transient peak = max(level buffers, stacking, 3 S + refresh).
+
+Both:
+
 * basis refresh (the step): ``batched.compute_bases`` starts every side of every class before
   it finishes any (one host sync), so every new basis is alive at once (B) while the last
   side computes ``Q F`` and its sorted copy, the Householder reflectors and the rank mask:
   4 more stacks of that side (bounded by 4 b_max).
-* transient peak = max(window buffers + level buffers, 3 S + B + 4 b_max). Not modelled:
-  activations (a few MiB on the tiny GPT, the model's business at scale),
-  except gloo's reduce-scatter scratch (full size, alive until the wait: ``backend="gloo"``,
-  what the CPU measurement sees; NCCL has none).
+* Not modelled: activations (a few MiB on the tiny GPT, the model's business at scale), the
+  fp64 chunks of the grad-norm sum of squares (2 x 8 B x min(g_max / 4 B, 4M), beside the
+  step's stacks), except gloo's reduce-scatter scratch (N seg, alive until the wait:
+  ``backend="gloo"``, what the CPU measurement sees; NCCL has none). Folding on, the last
+  fold's peak (both estimates of the fold beside the workspace) is above the window buffers
+  at DP=1 but below the step's.
 * null-probe cache (``linalg.null_probe``, module level, kept for the process): one fp32
   n x n per distinct rotated dimension n whose factor was ever rank-deficient (counted as
   always: an upper bound; on a large run factors are full rank after the first steps).
@@ -94,10 +123,12 @@ class RankMemory:
     soap_state: int
     adam_state: int
     probe_cache: int
-    window_buffers: int
+    window_buffers: int  # folding on: metric + fold workspace + estimates; folding off: 0
     level_buffers: int
     refresh: int
-    step_buffers: int = 0  # what of the window is left at the step (the folded estimate)
+    step_buffers: int = 0  # what of the window is left at the step (3 S, folding on or off)
+    stacking: int = 0  # folding off: the one level stacked per class (seg + 2 S); on: 0
+    folding: bool = False  # whether the window folds (the terms above follow it)
 
     @property
     def opt_state(self) -> int:
@@ -106,8 +137,12 @@ class RankMemory:
 
     @property
     def transient_window(self) -> int:
-        """Transient peak of the fwd/bwd phase (without activations)."""
-        return self.window_buffers + self.level_buffers
+        """Transient peak before the step's update (without activations).
+
+        Folding on: the fwd/bwd phase (window + level buffers). Folding off: the one level
+        reduction (last backward to its wait) or its stacking, whichever is larger.
+        """
+        return max(self.window_buffers + self.level_buffers, self.stacking)
 
     @property
     def transient_step(self) -> int:
@@ -140,6 +175,7 @@ def rank_memory(
     state_bytes: int = FP32,
     owner_segment: int | None = None,
     backend: str = "nccl",
+    folding: bool = False,
 ) -> RankMemory:
     """Modelled peak memory of owner ``rank`` of ``assignment`` (blocks owned over ``dp``).
 
@@ -148,7 +184,8 @@ def rank_memory(
     owned blocks, Adam slices). ``owner_segment``: elements of the padded owner segment of
     the level reduce-scatter (default: the most loaded owner's elements, the padded layout).
     ``backend`` "gloo" adds the full-size scratch gloo's reduce-scatter keeps until its wait
-    (CPU runs; NCCL reduces without it).
+    (CPU runs; NCCL reduces without it). ``folding``: whether the window folds (at least one
+    fold: ``LevelSchedule.num_folds > 0``); default off, as ``FoldingConfig.enabled``.
     """
     masters = param_bytes < FP32
     owned = OwnedShapes.of(assignment.blocks_of(rank), state_bytes, masters)
@@ -156,19 +193,26 @@ def rank_memory(
     adam_state = adam_slice * (2 * state_bytes + (FP32 if masters else 0))
     segment = max(assignment.numel_loads) if owner_segment is None else owner_segment
     if dp > 1:
-        level = FP32 * (dp * segment + segment)  # packed send buffer + received segment
+        received = FP32 * segment
+        level = FP32 * dp * segment + received  # packed send buffer + received segment
         if backend == "gloo":
             level += FP32 * dp * segment
     else:
-        level = owned.grads  # the packed buffer is reduced in place
+        received = level = owned.grads  # the packed buffer is reduced in place
+    if folding:
+        window, stacking = 5 * owned.grads + 3 * owned.largest_class, 0
+    else:
+        window, stacking = 0, received + 2 * owned.grads  # + class stacks + metric
     return RankMemory(
         params=params_numel * param_bytes,
         grads=params_numel * GRAD_BYTES,
         soap_state=owned.state,
         adam_state=adam_state,
         probe_cache=owned.probe_cache,
-        window_buffers=5 * owned.grads + 3 * owned.largest_class,
+        window_buffers=window,
         step_buffers=3 * owned.grads,
         level_buffers=level,
         refresh=owned.bases + 4 * owned.largest_side,
+        stacking=stacking,
+        folding=folding,
     )

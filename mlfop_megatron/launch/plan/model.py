@@ -1,10 +1,10 @@
 """The plan of an ML-FOP-SOAP Megatron job: its inputs (PlanConfig) and numbers (Plan).
 
 For a model and a DP x TP x PP layout this reports, per rank of the busiest pipeline stage:
-optimizer memory (SOAP state, Adam state, fold buffers), SOAP compute per optimizer step and
-its balance over the owner ranks (with Megatron's whole-param ping-pong assignment for
-comparison), and the bytes each rank moves per optimizer step. The SOAP numbers come from the
-same pure owner assignment the optimizer builds at run time
+optimizer memory (SOAP state, Adam state, fold buffers with --folding), SOAP compute per
+optimizer step and its balance over the owner ranks (with Megatron's whole-param ping-pong
+assignment for comparison), and the bytes each rank moves per optimizer step. The SOAP
+numbers come from the same pure owner assignment the optimizer builds at run time
 (:mod:`mlfop_megatron.distributed.assignment`).
 
 Model of the Megatron adapter (``mlfop_megatron.megatron``) used here:
@@ -457,7 +457,10 @@ def _stage_plan(
     # exp_avg + exp_avg_sq of this rank's ZeRO-1 slice (fp32 params are their own mains)
     adam_state = 2 * math.ceil(adam_numel / cfg.dp) * cfg.state_bytes
     soap_mem = asg.memory_loads
-    fold = [2 * n * cfg.state_bytes for n in asg.numel_loads]
+    # Fold buffers (the folded estimate and its rotation) exist only when the window folds;
+    # folding off (or one level) steps on the one level's class stacks: plan/memory.py.
+    folds = cfg.schedule.num_folds > 0
+    fold = [2 * n * cfg.state_bytes if folds else 0 for n in asg.numel_loads]
     # Full mode: a whole-matrix fp32 copy of the params, plus one gathered level gradient.
     tp_full = 2 * sum(m.numel for m in mats) * MASTER_PARAM_BYTES if cfg.full_mode else 0
     totals = [m + f + adam_state + tp_full for m, f in zip(soap_mem, fold)]
@@ -484,6 +487,7 @@ def _stage_plan(
             param_bytes=cfg.param_bytes,
             state_bytes=cfg.state_bytes,
             owner_segment=segment,
+            folding=folds,
         )
         for r in range(world)
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mlfop_megatron.distributed.comm_model import ALPHA_S, BETA_BYTES_PER_S, format_table
+from mlfop_megatron.launch.plan.memory import RankMemory
 from mlfop_megatron.launch.plan.model import Plan
 
 KIB, MIB, GIB = 1024.0, float(1 << 20), float(1 << 30)
@@ -36,6 +37,47 @@ def _row(label: str, *values: str, width: int = 72) -> str:
     return f"  {label:<{width}}" + "".join(f"{v:>12}" for v in values)
 
 
+def _transient_lines(m: RankMemory) -> list[str]:
+    """The window's and the step's transient terms: with or without folding (plan/memory.py)."""
+    fb = format_bytes
+    if m.folding:
+        return [
+            _row(
+                "transient: metric + fold workspace + estimates while the window folds "
+                "(5 S + 3 g_max)",
+                fb(m.window_buffers),
+            ),
+            _row(
+                "transient: the metric and folded estimate left at the step (3 S)",
+                fb(m.step_buffers),
+            ),
+            _row("transient: level reduce-scatter send + receive buffers", fb(m.level_buffers)),
+        ]
+    return [
+        _row("transient: fold buffers and fold workspace (folding off: none)", fb(0)),
+        _row(
+            "transient: the one level reduce-scatter, send + receive buffers", fb(m.level_buffers)
+        ),
+        _row(
+            "transient: level stacked per class + SOAP metric + received (2 S + seg)",
+            fb(m.stacking),
+        ),
+        _row(
+            "transient: class stacks + their rotation + SOAP metric at the step (3 S)",
+            fb(m.step_buffers),
+        ),
+    ]
+
+
+def _peak_phase(m: RankMemory) -> str:
+    """Where the transient peaks: the step, or before it (window / level reduction)."""
+    if m.transient_step >= m.transient_window:
+        return "step"
+    if m.folding:
+        return "fwd/bwd"
+    return "level reduction" if m.level_buffers >= m.stacking else "level stacking"
+
+
 def _peak_memory_lines(plan: Plan) -> list[str]:
     """Peak memory per rank by the tracker's categories (launch/plan/memory.py)."""
     b, cfg, fb = plan.busiest, plan.config, format_bytes
@@ -56,19 +98,9 @@ def _peak_memory_lines(plan: Plan) -> list[str]:
         _row(
             "optimizer state: null-probe cache (worst case: n^2 per rotated dim)", fb(m.probe_cache)
         ),
-        _row(
-            "transient: metric + fold workspace + estimates while the window folds (5 S + 3 g_max)",
-            fb(m.window_buffers),
-        ),
-        _row(
-            "transient: the metric and folded estimate left at the step (3 S)", fb(m.step_buffers)
-        ),
-        _row("transient: level reduce-scatter send + receive buffers", fb(m.level_buffers)),
+        *_transient_lines(m),
         _row("transient: basis refresh, all new bases + 4 x largest side stack", fb(m.refresh)),
-        _row(
-            f"transient peak ({'step' if m.transient_step >= m.transient_window else 'fwd/bwd'})",
-            fb(m.transient),
-        ),
+        _row(f"transient peak ({_peak_phase(m)})", fb(m.transient)),
         _row("optimizer peak: grads + optimizer state + transient", fb(m.optimizer_peak)),
         _row(
             "target: DistributedOptimizer-Adam (4 B + 12 B/DP per param) + SOAP state, +10%",
@@ -141,7 +173,9 @@ def format_plan(plan: Plan) -> str:
             fb(b.adam_state_bytes),
         ),
         _row(
-            "fold buffers: estimate + rotated estimate of owned blocks",
+            "fold buffers: estimate + rotated estimate of owned blocks"
+            if cfg.schedule.num_folds
+            else "fold buffers (folding off: none)",
             fb(b.fold_buffer_max_bytes),
             fb(b.fold_buffer_mean_bytes),
         ),
