@@ -134,6 +134,11 @@ class SOAPConfig:
     )
     precondition_1d: bool = option(False, "also precondition vectors (their one factor)")
     correct_bias: bool = option(True, "turn off Adam bias correction", flag="no-bias-correction")
+    nesterov: bool = option(
+        False,
+        "Nesterov's momentum in the eigenbasis (Dozat 2016, NAdam; as Muon's default): the step "
+        "takes beta1 m + (1 - beta1) rot(G) in place of m",
+    )
     refresh_method: str = option(
         "qr",
         "basis refresh: one power-iteration step + QR (qr) or a full eigh",
@@ -196,6 +201,7 @@ class SOAPConfig:
         for name in (
             "precondition_1d",
             "correct_bias",
+            "nesterov",
             "batched",
             "correct_factor_bias",
             "first_step_update",
