@@ -25,7 +25,7 @@ class ReferenceSOAP:
         self,
         w,
         lr=3e-3,
-        betas=(0.95, 0.95),
+        betas=(0.9, 0.95),
         shampoo_beta=None,
         eps=1e-8,
         weight_decay=0.01,
