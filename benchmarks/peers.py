@@ -121,6 +121,17 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
         "soap",
         {**F1, "refresh_first": True, "refresh_tolerance": 3e-2, "betas": (0.9, 0.95)},
     ),
+    # the default with KL-Shampoo's factors (Megatron's SOAP's estimator): the batch-128 gap
+    "soap-f1+order+tol3e-2+b0.9+kl": (
+        "soap",
+        {
+            **F1,
+            "refresh_first": True,
+            "refresh_tolerance": 3e-2,
+            "betas": (0.9, 0.95),
+            "factor_estimator": "kl",
+        },
+    ),
     # Nesterov's momentum in the eigenbasis (NAdam), as Muon steps: with either beta1
     "soap-f1+order+tol3e-2+nesterov": (
         "soap",
