@@ -132,6 +132,17 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
             "factor_estimator": "kl",
         },
     ),
+    "soap-f1+order+tol3e-2+b0.9+kl+bias": (
+        "soap",
+        {
+            **F1,
+            "refresh_first": True,
+            "refresh_tolerance": 3e-2,
+            "betas": (0.9, 0.95),
+            "factor_estimator": "kl",
+            "correct_factor_bias": True,
+        },
+    ),
     # Nesterov's momentum in the eigenbasis (NAdam), as Muon steps: with either beta1
     "soap-f1+order+tol3e-2+nesterov": (
         "soap",
