@@ -222,10 +222,9 @@ def make_optimizer(name: str, w: torch.nn.Parameter, lr: float, k: int) -> Any:
     return MLFOPSOAP(
         [w],
         lr=lr,
-        betas=(0.95, 0.95),
         weight_decay=0.0,
         accumulation_steps=k,
-        **REFERENCE_SOAP,  # the SOAP these results were measured with (RESULTS.md)
+        **REFERENCE_SOAP,  # the SOAP these results were measured with (RESULTS.md), its betas too
         enabled=name != "soap",
         **folding,
     )

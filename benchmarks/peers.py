@@ -121,6 +121,43 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
         "soap",
         {**F1, "refresh_first": True, "refresh_tolerance": 3e-2, "betas": (0.9, 0.95)},
     ),
+    # the default with KL-Shampoo's factors (Megatron's SOAP's estimator): the batch-128 gap
+    "soap-f1+order+tol3e-2+b0.9+kl": (
+        "soap",
+        {
+            **F1,
+            "refresh_first": True,
+            "refresh_tolerance": 3e-2,
+            "betas": (0.9, 0.95),
+            "factor_estimator": "kl",
+        },
+    ),
+    "soap-f1+order+tol3e-2+b0.9+kl+bias": (
+        "soap",
+        {
+            **F1,
+            "refresh_first": True,
+            "refresh_tolerance": 3e-2,
+            "betas": (0.9, 0.95),
+            "factor_estimator": "kl",
+            "correct_factor_bias": True,
+        },
+    ),
+    # Nesterov's momentum in the eigenbasis (NAdam), as Muon steps: with either beta1
+    "soap-f1+order+tol3e-2+nesterov": (
+        "soap",
+        {**F1, "refresh_first": True, "refresh_tolerance": 3e-2, "nesterov": True},
+    ),
+    "soap-f1+order+tol3e-2+b0.9+nesterov": (
+        "soap",
+        {
+            **F1,
+            "refresh_first": True,
+            "refresh_tolerance": 3e-2,
+            "betas": (0.9, 0.95),
+            "nesterov": True,
+        },
+    ),
     "soap-f1+order+tol1e-1": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 1e-1}),
     "soap-f1+kl+bias": ("soap", {**F1, "factor_estimator": "kl", "correct_factor_bias": True}),
     "soap-megatron-like": ("soap", MEGATRON_LIKE),

@@ -65,20 +65,21 @@ def test_optimizer_front_end_validates():
         MLFOPSOAP([{"params": [p], "weight_decay": -1.0}])
 
 
-def test_defaults_follow_soap_reference_but_the_measured_three():
-    """The reference's defaults except three: check every step, before the update, by drift.
+def test_defaults_follow_soap_reference_but_the_measured_four():
+    """The reference's defaults except four: beta1 0.9; check every step, before the update, by drift.
 
-    Those three were chosen by measurement (benchmarks/peers.py); REFERENCE_SOAP restores them.
+    Those four were chosen by measurement (benchmarks/peers.py); REFERENCE_SOAP restores them.
     """
     from mlfop_megatron.config import REFERENCE_SOAP
 
     cfg = SOAPConfig()
-    assert (cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay) == (3e-3, (0.95, 0.95), 1e-8, 0.01)
+    assert (cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay) == (3e-3, (0.9, 0.95), 1e-8, 0.01)
     assert (cfg.precondition_frequency, cfg.max_precond_dim) == (1, 10000)
     assert cfg.refresh_first and not cfg.first_step_update and cfg.factor_estimator == "shampoo"
     reference = SOAPConfig(**REFERENCE_SOAP)
     assert reference.precondition_frequency == 10 and not reference.refresh_first
     assert cfg.refresh_tolerance == 0.03 and reference.refresh_tolerance == 0.0
+    assert reference.betas == (0.95, 0.95) and not cfg.nesterov
     assert cfg.factor_beta == 0.95 and cfg.correct_bias and not cfg.precondition_1d
 
 

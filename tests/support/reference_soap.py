@@ -25,7 +25,7 @@ class ReferenceSOAP:
         self,
         w,
         lr=3e-3,
-        betas=(0.95, 0.95),
+        betas=(0.9, 0.95),
         shampoo_beta=None,
         eps=1e-8,
         weight_decay=0.01,
@@ -40,6 +40,7 @@ class ReferenceSOAP:
         first_step_update=False,
         refresh_first=True,
         refresh_tolerance=0.03,
+        nesterov=False,
     ):
         self.w = w.clone()
         self.kl, self.kl_damping = factor_estimator == "kl", kl_damping
@@ -51,7 +52,7 @@ class ReferenceSOAP:
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
         self.bs = betas[1] if shampoo_beta is None else shampoo_beta
         self.f, self.method = precondition_frequency, refresh_method
-        self.correct_bias = correct_bias
+        self.correct_bias, self.nesterov = correct_bias, nesterov
         if w.ndim == 1:
             self.rows, self.cols = 1, w.shape[0]
             self.left, self.right = False, precondition_1d and w.shape[0] <= max_precond_dim
@@ -128,11 +129,14 @@ class ReferenceSOAP:
         self.t += 1
         self.m = self.b1 * self.m + (1 - self.b1) * g
         self.v = self.b2 * self.v + (1 - self.b2) * self.rot(g) ** 2
+        m, weight = self.m, 1 - self.b1**self.t  # m's weights sum to `weight`
+        if self.nesterov:  # NAdam: the step looks one momentum step ahead
+            m, weight = self.b1 * self.m + (1 - self.b1) * g, 1 - self.b1 ** (self.t + 1)
         size = self.lr
         if self.correct_bias:
-            size = self.lr * math.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
+            size = self.lr * math.sqrt(1 - self.b2**self.t) / weight
         w = self.w.reshape(self.rows, self.cols)
-        w = w - size * self.unrot(self.rot(self.m) / (self.v.sqrt() + self.eps))
+        w = w - size * self.unrot(self.rot(m) / (self.v.sqrt() + self.eps))
         w = w - self.lr * self.wd * w
         self.w = w.reshape(self.w.shape)
 
