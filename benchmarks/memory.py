@@ -4,7 +4,7 @@ Runs the tiny Megatron GPT (tests/support/tiny_gpt.py) in ``FoldingDistributedDa
 with ``get_mlfop_optimizer(..., sharded=True)`` (SOAP state sharded by block over DP, ZeRO-1
 Adam for the non-matrix params) at DP = 1, 2, 4 on gloo ranks with the CPU emulation, with
 multi-level folding on and off (the package default: one level, no fold). After two warm-up
-iterations (every persistent buffer and the SOAP metric exist), one whole accumulation window
+iterations (every persistent buffer exists and the SOAP metric is not I), one whole window
 (K forward/backward micro-steps; level reduce-scatters and folds at the level boundaries, or
 folding off one reduce-scatter after the last) and the optimizer step run under
 ``torch.distributed._tools.mem_tracker.MemTracker``.
@@ -717,7 +717,7 @@ def main(argv: list[str] | None = None) -> None:
                 + machine_facts(f"megatron-core {package_version('megatron-core')}")
                 + ".",
                 "",
-                "One warm-up iteration, then one accumulation window + optimizer step under "
+                "Two warm-up iterations, then one accumulation window + optimizer step under "
                 "`torch.distributed._tools.mem_tracker.MemTracker` (benchmarks/memory.py: live "
                 "tensors registered by storage as params / DDP grad buffers / optimizer state "
                 "before entry; everything allocated inside is transient). The baseline before the "
@@ -730,9 +730,10 @@ def main(argv: list[str] | None = None) -> None:
                 "`batched.compute_bases` starts the QR of every side of every owned class before "
                 "finishing any (one host sync), so all new bases are alive at once "
                 "(`linalg.orthonormal_factor`) while the last side also holds `Q F`, its sorted "
-                "copy and the rank mask (`_start_qr`: 4 basis stacks), beside the folded "
-                "estimate's two forms (2 S). The fold workspace (`a`, `d`, 3 scratch stacks) is "
-                "dropped after the window's last fold (since 2026-12-06; it lived to the step). "
+                "copy and the rank mask (`_start_qr`: 4 basis stacks), beside the SOAP metric "
+                "and the folded estimate's two forms (3 S). The fold workspace (`a`, `d`, 3 "
+                "scratch stacks) is dropped after the window's last fold (since 2026-12-06; it "
+                "lived to the step). "
                 "In the micro-steps the packed send buffer of the level reduce-scatter (all of "
                 "the rank's SOAP grads, fp32, owner-ordered) lives until the next boundary "
                 "waits, next to the received segment and, on gloo, a full-size scratch of the "
@@ -744,16 +745,19 @@ def main(argv: list[str] | None = None) -> None:
                 "Folding off (the package default), the window has one level: its reduce-scatter "
                 "is launched by the last backward and waited for in the step's `prepare_grads` "
                 "(gloo's scratch appears there, in the `optimizer step` phase); the level is then "
-                "stacked per class (`_class_stacks`) while the received segment is alive, beside "
-                "the SOAP metric, which the batched folder computes on creation although no fold "
-                "uses it (`metric_diag`); at the step, phase 1 of `BatchedBlocks.step` "
-                "(`refresh_first`) rotates the class stacks in the current bases and keeps the "
-                "rotation through the early refresh (`rotate`). The step holds the same 3 S as "
-                "with folding, so the step's peak, the run's peak here, is the same; what "
-                "folding off removes is the fold workspace and the estimates through the window "
-                "(5 S + 3 g_max) and the level reductions in the micro-steps. At scale "
-                "(NCCL) the one level's send buffer (N segments, all of the rank's SOAP grads) "
-                "is then the largest transient where N seg > 3 S + refresh.",
+                "stacked per class (`_class_stacks`) while the received segment is alive; at the "
+                "step, phase 1 of `BatchedBlocks.step` (`refresh_first`) rotates the class "
+                "stacks in the current bases and keeps the rotation through the early refresh "
+                "(`rotate`): 2 S. The SOAP metric (S) is not there: the folder computes it at "
+                "its first read (`folding.WindowMetric`), and without a fold or grad-group "
+                "diagnostics nothing reads it (computed on the folder's creation before: the "
+                "step transient was S higher, 73.08 / 52.04 / 27.77 MiB at DP 1 / 2 / 4). So "
+                "the step's peak, the run's peak here, is S below folding on's (3 S: the metric "
+                "and the folded estimate's two forms); folding off also removes the fold "
+                "workspace and the estimates through the window (5 S + 3 g_max) and the level "
+                "reductions in the micro-steps. At scale (NCCL) the one level's send buffer "
+                "(N segments, all of the rank's SOAP grads) is then the largest transient where "
+                "N seg > 2 S + refresh.",
             ]
         )
         replace_section(Path(__file__).with_name("RESULTS.md"), SECTION, body)

@@ -83,7 +83,7 @@ def test_rank_memory_level_buffers_and_plan() -> None:
 
 
 def test_rank_memory_folding_off_counts_no_fold_buffers() -> None:
-    """Folding off (the default): no fold workspace or estimates; one level's stacking."""
+    """Folding off (the default): no fold workspace, estimates or SOAP metric; one stacking."""
     specs = [ParamSpec(f"w{i}", (64, 32)) for i in range(4)]
     asg = Assignment.build(make_blocks(specs, BlockingConfig()), 2)
     owned = OwnedShapes.of(asg.blocks_of(0))
@@ -93,13 +93,14 @@ def test_rank_memory_folding_off_counts_no_fold_buffers() -> None:
     assert not off.folding and on.folding
     assert on.window_buffers == 5 * owned.grads + 3 * owned.largest_class and on.stacking == 0
     assert off.window_buffers == 0
-    assert off.stacking == seg + 2 * owned.grads  # received segment + class stacks + metric
+    assert off.stacking == seg + owned.grads  # received segment + class stacks (no metric)
     assert off.level_buffers == on.level_buffers == 3 * seg
-    assert off.step_buffers == on.step_buffers == 3 * owned.grads
+    assert off.step_buffers == 2 * owned.grads  # class stacks + rotation (no metric)
+    assert on.step_buffers == 3 * owned.grads  # metric + the estimate's two forms
     assert off.refresh == on.refresh
     assert off.transient_window == max(off.level_buffers, off.stacking)
     assert on.transient_window == on.window_buffers + on.level_buffers
     assert off.transient <= on.transient
     one = rank_memory(Assignment.build(make_blocks(specs, BlockingConfig()), 1), 0, 9000, 808, 1)
     assert one.level_buffers == 4 * 4 * 64 * 32  # DP=1: the packed buffer, reduced in place
-    assert one.stacking == 3 * one.level_buffers  # packed buffer + class stacks + metric
+    assert one.stacking == 2 * one.level_buffers  # packed buffer + class stacks

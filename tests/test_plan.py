@@ -288,9 +288,12 @@ def test_no_folding_counts_no_fold_buffers(tmp_path, capsys):
     assert not peak["folding"] and peak_on["folding"]
     assert peak["window_buffers"] == 0 and peak_on["window_buffers"] > 0
     assert peak["stacking"] > 0 and peak_on["stacking"] == 0
-    # The same one-level reduction buffers, step stacks and refresh, folding on or off.
-    for key in ("level_buffers", "step_buffers", "refresh", "soap_state", "grads"):
+    # The same one-level reduction buffers and refresh, folding on or off; at the step no
+    # SOAP metric without a fold (2 S: class stacks + rotation; folding on 3 S, with it).
+    for key in ("level_buffers", "refresh", "soap_state", "grads"):
         assert peak[key] == peak_on[key], key
+    assert 3 * peak["step_buffers"] == 2 * peak_on["step_buffers"]
+    assert "SOAP metric" not in out
     fold_rows = ("fold workspace + estimates", "folded estimate", "estimate + rotated estimate")
     assert not any(row in out for row in fold_rows)
     assert all(row in out_on for row in fold_rows)

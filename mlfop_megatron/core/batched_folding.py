@@ -11,7 +11,10 @@ call per phase, exactly as in the per-block folder. Nothing here reads a device 
 host.
 
 Per-block views (``metric_diags``, ``rotate_fns``, ``estimate_rot``, ``output()``) exist for
-the grad-group diagnostics and the callers that take per-block lists.
+the grad-group diagnostics and the callers that take per-block lists. The SOAP metric per
+class (``class_diags``, S bytes per rank) is computed at its first read, by a fold or the
+diagnostics (``folding.WindowMetric``): a window that never folds (folding off) and arms no
+diagnostics never holds it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ import torch
 
 from mlfop_megatron.config import FoldingConfig
 from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow, all_finite
-from mlfop_megatron.core.folding import FoldStack, LevelDiagnostics, StackEntry, WindowOutput
+from mlfop_megatron.core.folding import (
+    FoldStack,
+    LevelDiagnostics,
+    StackEntry,
+    WindowMetric,
+    WindowOutput,
+)
 from mlfop_megatron.core.fop import (
     FoldCoefficients,
     ReduceFn,
@@ -135,7 +144,12 @@ class BatchedWindowFolder(FoldStack):
     eta: torch.Tensor | None = None  # eta* per block (block order) once folded (eta_star)
 
     def __post_init__(self) -> None:
-        self.class_diags = self.engine.metric_diags()
+        engine = self.engine
+        self._metric = WindowMetric(
+            lambda: engine.metric_diags(),
+            lambda: tuple((c.step, c.initialized) for c in engine.classes),
+            len(engine.classes),
+        )
         self._level_sums: Stacks | None = None
         self._estimate: StackEntry | None = None
         self._ws: _Workspace | None = None  # the folds' scratch stacks (built at the first)
@@ -146,6 +160,11 @@ class BatchedWindowFolder(FoldStack):
     def num_blocks(self) -> int:
         """Number of blocks of the engine."""
         return self.engine.num_blocks
+
+    @property
+    def class_diags(self) -> list[torch.Tensor | None]:
+        """Per-class metric diagonals of the window's start state (computed at the first read)."""
+        return self._metric.values()
 
     @property
     def metric_diags(self) -> list[torch.Tensor | None]:

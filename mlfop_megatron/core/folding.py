@@ -5,8 +5,9 @@ gradient is pushed on a stack of estimates and the schedule's fold plan (``core/
 chain, tree or last) says which two top entries are folded by FOP, weighted by how many
 micro-steps each covers. Chain: the running estimate z absorbs each level h_j with weights
 (L_{j-1}, L_j - L_{j-1}). The metric (and basis) is the one from the previous optimizer step,
-fixed for the window. With folding off there is a single level and the result is the plain
-mean, bitwise.
+fixed for the window; the metric is computed at its first read (:class:`WindowMetric`), so a
+window that never folds (folding off) and arms no diagnostics never holds it. With folding off
+there is a single level and the result is the plain mean, bitwise.
 
 Where the options need it (``statistics_from="mean"``, or ``step_size="eta_star"`` with more
 than one fold) the folder also keeps the plain window mean as a running sum of level sums, in
@@ -19,13 +20,13 @@ reduced across data-parallel ranks, and a ``reduce_fn`` for tensor-parallel inne
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypedDict, cast
+from typing import TypedDict, cast, overload
 
 import torch
 
-from mlfop_megatron.config import FoldingConfig
+from mlfop_megatron.config import FoldingConfig, SOAPConfig
 from mlfop_megatron.core.fop import (
     AA,
     AD,
@@ -37,6 +38,7 @@ from mlfop_megatron.core.fop import (
     fold_coefficients,
 )
 from mlfop_megatron.core.levels import LevelSchedule
+from mlfop_megatron.core.soap import State, metric_diag
 
 RotateFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -172,6 +174,74 @@ class BlockStepArgs(TypedDict):
     stats_grad: torch.Tensor | None
     stats_grad_rot: torch.Tensor | None
     direction_scale: torch.Tensor | None
+
+
+class WindowMetric(Sequence[torch.Tensor | None]):
+    """The SOAP metric diagonals of a window's start state, computed at their first read.
+
+    ``compute``: the diagonals (one per block, or per shape class) from the current state;
+    ``version``: host values that change with every optimizer step of that state (step counts,
+    initialized flags), taken when the window starts; ``count``: how many diagonals (``len``
+    reads no tensor). The first read computes and caches them; a window that is never folded
+    and arms no diagnostics never allocates them (S bytes per rank).
+    """
+
+    def __init__(
+        self,
+        compute: Callable[[], list[torch.Tensor | None]],
+        version: Callable[[], Hashable],
+        count: int,
+    ) -> None:
+        self._compute = compute
+        self._version = version
+        self._start = version()
+        self._count = count
+        self._value: list[torch.Tensor | None] | None = None
+
+    @classmethod
+    def of_states(cls, states: Sequence[State], cfgs: Sequence[SOAPConfig]) -> WindowMetric:
+        """Per-block ``soap.metric_diag`` of ``states`` (one config each)."""
+        states, cfgs = list(states), list(cfgs)
+
+        def version() -> tuple[tuple[int, bool], ...]:
+            return tuple((int(s.get("step", 0)), bool(s.get("initialized", False))) for s in states)
+
+        return cls(lambda: [metric_diag(s, c) for s, c in zip(states, cfgs)], version, len(states))
+
+    @property
+    def computed(self) -> bool:
+        """Whether the diagonals were read (hence computed) in this window."""
+        return self._value is not None
+
+    def values(self) -> list[torch.Tensor | None]:
+        """The diagonals (computed at the first call, then cached)."""
+        if self._value is None:
+            # Invariant: v and step change only in the optimizer step, which follows every read.
+            if self._version() != self._start:
+                raise RuntimeError(
+                    "the window's SOAP metric was first read after an optimizer step changed "
+                    "the state: read it before the step (folds, grad diagnostics)"
+                )
+            value = self._compute()
+            if len(value) != self._count:
+                raise ValueError(f"expected {self._count} metric diagonals, got {len(value)}")
+            self._value = value
+        return self._value
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, i: int) -> torch.Tensor | None: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[torch.Tensor | None]: ...
+
+    def __getitem__(self, i: int | slice) -> torch.Tensor | None | list[torch.Tensor | None]:
+        return self.values()[i]
+
+    def __iter__(self) -> Iterator[torch.Tensor | None]:
+        return iter(self.values())
 
 
 @dataclass
@@ -359,7 +429,11 @@ class FoldStack:
 
 @dataclass
 class WindowFolder(FoldStack):
-    """Accumulates and folds the micro-step gradients of one window for a list of blocks."""
+    """Accumulates and folds the micro-step gradients of one window for a list of blocks.
+
+    ``metric_diags``: one metric diagonal per block (None: M = I), read by the folds and the
+    grad-group diagnostics; a :class:`WindowMetric` computes them at the first such read.
+    """
 
     schedule: LevelSchedule
     cfg: FoldingConfig

@@ -22,14 +22,18 @@ from mlfop_megatron.config import MLFOPConfig
 from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow
 from mlfop_megatron.core.batched_folding import BatchedWindowFolder
 from mlfop_megatron.core.diagnostics import GroupSums, group_block_rows
-from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder, WindowOutput
+from mlfop_megatron.core.folding import (
+    LevelDiagnostics,
+    WindowFolder,
+    WindowMetric,
+    WindowOutput,
+)
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.core.linalg import LinalgCounters
 from mlfop_megatron.core.norms import sum_of_squares
 from mlfop_megatron.core.soap import (
     BlockLayout,
     init_state,
-    metric_diag,
     needs_master,
     rotate,
     soap_step,
@@ -263,7 +267,10 @@ class ShardedSOAP:
             self.schedule,
             self.config.folding,
             rotate_fns=[partial(rotate, state=o.state) for o in self.owned],
-            metric_diags=[metric_diag(o.state, self.config.soap) for o in self.owned],
+            # computed at the first fold or diagnostics read, before the step (WindowMetric)
+            metric_diags=WindowMetric.of_states(
+                [o.state for o in self.owned], [self.config.soap] * len(self.owned)
+            ),
             reduce_fn=reduce_fn,
         )
 

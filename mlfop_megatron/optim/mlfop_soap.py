@@ -31,14 +31,18 @@ from mlfop_megatron.core.diagnostics import (
     group_block_rows,
     summarize_grad_diagnostics,
 )
-from mlfop_megatron.core.folding import LevelDiagnostics, WindowFolder, WindowOutput
+from mlfop_megatron.core.folding import (
+    LevelDiagnostics,
+    WindowFolder,
+    WindowMetric,
+    WindowOutput,
+)
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.core.linalg import LinalgCounters
 from mlfop_megatron.core.precision import fp32_matmuls
 from mlfop_megatron.core.soap import (
     block_layout,
     init_state,
-    metric_diag,
     needs_master,
     rotate,
     soap_step,
@@ -196,7 +200,8 @@ class MLFOPSOAP(torch.optim.Optimizer):
                     self.schedule,
                     self.folding_config,
                     rotate_fns=[_rotation(s) for s in states],
-                    metric_diags=[metric_diag(s, cfg) for s, (_, cfg) in zip(states, pairs)],
+                    # computed at the first fold or diagnostics read (WindowMetric)
+                    metric_diags=WindowMetric.of_states(states, [cfg for _, cfg in pairs]),
                 )
         elif [p for p, _ in pairs] != self._window_params:
             raise ValueError(

@@ -17,9 +17,10 @@ batched engine):
 
 Folding on (``FoldingConfig.enabled`` with at least one fold: several levels):
 
-* window buffers (while the window folds): the SOAP metric sqrt(v_hat) + eps per class (S,
-  ``batched.metric_diag``, from the window's start to its step), the fold workspace ``a``
-  and ``d`` per class (2 S) and three scratch stacks of the largest class (3 g_max,
+* window buffers (while the window folds): the SOAP metric sqrt(v_hat) + eps per class of
+  the window's start state (S, ``batched.metric_diag``, computed at the first fold and kept
+  to the step: ``folding.WindowMetric``), the fold workspace ``a`` and ``d`` per class (2 S)
+  and three scratch stacks of the largest class (3 g_max,
   ``batched_folding._Workspace``, dropped after the last fold), the last level's class
   stacks (S, ``ShardedSOAP._class_stacks``) and the rotated estimate (S, ``batched.rotate``):
   5 S + 3 g_max; at the step the metric and the estimate's two forms are left (3 S).
@@ -36,15 +37,14 @@ level, no fold, no rotated estimate, no fold workspace):
   (DP=1: S), as above but once per window.
 * stacking (``prepare_grads``, after the wait): the window's one level is copied per class
   (``ShardedSOAP._class_stacks``, S) while the received segment is still alive (seg; DP=1:
-  the packed buffer, S), and the batched folder computes the SOAP metric per class on
-  creation (S, ``BatchedWindowFolder.class_diags``: unused without a fold, but alive until
-  the step ends): seg + 2 S.
-* step buffers: the class stacks, the metric, and the statistics gradient rotated in the
-  current bases before the early refresh (``BatchedBlocks.step`` phase 1, ``refresh_first``,
-  the default; kept until the class steps use it): 3 S, as with folding (where the rotation
-  is the rotated estimate). With ``refresh_first=False`` the rotation is made per class after
-  the refresh and dropped: 2 S, so 3 S is then an upper bound.
-* transient peak = max(level buffers, stacking, 3 S + refresh).
+  the packed buffer, S): seg + S. No SOAP metric: the folder computes it at its first read
+  (``folding.WindowMetric``), and without a fold or grad-group diagnostics nothing reads it.
+* step buffers: the class stacks and the statistics gradient rotated in the current bases
+  before the early refresh (``BatchedBlocks.step`` phase 1, ``refresh_first``, the default;
+  kept until the class steps use it): 2 S (folding on: 3 S, with the metric). With
+  ``refresh_first=False`` the rotation is made per class after the refresh and dropped, so
+  2 S is then an upper bound.
+* transient peak = max(level buffers, stacking, 2 S + refresh).
 
 Both:
 
@@ -57,7 +57,9 @@ Both:
   step's stacks), except gloo's reduce-scatter scratch (N seg, alive until the wait:
   ``backend="gloo"``, what the CPU measurement sees; NCCL has none). Folding on, the last
   fold's peak (both estimates of the fold beside the workspace) is above the window buffers
-  at DP=1 but below the step's.
+  at DP=1 but below the step's. Windows armed for grad-group diagnostics
+  (``arm_grad_diagnostics``): their group sums and, folding off, the metric they read
+  before the step (S, then kept through it).
 * null-probe cache (``linalg.null_probe``, module level, kept for the process): one fp32
   n x n per distinct rotated dimension n whose factor was ever rank-deficient (counted as
   always: an upper bound; on a large run factors are full rank after the first steps).
@@ -126,8 +128,8 @@ class RankMemory:
     window_buffers: int  # folding on: metric + fold workspace + estimates; folding off: 0
     level_buffers: int
     refresh: int
-    step_buffers: int = 0  # what of the window is left at the step (3 S, folding on or off)
-    stacking: int = 0  # folding off: the one level stacked per class (seg + 2 S); on: 0
+    step_buffers: int = 0  # what of the window is left at the step (folding on 3 S, off 2 S)
+    stacking: int = 0  # folding off: the one level stacked per class (seg + S); on: 0
     folding: bool = False  # whether the window folds (the terms above follow it)
 
     @property
@@ -199,10 +201,10 @@ def rank_memory(
             level += FP32 * dp * segment
     else:
         received = level = owned.grads  # the packed buffer is reduced in place
-    if folding:
-        window, stacking = 5 * owned.grads + 3 * owned.largest_class, 0
-    else:
-        window, stacking = 0, received + 2 * owned.grads  # + class stacks + metric
+    if folding:  # the metric, workspace, estimates; at the step the metric + estimate
+        window, stacking, step = 5 * owned.grads + 3 * owned.largest_class, 0, 3 * owned.grads
+    else:  # the class stacks beside the received segment; at the step + their rotation
+        window, stacking, step = 0, received + owned.grads, 2 * owned.grads
     return RankMemory(
         params=params_numel * param_bytes,
         grads=params_numel * GRAD_BYTES,
@@ -210,7 +212,7 @@ def rank_memory(
         adam_state=adam_state,
         probe_cache=owned.probe_cache,
         window_buffers=window,
-        step_buffers=3 * owned.grads,
+        step_buffers=step,
         level_buffers=level,
         refresh=owned.bases + 4 * owned.largest_side,
         stacking=stacking,

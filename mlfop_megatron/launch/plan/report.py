@@ -58,14 +58,8 @@ def _transient_lines(m: RankMemory) -> list[str]:
         _row(
             "transient: the one level reduce-scatter, send + receive buffers", fb(m.level_buffers)
         ),
-        _row(
-            "transient: level stacked per class + SOAP metric + received (2 S + seg)",
-            fb(m.stacking),
-        ),
-        _row(
-            "transient: class stacks + their rotation + SOAP metric at the step (3 S)",
-            fb(m.step_buffers),
-        ),
+        _row("transient: level stacked per class + received segment (S + seg)", fb(m.stacking)),
+        _row("transient: class stacks + their rotation at the step (2 S)", fb(m.step_buffers)),
     ]
 
 
