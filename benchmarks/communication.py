@@ -265,7 +265,17 @@ def main(argv: list[str] | None = None) -> None:
                 "NDR port per H100; the figures and their source are in the module "
                 "docstring). `optimizer GiB/rank` of mlfop includes the ZeRO-1 Adam state "
                 "(12 B per non-matrix element, sharded 1/N); mlfop_v1 replicates it. "
-                "`optimizer state / DP=1` divides by the same layout's state at DP=1.",
+                "`optimizer state / DP=1` divides by the same layout's state at DP=1. "
+                "`layerwise` is Megatron 0.19's own layout: whole params packed per DDP "
+                "bucket, largest first onto the least-loaded rank "
+                "(`mlfop_megatron/distributed/layerwise_layout.py`, equal to Megatron's "
+                "`_compute_per_buffer_param_layout` in `tests/test_layerwise_layout.py`); "
+                "`layerwise_pingpong` is its fallback without a per-bucket layout "
+                "(`--no-use-layer-wise-param-layout`; 0.16's only mode): every param's fp32 "
+                "grads all-reduced by DDP, whole params dealt ping-pong by numel, their bf16 "
+                "values all-gathered in unequal pieces (the busiest rank's bytes, N x alpha "
+                "latency); both tied to the counted calls of the real optimizer at DP=2 and 4 "
+                "(`tests/test_layerwise_counted.py`).",
                 "",
                 modelled_text,
                 READING,

@@ -31,11 +31,12 @@ Per row and DP size, from the real calls:
   the step after it is finite; otherwise the first line of the error, as it came.
 
 The layer-wise rows also tie ``comm_model``'s Megatron baselines to the counted calls: the
-bytes of the launches on the layer-wise buffer (grad reduce / all-reduce, attributed by the
-buffer's storage) and of the layer-wise param sync (launched inside
-``LayerWiseDistributedOptimizer.step_with_ready_grads``) next to what the ``layerwise`` and
-``layerwise_pingpong`` rows of ``comm_model.layout_costs`` predict for the same params and DP
-(fp32 grads 4 B, bf16 params 2 B: the model's figures), with the ratio.
+bytes of the launches on the layer-wise buffer (grad reduce-scatter / all-reduce, attributed by
+the buffer's storage) and of the layer-wise param sync (launched inside
+``LayerWiseDistributedOptimizer.step_with_ready_grads``) on rank 0, next to what the
+``layerwise`` row of ``comm_model.layout_costs`` (0.19's per-bucket layout) and the
+``layerwise_pingpong`` model (the fallback, ``comm_model.layerwise_fallback_traffic`` for rank
+0) predict for the same params and DP (fp32 grads 4 B, bf16 params 2 B), with the ratio.
 
 Run from the repository root in the peers venv::
 
@@ -572,24 +573,32 @@ def load_world(jobs: list[tuple[Any, str, dict[str, Any]]]) -> list[str]:
 
 # ---------------------------------------------------------------------------------- analysis
 def layerwise_predictions(
-    specs: list[tuple[str, tuple[int, ...], bool]], dp: int
+    specs: list[tuple[str, tuple[int, ...], bool]], dp: int, rank: int = 0
 ) -> dict[str, dict[str, float]]:
-    """Bytes per step on the layer-wise matrices, per comm_model layer-wise row.
+    """Bytes per step on the layer-wise buffer's grads and param sync, per comm_model row.
 
-    ``layout_costs`` gives bytes per matrix element for one fp32 grad reduce-scatter (4r B) and
-    one bf16 param all-gather (2r B) per padded element: 6r x padded / P_matrix. Its grad part
-    is 4/6 of that, its param part 2/6.
+    ``layerwise`` (0.19's per-bucket layout, the same on every rank): ``layout_costs`` gives
+    bytes per matrix element for one fp32 grad reduce-scatter (4r B) and one bf16 param
+    all-gather (2r B) per padded element: 6r x padded / P_matrix; its grad part is 4/6 of that,
+    its param part 2/6. ``layerwise_pingpong`` (the fallback, every param): the grad
+    all-reduce and this ``rank``'s piece-wise all-gather from ``layerwise_fallback_traffic``,
+    whose busiest rank is the row.
     """
     from mlfop_megatron.distributed.assignment import ParamSpec
-    from mlfop_megatron.distributed.comm_model import layout_costs
+    from mlfop_megatron.distributed.comm_model import layerwise_fallback_traffic, layout_costs
 
     params = [ParamSpec(n, s, preconditioned=m) for n, s, m in specs]
     p_matrix = sum(p.numel for p in params if p.soap_matrix)
     out = {}
     for cost in layout_costs(params, dp, levels=1, block_size=None):
-        if cost.layout in ("layerwise", "layerwise_pingpong"):
+        if cost.layout == "layerwise":
             per_step = cost.bytes_per_soap_element * p_matrix
             out[cost.layout] = {"grads": per_step * 4 / 6, "params": per_step * 2 / 6}
+    fallback = layerwise_fallback_traffic([p.numel for p in params], dp)
+    out["layerwise_pingpong"] = {
+        "grads": fallback.grad_all_reduce,
+        "params": float(fallback.param_all_gather[rank]),
+    }
     return out
 
 
@@ -644,10 +653,11 @@ def cost_table(results: dict[tuple[str, int], Any], rows: list[str], dps: list[i
 
 
 def tie_table(results: dict[tuple[str, int], Any], rows: list[str], dps: list[int]) -> list:
-    """Counted layer-wise bytes per step against comm_model's two layer-wise rows."""
+    """Counted layer-wise bytes per step (rank 0) against comm_model's two layer-wise models."""
     lines = [
         "| row | DP | part | counted launches (kind) | counted B/step | `layerwise` row B "
-        "| counted / `layerwise` | `layerwise_pingpong` row B | counted / `layerwise_pingpong` |",
+        "| counted / `layerwise` | `layerwise_pingpong` B (rank 0) "
+        "| counted / `layerwise_pingpong` |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for label in rows:
@@ -658,7 +668,7 @@ def tie_table(results: dict[tuple[str, int], Any], rows: list[str], dps: list[in
             if not isinstance(res, dict):
                 continue
             r0 = res["ranks"][0]
-            pred = layerwise_predictions(r0["specs"], dp)
+            pred = layerwise_predictions(r0["specs"], dp, r0["rank"])
             last = r0["steps"][-1]["attributed"]
             for part, key in ((GRAD_SYNC, "grads"), (PARAM_SYNC, "params")):
                 counted = last.get(part, {})
@@ -809,14 +819,16 @@ NOTES = [
     "",
     "Tie to comm_model: on the `+lw` rows, the launches on the layer-wise buffer's grads "
     "(by storage) and inside `LayerWiseDistributedOptimizer.step_with_ready_grads` (its param "
-    "sync), next to `comm_model.layout_costs`' `layerwise` and `layerwise_pingpong` rows for "
-    "the same params (Megatron's rule: 2-D, not embedding / output layer) and DP: 4r x padded "
-    "elements for the fp32 grads and 2r x padded for the bf16 params (`tests/"
-    "test_layerwise_counted.py` asserts the `layerwise` row exactly at DP=2). The real "
-    "fallback is not what `layerwise_pingpong` models (0.16's deal of the matrices in one "
-    "padded buffer, the rest through a DistributedOptimizer): 0.19 puts every param in the "
-    "layer-wise buffer, all-reduces its fp32 grads (8r x all elements) and all-gathers the "
-    "bf16 params unpadded.",
+    "sync), rank 0, next to `comm_model` for the same params and DP: its `layerwise` row "
+    "(0.19's per-bucket layout, Megatron's rule for the matrices: 2-D, not embedding / output "
+    "layer; 4r x padded elements for the fp32 grad reduce-scatter, 2r x padded for the bf16 "
+    "param all-gather) and its `layerwise_pingpong` model (the fallback, "
+    "`layerwise_fallback_traffic`: with no layout DDP all-reduces every param's fp32 grads, "
+    "8r x P B, and the optimizer all-gathers the ping-pong-dealt bf16 params in unequal "
+    "pieces, 2 x (P - the rank's own elements) B as `comm_counter` counts it; the ranks "
+    "differ, so the column is rank 0's and the row of the modelled tables carries the busiest "
+    "rank's). `tests/test_layerwise_counted.py` asserts both exactly, every rank, at DP=2 "
+    "and 4 (on a 1-layer, hidden-32 model).",
 ]
 
 

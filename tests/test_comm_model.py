@@ -14,7 +14,11 @@ from __future__ import annotations
 import pytest
 
 from mlfop_megatron.distributed.assignment import ParamSpec
-from mlfop_megatron.distributed.comm_model import communication_table, layout_costs
+from mlfop_megatron.distributed.comm_model import (
+    communication_table,
+    layerwise_fallback_traffic,
+    layout_costs,
+)
 
 SPECS = [ParamSpec(f"w{i}", (64, 64)) for i in range(8)] + [
     ParamSpec("norm", (64,), preconditioned=False)
@@ -86,6 +90,51 @@ def test_exact_segments_meet_4l_plus_2_where_padding_does_not():
     assert low["mlfop_exact"].bytes_per_soap_element == pytest.approx(
         low["mlfop"].bytes_per_soap_element, rel=1e-3
     )
+
+
+def _digits_specs(layers: int = 2, h: int = 64, vocab: int = 64, seq: int = 72) -> list:
+    """The digits demo's GPT (peers_cost's default sizes), Megatron's rule for the matrices."""
+    specs = [ParamSpec("word", (vocab, h), False), ParamSpec("position", (seq, h))]
+    for _ in range(layers):
+        specs += [ParamSpec("ln", (h,), False)] * 2 + [ParamSpec("proj", (h, h))]
+        specs += [ParamSpec("qkv", (3 * h, h))] + [ParamSpec("ln", (h,), False)] * 2
+        specs += [ParamSpec("fc1", (4 * h, h)), ParamSpec("fc2", (h, 4 * h))]
+    return specs + [ParamSpec("ln", (h,), False)] * 2 + [ParamSpec("output", (vocab, h), False)]
+
+
+@pytest.mark.parametrize(
+    ("dp", "grads", "gathers"),
+    [(2, 446976, (91776, 131712)), (4, 670464, (173952, 181120, 174080, 141312))],
+)
+def test_layerwise_fallback_gives_the_counted_bytes(dp, grads, gathers):
+    """Megatron's layer-wise fallback on the digits model (111744 params), per rank.
+
+    Rank 0's figures are those counted on the real LayerWiseDistributedOptimizer forced onto
+    it (benchmarks/RESULTS.md, "counted bytes against comm_model"; every rank is asserted on
+    the real calls by tests/test_layerwise_counted.py on a smaller model): one all-reduce of
+    all 111744 fp32 grads, 2r x 4 B each, and the all-gather of every other rank's
+    ping-pong-dealt bf16 params, 2 B each. The row is the busiest rank's.
+    """
+    specs = _digits_specs()
+    total = sum(p.numel for p in specs)
+    assert total == 111744
+    t = layerwise_fallback_traffic([p.numel for p in specs], dp)
+    assert t.grad_all_reduce == grads == 2 * (dp - 1) / dp * 4 * total
+    assert t.param_all_gather == gathers
+    assert sum(t.loads) == total and t.param_all_gather == tuple(2 * (total - x) for x in t.loads)
+    assert t.grad_buckets == 1 and t.norm == 2 * (dp - 1) / dp * 4
+    (row,) = (c for c in layout_costs(specs, dp, 1, None) if c.layout == "layerwise_pingpong")
+    assert row.bytes_per_soap_element == row.bytes_per_adam_element
+    assert row.bytes_per_soap_element * total == pytest.approx(grads + max(gathers), rel=1e-12)
+    assert row.launches == 3  # grad all-reduce, norm, the uneven all-gather
+    assert row.optimizer_vs_dp1 == max(t.loads) / total
+
+
+def test_layerwise_fallback_at_dp_1_sends_nothing():
+    t = layerwise_fallback_traffic([p.numel for p in SPECS], 1)
+    assert t.grad_all_reduce == 0 and t.param_all_gather == (0,) and t.norm == 0
+    (row,) = (c for c in layout_costs(SPECS, 1, 1, None) if c.layout == "layerwise_pingpong")
+    assert row.seconds == 0 and row.launches == 2 and row.optimizer_vs_dp1 == 1
 
 
 def test_optimizer_state_of_all_params_per_rank_measured_at_dp_2_and_4():

@@ -248,8 +248,10 @@ def pingpong_owners(
 ) -> tuple[int, ...]:
     """Our re-implementation of Megatron's LayerWiseDistributedOptimizer.shard_params order.
 
-    Megatron (core 0.16) stable-sorts params by numel ascending and deals them out in a snake
-    0, 1, ..., W-1, W-1, ..., 0, 0, 1, ...; ``descending=True`` deals largest first instead.
+    Megatron (core 0.16, and 0.19's fallback without a per-bucket layout:
+    ``_shard_params_ping_pong``) stable-sorts params by numel ascending and deals them out in a
+    snake 0, 1, ..., W-1, W-1, ..., 0, 0, 1, ...; ``descending=True`` deals largest first
+    instead.
     """
     _check_world_size(world_size)
     loop = list(range(world_size)) + list(range(world_size))[::-1]

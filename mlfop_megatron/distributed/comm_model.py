@@ -27,8 +27,19 @@ Layouts compared on the same parameter shapes and data-parallel size N (r = (N-1
   whole-param layout, packed per DDP bucket largest first (``layerwise_layout``: the padding
   is that of every bucket's most loaded shard, one reduce-scatter and one all-gather per
   bucket); the non-matrix params through DistributedOptimizer.
-* ``layerwise_pingpong``: its fallback (core 0.16's only layout): whole params dealt
-  ping-pong over the ranks, one buffer padded to the most loaded rank's whole params.
+* ``layerwise_pingpong``: its fallback without a per-bucket layout (megatron-core 0.19 with
+  ``--no-use-layer-wise-param-layout``, or wherever no ``full_param_layout`` reaches the
+  optimizer; core 0.16's only mode, the same calls: its ``shard_params`` / ``allgather_params``,
+  muon only there), ``layerwise_fallback_traffic``. DDP keeps ``use_distributed_optimizer``
+  off, so every param (matrices and the others alike: 0.19 keeps the Adam params inside the
+  layer-wise optimizer on this path) sits unpadded in the DDP grad buffer, whose fp32 grads
+  are all-reduced per bucket (8r B per element, ``max(40M, 1M x N)``-element buckets); the
+  optimizer deals whole params ping-pong by numel ascending (``pingpong_owners``) and, after
+  its step, all-gathers each rank's flattened bf16 params in one call of unequal pieces (NCCL
+  runs it as N coalesced broadcasts: latency N x ALPHA_S); with ``comm_counter``'s counting a
+  rank sends 2 B for every element the other ranks own; the row takes the busiest rank
+  (the least loaded: 2 (P - min load) B). Its norm: one fp32 all-reduce (bf16, no found-inf).
+  Optimizer state: 12 B per element of the most loaded rank's whole params.
 
 Link figures (stated, not measured here): an H100 SXM node (DGX H100) has one ConnectX-7
 400 Gb/s NDR InfiniBand port per GPU (NVIDIA DGX H100 User Guide, "Network ports"), i.e.
@@ -214,6 +225,71 @@ def _whole_param_cost(
     )
 
 
+@dataclass(frozen=True)
+class LayerwiseFallbackTraffic:
+    """Bytes each rank sends per step on Megatron's layer-wise fallback (module), by call.
+
+    ``loads``: elements each rank owns (every param, dealt ping-pong); ``grad_all_reduce``: the
+    all-reduces of the whole fp32 DDP grad buffer, ``grad_buckets`` launches, the same on every
+    rank; ``param_all_gather``: per rank, the all-gather of unequal bf16 pieces as
+    ``comm_counter`` counts it (every other rank's piece); ``norm``: one fp32 all-reduce.
+    """
+
+    dp: int
+    grad_buckets: int
+    loads: tuple[int, ...]
+    grad_all_reduce: float
+    param_all_gather: tuple[int, ...]
+    norm: float
+
+
+def layerwise_fallback_traffic(
+    numels: Sequence[int], dp: int, grad_bytes: int = 4, param_bytes: int = 2
+) -> LayerwiseFallbackTraffic:
+    """Per-rank bytes of megatron-core's layer-wise fallback (0.19 without a layout, 0.16).
+
+    ``numels``: every param the optimizer trains (its deal and DDP's buffer take them all).
+    With P their sum, r = (N-1)/N and load_i the elements dealt to rank i
+    (``pingpong_owners``, Megatron's ``_shard_params_ping_pong``): grads 2r x grad_bytes x P
+    in ceil(P / max(40M, 1M x N)) launches (DDP's unpadded buckets), params
+    param_bytes x (P - load_i) on rank i in one launch (none at N = 1), norm 2r x 4 B.
+    """
+    r = (dp - 1) / dp
+    total = sum(numels)
+    loads = [0] * dp
+    for numel, owner in zip(numels, pingpong_owners(numels, dp)):
+        loads[owner] += numel
+    return LayerwiseFallbackTraffic(
+        dp=dp,
+        grad_buckets=_buckets(total, dp),
+        loads=tuple(loads),
+        grad_all_reduce=2 * r * grad_bytes * total,
+        param_all_gather=tuple(param_bytes * (total - load) for load in loads),
+        norm=2 * r * 4,
+    )
+
+
+def _fallback_cost(traffic: LayerwiseFallbackTraffic, p_soap: int, p_adam: int) -> LayoutCost:
+    """The ``layerwise_pingpong`` row: the busiest rank's bytes, the most loaded rank's state."""
+    dp = traffic.dp
+    p_all = p_soap + p_adam
+    gather = max(traffic.param_all_gather)
+    seconds = _time([(traffic.grad_buckets, traffic.grad_all_reduce), (1, traffic.norm)], dp)
+    if dp > 1:  # one uneven all-gather: N coalesced broadcasts
+        seconds += dp * ALPHA_S + gather / BETA_BYTES_PER_S
+    per_element = (traffic.grad_all_reduce + gather) / p_all
+    return LayoutCost(
+        "layerwise_pingpong",
+        dp,
+        per_element,
+        per_element,
+        traffic.grad_buckets + 1 + (1 if dp > 1 else 0),
+        seconds,
+        12 * max(traffic.loads) / 2.0**30,
+        max(traffic.loads) / p_all,
+    )
+
+
 def layout_costs(
     specs: Sequence[ParamSpec],
     dp: int,
@@ -304,22 +380,10 @@ def layout_costs(
             p_adam,
         )
     )
-    # Its fallback without a bucketed layout (0.16's only one): whole params dealt ping-pong
-    # over the ranks in one buffer padded to the most loaded rank's whole params.
-    loads = [0] * dp
-    for spec, owner in zip(soap, pingpong_owners([s.numel for s in soap], dp)):
-        loads[owner] += spec.numel
-    out.append(
-        _whole_param_cost(
-            "layerwise_pingpong",
-            dp,
-            _buckets(p_soap, dp),
-            dp * max(loads),
-            max(loads),
-            p_soap,
-            p_adam,
-        )
-    )
+    # Its fallback without a per-bucket layout (0.16's only mode): every param dealt ping-pong,
+    # grads all-reduced, params all-gathered in unequal pieces.
+    fallback = layerwise_fallback_traffic([s.numel for s in specs], dp)
+    out.append(_fallback_cost(fallback, p_soap, p_adam))
     return out
 
 
