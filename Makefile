@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/pip
 # Threads for CPU runs; CI machines have 2 cores.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup setup-peers test test-mcore lint demo bench clean
+.PHONY: setup setup-peers test test-mcore lint demo bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -80,6 +80,14 @@ demo: setup
 bench: setup
 	$(PIP) install -q -e '.[bench]'
 	$(VPY) -m benchmarks.step_time
+
+# The first GPU run in one command (benchmarks/gpu_check.py, < 8 min on one H100): device facts,
+# the GPU suite (tests/gpu), optimizer step time against fwd+bwd and peak memory against the
+# memory model on a GPT stack of up to 1.0B params; figures in runs/gpu-check/gpu_check.md.
+# Without CUDA it prints one line and exits 2. No `setup` prerequisite (that venv holds the CPU
+# torch build): on a GPU machine use a Python with CUDA torch + megatron-core, VPY=python3.
+gpu-check:
+	$(VPY) -m benchmarks.gpu_check --out runs/gpu-check
 
 clean:
 	rm -rf .venv-mcore-* $(PEERS_VENV) runs .pytest_cache

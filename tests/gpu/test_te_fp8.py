@@ -5,6 +5,12 @@ Every run goes through the real path: Megatron's TE wrappers (fused wgrad accumu
 main_grad), FoldingDistributedDataParallel, get_mlfop_optimizer, and for fp8 primary weights
 the requantization with megatron.core.fp8_utils.quantize_param_shard. The process group is
 gloo (CUDA tensors), so that two ranks can share one GPU for the data-parallel check.
+
+After training, as on CPU (tests/test_trains_what_it_claims.py, tests/test_fp8_emulated.py):
+every SOAP-managed weight changed from its initial value, the captured plain SOAP steps follow
+the dense SOAP equations (tests/support/step_capture.py), bf16 weights equal their fp32 main
+weights cast to bf16 (bitwise), and each FP8 primary weight holds the requantization of its
+fp32 main weights (the bf16 shadow cast with the scale TE stored beside the bytes).
 """
 
 from __future__ import annotations
@@ -25,6 +31,16 @@ HIDDEN, FFN = 64, 128
 # bf16 vs FP8 compute on the same data and init: e4m3 activations/weights (~2^-4 relative)
 # perturb the regression loss by a few percent; 15% per iteration bounds it with margin.
 LOSS_RTOL = 0.15
+# SOAP steps captured from this iteration on (0: statistics only; with precondition_frequency
+# 2 every other step refreshes before its update, and only the others are checked).
+CAPTURE_FROM = 2
+# Captured steps against the dense SOAP equations (computed on the CPU in fp32): a frozen or
+# wrong update is off by O(1); GPU fp32 reductions in another order stay far below this.
+STEP_RTOL = 1e-2
+# FP8 bytes against the requantized main weights: TE multiplies by its scale, we by
+# 1/scale_inv, which can differ in the last fp32 bit and move a value sitting on a rounding
+# tie by one fp8 step. A frozen weight misses by several steps on most elements.
+REQUANT_MIN_EQUAL = 0.999
 
 
 def _needs_te():
@@ -45,6 +61,50 @@ def _recipes():
     return out + ["tensorwise"]
 
 
+def _fp8_codes(p):
+    """(the fp8 values of a TE Float8Tensor as float32, the torch fp8 dtype, scale_inv)."""
+    fp8 = torch.float8_e5m2 if "E5M2" in str(getattr(p, "_fp8_dtype", "")) else None
+    fp8 = fp8 or torch.float8_e4m3fn
+    scale_inv = p._scale_inv.detach().float().reshape(-1)[0]
+    data = getattr(p, "_data", None)
+    if torch.is_tensor(data) and data.numel() == p.numel():
+        return data.detach().view(fp8).float().reshape(p.shape), fp8, scale_inv
+    # No rowwise bytes kept: the dequantized values divided back by the scale.
+    return p.dequantize().float() / scale_inv, fp8, scale_inv
+
+
+def requantization_error(p, master):
+    """How far the fp8 bytes of ``p`` are from quantize(bf16(master)) with p's stored scale.
+
+    Returns the share of elements whose fp8 value equals the requantization and the largest
+    difference in fp8 steps (the spacing of fp8 values at that magnitude).
+    """
+    codes, fp8, scale_inv = _fp8_codes(p)
+    info = torch.finfo(fp8)
+    shadow = master.to(p.dtype).float()  # the owner's bf16 shadow, what TE quantizes
+    want = (shadow * (1.0 / scale_inv)).clamp(-info.max, info.max).to(fp8).float()
+    mag = torch.maximum(codes.abs(), want.abs())
+    binade = torch.exp2(torch.floor(torch.log2(mag.clamp_min(info.smallest_normal))))
+    step = binade * info.eps  # fp8 spacing at mag (subnormals: smallest_normal * eps)
+    diff = (codes - want).abs()
+    return {
+        "equal_fraction": float((diff == 0).float().mean()),
+        "max_steps": float((diff / step).max()),
+        "numel": codes.numel(),
+    }
+
+
+def _to_cpu(obj):
+    """Tensors anywhere in nested dicts / lists moved to the CPU (results leave the rank)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def _run(spec):
     """One training run on this rank; returns losses and FP8 metadata by param name."""
     import torch.nn.functional as F
@@ -60,9 +120,11 @@ def _run(spec):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from mlfop_megatron.config import MLFOPConfig
+    from mlfop_megatron.distributed.owner_buffer import block_view
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
     from mlfop_megatron.runtime.megatron_parallel import init_megatron_parallel
+    from tests.support.step_capture import capture_engine_steps
 
     torch.cuda.set_device(0)
     init_megatron_parallel(seed=1234)
@@ -137,6 +199,22 @@ def _run(spec):
         lr=3e-3, accumulation_steps=MICRO, enabled=True, precondition_frequency=2
     )
     optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True)
+    ours = optimizer.mlfop[0]
+    names = {id(p): n for n, p in model.module.named_parameters()}
+    # The SOAP-managed weights: the model params behind the engines' params (or shadows).
+    soap = {
+        names[id(ours.fp8.model_param(p))]: ours.fp8.model_param(p)
+        for engine in ours.engines
+        for p in engine.params
+    }
+
+    def value(p):
+        return (p.dequantize() if is_float8tensor(p) else p.detach()).float().cpu()
+
+    initial = {name: value(p) for name, p in soap.items()}
+    now = [0]  # the iteration, read by the capture below
+    captured: list = []
+    capture_engine_steps(optimizer, lambda: now[0] >= CAPTURE_FROM, captured)
 
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -144,6 +222,7 @@ def _run(spec):
     w_teacher = torch.randn(HIDDEN, HIDDEN, generator=teacher) / math.sqrt(HIDDEN)
     losses = []
     for it in range(ITERS):
+        now[0] = it
         model.zero_grad_buffer()
         optimizer.zero_grad()
         for m in model.modules():  # as Megatron's schedules do on the first micro-batch
@@ -167,7 +246,27 @@ def _run(spec):
         ok, _, _ = optimizer.step()
         assert ok
     out = {"losses": losses, "fp8": {}, "n_fp8": 0}
-    ours = optimizer.mlfop[0]
+    out["soap_moved"] = {n: not torch.equal(initial[n], value(p)) for n, p in soap.items()}
+    out["captured"] = _to_cpu(captured)
+    # Each SOAP weight against its fp32 main weights, assembled from the owned blocks.
+    masters: dict = {}
+    for engine in ours.engines:
+        for o in engine.owned:
+            if "master" in o.state:
+                p = ours.fp8.model_param(o.param)
+                full = masters.setdefault(
+                    names[id(p)], torch.full(p.shape, float("nan"), device=p.device)
+                )
+                block_view(full, o.block).copy_(o.state["master"])
+    out["main_weight_checks"] = {}
+    for name, full in masters.items():
+        p = soap[name]
+        if full.isnan().any():  # blocks owned by another rank (DP > 1): not checked here
+            continue
+        if is_float8tensor(p):
+            out["main_weight_checks"][name] = requantization_error(p, full)
+        else:
+            out["main_weight_checks"][name] = {"equal": torch.equal(p.detach(), full.to(p.dtype))}
     out["shadow_numel"] = [s.numel() for s in ours.fp8.shadows]
     out["master_dtypes"] = sorted(
         {str(o.state["master"].dtype) for e in ours.engines for o in e.owned if "master" in o.state}
@@ -208,6 +307,31 @@ def test_te_fp8_training_with_folding_tracks_bf16(recipe, fp8_param):
         assert ours["shadow_numel"] == [0] * 4
     else:
         assert ours["n_fp8"] == 0
+    for run in (bf16, ours):
+        _check_trained_what_it_claims(run, fp8_param=fp8_param and run is ours)
+
+
+def _check_trained_what_it_claims(run, fp8_param):
+    """SOAP weights moved, plain steps follow the equations, weights match the main weights."""
+    from tests.support.step_capture import check_block_step, plain_step
+
+    moved = run["soap_moved"]
+    assert len(moved) == 4 and all(moved.values()), f"frozen SOAP weights: {moved}"
+    checked = set()
+    for record in run["captured"]:
+        for block in record["blocks"]:
+            if plain_step(block, record):
+                check_block_step(block, record, STEP_RTOL)
+                checked.add(block["name"])
+    assert len(checked) == 4, f"plain SOAP steps checked for {sorted(checked)} only"
+    checks = run["main_weight_checks"]
+    assert set(checks) == set(moved), (sorted(checks), sorted(moved))  # DP=1: one owner
+    for name, check in checks.items():
+        if fp8_param:
+            assert check["equal_fraction"] >= REQUANT_MIN_EQUAL, (name, check)
+            assert check["max_steps"] <= 1.0, (name, check)
+        else:
+            assert check == {"equal": True}, f"{name} != bf16(its fp32 main weights)"
 
 
 @pytest.mark.parametrize("recipe", _recipes())
