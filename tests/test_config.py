@@ -66,7 +66,7 @@ def test_optimizer_front_end_validates():
 
 
 def test_defaults_follow_soap_reference_but_the_measured_four():
-    """The reference's defaults except four: beta1 0.9; check every step, before the update, by drift.
+    """The reference's defaults but four: beta1 0.9; refresh checked every step, first, by drift.
 
     Those four were chosen by measurement (benchmarks/peers.py); REFERENCE_SOAP restores them.
     """
