@@ -40,7 +40,7 @@ def test_stop_is_agreed_across_ranks():
 
 
 BLOCKED_SAVE = """
-import multiprocessing, os, re, signal, sys, time
+import multiprocessing, os, re, signal, sys, threading, time
 from pathlib import Path
 from mlfop_megatron.launch.preemption import PreemptionHandler
 from mlfop_megatron.launch.stop_signals import stop_signals_blocked
@@ -54,7 +54,10 @@ if __name__ == "__main__":
     with stop_signals_blocked():
         # what torch_dist's writer starts: a spawned Manager (and with it the resource tracker)
         manager = multiprocessing.get_context("spawn").Manager()
-        os.kill(os.getpid(), signal.SIGUSR1)
+        # To this thread, whose block is what is tested: a signal sent to the process may be
+        # taken at once by another thread (stop_signals_blocked's docstring), which made this
+        # check flaky under load.
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
         print("inside", handler.received, flush=True)
     # The signal is delivered as the mask is restored; CPython runs the Python handler at its
     # next check for pending calls (not necessarily before the next statement).
