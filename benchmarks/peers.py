@@ -113,6 +113,10 @@ MEGATRON_LIKE = {
     "refresh_first": True,
 }
 ORDER_FIRST = {"first_step_update": True, "refresh_first": True}
+# every step checked before the update, refreshed where drifted past 0.03: the default until
+# 2026-12-07 (beta1 0.95), and the default since (beta1 0.9)
+GATED = {**F1, "refresh_first": True, "refresh_tolerance": 3e-2}
+GATED_B09 = {**GATED, "betas": (0.9, 0.95)}
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "megatron-soap": ("megatron-soap", {}),
@@ -130,50 +134,19 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "soap-f1+order+tol1e-3": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 1e-3}),
     "soap-f1+order+tol3e-3": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 3e-3}),
     "soap-f1+order+tol1e-2": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 1e-2}),
-    "soap-f1+order+tol3e-2": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 3e-2}),
-    "mlfop-f1+order+tol3e-2": ("mlfop", {**F1, "refresh_first": True, "refresh_tolerance": 3e-2}),
+    "soap-f1+order+tol3e-2": ("soap", GATED),
+    "mlfop-f1+order+tol3e-2": ("mlfop", GATED),
     # the default with the Adam betas the peers run here (0.9/0.95): the batch-128 gap
-    "soap-f1+order+tol3e-2+b0.9": (
-        "soap",
-        {**F1, "refresh_first": True, "refresh_tolerance": 3e-2, "betas": (0.9, 0.95)},
-    ),
+    "soap-f1+order+tol3e-2+b0.9": ("soap", GATED_B09),
     # the default with KL-Shampoo's factors (Megatron's SOAP's estimator): the batch-128 gap
-    "soap-f1+order+tol3e-2+b0.9+kl": (
-        "soap",
-        {
-            **F1,
-            "refresh_first": True,
-            "refresh_tolerance": 3e-2,
-            "betas": (0.9, 0.95),
-            "factor_estimator": "kl",
-        },
-    ),
+    "soap-f1+order+tol3e-2+b0.9+kl": ("soap", {**GATED_B09, "factor_estimator": "kl"}),
     "soap-f1+order+tol3e-2+b0.9+kl+bias": (
         "soap",
-        {
-            **F1,
-            "refresh_first": True,
-            "refresh_tolerance": 3e-2,
-            "betas": (0.9, 0.95),
-            "factor_estimator": "kl",
-            "correct_factor_bias": True,
-        },
+        {**GATED_B09, "factor_estimator": "kl", "correct_factor_bias": True},
     ),
     # Nesterov's momentum in the eigenbasis (NAdam), as Muon steps: with either beta1
-    "soap-f1+order+tol3e-2+nesterov": (
-        "soap",
-        {**F1, "refresh_first": True, "refresh_tolerance": 3e-2, "nesterov": True},
-    ),
-    "soap-f1+order+tol3e-2+b0.9+nesterov": (
-        "soap",
-        {
-            **F1,
-            "refresh_first": True,
-            "refresh_tolerance": 3e-2,
-            "betas": (0.9, 0.95),
-            "nesterov": True,
-        },
-    ),
+    "soap-f1+order+tol3e-2+nesterov": ("soap", {**GATED, "nesterov": True}),
+    "soap-f1+order+tol3e-2+b0.9+nesterov": ("soap", {**GATED_B09, "nesterov": True}),
     "soap-f1+order+tol1e-1": ("soap", {**F1, "refresh_first": True, "refresh_tolerance": 1e-1}),
     "soap-f1+kl+bias": ("soap", {**F1, "factor_estimator": "kl", "correct_factor_bias": True}),
     "soap-megatron-like": ("soap", MEGATRON_LIKE),
