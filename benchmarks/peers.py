@@ -192,6 +192,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "the other on an otherwise idle machine (ms/step table; <out>/timing.jsonl)",
     )
     p.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=1,
+        help="with --timing: time the row list this many times in turn (round r: seed 100 + r), "
+        "so that a slow spell of the machine hits every row alike; the table gives the median "
+        "over rounds and the range",
+    )
+    p.add_argument(
         "--stability",
         action="store_true",
         help="the stability test: every row at every lr of the grid on the selection seeds; "
@@ -470,56 +478,87 @@ def analyse(results: dict[str, dict[str, Any]], args: Any) -> list[str]:
     ]
 
 
+TIMING_SEED = 100  # round r of --timing-rounds runs seed TIMING_SEED + r
+
+
 def run_timing(args: Any, path: Path) -> None:
-    """Time every row (lr 5e-3, seed 100, the first layout and batch) not yet in ``path``."""
+    """Time every row (lr 5e-3, the first layout and batch) in every round not yet in ``path``."""
     from examples.digits.optimizers import entry
 
     done = load_results(path)
     layout, batch = args.layouts.split(",")[0], _ints(args.batches)[0]
-    for label in args.rows.split(","):
-        key = run_key(label, layout, batch, 5e-3, 100, args.timing)
-        reason = entry(ROWS[label][0]).missing()
-        if key in done or reason is not None:
-            if reason:
-                log(f"skip {label}: {reason}")
-            continue
-        timing_args = argparse.Namespace(**{**vars(args), "steps": args.timing})
-        spec = make_spec(label, layout, batch, 5e-3, 100, timing_args)
-        (res,) = train_specs([spec], args.nproc)
-        with path.open("a") as f:
-            f.write(json.dumps({"key": key, "label": label, **res}) + "\n")
-        log(f"timed {label}: {ms_per_step(res['rows'][2:]):.0f} ms/step")
+    for round_ in range(args.timing_rounds):
+        seed = TIMING_SEED + round_
+        for label in args.rows.split(","):
+            key = run_key(label, layout, batch, 5e-3, seed, args.timing)
+            reason = entry(ROWS[label][0]).missing()
+            if key in done or reason is not None:
+                if reason:
+                    log(f"skip {label}: {reason}")
+                continue
+            timing_args = argparse.Namespace(**{**vars(args), "steps": args.timing})
+            spec = make_spec(label, layout, batch, 5e-3, seed, timing_args)
+            (res,) = train_specs([spec], args.nproc)
+            with path.open("a") as f:
+                f.write(json.dumps({"key": key, "label": label, **res}) + "\n")
+            log(f"round {round_}: timed {label}: {ms_per_step(res['rows'][2:]):.0f} ms/step")
 
 
 def timing_table(path: Path, args: Any) -> list[str]:
-    """ms/step of every timed row (median, steps 3 on), and its ratio to Megatron's Muon."""
-    runs = {
-        r["label"]: r for r in load_results(path).values() if r["key"].endswith(f"|{args.timing}")
-    }
+    """ms/step of every timed row (steps 3 on) and its ratio to Megatron's Muon, per round.
+
+    A row's ratio is taken within each round (Muon timed in the same round, minutes apart),
+    then the median over rounds is reported with the range of the rounds' values.
+    """
+    seeds = {TIMING_SEED + r for r in range(args.timing_rounds)}
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in load_results(path).values():
+        label, _, _, _, seed, steps = r["key"].split("|")
+        if int(steps) == args.timing and int(seed) in seeds:
+            runs.setdefault(label, {})[int(seed)] = r
     if not runs:
         return []
-    ms = {label: ms_per_step(r["rows"][2:]) for label, r in runs.items()}
-    mean = {
-        label: 1e3 * statistics.fmean(x["step_time_s"] for x in r["rows"][2:])
-        for label, r in runs.items()
-    }
-    muon, muon_mean = ms.get("megatron-muon"), mean.get("megatron-muon")
+
+    def per_round(label: str, stat: str) -> dict[int, float]:
+        out = {}
+        for seed, r in runs.get(label, {}).items():
+            times = [x["step_time_s"] for x in r["rows"][2:]]
+            out[seed] = 1e3 * (
+                statistics.median(times) if stat == "median" else statistics.fmean(times)
+            )
+        return out
+
+    def cell(values: Sequence[float], digits: int) -> str:
+        if not values:
+            return "-"
+        mid = f"{statistics.median(values):.{digits}f}"
+        if len(values) == 1:
+            return mid
+        return f"{mid} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    rounds = max(len(v) for v in runs.values())
     lines = [
         "",
-        f"### Step time: every row timed back to back, {args.timing} steps, steps 3 on",
+        f"### Step time: every row timed back to back, {args.timing} steps, steps 3 on, "
+        f"{rounds} round(s)",
         "",
-        "Median: the typical step; mean: the amortized step (refreshes every few steps included).",
+        "Median: the typical step; mean: the amortized step (refreshes every few steps included)."
+        " With several rounds: the median over rounds (the range in brackets); a ratio to Muon"
+        " is taken within each round.",
         "",
         "| row | median ms/step | x Megatron Muon | mean ms/step | x Megatron Muon |",
         "|---|---|---|---|---|",
     ]
+    muon = {stat: per_round("megatron-muon", stat) for stat in ("median", "mean")}
     for label in args.rows.split(","):
-        if label in ms:
-            ratio = f"{ms[label] / muon:.2f}" if muon else "-"
-            ratio_mean = f"{mean[label] / muon_mean:.2f}" if muon_mean else "-"
-            lines.append(
-                f"| {label} | {ms[label]:.0f} | {ratio} | {mean[label]:.0f} | {ratio_mean} |"
-            )
+        if label not in runs:
+            continue
+        row = [label]
+        for stat in ("median", "mean"):
+            own = per_round(label, stat)
+            ratios = [own[s] / muon[stat][s] for s in own if s in muon[stat]]
+            row += [cell(list(own.values()), 0), cell(ratios, 2)]
+        lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
@@ -540,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             header = [
                 "",
                 f"Measured with `.venv-peers/bin/python -m benchmarks.peers --timing {args.timing} "
-                f"--rows {args.rows}`, the rows one after the other with nothing else "
+                f"--timing-rounds {args.timing_rounds} --rows {args.rows}`, the rows one after "
+                "the other with nothing else "
                 "running, on "
                 + machine_facts(f"{args.nproc} gloo ranks")
                 + " (the load average is the machine's when the table was written)",

@@ -1,15 +1,23 @@
-"""Canonical null bases (core/linalg.py): the definition, span-only dependence, batch invariance."""
+"""core/linalg.py: canonical null bases and the QR refresh's null columns.
+
+Canonical null bases: the definition, span-only dependence, batch invariance. The QR refresh:
+null columns kept from the old basis, continuity, batched equal to per-block.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mlfop_megatron.config import SOAPConfig
+from mlfop_megatron.core.batched import BatchedBlocks, compute_bases
 from mlfop_megatron.core.linalg import (
+    LinalgCounters,
     canonical_null_basis,
     canonical_null_columns,
     null_probe,
     orthonormal_factor,
+    qr_refresh_basis,
 )
 
 
@@ -112,3 +120,104 @@ def test_orthonormal_factor_is_the_q_of_linalg_qr() -> None:
         assert torch.equal(q, torch.linalg.qr(x)[0])
         eye = torch.eye(q.shape[-1], dtype=q.dtype)
         torch.testing.assert_close(q.mT @ q, eye.expand_as(q.mT @ q), rtol=0, atol=1e-12)
+
+
+def _rank_deficient_factor(n: int, rank: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(n, rank, generator=gen, dtype=torch.float64)
+    return (g @ g.T).to(dtype)
+
+
+def _mix_within(basis: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
+    """``basis`` with its columns rank.. rotated among themselves (the same span)."""
+    n = basis.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    rot, _ = torch.linalg.qr(torch.randn(n - rank, n - rank, generator=gen, dtype=torch.float64))
+    out = basis.clone()
+    out[:, rank:] = basis[:, rank:] @ rot.to(basis.dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_qr_refresh_keeps_the_old_null_directions(dtype):
+    """Columns with a zero estimate (F q = 0) keep their old direction: no noise-picked basis.
+
+    F has rank 5 of 12 and the old basis spans F's range with its first 5 columns, so Q^T F Q
+    has 7 zero estimates. The refreshed null columns must equal the old ones up to sign (they
+    are already orthogonal to the kept ones), whichever basis of the null space the old one
+    holds: QR of F Q alone would make them from rounding noise.
+    """
+    n, rank = 12, 5
+    factor = _rank_deficient_factor(n, rank, seed=1, dtype=dtype)
+    _, vecs = torch.linalg.eigh(factor.double())
+    eig = vecs.flip(1)  # range first
+    counters = LinalgCounters()
+    for seed in (2, 3):
+        old = _mix_within(eig, rank, seed).to(dtype)
+        new, order = qr_refresh_basis(factor, old, counters)
+        assert order is not None and counters.qr_failures == 0
+        assert torch.equal(order[rank:], torch.arange(rank, n))  # stable: nulls stay in place
+        tol = 1e-4 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(new[:, rank:].abs(), old[:, rank:].abs(), atol=tol, rtol=0)
+        eye = torch.eye(n, dtype=dtype)
+        torch.testing.assert_close(new.T @ new, eye, atol=tol, rtol=0)
+
+
+def test_qr_refresh_is_continuous_in_the_factor():
+    """A last-bit change of a rank-deficient factor moves the refreshed basis by rounding only.
+
+    Two data-parallel layouts reduce the factor in different orders; their bases must agree
+    to rounding, up to the sign of each column (SOAP is invariant to those signs). The old
+    basis spans F's range with its first columns (not F's eigenvectors: the power step has
+    work to do) and F's null space with the others, as after an earlier refresh.
+    """
+    n, rank = 16, 6
+    factor = _rank_deficient_factor(n, rank, seed=4, dtype=torch.float64)
+    eig = torch.linalg.eigh(factor)[1].flip(1)
+    gen = torch.Generator().manual_seed(5)
+    mix, _ = torch.linalg.qr(torch.randn(rank, rank, generator=gen, dtype=torch.float64))
+    old = _mix_within(eig, rank, seed=6)
+    old[:, :rank] = eig[:, :rank] @ mix
+    noise = torch.randn(n, n, generator=gen, dtype=torch.float64) * 1e-15
+    counters = LinalgCounters()
+    a, order_a = qr_refresh_basis(factor, old, counters)
+    b, order_b = qr_refresh_basis(factor + (noise + noise.T), old, counters)
+    assert order_a is not None and order_b is not None
+    assert torch.equal(order_a, order_b)
+    torch.testing.assert_close(a.abs(), b.abs(), atol=1e-9, rtol=0)
+    torch.testing.assert_close(a[:, rank:].abs(), old[:, rank:].abs(), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_qr_refresh_batched_equals_per_block(dtype):
+    """The batched engine's refresh makes the same null columns as ``qr_refresh_basis``."""
+    n, rank, count = 10, 4, 3
+    factors = torch.stack(
+        [_rank_deficient_factor(n, rank, seed=10 + i, dtype=dtype) for i in range(count)]
+    )
+    eig = torch.linalg.eigh(factors.double())[1].flip(-1)
+    olds = torch.stack([_mix_within(eig[i], rank, 20 + i) for i in range(count)]).to(dtype)
+    states = []
+    for i in range(count):
+        states.append(
+            {
+                "step": 3,
+                "initialized": True,
+                "exp_avg": torch.zeros(n, 1, dtype=dtype).expand(n, n).clone(),
+                "exp_avg_sq": torch.zeros(n, n, dtype=dtype),
+                "L": factors[i].clone(),
+                "QL": olds[i].clone(),
+            }
+        )
+    want = [qr_refresh_basis(factors[i], olds[i], LinalgCounters())[0] for i in range(count)]
+    cfg = SOAPConfig(refresh_tolerance=0.0)
+    params = [torch.zeros(n, n, dtype=dtype) for _ in range(count)]
+    engine = BatchedBlocks(states, params, [cfg] * count)
+    compute_bases(engine.classes, "qr", LinalgCounters(), first=False)
+    for i in range(count):
+        torch.testing.assert_close(
+            states[i]["QL"].abs(),
+            want[i].abs(),
+            atol=1e-5 if dtype == torch.float32 else 1e-12,
+            rtol=0,
+        )

@@ -58,6 +58,7 @@ from mlfop_megatron.core.linalg import (
     diag_in_basis,
     off_diagonal_share,
     orthonormal_factor,
+    power_step_matrix,
     qr_refresh_basis,
     robust_eigh_basis,
 )
@@ -311,15 +312,14 @@ def _start_qr(st: dict[str, torch.Tensor], factor_key: str, basis_key: str, dim:
         est = (basis * fq).sum(dim=-2)  # diag(Q^T F Q) per block [B, n]
         est = torch.where(est > _null_tol(est), est, torch.zeros_like(est))
         order = torch.argsort(est, dim=-1, descending=True, stable=True)
-        sorted_fq = torch.gather(fq, 2, order[:, None, :].expand_as(fq))
-        new = orthonormal_factor(sorted_fq)
+        index = order[:, None, :].expand_as(fq)
+        sorted_est = torch.gather(est, 1, order)
+        x = power_step_matrix(torch.gather(fq, 2, index), torch.gather(basis, 2, index), sorted_est)
+        new = orthonormal_factor(x)
     except (RuntimeError, torch.linalg.LinAlgError):
         return _SideJob(st, factor_key, basis_key, dim, "qr", None, None, None)
     rank = (est > 0).sum(dim=-1)
-    # The canonical null columns are finite whenever the kept ones are: check those only.
-    cols = torch.arange(new.shape[-1], device=new.device)
-    kept = torch.where((cols[None, :] < rank[:, None])[:, None, :], new, torch.zeros_like(new))
-    ok = finite_blocks(kept) & finite_blocks(factors)
+    ok = finite_blocks(new) & finite_blocks(factors)
     flags = torch.stack([ok.to(rank.dtype), rank])
     return _SideJob(st, factor_key, basis_key, dim, "qr", new, order, flags)
 
@@ -365,7 +365,8 @@ def _finish(job: _SideJob, host: list[list[int]] | None, counters: LinalgCounter
         assert host is not None  # compute_bases passes the flags of every computed job
         ok, ranks = [bool(x) for x in host[0]], host[1]
         new, order = job.new, job.order
-    _canonicalize(new, ranks, ok)
+    if job.method == "eigh":  # the QR refresh keeps the old null directions (power_step_matrix)
+        _canonicalize(new, ranks, ok)
     kept_old = [False] * b  # blocks whose basis does not change (m, v stay as they are)
     for j in range(b):
         if ok[j]:

@@ -185,11 +185,32 @@ def estimate_aligned(factor: torch.Tensor, est: torch.Tensor, tolerance: float) 
     return bool(off_diagonal_share(factor, est) <= tolerance)
 
 
+def power_step_matrix(fq: torch.Tensor, basis: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
+    """The matrix whose QR is the refreshed basis: F Q with its null columns replaced by Q's.
+
+    ``fq`` = F Q and ``basis`` = Q with their columns sorted by the estimates ``est`` =
+    diag(Q^T F Q) (descending, noise-level ones set to exactly 0), batched or not ([..., n, n],
+    [..., n]). A column with a zero estimate has F q = 0 up to rounding (F is PSD), so its
+    F q is noise and QR would turn it into an arbitrary direction of the null space. Instead
+    the old column q, scaled to the largest estimate (so Householder's normwise error bound
+    is relative to the kept columns' scale), enters the QR: Householder's column j depends
+    only on columns 1..j, so the kept columns come out as from F Q alone, and the null columns
+    are the old ones made orthogonal to them, a continuous function of F and Q. That is the
+    power step on F + c P_null, and costs nothing beyond the one QR (the canonical completion
+    it replaced, :func:`canonical_null_columns`, was a second QR-sized factorisation).
+    """
+    top = est.amax(dim=-1, keepdim=True)
+    scale = torch.where(top > 0, top, torch.ones_like(top))
+    kept = (est > 0).unsqueeze(-2)
+    return torch.where(kept, fq, basis * scale.unsqueeze(-1))
+
+
 def qr_refresh_basis(
     factor: torch.Tensor, basis: torch.Tensor, counters: LinalgCounters
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One power-iteration step + QR on a previous basis (SOAP's cheap refresh).
 
+    Null columns (zero estimates) keep the old basis's directions (:func:`power_step_matrix`).
     Returns (new_basis, order) where ``order`` sorts the old basis columns by descending
     estimated eigenvalue diag(Q^T F Q); the moments must be permuted by the same order.
     On failure (a non-finite factor or result) the old basis is returned with order None
@@ -207,9 +228,9 @@ def qr_refresh_basis(
         tol = null_tolerance(est_eig)
         est_eig = torch.where(est_eig > tol, est_eig, torch.zeros_like(est_eig))
         order = torch.argsort(est_eig, descending=True, stable=True)
-        new_basis = orthonormal_factor(fq[:, order])
-        rank = int((est_eig > 0).sum())
-        new_basis = canonical_null_basis(new_basis, rank)
+        new_basis = orthonormal_factor(
+            power_step_matrix(fq[:, order], basis[:, order], est_eig[order])
+        )
         if not bool(torch.isfinite(new_basis).all()):
             raise torch.linalg.LinAlgError("QR refresh produced non-finite values")
         return new_basis, order

@@ -190,8 +190,19 @@ class ReferenceSOAP:
         self.refreshed += 1
         if self.method == "eigh":
             return eig_desc(f), None
-        order = torch.argsort(torch.diag(q.T @ f @ q), descending=True)
-        return torch.linalg.qr(f @ q[:, order])[0], order
+        # The power step Q <- qr(F Q), columns sorted by diag(Q^T F Q); a column whose estimate
+        # is rounding noise of zero (F q = 0) keeps its old direction q instead (scaled to the
+        # largest estimate), which QR makes orthogonal to the kept ones.
+        d = torch.diag(q.T @ f @ q)
+        noise = d.abs().max() * d.numel() * torch.finfo(d.dtype).eps * 10.0
+        d = torch.where(d > noise, d, torch.zeros_like(d))
+        order = torch.argsort(d, descending=True, stable=True)
+        x = f @ q[:, order]
+        top = d.max().item()
+        for j, col in enumerate(order.tolist()):
+            if d[col] == 0:
+                x[:, j] = q[:, col] * (top if top > 0 else 1.0)
+        return torch.linalg.qr(x)[0], order
 
 
 def reference_fop(z, h, nz, nh, diag=None, rot=None, eps=1e-30, beta_max=None):
