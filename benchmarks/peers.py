@@ -103,6 +103,7 @@ REFERENCE: dict[str, Any] = {
     "first_step_update": False,
     "refresh_first": False,
     "refresh_tolerance": 0.0,
+    "refresh_balance": False,  # (acts with a tolerance only) not in the reference
 }
 F1 = {**REFERENCE, "precondition_frequency": 1}
 MEGATRON_LIKE = {
@@ -117,6 +118,8 @@ ORDER_FIRST = {"first_step_update": True, "refresh_first": True}
 # 2026-12-07 (beta1 0.95), and the default since (beta1 0.9)
 GATED = {**F1, "refresh_first": True, "refresh_tolerance": 3e-2}
 GATED_B09 = {**GATED, "betas": (0.9, 0.95)}
+# ... with the gate's refreshes balanced over the ranks: the default since 2026-12-07 (later)
+BALANCED = {**GATED_B09, "refresh_balance": True}
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "megatron-soap": ("megatron-soap", {}),
@@ -138,6 +141,8 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "mlfop-f1+order+tol3e-2": ("mlfop", GATED),
     # the default with the Adam betas the peers run here (0.9/0.95): the batch-128 gap
     "soap-f1+order+tol3e-2+b0.9": ("soap", GATED_B09),
+    "soap-f1+order+tol3e-2+b0.9+bal": ("soap", BALANCED),
+    "mlfop-f1+order+tol3e-2+b0.9+bal": ("mlfop", BALANCED),
     # the default with KL-Shampoo's factors (Megatron's SOAP's estimator): the batch-128 gap
     "soap-f1+order+tol3e-2+b0.9+kl": ("soap", {**GATED_B09, "factor_estimator": "kl"}),
     "soap-f1+order+tol3e-2+b0.9+kl+bias": (

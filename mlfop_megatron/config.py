@@ -131,6 +131,15 @@ class SOAPConfig:
         "||Q^T F Q||_F^2 off the diagonal exceeds this (0: refresh every scheduled time, as "
         "the SOAP reference)",
     )
+    refresh_balance: bool = option(
+        True,
+        "with the drift gate on DP-sharded blocks: give each rank the same refresh work per "
+        "step (the mean of what the gate asks of the ranks: a rank over it defers its "
+        "least-drifted sides to the next check, one under it refreshes its nearly-drifted "
+        "ones), so that the parameter all-gather waits for the mean rank, not the unluckiest "
+        "(off: every drifted side at once; batched engine, refresh before the update)",
+        flag="no-refresh-balance",
+    )
     max_precond_dim: int = option(
         10000, "dimensions larger than this get no rotation (identity basis)"
     )
@@ -208,6 +217,7 @@ class SOAPConfig:
             "correct_factor_bias",
             "first_step_update",
             "refresh_first",
+            "refresh_balance",
         ):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, "True or False", getattr(self, name))

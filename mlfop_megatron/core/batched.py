@@ -62,6 +62,13 @@ from mlfop_megatron.core.linalg import (
     qr_refresh_basis,
     robust_eigh_basis,
 )
+from mlfop_megatron.core.refresh_budget import (
+    BalanceFn,
+    balanced_refreshes,
+    demand,
+    is_drifted,
+    side_cost,
+)
 from mlfop_megatron.core.soap import (
     State,
     adam_moments_update,
@@ -431,7 +438,9 @@ _Side = tuple[dict[str, torch.Tensor], str, str, int]
 
 
 def _drifted(
-    sides: list[tuple[ShapeClass, str, str, int]], counters: LinalgCounters
+    sides: list[tuple[ShapeClass, str, str, int]],
+    counters: LinalgCounters,
+    balance: BalanceFn | None = None,
 ) -> tuple[list[_Side], dict[int, _Part]]:
     """The sides (or parts of them) whose bases drifted past ``refresh_tolerance``.
 
@@ -439,6 +448,9 @@ def _drifted(
     per block comes from the tracked estimate (no product with the factor) and is read for
     all of them in one host read; aligned blocks keep their bases, a side with some drifted
     blocks becomes a :class:`_Part` (copies of those blocks, written back by the caller).
+    ``balance`` (owner-sharded engines, ``SOAPConfig.refresh_balance``): the gated blocks
+    refreshed are chosen by :func:`refresh_budget.balanced_refreshes` against the target the
+    ranks agree on (a collective, called exactly once per call, also with nothing gated).
     Returns the sides to refresh and the parts (by id of their stacks).
     """
     gated, shares = [], []
@@ -450,15 +462,31 @@ def _drifted(
             continue
         factors, est = cls.tensors[fk], cls.tensors[ESTIMATE[fk]]
         gated.append((cls, fk, bk, dim))
-        shares.append(~(off_diagonal_share(factors, est) <= tol))  # NaN: refresh (and fail)
+        shares.append(off_diagonal_share(factors, est))
     parts: dict[int, _Part] = {}
     if not gated:
+        if balance is not None:
+            balance(0.0, 0.0)
         return out, parts
-    drifted = torch.cat(shares).tolist()  # the gate's host read
+    share_list = torch.cat(shares).tolist()  # the gate's host read
+    tolerances, costs = [], []
+    for cls, fk, _, dim in gated:
+        shape = cls.tensors["exp_avg"].shape
+        n, k = (shape[-2], shape[-1]) if dim == 0 else (shape[-1], shape[-2])
+        # the tolerance as the shares' dtype holds it: the comparison the per-block gate makes
+        # on tensors (``linalg.estimate_aligned``), made here on the host
+        tol = torch.tensor(cls.cfg.refresh_tolerance, dtype=cls.tensors[fk].dtype).item()
+        tolerances += [tol] * cls.size
+        costs += [side_cost(n, k)] * cls.size
+    if balance is None:
+        take = [is_drifted(s, t) for s, t in zip(share_list, tolerances)]
+    else:
+        target = balance(*demand(share_list, tolerances, costs))
+        take = balanced_refreshes(share_list, tolerances, costs, target)
     offset = 0
     for cls, fk, bk, dim in gated:
         b = cls.size
-        members = [j for j in range(b) if drifted[offset + j]]
+        members = [j for j in range(b) if take[offset + j]]
         offset += b
         counters.refreshes_skipped += b - len(members)
         if not members:
@@ -475,12 +503,17 @@ def _drifted(
 
 
 def compute_bases(
-    classes: Sequence[ShapeClass], method: str, counters: LinalgCounters, first: bool
+    classes: Sequence[ShapeClass],
+    method: str,
+    counters: LinalgCounters,
+    first: bool,
+    balance: BalanceFn | None = None,
 ) -> set[int]:
     """New bases of every side of ``classes``, with one host read for all of them.
 
     ``first``: eigh of the factors; otherwise the refresh ``method``, gated per block by
-    ``refresh_tolerance`` where it is set (then one more host read, before the refresh).
+    ``refresh_tolerance`` where it is set (then one more host read, before the refresh), and
+    balanced over the ranks with ``balance`` (see :func:`_drifted`).
     Returns the ids of the stacks (``ShapeClass.tensors``) of the classes whose bases were
     recomputed (in part or whole): the others' rotations still hold.
     """
@@ -489,7 +522,7 @@ def compute_bases(
         todo: list[_Side] = [(c.tensors, fk, bk, dim) for c, fk, bk, dim in sides]
         parts: dict[int, _Part] = {}
     else:
-        todo, parts = _drifted(sides, counters)
+        todo, parts = _drifted(sides, counters, balance)
     jobs = []
     for st, factor_key, basis_key, dim in todo:
         if not first:
@@ -647,6 +680,7 @@ class BatchedBlocks:
         counters: LinalgCounters,
         timings: dict[str, float] | None = None,
         params: Sequence[torch.Tensor] | None = None,
+        balance: BalanceFn | None = None,
     ) -> None:
         """One SOAP step of every block (``soap.soap_step`` batched per class).
 
@@ -654,7 +688,10 @@ class BatchedBlocks:
         caller's ``extras``). The basis computations of all classes share one host read.
         ``params``: each block's matrix region as of now, for callers whose parameter storage
         is swapped between steps (FP8 shadows get new storage every step); the views given at
-        construction are replaced by these before anything is written.
+        construction are replaced by these before anything is written. ``balance``: the
+        refresh-first drift gate's balancing over the owner ranks (``refresh_budget``), a
+        collective called once on every step where some class checks its bases before the
+        update; the caller guarantees that all ranks reach it on the same steps.
         """
         if params is not None:
             if len(params) != self.num_blocks:
@@ -683,7 +720,7 @@ class BatchedBlocks:
             compute_bases(first, "eigh", counters, first=True)
             for cls in first:
                 cls.initialized = True
-        changed = self._refresh(early, counters, timings)
+        changed = self._refresh(early, counters, timings, balance)
         # Phase 2: the moment and parameter updates, then the reference-order refreshes.
         late = []
         first_ids = {id(c) for c in first}
@@ -705,7 +742,10 @@ class BatchedBlocks:
 
     @staticmethod
     def _refresh(
-        classes: Sequence[ShapeClass], counters: LinalgCounters, timings: dict[str, float] | None
+        classes: Sequence[ShapeClass],
+        counters: LinalgCounters,
+        timings: dict[str, float] | None,
+        balance: BalanceFn | None = None,
     ) -> set[int]:
         """Refresh the bases of ``classes`` by their method (one host read per method).
 
@@ -716,7 +756,7 @@ class BatchedBlocks:
             todo = [c for c in classes if c.cfg.refresh_method == method]
             if todo:
                 t0 = time.perf_counter()
-                changed |= compute_bases(todo, method, counters, first=False)
+                changed |= compute_bases(todo, method, counters, False, balance)
                 if timings is not None:
                     timings["refresh"] = timings.get("refresh", 0.0) + time.perf_counter() - t0
         return changed

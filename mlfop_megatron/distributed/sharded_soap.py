@@ -31,6 +31,7 @@ from mlfop_megatron.core.folding import (
 from mlfop_megatron.core.levels import LevelSchedule
 from mlfop_megatron.core.linalg import LinalgCounters
 from mlfop_megatron.core.norms import sum_of_squares
+from mlfop_megatron.core.refresh_budget import BalanceFn, mean_demand_target
 from mlfop_megatron.core.soap import (
     BlockLayout,
     init_state,
@@ -46,7 +47,7 @@ from mlfop_megatron.distributed.assignment import (
     ParamSpec,
     make_blocks,
 )
-from mlfop_megatron.distributed.collective_device import group_backend
+from mlfop_megatron.distributed.collective_device import collective_device, group_backend
 from mlfop_megatron.distributed.comm_config import PARAM_SYNC
 from mlfop_megatron.distributed.owner_buffer import (
     OwnerLayout,
@@ -142,6 +143,7 @@ class ShardedSOAP:
         # overlap_param_gather: step() leaves the all-gather in flight in pending_param_sync.
         self.defer_param_sync = False
         self.pending_param_sync: Callable[[], None] | None = None
+        self._balance = self._refresh_balance()
         self._build_engine()
 
     @property
@@ -181,6 +183,36 @@ class ShardedSOAP:
                 [o.view(o.param.data) for o in self.owned],
                 [self.config.soap] * len(self.owned),
             )
+
+    def _refresh_balance(self) -> BalanceFn | None:
+        """The drift gate's balancing over the owner ranks, where it applies (else None).
+
+        ``config.soap.refresh_balance`` with the batched engine, the gate on, the refresh
+        before the update, and blocks owned by every rank of a group of two or more: then
+        every rank's engine checks its bases on the same steps (one config, one step count),
+        so every rank reaches the balancing collective on the same steps.
+        """
+        soap = self.config.soap
+        if not (
+            soap.refresh_balance
+            and soap.batched
+            and soap.refresh_first
+            and soap.refresh_tolerance > 0.0
+            and self.world_size > 1
+        ):
+            return None
+        if any(not self.assignment.blocks_of(r) for r in range(self.world_size)):
+            return None
+        return self._balance_target
+
+    def _balance_target(self, demand: float, largest: float) -> float:
+        """Every rank's (refresh demand, costliest side) gathered, and the step's target."""
+        device = collective_device(self.group)
+        mine = torch.tensor([demand, largest], dtype=torch.float64, device=device)
+        every = torch.empty(2 * self.world_size, dtype=torch.float64, device=device)
+        dist.all_gather_into_tensor(every, mine, group=self.group)
+        pairs = every.view(self.world_size, 2).tolist()  # the balancing's host read
+        return mean_demand_target([p[0] for p in pairs], [p[1] for p in pairs])
 
     def batched_engine(self) -> BatchedBlocks:
         """The shape classes of the owned blocks (built eagerly, see ``_build_engine``)."""
@@ -393,7 +425,13 @@ class ShardedSOAP:
             # The params' storage as of now: FP8 shadows get new storage at every step.
             views = [o.view(o.param.data) for o in self.owned]
             self._engine.step(
-                window, [lr] * n, [weight_decay] * n, self.counters, self.timings, params=views
+                window,
+                [lr] * n,
+                [weight_decay] * n,
+                self.counters,
+                self.timings,
+                params=views,
+                balance=self._balance,
             )
         else:
             for i, (owned, g) in enumerate(zip(self.owned, window.grads)):
