@@ -210,7 +210,7 @@ class ShardedSOAP:
         device = collective_device(self.group)
         mine = torch.tensor([demand, largest], dtype=torch.float64, device=device)
         every = torch.empty(2 * self.world_size, dtype=torch.float64, device=device)
-        dist.all_gather_into_tensor(every, mine, group=self.group)
+        all_gather_flat(every, mine, self.group, async_op=False)
         pairs = every.view(self.world_size, 2).tolist()  # the balancing's host read
         return mean_demand_target([p[0] for p in pairs], [p[1] for p in pairs])
 
