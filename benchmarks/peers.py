@@ -86,6 +86,17 @@ NOTES = [
     "within the seed spread at by-modality batch 32. On the synthetic (stability section), "
     "also held out, it lowered the default's best excess at every angle.",
     "",
+    "The default since 2026-12-07 (later that day), `soap-f1+order+tol3e-2+b0.9+bal`: the same "
+    "options with two code changes, neither a tuning: the QR refresh keeps the old basis's "
+    "directions for null columns instead of a canonical completion (a second QR-sized "
+    "factorisation, about a third of a refresh), and the gate's refreshes are balanced over "
+    "the owner ranks (`refresh_balance`): each rank refreshes up to the ranks' mean demand, "
+    "deferring its least-drifted sides or filling spare time with nearly-drifted ones "
+    "(share above a quarter of the tolerance). The fill refreshed about 40% more sides than "
+    "the unbalanced row (e.g. 1102 against 775 at by-modality batch 32, seed 0). It ran the "
+    "lr the unbalanced row chose in every cell (5e-3; no grid of its own) on seed 0 and the "
+    "held-out seeds 1-3 of every cell; the other rows ran the code before these changes.",
+    "",
     "Caveat, recorded as it happened: `soap-f1+first+order` and `mlfop-f1+first+order` chose "
     "their lr on seed 0 with the code of the time (0.547 and 0.549 there), and their held-out "
     "seeds ran after a null-space mask of the rotated gradient was added (later removed): with "

@@ -98,8 +98,10 @@ class SOAPConfig:
     kept the quality of refreshing every step with a quarter of the refreshes; beta1 is 0.9
     (the reference: 0.95; chosen on seed 0 of the batch-128 cell, 0.459 against 0.475).
     There (``benchmarks/peers.py``, three held-out seeds) these defaults took the final
-    objective at batch 32 from 0.80 (reference defaults) to 0.57-0.58, past Megatron's SOAP
-    (0.60-0.63) and Muon (0.60-0.62); at batch 128 Muon stays ahead (0.45 against 0.47). The
+    objective at batch 32 from 0.80 (reference defaults) to 0.56-0.57, past Megatron's SOAP
+    (0.60-0.63) and Muon (0.60-0.62); at batch 128 Muon stays ahead (0.45 against 0.46-0.47).
+    On DP-sharded blocks the gate's refreshes are balanced over the owner ranks
+    (``refresh_balance``), so a step waits for the ranks' mean refresh work. The
     first step still only collects statistics: updating from it (Megatron's choice,
     ``first_step_update``) made the refresh-first order diverge on small batches.
     """
