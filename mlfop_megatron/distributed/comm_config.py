@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlfop_megatron.config import option
+from mlfop_megatron.config import check_int, option
 
 LEVEL_REDUCE = ("reduce_scatter", "all_reduce")
 GRAD_WIRE_DTYPES = ("fp32", "bf16")
 PARAM_SYNC = ("all_gather", "broadcast")
 SEGMENTS = ("padded", "exact")
 ADAM_GRAD_REDUCE = ("reduce_scatter", "all_reduce")
+# level_buckets=None (auto): each bucket's packed fp32 send buffer at most this many bytes.
+LEVEL_BUCKET_BYTES = 1 << 30
+
+
+def auto_level_buckets(packed_bytes: int, budget: int = LEVEL_BUCKET_BYTES) -> int:
+    """Buckets of the level reduction so that each packed send buffer is <= ``budget`` bytes.
+
+    ``packed_bytes``: the whole owner-ordered buffer (all owners' segments, padded) in fp32.
+    One bucket up to the budget: a model whose packed level sums fit in 1 GiB (up to ~250M
+    SOAP elements) launches one collective per level, as before the buckets.
+    """
+    return max(1, -(-packed_bytes // budget))
 
 
 @dataclass(frozen=True)
@@ -31,8 +43,16 @@ class CommConfig:
     pieces, which NCCL runs as one reduce per rank coalesced into one group, and an uneven
     all-gather). The math is the same; only the collectives differ. ``fold_stream``: fold
     each level on a side CUDA stream, overlapping the next micro-step (off by default: it
-    changes the kernel order on GPU, not the math; a no-op on CPU).
-    the first version). ``adam_grad_reduce``: how the non-matrix (Adam) gradients are reduced
+    changes the kernel order on GPU, not the math; a no-op on CPU). ``level_buckets``: the
+    owner-ordered level buffer is reduced in that many buckets (``LevelReducer``), at most two
+    send buffers alive at once; None (default, "auto") picks ``auto_level_buckets``: one
+    bucket while the packed fp32 buffer fits in ``LEVEL_BUCKET_BYTES`` (1 GiB; every model
+    below ~250M SOAP elements keeps one collective per level), else enough buckets to keep
+    each under it (Llama-3-8B at DP=8: 26), which is what keeps the level reduction inside the
+    issue-21 memory budget at 8B. The price of a bucket count above 2: on NCCL the packing of
+    bucket g waits for bucket g-2's collective on the compute stream, so that share of the
+    level's communication no longer overlaps the next micro-step (set 1 for full overlap).
+    ``adam_grad_reduce``: how the non-matrix (Adam) gradients are reduced
     once per step when their state is sharded (ZeRO-1) and the levels are owner-reduced:
     "reduce_scatter" (default) hands each rank exactly the slice it steps (4 B per fp32 grad
     element, as Megatron's DistributedOptimizer), "all_reduce" the whole gradient (8 B); with
@@ -89,6 +109,14 @@ class CommConfig:
         choices=SEGMENTS,
     )
 
+    level_buckets: int | None = option(
+        None,
+        "collectives per level reduction: the owner-ordered buffer is cut into this many "
+        "buckets (each a chunk of every owner's segment), at most 2 send buffers alive at "
+        "once (default: auto, each bucket's fp32 send buffer <= 1 GiB; 1: one buffer of the "
+        "whole model, all of it overlapping the next micro-step)",
+    )
+
     fold_stream: bool = option(
         False,
         "run each level's fold on a side CUDA stream so it overlaps the next micro-step "
@@ -110,6 +138,8 @@ class CommConfig:
                 "CommConfig.overlap_param_gather must be True or False "
                 f"(got {self.overlap_param_gather!r})"
             )
+        if self.level_buckets is not None:
+            check_int("level_buckets", self.level_buckets, 1)
         if self.grad_wire_dtype == "bf16" and self.level_reduce != "reduce_scatter":
             raise ValueError(
                 "CommConfig.grad_wire_dtype='bf16' needs level_reduce='reduce_scatter' (the "
