@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from mlfop_megatron.distributed.assignment import Assignment, BlockingConfig, ParamSpec, make_blocks
-from mlfop_megatron.distributed.comm_config import LEVEL_BUCKET_BYTES, CommConfig, auto_level_buckets
+from mlfop_megatron.distributed.comm_config import (
+    LEVEL_BUCKET_BYTES,
+    CommConfig,
+    auto_level_buckets,
+)
 from mlfop_megatron.distributed.owner_buffer import OwnerLayout
 from mlfop_megatron.runtime.spawn import run_distributed
 
