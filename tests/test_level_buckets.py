@@ -19,6 +19,8 @@ from mlfop_megatron.distributed.comm_config import (
     LEVEL_BUCKET_BYTES,
     CommConfig,
     auto_level_buckets,
+    bucket_sizes,
+    level_bucket_sizes,
 )
 from mlfop_megatron.distributed.owner_buffer import OwnerLayout
 from mlfop_megatron.runtime.spawn import run_distributed
@@ -71,6 +73,21 @@ def test_split_keeps_each_segment_in_order_and_balances_it(segments):
     most = max(len(s) for s in layout.segments)
     assert len(layout.split(10 * most)) <= most
     assert layout.split(1) == [layout]
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["padded", "exact"])
+def test_planner_bucket_sizes_are_the_split_layouts(exact):
+    """comm_config.bucket_sizes (torch-free, the memory model's) == OwnerLayout.split's."""
+    world = 4
+    assignment = _assignment(world)
+    layout = OwnerLayout([assignment], world, "exact" if exact else "padded")
+    segments = [[b.numel for b in assignment.blocks_of(r)] for r in range(world)]
+    for buckets in (1, 2, 3, 4, 7):
+        sizes = bucket_sizes(segments, buckets, exact) if buckets > 1 else [layout.numel]
+        assert sizes == [part.numel for part in layout.split(buckets)], buckets
+    if not exact:  # the planner's padded buckets; auto: one, this buffer is tiny
+        assert level_bucket_sizes(3, segments) == [p.numel for p in layout.split(3)]
+        assert level_bucket_sizes(None, segments) == [layout.numel]
 
 
 def _bucket_worker(spec):

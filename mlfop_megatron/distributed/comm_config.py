@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mlfop_megatron.config import check_int, option
@@ -23,6 +24,44 @@ def auto_level_buckets(packed_bytes: int, budget: int = LEVEL_BUCKET_BYTES) -> i
     SOAP elements) launches one collective per level, as before the buckets.
     """
     return max(1, -(-packed_bytes // budget))
+
+
+def bucket_of_blocks(numels: Sequence[int], buckets: int) -> list[int]:
+    """The bucket of each block of one owner segment (``numels``: its blocks, in order).
+
+    Chunks of about equal elements between whole blocks: a block goes to the chunk its middle
+    element falls in (``OwnerLayout.split``).
+    """
+    used = sum(numels)
+    out, offset = [], 0
+    for n in numels:
+        out.append(min(buckets - 1, int(buckets * (offset + n / 2) / used)))
+        offset += n
+    return out
+
+
+def bucket_sizes(segments: Sequence[Sequence[int]], buckets: int, exact: bool = False) -> list[int]:
+    """Elements of each bucket's buffer: ``segments[rank]`` = that owner's block sizes in order.
+
+    Padded: the longest chunk of the bucket x ranks; exact: the chunks end to end. Buckets
+    empty on every rank are dropped, as ``OwnerLayout.split`` drops them.
+    """
+    chunks = [[0] * len(segments) for _ in range(buckets)]
+    for rank, numels in enumerate(segments):
+        for n, g in zip(numels, bucket_of_blocks(numels, buckets)):
+            chunks[g][rank] += n
+    sizes = [sum(c) if exact else max(c) * len(c) for c in chunks if any(c)]
+    return sizes or [0]
+
+
+def level_bucket_count(level_buckets: int | None, packed_elements: int, max_blocks: int) -> int:
+    """Buckets a sharded level reduction runs (``LevelReducer`` with ``OwnerLayout.split``).
+
+    ``level_buckets``: ``CommConfig.level_buckets`` (None: auto from the fp32 packed
+    buffer of ``packed_elements``); capped by ``max_blocks``, the fullest owner's blocks.
+    """
+    asked = auto_level_buckets(4 * packed_elements) if level_buckets is None else level_buckets
+    return max(1, min(asked, max_blocks))
 
 
 @dataclass(frozen=True)
@@ -155,3 +194,15 @@ class CommConfig:
     def adam_reduce_scatter(self) -> bool:
         """Whether ZeRO-1 Adam grads are reduce-scattered into the slices (see the class)."""
         return self.owner_reduce and self.adam_grad_reduce == "reduce_scatter"
+
+
+def level_bucket_sizes(level_buckets: int | None, segments: Sequence[Sequence[int]]) -> list[int]:
+    """Padded buffer elements of each bucket of a sharded level reduction (the planner's).
+
+    ``segments[rank]``: that owner's block sizes in segment order; ``level_buckets`` as
+    ``CommConfig.level_buckets`` (None: auto). One bucket: the whole padded buffer.
+    """
+    packed = len(segments) * max((sum(s) for s in segments), default=0)
+    most = max((len(s) for s in segments), default=1)
+    asked = level_bucket_count(level_buckets, packed, most)
+    return [packed] if asked == 1 else bucket_sizes(segments, asked)
