@@ -264,6 +264,7 @@ def measure_rank(spec: dict[str, Any]) -> dict[str, Any]:
 
     from mlfop_megatron.config import MLFOPConfig
     from mlfop_megatron.core import linalg
+    from mlfop_megatron.distributed.comm_config import CommConfig
     from mlfop_megatron.distributed.sharded_soap import ShardedSOAP
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
@@ -295,7 +296,9 @@ def measure_rank(spec: dict[str, Any]) -> dict[str, Any]:
         enabled=bool(spec.get("folding", True)),
     )
     opt_config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.01, bf16=False)
-    optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True)
+    # CommConfig options (e.g. level_buckets); default: the package's (auto buckets)
+    comm = CommConfig(**spec.get("comm", {}))
+    optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True, comm=comm)
     dp = parallel_state.get_data_parallel_world_size()
     mbs = spec["global_micro"] // dp
 
@@ -405,6 +408,7 @@ def measure_rank(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "ok": bool(ok),
         "folding": bool(spec.get("folding", True)),
+        "level_buckets": comm.level_buckets,
         "others": sorted(others, reverse=True)[:8],
         "rank": torch.distributed.get_rank(),
         "persistent": persistent,
@@ -462,6 +466,7 @@ def modelled(run: dict[str, Any], dp: int) -> Any:
         dp=dp,
         backend="gloo",
         folding=run.get("folding", True),
+        level_buckets=run.get("level_buckets"),
     )
 
 

@@ -87,7 +87,8 @@ class CommConfig:
     send buffers alive at once; None (default, "auto") picks ``auto_level_buckets``: one
     bucket while the packed fp32 buffer fits in ``LEVEL_BUCKET_BYTES`` (1 GiB; every model
     below ~250M SOAP elements keeps one collective per level), else enough buckets to keep
-    each under it (Llama-3-8B at DP=8: 26), which is what keeps the level reduction inside the
+    each under it, at most one per block of the fullest owner (Llama-3-8B at DP=8: 12 buckets of
+    one or two whole matrices per owner), which is what keeps the level reduction inside the
     issue-21 memory budget at 8B. The price of a bucket count above 2: on NCCL the packing of
     bucket g waits for bucket g-2's collective on the compute stream, so that share of the
     level's communication no longer overlaps the next micro-step (set 1 for full overlap).

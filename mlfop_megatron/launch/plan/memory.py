@@ -58,8 +58,8 @@ Both:
   4 more stacks of that side (bounded by 4 b_max).
 * Not modelled: activations (a few MiB on the tiny GPT, the model's business at scale), the
   fp64 chunks of the grad-norm sum of squares (2 x 8 B x min(g_max / 4 B, 4M), beside the
-  step's stacks), except gloo's reduce-scatter scratch (the size of each send buffer in
-  flight, alive until its wait:
+  step's stacks), except gloo's reduce-scatter scratch (the size of the send buffer; in
+  buckets, the tracker sees one bucket's at a time, at its wait:
   ``backend="gloo"``, what the CPU measurement sees; NCCL has none). Folding on, the last
   fold's peak (both estimates of the fold beside the workspace) is above the window buffers
   at DP=1 but below the step's. Windows armed for grad-group diagnostics
@@ -193,8 +193,8 @@ def rank_memory(
     non-SOAP ones (ZeRO-1 over ``dp``); ``param_bytes`` < 4 keeps fp32 main weights (SOAP
     owned blocks, Adam slices). ``owner_segment``: elements of the padded owner segment of
     the level reduce-scatter (default: the most loaded owner's elements, the padded layout).
-    ``backend`` "gloo" adds the scratch (one per send buffer in flight) gloo's reduce-scatter
-    keeps until its wait (CPU runs; NCCL reduces without it). ``folding``: whether the window
+    ``backend`` "gloo" adds the scratch gloo's reduce-scatter keeps until its wait (one
+    bucket's at a time; CPU runs; NCCL reduces without it). ``folding``: whether the window
     folds (at least one fold: ``LevelSchedule.num_folds > 0``); default off, as
     ``FoldingConfig.enabled``.
     ``level_buckets``: ``CommConfig.level_buckets`` (None: auto, as the optimizer's default).
@@ -211,12 +211,13 @@ def rank_memory(
         if len(sizes) == 1:  # one bucket: the padded buffer of the given owner segment
             sizes = [dp * segment]
         buckets = len(sizes)
-        received = FP32 * segment
+        # this owner's segment of every bucket (each bucket padded on its own)
+        received = FP32 * sum(sizes) // dp
         # packing bucket g, bucket g-1 is in flight (LevelReducer.SEND_BUFFERS = 2)
         send = FP32 * max(a + b for a, b in zip(sizes, [0, *sizes]))
         level = send + received
-        if backend == "gloo":  # its scratch: one per reduce-scatter in flight
-            level += send
+        if backend == "gloo":  # its scratch, as the CPU tracker sees it: one bucket's at a time
+            level += FP32 * max(sizes)
     else:
         received = level = owned.grads  # the packed buffer is reduced in place
     if folding:  # the metric, workspace, estimates; at the step the metric + estimate
