@@ -21,6 +21,7 @@ from mlfop_megatron.distributed.comm_config import (
     auto_level_buckets,
     bucket_sizes,
     level_bucket_sizes,
+    level_transient,
 )
 from mlfop_megatron.distributed.owner_buffer import OwnerLayout
 from mlfop_megatron.runtime.spawn import run_distributed
@@ -51,6 +52,21 @@ def test_auto_level_buckets_caps_each_send_buffer():
     assert auto_level_buckets(LEVEL_BUCKET_BYTES) == 1  # small models: one collective
     assert auto_level_buckets(LEVEL_BUCKET_BYTES + 1) == 2
     assert auto_level_buckets(26 * LEVEL_BUCKET_BYTES) == 26
+
+
+def test_auto_takes_buckets_only_where_they_save_memory():
+    gib = LEVEL_BUCKET_BYTES // 4  # fp32 elements of 1 GiB
+    even = [[gib // 4] * 8, [gib // 4] * 8]  # 2 owners x 8 equal blocks: 4 GiB packed
+    sizes = level_bucket_sizes(None, even)
+    assert sizes == [gib] * 4  # asked 4 (<= 1 GiB each), no padding
+    # two 1 GiB send buffers + the received half, against 4 + 2 GiB in one bucket
+    assert level_transient(sizes, 2) == 4 * gib and level_transient([4 * gib], 2) == 6 * gib
+    # two blocks per owner: at most 2 buckets, both alive at once (no saving): one bucket
+    assert level_bucket_sizes(None, [[gib, gib], [gib, gib]]) == [4 * gib]
+    assert len(level_bucket_sizes(2, [[gib, gib], [gib, gib]])) == 2  # asked: honoured
+    # chunks that never line up across owners: every bucket padded to a big block
+    skew = [[gib, 1, 1, 1, 1], [1, 1, 1, 1, gib]]
+    assert level_bucket_sizes(None, skew) == [2 * (gib + 4)]
 
 
 @pytest.mark.parametrize("segments", ["padded", "exact"])

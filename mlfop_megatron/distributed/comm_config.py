@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mlfop_megatron.config import check_int, option
@@ -84,10 +84,12 @@ class CommConfig:
     each level on a side CUDA stream, overlapping the next micro-step (off by default: it
     changes the kernel order on GPU, not the math; a no-op on CPU). ``level_buckets``: the
     owner-ordered level buffer is reduced in that many buckets (``LevelReducer``), at most two
-    send buffers alive at once; None (default, "auto") picks ``auto_level_buckets``: one
+    send buffers alive at once; None (default, "auto", ``choose_level_buckets``): one
     bucket while the packed fp32 buffer fits in ``LEVEL_BUCKET_BYTES`` (1 GiB; every model
-    below ~250M SOAP elements keeps one collective per level), else enough buckets to keep
-    each under it, at most one per block of the fullest owner (Llama-3-8B at DP=8: 12 buckets of
+    below ~250M SOAP elements keeps one collective per level), else up to enough buckets to
+    keep each under it, at most one per block of the fullest owner, the count whose peak
+    (two send buffers + received segments, each bucket padded to its longest chunk) is least,
+    and only where it saves >= 10% of one bucket's (Llama-3-8B at DP=8: 12 buckets of
     one or two whole matrices per owner), which is what keeps the level reduction inside the
     issue-21 memory budget at 8B. The price of a bucket count above 2: on NCCL the packing of
     bucket g waits for bucket g-2's collective on the compute stream, so that share of the
@@ -197,13 +199,58 @@ class CommConfig:
         return self.owner_reduce and self.adam_grad_reduce == "reduce_scatter"
 
 
+def level_transient(sizes: Sequence[int], world: int) -> int:
+    """Elements a level reduction in buckets of ``sizes`` keeps alive at its peak.
+
+    Packing bucket g while g-1 is in flight (``LevelReducer.SEND_BUFFERS`` = 2): the largest
+    two consecutive send buffers, plus this owner's received segments (about 1/world of
+    every bucket).
+    """
+    pair = max((a + b for a, b in zip(sizes, [0, *sizes])), default=0)
+    return pair + -(-sum(sizes) // world)
+
+
+def choose_level_buckets(
+    level_buckets: int | None,
+    max_blocks: int,
+    sizes_of: Callable[[int], list[int]],
+    world: int,
+) -> int:
+    """Bucket count of a sharded level reduction (``sizes_of(g)``: its g buckets' sizes).
+
+    Asked (``level_buckets`` set): that many, at most one per block of the fullest owner.
+    Auto (None): ``auto_level_buckets`` of the one-bucket fp32 buffer; when that asks for
+    more than one, the count up to it whose ``level_transient`` is least (each bucket is
+    padded to its longest chunk, and two buckets alive at once save nothing), kept only if it
+    saves at least 10% of one bucket's transient: otherwise one bucket, no extra launches.
+    """
+    if level_buckets is not None:
+        return max(1, min(level_buckets, max_blocks))
+    one = sizes_of(1)
+    asked = min(auto_level_buckets(4 * sum(one)), max_blocks)
+    if asked <= 2:
+        return 1
+    best, best_cost = 1, level_transient(one, world)
+    limit = 0.9 * best_cost
+    for g in range(3, asked + 1):
+        cost = level_transient(sizes_of(g), world)
+        if cost < best_cost:
+            best, best_cost = g, cost
+    return best if best_cost <= limit else 1
+
+
 def level_bucket_sizes(level_buckets: int | None, segments: Sequence[Sequence[int]]) -> list[int]:
     """Padded buffer elements of each bucket of a sharded level reduction (the planner's).
 
     ``segments[rank]``: that owner's block sizes in segment order; ``level_buckets`` as
-    ``CommConfig.level_buckets`` (None: auto). One bucket: the whole padded buffer.
+    ``CommConfig.level_buckets`` (None: auto, ``choose_level_buckets``). One bucket: the
+    whole padded buffer.
     """
-    packed = len(segments) * max((sum(s) for s in segments), default=0)
+    world = len(segments)
+    packed = world * max((sum(s) for s in segments), default=0)
     most = max((len(s) for s in segments), default=1)
-    asked = level_bucket_count(level_buckets, packed, most)
-    return [packed] if asked == 1 else bucket_sizes(segments, asked)
+
+    def sizes_of(g: int) -> list[int]:
+        return [packed] if g == 1 else bucket_sizes(segments, g)
+
+    return sizes_of(choose_level_buckets(level_buckets, most, sizes_of, world))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from mlfop_megatron.distributed.assignment import Assignment, Block
 from mlfop_megatron.distributed.collective_device import group_backend
-from mlfop_megatron.distributed.comm_config import auto_level_buckets
+from mlfop_megatron.distributed.comm_config import choose_level_buckets
 
 
 def block_view(full: torch.Tensor, block: Block) -> torch.Tensor:
@@ -243,9 +243,9 @@ class LevelReducer:
     (replicated) of bf16 pieces, summed in fp32 in rank order, so the result is the same on
     every replica and deterministic. ``launch`` is asynchronous; ``wait`` returns the views.
 
-    ``buckets`` (``CommConfig.level_buckets``; None: ``auto_level_buckets`` of the packed
-    fp32 buffer) cuts the owner-ordered buffer into that many layouts (``OwnerLayout.split``:
-    bucket g holds chunk g of every owner's segment), one collective each. ``launch`` packs
+    ``buckets`` (``CommConfig.level_buckets``; None: auto, ``choose_level_buckets``) cuts
+    the owner-ordered buffer into that many layouts (``OwnerLayout.split``: bucket g holds
+    chunk g of every owner's segment), one collective each. ``launch`` packs
     bucket g only after bucket g - ``SEND_BUFFERS`` has been waited for and its send buffer
     dropped, so at most ``SEND_BUFFERS`` send buffers (and, bf16 wire, their receive buffers
     of every sender's pieces) are alive at once: the packed transient is about
@@ -288,10 +288,10 @@ class LevelReducer:
         self.rank = dist.get_rank(group) if owner_world > 1 else 0
         self.scaling = scaling
         self.wire_dtype = wire_dtype
-        if buckets is None:
-            buckets = self.auto_buckets()
         if not self.sharded and wire_dtype == torch.float32:
             buckets = 1  # reduced in place: the packed buffer is the result (see auto_buckets)
+        elif buckets is None:
+            buckets = self.auto_buckets()
         self.layouts = self.layout.split(buckets)
         # Buckets launched and not retired: (work, send buffer, receive buffer, bucket).
         self._in_flight: deque[tuple[dist.Work | None, torch.Tensor, torch.Tensor, int]]
@@ -300,14 +300,19 @@ class LevelReducer:
         self._dtype: torch.dtype | None = None  # the grads' dtype while a reduction is out
 
     def auto_buckets(self) -> int:
-        """``auto_level_buckets`` of the fp32 packed buffer, where buckets save memory.
+        """``choose_level_buckets`` (auto) on this buffer's real split layouts.
 
         Replicated with the fp32 wire the packed buffer is reduced in place and is the
         result, alive to ``wait`` whatever the bucketing: one bucket. One rank: one bucket.
         """
         if self.group_size == 1 or (not self.sharded and self.wire_dtype == torch.float32):
             return 1
-        return auto_level_buckets(4 * self.layout.numel)
+        most = max((len(s) for s in self.layout.segments), default=1)
+
+        def sizes_of(g: int) -> list[int]:
+            return [part.numel for part in self.layout.split(g)]
+
+        return choose_level_buckets(None, most, sizes_of, self.layout.world_size)
 
     @property
     def sharded(self) -> bool:
