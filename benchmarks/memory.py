@@ -264,6 +264,7 @@ def measure_rank(spec: dict[str, Any]) -> dict[str, Any]:
 
     from mlfop_megatron.config import MLFOPConfig
     from mlfop_megatron.core import linalg
+    from mlfop_megatron.distributed.comm_config import CommConfig
     from mlfop_megatron.distributed.sharded_soap import ShardedSOAP
     from mlfop_megatron.megatron.ddp import FoldingDistributedDataParallel
     from mlfop_megatron.megatron.factory import get_mlfop_optimizer
@@ -295,7 +296,9 @@ def measure_rank(spec: dict[str, Any]) -> dict[str, Any]:
         enabled=bool(spec.get("folding", True)),
     )
     opt_config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.01, bf16=False)
-    optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True)
+    # CommConfig options (e.g. level_buckets); default: the package's (auto buckets)
+    comm = CommConfig(**spec.get("comm", {}))
+    optimizer = get_mlfop_optimizer(opt_config, [model], mlfop, sharded=True, comm=comm)
     dp = parallel_state.get_data_parallel_world_size()
     mbs = spec["global_micro"] // dp
 
@@ -405,6 +408,7 @@ def measure_rank(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "ok": bool(ok),
         "folding": bool(spec.get("folding", True)),
+        "level_buckets": comm.level_buckets,
         "others": sorted(others, reverse=True)[:8],
         "rank": torch.distributed.get_rank(),
         "persistent": persistent,
@@ -462,6 +466,7 @@ def modelled(run: dict[str, Any], dp: int) -> Any:
         dp=dp,
         backend="gloo",
         folding=run.get("folding", True),
+        level_buckets=run.get("level_buckets"),
     )
 
 
@@ -527,8 +532,11 @@ def model_rows(results: dict[int, list[dict[str, Any]]]) -> list[str]:
 SCALE_LAYOUTS = (("llama3-8b", 64, 8, 2), ("llama3-8b", 8, 1, 1), ("llama3-70b", 64, 8, 4))
 
 
-def scale_rows() -> list[str]:
-    """mlfop-plan's peak memory model at Llama-3 layouts, folding on and off (busiest rank)."""
+def scale_rows(level_buckets: int | None = None) -> list[str]:
+    """mlfop-plan's peak memory model at Llama-3 layouts, folding on and off (busiest rank).
+
+    ``level_buckets``: ``CommConfig.level_buckets`` (None: auto, the default).
+    """
     from mlfop_megatron.config import FoldingConfig
     from mlfop_megatron.distributed.model_shapes import MODELS
     from mlfop_megatron.launch.plan.model import PlanConfig, make_plan
@@ -536,8 +544,8 @@ def scale_rows() -> list[str]:
     gib = float(1 << 30)
     lines = [
         "| layout (K=8, bf16 params, --auto-block-size) | folding | params | grads | "
-        "SOAP state | Adam | probe cache | transient (window / level / stacking / step + "
-        "refresh) | optimizer peak | DistOpt-Adam + SOAP state, +10% |",
+        "SOAP state | Adam | probe cache | transient (window / level [buckets] / stacking / "
+        "step + refresh) | optimizer peak | DistOpt-Adam + SOAP state, +10% |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, dp, tp, pp in SCALE_LAYOUTS:
@@ -551,6 +559,7 @@ def scale_rows() -> list[str]:
                 model_name=name,
                 auto_block_size=True,
                 folding=FoldingConfig(enabled=enabled, accumulation_steps=8),
+                level_buckets=level_buckets,
             )
             b = make_plan(cfg).busiest
             m = b.peak_memory
@@ -561,7 +570,7 @@ def scale_rows() -> list[str]:
                 f"{m.params / gib:.2f} | {m.grads / gib:.2f} | {m.soap_state / gib:.2f} | "
                 f"{m.adam_state / gib:.2f} | {m.probe_cache / gib:.2f} | "
                 f"{m.transient / gib:.2f} ({m.window_buffers / gib:.2f} / "
-                f"{m.level_buffers / gib:.2f} / {m.stacking / gib:.2f} / "
+                f"{m.level_buffers / gib:.2f} [{m.level_buckets}] / {m.stacking / gib:.2f} / "
                 f"{m.transient_step / gib:.2f}) | {m.optimizer_peak / gib:.2f} | "
                 f"{target / gib:.2f} ({m.optimizer_peak / target:.2f}x) |"
             )
@@ -675,6 +684,12 @@ def main(argv: list[str] | None = None) -> None:
         default="both",
         help="measure with multi-level folding on, off (the package default) or both",
     )
+    ap.add_argument(
+        "--level-buckets",
+        type=int,
+        default=None,
+        help="CommConfig.level_buckets of the measured runs (default: auto, one bucket here)",
+    )
     ap.add_argument("--write", action="store_true", help="replace the RESULTS.md section")
     args = ap.parse_args(argv)
     parts = []
@@ -686,6 +701,7 @@ def main(argv: list[str] | None = None) -> None:
             precondition_frequency=args.precondition_frequency,
             global_micro=4,
             folding=folding,
+            comm={"level_buckets": args.level_buckets},
         )
         results = {}
         for dp in args.dp:

@@ -19,6 +19,7 @@ from mlfop_megatron.distributed.comm_model import (
     layerwise_fallback_traffic,
     layout_costs,
 )
+from mlfop_megatron.distributed.model_shapes import model_shapes
 
 SPECS = [ParamSpec(f"w{i}", (64, 64)) for i in range(8)] + [
     ParamSpec("norm", (64,), preconditioned=False)
@@ -67,7 +68,17 @@ def test_adam_shard_padding_rounds_up_to_whole_elements():
 def test_llama_table_meets_launch_target_and_reports_padding():
     rows = communication_table("llama3-8b", (256,), levels=4)
     mlfop = next(c for c in rows if c.layout == "mlfop")
-    assert mlfop.launches <= 4 + 4  # L + 4 whatever N
+    # L x G + 4: the level reductions in G buckets (CommConfig.level_buckets, auto: each fp32
+    # send buffer <= 1 GiB: 26 for the 8B model's 26 GiB buffer, whatever N; about as many
+    # as DistributedOptimizer's reduce-scatters of max(40M, 1M x N) elements per step, 32
+    # here, but per level); one bucket: L + 4 whatever N
+    assert mlfop.launches == 4 * 26 + 4
+    distopt = next(c for c in rows if c.layout == "distopt")
+    assert distopt.launches == 2 * 32 + 1
+    specs = model_shapes("llama3-8b", 1)
+    one = next(c for c in layout_costs(specs, 256, 4, 1024, level_buckets=1) if c.layout == "mlfop")
+    assert one.launches == 4 + 4
+    assert one.bytes_per_soap_element == mlfop.bytes_per_soap_element  # equal owners: no pad
     assert mlfop.optimizer_vs_dp1 <= 1.1 / 256  # issue 13: all params' state <= 1.1/N
     # 4L+2 = 18 B per element at r ~ 1, times the owner buffer's padding (a few percent)
     assert 17.0 < mlfop.bytes_per_soap_element < 18.0 * 1.1
@@ -80,11 +91,17 @@ def test_exact_segments_meet_4l_plus_2_where_padding_does_not():
     segments carry what each owner holds, so the bytes per element fall to (4L+2) r.
     """
     levels, dp = 4, 1024
-    rows = {c.layout: c for c in communication_table("llama3-8b", (dp,), levels=levels)}
+    table = communication_table("llama3-8b", (dp,), levels=levels, level_buckets=1)
+    rows = {c.layout: c for c in table}
     assert rows["mlfop"].bytes_per_soap_element > (4 * levels + 2) * 1.05  # padded
     assert rows["mlfop_exact"].bytes_per_soap_element <= 4 * levels + 2  # (total - min u) / total
     assert rows["mlfop_exact"].launches == rows["mlfop"].launches
     assert rows["mlfop_exact"].seconds < rows["mlfop"].seconds  # despite N x alpha latency
+    # In the auto level buckets (7 per level: each owner's 6-7 blocks) the N x alpha latency
+    # of every exact launch costs more than the padding it saves.
+    auto = {c.layout: c for c in communication_table("llama3-8b", (dp,), levels=levels)}
+    assert auto["mlfop"].launches == levels * 7 + 4
+    assert auto["mlfop_exact"].seconds > auto["mlfop"].seconds
     low = {c.layout: c for c in communication_table("llama3-8b", (64,), levels=levels)}
     # no padding to remove at DP=64 (104 blocks per owner): only the N x alpha latency is left
     assert low["mlfop_exact"].bytes_per_soap_element == pytest.approx(

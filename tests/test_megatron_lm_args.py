@@ -391,6 +391,11 @@ def test_comm_flags_build_the_comm_config():
     argv = "--mlfop-segments exact --mlfop-fold-stream".split()
     balance = comm_config_from_args(megatron_like_parser().parse_args(argv))
     assert balance == CommConfig(segments="exact", fold_stream=True)
+    buckets = comm_config_from_args(
+        megatron_like_parser().parse_args(["--mlfop-level-buckets", "4"])
+    )
+    assert buckets == CommConfig(level_buckets=4)
+    assert comm_config_from_args(megatron_like_parser().parse_args([])).level_buckets is None
 
 
 def test_comm_flags_refuse_bad_values_and_combinations(capsys):
@@ -403,6 +408,10 @@ def test_comm_flags_refuse_bad_values_and_combinations(capsys):
     args = megatron_like_parser().parse_args(argv.split())
     with pytest.raises(ValueError, match=r"--mlfop-grad-wire-dtype bf16 needs --mlfop-level-"):
         validate_megatron_args(args)
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            megatron_like_parser().parse_args(["--mlfop-level-buckets", bad])
+        assert "--mlfop-level-buckets" in capsys.readouterr().err
 
 
 def test_readme_flag_table_lists_every_flag():

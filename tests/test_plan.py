@@ -274,9 +274,32 @@ def test_no_folding_one_reduce_scatter(tmp_path, capsys):
     assert "--boundaries needs --folding" in capsys.readouterr().err
 
 
+def test_level_buckets_meet_the_issue_21_target_at_8b(tmp_path, capsys):
+    """Llama-3-8B, TP=1, DP=8, bf16: one level send buffer is over the target, auto is not."""
+    args = "--model llama3-8b --dp 8 --tp 1 --pp 1 --micro-batches 8 --param-bytes 2".split()
+    out_one, one = _run([*args, "--level-buckets", "1"], tmp_path, capsys)
+    out_auto, auto = _run(args, tmp_path, capsys)
+    m1, ma = one["busiest"]["peak_memory"], auto["busiest"]["peak_memory"]
+    gib = float(1 << 30)
+    # one bucket: N seg send + seg received = 9 x 3.25 GiB
+    assert m1["level_buckets"] == 1 and m1["level_buffers"] == 9 * 3.25 * gib
+    # auto (1 GiB per send buffer, at most the 16 whole matrices each owner has): 12 buckets
+    # of one to two matrices per owner; two consecutive send buffers alive + seg
+    assert ma["level_buckets"] == 12 and ma["level_buffers"] == (5.25 + 3.25) * gib
+    assert "OVER the DESIGN budget" in out_one and "within the DESIGN budget" in out_auto
+    assert "in 12 buckets, 2 send buffers + receive" in out_auto
+    assert "transient peak (step)" in out_auto
+    b1, ba = one["busiest"], auto["busiest"]
+    assert ba["launches_per_step"] == b1["launches_per_step"] + 11  # 12 launches, not 1
+    assert ba["comm_bytes_per_step"] == b1["comm_bytes_per_step"]  # no padding added
+    rows = {c["layout"]: c for c in auto["communication"]}
+    assert rows["mlfop"]["launches"] == ba["launches_per_step"]
+
+
 def test_no_folding_counts_no_fold_buffers(tmp_path, capsys):
     """Without --folding no fold buffer, fold workspace or estimate is counted or printed."""
-    args = "--model llama3-8b --dp 8 --micro-batches 8".split()
+    # one level bucket: the level reduction is the peak (auto: test_level_buckets_meet_target)
+    args = "--model llama3-8b --dp 8 --micro-batches 8 --level-buckets 1".split()
     out_on, on = _run([*args, "--folding"], tmp_path, capsys)
     out, off = _run(args, tmp_path, capsys)
     b, f = off["busiest"], on["busiest"]
@@ -326,7 +349,10 @@ def test_printed_communication_table_is_comm_models(tmp_path, capsys, k, dp):
         "layerwise_pingpong",
     ]
     mlfop = rows[0]
-    assert mlfop.launches == plan["busiest"]["launches_per_step"] == levels + 4
+    # L level reductions of G buckets each (auto: the 8B model's fp32 buffer is ~28 GiB)
+    buckets = plan["busiest"]["peak_memory"]["level_buckets"]
+    assert buckets > 20
+    assert mlfop.launches == plan["busiest"]["launches_per_step"] == levels * buckets + 4
 
 
 def test_world_size_gives_dp(tmp_path, capsys):

@@ -228,6 +228,7 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "levels": len(stats["levels"]),
         "grad": stats["grad"],
         "launches": launches,
+        "level_buckets": [r.num_buckets for r, _ in ours._reducers],
     }
     if spec.get("checkpoint"):
         ckpt = spec["checkpoint"]
@@ -294,6 +295,22 @@ def test_megatron_fold_stream_strict_device() -> None:
     assert [r["results"] for r in side] == [r["results"] for r in inline]
     for r in side:  # the armed window folded on the side stream with earlier segments open
         assert r["launches"]["folds"] > 0 and r["launches"]["with_earlier_tensors"] > 0
+
+
+def test_megatron_level_buckets_strict_device() -> None:
+    """The level reduction in 2 buckets on the emulated device: no host sync in the hooks.
+
+    The bucket waits are stream waits; the results are one bucket's (DP=2: bitwise).
+    """
+    spec = {"tp": 1, "tp_mode": "blockwise"}
+    one = run_distributed(_megatron_worker, 2, spec, strict_device=True)
+    two = run_distributed(
+        _megatron_worker, 2, dict(spec, comm={"level_buckets": 2}), strict_device=True
+    )
+    _check_run(two)
+    assert [r["level_buckets"] for r in two] == [[2], [2]]
+    assert [r["level_buckets"] for r in one] == [[1], [1]]  # auto: one bucket at this size
+    assert [r["results"] for r in two] == [r["results"] for r in one]
 
 
 def test_megatron_tp_full_engine_strict_device() -> None:

@@ -2,15 +2,66 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mlfop_megatron.config import option
+from mlfop_megatron.config import check_int, option
 
 LEVEL_REDUCE = ("reduce_scatter", "all_reduce")
 GRAD_WIRE_DTYPES = ("fp32", "bf16")
 PARAM_SYNC = ("all_gather", "broadcast")
 SEGMENTS = ("padded", "exact")
 ADAM_GRAD_REDUCE = ("reduce_scatter", "all_reduce")
+# level_buckets=None (auto): each bucket's packed fp32 send buffer at most this many bytes.
+LEVEL_BUCKET_BYTES = 1 << 30
+
+
+def auto_level_buckets(packed_bytes: int, budget: int = LEVEL_BUCKET_BYTES) -> int:
+    """Buckets of the level reduction so that each packed send buffer is <= ``budget`` bytes.
+
+    ``packed_bytes``: the whole owner-ordered buffer (all owners' segments, padded) in fp32.
+    One bucket up to the budget: a model whose packed level sums fit in 1 GiB (up to ~250M
+    SOAP elements) launches one collective per level, as before the buckets.
+    """
+    return max(1, -(-packed_bytes // budget))
+
+
+def bucket_of_blocks(numels: Sequence[int], buckets: int) -> list[int]:
+    """The bucket of each block of one owner segment (``numels``: its blocks, in order).
+
+    Chunks of about equal elements between whole blocks: a block goes to the chunk its middle
+    element falls in (``OwnerLayout.split``).
+    """
+    used = sum(numels)
+    out, offset = [], 0
+    for n in numels:
+        out.append(min(buckets - 1, int(buckets * (offset + n / 2) / used)))
+        offset += n
+    return out
+
+
+def bucket_sizes(segments: Sequence[Sequence[int]], buckets: int, exact: bool = False) -> list[int]:
+    """Elements of each bucket's buffer: ``segments[rank]`` = that owner's block sizes in order.
+
+    Padded: the longest chunk of the bucket x ranks; exact: the chunks end to end. Buckets
+    empty on every rank are dropped, as ``OwnerLayout.split`` drops them.
+    """
+    chunks = [[0] * len(segments) for _ in range(buckets)]
+    for rank, numels in enumerate(segments):
+        for n, g in zip(numels, bucket_of_blocks(numels, buckets)):
+            chunks[g][rank] += n
+    sizes = [sum(c) if exact else max(c) * len(c) for c in chunks if any(c)]
+    return sizes or [0]
+
+
+def level_bucket_count(level_buckets: int | None, packed_elements: int, max_blocks: int) -> int:
+    """Buckets a sharded level reduction runs (``LevelReducer`` with ``OwnerLayout.split``).
+
+    ``level_buckets``: ``CommConfig.level_buckets`` (None: auto from the fp32 packed
+    buffer of ``packed_elements``); capped by ``max_blocks``, the fullest owner's blocks.
+    """
+    asked = auto_level_buckets(4 * packed_elements) if level_buckets is None else level_buckets
+    return max(1, min(asked, max_blocks))
 
 
 @dataclass(frozen=True)
@@ -31,8 +82,19 @@ class CommConfig:
     pieces, which NCCL runs as one reduce per rank coalesced into one group, and an uneven
     all-gather). The math is the same; only the collectives differ. ``fold_stream``: fold
     each level on a side CUDA stream, overlapping the next micro-step (off by default: it
-    changes the kernel order on GPU, not the math; a no-op on CPU).
-    the first version). ``adam_grad_reduce``: how the non-matrix (Adam) gradients are reduced
+    changes the kernel order on GPU, not the math; a no-op on CPU). ``level_buckets``: the
+    owner-ordered level buffer is reduced in that many buckets (``LevelReducer``), at most two
+    send buffers alive at once; None (default, "auto", ``choose_level_buckets``): one
+    bucket while the packed fp32 buffer fits in ``LEVEL_BUCKET_BYTES`` (1 GiB; every model
+    below ~250M SOAP elements keeps one collective per level), else up to enough buckets to
+    keep each under it, at most one per block of the fullest owner, the count whose peak
+    (two send buffers + received segments, each bucket padded to its longest chunk) is least,
+    and only where it saves >= 10% of one bucket's (Llama-3-8B at DP=8: 12 buckets of
+    one or two whole matrices per owner), which is what keeps the level reduction inside the
+    issue-21 memory budget at 8B. The price of a bucket count above 2: on NCCL the packing of
+    bucket g waits for bucket g-2's collective on the compute stream, so that share of the
+    level's communication no longer overlaps the next micro-step (set 1 for full overlap).
+    ``adam_grad_reduce``: how the non-matrix (Adam) gradients are reduced
     once per step when their state is sharded (ZeRO-1) and the levels are owner-reduced:
     "reduce_scatter" (default) hands each rank exactly the slice it steps (4 B per fp32 grad
     element, as Megatron's DistributedOptimizer), "all_reduce" the whole gradient (8 B); with
@@ -89,6 +151,14 @@ class CommConfig:
         choices=SEGMENTS,
     )
 
+    level_buckets: int | None = option(
+        None,
+        "collectives per level reduction: the owner-ordered buffer is cut into this many "
+        "buckets (each a chunk of every owner's segment), at most 2 send buffers alive at "
+        "once (default: auto, each bucket's fp32 send buffer <= 1 GiB; 1: one buffer of the "
+        "whole model, all of it overlapping the next micro-step)",
+    )
+
     fold_stream: bool = option(
         False,
         "run each level's fold on a side CUDA stream so it overlaps the next micro-step "
@@ -110,6 +180,8 @@ class CommConfig:
                 "CommConfig.overlap_param_gather must be True or False "
                 f"(got {self.overlap_param_gather!r})"
             )
+        if self.level_buckets is not None:
+            check_int("level_buckets", self.level_buckets, 1)
         if self.grad_wire_dtype == "bf16" and self.level_reduce != "reduce_scatter":
             raise ValueError(
                 "CommConfig.grad_wire_dtype='bf16' needs level_reduce='reduce_scatter' (the "
@@ -125,3 +197,60 @@ class CommConfig:
     def adam_reduce_scatter(self) -> bool:
         """Whether ZeRO-1 Adam grads are reduce-scattered into the slices (see the class)."""
         return self.owner_reduce and self.adam_grad_reduce == "reduce_scatter"
+
+
+def level_transient(sizes: Sequence[int], world: int) -> int:
+    """Elements a level reduction in buckets of ``sizes`` keeps alive at its peak.
+
+    Packing bucket g while g-1 is in flight (``LevelReducer.SEND_BUFFERS`` = 2): the largest
+    two consecutive send buffers, plus this owner's received segments (about 1/world of
+    every bucket).
+    """
+    pair = max((a + b for a, b in zip(sizes, [0, *sizes])), default=0)
+    return pair + -(-sum(sizes) // world)
+
+
+def choose_level_buckets(
+    level_buckets: int | None,
+    max_blocks: int,
+    sizes_of: Callable[[int], list[int]],
+    world: int,
+) -> int:
+    """Bucket count of a sharded level reduction (``sizes_of(g)``: its g buckets' sizes).
+
+    Asked (``level_buckets`` set): that many, at most one per block of the fullest owner.
+    Auto (None): ``auto_level_buckets`` of the one-bucket fp32 buffer; when that asks for
+    more than one, the count up to it whose ``level_transient`` is least (each bucket is
+    padded to its longest chunk, and two buckets alive at once save nothing), kept only if it
+    saves at least 10% of one bucket's transient: otherwise one bucket, no extra launches.
+    """
+    if level_buckets is not None:
+        return max(1, min(level_buckets, max_blocks))
+    one = sizes_of(1)
+    asked = min(auto_level_buckets(4 * sum(one)), max_blocks)
+    if asked <= 2:
+        return 1
+    best, best_cost = 1, level_transient(one, world)
+    limit = 0.9 * best_cost
+    for g in range(3, asked + 1):
+        cost = level_transient(sizes_of(g), world)
+        if cost < best_cost:
+            best, best_cost = g, cost
+    return best if best_cost <= limit else 1
+
+
+def level_bucket_sizes(level_buckets: int | None, segments: Sequence[Sequence[int]]) -> list[int]:
+    """Padded buffer elements of each bucket of a sharded level reduction (the planner's).
+
+    ``segments[rank]``: that owner's block sizes in segment order; ``level_buckets`` as
+    ``CommConfig.level_buckets`` (None: auto, ``choose_level_buckets``). One bucket: the
+    whole padded buffer.
+    """
+    world = len(segments)
+    packed = world * max((sum(s) for s in segments), default=0)
+    most = max((len(s) for s in segments), default=1)
+
+    def sizes_of(g: int) -> list[int]:
+        return [packed] if g == 1 else bucket_sizes(segments, g)
+
+    return sizes_of(choose_level_buckets(level_buckets, most, sizes_of, world))

@@ -2,13 +2,14 @@
 
 Layouts compared on the same parameter shapes and data-parallel size N (r = (N-1)/N):
 
-* ``mlfop`` (this package, CommConfig defaults, ``shard_adam=True``): per level one
-  reduce-scatter of the owner-ordered SOAP buffer (fp32, or bf16 with ``bf16_wire``), the Adam
+* ``mlfop`` (this package, CommConfig defaults, ``shard_adam=True``): per level the
+  reduce-scatter of the owner-ordered SOAP buffer (fp32, or bf16 with ``bf16_wire``) in G
+  launches (``CommConfig.level_buckets``, auto: each fp32 send buffer <= 1 GiB), the Adam
   params' fp32 grads reduce-scattered once into the ZeRO-1 slices (``ShardedMainParamAdamW``,
   its buffer padded to a multiple of N: 4r B per element), one all-gather of the
   owner-ordered bf16 SOAP params, one all-gather of the bf16 Adam params (2r B; one buffer per
   dtype: one here), one all-reduce of the fp64 [norm^2 per grad-norm group, found-inf] vector
-  (one group; megatron-core 0.19 clips its MTP layers apart: two): L + 4 launches. Segments are
+  (one group; megatron-core 0.19 clips its MTP layers apart: two): L G + 4 launches. Segments are
   padded to the most loaded owner, from the real :class:`Assignment` of the SOAP blocks. Adam
   state (fp32 main weights + two moments, 12 B per element) is sharded: ceil(P_adam / N)
   elements per rank. ``shard_adam=False`` models the replicated Adam (its grads all-reduced,
@@ -66,6 +67,7 @@ from mlfop_megatron.distributed.assignment import (
     make_blocks,
     pingpong_owners,
 )
+from mlfop_megatron.distributed.comm_config import level_bucket_sizes
 from mlfop_megatron.distributed.layerwise_layout import layerwise_layout
 from mlfop_megatron.distributed.model_shapes import model_shapes
 
@@ -125,11 +127,12 @@ class MlfopTraffic:
     soap_gather: float
     adam_gather: float
     norm: float
+    level_buckets: int = 1  # collectives per level reduction (CommConfig.level_buckets)
 
     @property
     def launches(self) -> int:
-        """Collective launches per step: L + 3, + 1 for the ZeRO-1 Adam all-gather."""
-        return self.levels + 3 + (1 if self.adam_gather else 0)
+        """Collective launches per step: L G + 3, + 1 for the ZeRO-1 Adam all-gather."""
+        return self.levels * self.level_buckets + 3 + (1 if self.adam_gather else 0)
 
     @property
     def total(self) -> float:
@@ -140,7 +143,7 @@ class MlfopTraffic:
 
     def collectives(self) -> list[tuple[int, float]]:
         """(launches, bytes) per collective kind, for the alpha-beta time."""
-        out = [(self.levels, self.level_reduce), (1, self.adam_reduce)]
+        out = [(self.levels * self.level_buckets, self.level_reduce), (1, self.adam_reduce)]
         out += [(1, self.soap_gather), (1, self.norm)]
         return out + ([(1, self.adam_gather)] if self.adam_gather else [])
 
@@ -156,6 +159,7 @@ def mlfop_traffic(
     soap_sent: float | None = None,
     adam_reduce_scatter: bool = True,
     grad_norm_groups: int = 1,
+    level_buckets: int = 1,
 ) -> MlfopTraffic:
     """Per-rank bytes of each collective of a step, ring algorithms, r = (N-1)/N.
 
@@ -166,7 +170,8 @@ def mlfop_traffic(
     ``adam_reduce_scatter`` (with ``shard_adam``): the Adam grads are reduce-scattered into
     the ZeRO-1 slices (4r B per padded element) instead of all-reduced (8r B per element).
     ``grad_norm_groups``: norms in the step's norm all-reduce (1; 2 on megatron-core 0.19 with
-    MTP layers, see ``megatron.optimizer.grad_norm_groups``).
+    MTP layers, see ``megatron.optimizer.grad_norm_groups``). ``level_buckets``: collectives
+    per level reduction (the same bytes, padding per bucket aside; one alpha each).
     """
     r = (dp - 1) / dp
     buffer = float(dp * segment)  # the padded owner-ordered buffer
@@ -185,6 +190,7 @@ def mlfop_traffic(
         soap_gather=param_bytes * r * buffer,
         adam_gather=param_bytes * r * adam_padded if shard_adam and adam_numel else 0.0,
         norm=norm_all_reduce_bytes(dp, grad_norm_groups),
+        level_buckets=level_buckets,
     )
 
 
@@ -297,8 +303,12 @@ def layout_costs(
     block_size: int | None = 1024,
     max_precond_dim: int = 10000,
     shard_adam: bool = True,
+    level_buckets: int | None = None,
 ) -> list[LayoutCost]:
-    """Modelled cost of every layout (see module) for these shapes at data-parallel size dp."""
+    """Modelled cost of every layout (see module) for these shapes at data-parallel size dp.
+
+    ``level_buckets``: ``CommConfig.level_buckets`` of the mlfop rows (None: auto).
+    """
     soap = [s for s in specs if s.soap_matrix]
     adam = [s for s in specs if not s.soap_matrix]
     p_soap = sum(s.numel for s in soap)
@@ -309,6 +319,8 @@ def layout_costs(
     blocks = make_blocks(soap, BlockingConfig(block_size, max_precond_dim))
     assignment = Assignment.build(blocks, dp)
     seg = max(assignment.numel_loads)  # owner segment: the most loaded owner's elements
+    owned = [[b.numel for b in assignment.blocks_of(r)] for r in range(dp)]
+    buckets_per_level = len(level_bucket_sizes(level_buckets, owned)) if dp > 1 else 1
     mem = [0] * dp
     for b, owner in zip(assignment.blocks, assignment.owners):
         mem[owner] += _soap_block_bytes(b)
@@ -321,11 +333,20 @@ def layout_costs(
     for name, wire in (("mlfop", 4), ("mlfop_bf16_wire", 2), ("mlfop_exact", 4)):
         exact = name == "mlfop_exact"
         sent = exact_sent if exact else None
-        t = mlfop_traffic(seg, p_adam, dp, levels, wire, shard_adam=shard_adam, soap_sent=sent)
+        t = mlfop_traffic(
+            seg,
+            p_adam,
+            dp,
+            levels,
+            wire,
+            shard_adam=shard_adam,
+            soap_sent=sent,
+            level_buckets=buckets_per_level,
+        )
         seconds = _time(t.collectives(), dp)
         if exact:  # NCCL runs uneven reduce-scatters / all-gathers as N coalesced root ops
             hops = math.ceil(math.log2(dp)) if dp > 1 else 0
-            seconds += (levels + 1) * ALPHA_S * (dp - hops)
+            seconds += (levels * buckets_per_level + 1) * ALPHA_S * (dp - hops)
         out.append(
             LayoutCost(
                 name,
@@ -394,13 +415,16 @@ def communication_table(
     block_size: int | None = 1024,
     tp: int = 1,
     shard_adam: bool = True,
+    level_buckets: int | None = None,
 ) -> list[LayoutCost]:
     """The model's layouts at each DP size (what ``mlfop-plan`` prints)."""
     specs = model_shapes(model, tp)
     return [
         c
         for dp in dp_sizes
-        for c in layout_costs(specs, dp, levels, block_size, shard_adam=shard_adam)
+        for c in layout_costs(
+            specs, dp, levels, block_size, shard_adam=shard_adam, level_buckets=level_buckets
+        )
     ]
 
 

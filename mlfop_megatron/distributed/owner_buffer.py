@@ -9,6 +9,7 @@ from it. No Megatron here: tensors, blocks and torch.distributed.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from mlfop_megatron.distributed.assignment import Assignment, Block
 from mlfop_megatron.distributed.collective_device import group_backend
+from mlfop_megatron.distributed.comm_config import choose_level_buckets
 
 
 def block_view(full: torch.Tensor, block: Block) -> torch.Tensor:
@@ -105,26 +107,67 @@ class OwnerLayout:
     """
 
     def __init__(
-        self, assignments: Sequence[Assignment], world_size: int, segments: str = "padded"
+        self,
+        assignments: Sequence[Assignment],
+        world_size: int,
+        segments: str = "padded",
+        per_rank: Sequence[Sequence[tuple[int, Block]]] | None = None,
     ) -> None:
         if segments not in SEGMENTS:
             raise ValueError(f"segments must be one of {SEGMENTS} (got {segments!r})")
         self.exact = segments == "exact"
         self.world_size = world_size
+        self.num_engines = len(assignments)
+        if per_rank is None:  # rank r's blocks of engine 0, then engine 1, ...
+            per_rank = [
+                [(e, b) for e, a in enumerate(assignments) for b in a.blocks_of(rank)]
+                for rank in range(world_size)
+            ]
         self.segments: list[list[Slot]] = []
         for rank in range(world_size):
             slots, offset = [], 0
-            for e, assignment in enumerate(assignments):
-                for block in assignment.blocks_of(rank):
-                    slots.append(Slot(e, block, offset))
-                    offset += block.numel
+            for e, block in per_rank[rank]:
+                slots.append(Slot(e, block, offset))
+                offset += block.numel
             self.segments.append(slots)
         self.used = [sum(s.block.numel for s in seg) for seg in self.segments]
         self.segment_size = max(self.used, default=0)
-        self.num_engines = len(assignments)
+        self.assignments = list(assignments)
         sizes = self.used if self.exact else [self.segment_size] * world_size
         self.sizes = list(sizes)  # elements of each rank's segment in the buffer
         self.starts = [sum(sizes[:r]) for r in range(world_size)]
+
+    def split(self, buckets: int) -> list[OwnerLayout]:
+        """This layout cut into ``buckets`` layouts: bucket g holds chunk g of every segment.
+
+        Each rank's segment is cut between whole blocks into ``buckets`` runs of about equal
+        elements (a block goes to the chunk its middle element falls in), kept in segment
+        order, so the buckets' ``segment_views`` concatenated in bucket order are this
+        layout's, engine by engine. At most as many buckets as the fullest segment has
+        blocks; buckets empty on every rank are dropped. Each bucket is padded (or exact) on
+        its own.
+        """
+        if buckets < 1:
+            raise ValueError(f"buckets must be >= 1 (got {buckets})")
+        buckets = min(buckets, max((len(s) for s in self.segments), default=1))
+        if buckets <= 1:
+            return [self]
+        chunks: list[list[list[tuple[int, Block]]]] = [
+            [[] for _ in range(self.world_size)] for _ in range(buckets)
+        ]
+        for rank, slots in enumerate(self.segments):
+            used = self.used[rank]
+            for slot in slots:
+                middle = slot.offset + slot.block.numel / 2
+                g = min(buckets - 1, int(buckets * middle / used))
+                chunks[g][rank].append((slot.engine, slot.block))
+        segments = "exact" if self.exact else "padded"
+        out = [
+            OwnerLayout(self.assignments, self.world_size, segments, per_rank=chunk)
+            for chunk in chunks
+            if any(chunk)
+        ]
+        return out or [self]
 
     @property
     def numel(self) -> int:
@@ -192,14 +235,36 @@ class OwnerLayout:
 class LevelReducer:
     """Reduces the level sums of the SOAP blocks of engines sharing one data-parallel group.
 
-    ``owner_world`` is the engines' owner group size: the data-parallel size (sharded: one
-    reduce-scatter, each owner receives only its blocks) or 1 (replicated: one all-reduce,
+    ``owner_world`` is the engines' owner group size: the data-parallel size (sharded:
+    reduce-scatters, each owner receives only its blocks) or 1 (replicated: all-reduces,
     every rank receives every block). ``scaling`` multiplies the sums before the reduction
     (Megatron's gradient_scaling_factor: 1/DP for a mean). ``wire_dtype`` bfloat16 sends bf16
     and accumulates in fp32 on the receiver: an all-to-all (sharded) or all-gather
     (replicated) of bf16 pieces, summed in fp32 in rank order, so the result is the same on
     every replica and deterministic. ``launch`` is asynchronous; ``wait`` returns the views.
+
+    ``buckets`` (``CommConfig.level_buckets``; None: auto, ``choose_level_buckets``) cuts
+    the owner-ordered buffer into that many layouts (``OwnerLayout.split``: bucket g holds
+    chunk g of every owner's segment), one collective each. ``launch`` packs
+    bucket g only after bucket g - ``SEND_BUFFERS`` has been waited for and its send buffer
+    dropped, so at most ``SEND_BUFFERS`` send buffers (and, bf16 wire, their receive buffers
+    of every sender's pieces) are alive at once: the packed transient is about
+    ``SEND_BUFFERS / buckets`` of the whole buffer. The price: on NCCL that wait makes the
+    current (compute) stream wait for those buckets' collectives, so only the last
+    ``SEND_BUFFERS`` buckets overlap the next micro-step; on gloo the host blocks. Replicated
+    with the fp32 wire (an in-place all-reduce, the packed buffer is the result) there is
+    nothing to save: always one bucket.
+
+    Every element is reduced over the same ranks whatever the bucketing. The bf16 wire sums
+    the pieces itself in rank order, so its results are bitwise one bucket's; the fp32
+    collectives sum in the backend's order, which may depend on the element's position in
+    the buffer: gloo's padded reduce-scatter gave bitwise one bucket's results at 2, 3 and 4
+    ranks (tests/test_level_buckets.py), its uneven one (``segments="exact"``) only at 2
+    ranks (a + b = b + a; at 3+ ranks fp32 round-off); NCCL may pick another algorithm for
+    another message size.
     """
+
+    SEND_BUFFERS = 2  # send buffers in flight: bucket g packs while g - 1 is on the wire
 
     def __init__(
         self,
@@ -209,6 +274,7 @@ class LevelReducer:
         scaling: float,
         wire_dtype: torch.dtype = torch.float32,
         segments: str = "padded",
+        buckets: int | None = 1,
     ) -> None:
         self.group_size = dist.get_world_size(group) if group is not None else 1
         if owner_world not in (1, self.group_size):
@@ -217,29 +283,74 @@ class LevelReducer:
                 f"{self.group_size}: blocks must be owned over the data-parallel group or "
                 "replicated"
             )
-        self.layout = OwnerLayout(assignments, owner_world, segments)
+        self.layout = OwnerLayout(assignments, owner_world, segments)  # the whole buffer
         self.group = group
         self.rank = dist.get_rank(group) if owner_world > 1 else 0
         self.scaling = scaling
         self.wire_dtype = wire_dtype
-        self._pending: tuple[dist.Work | None, torch.Tensor, torch.Tensor, torch.dtype] | None
-        self._pending = None
+        if not self.sharded and wire_dtype == torch.float32:
+            buckets = 1  # reduced in place: the packed buffer is the result (see auto_buckets)
+        elif buckets is None:
+            buckets = self.auto_buckets()
+        self.layouts = self.layout.split(buckets)
+        # Buckets launched and not retired: (work, send buffer, receive buffer, bucket).
+        self._in_flight: deque[tuple[dist.Work | None, torch.Tensor, torch.Tensor, int]]
+        self._in_flight = deque()
+        self._received: list[torch.Tensor | None] = []  # per bucket, once retired
+        self._dtype: torch.dtype | None = None  # the grads' dtype while a reduction is out
+
+    def auto_buckets(self) -> int:
+        """``choose_level_buckets`` (auto) on this buffer's real split layouts.
+
+        Replicated with the fp32 wire the packed buffer is reduced in place and is the
+        result, alive to ``wait`` whatever the bucketing: one bucket. One rank: one bucket.
+        """
+        if self.group_size == 1 or (not self.sharded and self.wire_dtype == torch.float32):
+            return 1
+        most = max((len(s) for s in self.layout.segments), default=1)
+
+        def sizes_of(g: int) -> list[int]:
+            return [part.numel for part in self.layout.split(g)]
+
+        return choose_level_buckets(None, most, sizes_of, self.layout.world_size)
 
     @property
     def sharded(self) -> bool:
         """Whether the blocks are owned over the group (reduce-scatter), not replicated."""
         return self.layout.world_size > 1
 
+    @property
+    def num_buckets(self) -> int:
+        """Collectives per level reduction (buckets with blocks on some rank)."""
+        return len(self.layouts)
+
     def launch(self, grads: Sequence[Sequence[torch.Tensor]]) -> None:
-        """Pack ``grads[engine][param]``'s blocks, scale them and start the reduction."""
-        if self._pending is not None:
+        """Pack ``grads[engine][param]``'s blocks, scale them and start the reduction.
+
+        One collective per bucket, at most ``SEND_BUFFERS`` send buffers alive at once.
+        """
+        if self._dtype is not None:
             raise RuntimeError("a level reduction is still in flight: wait() for it first")
         ref = next(g for gs in grads for g in gs)
-        dtype = ref.dtype  # main_grad: fp32 (fp64 in the tests)
-        flat = self.layout.pack(grads, dtype, ref)
+        self._dtype = ref.dtype  # main_grad: fp32 (fp64 in the tests)
+        self._received = [None] * len(self.layouts)
+        for g, layout in enumerate(self.layouts):
+            while len(self._in_flight) >= self.SEND_BUFFERS:
+                self._retire()
+            self._launch_bucket(g, layout, grads, ref)
+
+    def _launch_bucket(
+        self,
+        g: int,
+        layout: OwnerLayout,
+        grads: Sequence[Sequence[torch.Tensor]],
+        ref: torch.Tensor,
+    ) -> None:
+        dtype = ref.dtype
+        flat = layout.pack(grads, dtype, ref)
         if self.scaling != 1.0:
             flat.mul_(self.scaling)
-        n, layout = self.group_size, self.layout
+        n = self.group_size
         seg = layout.sizes[self.rank]  # this rank's segment (padded, or exact)
         work: dist.Work | None = None
         if n == 1:
@@ -270,40 +381,67 @@ class LevelReducer:
             else:
                 out = wire.new_empty(n * wire.numel())
                 work = all_gather_flat(out, wire, self.group, async_op=True)
-        self._pending = (work, flat, out, dtype)  # flat: the send buffer, alive until wait()
+        self._in_flight.append((work, flat, out, g))  # flat: the send buffer, alive to retire
+
+    def _retire(self) -> None:
+        """Wait for the oldest bucket in flight; keep its received sums, drop its buffers."""
+        work, _, out, g = self._in_flight.popleft()
+        if work is not None:
+            work.wait()
+        dtype = self._dtype
+        assert dtype is not None
+        if out.dtype != dtype:  # bf16 pieces of every sender: fp32 (grad dtype) sum, rank order
+            pieces = out.view(self.group_size, -1)
+            total = pieces[0].to(dtype)
+            for piece in pieces[1:]:
+                total.add_(piece.to(dtype))
+            out = total
+        self._received[g] = out
 
     @property
     def in_flight(self) -> bool:
         """Whether a launched reduction has not been waited for yet."""
-        return self._pending is not None
+        return self._dtype is not None
 
     def wait(self) -> list[list[torch.Tensor]]:
         """Finish the reduction.
 
         Returns:
-            This rank's owned blocks, per engine, as (rows, cols) views in the grads' dtype.
+            This rank's owned blocks, per engine, as (rows, cols) views in the grads' dtype
+            (views into the buckets' receive buffers), in the order of one bucket's.
         """
-        if self._pending is None:
+        if self._dtype is None:
             raise RuntimeError("no level reduction in flight")
-        work, _, out, dtype = self._pending
-        self._pending = None
-        if work is not None:
-            work.wait()
-        if out.dtype != dtype:  # bf16 pieces of every sender: fp32 (grad dtype) sum, rank order
-            out = out.view(self.group_size, -1).to(dtype).sum(dim=0)
-        return self.layout.segment_views(out, self.rank)
+        while self._in_flight:
+            self._retire()
+        self._dtype = None
+        received, self._received = self._received, []
+        out: list[list[torch.Tensor]] = [[] for _ in range(self.layout.num_engines)]
+        for layout, segment in zip(self.layouts, received):
+            assert segment is not None
+            for e, views in enumerate(layout.segment_views(segment, self.rank)):
+                out[e].extend(views)
+        return out
+
+    def padding_per_rank(self) -> list[int]:
+        """Padding elements in each rank's segments, summed over the buckets."""
+        pads = [layout.padding_per_rank() for layout in self.layouts]
+        return [sum(column) for column in zip(*pads)]
 
     def bytes_per_reduction(self) -> int:
         """Bytes one rank sends per reduction with ring algorithms (padding included)."""
+        return sum(self._bucket_bytes(layout) for layout in self.layouts)
+
+    def _bucket_bytes(self, layout: OwnerLayout) -> int:
         n = self.group_size
         if n == 1:
             return 0
         wire = torch.finfo(self.wire_dtype).bits // 8
         if self.sharded:  # reduce-scatter or all-to-all: every other owner's segment
-            return (self.layout.numel - self.layout.sizes[self.rank]) * wire
+            return (layout.numel - layout.sizes[self.rank]) * wire
         if self.wire_dtype == torch.float32:  # ring all-reduce
-            return 2 * (n - 1) * self.layout.segment_size * wire // n
-        return (n - 1) * self.layout.segment_size * wire  # all-gather of the bf16 pieces
+            return 2 * (n - 1) * layout.segment_size * wire // n
+        return (n - 1) * layout.segment_size * wire  # all-gather of the bf16 pieces
 
 
 class FlatAllReduce:

@@ -4,9 +4,11 @@
 over the data-parallel group by block (``ShardedSOAP``). At each level boundary
 ``FoldingDistributedDataParallel`` calls ``reduce_and_fold_level``; with ``CommConfig.level_reduce=
 "reduce_scatter"`` (default) this packs the SOAP params' level sums into one owner-ordered
-buffer per data-parallel group and starts one asynchronous reduce-scatter (``LevelReducer``),
-then zeroes their ``main_grad`` so the next micro-step can start. The reduction overlaps the
-next micro-steps' forward and backward; it is waited and folded at the next level boundary
+buffer per data-parallel group and starts its asynchronous reduce-scatter (``LevelReducer``; in
+``CommConfig.level_buckets`` buckets, at most two send buffers alive at once), then zeroes
+their ``main_grad`` so the next micro-step can start. The reduction (with more than two
+buckets, its last two) overlaps the next micro-steps' forward and backward; it is waited and
+folded at the next level boundary
 (before that level's reduction starts) or, for the last level, in ``prepare_grads``.
 ``MLFOPChainedOptimizer.step`` keeps Megatron's contract, (success, grad_norm, num_zeros), with
 the inf/NaN check and the gradient norm reduced over every rank that holds a piece of the
@@ -274,6 +276,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                 scaling,
                 wire_dtype=wire,
                 segments=self.comm.segments,
+                buckets=self.comm.level_buckets,
             )
             self._reducers.append((reducer, members))
 
@@ -334,7 +337,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         Each level reduce-scatter buffer ("grads/<n>") and each engine's parameter all-gather
         buffer ("params/<n>").
         """
-        out = {f"grads/{n}": r.layout.padding_per_rank() for n, (r, _) in enumerate(self._reducers)}
+        out = {f"grads/{n}": r.padding_per_rank() for n, (r, _) in enumerate(self._reducers)}
         for n, engine in enumerate(self.engines):
             out[f"params/{n}"] = engine.param_padding_per_rank()
         return out

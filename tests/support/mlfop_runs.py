@@ -212,6 +212,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         ),
         "comm_counts": comm_counts,
         "comm_bytes": [o.communication_bytes_per_step() for o in optimizer.mlfop],
+        # collectives per level reduction of each LevelReducer (CommConfig.level_buckets)
+        "level_buckets": [r.num_buckets for o in optimizer.mlfop for r, _ in o._reducers],
         # the whole chain: SOAP levels, Adam grads and both parameter all-gathers
         "chain_comm_bytes": optimizer.communication_bytes_per_step(),
         "pending_gathers": pending,

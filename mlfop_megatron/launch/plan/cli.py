@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--boundaries", type=int, nargs="+", default=None, help="with --folding; default: dyadic"
     )
+    o.add_argument(
+        "--level-buckets",
+        type=int,
+        default=None,
+        help="collectives per level reduction (--mlfop-level-buckets); default auto: each "
+        "bucket's fp32 send buffer <= 1 GiB, as the optimizer",
+    )
     ap.add_argument("--json", metavar="FILE", default=None, help="also write the plan as JSON")
     return ap
 
@@ -149,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
         param_bytes=args.param_bytes,
         state_bytes=args.state_bytes,
         world_size=args.world_size,
+        level_buckets=args.level_buckets,
         soap=_config(
             SOAPConfig,
             max_precond_dim=args.max_precond_dim,

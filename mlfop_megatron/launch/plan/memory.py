@@ -24,17 +24,21 @@ Folding on (``FoldingConfig.enabled`` with at least one fold: several levels):
   ``batched_folding._Workspace``, dropped after the last fold), the last level's class
   stacks (S, ``ShardedSOAP._class_stacks``) and the rotated estimate (S, ``batched.rotate``):
   5 S + 3 g_max; at the step the metric and the estimate's two forms are left (3 S).
-* level buffers (fwd/bwd phase): the packed owner-ordered send buffer of the level
-  reduce-scatter (N x seg, fp32) and this owner's received segment (seg), both alive until
-  the next level boundary waits; at DP=1 the packed buffer only (S, reduced in place).
+* level buffers (fwd/bwd phase): the packed owner-ordered send buffers of the level
+  reduce-scatter in flight and this owner's received segment (seg), alive until the next
+  level boundary waits; at DP=1 the packed buffer only (S, reduced in place). In G buckets
+  (``CommConfig.level_buckets``, ``LevelReducer``: bucket g = chunk g of every owner's
+  segment, cut between whole blocks, each padded on its own: ``comm_config.bucket_sizes``)
+  bucket g is packed while g-1 is in flight: the largest two consecutive send buffers
+  (about 2 N seg / G) + seg; one bucket: N seg + seg.
 * transient peak = max(window buffers + level buffers, 3 S + refresh).
 
 Folding off (the default, ``FoldingConfig.enabled=False``; also K=1 or a single level: one
 level, no fold, no rotated estimate, no fold workspace):
 
 * level buffers: the one level reduce-scatter, launched by the window's last backward and
-  waited for in the step's ``prepare_grads``: send buffer + received segment, N seg + seg
-  (DP=1: S), as above but once per window.
+  waited for in the step's ``prepare_grads``: send buffers + received segment, about
+  2 N seg / G + seg (G = 1: N seg + seg; DP=1: S), as above but once per window.
 * stacking (``prepare_grads``, after the wait): the window's one level is copied per class
   (``ShardedSOAP._class_stacks``, S) while the received segment is still alive (seg; DP=1:
   the packed buffer, S): seg + S. No SOAP metric: the folder computes it at its first read
@@ -54,7 +58,8 @@ Both:
   4 more stacks of that side (bounded by 4 b_max).
 * Not modelled: activations (a few MiB on the tiny GPT, the model's business at scale), the
   fp64 chunks of the grad-norm sum of squares (2 x 8 B x min(g_max / 4 B, 4M), beside the
-  step's stacks), except gloo's reduce-scatter scratch (N seg, alive until the wait:
+  step's stacks), except gloo's reduce-scatter scratch (the size of the send buffer; in
+  buckets, the tracker sees one bucket's at a time, at its wait:
   ``backend="gloo"``, what the CPU measurement sees; NCCL has none). Folding on, the last
   fold's peak (both estimates of the fold beside the workspace) is above the window buffers
   at DP=1 but below the step's. Windows armed for grad-group diagnostics
@@ -72,6 +77,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mlfop_megatron.distributed.assignment import Assignment, Block
+from mlfop_megatron.distributed.comm_config import level_bucket_sizes
 
 FP32 = 4
 GRAD_BYTES = 4  # Megatron DDP grad buffer (grad_reduce_in_fp32)
@@ -131,6 +137,7 @@ class RankMemory:
     step_buffers: int = 0  # what of the window is left at the step (folding on 3 S, off 2 S)
     stacking: int = 0  # folding off: the one level stacked per class (seg + S); on: 0
     folding: bool = False  # whether the window folds (the terms above follow it)
+    level_buckets: int = 1  # collectives per level reduction (CommConfig.level_buckets)
 
     @property
     def opt_state(self) -> int:
@@ -178,6 +185,7 @@ def rank_memory(
     owner_segment: int | None = None,
     backend: str = "nccl",
     folding: bool = False,
+    level_buckets: int | None = None,
 ) -> RankMemory:
     """Modelled peak memory of owner ``rank`` of ``assignment`` (blocks owned over ``dp``).
 
@@ -185,20 +193,31 @@ def rank_memory(
     non-SOAP ones (ZeRO-1 over ``dp``); ``param_bytes`` < 4 keeps fp32 main weights (SOAP
     owned blocks, Adam slices). ``owner_segment``: elements of the padded owner segment of
     the level reduce-scatter (default: the most loaded owner's elements, the padded layout).
-    ``backend`` "gloo" adds the full-size scratch gloo's reduce-scatter keeps until its wait
-    (CPU runs; NCCL reduces without it). ``folding``: whether the window folds (at least one
-    fold: ``LevelSchedule.num_folds > 0``); default off, as ``FoldingConfig.enabled``.
+    ``backend`` "gloo" adds the scratch gloo's reduce-scatter keeps until its wait (one
+    bucket's at a time; CPU runs; NCCL reduces without it). ``folding``: whether the window
+    folds (at least one fold: ``LevelSchedule.num_folds > 0``); default off, as
+    ``FoldingConfig.enabled``.
+    ``level_buckets``: ``CommConfig.level_buckets`` (None: auto, as the optimizer's default).
     """
     masters = param_bytes < FP32
     owned = OwnedShapes.of(assignment.blocks_of(rank), state_bytes, masters)
     adam_slice = math.ceil(adam_numel / dp)
     adam_state = adam_slice * (2 * state_bytes + (FP32 if masters else 0))
     segment = max(assignment.numel_loads) if owner_segment is None else owner_segment
+    buckets = 1
     if dp > 1:
-        received = FP32 * segment
-        level = FP32 * dp * segment + received  # packed send buffer + received segment
-        if backend == "gloo":
-            level += FP32 * dp * segment
+        segs = [[b.numel for b in assignment.blocks_of(r)] for r in range(assignment.world_size)]
+        sizes = level_bucket_sizes(level_buckets, segs)
+        if len(sizes) == 1:  # one bucket: the padded buffer of the given owner segment
+            sizes = [dp * segment]
+        buckets = len(sizes)
+        # this owner's segment of every bucket (each bucket padded on its own)
+        received = FP32 * sum(sizes) // dp
+        # packing bucket g, bucket g-1 is in flight (LevelReducer.SEND_BUFFERS = 2)
+        send = FP32 * max(a + b for a, b in zip(sizes, [0, *sizes]))
+        level = send + received
+        if backend == "gloo":  # its scratch, as the CPU tracker sees it: one bucket's at a time
+            level += FP32 * max(sizes)
     else:
         received = level = owned.grads  # the packed buffer is reduced in place
     if folding:  # the metric, workspace, estimates; at the step the metric + estimate
@@ -217,4 +236,5 @@ def rank_memory(
         refresh=owned.bases + 4 * owned.largest_side,
         stacking=stacking,
         folding=folding,
+        level_buckets=buckets,
     )

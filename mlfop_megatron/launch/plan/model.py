@@ -88,6 +88,7 @@ class PlanConfig:
     world_size: int | None = None
     soap: SOAPConfig = field(default_factory=SOAPConfig)
     folding: FoldingConfig | None = None
+    level_buckets: int | None = None  # CommConfig.level_buckets (None: auto)
 
     def __post_init__(self) -> None:
         d = self.dims
@@ -107,6 +108,8 @@ class PlanConfig:
             ("--state-bytes", self.state_bytes),
         ):
             check_positive(flag, value)
+        if self.level_buckets is not None:
+            check_positive("--level-buckets", self.level_buckets)
         if d.head_dim is not None:
             check_positive("--head-dim", d.head_dim)
         elif d.hidden % d.heads:
@@ -424,7 +427,12 @@ def make_plan(cfg: PlanConfig) -> Plan:
         )
     communication = tuple(
         layout_costs(
-            local[busiest], cfg.dp, levels, block_size, max_precond_dim=cfg.soap.max_precond_dim
+            local[busiest],
+            cfg.dp,
+            levels,
+            block_size,
+            max_precond_dim=cfg.soap.max_precond_dim,
+            level_buckets=cfg.level_buckets,
         )
     )
     return Plan(
@@ -471,12 +479,6 @@ def _stage_plan(
     # The owner segment over DP: the most loaded owner's elements (full mode: the TP shard's
     # SOAP elements split evenly over DP, see the note).
     segment = math.ceil(soap_local / cfg.dp) if cfg.full_mode else max(asg.numel_loads)
-    traffic = mlfop_traffic(
-        segment, adam_numel, cfg.dp, levels, GRAD_BYTES, param_bytes=cfg.param_bytes
-    )
-    tp_gather = levels * (cfg.tp - 1) * soap_local * GRAD_BYTES if cfg.full_mode else 0
-    per_stage = cfg.dims.layers // cfg.pp
-    names = {p.name for p in params}
     peaks = [
         rank_memory(
             asg,
@@ -488,10 +490,24 @@ def _stage_plan(
             state_bytes=cfg.state_bytes,
             owner_segment=segment,
             folding=folds,
+            # tp-full owners reduce through TPFullReducer: not bucketed
+            level_buckets=1 if cfg.full_mode else cfg.level_buckets,
         )
         for r in range(world)
     ]
     peak = max(peaks, key=lambda m: m.optimizer_peak)
+    traffic = mlfop_traffic(
+        segment,
+        adam_numel,
+        cfg.dp,
+        levels,
+        GRAD_BYTES,
+        param_bytes=cfg.param_bytes,
+        level_buckets=peak.level_buckets,
+    )
+    tp_gather = levels * (cfg.tp - 1) * soap_local * GRAD_BYTES if cfg.full_mode else 0
+    per_stage = cfg.dims.layers // cfg.pp
+    names = {p.name for p in params}
     distopt = stage_numel * GRAD_BYTES + math.ceil(stage_numel / cfg.dp) * 3 * cfg.state_bytes
     return StagePlan(
         stage=index,

@@ -37,6 +37,13 @@ def _row(label: str, *values: str, width: int = 72) -> str:
     return f"  {label:<{width}}" + "".join(f"{v:>12}" for v in values)
 
 
+def _level_label(m: RankMemory, what: str) -> str:
+    """The level reduction's line: one send buffer, or G buckets (CommConfig.level_buckets)."""
+    if m.level_buckets == 1:
+        return f"transient: {what}, send + receive buffers"
+    return f"transient: {what} in {m.level_buckets} buckets, 2 send buffers + receive"
+
+
 def _transient_lines(m: RankMemory) -> list[str]:
     """The window's and the step's transient terms: with or without folding (plan/memory.py)."""
     fb = format_bytes
@@ -51,12 +58,16 @@ def _transient_lines(m: RankMemory) -> list[str]:
                 "transient: the metric and folded estimate left at the step (3 S)",
                 fb(m.step_buffers),
             ),
-            _row("transient: level reduce-scatter send + receive buffers", fb(m.level_buffers)),
+            _row(
+                _level_label(m, "level reduce-scatter"),
+                fb(m.level_buffers),
+            ),
         ]
     return [
         _row("transient: fold buffers and fold workspace (folding off: none)", fb(0)),
         _row(
-            "transient: the one level reduce-scatter, send + receive buffers", fb(m.level_buffers)
+            _level_label(m, "the one level reduce-scatter"),
+            fb(m.level_buffers),
         ),
         _row("transient: level stacked per class + received segment (S + seg)", fb(m.stacking)),
         _row("transient: class stacks + their rotation at the step (2 S)", fb(m.step_buffers)),

@@ -1,0 +1,255 @@
+"""The level reduction in buckets (``CommConfig.level_buckets``, issue 21).
+
+``LevelReducer`` cuts its owner-ordered buffer into buckets (bucket g: chunk g of every
+owner's segment) and keeps at most ``SEND_BUFFERS`` send buffers alive. Every element is
+still reduced over the same ranks in the same order, so the results are bitwise those of one
+bucket: checked here on the reducer alone (every wire variant, gloo, 4 ranks) and through the
+real Megatron path (tiny GPT, folding on: three levels per step, several steps, DP=2 and
+DP=4). The collectives are counted on the real torch.distributed calls (one per bucket and
+level), and the reduction's peak live bytes are measured with PyTorch's ``MemTracker``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlfop_megatron.distributed.assignment import Assignment, BlockingConfig, ParamSpec, make_blocks
+from mlfop_megatron.distributed.comm_config import (
+    LEVEL_BUCKET_BYTES,
+    CommConfig,
+    auto_level_buckets,
+    bucket_sizes,
+    level_bucket_sizes,
+    level_transient,
+)
+from mlfop_megatron.distributed.owner_buffer import OwnerLayout
+from mlfop_megatron.runtime.spawn import run_distributed
+
+SHAPES = [(48, 40), (24, 24), (40, 16), (16, 48), (32, 32), (8, 40), (40, 40), (24, 8)]
+
+
+def _assignment(world: int, block_size: int | None = 16) -> Assignment:
+    specs = [ParamSpec(f"p{i}", s) for i, s in enumerate(SHAPES)]
+    return Assignment.build(make_blocks(specs, BlockingConfig(block_size, 10000)), world)
+
+
+def _grads(rank: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7 + rank)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in SHAPES]
+
+
+def test_level_buckets_option_is_validated():
+    assert CommConfig().level_buckets is None  # auto
+    assert CommConfig(level_buckets=3).level_buckets == 3
+    for bad in (0, -1, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="level_buckets"):
+            CommConfig(level_buckets=bad)
+
+
+def test_auto_level_buckets_caps_each_send_buffer():
+    assert auto_level_buckets(0) == 1
+    assert auto_level_buckets(LEVEL_BUCKET_BYTES) == 1  # small models: one collective
+    assert auto_level_buckets(LEVEL_BUCKET_BYTES + 1) == 2
+    assert auto_level_buckets(26 * LEVEL_BUCKET_BYTES) == 26
+
+
+def test_auto_takes_buckets_only_where_they_save_memory():
+    gib = LEVEL_BUCKET_BYTES // 4  # fp32 elements of 1 GiB
+    even = [[gib // 4] * 8, [gib // 4] * 8]  # 2 owners x 8 equal blocks: 4 GiB packed
+    sizes = level_bucket_sizes(None, even)
+    assert sizes == [gib] * 4  # asked 4 (<= 1 GiB each), no padding
+    # two 1 GiB send buffers + the received half, against 4 + 2 GiB in one bucket
+    assert level_transient(sizes, 2) == 4 * gib and level_transient([4 * gib], 2) == 6 * gib
+    # two blocks per owner: at most 2 buckets, both alive at once (no saving): one bucket
+    assert level_bucket_sizes(None, [[gib, gib], [gib, gib]]) == [4 * gib]
+    assert len(level_bucket_sizes(2, [[gib, gib], [gib, gib]])) == 2  # asked: honoured
+    # chunks that never line up across owners: every bucket padded to a big block
+    skew = [[gib, 1, 1, 1, 1], [1, 1, 1, 1, gib]]
+    assert level_bucket_sizes(None, skew) == [2 * (gib + 4)]
+
+
+@pytest.mark.parametrize("segments", ["padded", "exact"])
+def test_split_keeps_each_segment_in_order_and_balances_it(segments):
+    world = 3
+    assignments = [_assignment(world), _assignment(world, block_size=None)]
+    layout = OwnerLayout(assignments, world, segments)
+    largest = max(b.numel for a in assignments for b in a.blocks)
+    for buckets in (2, 3, 5):
+        parts = layout.split(buckets)
+        assert len(parts) == buckets
+        for rank in range(world):
+            joined = [(s.engine, s.block) for p in parts for s in p.segments[rank]]
+            assert joined == [(s.engine, s.block) for s in layout.segments[rank]]
+            for p in parts:  # about used / buckets each, within one block
+                assert abs(p.used[rank] - layout.used[rank] / buckets) <= largest
+        if layout.exact:  # no padding: the buckets hold the buffer's elements
+            assert sum(p.numel for p in parts) == layout.numel
+    # more buckets than blocks: the buckets empty on every rank are dropped
+    most = max(len(s) for s in layout.segments)
+    assert len(layout.split(10 * most)) <= most
+    assert layout.split(1) == [layout]
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["padded", "exact"])
+def test_planner_bucket_sizes_are_the_split_layouts(exact):
+    """comm_config.bucket_sizes (torch-free, the memory model's) == OwnerLayout.split's."""
+    world = 4
+    assignment = _assignment(world)
+    layout = OwnerLayout([assignment], world, "exact" if exact else "padded")
+    segments = [[b.numel for b in assignment.blocks_of(r)] for r in range(world)]
+    for buckets in (1, 2, 3, 4, 7):
+        sizes = bucket_sizes(segments, buckets, exact) if buckets > 1 else [layout.numel]
+        assert sizes == [part.numel for part in layout.split(buckets)], buckets
+    if not exact:  # the planner's padded buckets; auto: one, this buffer is tiny
+        assert level_bucket_sizes(3, segments) == [p.numel for p in layout.split(3)]
+        assert level_bucket_sizes(None, segments) == [layout.numel]
+
+
+def _bucket_worker(spec):
+    import torch.distributed as dist
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from mlfop_megatron.distributed.comm_counter import count_collectives
+    from mlfop_megatron.distributed.owner_buffer import LevelReducer
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for sharded in (True, False):
+        assignment = _assignment(world if sharded else 1)
+        for wire in ("fp32", "bf16"):
+            for segments in ("padded", "exact"):
+                if not sharded and segments == "exact":
+                    continue  # one owner: nothing to pad
+                dtype = torch.bfloat16 if wire == "bf16" else torch.float32
+                results, launches, nbytes = {}, {}, {}
+                for buckets in (1, spec["buckets"]):
+                    reducer = LevelReducer(
+                        [assignment, assignment],
+                        world if sharded else 1,
+                        dist.group.WORLD,
+                        1.0 / world,
+                        dtype,
+                        segments,
+                        buckets=buckets,
+                    )
+                    with count_collectives() as counts:
+                        reducer.launch([_grads(rank), _grads(rank + world)])
+                        owned = reducer.wait()
+                    results[buckets] = [[t.clone() for t in e] for e in owned]
+                    launches[buckets] = (sum(counts.launches.values()), reducer.num_buckets)
+                    nbytes[buckets] = (counts.total_bytes, reducer.bytes_per_reduction())
+                one, many = results[1], results[spec["buckets"]]
+                same = [len(a) == len(b) for a, b in zip(one, many)]
+                same += [torch.equal(x, y) for a, b in zip(one, many) for x, y in zip(a, b)]
+                pairs = [(x, y) for a, b in zip(one, many) for x, y in zip(a, b)]
+                out[(sharded, wire, segments)] = {
+                    "bitwise": all(same) and len(one) == 2 and len(one[0]) > 0,
+                    "close": all(torch.allclose(x, y, rtol=1e-6, atol=1e-7) for x, y in pairs),
+                    "launches": launches,
+                    "bytes": nbytes,
+                }
+    # Peak live bytes of the fp32 reduce-scatter (launch to wait, the views kept), by bucket,
+    # less the grads (the tracker counts the inputs it reads).
+    assignment = _assignment(world)
+    grads = [_grads(rank)]
+    grad_bytes = sum(4 * g.numel() for g in grads[0])
+    peaks = {}
+    for buckets in (1, spec["buckets"]):
+        reducer = LevelReducer([assignment], world, dist.group.WORLD, 1.0 / world, buckets=buckets)
+        tracker = MemTracker()
+        with tracker:
+            reducer.launch(grads)
+            owned = reducer.wait()
+        snap = tracker.get_tracker_snapshot("peak")
+        peaks[buckets] = sum(s["Total"] for s in snap.values()) - grad_bytes
+        del owned
+    out["peaks"] = peaks
+    out["segment_bytes"] = 4 * reducer.layout.segment_size
+    out["buffer_bytes"] = 4 * reducer.layout.numel
+    return out
+
+
+@pytest.mark.distributed
+def test_bucketed_level_reduction_is_bitwise_one_bucket_and_smaller():
+    buckets, world = 4, 4
+    runs = run_distributed(_bucket_worker, world, {"buckets": buckets})
+    for rank, r in enumerate(runs):
+        peaks = r.pop("peaks")
+        seg, buffer = r.pop("segment_bytes"), r.pop("buffer_bytes")
+        for (sharded, wire, segments), v in r.items():
+            variant = (rank, sharded, wire, segments)
+            if (wire, segments) == ("fp32", "exact"):  # gloo's uneven reduce-scatter order
+                assert v["close"], variant  # depends on the position at 3+ ranks (see class)
+            else:
+                assert v["bitwise"], variant
+            # replicated fp32: an in-place all-reduce, one bucket whatever is asked
+            n = buckets if sharded or wire == "bf16" else 1
+            assert v["launches"] == {1: (1, 1), buckets: (n, n)}, variant
+            counted, method = v["bytes"][buckets]
+            assert counted == method, variant  # bytes_per_reduction == the counted calls
+        # The split blocks are copied out of the grads (pieces) and cat into the send buffer.
+        # One bucket: pieces + send buffer of the whole buffer, then the received segment.
+        assert peaks[1] >= 2 * buffer + seg, peaks
+        # Bucketed: packing bucket g, bucket g-1's send buffer in flight + bucket g's pieces
+        # and send buffer (3 x buffer / buckets; each bucket padded on its own) + what has
+        # been received (<= seg).
+        expected = 3 * buffer / buckets + seg
+        assert peaks[buckets] <= 1.2 * expected, (peaks, expected)
+        assert peaks[buckets] <= 0.55 * peaks[1], peaks
+
+
+def _megatron_worker(specs):
+    from tests.support.mlfop_runs import run_tiny_gpt
+
+    out = []
+    for spec in specs:
+        r = run_tiny_gpt(spec)
+        out.append({k: r[k] for k in ("params", "comm_counts", "level_buckets", "losses")})
+    return out
+
+
+MEGATRON = dict(iters=3, microbatches=4, count_comm=True, block_size=16, enabled=True)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "dp, variants",
+    [
+        (2, [{}, {"grad_wire_dtype": "bf16"}, {"segments": "exact"}]),
+        (4, [{}, {"grad_wire_dtype": "bf16"}]),
+    ],
+    ids=["dp2", "dp4"],
+)
+def test_megatron_path_bucketed_equals_one_bucket_bitwise(dp, variants):
+    """3 buckets vs 1 (and the auto default, 1 at this size) over 3 steps of 3 levels."""
+    base = dict(MEGATRON, global_micro=dp)
+    specs = []
+    for comm in variants:
+        specs += [
+            dict(base, comm={**comm, "level_buckets": 1}),
+            dict(base, comm={**comm, "level_buckets": 3}),
+        ]
+    specs.append(dict(base))  # the default: auto
+    runs = run_distributed(_megatron_worker, dp, specs)
+    levels = 3  # K=4 dyadic: boundaries 1, 2, 4
+    for rank in range(dp):
+        got = runs[rank]
+        for i, comm in enumerate(variants):
+            one, many = got[2 * i], got[2 * i + 1]
+            assert one["level_buckets"] == [1] and many["level_buckets"] == [3], comm
+            for name, p in one["params"].items():
+                assert torch.equal(p, many["params"][name]), (rank, comm, name)
+            assert one["losses"] == many["losses"]
+            kind = "all_to_all" if comm.get("grad_wire_dtype") == "bf16" else "reduce_scatter"
+            adam = 1 if kind == "reduce_scatter" else 0  # the ZeRO-1 Adam grads' reduce-scatter
+            for (c1, _), (c3, _) in zip(one["comm_counts"], many["comm_counts"]):
+                assert c1[kind] == levels + adam and c3[kind] == 3 * levels + adam, (comm, c3)
+                assert {k: v for k, v in c1.items() if k != kind} == {
+                    k: v for k, v in c3.items() if k != kind
+                }
+        auto = got[-1]
+        assert auto["level_buckets"] == [1]  # the tiny GPT's buffer is far below 1 GiB
+        assert auto["comm_counts"] == got[0]["comm_counts"]
+        for name, p in got[0]["params"].items():
+            assert torch.equal(p, auto["params"][name]), name
