@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from mlfop_megatron.core import fused
 from mlfop_megatron.core.batched_folding import BatchedWindowFolder
+from mlfop_megatron.launch.plan import memory
 from mlfop_megatron.optim import MLFOPSOAP
 
 # Compiled vs eager, relative to the largest entry: per-block sums (float32, 1.5k terms per
@@ -45,6 +46,11 @@ def _stacks(blocks: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def test_memory_model_knows_the_chunk_threshold():
+    """launch/plan/memory.py (torch-free) models the eager fold with the same threshold."""
+    assert memory.FOLD_CHUNK_BYTES == fused.EAGER_CHUNK_BYTES
 
 
 def test_chunked_eager_sums_are_the_bits_of_one_call(monkeypatch):
