@@ -37,6 +37,10 @@ Fn = Callable[..., Any]
 EAGER_TEMPORARIES = 4
 # Eager: a class stack above this many bytes runs in chunks (below, whole: fewer launches).
 EAGER_CHUNK_BYTES = 4 << 20
+# Inductor: recompute a reused pointwise value of up to 16 reads rather than store it (its
+# default, 4, stores the fold's M a = (wz z + wh h) * metric: one more stack written and read
+# back; these chains are memory-bound, so recomputing is the cheaper side).
+OPTIONS = {"realize_reads_threshold": 16}
 
 
 def _bsum(x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +170,7 @@ class CompiledKernels:
         kernel = self._cache.get(key)
         if kernel is not None:
             return kernel(*args)
-        kernel = torch.compile(_fresh_copy(fn), dynamic=False, fullgraph=True)
+        kernel = torch.compile(_fresh_copy(fn), dynamic=False, fullgraph=True, options=OPTIONS)
         start = time.perf_counter()
         out = kernel(*args)
         self.compile_seconds += time.perf_counter() - start
