@@ -211,8 +211,8 @@ def per_block_sums(fn: Fn, compiled: bool, *args: Any) -> torch.Tensor:
     Every tensor argument of at least one dimension is a stack over the same B blocks (dim
     0). Eager: a stack above ``EAGER_CHUNK_BYTES`` runs in chunks of ``B //
     EAGER_TEMPORARIES`` blocks (at least one), so the temporaries stay within one class stack;
-    each block's sums are the bits of an unchunked call. Compiled: the fold weights (floats) become 0-d tensors and the whole stack runs as
-    one kernel.
+    each block's sums are the bits of an unchunked call. Compiled: the fold weights (floats)
+    become 0-d tensors and the whole stack runs as one kernel.
     """
     stack = next(x for x in args if isinstance(x, torch.Tensor))
     if compiled:
