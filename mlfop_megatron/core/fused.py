@@ -148,6 +148,12 @@ def _arg_key(x: object) -> Hashable:
     return ("V", type(x).__name__, x)
 
 
+def _aliases(args: tuple[Any, ...]) -> tuple[int, ...]:
+    """For each argument, the index of the first argument sharing its storage (-1: none)."""
+    ptrs = [x.untyped_storage().data_ptr() if isinstance(x, torch.Tensor) else None for x in args]
+    return tuple(-1 if p is None else ptrs.index(p) for p in ptrs)
+
+
 def _fresh_copy(fn: Fn) -> Fn:
     """``fn`` with its own code object: Dynamo's cache (and recompile limit) is per code."""
     code = fn.__code__.replace()
@@ -164,8 +170,13 @@ class CompiledKernels:
     _cache: dict[Hashable, Fn] = field(default_factory=dict, repr=False)
 
     def run(self, fn: Fn, *args: Any) -> Any:
-        """``fn(*args)`` through its compiled kernel for these shapes (compiled at first use)."""
-        key = (fn.__qualname__, torch.is_grad_enabled(), *map(_arg_key, args))
+        """``fn(*args)`` through its compiled kernel for these shapes (compiled at first use).
+
+        The key holds what Dynamo guards on: shapes, strides, dtypes, devices, flags, grad
+        mode and which arguments alias (Adam's chain gets its gradient twice or a second
+        one), so a key never recompiles.
+        """
+        key = (fn.__qualname__, torch.is_grad_enabled(), _aliases(args), *map(_arg_key, args))
         self.calls += 1
         kernel = self._cache.get(key)
         if kernel is not None:
@@ -179,11 +190,21 @@ class CompiledKernels:
         return out
 
     def stats(self) -> dict[str, float]:
-        """{"compiles", "compile_seconds", "calls"} so far (for logs and benchmarks)."""
+        """{"compiles", "compile_seconds", "calls", "graphs"} so far (logs, benchmarks).
+
+        ``graphs``: the graphs Dynamo compiled in this process (any caller's): equal to
+        ``compiles`` when nothing else compiles and no key recompiled.
+        """
+        graphs = 0
+        if self.compiles:  # Dynamo is imported by then
+            from torch._dynamo.utils import counters
+
+            graphs = counters["stats"]["unique_graphs"]
         return {
             "compiles": self.compiles,
             "compile_seconds": self.compile_seconds,
             "calls": self.calls,
+            "graphs": graphs,
         }
 
     def clear(self) -> None:
