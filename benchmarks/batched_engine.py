@@ -188,11 +188,14 @@ def contenders(shapes: Sequence[tuple[int, int]], freq: int, with_peers: bool) -
 
 
 def bench_steps(runners: list[Runner], shapes, steps: int) -> None:
-    """Interleaved steps; the first two are not timed.
+    """Interleaved steps; the first two, and any step that compiled a kernel, are not timed.
 
-    They are the statistics-only init and the first update (which compiles the step's chain
-    with ``--compile``).
+    The first two are the statistics-only init and the first update (which compiles the
+    step's chain with ``--compile``); a later step compiles when a refresh hands the chain
+    moments of other strides (a new kernel key).
     """
+    from mlfop_megatron.core.fused import KERNELS
+
     gen = torch.Generator().manual_seed(1)
     for i in range(steps + 1):
         grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
@@ -200,8 +203,9 @@ def bench_steps(runners: list[Runner], shapes, steps: int) -> None:
         for r in order:
             for p, g in zip(r.params, grads):
                 p.grad = g.clone()
+            compiles = KERNELS.compiles
             t = timed(r.step)
-            if i > 1:
+            if i > 1 and KERNELS.compiles == compiles:
                 r.times.append(t)
                 r.flags.append(r.refreshed())
 
