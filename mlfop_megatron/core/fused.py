@@ -40,7 +40,7 @@ EAGER_CHUNK_BYTES = 4 << 20
 # Inductor: recompute a reused pointwise value of up to 16 reads rather than store it (its
 # default, 4, stores the fold's M a = (wz z + wh h) * metric: one more stack written and read
 # back; these chains are memory-bound, so recomputing is the cheaper side).
-OPTIONS = {"realize_reads_threshold": 16}
+OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"realize_reads_threshold": 16}
 
 
 def _bsum(x: torch.Tensor) -> torch.Tensor:
