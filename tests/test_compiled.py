@@ -209,3 +209,18 @@ def test_compiled_sums_match_eager_and_do_not_depend_on_class_mates(with_diag):
         assert _rel(compiled, eager) <= SUMS_RTOL
         first3 = [x[:3].clone() if isinstance(x, torch.Tensor) else x for x in args]
         assert torch.equal(fused.per_block_sums(fn, True, *first3), compiled[:3])
+
+
+def test_a_checkpoint_without_the_compile_option_loads_with_the_default():
+    """Param groups saved before ``compile`` existed take the optimizer's default."""
+    model = _model()
+    opt = MLFOPSOAP(model.parameters())
+    model(torch.ones(2, 8, dtype=torch.float64)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["compile"]
+    fresh = MLFOPSOAP(model.parameters())
+    fresh.load_state_dict(saved)
+    assert all(g["compile"] is False for g in fresh.param_groups)
+    fresh.step()  # reads every option of the group

@@ -365,6 +365,9 @@ class MLFOPSOAP(torch.optim.Optimizer):
         """Load; tensors keep their saved dtype (torch would cast factors to the param dtype)."""
         saved = copy.deepcopy(state_dict)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a checkpoint from before an option existed
+            for name in _GROUP_OPTIONS:
+                group.setdefault(name, self.defaults[name])
         state: dict[Any, Any] = self.state  # (replaced by the load above: take it now)
         stats = state.pop(STATS_KEY, None)
         if stats is not None:
