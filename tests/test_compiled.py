@@ -182,8 +182,9 @@ def test_compiled_run_matches_eager_and_compiles_once_per_class():
 
     fused.KERNELS.clear()
     graphs = counters["stats"]["unique_graphs"]
-    model_c, _ = _windows(True, 4)
+    model_c, opt_c = _windows(True, 4)
     compiles = fused.KERNELS.compiles
+    assert opt_c.stats()["compiled_kernels"] == compiles
     assert compiles == 8 * 2
     assert counters["stats"]["unique_graphs"] - graphs == compiles
     assert fused.KERNELS.compile_seconds > 0
