@@ -32,6 +32,13 @@ loaded machine; every case records the load average before and after it.
 
 Case names: layer-b512, layer-b1024, model-b64, launches, launches-batched (quick: layer-b32,
 model-b16, launches-quick); a case name + ``-fold`` runs its fold part only.
+
+``--compile`` (issue 23) adds ours batched with ``SOAPConfig.compile`` (the fold's and the
+step's elementwise chains as torch.compile'd kernels, compiled in the untimed warm-up) to the
+steps and the fold, and counts the bytes a fold moves, eager and compiled, against the
+bandwidth bound (``fold_bytes``); its cases are stored as ``<case>+compiled``:
+
+    python -m benchmarks.batched_engine --compile --cases layer-b512-fold,model-b64-fold
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from benchmarks import step_time as peers
 from benchmarks.common import cpu_model, package_version, replace_section, timed
@@ -59,6 +68,8 @@ from mlfop_megatron.optim import MLFOPSOAP
 
 SECTION = "## Batched block engine (CPU, issue 14)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+COMPILE = False  # --compile: ours batched also runs with compiled chains (SOAPConfig.compile)
+WARMUP_WINDOWS = 3  # untimed windows of the fold measurement (see bench_fold)
 STORE = Path(__file__).resolve().parent / "batched_engine.json"
 LR, BETAS, EPS, WD = 3e-3, (0.95, 0.95), 1e-8, 0.01
 VIEW_OPS = {
@@ -130,8 +141,10 @@ class Runner:
     flags: list[bool] = field(default_factory=list)
 
 
-def ours(params: list[torch.Tensor], batched: bool, freq: int, **extra: object) -> Runner:
-    """An MLFOPSOAP runner over ``params`` (batched or per-block engine)."""
+def ours(
+    params: list[torch.Tensor], batched: bool, freq: int, compile: bool = False, **extra: object
+) -> Runner:
+    """An MLFOPSOAP runner over ``params`` (batched or per-block engine; compiled chains)."""
     for p in params:
         p.requires_grad_(True)  # MLFOPSOAP steps trainable params only
     opt = MLFOPSOAP(
@@ -142,6 +155,7 @@ def ours(params: list[torch.Tensor], batched: bool, freq: int, **extra: object) 
         weight_decay=WD,
         precondition_frequency=freq,
         batched=batched,
+        compile=compile,
         **extra,
     )
     first = params[0]
@@ -150,7 +164,7 @@ def ours(params: list[torch.Tensor], batched: bool, freq: int, **extra: object) 
         t = opt.state[first]["step"] if opt.state[first] else 0
         return t > 0 and t % freq == 0
 
-    name = "ours batched" if batched else "ours per-block"
+    name = ("ours batched" if batched else "ours per-block") + (" compiled" if compile else "")
     return Runner(name, params, opt.step, refreshed, opt)
 
 
@@ -162,6 +176,8 @@ def contenders(shapes: Sequence[tuple[int, int]], freq: int, with_peers: bool) -
         ours([p.clone() for p in init], True, freq),
         ours([p.clone() for p in init], False, freq),
     ]
+    if COMPILE:
+        runners.insert(1, ours([p.clone() for p in init], True, freq, compile=True))
     if with_peers:
         peers.FREQ = freq
         for make in (peers.make_pytorch_optimizer, lambda ps: peers.make_heavyball(ps, False)):
@@ -172,7 +188,14 @@ def contenders(shapes: Sequence[tuple[int, int]], freq: int, with_peers: bool) -
 
 
 def bench_steps(runners: list[Runner], shapes, steps: int) -> None:
-    """Interleaved steps; the first (statistics-only / init) step is not timed."""
+    """Interleaved steps; the first two, and any step that compiled a kernel, are not timed.
+
+    The first two are the statistics-only init and the first update (which compiles the
+    step's chain with ``--compile``); a later step compiles when a refresh hands the chain
+    moments of other strides (a new kernel key).
+    """
+    from mlfop_megatron.core.fused import KERNELS
+
     gen = torch.Generator().manual_seed(1)
     for i in range(steps + 1):
         grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
@@ -180,8 +203,9 @@ def bench_steps(runners: list[Runner], shapes, steps: int) -> None:
         for r in order:
             for p, g in zip(r.params, grads):
                 p.grad = g.clone()
+            compiles = KERNELS.compiles
             t = timed(r.step)
-            if i > 0:
+            if i > 1 and KERNELS.compiles == compiles:
                 r.times.append(t)
                 r.flags.append(r.refreshed())
 
@@ -218,6 +242,17 @@ def rotation_time(opt: MLFOPSOAP, batched: bool, shapes, repeats: int) -> float:
     return statistics.median(timed(run) for _ in range(repeats))
 
 
+def fold_engines() -> list[tuple[str, bool, bool]]:
+    """(name, batched, compiled) of the engines whose fold is measured.
+
+    ``--compile``: the batched engine eager and compiled (the per-block engine is left out to
+    keep the run short on a shared machine).
+    """
+    if COMPILE:
+        return [("ours batched", True, False), ("ours batched compiled", True, True)]
+    return [("ours batched", True, False), ("ours per-block", False, False)]
+
+
 def bench_fold(shapes, windows: int) -> dict[str, tuple[float, float, float]]:
     """Per engine: (extra seconds per fold, rotation seconds, FOP seconds per fold).
 
@@ -225,7 +260,7 @@ def bench_fold(shapes, windows: int) -> dict[str, tuple[float, float, float]]:
     windows with and without folding differ only by the folding. FOP seconds: the time spent
     in the folder's ``_fold_pair`` (the FOP inner products, scalars and the in-place fold of
     both forms), measured directly; the rest of the extra is the level's rotation and the
-    bookkeeping around it.
+    bookkeeping around it. The three warm-up windows compile every chain (``--compile``).
     """
     from mlfop_megatron.core.batched_folding import BatchedWindowFolder
     from mlfop_megatron.core.folding import WindowFolder
@@ -233,16 +268,17 @@ def bench_fold(shapes, windows: int) -> dict[str, tuple[float, float, float]]:
     k, freq = 4, 10_000
     gen = torch.Generator().manual_seed(2)
     init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    engines = fold_engines()
     runs = {}
-    for batched in (True, False):
+    for name, batched, compiled in engines:
         for enabled in (True, False):
             params = [p.clone() for p in init]
-            r = ours(params, batched, freq, accumulation_steps=k, enabled=enabled)
-            runs[(batched, enabled)] = r
+            r = ours(params, batched, freq, compiled, accumulation_steps=k, enabled=enabled)
+            runs[(name, enabled)] = r
     micro = [[torch.randn(s, generator=gen) * 1e-2 for s in shapes] for _ in range(k)]
-    window_times: dict[tuple[bool, bool], list[float]] = {key: [] for key in runs}
-    fop_times: dict[bool, list[float]] = {True: [], False: []}
-    rot_times: dict[bool, list[float]] = {True: [], False: []}
+    window_times: dict[tuple[str, bool], list[float]] = {key: [] for key in runs}
+    fop_times: dict[str, list[float]] = {name: [] for name, _, _ in engines}
+    rot_times: dict[str, list[float]] = {name: [] for name, _, _ in engines}
     spent = [0.0]
     originals = {cls: cls._fold_pair for cls in (BatchedWindowFolder, WindowFolder)}
 
@@ -259,7 +295,9 @@ def bench_fold(shapes, windows: int) -> dict[str, tuple[float, float, float]]:
     for cls, original in originals.items():
         cls._fold_pair = timing(original)  # type: ignore[method-assign]
     try:
-        for w in range(windows + 2):  # two warmup windows: the init step and one plain step
+        # Warm-up windows: the init step, the first update (its folds still under the metric
+        # I) and the first window under the SOAP metric (its folds compile that variant).
+        for w in range(windows + WARMUP_WINDOWS):
             for key, r in runs.items():
 
                 def window(r: Runner = r) -> None:
@@ -271,28 +309,134 @@ def bench_fold(shapes, windows: int) -> dict[str, tuple[float, float, float]]:
 
                 spent[0] = 0.0
                 t = timed(window)
-                if w >= 2:
+                if w >= WARMUP_WINDOWS:
                     window_times[key].append(t)
                     if key[1]:
                         fop_times[key[0]].append(spent[0] / 2)
-            if w >= 2:
-                for batched in (True, False):
-                    rot_times[batched].append(
-                        rotation_time(runs[(batched, True)].opt, batched, shapes, 1)
+            if w >= WARMUP_WINDOWS:
+                for name, batched, _ in engines:
+                    rot_times[name].append(
+                        rotation_time(runs[(name, True)].opt, batched, shapes, 1)
                     )
     finally:
         for cls, original in originals.items():
             cls._fold_pair = original  # type: ignore[method-assign]
     out = {}
-    for batched in (True, False):
+    for name, _, _ in engines:
         # Paired: each round's window with folding minus the same round's without (the load
         # drifts between rounds), median over rounds; the rotation is timed in every round too.
-        pairs = zip(window_times[(batched, True)], window_times[(batched, False)])
+        pairs = zip(window_times[(name, True)], window_times[(name, False)])
         extra = statistics.median(f - p for f, p in pairs) / 2
-        rot = statistics.median(rot_times[batched])
-        fop = statistics.median(fop_times[batched])
-        out["ours batched" if batched else "ours per-block"] = (extra, rot, fop)
+        rot = statistics.median(rot_times[name])
+        fop = statistics.median(fop_times[name])
+        out[name] = (extra, rot, fop)
     return out
+
+
+class OpBytes(TorchDispatchMode):
+    """Bytes the aten ops under it read and write, and how many ops ran (views excluded).
+
+    An op reads each distinct tensor argument once and writes each output once (in place:
+    its first argument): what a kernel that streams its operands moves through memory.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.ops += 1
+            self.bytes += tensor_bytes(tree_flatten((args, kwargs))[0])
+            self.bytes += tensor_bytes(tree_flatten(out)[0])
+        return out
+
+
+def tensor_bytes(items: Sequence[object]) -> int:
+    """Bytes of the distinct tensors among ``items`` (a tensor passed twice counts once)."""
+    seen: dict[tuple[int, tuple[int, ...]], int] = {}
+    for t in items:
+        if isinstance(t, torch.Tensor):
+            seen[(t.data_ptr(), tuple(t.shape))] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+# Arguments a compiled chain writes in place (``core/fused.py``), by function name.
+IN_PLACE = {"fold_update_": (0, 2), "adam_direction_": (0, 1)}
+
+
+def fold_bytes(shapes) -> dict[str, float]:
+    """Bytes a fold moves, in units of S (the bytes of one estimate's gradient stacks).
+
+    Eager (batched engine): every aten op inside ``_fold_pair``, counted by :class:`OpBytes`.
+    Compiled: each kernel reads its tensor arguments once and writes its outputs (and the
+    arguments it updates in place) once: the generated code was checked to be one loop nest
+    per chain without a stack-sized buffer (``TORCH_LOGS=output_code``). Bound: read z, h
+    (both forms) and the metric once, write z (both forms) once: 7 S; the two-phase floor
+    (phase 2 needs s, which needs phase 1's sums reduced over the block and across ranks,
+    so z, h and the metric are read twice): 12 S. Window 3 of a K = 4 chain run, two folds.
+    """
+    unit = sum(r * c for r, c in shapes) * 4
+    out: dict[str, float] = {"S bytes": float(unit), "bound": 7.0, "two-phase floor": 12.0}
+    for compiled in (False, True):
+        moved, ops = _window_fold_bytes(shapes, compiled)
+        tag = "compiled" if compiled else "eager"
+        out[f"{tag} S"] = moved / 2 / unit
+        out[f"{tag} ops"] = ops / 2
+    return out
+
+
+def _window_fold_bytes(shapes, compiled: bool) -> tuple[int, int]:
+    """(bytes, ops or kernels) of the two folds of window 3 (see :func:`fold_bytes`)."""
+    from mlfop_megatron.core import fused
+    from mlfop_megatron.core.batched_folding import BatchedWindowFolder
+
+    gen = torch.Generator().manual_seed(4)
+    micro = [[torch.randn(s, generator=gen) * 1e-2 for s in shapes] for _ in range(4)]
+    params = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    r = ours(params, True, 10_000, compiled, accumulation_steps=4, enabled=True)
+    count = {"bytes": 0, "ops": 0, "on": False, "inside": False}
+    original_pair, original_run = BatchedWindowFolder._fold_pair, fused.CompiledKernels.run
+
+    def counted_pair(self, *args, **kwargs):
+        if not count["on"]:
+            return original_pair(self, *args, **kwargs)
+        count["inside"] = True
+        try:
+            if compiled:
+                return original_pair(self, *args, **kwargs)
+            with OpBytes() as ops:
+                coef = original_pair(self, *args, **kwargs)
+        finally:
+            count["inside"] = False
+        count["bytes"] += ops.bytes
+        count["ops"] += ops.ops
+        return coef
+
+    def counted_run(self, fn, *args):
+        result = original_run(self, fn, *args)
+        if count["inside"]:
+            written = [args[i] for i in IN_PLACE.get(fn.__name__, ())]
+            count["bytes"] += tensor_bytes(args) + tensor_bytes([result, *written])
+            count["ops"] += 1
+        return result
+
+    BatchedWindowFolder._fold_pair = counted_pair  # type: ignore[method-assign]
+    fused.CompiledKernels.run = counted_run  # type: ignore[method-assign]
+    try:
+        for w in range(3):
+            count["on"] = w == 2
+            for g in micro:
+                for p, x in zip(r.params, g):
+                    p.grad = x.clone()
+                r.opt.accumulate()
+            r.opt.step()
+    finally:
+        BatchedWindowFolder._fold_pair = original_pair  # type: ignore[method-assign]
+        fused.CompiledKernels.run = original_run  # type: ignore[method-assign]
+    return count["bytes"], count["ops"]
 
 
 def count_launches(
@@ -398,20 +542,26 @@ def run_case(key: str) -> dict:
     if fold_only:
         name += " fold only"
         fold_rows = []
+        compiles = compile_stats()
         for engine, (extra, rot, fop) in bench_fold(shapes, 7).items():
             fold_rows.append([name, engine, extra, rot, fop])
             log(
                 f"  fold {engine}: +{1e3 * extra:.1f} ms (FOP {1e3 * fop:.1f}), rot {1e3 * rot:.1f}"
             )
-        return {
+        record = {
             "kind": "steps",
             "name": name,
             "steps": [],
             "fold": fold_rows,
-            "load": [load_before, load_average()],
-            "seconds": time.perf_counter() - t0,
+            "compile": compile_stats(compiles),
         }
+        if COMPILE:
+            record["bytes"] = fold_bytes(shapes)
+            log(f"  bytes per fold (units of S): {record['bytes']}")
+        record.update(load=[load_before, load_average()], seconds=time.perf_counter() - t0)
+        return record
     classes = len(set(shapes))
+    compiles = compile_stats()
     log(f"{name}: {len(shapes)} blocks, {classes} shape classes, f={freq}, {steps} steps")
     runners = contenders(shapes, freq, True)
     bench_steps(runners, shapes, steps)
@@ -443,14 +593,26 @@ def run_case(key: str) -> dict:
             f"rotation {1e3 * rot:.1f} ms"
         )
     gc.collect()
-    return {
+    record = {
         "kind": "steps",
         "name": name,
         "steps": step_rows,
         "fold": fold_rows,
-        "load": [load_before, load_average()],
-        "seconds": time.perf_counter() - t0,
+        "compile": compile_stats(compiles),
     }
+    if COMPILE:
+        record["bytes"] = fold_bytes(shapes)
+        log(f"  bytes per fold (units of S): {record['bytes']}")
+    record.update(load=[load_before, load_average()], seconds=time.perf_counter() - t0)
+    return record
+
+
+def compile_stats(since: dict[str, float] | None = None) -> dict[str, float]:
+    """The compiled kernels' counts (``fused.KERNELS``), minus ``since`` when given."""
+    from mlfop_megatron.core.fused import KERNELS
+
+    now = KERNELS.stats()
+    return now if since is None else {k: v - since[k] for k, v in now.items()}
 
 
 def run_launches(key: str) -> dict:
@@ -503,11 +665,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a loaded CPU)")
     ap.add_argument("--write", action="store_true", help="with --quick: write RESULTS.md too")
     ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run ours batched with SOAPConfig.compile (cases stored as <case>+compiled)",
+    )
+    ap.add_argument(
         "--cases",
         default=None,
         help="comma-separated case names (default: all of the chosen size; see the docstring)",
     )
     args = ap.parse_args(argv)
+    global COMPILE
+    COMPILE = args.compile
     torch.manual_seed(0)
     known = {**FULL_CASES, **QUICK_CASES, **LAUNCH_CASES}
     if args.cases is None:
@@ -523,6 +692,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         record["command"] = "python -m benchmarks.batched_engine " + " ".join(
             a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write"
         )
+        if COMPILE:
+            key += "+compiled"
         store[key] = record
         if not args.quick:
             store = merge_store(key, record)  # keep what finished
@@ -554,9 +725,15 @@ def report(store: dict) -> str:
         "",
     ]
     for key, r in store.items():
+        compiled = r.get("compile", {}).get("compiles")
         lines.append(
             f"- `{r['command'].strip()}`: {key}, {r['seconds']:.0f} s, load average before "
             f"{r['load'][0]}, after {r['load'][1]}"
+            + (
+                f"; {compiled:.0f} kernels compiled in {r['compile']['compile_seconds']:.0f} s"
+                if compiled
+                else ""
+            )
         )
     lines += [
         "",
@@ -595,7 +772,8 @@ def report(store: dict) -> str:
     lines += [
         "",
         "Fold cost (ours, K=4 chain window, levels 1, 2, 4: two folds; no basis refresh in the "
-        "timed windows; 7 timed rounds after 2 warmup, medians of paired differences): extra "
+        f"timed windows; 7 timed rounds after {WARMUP_WINDOWS} warmup (2 before issue 23), "
+        "medians of paired differences): extra "
         "wall time of the window with folding over the same window without folding, per fold, "
         "in units of that engine's rotation of all blocks (target <= 1). A fold needs the "
         "rotation of its new level's mean (the window without folding rotates only its mean, in"
@@ -612,6 +790,30 @@ def report(store: dict) -> str:
             lines.append(
                 f"| {case} | {engine} | {fmt(extra)} | {fmt(rot)} | {extra / rot:.2f} | "
                 f"{fmt(fop)} | {fop / rot:.2f} |"
+            )
+    moved = [r for r in steps if "bytes" in r]
+    if moved:
+        lines += [
+            "",
+            "Bytes a fold moves (batched engine), in units of S = the bytes of one estimate's "
+            "gradient stacks (`fold_bytes`): eager = every aten op inside `_fold_pair` (each "
+            "distinct operand read once, each output written once); compiled = each kernel "
+            "reads its arguments and writes its outputs once (checked in the generated code: "
+            "one loop nest per chain, no stack-sized buffer). Bound: read z, h (both forms) "
+            "and the metric once, write z (both forms) once = 7 S; two-phase floor 12 S "
+            "(phase 2 needs s from phase 1's reduced sums, so z, h and the metric are read "
+            "twice).",
+            "",
+            "| case | S MB | eager ops | eager bytes (S) | compiled kernels | compiled bytes (S)"
+            " | bound (S) | two-phase floor (S) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in moved:
+            b = r["bytes"]
+            lines.append(
+                f"| {r['name']} | {b['S bytes'] / 1e6:.1f} | {b['eager ops']:.0f} | "
+                f"{b['eager S']:.1f} | {b['compiled ops']:.0f} | {b['compiled S']:.1f} | "
+                f"{b['bound']:.0f} | {b['two-phase floor']:.0f} |"
             )
     for r in launch:
         lines += [

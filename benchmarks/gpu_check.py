@@ -33,6 +33,12 @@ it SOAP's first step (an eigh of every Kronecker factor, 26 of them 8192 x 8192)
 window is ~0.2 s of GEMMs, a step that refreshes bases a few seconds. Every iteration's
 figures are saved as they come, so a run stopped at its timeout still reports.
 
+4. the compiled chains (issue 23, ``SOAPConfig.compile``): the fold's phase-1 and phase-2
+   sums, the fold and the Adam chain of ``core/fused.py`` on one Llama-like class stack (16
+   blocks of 1024 x 1024 fp32; ``--quick``: 4 of 32 x 32 on the CPU), eager and
+   ``torch.compile``d (Triton on the GPU): median times, compile seconds, kernels compiled
+   and the largest difference from eager (relative to the largest entry; must be <= 1e-4).
+
 Outputs: ``<out>/gpu_check.json`` (every figure), ``<out>/gpu_check.md`` (the tables that
 benchmarks/RESULTS.md quotes; ``--write`` replaces its section with them), ``<out>/
 gpu_suite.log``. The whole run is checked against an 8-minute budget (a warning if over).
@@ -118,6 +124,98 @@ QUICK = StackSpec(
     steps=2,
     time_budget_s=30.0,
 )
+
+
+# Part 4: the class stack of the compiled-chain check, and how far from eager it may be.
+COMPILED_STACK = (16, 1024, 1024)
+COMPILED_STACK_QUICK = (4, 32, 32)
+COMPILED_RTOL = 1e-4
+
+
+def compiled_chains(cuda: bool, quick: bool, repeats: int = 5) -> dict[str, Any]:
+    """Part 4: each fused chain eager vs compiled on one class stack (see the docstring)."""
+    import torch
+
+    from mlfop_megatron.core import fused
+
+    device = "cuda" if cuda else "cpu"
+    shape = COMPILED_STACK_QUICK if quick or not cuda else COMPILED_STACK
+    gen = torch.Generator().manual_seed(0)
+
+    def stack() -> Any:
+        return torch.randn(shape, generator=gen).to(device)
+
+    z, h, zg, hg, g = stack(), stack(), stack(), stack(), stack()
+    diag = stack().abs_().add_(0.1)
+    s = torch.randn(shape[0], generator=gen).to(device)
+    coef = torch.randn(shape[0], 1, 1, generator=gen).to(device)
+    chains: dict[str, Callable[[bool], Any]] = {
+        "phase 1 sums": lambda c: fused.per_block_sums(
+            fused.fold_phase1_sums, c, z, h, diag, 0.25, 0.75, True
+        ),
+        "phase 2 sums": lambda c: fused.per_block_sums(
+            fused.fold_phase2_sums, c, z, h, diag, s, 0.25, 0.75, True
+        ),
+        "fold (both forms)": lambda c: _fold_copy(c, zg, hg, z, h, coef),
+        "Adam chain": lambda c: fused.adam_direction(
+            c, zg.clone(), diag.clone(), g, g, 0.95, 0.95, 1e-8, False
+        ),
+    }
+    timer = make_timer(cuda)
+    before = fused.KERNELS.stats()
+    rows = {}
+    for name, run in chains.items():
+        eager = run(False)
+        compiled = run(True)  # compiles
+        diff = float((compiled - eager).abs().max() / eager.abs().max().clamp_min(1e-30))
+        rows[name] = {
+            "eager_s": _median_time(timer, run, False, repeats),
+            "compiled_s": _median_time(timer, run, True, repeats),
+            "max_rel_diff": diff,
+        }
+    after = fused.KERNELS.stats()
+    ok = all(r["max_rel_diff"] <= COMPILED_RTOL for r in rows.values())
+    return {
+        "status": "ok" if ok else f"failed: a chain is over {COMPILED_RTOL} from eager",
+        "device": device,
+        "stack": list(shape),
+        "chains": rows,
+        "compiles": after["compiles"] - before["compiles"],
+        "compile_s": after["compile_seconds"] - before["compile_seconds"],
+    }
+
+
+def _median_time(timer: Callable, run: Callable[[bool], Any], compiled: bool, n: int) -> float:
+    """Median seconds of ``run(compiled)`` over ``n`` timed calls."""
+    return sorted(timer(lambda: run(compiled))[1] for _ in range(n))[n // 2]
+
+
+def _fold_copy(compiled: bool, zg: Any, hg: Any, zr: Any, hr: Any, coef: Any) -> Any:
+    """The fold of both forms on copies of ``zg`` and ``zr``; the folded rotated form."""
+    from mlfop_megatron.core import fused
+
+    zg, zr = zg.clone(), zr.clone()
+    fused.fold_update(compiled, zg, hg, zr, hr, coef, 1.0 - coef)
+    return zr
+
+
+def compiled_lines(c: dict[str, Any]) -> list[str]:
+    """Part 4's table."""
+    lines = [
+        "",
+        f"Compiled chains (`SOAPConfig.compile`, core/fused.py) on one class stack "
+        f"{c['stack']} fp32 on {c['device']}: **{c['status']}**; {c['compiles']} kernels "
+        f"compiled in {c['compile_s']:.1f} s.",
+        "",
+        "| chain | eager ms | compiled ms | eager / compiled | max rel. diff from eager |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in c["chains"].items():
+        lines.append(
+            f"| {name} | {1e3 * r['eager_s']:.3f} | {1e3 * r['compiled_s']:.3f} | "
+            f"{r['eager_s'] / r['compiled_s']:.2f} | {r['max_rel_diff']:.1e} |"
+        )
+    return lines
 
 
 # ------------------------------------------------------------------ device-specific pieces
@@ -780,6 +878,11 @@ def report(results: dict[str, Any]) -> str:
         lines += [f"- {reason}" for reason in suite.get("skip_reasons", [])]
     lines.append("")
     lines += measurement_lines(results["measurement"])
+    compiled = results.get("compiled", {})
+    if "chains" in compiled:
+        lines += compiled_lines(compiled)
+    elif compiled:
+        lines += ["", f"Compiled chains: **{compiled['status']}**."]
     return "\n".join(lines) + "\n"
 
 
@@ -964,10 +1067,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['step_over_fwd_bwd']:.3f}"
         )
 
+    log("part 4: the fused chains, eager and compiled")
+    try:
+        results["compiled"] = compiled_chains(cuda, args.quick)
+    except Exception as exc:  # recorded, not raised: the report still comes out
+        results["compiled"] = {"status": f"failed: {exc!r}"}
+    log(f"part 4: {results['compiled']['status']}")
+
     results["wall_s"] = time.perf_counter() - t0
     results["over_budget"] = results["wall_s"] > BUDGET_S
     suite_ok = results["suite"]["status"] in ("passed", "not run")
-    results["ok"] = suite_ok and m["status"] == "ok"
+    results["ok"] = suite_ok and m["status"] == "ok" and results["compiled"]["status"] == "ok"
     text = report(results)
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "gpu_check.md").write_text(text)

@@ -197,6 +197,15 @@ class SOAPConfig:
         flag="no-batched",
     )
 
+    # Engine, not math: the fold's and the step's elementwise chains as torch.compile'd kernels
+    # (core/fused.py); results agree with the eager chains to rounding (tests/test_compiled.py).
+    compile: bool = option(
+        False,
+        "run the fold's and the step's elementwise chains as torch.compile'd kernels (inductor: "
+        "C++/OpenMP on CPU, Triton on GPUs; one compile per shape class and chain, seconds each) "
+        "instead of eager ops (same results to rounding)",
+    )
+
     def __post_init__(self) -> None:
         check_range("lr", self.lr, 0.0)
         if not isinstance(self.betas, Sequence) or len(self.betas) != 2:
@@ -216,6 +225,7 @@ class SOAPConfig:
             "correct_bias",
             "nesterov",
             "batched",
+            "compile",
             "correct_factor_bias",
             "first_step_update",
             "refresh_first",

@@ -73,6 +73,13 @@ def test_quick_cpu_path_measures_and_writes_the_figures(tmp_path: Path) -> None:
     assert m["params_numel"] == sum(p.numel for p in gpu_check.stack_param_specs(gpu_check.QUICK))
     text = (tmp_path / "gpu_check.md").read_text()
     assert text.startswith(gpu_check.SECTION) and "step / fwd+bwd" in text
+    # Part 4: every fused chain compiled (taken, not a silent fallback) and close to eager.
+    compiled = results["compiled"]
+    assert compiled["status"] == "ok" and compiled["device"] == "cpu"
+    assert compiled["stack"] == list(gpu_check.COMPILED_STACK_QUICK)
+    assert compiled["compiles"] >= len(compiled["chains"]) == 4
+    assert all(r["max_rel_diff"] <= gpu_check.COMPILED_RTOL for r in compiled["chains"].values())
+    assert "Compiled chains" in text
 
     # The GPU branch of the report: measured peaks beside the model, with the ratios.
     spec = gpu_check.StackSpec(**{**m["spec"], "cuda": True, "backend": "nccl"})

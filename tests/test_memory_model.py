@@ -24,7 +24,11 @@ from mlfop_megatron.distributed.assignment import (  # noqa: E402
     make_blocks,
 )
 from mlfop_megatron.distributed.model_shapes import LLAMA3_8B  # noqa: E402
-from mlfop_megatron.launch.plan.memory import OwnedShapes, rank_memory  # noqa: E402
+from mlfop_megatron.launch.plan.memory import (  # noqa: E402
+    OwnedShapes,
+    fold_transient,
+    rank_memory,
+)
 from mlfop_megatron.launch.plan.model import PlanConfig, make_plan  # noqa: E402
 
 SPEC = dict(hidden=256, layers=2, microbatches=8, precondition_frequency=1, global_micro=4)
@@ -110,7 +114,7 @@ def test_rank_memory_level_buffers_and_plan() -> None:
 
 
 def test_rank_memory_folding_off_counts_no_fold_buffers() -> None:
-    """Folding off (the default): no fold workspace, estimates or SOAP metric; one stacking."""
+    """Folding off (the default): no fold transient, estimates or SOAP metric; one stacking."""
     specs = [ParamSpec(f"w{i}", (64, 32)) for i in range(4)]
     asg = Assignment.build(make_blocks(specs, BlockingConfig()), 2)
     owned = OwnedShapes.of(asg.blocks_of(0))
@@ -118,7 +122,8 @@ def test_rank_memory_folding_off_counts_no_fold_buffers() -> None:
     off = rank_memory(asg, 0, params_numel=9000, adam_numel=808, dp=2)  # the default
     on = rank_memory(asg, 0, params_numel=9000, adam_numel=808, dp=2, folding=True)
     assert not off.folding and on.folding
-    assert on.window_buffers == 5 * owned.grads + 3 * owned.largest_class and on.stacking == 0
+    assert on.window_buffers == 3 * owned.grads and on.stacking == 0
+    assert on.fold == fold_transient(owned.largest_class) and off.fold == 0
     assert off.window_buffers == 0
     assert off.stacking == seg + owned.grads  # received segment + class stacks (no metric)
     assert off.level_buffers == on.level_buffers == 3 * seg
@@ -126,7 +131,7 @@ def test_rank_memory_folding_off_counts_no_fold_buffers() -> None:
     assert on.step_buffers == 3 * owned.grads  # metric + the estimate's two forms
     assert off.refresh == on.refresh
     assert off.transient_window == max(off.level_buffers, off.stacking)
-    assert on.transient_window == on.window_buffers + on.level_buffers
+    assert on.transient_window == on.window_buffers + max(on.level_buffers, on.fold)
     assert off.transient <= on.transient
     one = rank_memory(Assignment.build(make_blocks(specs, BlockingConfig()), 1), 0, 9000, 808, 1)
     assert one.level_buffers == 4 * 4 * 64 * 32  # DP=1: the packed buffer, reduced in place

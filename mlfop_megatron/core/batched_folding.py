@@ -4,8 +4,10 @@ Same schedule, same estimates and the same FOP scalars as :class:`WindowFolder`,
 estimate is a list of per-class [B, r, c] stacks of a :class:`BatchedBlocks` engine: a level
 costs one rotation (batched matmul) per class, the FOP inner products are per-block reductions
 of the stacks (elementwise product summed per block: each block reduced alone), and the fold is
-two elementwise ops per class. The FOP's intermediates (a, d, d_perp, products) live in scratch
-stacks kept for the window, so a fold allocates nothing stack-sized. The scalars (s, beta, cz,
+two elementwise ops per class. The FOP's intermediates (a, d, d_perp, products) exist only
+inside the fused chains of ``core/fused.py`` (eager: chunks of at most a quarter of a class;
+compiled, ``SOAPConfig.compile``: one kernel per chain and class, none stack-sized): no fold
+scratch lives between folds. The scalars (s, beta, cz,
 ch, eta*, diagnostics) are vectors in block order, reduced across ranks by ``reduce_fn`` in one
 call per phase, exactly as in the per-block folder. Nothing here reads a device value on the
 host.
@@ -26,6 +28,7 @@ from typing import cast
 import torch
 
 from mlfop_megatron.config import FoldingConfig
+from mlfop_megatron.core import fused
 from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow, all_finite
 from mlfop_megatron.core.folding import (
     FoldStack,
@@ -45,89 +48,6 @@ from mlfop_megatron.core.norms import sum_of_squares
 from mlfop_megatron.core.soap import rotate
 
 Stacks = list[torch.Tensor]
-Scratch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (t, u, prod), see _Workspace
-
-
-def bdot(x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """<x_b, y_b> for every block b of two [B, r, c] stacks ([B]).
-
-    The elementwise product summed per block (the same ops, hence bits, as ``linalg.vecdot``):
-    each block is reduced alone, so a block's sums do not depend on which blocks share its
-    class (a batched matrix-vector product does: its kernel choice follows the batch size),
-    which keeps owner-sharded runs bitwise equal to replicated ones. ``scratch``: a buffer of
-    the stacks' shape for the product (a fresh stack-sized temporary per inner product costs a
-    page-faulting allocation on CPU: measured 5x the product itself at 44 MB).
-    """
-    prod = torch.mul(x, y) if scratch is None else torch.mul(x, y, out=scratch)
-    return prod.flatten(1).sum(-1)
-
-
-class _Workspace:
-    """Scratch stacks of one fold: a and d per class, three shared buffers per dtype/device.
-
-    The shared buffers are sized for the largest class of their dtype and device. Kept while
-    the window folds (its folds reuse them, so a fold allocates nothing stack-sized) and
-    dropped after its last fold, before the step and its refresh.
-    """
-
-    def __init__(self, like: Stacks) -> None:
-        self.a = [torch.empty_like(x) for x in like]
-        self.d = [torch.empty_like(x) for x in like]
-        largest: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        for x in like:
-            key = (x.dtype, x.device)
-            if key not in largest or x.numel() > largest[key].numel():
-                largest[key] = x
-        # new_empty: allocated like the stacks themselves (their device, as they were made)
-        self._flat = {key: [x.new_empty(x.numel()) for _ in range(3)] for key, x in largest.items()}
-
-    def shared(self, x: torch.Tensor) -> Scratch:
-        """Three scratch stacks of ``x``'s shape, dtype and device (views of shared buffers)."""
-        n = x.numel()
-        t, u, prod = (f[:n].view(x.shape) for f in self._flat[(x.dtype, x.device)])
-        return t, u, prod
-
-
-def batched_phase1(
-    a: torch.Tensor,
-    d: torch.Tensor,
-    diag: torch.Tensor | None,
-    ws: Scratch,
-    euclidean: bool = True,
-) -> torch.Tensor:
-    """``fop.phase1_sums`` of every block of a stack ([B, 5]); ``ws``: (t, u, prod) scratch."""
-    t, _, prod = ws
-    ma = a if diag is None else torch.mul(a, diag, out=t)
-    sums = [bdot(a, ma, prod), bdot(d, ma, prod)]
-    if euclidean:
-        sums += [bdot(a, a, prod), bdot(a, d, prod), bdot(d, d, prod)]
-    else:  # diagnostics only: left 0 (``fop.phase1_sums``)
-        sums += [sums[0].new_zeros(sums[0].shape)] * 3
-    return torch.stack(sums, dim=1)
-
-
-def batched_phase2(
-    a: torch.Tensor,
-    d: torch.Tensor,
-    diag: torch.Tensor | None,
-    s: torch.Tensor,
-    with_ama: bool,
-    ws: Scratch,
-) -> torch.Tensor:
-    """``fop.phase2_sums`` of every block of a stack (``s``: [B] in the stack's dtype).
-
-    The same ops as ``fop.phase2_sums``, written into the scratch ``ws`` = (t, u, prod); u is
-    reused once the term that read it is summed.
-    """
-    t, u, prod = ws
-    d_perp = torch.sub(d, torch.mul(a, s[:, None, None], out=t), out=t)
-    mi_dp = d_perp if diag is None else torch.div(d_perp, diag, out=u)
-    out = [bdot(a, mi_dp, prod), bdot(d_perp, mi_dp, prod)]
-    mi_d = d if diag is None else torch.div(d, diag, out=u)
-    out.append(bdot(d, mi_d, prod))
-    if with_ama:
-        out.append(bdot(a, a if diag is None else torch.div(a, diag, out=u), prod))
-    return torch.stack(out, dim=1)
 
 
 @dataclass
@@ -152,7 +72,6 @@ class BatchedWindowFolder(FoldStack):
         )
         self._level_sums: Stacks | None = None
         self._estimate: StackEntry | None = None
-        self._ws: _Workspace | None = None  # the folds' scratch stacks (built at the first)
         self._init_stack()
 
     # ----------------------------------------------------------- per-block views
@@ -229,7 +148,6 @@ class BatchedWindowFolder(FoldStack):
         if top is not None:
             self._estimate = top
             self._finish_window()
-            self._ws = None  # the folds' scratch dies with the window's last fold
 
     def _fold_pair(self, z: StackEntry, h: StackEntry, with_eta: bool) -> FoldCoefficients:
         """Fold ``h`` into ``z`` in place (both forms, every class); the fold's coefficients."""
@@ -239,38 +157,40 @@ class BatchedWindowFolder(FoldStack):
         for cls, zg, hg, zr, hr in zip(self.engine.classes, z.grads, h.grads, z_rot, h_rot):
             cz = coef.cz.index_select(0, cls.index).to(zg.dtype)[:, None, None]
             ch = coef.ch.index_select(0, cls.index).to(zg.dtype)[:, None, None]
-            zg.mul_(cz).addcmul_(hg, ch)
-            zr.mul_(cz).addcmul_(hr, ch)
+            fused.fold_update(cls.cfg.compile, zg, hg, zr, hr, cz, ch)
         return coef
 
     def _coefficients(self, z: StackEntry, h: StackEntry, with_eta: bool) -> FoldCoefficients:
+        """The FOP scalars of one fold, from per-block sums of z, h and the metric.
+
+        Each phase reads the rotated stacks and the metric of a class in one chain
+        (``fused.fold_phase1_sums`` / ``fold_phase2_sums``): no stack outlives its phase.
+        """
         wz, wh = z.size / (z.size + h.size), h.size / (z.size + h.size)
         z_rot, h_rot = cast(Stacks, z.rot), cast(Stacks, h.rot)  # folds: rotated forms exist
-        if self._ws is None:
-            self._ws = _Workspace(z_rot)
-        ws = self._ws
-        for a, d, zr, hr in zip(ws.a, ws.d, z_rot, h_rot):  # a = wz z + wh h, d = z - h
-            t = ws.shared(a)[0]
-            torch.mul(zr, wz, out=a).add_(torch.mul(hr, wh, out=t))
-            torch.sub(zr, hr, out=d)
+        classes, diags = self.engine.classes, self.class_diags
         f64 = torch.float64
 
         def phase1() -> torch.Tensor:
-            return self.engine.to_block_order(
-                [
-                    batched_phase1(a, d, m, ws.shared(a), self.cfg.diagnostics).to(f64)
-                    for a, d, m in zip(ws.a, ws.d, self.class_diags)
-                ]
-            )
+            rows = [
+                fused.per_block_sums(
+                    fused.fold_phase1_sums, c.cfg.compile, zr, hr, m, wz, wh, self.cfg.diagnostics
+                ).to(f64)
+                for c, zr, hr, m in zip(classes, z_rot, h_rot, diags)
+            ]
+            return self.engine.to_block_order(rows)
 
         def phase2(s: torch.Tensor) -> torch.Tensor:
             rows = []
-            for cls, a, d, m in zip(self.engine.classes, ws.a, ws.d, self.class_diags):
-                s_c = s.index_select(0, cls.index).to(a.dtype)
-                rows.append(batched_phase2(a, d, m, s_c, with_eta, ws.shared(a)).to(f64))
+            for c, zr, hr, m in zip(classes, z_rot, h_rot, diags):
+                s_c = s.index_select(0, c.index).to(zr.dtype)
+                sums = fused.per_block_sums(
+                    fused.fold_phase2_sums, c.cfg.compile, zr, hr, m, s_c, wz, wh, with_eta
+                )
+                rows.append(sums.to(f64))
             return self.engine.to_block_order(rows)
 
-        dtype = self.engine.classes[0].dtype
+        dtype = classes[0].dtype
         return coefficients_from_sums(
             phase1, phase2, dtype, z.size, h.size, self.cfg, self.reduce_fn, with_eta
         )
@@ -279,10 +199,12 @@ class BatchedWindowFolder(FoldStack):
         # Called after the last fold with several folds: both are set.
         assert self._plain_r is not None and self._estimate is not None
         comb_rots = cast(Stacks, self._estimate.rot)
-        rows = []
-        for mean_r, comb_r, diag in zip(self._plain_r, comb_rots, self.class_diags):
-            mi_comb = comb_r if diag is None else comb_r / diag
-            rows.append(torch.stack([bdot(mean_r, mi_comb), bdot(comb_r, mi_comb)], 1))
+        rows = [
+            fused.per_block_sums(fused.eta_sums, c.cfg.compile, mean_r, comb_r, diag)
+            for c, mean_r, comb_r, diag in zip(
+                self.engine.classes, self._plain_r, comb_rots, self.class_diags
+            )
+        ]
         sums = self.engine.to_block_order([r.to(torch.float64) for r in rows])
         if self.reduce_fn is not None:
             sums = self.reduce_fn(sums)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mlfop_megatron.config import SOAPConfig
+from mlfop_megatron.core import fused
 from mlfop_megatron.core.linalg import (
     LinalgCounters,
     diag_in_basis,
@@ -349,19 +350,16 @@ def adam_moments_update(
     The first moment takes ``g_rot``, the second ``s_rot`` (both rotated). Returns
     m / (sqrt(v) + eps) (with ``cfg.nesterov``, beta1 m + (1 - beta1) g_rot in place of m) in
     rotated coordinates and the step size: ``lr``, bias-corrected for
-    ``step`` (the step count after this update) when ``cfg.correct_bias``.
+    ``step`` (the step count after this update) when ``cfg.correct_bias``. The elementwise
+    chain is ``fused.adam_direction_`` (one compiled kernel with ``cfg.compile``).
     """
     beta1, beta2 = cfg.betas
-    exp_avg.mul_(beta1).add_(g_rot, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(s_rot, s_rot, value=1.0 - beta2)
-    denominator = exp_avg_sq.sqrt().add_(cfg.eps)
+    direction = fused.adam_direction(
+        cfg.compile, exp_avg, exp_avg_sq, g_rot, s_rot, beta1, beta2, cfg.eps, cfg.nesterov
+    )
     weight = 1.0 - beta1**step  # the first moment's weights sum to this
-    if cfg.nesterov:
-        # beta1 m_t + (1 - beta1) g_t, whose weights sum to 1 - beta1^(t+1)
-        direction = g_rot.lerp(exp_avg, beta1).div_(denominator)
+    if cfg.nesterov:  # beta1 m_t + (1 - beta1) g_t, whose weights sum to 1 - beta1^(t+1)
         weight = 1.0 - beta1 ** (step + 1)
-    else:
-        direction = exp_avg / denominator
     step_size = lr
     if cfg.correct_bias:
         step_size = lr * math.sqrt(1.0 - beta2**step) / weight

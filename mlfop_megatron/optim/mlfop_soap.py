@@ -23,6 +23,7 @@ from typing import Any, cast, overload
 import torch
 
 from mlfop_megatron.config import FoldingConfig, MLFOPConfig, SOAPConfig
+from mlfop_megatron.core import fused
 from mlfop_megatron.core.batched import BatchedBlocks, ClassWindow, all_finite
 from mlfop_megatron.core.batched_folding import BatchedWindowFolder
 from mlfop_megatron.core.diagnostics import (
@@ -324,10 +325,19 @@ class MLFOPSOAP(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
-        """Counters and the last window's per-level folding diagnostics."""
+        """Counters and the last window's per-level folding diagnostics.
+
+        With ``compile`` on in any group, also the compiled kernels so far (``fused.KERNELS``:
+        process-wide) and the seconds their compiles took.
+        """
         out: dict[str, Any] = {"steps": self.steps, "skipped_steps": self.skipped_steps}
         out.update(self.counters.as_dict())
         out["levels"] = [d.summary() for d in self.last_diagnostics]
+        if any(group["compile"] for group in self.param_groups):  # the process's kernels
+            kernels = fused.KERNELS.stats()
+            out.update(
+                compiled_kernels=kernels["compiles"], compile_seconds=kernels["compile_seconds"]
+            )
         if self.last_eta is not None and self.last_eta.numel():
             eta = self.last_eta.double()
             out.update(
@@ -365,6 +375,9 @@ class MLFOPSOAP(torch.optim.Optimizer):
         """Load; tensors keep their saved dtype (torch would cast factors to the param dtype)."""
         saved = copy.deepcopy(state_dict)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a checkpoint from before an option existed
+            for name in _GROUP_OPTIONS:
+                group.setdefault(name, self.defaults[name])
         state: dict[Any, Any] = self.state  # (replaced by the load above: take it now)
         stats = state.pop(STATS_KEY, None)
         if stats is not None:

@@ -19,11 +19,14 @@ Folding on (``FoldingConfig.enabled`` with at least one fold: several levels):
 
 * window buffers (while the window folds): the SOAP metric sqrt(v_hat) + eps per class of
   the window's start state (S, ``batched.metric_diag``, computed at the first fold and kept
-  to the step: ``folding.WindowMetric``), the fold workspace ``a`` and ``d`` per class (2 S)
-  and three scratch stacks of the largest class (3 g_max,
-  ``batched_folding._Workspace``, dropped after the last fold), the last level's class
-  stacks (S, ``ShardedSOAP._class_stacks``) and the rotated estimate (S, ``batched.rotate``):
-  5 S + 3 g_max; at the step the metric and the estimate's two forms are left (3 S).
+  to the step: ``folding.WindowMetric``), the last level's class stacks (S,
+  ``ShardedSOAP._class_stacks``), the rotated estimate (S, ``batched.rotate``) and a fold's
+  transient (:func:`fold_transient`: the eager chains of ``core/fused.py`` keep four
+  temporaries live, of the whole class up to 4 MiB, of a quarter of its blocks above: 4 g_max
+  or g_max, the latter assuming the largest class has four blocks or more; compiled chains
+  have none; nothing of it outlives the fold, and the level's reduce buffers are gone when
+  it runs: measured): 3 S, plus the larger of the level buffers and the fold's transient; at
+  the step the metric and the estimate's two forms are left (3 S).
 * level buffers (fwd/bwd phase): the packed owner-ordered send buffers of the level
   reduce-scatter in flight and this owner's received segment (seg), alive until the next
   level boundary waits; at DP=1 the packed buffer only (S, reduced in place). In G buckets
@@ -34,7 +37,7 @@ Folding on (``FoldingConfig.enabled`` with at least one fold: several levels):
 * transient peak = max(window buffers + level buffers, 3 S + refresh).
 
 Folding off (the default, ``FoldingConfig.enabled=False``; also K=1 or a single level: one
-level, no fold, no rotated estimate, no fold workspace):
+level, no fold, no rotated estimate, no fold transient):
 
 * level buffers: the one level reduce-scatter, launched by the window's last backward and
   waited for in the step's ``prepare_grads``: send buffers + received segment, about
@@ -61,7 +64,7 @@ Both:
   step's stacks), except gloo's reduce-scatter scratch (the size of the send buffer; in
   buckets, the tracker sees one bucket's at a time, at its wait:
   ``backend="gloo"``, what the CPU measurement sees; NCCL has none). Folding on, the last
-  fold's peak (both estimates of the fold beside the workspace) is above the window buffers
+  fold's peak (both estimates of the fold beside its transient) is above the window buffers
   at DP=1 but below the step's. Windows armed for grad-group diagnostics
   (``arm_grad_diagnostics``): their group sums and, folding off, the metric they read
   before the step (S, then kept through it).
@@ -81,6 +84,16 @@ from mlfop_megatron.distributed.comm_config import level_bucket_sizes
 
 FP32 = 4
 GRAD_BYTES = 4  # Megatron DDP grad buffer (grad_reduce_in_fp32)
+
+
+# ``core.fused.EAGER_CHUNK_BYTES`` (this module runs without torch; tests/test_compiled.py
+# checks that they agree).
+FOLD_CHUNK_BYTES = 4 << 20
+
+
+def fold_transient(largest_class: int) -> int:
+    """Peak bytes of an eager fold's temporaries: four stacks of the class or of its quarter."""
+    return 4 * largest_class if largest_class <= FOLD_CHUNK_BYTES else largest_class
 
 
 @dataclass(frozen=True)
@@ -131,13 +144,14 @@ class RankMemory:
     soap_state: int
     adam_state: int
     probe_cache: int
-    window_buffers: int  # folding on: metric + fold workspace + estimates; folding off: 0
+    window_buffers: int  # folding on: metric + estimates (3 S); folding off: 0
     level_buffers: int
     refresh: int
     step_buffers: int = 0  # what of the window is left at the step (folding on 3 S, off 2 S)
     stacking: int = 0  # folding off: the one level stacked per class (seg + S); on: 0
     folding: bool = False  # whether the window folds (the terms above follow it)
     level_buckets: int = 1  # collectives per level reduction (CommConfig.level_buckets)
+    fold: int = 0  # a fold's transient (fold_transient), not beside the level buffers
 
     @property
     def opt_state(self) -> int:
@@ -148,10 +162,11 @@ class RankMemory:
     def transient_window(self) -> int:
         """Transient peak before the step's update (without activations).
 
-        Folding on: the fwd/bwd phase (window + level buffers). Folding off: the one level
-        reduction (last backward to its wait) or its stacking, whichever is larger.
+        Folding on: the fwd/bwd phase (window + level buffers, or + a fold's transient).
+        Folding off: the one level reduction (last backward to its wait) or its stacking,
+        whichever is larger.
         """
-        return max(self.window_buffers + self.level_buffers, self.stacking)
+        return max(self.window_buffers + max(self.level_buffers, self.fold), self.stacking)
 
     @property
     def transient_step(self) -> int:
@@ -220,10 +235,11 @@ def rank_memory(
             level += FP32 * max(sizes)
     else:
         received = level = owned.grads  # the packed buffer is reduced in place
-    if folding:  # the metric, workspace, estimates; at the step the metric + estimate
-        window, stacking, step = 5 * owned.grads + 3 * owned.largest_class, 0, 3 * owned.grads
+    if folding:  # the metric, estimates, a fold's transient; at the step metric + estimate
+        window, fold = 3 * owned.grads, fold_transient(owned.largest_class)
+        stacking, step = 0, 3 * owned.grads
     else:  # the class stacks beside the received segment; at the step + their rotation
-        window, stacking, step = 0, received + owned.grads, 2 * owned.grads
+        window, fold, stacking, step = 0, 0, received + owned.grads, 2 * owned.grads
     return RankMemory(
         params=params_numel * param_bytes,
         grads=params_numel * GRAD_BYTES,
@@ -231,6 +247,7 @@ def rank_memory(
         adam_state=adam_state,
         probe_cache=owned.probe_cache,
         window_buffers=window,
+        fold=fold,
         step_buffers=step,
         level_buffers=level,
         refresh=owned.bases + 4 * owned.largest_side,
