@@ -548,18 +548,7 @@ def run_case(key: str) -> dict:
             log(
                 f"  fold {engine}: +{1e3 * extra:.1f} ms (FOP {1e3 * fop:.1f}), rot {1e3 * rot:.1f}"
             )
-        record = {
-            "kind": "steps",
-            "name": name,
-            "steps": [],
-            "fold": fold_rows,
-            "compile": compile_stats(compiles),
-        }
-        if COMPILE:
-            record["bytes"] = fold_bytes(shapes)
-            log(f"  bytes per fold (units of S): {record['bytes']}")
-        record.update(load=[load_before, load_average()], seconds=time.perf_counter() - t0)
-        return record
+        return _steps_record(name, shapes, [], fold_rows, compiles, load_before, t0)
     classes = len(set(shapes))
     compiles = compile_stats()
     log(f"{name}: {len(shapes)} blocks, {classes} shape classes, f={freq}, {steps} steps")
@@ -593,6 +582,19 @@ def run_case(key: str) -> dict:
             f"rotation {1e3 * rot:.1f} ms"
         )
     gc.collect()
+    return _steps_record(name, shapes, step_rows, fold_rows, compiles, load_before, t0)
+
+
+def _steps_record(
+    name: str,
+    shapes: list,
+    step_rows: list,
+    fold_rows: list,
+    compiles: dict[str, float],
+    load_before: str,
+    t0: float,
+) -> dict:
+    """One case's record: its step and fold rows, compile counts, bytes (compiled), load."""
     record = {
         "kind": "steps",
         "name": name,
