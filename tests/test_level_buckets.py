@@ -193,10 +193,15 @@ def test_bucketed_level_reduction_is_bitwise_one_bucket_and_smaller():
         assert peaks[1] >= 2 * buffer + seg, peaks
         # Bucketed: packing bucket g, bucket g-1's send buffer in flight + bucket g's pieces
         # and send buffer (3 x buffer / buckets; each bucket padded on its own) + what has
-        # been received (<= seg).
+        # been received (<= seg). Plus, at most, one retired bucket's send buffer: gloo's
+        # worker thread drops its reference to a finished collective's input a moment after
+        # wait() returns, so on a loaded machine it can still be alive while the next bucket
+        # packs (seen once in a full-suite run: 37632 B against 28672 expected, one bucket's
+        # buffer more; alone the test stays at the expected peak).
         expected = 3 * buffer / buckets + seg
-        assert peaks[buckets] <= 1.2 * expected, (peaks, expected)
-        assert peaks[buckets] <= 0.55 * peaks[1], peaks
+        gloo_lag = buffer / buckets
+        assert peaks[buckets] <= 1.2 * (expected + gloo_lag), (peaks, expected)
+        assert peaks[buckets] <= 0.65 * peaks[1], peaks
 
 
 def _megatron_worker(specs):
