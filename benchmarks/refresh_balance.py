@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, log, machine_facts, replace_section
+from benchmarks.soap_step_digits import LAYER_SHAPES, drift
 
 SECTION = "## Drift-gate balancing: refresh work on the busiest rank (CPU, gloo, work counted)"
-SHAPES = [(384, 128), (128, 128), (512, 128), (128, 512)] * 4
+SHAPES = LAYER_SHAPES * 4
 WARMUP, STEPS = 10, 30
 
 
@@ -54,8 +55,7 @@ def _worker(balanced: bool) -> dict[str, Any]:
     engine = ShardedSOAP(params, [f"w{i}" for i in range(len(params))], cfg, group=dist.group.WORLD)
     work = []
     for step in range(WARMUP + STEPS):
-        for w in walk:
-            w.mul_(0.98).add_(torch.randn(w.shape, generator=gen), alpha=0.2)
+        drift(walk, gen)
         before = _bases(engine)
         engine.fold_reduced_level(0, [w.clone() for w in walk])
         engine.step(lr=3e-3, weight_decay=0.0)

@@ -23,7 +23,14 @@ from collections.abc import Sequence
 
 import torch
 
-SHAPES = [(384, 128), (128, 128), (512, 128), (128, 512)] * 2
+LAYER_SHAPES = [(384, 128), (128, 128), (512, 128), (128, 512)]  # qkv, proj, fc1, fc2
+SHAPES = LAYER_SHAPES * 2  # one of two DP ranks' share of the 4 layers
+
+
+def drift(walk: list[torch.Tensor], gen: torch.Generator) -> None:
+    """One step of the slowly drifting gradients: an AR(1) walk, in place."""
+    for w in walk:
+        w.mul_(0.98).add_(torch.randn(w.shape, generator=gen), alpha=0.2)
 
 
 def run(options: dict[str, object], steps: int = 20, warmup: int = 10) -> tuple[float, int, int]:
@@ -36,8 +43,8 @@ def run(options: dict[str, object], steps: int = 20, warmup: int = 10) -> tuple[
     opt = MLFOPSOAP(params, **options)
 
     def next_grads() -> None:
+        drift(walk, gen)
         for p, w in zip(params, walk):
-            w.mul_(0.98).add_(torch.randn(w.shape, generator=gen), alpha=0.2)
             p.grad = w.clone()
 
     for _ in range(warmup):

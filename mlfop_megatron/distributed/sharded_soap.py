@@ -195,7 +195,7 @@ class ShardedSOAP:
         soap = self.config.soap
         if not (
             soap.refresh_balance
-            and soap.batched
+            and self.batched
             and soap.refresh_first
             and soap.refresh_tolerance > 0.0
             and self.world_size > 1
