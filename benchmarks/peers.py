@@ -121,6 +121,7 @@ REFERENCE: dict[str, Any] = {
     "refresh_first": False,
     "refresh_tolerance": 0.0,
     "refresh_balance": False,  # (acts with a tolerance only) not in the reference
+    "normalization": "adam",
 }
 F1 = {**REFERENCE, "precondition_frequency": 1}
 MEGATRON_LIKE = {
@@ -163,6 +164,16 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     # how much of the batch-128 gap is refresh frequency: every step, and a lower tolerance
     "soap-f1+order+b0.9": ("soap", {**F1, "refresh_first": True, "betas": (0.9, 0.95)}),
     "soap-f1+order+tol1e-2+b0.9+bal": ("soap", {**BALANCED, "refresh_tolerance": 1e-2}),
+    # the batch-128 gap is the image loss (Muon's is lower, ours' text loss is): a longer
+    # second-moment or factor average in the eigenbasis
+    "soap-f1+order+tol3e-2+b0.9+bal+b2-0.99": ("soap", {**BALANCED, "betas": (0.9, 0.99)}),
+    "soap-f1+order+tol3e-2+b0.9+bal+sb0.99": ("soap", {**BALANCED, "shampoo_beta": 0.99}),
+    # SPlus's instant sign normalisation in the eigenbasis instead of Adam's (2026-12-07)
+    "soap-f1+order+tol3e-2+b0.9+bal+sign": ("soap", {**BALANCED, "normalization": "sign"}),
+    "mlfop-f1+order+tol3e-2+b0.9+bal+sign": ("mlfop", {**BALANCED, "normalization": "sign"}),
+    # blocked preconditioners (ShardingConfig.block_size): no 512-sided basis on this model
+    "soap-f1+order+tol3e-2+b0.9+bal+blk128": ("soap", {**BALANCED, "block_size": 128}),
+    "soap-f1+order+tol3e-2+b0.9+bal+blk256": ("soap", {**BALANCED, "block_size": 256}),
     # the default with KL-Shampoo's factors (Megatron's SOAP's estimator): the batch-128 gap
     "soap-f1+order+tol3e-2+b0.9+kl": ("soap", {**GATED_B09, "factor_estimator": "kl"}),
     "soap-f1+order+tol3e-2+b0.9+kl+bias": (

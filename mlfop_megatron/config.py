@@ -27,6 +27,7 @@ def option(default: Any, help: str, **metadata: Any) -> Any:
 NO_FLAG: dict[str, Any] = {"flag": None}
 
 # Basis refresh: one power-iteration step + QR, or a full eigendecomposition.
+NORMALIZATIONS = ("adam", "sign")
 REFRESH_METHODS = ("qr", "eigh")
 # Kronecker factor estimation: Shampoo's second moments, or KL-Shampoo's (Lin et al. 2025).
 FACTOR_ESTIMATORS = ("shampoo", "kl")
@@ -147,6 +148,12 @@ class SOAPConfig:
     )
     precondition_1d: bool = option(False, "also precondition vectors (their one factor)")
     correct_bias: bool = option(True, "turn off Adam bias correction", flag="no-bias-correction")
+    normalization: str = option(
+        "adam",
+        "the step's normalisation in the eigenbasis: adam, m / (sqrt(v) + eps) (SOAP); sign, "
+        "sign(m) at the step size lr (SPlus's instant sign normalisation, Frans et al. 2025)",
+        choices=NORMALIZATIONS,
+    )
     nesterov: bool = option(
         False,
         "Nesterov's momentum in the eigenbasis (Dozat 2016, NAdam; as Muon's default): the step "
@@ -233,6 +240,8 @@ class SOAPConfig:
         ):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, "True or False", getattr(self, name))
+        if self.normalization not in NORMALIZATIONS:
+            _fail("normalization", f"one of {NORMALIZATIONS}", self.normalization)
         if self.refresh_method not in REFRESH_METHODS:
             _fail("refresh_method", f"one of {REFRESH_METHODS}", self.refresh_method)
         check_range("kl_damping", self.kl_damping, 0.0, 1.0)

@@ -225,3 +225,26 @@ def test_a_checkpoint_without_the_compile_option_loads_with_the_default():
     fresh.load_state_dict(saved)
     assert all(g["compile"] is False for g in fresh.param_groups)
     fresh.step()  # reads every option of the group
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_compiled_sign_direction_is_eager_bits(nesterov):
+    """The step's chain with sign normalisation: compiled gives eager's signs.
+
+    The moments agree to rounding (inductor's C++ may contract a multiply and an add into
+    one FMA: seen, a last-bit difference); the signs, here, bitwise (no entry of m is within
+    rounding of 0).
+    """
+    gen = torch.Generator().manual_seed(7)
+    shape = (3, 16, 8)
+    m, v, g = (torch.randn(shape, generator=gen) for _ in range(3))
+    v = v.abs()
+    args = (0.9, 0.95, 1e-8, nesterov, True)
+    eager_m, eager_v = m.clone(), v.clone()
+    want = fused.adam_direction(False, eager_m, eager_v, g, g, *args)
+    got_m, got_v = m.clone(), v.clone()
+    got = fused.adam_direction(True, got_m, got_v, g, g, *args)
+    assert set(want.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_m, eager_m, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_v, eager_v, rtol=1e-6, atol=1e-6)

@@ -46,6 +46,10 @@ def test_tp2_blockwise_with_rotation_trains_and_stays_consistent():
     stats = runs[0]["stats"]
     assert stats["time_fold_s"] > 0 and stats["time_update_s"] > 0
     assert stats["time_communication_s"] >= 0 and stats["time_refresh_s"] > 0
+    # the fastest rank's phase times: positive where every rank works, never above the slowest
+    assert 0 < stats["time_update_min_s"] <= stats["time_update_s"]
+    for phase in ("fold", "refresh", "communication", "diagnostics"):
+        assert 0 <= stats[f"time_{phase}_min_s"] <= stats[f"time_{phase}_s"]
 
 
 def test_pp2_equals_pp1_full_soap():

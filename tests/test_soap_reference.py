@@ -170,6 +170,78 @@ def test_nesterov_matches_reference(name, order, batched):
 
 
 @pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize(
+    ("order", "name"),
+    [(o, n) for o in ("default", "reference_order") for n in ("square", "dim_gt_max", "vector")]
+    + [("reference_order", "tall"), ("default", "merged_3d")],  # tall: see REFERENCE_ORDER
+)
+def test_sign_normalization_matches_reference(name, order, nesterov, batched):
+    """normalization="sign" (SPlus): W -= lr Q_L sign(Q_L^T M Q_R) Q_R^T, no v, no bias term.
+
+    fp64 over 35 steps against the dense reference (M kept in original coordinates there and
+    rotated at each step), both engines, both orders, with and without Nesterov's look-ahead;
+    it must differ from the Adam-normalised step. A sign flips only where rot(M) is within
+    rounding of 0: the engines and the reference zero those (a rank-deficient factor's null
+    directions; the tall block's in the reference order) and random gradients reach no other.
+    """
+    opts = dict(lr=1e-2, max_precond_dim=32, betas=(0.9, 0.95), nesterov=nesterov)
+    if order == "reference_order":
+        opts.update(REFERENCE_ORDER, precondition_frequency=5)
+    got, want, _ = run_pair(SHAPES[name], normalization="sign", batched=batched, **opts)
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert rel < 1e-5, f"{order}/{name}: max relative error {rel:.2e}"
+    adam, _, _ = run_pair(SHAPES[name], batched=batched, **opts)
+    assert (adam - got).abs().max() > 1e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batched", [True, False])
+def test_sign_normalization_takes_no_step_in_a_null_direction(batched, dtype):
+    """Gradients u a_t^T (rank 1): the step stays in span(u), none from rounding's signs.
+
+    The left factor's 23 null directions carry rotated entries that are rounding noise; a
+    plain sign() would step lr along each of them (seen: a null share of order 1).
+    """
+    gen = torch.Generator().manual_seed(4)
+    u = torch.randn(24, 1, dtype=dtype, generator=gen)
+    p = torch.nn.Parameter(torch.randn(24, 6, dtype=dtype, generator=gen))
+    lr = 1e-2
+    opt = MLFOPSOAP([p], lr=lr, weight_decay=0.0, normalization="sign", batched=batched)
+    null = torch.eye(24, dtype=dtype) - u @ u.T / (u.T @ u)
+    for i in range(6):
+        before = p.detach().clone()
+        p.grad = u @ torch.randn(1, 6, dtype=dtype, generator=gen)
+        opt.step()
+        step = before - p.detach()
+        if i:
+            assert step.norm() > lr  # a step in span(u) was taken ...
+            assert (null @ step).norm() <= 1e-3 * step.norm()  # ... and none off it
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_sign_normalization_steps_by_lr_in_every_rotated_coordinate(batched):
+    """Each step moves every rotated coordinate by exactly lr (before decay): |sign| = 1."""
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(12, 8, dtype=torch.float64, generator=gen)
+    p = torch.nn.Parameter(w0.clone())
+    lr, wd = 1e-2, 0.01
+    opt = MLFOPSOAP([p], lr=lr, weight_decay=wd, normalization="sign", batched=batched)
+    for i in range(4):
+        before = p.detach().clone()
+        p.grad = torch.randn(12, 8, dtype=torch.float64, generator=gen)
+        opt.step()
+        if i == 0:  # the first step only collects statistics
+            assert torch.equal(p.detach(), before)
+            continue
+        state = opt.state[p]
+        # W' = (W - lr U)(1 - lr wd): undo the decay, rotate the step into the eigenbasis
+        step = before - p.detach() / (1 - lr * wd)
+        rotated = state["QL"].T @ step @ state["QR"]
+        assert torch.allclose(rotated.abs(), torch.full_like(rotated, lr), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize(("order", "method", "name"), DRIFT_CASES)
 def test_drift_gated_refresh_matches_reference(order, method, name, batched):
     """refresh_tolerance: a basis is refreshed only when Q^T F Q's off-diagonal share exceeds it.

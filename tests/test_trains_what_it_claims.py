@@ -50,6 +50,9 @@ ROWS: dict[str, tuple[int, dict[str, Any]]] = {
         2,
         dict(soap={"refresh_first": False, "first_step_update": False}),
     ),
+    # SPlus's sign normalisation in the eigenbasis
+    "dp2-sign": (2, dict(soap={"normalization": "sign"})),
+    "dp2-sign-per-block-engine": (2, dict(soap={"normalization": "sign", "batched": False})),
     "tp2-blockwise": (2, dict(tp=2)),
     "tp2-full": (2, dict(tp=2, tp_mode="full")),
     "tp2-sequence-parallel": (2, dict(tp=2, extra_config=(("sequence_parallel", True),))),

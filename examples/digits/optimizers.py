@@ -194,9 +194,13 @@ def build_mlfop(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
         step_size=spec.step_size,
         statistics_from=spec.statistics_from,
     )
-    if spec.soap_options:
-        mlfop = mlfop.with_soap(**dict(spec.soap_options))
-    return get_mlfop_optimizer(optimizer_config(spec), [model], mlfop, sharded=True)
+    options = dict(spec.soap_options)
+    block_size = options.pop("block_size", None)  # ShardingConfig's, not SOAPConfig's
+    if options:
+        mlfop = mlfop.with_soap(**options)
+    return get_mlfop_optimizer(
+        optimizer_config(spec), [model], mlfop, sharded=True, block_size=block_size
+    )
 
 
 def build_adamw(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:

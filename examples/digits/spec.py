@@ -53,13 +53,18 @@ BASE_COLUMNS = (
     "skipped_steps",
     "modality_cosine",
 )
-# Optimizer-phase wall times (max over ranks) and NVML samples (empty without a GPU).
+# Optimizer-phase wall times (max and min over ranks) and NVML samples (empty without a GPU).
 TELEMETRY_COLUMNS = (
     "time_fold_s",
     "time_update_s",
     "time_refresh_s",
     "time_communication_s",
     "time_diagnostics_s",
+    "time_fold_min_s",
+    "time_update_min_s",
+    "time_refresh_min_s",
+    "time_communication_min_s",
+    "time_diagnostics_min_s",
     "gpu/memory_used_gib",
     "gpu/utilization_pct",
     "gpu/power_w",

@@ -839,8 +839,9 @@ def _class_step(
         s_rot = cls.rotate(stats_grad) if stats_rot is None else stats_rot
     count = cfg.factor_count(cls.step, True)
     cls.step += 1
+    estimates = (st.get("DL"), st.get("DR")) if cls.initialized else (None, None)
     normalized, step_size = adam_moments_update(
-        st["exp_avg"], st["exp_avg_sq"], g_rot, s_rot, cls.step, lr, cfg
+        st["exp_avg"], st["exp_avg_sq"], g_rot, s_rot, cls.step, lr, cfg, estimates
     )
     direction = cls.unrotate(normalized)
     if eta is not None:

@@ -131,14 +131,19 @@ def adam_direction_(
     beta2: float,
     eps: float,
     nesterov: bool,
+    sign: bool = False,
 ) -> torch.Tensor:
-    """Adam's moments updated in place; m / (sqrt(v) + eps) (Nesterov: its look-ahead m)."""
+    """Adam's moments updated in place; m / (sqrt(v) + eps) (Nesterov: its look-ahead m).
+
+    ``sign``: sign(m) instead (v is still kept: the FOP metric reads it).
+    """
     exp_avg.mul_(beta1).add_(g_rot, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(s_rot, s_rot, value=1.0 - beta2)
+    m = g_rot.lerp(exp_avg, beta1) if nesterov else exp_avg  # beta1 m_t + (1 - beta1) g_t
+    if sign:
+        return m.sign()
     denominator = exp_avg_sq.sqrt().add_(eps)
-    if nesterov:  # beta1 m_t + (1 - beta1) g_t
-        return g_rot.lerp(exp_avg, beta1).div_(denominator)
-    return exp_avg / denominator
+    return m / denominator if not nesterov else m.div_(denominator)
 
 
 def _arg_key(x: object) -> Hashable:

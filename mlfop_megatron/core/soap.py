@@ -336,6 +336,35 @@ def reexpress_moment(
     return torch.matmul(m, torch.matmul(old.transpose(-2, -1), new))
 
 
+def signal_mask(
+    est_left: torch.Tensor | None, est_right: torch.Tensor | None
+) -> torch.Tensor | None:
+    """1 where a rotated coordinate lies off both factors' null spaces, else 0 ([..., r, c]).
+
+    ``est_left`` [..., r] and ``est_right`` [..., c] are diag(Q^T F Q) (one block or a stack;
+    None: that side is not rotated). An estimate at or below n eps 10 x its side's largest
+    (:func:`linalg.null_tolerance`, per block) marks a direction in which F, and so every
+    gradient of its window, has no energy: the rotated first moment holds only rounding
+    noise there. All zero (no statistics yet): no coordinate is masked.
+    """
+    sides = []
+    for est in (est_left, est_right):
+        if est is None:
+            sides.append(None)
+            continue
+        top = est.abs().amax(dim=-1, keepdim=True)
+        tol = top * (est.shape[-1] * torch.finfo(est.dtype).eps * 10.0)
+        sides.append(((est > tol) | (top == 0)).to(est.dtype))
+    left, right = sides
+    if left is None and right is None:
+        return None
+    if left is None:
+        return right.unsqueeze(-2)  # type: ignore[union-attr]
+    if right is None:
+        return left.unsqueeze(-1)
+    return left.unsqueeze(-1) * right.unsqueeze(-2)
+
+
 def adam_moments_update(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
@@ -344,19 +373,31 @@ def adam_moments_update(
     step: int,
     lr: float,
     cfg: SOAPConfig,
+    estimates: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> tuple[torch.Tensor, float]:
     """Adam's moment update in the eigenbasis (in place) and its normalised direction.
 
     The first moment takes ``g_rot``, the second ``s_rot`` (both rotated). Returns
     m / (sqrt(v) + eps) (with ``cfg.nesterov``, beta1 m + (1 - beta1) g_rot in place of m) in
     rotated coordinates and the step size: ``lr``, bias-corrected for
-    ``step`` (the step count after this update) when ``cfg.correct_bias``. The elementwise
-    chain is ``fused.adam_direction_`` (one compiled kernel with ``cfg.compile``).
+    ``step`` (the step count after this update) when ``cfg.correct_bias``. With
+    ``cfg.normalization == "sign"`` the direction is sign(m) (the same m) and the step size
+    ``lr``: a sign is the same for any positive rescaling of m, so bias correction is moot.
+    Its zeros: coordinates in a factor's null space (:func:`signal_mask` of ``estimates``,
+    the tracked DL, DR), where sign() would turn m's rounding noise into full steps.
+    The elementwise chain is ``fused.adam_direction_`` (one compiled kernel with
+    ``cfg.compile``).
     """
     beta1, beta2 = cfg.betas
+    sign = cfg.normalization == "sign"
     direction = fused.adam_direction(
-        cfg.compile, exp_avg, exp_avg_sq, g_rot, s_rot, beta1, beta2, cfg.eps, cfg.nesterov
+        cfg.compile, exp_avg, exp_avg_sq, g_rot, s_rot, beta1, beta2, cfg.eps, cfg.nesterov, sign
     )
+    if sign:
+        mask = signal_mask(*estimates)
+        if mask is not None:
+            direction.mul_(mask.to(direction.dtype))
+        return direction, lr
     weight = 1.0 - beta1**step  # the first moment's weights sum to this
     if cfg.nesterov:  # beta1 m_t + (1 - beta1) g_t, whose weights sum to 1 - beta1^(t+1)
         weight = 1.0 - beta1 ** (step + 1)
@@ -424,8 +465,9 @@ def soap_step(
     count = cfg.factor_count(state["step"], True)
     state["step"] += 1
     t = state["step"]
+    estimates = (state.get("DL"), state.get("DR")) if state["initialized"] else (None, None)
     normalized, step_size = adam_moments_update(
-        state["exp_avg"], state["exp_avg_sq"], g_rot, s_rot, t, lr, cfg
+        state["exp_avg"], state["exp_avg_sq"], g_rot, s_rot, t, lr, cfg, estimates
     )
     direction = unrotate(normalized, state)
     if direction_scale is not None:

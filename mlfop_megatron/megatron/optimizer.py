@@ -628,7 +628,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
 
         Folding diagnostics of the last window, the grad-group diagnostics of the last step
         when it was armed (``request_grad_diagnostics``) and phase timings since the last call
-        (max over ranks).
+        (``time_<phase>_s``: max over ranks; ``time_<phase>_min_s``: min over ranks, so the
+        spread shows which phase the ranks' skew comes from).
 
         Two all-reduces whatever the model size: one SUM of the packed additive totals
         (counters, per-fold sums, eta* sums, grad-group rows) and one MAX of the timings and
@@ -683,15 +684,19 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             host_timings = [t + engine.timings[k] for t, k in zip(host_timings, PHASES)]
             for k in PHASES:  # reset in place
                 engine.timings[k] = 0.0
-        timings = torch.cat([torch.tensor(host_timings, dtype=f64, device=dev), *maxes])
+        # ... and the fastest: the same MAX of the negated times (no second collective)
+        own = torch.tensor(host_timings, dtype=f64, device=dev)
+        timings = torch.cat([own, *maxes, -own])
         dist.all_reduce(timings, op=dist.ReduceOp.MAX)
         packed, timings = packed.cpu(), timings.cpu()
+        fastest = -timings[timings.numel() - len(PHASES) :]
         world = dist.get_world_size()
         # Counters are summed over ranks (a replicated engine counts its blocks on every rank).
         out: dict[str, Any] = {key: int(packed[i]) for i, key in enumerate(counter_keys)}
         at = len(counter_keys)
         out.update(skipped_steps=int(packed[at]) // world, levels=[])
         out.update({f"time_{k}_s": float(v) for k, v in zip(PHASES, timings)})
+        out.update({f"time_{k}_min_s": float(v) for k, v in zip(PHASES, fastest)})
         at, at_max = at + 1, len(PHASES)
         for fold in self.schedule.folds:
             chunk = packed[at : at + TOTALS_WIDTH]

@@ -41,6 +41,7 @@ class ReferenceSOAP:
         refresh_first=True,
         refresh_tolerance=0.03,
         nesterov=False,
+        normalization="adam",
     ):
         self.w = w.clone()
         self.kl, self.kl_damping = factor_estimator == "kl", kl_damping
@@ -53,6 +54,7 @@ class ReferenceSOAP:
         self.bs = betas[1] if shampoo_beta is None else shampoo_beta
         self.f, self.method = precondition_frequency, refresh_method
         self.correct_bias, self.nesterov = correct_bias, nesterov
+        self.sign = normalization == "sign"
         if w.ndim == 1:
             self.rows, self.cols = 1, w.shape[0]
             self.left, self.right = False, precondition_1d and w.shape[0] <= max_precond_dim
@@ -136,9 +138,24 @@ class ReferenceSOAP:
         if self.correct_bias:
             size = self.lr * math.sqrt(1 - self.b2**self.t) / weight
         w = self.w.reshape(self.rows, self.cols)
-        w = w - size * self.unrot(self.rot(m) / (self.v.sqrt() + self.eps))
+        if self.sign:  # SPlus: W - lr Q_L sign(Q_L^T M Q_R) Q_R^T (no second moment, no bias)
+            w = w - self.lr * self.unrot(torch.sign(self.rot(m)) * self._signal())
+        else:
+            w = w - size * self.unrot(self.rot(m) / (self.v.sqrt() + self.eps))
         w = w - self.lr * self.wd * w
         self.w = w.reshape(self.w.shape)
+
+    def _signal(self):
+        """1 off both factors' null spaces (diag(Q^T F Q) above n eps 10 x its largest), else 0."""
+        mask = torch.ones(self.rows, self.cols, dtype=self.w.dtype)
+        for f, q, used, dim in ((self.L, self.QL, self.left, 0), (self.R, self.QR, self.right, 1)):
+            if not used or q is None:
+                continue
+            lam = torch.diag(q.T @ f @ q)
+            tol = lam.abs().max() * (lam.numel() * torch.finfo(lam.dtype).eps * 10.0)
+            keep = ((lam > tol) | (lam.abs().max() == 0)).to(mask.dtype)
+            mask = mask * (keep[:, None] if dim == 0 else keep[None, :])
+        return mask
 
     def _inverse(self, f, q, used):
         """KL-Shampoo's F^-1 = Q diag(1/lam) Q^T, lam = diag(Q^T F Q) floored (I without a basis).

@@ -66,8 +66,9 @@ def reference_block_update(block: dict[str, Any], record: dict[str, Any]) -> tor
     """The block's value after one plain SOAP step (no first step, no basis change before it).
 
     g' = QL^T G QR; m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2; t = t + 1;
-    W <- W - lr sqrt(1-b2^t)/(1-b1^t) QL (m / (sqrt(v) + eps)) QR^T; W <- W - lr wd W,
-    on the fp32 main weights when the block keeps them.
+    W <- W - lr sqrt(1-b2^t)/(1-b1^t) QL (m / (sqrt(v) + eps)) QR^T (``normalization="sign"``:
+    W <- W - lr QL sign(m) QR^T, 0 in a factor's null space); W <- W - lr wd W, on the fp32
+    main weights when the block keeps them.
     """
     cfg, st = record["soap"], block["state"]
     b1, b2 = cfg["betas"]
@@ -83,8 +84,31 @@ def reference_block_update(block: dict[str, Any], record: dict[str, Any]) -> tor
     if cfg["correct_bias"]:
         size = record["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
     w = st["master"] if "master" in st else block["before"].to(dtype)
-    w = w - size * (ql @ (m / (v.sqrt() + cfg["eps"])) @ qr.T)
+    if cfg.get("normalization", "adam") == "sign":  # W <- W - lr QL (sign(m) * mask) QR^T
+        w = w - record["lr"] * (ql @ (torch.sign(m) * _signal_mask(g, st, cfg)) @ qr.T)
+    else:
+        w = w - size * (ql @ (m / (v.sqrt() + cfg["eps"])) @ qr.T)
     return w - record["lr"] * record["weight_decay"] * w
+
+
+def _signal_mask(g: torch.Tensor, st: dict[str, Any], cfg: dict[str, Any]) -> torch.Tensor:
+    """1 off the null spaces of the factors the step's gradient updated (Shampoo's EMA).
+
+    lam = diag(Q^T F' Q) with F' = b F + (1 - b) G G^T (left) or G^T G (right), formed densely;
+    a direction is null where lam <= n eps 10 x max lam (every step of this capture updates
+    the factors before its moments: the default order).
+    """
+    beta = cfg["betas"][1] if cfg["shampoo_beta"] is None else cfg["shampoo_beta"]
+    mask = torch.ones_like(g)
+    for key, basis, gram, dim in (("L", "QL", g @ g.T, 0), ("R", "QR", g.T @ g, 1)):
+        if basis not in st:
+            continue
+        q = st[basis]
+        lam = torch.diag(q.T @ (beta * st[key] + (1 - beta) * gram) @ q)
+        tol = lam.abs().max() * (lam.numel() * torch.finfo(lam.dtype).eps * 10.0)
+        keep = (lam > tol).to(g.dtype)
+        mask = mask * (keep[:, None] if dim == 0 else keep[None, :])
+    return mask
 
 
 def plain_step(block: dict[str, Any], record: dict[str, Any]) -> bool:
