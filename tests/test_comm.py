@@ -63,6 +63,41 @@ def test_owner_layout_segments_and_padding():
                 assert torch.equal(got, want) if rank != 1 else not got.any()
 
 
+def test_pack_and_unpack_are_one_foreach_copy_each():
+    """pack/unpack copy every block in one ``_foreach_copy_`` each, converting on the way.
+
+    No per-block copies, conversions or cat: one multi-tensor launch on CUDA and no transient
+    beyond the buffer (bf16 blocks packed into fp32 here).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    world = 2
+    assignments = [_assignment(world)]
+    layout = OwnerLayout(assignments, world)
+    tensors = [[g.to(torch.bfloat16) for g in _grads(0)]]
+    with Ops() as ops:
+        flat = layout.pack(tensors, torch.float32, tensors[0][0])
+    copies = [n for n in ops.names if "copy" in n or n in ("cat", "_to_copy")]
+    assert copies == ["_foreach_copy_"], ops.names
+    for rank in range(world):
+        seg = flat[rank * layout.segment_size : (rank + 1) * layout.segment_size]
+        for v, b in zip(layout.segment_views(seg, rank)[0], assignments[0].blocks_of(rank)):
+            assert torch.equal(v, block_view(tensors[0][b.param_index], b).float())
+    out = [[torch.zeros(s) for s in SHAPES]]
+    with Ops() as ops:
+        layout.unpack_into(flat, out, skip=0)
+    assert [n for n in ops.names if "copy" in n] == ["_foreach_copy_"], ops.names
+
+
 def _reduce_worker(spec):
     import torch.distributed as dist
 

@@ -191,35 +191,49 @@ class OwnerLayout:
     ) -> torch.Tensor:
         """Flat copy of the blocks of ``tensors[engine][param_index]`` in owner order.
 
-        Zero padded, in ``dtype`` on ``like``'s device (one cat). ``ranks``: the segments to
-        pack (default: all).
+        Zero padded, in ``dtype`` on ``like``'s device. ``ranks``: the segments to pack
+        (default: all). Written in place: one ``_foreach_copy_`` of every block (one
+        multi-tensor launch on CUDA, converting as it copies) into the one buffer, so the
+        transient is the buffer itself, not a converted copy of every block and their cat.
         """
         ranks = range(self.world_size) if ranks is None else ranks
-        pieces: list[torch.Tensor] = []
+        flat = torch.empty(sum(self.sizes[r] for r in ranks), dtype=dtype, device=like.device)
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        base = 0
         for rank in ranks:
             for slot in self.segments[rank]:
-                full = tensors[slot.engine][slot.block.param_index]
-                pieces.append(block_view(full, slot.block).reshape(-1).to(dtype))
-            pad = self.sizes[rank] - self.used[rank]
-            if pad:
-                pieces.append(like.new_zeros(pad, dtype=dtype))
-        if not pieces:
-            return like.new_zeros(0, dtype=dtype)
-        return torch.cat(pieces)
+                b = slot.block
+                srcs.append(block_view(tensors[slot.engine][b.param_index], b))
+                start = base + slot.offset
+                dsts.append(flat[start : start + b.numel].view(b.rows, b.cols))
+            flat[base + self.used[rank] : base + self.sizes[rank]].zero_()
+            base += self.sizes[rank]
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        return flat
 
     def unpack_into(
         self, flat: torch.Tensor, tensors: Sequence[Sequence[torch.Tensor]], skip: int
     ) -> None:
-        """Copy every rank's blocks but ``skip``'s from the whole buffer into ``tensors``."""
+        """Copy every rank's blocks but ``skip``'s from the whole buffer into ``tensors``.
+
+        One ``_foreach_copy_`` over the blocks (one multi-tensor launch on CUDA).
+        """
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
         for rank in range(self.world_size):
             if rank == skip:
                 continue
             base = self.starts[rank]
             for slot in self.segments[rank]:
                 b = slot.block
-                src = flat[base + slot.offset : base + slot.offset + b.numel]
-                dst = block_view(tensors[slot.engine][b.param_index], b)
-                dst.copy_(src.view(b.rows, b.cols))
+                srcs.append(
+                    flat[base + slot.offset : base + slot.offset + b.numel].view(b.rows, b.cols)
+                )
+                dsts.append(block_view(tensors[slot.engine][b.param_index], b))
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
 
     def segment_views(self, segment: torch.Tensor, rank: int) -> list[list[torch.Tensor]]:
         """Rank ``rank``'s blocks inside its flat segment, per engine, as (rows, cols) views."""
