@@ -146,13 +146,13 @@ class ReferenceSOAP:
         self.w = w.reshape(self.w.shape)
 
     def _signal(self):
-        """1 off both factors' null spaces (diag(Q^T F Q) above n eps 10 x its largest), else 0."""
+        """1 off both factors' null spaces (diag(Q^T F Q) above 4 u x its largest), else 0."""
         mask = torch.ones(self.rows, self.cols, dtype=self.w.dtype)
         for f, q, used, dim in ((self.L, self.QL, self.left, 0), (self.R, self.QR, self.right, 1)):
             if not used or q is None:
                 continue
             lam = torch.diag(q.T @ f @ q)
-            tol = lam.abs().max() * (lam.numel() * torch.finfo(lam.dtype).eps * 10.0)
+            tol = lam.abs().max() * (4.0 * torch.finfo(lam.dtype).eps)
             keep = ((lam > tol) | (lam.abs().max() == 0)).to(mask.dtype)
             mask = mask * (keep[:, None] if dim == 0 else keep[None, :])
         return mask

@@ -95,7 +95,7 @@ def _signal_mask(g: torch.Tensor, st: dict[str, Any], cfg: dict[str, Any]) -> to
     """1 off the null spaces of the factors the step's gradient updated (Shampoo's EMA).
 
     lam = diag(Q^T F' Q) with F' = b F + (1 - b) G G^T (left) or G^T G (right), formed densely;
-    a direction is null where lam <= n eps 10 x max lam (every step of this capture updates
+    a direction is null where lam <= 4 u x max lam (every step of this capture updates
     the factors before its moments: the default order).
     """
     beta = cfg["betas"][1] if cfg["shampoo_beta"] is None else cfg["shampoo_beta"]
@@ -105,7 +105,7 @@ def _signal_mask(g: torch.Tensor, st: dict[str, Any], cfg: dict[str, Any]) -> to
             continue
         q = st[basis]
         lam = torch.diag(q.T @ (beta * st[key] + (1 - beta) * gram) @ q)
-        tol = lam.abs().max() * (lam.numel() * torch.finfo(lam.dtype).eps * 10.0)
+        tol = lam.abs().max() * (4.0 * torch.finfo(lam.dtype).eps)
         keep = (lam > tol).to(g.dtype)
         mask = mask * (keep[:, None] if dim == 0 else keep[None, :])
     return mask
