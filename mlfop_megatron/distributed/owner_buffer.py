@@ -197,7 +197,7 @@ class OwnerLayout:
         transient is the buffer itself, not a converted copy of every block and their cat.
         """
         ranks = range(self.world_size) if ranks is None else ranks
-        flat = torch.empty(sum(self.sizes[r] for r in ranks), dtype=dtype, device=like.device)
+        flat = like.new_empty(sum(self.sizes[r] for r in ranks), dtype=dtype)
         dsts: list[torch.Tensor] = []
         srcs: list[torch.Tensor] = []
         base = 0

@@ -707,7 +707,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
                     summarize_fold(fold.level, chunk, extremes, fold.n_z, fold.n_h, fold.index)
                 )
         if with_eta:
-            (total, count), (high, low) = packed[at : at + 2].tolist(), timings[at_max:].tolist()
+            total, count = packed[at : at + 2].tolist()
+            high, low = timings[at_max : at_max + 2].tolist()
             at += 2
             if count > 0:
                 out.update(eta_mean=total / count, eta_max=high, eta_min=-low)
