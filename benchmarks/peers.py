@@ -103,6 +103,33 @@ NOTES = [
     "these changes) 0.4594 (746): equal "
     "within a seed's noise, so refreshing more does not close it.",
     "",
+    "The lr grid gained 3e-3 at batch 128 (2026-12-07, later), for the peers and the default "
+    "alike: on seed 0 Megatron's Muon improves there (by-modality 0.441 against 0.454 at 2e-3; "
+    "mixed 0.436 against 0.449 at 5e-3) and takes it, so the batch-128 targets are now its "
+    "held-out 0.439 and 0.441; Megatron's SOAP (0.464, 0.483) and our default (0.479, 0.471; "
+    "with its own 2e-3 and 1e-2: 0.499, 0.479 and 0.497, 0.466) keep 5e-3. Muon's 1e-3 "
+    "(0.550, by-modality) is worse than its 2e-3.",
+    "",
+    "Where the batch-128 gap lies, and what did not close it (2026-12-07, later; seed 0, "
+    "by-modality batch 128): it is the image loss. Muon ends at 0.842-0.856 image and "
+    "0.040-0.052 text (lr 3e-3, 2e-3), our default at 0.887 image and 0.033 text: ours learns "
+    "the text faster and the images slower, at every lr of the grid (its best image loss, "
+    "0.887, is above Muon's worst). Single changes tried there at lr 5e-3, none better than "
+    "the default's 0.460: beta2 0.99 (0.470), Kronecker-factor EMA 0.99 (0.469), blocks of "
+    "128 (0.479) or 256 (0.468) instead of whole matrices. SPlus's instant sign normalisation "
+    "in the eigenbasis (`normalization=\"sign\"`, row `+sign`; Frans et al. 2025, no second "
+    "moment in the step, which equalises the step over eigen-directions as Muon's "
+    "orthogonalisation does over singular ones): its own grid 1e-3..5e-3 on seed 0 chose 2e-3 "
+    "(by-modality, 0.456) and 3e-3 (mixed, 0.460); held out (seeds 1-3) 0.466 and 0.470 "
+    "against the default's 0.466 and 0.459: no gain, not a default. A first probe without the "
+    "null mask gave 0.448 on seed 0 (its seed-0 grid is kept in "
+    "runs/peers/probe-sign-unmasked.jsonl, outside the table). The mask matters for sign "
+    "(rounding noise in a null direction would become a full step; tests/test_soap_reference.py) "
+    "but must sit at the estimates' own rounding: a direction counted null at the refresh's "
+    "n eps 10 x the largest estimate gave 0.729, at 4 sqrt(n) u 0.497, at 4 u (shipped) "
+    "0.455, at a u^2 scale 0.454, none 0.448; a one-entry change moves a seed by ~0.005, so "
+    "the last three are one result.",
+    "",
     "Caveat, recorded as it happened: `soap-f1+first+order` and `mlfop-f1+first+order` chose "
     "their lr on seed 0 with the code of the time (0.547 and 0.549 there), and their held-out "
     "seeds ran after a null-space mask of the rotated gradient was added (later removed): with "
