@@ -121,7 +121,7 @@ NOTES = [
     "0.887, is above Muon's worst). Single changes tried there at lr 5e-3, none better than "
     "the default's 0.460: beta2 0.99 (0.470), Kronecker-factor EMA 0.99 (0.469), blocks of "
     "128 (0.479) or 256 (0.468) instead of whole matrices. SPlus's instant sign normalisation "
-    "in the eigenbasis (`normalization=\"sign\"`, row `+sign`; Frans et al. 2025, no second "
+    'in the eigenbasis (`normalization="sign"`, row `+sign`; Frans et al. 2025, no second '
     "moment in the step, which equalises the step over eigen-directions as Muon's "
     "orthogonalisation does over singular ones): its own grid 1e-3..5e-3 on seed 0 chose 2e-3 "
     "(by-modality, 0.456) and 3e-3 (mixed, 0.460); held out (seeds 1-3) 0.466 and 0.470 "

@@ -357,7 +357,7 @@ def signal_mask(
     seed 0) masking at the refresh's test gave 0.729, at 4 sqrt(n) u 0.497, at 4 u 0.455,
     and no mask 0.448. All zero (no statistics yet): no coordinate is masked.
     """
-    sides = []
+    sides: list[torch.Tensor | None] = []
     for est in (est_left, est_right):
         if est is None:
             sides.append(None)
@@ -369,7 +369,8 @@ def signal_mask(
     if left is None and right is None:
         return None
     if left is None:
-        return right.unsqueeze(-2)  # type: ignore[union-attr]
+        assert right is not None
+        return right.unsqueeze(-2)
     if right is None:
         return left.unsqueeze(-1)
     return left.unsqueeze(-1) * right.unsqueeze(-2)
