@@ -26,8 +26,9 @@ def option(default: Any, help: str, **metadata: Any) -> Any:
 
 NO_FLAG: dict[str, Any] = {"flag": None}
 
-# Basis refresh: one power-iteration step + QR, or a full eigendecomposition.
+# The step's normalisation in the eigenbasis: Adam's m / (sqrt(v) + eps), or sign(m) (SPlus).
 NORMALIZATIONS = ("adam", "sign")
+# Basis refresh: one power-iteration step + QR, or a full eigendecomposition.
 REFRESH_METHODS = ("qr", "eigh")
 # Kronecker factor estimation: Shampoo's second moments, or KL-Shampoo's (Lin et al. 2025).
 FACTOR_ESTIMATORS = ("shampoo", "kl")

@@ -337,14 +337,14 @@ def reexpress_moment(
 
 
 # A factor's eigen-direction whose estimate is at or below this many u x the largest is null
-# (sign normalisation takes no step in it): see signal_mask.
+# (sign normalisation takes no step in it): see zero_null_directions_.
 SIGNAL_FLOOR = 4.0
 
 
-def signal_mask(
-    est_left: torch.Tensor | None, est_right: torch.Tensor | None
-) -> torch.Tensor | None:
-    """1 where a rotated coordinate lies off both factors' null spaces, else 0 ([..., r, c]).
+def zero_null_directions_(
+    direction: torch.Tensor, est_left: torch.Tensor | None, est_right: torch.Tensor | None
+) -> None:
+    """Zero, in place, the rotated coordinates [..., r, c] that lie in a factor's null space.
 
     ``est_left`` [..., r] and ``est_right`` [..., c] are diag(Q^T F Q) (one block or a stack;
     None: that side is not rotated). An estimate at or below ``SIGNAL_FLOOR`` u x its side's
@@ -355,25 +355,16 @@ def signal_mask(
     u^2), not the refresh's null test (n eps 10 x the largest: 6e-4 at n = 512 in fp32),
     which would silence real directions: on the digits main job (by-modality, batch 128,
     seed 0) masking at the refresh's test gave 0.729, at 4 sqrt(n) u 0.497, at 4 u 0.455,
-    and no mask 0.448. All zero (no statistics yet): no coordinate is masked.
+    and no mask 0.448. All zero (no statistics yet): no coordinate is masked. Each side
+    multiplies by its 0/1 row or column, broadcast: no [..., r, c] mask is formed.
     """
-    sides: list[torch.Tensor | None] = []
-    for est in (est_left, est_right):
+    for est, dim in ((est_left, -1), (est_right, -2)):
         if est is None:
-            sides.append(None)
             continue
         top = est.abs().amax(dim=-1, keepdim=True)
         tol = top * (SIGNAL_FLOOR * torch.finfo(est.dtype).eps)
-        sides.append(((est > tol) | (top == 0)).to(est.dtype))
-    left, right = sides
-    if left is None and right is None:
-        return None
-    if left is None:
-        assert right is not None
-        return right.unsqueeze(-2)
-    if right is None:
-        return left.unsqueeze(-1)
-    return left.unsqueeze(-1) * right.unsqueeze(-2)
+        kept = (est > tol) | (top == 0)
+        direction.mul_(kept.to(direction.dtype).unsqueeze(dim))
 
 
 def adam_moments_update(
@@ -394,8 +385,9 @@ def adam_moments_update(
     ``step`` (the step count after this update) when ``cfg.correct_bias``. With
     ``cfg.normalization == "sign"`` the direction is sign(m) (the same m) and the step size
     ``lr``: a sign is the same for any positive rescaling of m, so bias correction is moot.
-    Its zeros: coordinates in a factor's null space (:func:`signal_mask` of ``estimates``,
-    the tracked DL, DR), where sign() would turn m's rounding noise into full steps.
+    Its zeros: coordinates in a factor's null space (:func:`zero_null_directions_` of
+    ``estimates``, the tracked DL, DR), where sign() would turn m's rounding noise into full
+    steps.
     The elementwise chain is ``fused.adam_direction_`` (one compiled kernel with
     ``cfg.compile``).
     """
@@ -405,9 +397,7 @@ def adam_moments_update(
         cfg.compile, exp_avg, exp_avg_sq, g_rot, s_rot, beta1, beta2, cfg.eps, cfg.nesterov, sign
     )
     if sign:
-        mask = signal_mask(*estimates)
-        if mask is not None:
-            direction.mul_(mask.to(direction.dtype))
+        zero_null_directions_(direction, *estimates)
         return direction, lr
     weight = 1.0 - beta1**step  # the first moment's weights sum to this
     if cfg.nesterov:  # beta1 m_t + (1 - beta1) g_t, whose weights sum to 1 - beta1^(t+1)

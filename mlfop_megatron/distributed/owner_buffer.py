@@ -202,12 +202,11 @@ class OwnerLayout:
         srcs: list[torch.Tensor] = []
         base = 0
         for rank in ranks:
-            for slot in self.segments[rank]:
-                b = slot.block
-                srcs.append(block_view(tensors[slot.engine][b.param_index], b))
-                start = base + slot.offset
-                dsts.append(flat[start : start + b.numel].view(b.rows, b.cols))
-            flat[base + self.used[rank] : base + self.sizes[rank]].zero_()
+            segment = flat[base : base + self.sizes[rank]]
+            for slot, view in self._slot_views(segment, rank):
+                srcs.append(block_view(tensors[slot.engine][slot.block.param_index], slot.block))
+                dsts.append(view)
+            segment[self.used[rank] :].zero_()
             base += self.sizes[rank]
         if dsts:
             torch._foreach_copy_(dsts, srcs)
@@ -225,24 +224,30 @@ class OwnerLayout:
         for rank in range(self.world_size):
             if rank == skip:
                 continue
-            base = self.starts[rank]
-            for slot in self.segments[rank]:
-                b = slot.block
-                srcs.append(
-                    flat[base + slot.offset : base + slot.offset + b.numel].view(b.rows, b.cols)
-                )
-                dsts.append(block_view(tensors[slot.engine][b.param_index], b))
+            segment = flat[self.starts[rank] : self.starts[rank] + self.sizes[rank]]
+            for slot, view in self._slot_views(segment, rank):
+                srcs.append(view)
+                dsts.append(block_view(tensors[slot.engine][slot.block.param_index], slot.block))
         if dsts:
             torch._foreach_copy_(dsts, srcs)
+
+    def _slot_views(self, segment: torch.Tensor, rank: int) -> list[tuple[Slot, torch.Tensor]]:
+        """Rank ``rank``'s slots and their blocks inside its flat segment, as (rows, cols) views."""
+        return [
+            (
+                slot,
+                segment[slot.offset : slot.offset + slot.block.numel].view(
+                    slot.block.rows, slot.block.cols
+                ),
+            )
+            for slot in self.segments[rank]
+        ]
 
     def segment_views(self, segment: torch.Tensor, rank: int) -> list[list[torch.Tensor]]:
         """Rank ``rank``'s blocks inside its flat segment, per engine, as (rows, cols) views."""
         out: list[list[torch.Tensor]] = [[] for _ in range(self.num_engines)]
-        for slot in self.segments[rank]:
-            b = slot.block
-            out[slot.engine].append(
-                segment[slot.offset : slot.offset + b.numel].view(b.rows, b.cols)
-            )
+        for slot, view in self._slot_views(segment, rank):
+            out[slot.engine].append(view)
         return out
 
 

@@ -18,6 +18,22 @@ def eig_desc(f: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigh(f)[1].flip(1)
 
 
+def signal_mask(lam_left, lam_right, rows, cols, dtype):
+    """Dense [rows, cols] 0/1: off both factors' null spaces (lam above 4 u x its largest).
+
+    ``lam_left``/``lam_right``: diag(Q^T F Q) of each side, None where a side is not rotated.
+    A side whose estimates are all zero (no statistics yet) masks nothing.
+    """
+    mask = torch.ones(rows, cols, dtype=dtype)
+    for lam, dim in ((lam_left, 0), (lam_right, 1)):
+        if lam is None:
+            continue
+        top = lam.abs().max()
+        keep = ((lam > top * (4.0 * torch.finfo(lam.dtype).eps)) | (top == 0)).to(dtype)
+        mask = mask * (keep[:, None] if dim == 0 else keep[None, :])
+    return mask
+
+
 class ReferenceSOAP:
     """SOAP on one parameter, straight from the equations (1-D params: plain AdamW)."""
 
@@ -146,16 +162,12 @@ class ReferenceSOAP:
         self.w = w.reshape(self.w.shape)
 
     def _signal(self):
-        """1 off both factors' null spaces (diag(Q^T F Q) above 4 u x its largest), else 0."""
-        mask = torch.ones(self.rows, self.cols, dtype=self.w.dtype)
-        for f, q, used, dim in ((self.L, self.QL, self.left, 0), (self.R, self.QR, self.right, 1)):
-            if not used or q is None:
-                continue
-            lam = torch.diag(q.T @ f @ q)
-            tol = lam.abs().max() * (4.0 * torch.finfo(lam.dtype).eps)
-            keep = ((lam > tol) | (lam.abs().max() == 0)).to(mask.dtype)
-            mask = mask * (keep[:, None] if dim == 0 else keep[None, :])
-        return mask
+        """1 off both factors' null spaces (:func:`signal_mask` of diag(Q^T F Q)), else 0."""
+        lams = [
+            torch.diag(q.T @ f @ q) if used and q is not None else None
+            for f, q, used in ((self.L, self.QL, self.left), (self.R, self.QR, self.right))
+        ]
+        return signal_mask(*lams, self.rows, self.cols, self.w.dtype)
 
     def _inverse(self, f, q, used):
         """KL-Shampoo's F^-1 = Q diag(1/lam) Q^T, lam = diag(Q^T F Q) floored (I without a basis).

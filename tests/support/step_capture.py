@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from tests.support.reference_soap import signal_mask
+
 
 def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in state.items()}
@@ -95,20 +97,17 @@ def _signal_mask(g: torch.Tensor, st: dict[str, Any], cfg: dict[str, Any]) -> to
     """1 off the null spaces of the factors the step's gradient updated (Shampoo's EMA).
 
     lam = diag(Q^T F' Q) with F' = b F + (1 - b) G G^T (left) or G^T G (right), formed densely;
-    a direction is null where lam <= 4 u x max lam (every step of this capture updates
-    the factors before its moments: the default order).
+    a direction is null where lam <= 4 u x max lam (``reference_soap.signal_mask``; every step
+    of this capture updates the factors before its moments: the default order).
     """
     beta = cfg["betas"][1] if cfg["shampoo_beta"] is None else cfg["shampoo_beta"]
-    mask = torch.ones_like(g)
-    for key, basis, gram, dim in (("L", "QL", g @ g.T, 0), ("R", "QR", g.T @ g, 1)):
-        if basis not in st:
-            continue
-        q = st[basis]
-        lam = torch.diag(q.T @ (beta * st[key] + (1 - beta) * gram) @ q)
-        tol = lam.abs().max() * (4.0 * torch.finfo(lam.dtype).eps)
-        keep = (lam > tol).to(g.dtype)
-        mask = mask * (keep[:, None] if dim == 0 else keep[None, :])
-    return mask
+    lams = [
+        torch.diag(st[basis].T @ (beta * st[key] + (1 - beta) * gram) @ st[basis])
+        if basis in st
+        else None
+        for key, basis, gram in (("L", "QL", g @ g.T), ("R", "QR", g.T @ g))
+    ]
+    return signal_mask(*lams, g.shape[0], g.shape[1], g.dtype)
 
 
 def plain_step(block: dict[str, Any], record: dict[str, Any]) -> bool:
