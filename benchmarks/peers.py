@@ -154,6 +154,7 @@ REFERENCE: dict[str, Any] = {
     "refresh_tolerance": 0.0,
     "refresh_balance": False,  # (acts with a tolerance only) not in the reference
     "normalization": "adam",
+    "shampoo_beta": None,  # the factors' EMA is beta2's
 }
 F1 = {**REFERENCE, "precondition_frequency": 1}
 MEGATRON_LIKE = {
@@ -170,6 +171,8 @@ GATED = {**F1, "refresh_first": True, "refresh_tolerance": 3e-2}
 GATED_B09 = {**GATED, "betas": (0.9, 0.95)}
 # ... with the gate's refreshes balanced over the ranks: the default since 2026-12-07 (later)
 BALANCED = {**GATED_B09, "refresh_balance": True}
+# ... with the Kronecker factors' EMA at 0.8 instead of beta2's 0.95 (2026-12-07, session 6)
+SB08 = {**BALANCED, "shampoo_beta": 0.8}
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "megatron-soap": ("megatron-soap", {}),
@@ -200,6 +203,23 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     # second-moment or factor average in the eigenbasis
     "soap-f1+order+tol3e-2+b0.9+bal+b2-0.99": ("soap", {**BALANCED, "betas": (0.9, 0.99)}),
     "soap-f1+order+tol3e-2+b0.9+bal+sb0.99": ("soap", {**BALANCED, "shampoo_beta": 0.99}),
+    # a shorter Kronecker-factor EMA (beta2 0.95 before): seed 0, by-modality, both batches
+    "soap-f1+order+tol3e-2+b0.9+bal+sb0.9": ("soap", {**BALANCED, "shampoo_beta": 0.9}),
+    "soap-f1+order+tol3e-2+b0.9+bal+sb0.8": ("soap", SB08),
+    "soap-f1+order+b0.9+sb0.8": (
+        "soap",
+        {**F1, "refresh_first": True, "betas": (0.9, 0.95), "shampoo_beta": 0.8},
+    ),
+    "soap-f1+order+tol1e-1+b0.9+bal+sb0.8": (
+        "soap",
+        {**BALANCED, "shampoo_beta": 0.8, "refresh_tolerance": 1e-1},
+    ),
+    "soap-f1+order+tol3e-1+b0.9+bal+sb0.8": (
+        "soap",
+        {**BALANCED, "shampoo_beta": 0.8, "refresh_tolerance": 3e-1},
+    ),
+    "soap-f1+order+tol3e-2+b0.9+bal+sb0.6": ("soap", {**BALANCED, "shampoo_beta": 0.6}),
+    "mlfop-f1+order+tol3e-2+b0.9+bal+sb0.8": ("mlfop", SB08),
     # SPlus's instant sign normalisation in the eigenbasis instead of Adam's (2026-12-07)
     "soap-f1+order+tol3e-2+b0.9+bal+sign": ("soap", {**BALANCED, "normalization": "sign"}),
     "mlfop-f1+order+tol3e-2+b0.9+bal+sign": ("mlfop", {**BALANCED, "normalization": "sign"}),

@@ -84,6 +84,7 @@ REFERENCE_SOAP: dict[str, Any] = {
     "precondition_frequency": 10,
     "refresh_first": False,
     "refresh_tolerance": 0.0,
+    "shampoo_beta": None,  # the factors' EMA is beta2's
 }
 
 
@@ -96,15 +97,16 @@ class SOAPConfig:
     the step's gradient is rotated by bases whose factors include it, as Megatron 0.19's SOAP
     does; a basis is refreshed only where it has drifted (``refresh_tolerance``: the share of
     Q^T F Q off its diagonal above 0.03, read from the tracked estimates diag(Q^T F Q): no
-    product with a factor on a step that refreshes nothing), which on the digits main job
-    kept the quality of refreshing every step with a quarter of the refreshes; beta1 is 0.9
-    (the reference: 0.95; chosen on seed 0 of the batch-128 cell, 0.459 against 0.475).
-    There (``benchmarks/peers.py``, three held-out seeds) these defaults took the final
-    objective at batch 32 from 0.80 (reference defaults) to 0.56-0.57, past Megatron's SOAP
-    (0.60-0.63) and Muon (0.60-0.62); at batch 128 Muon stays ahead (0.45 against 0.46-0.47).
-    On DP-sharded blocks the gate's refreshes are balanced over the owner ranks
-    (``refresh_balance``), so a step waits for the ranks' mean refresh work. The
-    first step still only collects statistics: updating from it (Megatron's choice,
+    product with a factor on a step that refreshes nothing); beta1 is 0.9 (the reference:
+    0.95); the Kronecker factors' EMA is 0.8 (``shampoo_beta``; the reference: beta2's 0.95),
+    chosen on seed 0 of the by-modality layout over 0.6/0.8/0.9/0.95/0.99, so the bases
+    follow the current gradient geometry more closely. On the digits main job
+    (``benchmarks/peers.py``, held-out seeds 1-3) these defaults end at 0.52 (batch 32, both
+    layouts) and 0.44 (batch 128), against Megatron's Muon at 0.57-0.58 and 0.44 and its SOAP
+    at 0.60-0.63 and 0.46-0.47; they take about 1.4x Muon's CPU step time there, mostly the
+    refreshes. On DP-sharded blocks the gate's refreshes are balanced over the owner ranks
+    (``refresh_balance``), so a step waits for the ranks' mean refresh work. The first step
+    still only collects statistics: updating from it (Megatron's choice,
     ``first_step_update``) made the refresh-first order diverge on small batches.
     """
 
@@ -122,7 +124,7 @@ class SOAPConfig:
         },
     )
     shampoo_beta: float | None = option(
-        None, "EMA coefficient of the Kronecker factors (default: --mlfop-beta2)"
+        0.8, "EMA coefficient of the Kronecker factors (none: --mlfop-beta2's; the reference)"
     )
     eps: float = option(1e-8, "denominator epsilon of the Adam step in the eigenbasis")
     weight_decay: float = field(default=0.01, metadata=NO_FLAG)  # Megatron's --weight-decay

@@ -65,10 +65,10 @@ def test_optimizer_front_end_validates():
         MLFOPSOAP([{"params": [p], "weight_decay": -1.0}])
 
 
-def test_defaults_follow_soap_reference_but_the_measured_four():
-    """The reference's defaults but four: beta1 0.9; refresh checked every step, first, by drift.
+def test_defaults_follow_soap_reference_but_the_measured_five():
+    """The reference's defaults but five: beta1, factor EMA, refresh each step, first, gated.
 
-    Those four were chosen by measurement (benchmarks/peers.py); REFERENCE_SOAP restores them.
+    Those five were chosen by measurement (benchmarks/peers.py); REFERENCE_SOAP restores them.
     """
     from mlfop_megatron.config import REFERENCE_SOAP
 
@@ -80,7 +80,8 @@ def test_defaults_follow_soap_reference_but_the_measured_four():
     assert reference.precondition_frequency == 10 and not reference.refresh_first
     assert cfg.refresh_tolerance == 0.03 and reference.refresh_tolerance == 0.0
     assert reference.betas == (0.95, 0.95) and not cfg.nesterov
-    assert cfg.factor_beta == 0.95 and cfg.correct_bias and not cfg.precondition_1d
+    assert cfg.factor_beta == 0.8 and reference.factor_beta == 0.95
+    assert cfg.correct_bias and not cfg.precondition_1d
 
 
 def test_folding_is_off_by_default():

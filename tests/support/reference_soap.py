@@ -42,7 +42,7 @@ class ReferenceSOAP:
         w,
         lr=3e-3,
         betas=(0.9, 0.95),
-        shampoo_beta=None,
+        shampoo_beta=0.8,
         eps=1e-8,
         weight_decay=0.01,
         precondition_frequency=1,
