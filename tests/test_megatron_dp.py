@@ -53,7 +53,7 @@ def test_dp2_sharded_equals_replicated_bitwise_fp32(enabled):
 def test_dp2_drift_gated_refresh_sharded_equals_replicated_bitwise_fp32():
     """refresh_tolerance decides per block from its state: owners decide as replicas do.
 
-    Bases checked every step, refreshed where drifted (the package's default gate); some
+    Bases checked every step, refreshed where drifted (the package's gate, at 0.1); some
     checks refresh and some keep the basis, the same ones on both layouts (a replicated
     engine counts every block on both ranks: twice the sharded totals), and the weights agree
     bitwise.
@@ -63,7 +63,9 @@ def test_dp2_drift_gated_refresh_sharded_equals_replicated_bitwise_fp32():
         microbatches=4,
         global_micro=2,
         precondition_frequency=1,
-        soap={"refresh_tolerance": 0.03},
+        # 0.1, not the default 0.03: the default factors' EMA (0.8) drifts this tiny model's
+        # bases past 0.03 at every check of its first 10 steps; 0.1 refreshes some, keeps some
+        soap={"refresh_tolerance": 0.1},
     )
     sharded = run_distributed(run_tiny_gpt, 2, dict(base, sharded=True))
     replicated = run_distributed(run_tiny_gpt, 2, dict(base, sharded=False))
