@@ -180,6 +180,7 @@ REFERENCE: dict[str, Any] = {
     "refresh_balance": False,  # (acts with a tolerance only) not in the reference
     "normalization": "adam",
     "shampoo_beta": None,  # the factors' EMA is beta2's
+    "update_rms": 0.0,  # Adam's own update scale
 }
 F1 = {**REFERENCE, "precondition_frequency": 1}
 MEGATRON_LIKE = {
@@ -245,6 +246,8 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "soap-f1+order+tol3e-2+b0.9+bal+sb0.6": ("soap", {**BALANCED, "shampoo_beta": 0.6}),
     "mlfop-f1+order+tol3e-2+b0.9+bal+sb0.8": ("mlfop", SB08),
+    # ... with Muon's update scale: each block's update at RMS 1 (update_rms)
+    "soap-f1+order+tol3e-2+b0.9+bal+sb0.8+rms": ("soap", {**SB08, "update_rms": 1.0}),
     # SPlus's instant sign normalisation in the eigenbasis instead of Adam's (2026-12-07)
     "soap-f1+order+tol3e-2+b0.9+bal+sign": ("soap", {**BALANCED, "normalization": "sign"}),
     "mlfop-f1+order+tol3e-2+b0.9+bal+sign": ("mlfop", {**BALANCED, "normalization": "sign"}),

@@ -157,6 +157,11 @@ class SOAPConfig:
         "sign(m) at the step size lr (SPlus's instant sign normalisation, Frans et al. 2025)",
         choices=NORMALIZATIONS,
     )
+    update_rms: float = option(
+        0.0,
+        "scale each block's preconditioned update to this RMS before the step size lr, as "
+        "Muon's spectral scale makes an orthogonal update's RMS 1 (0: Adam's own scale)",
+    )
     nesterov: bool = option(
         False,
         "Nesterov's momentum in the eigenbasis (Dozat 2016, NAdam; as Muon's default): the step "
@@ -226,6 +231,9 @@ class SOAPConfig:
         if self.shampoo_beta is not None:
             check_range("shampoo_beta", self.shampoo_beta, 0.0, 1.0, high_open=True)
         check_range("eps", self.eps, 0.0, low_open=True)
+        check_range("update_rms", self.update_rms, 0.0)
+        if math.isinf(self.update_rms):
+            _fail("update_rms", "a finite number >= 0 (0: off)", self.update_rms)
         check_range("weight_decay", self.weight_decay, 0.0)
         check_int("precondition_frequency", self.precondition_frequency, 1)
         check_range("refresh_tolerance", self.refresh_tolerance, 0.0, 1.0, high_open=True)

@@ -242,6 +242,68 @@ def test_sign_normalization_steps_by_lr_in_every_rotated_coordinate(batched):
 
 
 @pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("normalization", ["adam", "sign"])
+@pytest.mark.parametrize(
+    ("order", "name"),
+    [(o, n) for o in ("default", "reference_order") for n in ("square", "dim_gt_max", "vector")]
+    + [("reference_order", "tall"), ("default", "merged_3d")],  # tall: see REFERENCE_ORDER
+)
+def test_update_rms_matches_reference(name, order, normalization, batched):
+    """update_rms: W -= lr c U / rms(U), U the preconditioned update in the weights' coordinates.
+
+    fp64 over 35 steps against the dense reference, which takes the RMS of the unrotated
+    update (the engines take it in the eigenbasis: equal, as the bases are orthogonal), both
+    engines, both orders, Adam's and sign normalisation; it must differ from the unscaled step.
+    """
+    opts = dict(lr=1e-2, max_precond_dim=32, betas=(0.9, 0.95), normalization=normalization)
+    if order == "reference_order":
+        opts.update(REFERENCE_ORDER, precondition_frequency=5)
+    got, want, _ = run_pair(SHAPES[name], update_rms=0.7, batched=batched, **opts)
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert rel < 1e-5, f"{order}/{name}: max relative error {rel:.2e}"
+    plain, _, _ = run_pair(SHAPES[name], batched=batched, **opts)
+    assert (plain - got).abs().max() > 1e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_update_rms_sets_each_blocks_step_rms(batched):
+    """Each step moves each block by RMS exactly lr c before decay, whatever its gradient scale.
+
+    Two matrices of one shape class (stacked together in the batched engine) with gradients
+    1e4 apart in scale: Adam's step would already be scale-free per coordinate, but their
+    RMS would differ with the moments; scaled, both step by lr c.
+    """
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(10, 6), (10, 6), (7,)]
+    params = [
+        torch.nn.Parameter(torch.randn(s, dtype=torch.float64, generator=gen)) for s in shapes
+    ]
+    lr, wd, c = 1e-2, 0.01, 0.3
+    opt = MLFOPSOAP(params, lr=lr, weight_decay=wd, update_rms=c, batched=batched)
+    for i in range(5):
+        before = [p.detach().clone() for p in params]
+        for p, scale in zip(params, (1e-3, 10.0, 1.0)):
+            p.grad = scale * torch.randn(p.shape, dtype=torch.float64, generator=gen)
+        opt.step()
+        if i == 0:  # the first step only collects statistics
+            continue
+        for p, b in zip(params, before):
+            step = b - p.detach() / (1 - lr * wd)
+            rms = step.pow(2).mean().sqrt().item()
+            assert rms == pytest.approx(lr * c, rel=1e-12), (p.shape, rms)
+
+
+def test_update_rms_is_validated():
+    """A negative or infinite update_rms is refused naming the option."""
+    from mlfop_megatron.config import SOAPConfig
+
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="update_rms"):
+            SOAPConfig(update_rms=bad)
+    assert SOAPConfig(update_rms=0.0).update_rms == 0.0
+
+
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize(("order", "method", "name"), DRIFT_CASES)
 def test_drift_gated_refresh_matches_reference(order, method, name, batched):
     """refresh_tolerance: a basis is refreshed only when Q^T F Q's off-diagonal share exceeds it.

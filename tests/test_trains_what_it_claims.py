@@ -53,6 +53,9 @@ ROWS: dict[str, tuple[int, dict[str, Any]]] = {
     # SPlus's sign normalisation in the eigenbasis
     "dp2-sign": (2, dict(soap={"normalization": "sign"})),
     "dp2-sign-per-block-engine": (2, dict(soap={"normalization": "sign", "batched": False})),
+    # Muon's update scale: each block's update at RMS update_rms
+    "dp2-update-rms": (2, dict(soap={"update_rms": 1.0})),
+    "dp2-update-rms-per-block-engine": (2, dict(soap={"update_rms": 1.0, "batched": False})),
     "tp2-blockwise": (2, dict(tp=2)),
     "tp2-full": (2, dict(tp=2, tp_mode="full")),
     "tp2-sequence-parallel": (2, dict(tp=2, extra_config=(("sequence_parallel", True),))),

@@ -388,6 +388,8 @@ def adam_moments_update(
     Its zeros: coordinates in a factor's null space (:func:`zero_null_directions_` of
     ``estimates``, the tracked DL, DR), where sign() would turn m's rounding noise into full
     steps.
+    With ``cfg.update_rms`` > 0 each block's direction is scaled to that RMS
+    (:func:`scale_blocks_to_rms_`, Muon's update scale) and the step size is ``lr``.
     The elementwise chain is ``fused.adam_direction_`` (one compiled kernel with
     ``cfg.compile``).
     """
@@ -398,6 +400,9 @@ def adam_moments_update(
     )
     if sign:
         zero_null_directions_(direction, *estimates)
+    if cfg.update_rms > 0.0:
+        scale_blocks_to_rms_(direction, cfg.update_rms)
+    if sign or cfg.update_rms > 0.0:  # scale-free directions: bias correction would cancel
         return direction, lr
     weight = 1.0 - beta1**step  # the first moment's weights sum to this
     if cfg.nesterov:  # beta1 m_t + (1 - beta1) g_t, whose weights sum to 1 - beta1^(t+1)
@@ -406,6 +411,20 @@ def adam_moments_update(
     if cfg.correct_bias:
         step_size = lr * math.sqrt(1.0 - beta2**step) / weight
     return direction, step_size
+
+
+def scale_blocks_to_rms_(direction: torch.Tensor, rms: float) -> None:
+    """Scale each block of ``direction`` ([r, c], or [B, r, c] stacked) to RMS ``rms``, in place.
+
+    The direction is in rotated coordinates; the bases are orthogonal, so a block's RMS is the
+    same as its update's in the weights' coordinates. The norm is reduced per block in fp32 at
+    least (one pass, no squared temporary); a zero block stays zero.
+    """
+    dtype = torch.promote_types(direction.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(direction, dim=(-2, -1), keepdim=True, dtype=dtype)
+    count = direction.shape[-2] * direction.shape[-1]
+    scale = (rms * math.sqrt(count)) / norm.clamp_min(torch.finfo(dtype).tiny)
+    direction.mul_(scale.to(direction.dtype))
 
 
 def soap_step(

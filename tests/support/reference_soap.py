@@ -58,6 +58,7 @@ class ReferenceSOAP:
         refresh_tolerance=0.03,
         nesterov=False,
         normalization="adam",
+        update_rms=0.0,
     ):
         self.w = w.clone()
         self.kl, self.kl_damping = factor_estimator == "kl", kl_damping
@@ -71,6 +72,7 @@ class ReferenceSOAP:
         self.f, self.method = precondition_frequency, refresh_method
         self.correct_bias, self.nesterov = correct_bias, nesterov
         self.sign = normalization == "sign"
+        self.update_rms = update_rms
         if w.ndim == 1:
             self.rows, self.cols = 1, w.shape[0]
             self.left, self.right = False, precondition_1d and w.shape[0] <= max_precond_dim
@@ -155,9 +157,13 @@ class ReferenceSOAP:
             size = self.lr * math.sqrt(1 - self.b2**self.t) / weight
         w = self.w.reshape(self.rows, self.cols)
         if self.sign:  # SPlus: W - lr Q_L sign(Q_L^T M Q_R) Q_R^T (no second moment, no bias)
-            w = w - self.lr * self.unrot(torch.sign(self.rot(m)) * self._signal())
+            u, size = self.unrot(torch.sign(self.rot(m)) * self._signal()), self.lr
         else:
-            w = w - size * self.unrot(self.rot(m) / (self.v.sqrt() + self.eps))
+            u = self.unrot(self.rot(m) / (self.v.sqrt() + self.eps))
+        if self.update_rms > 0:  # Muon's scale: the update's RMS, in the weights' coordinates
+            rms = u.pow(2).mean().sqrt()
+            u, size = u * (self.update_rms / rms if rms > 0 else 0.0), self.lr
+        w = w - size * u
         w = w - self.lr * self.wd * w
         self.w = w.reshape(self.w.shape)
 

@@ -87,9 +87,12 @@ def reference_block_update(block: dict[str, Any], record: dict[str, Any]) -> tor
         size = record["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
     w = st["master"] if "master" in st else block["before"].to(dtype)
     if cfg.get("normalization", "adam") == "sign":  # W <- W - lr QL (sign(m) * mask) QR^T
-        w = w - record["lr"] * (ql @ (torch.sign(m) * _signal_mask(g, st, cfg)) @ qr.T)
+        u, size = ql @ (torch.sign(m) * _signal_mask(g, st, cfg)) @ qr.T, record["lr"]
     else:
-        w = w - size * (ql @ (m / (v.sqrt() + cfg["eps"])) @ qr.T)
+        u = ql @ (m / (v.sqrt() + cfg["eps"])) @ qr.T
+    if cfg.get("update_rms", 0.0) > 0:  # the update's RMS set to update_rms, step size lr
+        u, size = u * (cfg["update_rms"] / u.pow(2).mean().sqrt()), record["lr"]
+    w = w - size * u
     return w - record["lr"] * record["weight_decay"] * w
 
 
