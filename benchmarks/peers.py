@@ -158,7 +158,17 @@ NOTES = [
     "scale, a probe outside the package: the SOAP direction of each matrix scaled to RMS 1, "
     "lr its RMS step) with beta2's factors, seed 0, by-modality 128: 0.497 / 0.461 / 0.486 / "
     "0.608 at lr 1e-3 / 2e-3 / 3e-3 / 5e-3, against 0.460 without: image faster (0.865), text "
-    "slower (0.057), no gain.",
+    "slower (0.057), no gain there.",
+    "",
+    "Muon's update scale on the 0.8 factors (2026-12-07, later; the default since, "
+    "`SOAPConfig.update_rms` = 1, row `+sb0.8+rms`): each block's preconditioned update "
+    "scaled to RMS 1 before lr, as Megatron's spectral scale does for Muon's orthogonal "
+    "update. Chosen on seed 0 of the by-modality layout, its own grid 1e-3..5e-3 (the "
+    "grid's lower half: the scaled step is 2-5x Adam's at one lr): batch 128 0.428 (3e-3) "
+    "against 0.440 without, batch 32 0.513 (2e-3) against 0.514. Every run of this row ran "
+    "on a probe of the same arithmetic (the scale applied to the unrotated update in the "
+    "batched engine, from a worktree of 2d10772 plus the row); the package computes the RMS "
+    "in the eigenbasis (the same value: orthogonal bases). VERIFY",
     "",
     "Caveat, recorded as it happened: `soap-f1+first+order` and `mlfop-f1+first+order` chose "
     "their lr on seed 0 with the code of the time (0.547 and 0.549 there), and their held-out "

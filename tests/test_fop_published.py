@@ -142,7 +142,10 @@ class PublishedSOAP(ReferenceSOAP):
         self.v = self.b2 * self.v + (1 - self.b2) * self.rot(sg) ** 2
         size = self.lr * math.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
         w = self.w.reshape(self.rows, self.cols)
-        w = w - size * eta * self.unrot(self.rot(self.m) / (self.v.sqrt() + self.eps))
+        u = self.unrot(self.rot(self.m) / (self.v.sqrt() + self.eps))
+        if self.update_rms > 0:  # the update's RMS set to update_rms before eta, step size lr
+            u, size = u * (self.update_rms / u.pow(2).mean().sqrt()), self.lr
+        w = w - size * eta * u
         w = w - self.lr * self.wd * w
         self.w = w.reshape(self.w.shape)
         self._factors(sg)
@@ -587,6 +590,7 @@ def test_megatron_tp2_blockwise_sums_eta_over_shards():
 
     folding = MEGATRON_VARIANTS["tree_published"]
     base = dict(iters=6, microbatches=4, global_micro=2, dtype=torch.float64, max_precond_dim=1)
+    base["soap"] = {"update_rms": 0.0}  # per-shard RMS under TP blockwise: test_megatron_tp_pp
     tp1 = run_distributed(run_tiny_gpt, 1, dict(base, folding=folding))[0]
     tp2 = run_distributed(run_tiny_gpt, 2, dict(base, tp=2, folding=folding))
     for name in tp1["params"]:

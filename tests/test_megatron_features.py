@@ -32,7 +32,10 @@ from tests.support.step_capture import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.distributed
-FP64_IDENTITY = dict(dtype=torch.float64, max_precond_dim=1)
+# Rotation off, and Adam's own update scale: update_rms takes each block's RMS, and a
+# TP-blockwise shard is its own block (as in Megatron's blockwise Muon), so TP=2 would
+# equal TP=1 only with it off.
+FP64_IDENTITY = dict(dtype=torch.float64, max_precond_dim=1, soap={"update_rms": 0.0})
 MOE = (
     ("num_moe_experts", 4),
     ("moe_router_topk", 2),

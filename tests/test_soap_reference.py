@@ -261,7 +261,7 @@ def test_update_rms_matches_reference(name, order, normalization, batched):
     got, want, _ = run_pair(SHAPES[name], update_rms=0.7, batched=batched, **opts)
     rel = ((got - want).abs().max() / want.abs().max()).item()
     assert rel < 1e-5, f"{order}/{name}: max relative error {rel:.2e}"
-    plain, _, _ = run_pair(SHAPES[name], batched=batched, **opts)
+    plain, _, _ = run_pair(SHAPES[name], update_rms=0.0, batched=batched, **opts)
     assert (plain - got).abs().max() > 1e-3 * want.abs().max()
 
 
@@ -300,7 +300,7 @@ def test_update_rms_is_validated():
     for bad in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="update_rms"):
             SOAPConfig(update_rms=bad)
-    assert SOAPConfig(update_rms=0.0).update_rms == 0.0
+    assert SOAPConfig(update_rms=0.0).update_rms == 0.0 and SOAPConfig().update_rms == 1.0
 
 
 @pytest.mark.parametrize("batched", [True, False])
