@@ -160,7 +160,7 @@ NOTES = [
     "0.608 at lr 1e-3 / 2e-3 / 3e-3 / 5e-3, against 0.460 without: image faster (0.865), text "
     "slower (0.057), no gain there.",
     "",
-    "Muon's update scale on the 0.8 factors (2026-12-07, later; the default since, "
+    "Muon's update scale on the 0.8 factors (2026-12-07, later; an option, "
     "`SOAPConfig.update_rms` = 1, row `+sb0.8+rms`): each block's preconditioned update "
     "scaled to RMS 1 before lr, as Megatron's spectral scale does for Muon's orthogonal "
     "update. Chosen on seed 0 of the by-modality layout, its own grid 1e-3..5e-3 (the "
@@ -168,7 +168,13 @@ NOTES = [
     "against 0.440 without, batch 32 0.513 (2e-3) against 0.514. Every run of this row ran "
     "on a probe of the same arithmetic (the scale applied to the unrotated update in the "
     "batched engine, from a worktree of 2d10772 plus the row); the package computes the RMS "
-    "in the eigenbasis (the same value: orthogonal bases). VERIFY",
+    "in the eigenbasis (the same value: orthogonal bases). The package's own run of the "
+    "seed-0 choice (by-modality 128, lr 3e-3; `--out runs/verify-rms`) ended at 0.445 against"
+    " the probe's 0.428: the two agree to 1e-7 through step 2 and part by 1.5e-3 at step 3, "
+    "where a rounding-level difference flips a discrete refresh decision of the drift gate. "
+    "One such flip moves a final objective by up to 0.017, more than the option's held-out "
+    "gain (5 of 6 batch-128 seeds better, by 0.006 on average; batch 32 level), so it is not"
+    " made a default on this evidence.",
     "",
     "Caveat, recorded as it happened: `soap-f1+first+order` and `mlfop-f1+first+order` chose "
     "their lr on seed 0 with the code of the time (0.547 and 0.549 there), and their held-out "
