@@ -171,8 +171,8 @@ NOTES = [
     "in the eigenbasis (the same value: orthogonal bases). The package's own run of the "
     "seed-0 choice (by-modality 128, lr 3e-3; `--out runs/verify-rms`) ended at 0.445 against"
     " the probe's 0.428: the two agree to 1e-7 through step 2 and part by 1.5e-3 at step 3, "
-    "where a rounding-level difference flips a discrete refresh decision of the drift gate. "
-    "One such flip moves a final objective by up to 0.017, more than the option's held-out "
+    "as a flipped discrete decision (a gate refresh or the fill) would make them (not traced)."
+    " Then one rounding-level flip moves a final objective by up to 0.017, more than the held-out "
     "gain (5 of 6 batch-128 seeds better, by 0.006 on average; batch 32 level), so it is not"
     " made a default on this evidence.",
     "",
