@@ -234,9 +234,7 @@ class SOAPConfig:
         if self.shampoo_beta is not None:
             check_range("shampoo_beta", self.shampoo_beta, 0.0, 1.0, high_open=True)
         check_range("eps", self.eps, 0.0, low_open=True)
-        check_range("update_rms", self.update_rms, 0.0)
-        if math.isinf(self.update_rms):
-            _fail("update_rms", "a finite number >= 0 (0: off)", self.update_rms)
+        check_range("update_rms", self.update_rms, 0.0)  # refuses inf and nan too
         check_range("weight_decay", self.weight_decay, 0.0)
         check_int("precondition_frequency", self.precondition_frequency, 1)
         check_range("refresh_tolerance", self.refresh_tolerance, 0.0, 1.0, high_open=True)

@@ -24,7 +24,7 @@ from mlfop_megatron.config import FoldingConfig, MLFOPConfig
 from mlfop_megatron.core.folding import WindowFolder
 from mlfop_megatron.core.levels import LevelSchedule, dyadic_boundaries
 from tests.support.order import reference_order_soap as MLFOPSOAP  # noqa: N812 (see order.py)
-from tests.support.reference_soap import ReferenceSOAP
+from tests.support.reference_soap import ReferenceSOAP, scaled_to_rms
 
 WINDOW_TOL = {"rtol": 1e-9, "atol": 1e-12}
 EPS = 1e-30  # fop_eps
@@ -144,7 +144,7 @@ class PublishedSOAP(ReferenceSOAP):
         w = self.w.reshape(self.rows, self.cols)
         u = self.unrot(self.rot(self.m) / (self.v.sqrt() + self.eps))
         if self.update_rms > 0:  # the update's RMS set to update_rms before eta, step size lr
-            u, size = u * (self.update_rms / u.pow(2).mean().sqrt()), self.lr
+            u, size = scaled_to_rms(u, self.update_rms), self.lr
         w = w - size * eta * u
         w = w - self.lr * self.wd * w
         self.w = w.reshape(self.w.shape)

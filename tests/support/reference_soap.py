@@ -34,6 +34,12 @@ def signal_mask(lam_left, lam_right, rows, cols, dtype):
     return mask
 
 
+def scaled_to_rms(u, rms):
+    """``u`` scaled to RMS ``rms`` over all its entries (a zero ``u`` stays zero)."""
+    norm = u.pow(2).mean().sqrt()
+    return u * (rms / norm) if norm > 0 else u
+
+
 class ReferenceSOAP:
     """SOAP on one parameter, straight from the equations (1-D params: plain AdamW)."""
 
@@ -161,8 +167,7 @@ class ReferenceSOAP:
         else:
             u = self.unrot(self.rot(m) / (self.v.sqrt() + self.eps))
         if self.update_rms > 0:  # Muon's scale: the update's RMS, in the weights' coordinates
-            rms = u.pow(2).mean().sqrt()
-            u, size = u * (self.update_rms / rms if rms > 0 else 0.0), self.lr
+            u, size = scaled_to_rms(u, self.update_rms), self.lr
         w = w - size * u
         w = w - self.lr * self.wd * w
         self.w = w.reshape(self.w.shape)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tests.support.reference_soap import signal_mask
+from tests.support.reference_soap import scaled_to_rms, signal_mask
 
 
 def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def reference_block_update(block: dict[str, Any], record: dict[str, Any]) -> tor
     else:
         u = ql @ (m / (v.sqrt() + cfg["eps"])) @ qr.T
     if cfg.get("update_rms", 0.0) > 0:  # the update's RMS set to update_rms, step size lr
-        u, size = u * (cfg["update_rms"] / u.pow(2).mean().sqrt()), record["lr"]
+        u, size = scaled_to_rms(u, cfg["update_rms"]), record["lr"]
     w = w - size * u
     return w - record["lr"] * record["weight_decay"] * w
 
