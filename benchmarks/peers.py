@@ -197,6 +197,7 @@ REFERENCE: dict[str, Any] = {
     "normalization": "adam",
     "shampoo_beta": None,  # the factors' EMA is beta2's
     "update_rms": 0.0,  # Adam's own update scale
+    "refresh_budget": 1.0,  # (acts with a tolerance only) every drifted side refreshed
 }
 F1 = {**REFERENCE, "precondition_frequency": 1}
 MEGATRON_LIKE = {
@@ -259,6 +260,22 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "soap-f1+order+tol3e-1+b0.9+bal+sb0.8": (
         "soap",
         {**BALANCED, "shampoo_beta": 0.8, "refresh_tolerance": 3e-1},
+    ),
+    # ... with the step's refresh work capped at a fraction of refreshing every side
+    # (refresh_budget; 2026-12-07, session 7): the most drifted first, the rest deferred
+    "soap-f1+order+tol3e-2+b0.9+bal+sb0.8+bud0.5": ("soap", {**SB08, "refresh_budget": 0.5}),
+    "soap-f1+order+tol3e-2+b0.9+bal+sb0.8+bud0.3": ("soap", {**SB08, "refresh_budget": 0.3}),
+    "soap-f1+order+tol3e-2+b0.9+bal+sb0.8+bud0.2": ("soap", {**SB08, "refresh_budget": 0.2}),
+    # refreshed every 10 steps at the factors' EMA 0.8: the refresh policy's cost baseline
+    "soap-f10+order+b0.9+sb0.8": (
+        "soap",
+        {
+            **F1,
+            "refresh_first": True,
+            "precondition_frequency": 10,
+            "betas": (0.9, 0.95),
+            "shampoo_beta": 0.8,
+        },
     ),
     "soap-f1+order+tol3e-2+b0.9+bal+sb0.6": ("soap", {**BALANCED, "shampoo_beta": 0.6}),
     "mlfop-f1+order+tol3e-2+b0.9+bal+sb0.8": ("mlfop", SB08),

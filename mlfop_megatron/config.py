@@ -86,6 +86,7 @@ REFERENCE_SOAP: dict[str, Any] = {
     "refresh_tolerance": 0.0,
     "shampoo_beta": None,  # the factors' EMA is beta2's
     "update_rms": 0.0,  # Adam's own update scale
+    "refresh_budget": 1.0,  # (acts with the drift gate only) no cap
 }
 
 
@@ -139,6 +140,13 @@ class SOAPConfig:
         "at a scheduled refresh, refresh a basis only where it has drifted: the share of "
         "||Q^T F Q||_F^2 off the diagonal exceeds this (0: refresh every scheduled time, as "
         "the SOAP reference)",
+    )
+    refresh_budget: float = option(
+        1.0,
+        "with the drift gate: the most refresh work a step does, as a fraction of refreshing "
+        "every gated side at once (flop cost): the most drifted sides first, the rest deferred "
+        "to the next check, where their drift ranks them again (1: every drifted side; "
+        "batched engine)",
     )
     refresh_balance: bool = option(
         True,
@@ -238,6 +246,7 @@ class SOAPConfig:
         check_range("weight_decay", self.weight_decay, 0.0)
         check_int("precondition_frequency", self.precondition_frequency, 1)
         check_range("refresh_tolerance", self.refresh_tolerance, 0.0, 1.0, high_open=True)
+        check_range("refresh_budget", self.refresh_budget, 0.0, 1.0, low_open=True)
         check_int("max_precond_dim", self.max_precond_dim, 1)
         for name in (
             "precondition_1d",
@@ -259,6 +268,20 @@ class SOAPConfig:
         check_range("kl_damping", self.kl_damping, 0.0, 1.0)
         if self.factor_estimator not in FACTOR_ESTIMATORS:
             _fail("factor_estimator", f"one of {FACTOR_ESTIMATORS}", self.factor_estimator)
+        if self.refresh_budget < 1.0 and self.refresh_tolerance <= 0.0:
+            _fail(
+                "refresh_budget",
+                "1 without the drift gate (it caps the gate's refreshes: set "
+                "refresh_tolerance > 0, or leave refresh_budget at 1)",
+                self.refresh_budget,
+            )
+        if self.refresh_budget < 1.0 and not self.batched:
+            _fail(
+                "refresh_budget",
+                "1 with the per-block engine (it ranks the sides of every block at once: "
+                "use batched=True, or leave refresh_budget at 1)",
+                self.refresh_budget,
+            )
 
     @property
     def factor_beta(self) -> float:

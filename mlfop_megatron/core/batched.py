@@ -65,6 +65,7 @@ from mlfop_megatron.core.linalg import (
 from mlfop_megatron.core.refresh_budget import (
     BalanceFn,
     balanced_refreshes,
+    budget_cap,
     demand,
     is_drifted,
     side_cost,
@@ -451,6 +452,8 @@ def _drifted(
     ``balance`` (owner-sharded engines, ``SOAPConfig.refresh_balance``): the gated blocks
     refreshed are chosen by :func:`refresh_budget.balanced_refreshes` against the target the
     ranks agree on (a collective, called exactly once per call, also with nothing gated).
+    ``SOAPConfig.refresh_budget`` below 1 caps the refreshed cost at that fraction of the gated
+    sides' (``refresh_budget.budget_cap``): the most drifted first, the rest deferred.
     Returns the sides to refresh and the parts (by id of their stacks).
     """
     gated, shares = [], []
@@ -469,7 +472,7 @@ def _drifted(
             balance(0.0, 0.0)
         return out, parts
     share_list = torch.cat(shares).tolist()  # the gate's host read
-    tolerances, costs = [], []
+    tolerances, costs, budgets = [], [], []
     for cls, fk, _, dim in gated:
         shape = cls.tensors["exp_avg"].shape
         n, k = (shape[-2], shape[-1]) if dim == 0 else (shape[-1], shape[-2])
@@ -478,10 +481,17 @@ def _drifted(
         tol = torch.tensor(cls.cfg.refresh_tolerance, dtype=cls.tensors[fk].dtype).item()
         tolerances += [tol] * cls.size
         costs += [side_cost(n, k)] * cls.size
+        budgets += [cls.cfg.refresh_budget] * cls.size
+    capped = any(b < 1.0 for b in budgets)
+    cap = budget_cap(costs, budgets) if capped else math.inf
     if balance is None:
-        take = [is_drifted(s, t) for s, t in zip(share_list, tolerances)]
+        if capped:
+            take = balanced_refreshes(share_list, tolerances, costs, cap, fill=False)
+        else:
+            take = [is_drifted(s, t) for s, t in zip(share_list, tolerances)]
     else:
-        target = balance(*demand(share_list, tolerances, costs))
+        wanted, largest = demand(share_list, tolerances, costs)
+        target = min(balance(min(wanted, cap), largest), cap)
         take = balanced_refreshes(share_list, tolerances, costs, target)
     offset = 0
     for cls, fk, bk, dim in gated:

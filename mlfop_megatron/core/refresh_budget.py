@@ -16,6 +16,11 @@ the target spends the time it would wait on its most-drifted aligned sides, so t
 heavy ranks defer is done ahead elsewhere. The gate, the refresh itself and what a refresh
 computes are unchanged; only when each side's refresh happens differs.
 
+Capped (``SOAPConfig.refresh_budget`` below 1), a rank refreshes at most that fraction of the
+cost of refreshing all its gated sides at once: its drifted sides by descending drift while
+they fit (its most drifted one always), the rest deferred to the next check. Balanced too,
+each rank's demand is capped before the exchange and the target after it.
+
 Pure host arithmetic on lists (the caller reads the drift shares in its one host read).
 """
 
@@ -59,6 +64,7 @@ def balanced_refreshes(
     tolerances: Sequence[float],
     costs: Sequence[float],
     target: float,
+    fill: bool = True,
 ) -> list[bool]:
     """Which sides to refresh now: drifted ones by drift up to ``target``, then aligned ones.
 
@@ -68,7 +74,7 @@ def balanced_refreshes(
     most drifted side is always taken, so a rank makes progress whatever the target; further
     drifted sides while the total stays within ``target``; then aligned sides by descending
     share (only those with a positive share: an exactly aligned basis has nothing to gain)
-    while the total stays within ``target``.
+    while the total stays within ``target`` (with ``fill``; without it, drifted ones only).
     """
     n = len(shares)
     if not (len(tolerances) == len(costs) == n):
@@ -86,7 +92,7 @@ def balanced_refreshes(
         if math.isnan(shares[i]) or spent == 0.0 or spent + costs[i] <= target:
             take[i] = True
             spent += costs[i]
-    for i in by_drift:
+    for i in by_drift if fill else ():
         if take[i] or is_drifted(shares[i], tolerances[i]):
             continue
         if not shares[i] > FILL_FRACTION * tolerances[i]:
@@ -102,3 +108,8 @@ def mean_demand_target(demands: Sequence[float], largest: Sequence[float]) -> fl
     if not demands:
         return 0.0
     return max(sum(demands) / len(demands), max(largest, default=0.0))
+
+
+def budget_cap(costs: Sequence[float], budgets: Sequence[float]) -> float:
+    """The most refresh cost a step may spend: each side's cost times its config's budget."""
+    return float(sum(c * b for c, b in zip(costs, budgets)))

@@ -72,6 +72,8 @@ class ReferenceSOAP:
         self.first_step_update, self.refresh_first = first_step_update, refresh_first
         self.tolerance = refresh_tolerance
         self.refreshed = self.skipped = 0  # sides refreshed / kept as aligned
+        # sides ("L", "R") a refresh budget chose for this step (None: the gate decides alone)
+        self.chosen: set[str] | None = None
         self.k = 0  # factor updates so far
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
         self.bs = betas[1] if shampoo_beta is None else shampoo_beta
@@ -212,19 +214,33 @@ class ReferenceSOAP:
 
     def _refresh(self):
         if self.left:
-            self.QL, order = self._new_basis(self.L, self.QL)
+            self.QL, order = self._new_basis(self.L, self.QL, "L")
             if order is not None:
                 self.v = self.v[order, :]
         if self.right:
-            self.QR, order = self._new_basis(self.R, self.QR)
+            self.QR, order = self._new_basis(self.R, self.QR, "R")
             if order is not None:
                 self.v = self.v[:, order]
 
-    def _new_basis(self, f, q):
-        if self.tolerance > 0:  # refresh only a drifted basis: Q^T F Q's off-diagonal share
-            d = q.T @ f @ q
-            off = d - torch.diag(torch.diag(d))
-            if (off**2).sum() <= self.tolerance * (d**2).sum():
+    def share(self, side):
+        """Share of ||Q^T F Q||_F^2 off its diagonal for side "L" or "R" (dense)."""
+        f, q = (self.L, self.QL) if side == "L" else (self.R, self.QR)
+        d = q.T @ f @ q
+        off = d - torch.diag(torch.diag(d))
+        return ((off**2).sum() / (d**2).sum()).item()
+
+    def sides(self):
+        """The rotated sides with their sizes: [("L", rows, cols), ("R", cols, rows)] or fewer."""
+        out = [("L", self.rows, self.cols)] if self.left else []
+        return out + ([("R", self.cols, self.rows)] if self.right else [])
+
+    def _new_basis(self, f, q, side):
+        if self.chosen is not None:  # a refresh budget decided (budgeted_step)
+            if side not in self.chosen:
+                self.skipped += 1
+                return q, None
+        elif self.tolerance > 0:  # refresh only a drifted basis: Q^T F Q's off-diagonal share
+            if self.share(side) <= self.tolerance:
                 self.skipped += 1
                 return q, None
         self.refreshed += 1
@@ -243,6 +259,38 @@ class ReferenceSOAP:
             if d[col] == 0:
                 x[:, j] = q[:, col] * (top if top > 0 else 1.0)
         return torch.linalg.qr(x)[0], order
+
+
+def budgeted_step(refs, grads, budget, cost, groups=None):
+    """One refresh-first step of several ReferenceSOAPs whose refreshes share a budget.
+
+    Every ref's factors take its gradient; then, per group of refs (one owner rank each;
+    default: all), the sides past their tolerance are refreshed by descending off-diagonal
+    share while their summed ``cost(n, k)`` stays within ``budget`` x the cost of all the
+    group's sides (the most drifted one always); then every ref takes its moment update.
+    """
+    if not all(r.started for r in refs):
+        for r, g in zip(refs, grads):
+            r.step(g)
+        return
+    for r, g in zip(refs, grads):
+        r._factors(g.reshape(r.rows, r.cols))
+        r.chosen = set()
+    for group in groups or [range(len(refs))]:
+        sides = [(refs[i], s, cost(n, k)) for i in group for s, n, k in refs[i].sides()]
+        cap = budget * sum(c for _, _, c in sides)
+        ranked = sorted(sides, key=lambda x: x[0].share(x[1]), reverse=True)
+        spent = 0.0
+        for r, s, c in ranked:
+            if r.share(s) <= r.tolerance:
+                break
+            if spent == 0.0 or spent + c <= cap * (1 + 1e-9):
+                r.chosen.add(s)
+                spent += c
+    for r, g in zip(refs, grads):
+        r._refresh()
+        r._update(g.reshape(r.rows, r.cols))
+        r.chosen = None
 
 
 def reference_fop(z, h, nz, nh, diag=None, rot=None, eps=1e-30, beta_max=None):
