@@ -266,6 +266,9 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "soap-f1+order+tol3e-2+b0.9+bal+sb0.8+bud0.5": ("soap", {**SB08, "refresh_budget": 0.5}),
     "soap-f1+order+tol3e-2+b0.9+bal+sb0.8+bud0.3": ("soap", {**SB08, "refresh_budget": 0.3}),
     "soap-f1+order+tol3e-2+b0.9+bal+sb0.8+bud0.2": ("soap", {**SB08, "refresh_budget": 0.2}),
+    # ... blocked (ShardingConfig.block_size): a 512-sided basis costs 8x a 256-sided one
+    "soap-f1+order+tol3e-2+b0.9+bal+sb0.8+blk256": ("soap", {**SB08, "block_size": 256}),
+    "soap-f1+order+tol3e-2+b0.9+bal+sb0.8+blk128": ("soap", {**SB08, "block_size": 128}),
     # refreshed every 10 steps at the factors' EMA 0.8: the refresh policy's cost baseline
     "soap-f10+order+b0.9+sb0.8": (
         "soap",
