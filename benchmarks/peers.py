@@ -176,6 +176,16 @@ NOTES = [
     "gain (5 of 6 batch-128 seeds better, by 0.006 on average; batch 32 level), so it is not"
     " made a default on this evidence.",
     "",
+    "Step time bought back (2026-12-07, session 7; RESULTS step-time section): rows "
+    "`+bud0.5`, `+bud0.3` (`SOAPConfig.refresh_budget`: a rank's refresh work capped at that "
+    "fraction of refreshing all its gated sides, most drifted first) ran by-modality 32 only: "
+    "0.544 and 0.573 held out, against 0.518 uncapped, so the cap was not run further. "
+    "`+blk256` ran every cell (0.537 / 0.537 / 0.442 / 0.444), `+blk128` by-modality 32 "
+    "(0.548). `soap-f10+order+b0.9+sb0.8` (every 10 steps at the 0.8 factors, no gate) chose "
+    "2e-3 and ended at 0.789: the fast factor EMA needs the gate. These rows ran from a "
+    "worktree of the committed code (`PYTHONPATH` set to it), the table rows of the default "
+    "and the peers being the earlier session's.",
+    "",
     "Caveat, recorded as it happened: `soap-f1+first+order` and `mlfop-f1+first+order` chose "
     "their lr on seed 0 with the code of the time (0.547 and 0.549 there), and their held-out "
     "seeds ran after a null-space mask of the rotated gradient was added (later removed): with "
