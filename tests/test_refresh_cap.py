@@ -17,6 +17,7 @@ import torch
 from mlfop_megatron.config import MLFOPConfig, SOAPConfig
 from mlfop_megatron.core.refresh_budget import balanced_refreshes, budget_cap, side_cost
 from mlfop_megatron.distributed.sharded_soap import ShardedSOAP
+from mlfop_megatron.optim.mlfop_soap import MLFOPSOAP
 from mlfop_megatron.runtime.spawn import run_distributed
 from tests.support.reference_soap import ReferenceSOAP, budgeted_step
 
@@ -166,3 +167,26 @@ def test_two_ranks_cap_their_own_blocks_as_the_grouped_reference(shapes, balance
     reference_total = sum(ref for _, ref in res[0]["counts"][1:])
     assert sum(per_rank) == reference_total
     assert all(n > 0 for n in per_rank)
+
+
+def test_mlfopsoap_steps_as_the_budgeted_reference():
+    """The torch.optim front end (MLFOPSOAP, batched engine) with a budget: the same weights."""
+    params = [torch.nn.Parameter(p) for p in _params(SHAPES)]
+    opt = MLFOPSOAP(params, lr=LR, weight_decay=0.0, refresh_budget=0.5, refresh_tolerance=TOL)
+    refs = _references()
+    for step in range(6):
+        grads = _grads(step, SHAPES)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        budgeted_step(refs, grads, 0.5, side_cost)
+    assert opt.counters.refreshes_done == sum(r.refreshed for r in refs)
+    assert opt.counters.refreshes_skipped > 0  # the cap deferred sides
+    for p, r in zip(params, refs):
+        torch.testing.assert_close(p.detach(), r.w, rtol=1e-9, atol=1e-11)
+
+
+def test_mlfopsoap_refuses_a_group_budget_on_the_per_block_engine():
+    params = [torch.nn.Parameter(p) for p in _params(SHAPES)]
+    with pytest.raises(ValueError, match="refresh_budget.*batched=True"):
+        MLFOPSOAP([{"params": params, "refresh_budget": 0.5}], batched=False)

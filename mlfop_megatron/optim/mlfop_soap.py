@@ -100,10 +100,14 @@ class MLFOPSOAP(torch.optim.Optimizer):
         self._last_grad_window: tuple[int, ...] | None = None
 
     # ----------------------------------------------------------------- helpers
-    @staticmethod
-    def _group_config(group: dict[str, Any]) -> SOAPConfig:
-        """The validated SOAP config of a param group (groups may override any option)."""
-        return SOAPConfig(**{name: group[name] for name in _GROUP_OPTIONS})
+    def _group_config(self, group: dict[str, Any]) -> SOAPConfig:
+        """The validated SOAP config of a param group (groups may override any option).
+
+        Validated with the optimizer's engine (``batched``), so that a group's option the
+        per-block engine cannot honour (``refresh_budget``) is refused, not ignored.
+        """
+        options = {name: group[name] for name in _GROUP_OPTIONS}
+        return SOAPConfig(**options, batched=self.config.soap.batched)
 
     def _param_state(self, p: torch.Tensor, cfg: SOAPConfig) -> dict[str, Any]:
         state = self.state[p]
