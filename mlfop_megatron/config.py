@@ -102,12 +102,14 @@ class SOAPConfig:
     product with a factor on a step that refreshes nothing); beta1 is 0.9 (the reference:
     0.95); the Kronecker factors' EMA is 0.8 (``shampoo_beta``; the reference: beta2's 0.95),
     chosen on seed 0 of the by-modality layout over 0.6/0.8/0.9/0.95/0.99, so the bases
-    follow the current gradient geometry more closely. On the digits main job
-    (``benchmarks/peers.py``, held-out seeds 1-3 and the mixed layout) these defaults end at
-    0.52 (batch 32, both layouts) and 0.435-0.444 (batch 128), against Megatron's Muon at
-    0.57-0.58 and 0.439-0.441 and its SOAP at 0.60-0.63 and 0.46-0.47; they take about 1.4x
-    Muon's CPU step time there, mostly the refreshes. Muon's update scale (``update_rms``)
-    is an option, not a default: its measured gain is within the gate's rounding noise. On
+    follow the current gradient geometry more closely; each block's update is scaled to RMS
+    1 before lr (``update_rms``, Muon's update scale; the reference: Adam's own scale, whose
+    best lr sits higher). On the digits main job (``benchmarks/peers.py``, each setting its
+    own lr on seed 0, held-out seeds 1-3, both layouts) these defaults end at 0.516-0.520
+    (batch 32) and 0.426-0.432 (batch 128), against Megatron's Muon at 0.57-0.58 and
+    0.439-0.441 and its SOAP at 0.60-0.63 and 0.46-0.47, reaching Muon's final objective in
+    0.72-0.96x its steps in all four cells; they take about 1.3-1.4x Muon's CPU step time at
+    batch 32 (1.1x at 128), mostly the refreshes. On
     DP-sharded blocks the gate's refreshes are balanced over the owner ranks
     (``refresh_balance``), so a step waits for the ranks' mean refresh work. The first step
     still only collects statistics: updating from it (Megatron's choice,
@@ -169,7 +171,7 @@ class SOAPConfig:
         choices=NORMALIZATIONS,
     )
     update_rms: float = option(
-        0.0,
+        1.0,
         "scale each block's preconditioned update to this RMS before the step size lr, as "
         "Muon's spectral scale makes an orthogonal update's RMS 1 (0: off, Adam's own scale)",
     )

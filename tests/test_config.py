@@ -65,10 +65,10 @@ def test_optimizer_front_end_validates():
         MLFOPSOAP([{"params": [p], "weight_decay": -1.0}])
 
 
-def test_defaults_follow_soap_reference_but_the_measured_five():
-    """The reference's defaults but five: beta1, factor EMA, refresh each step, first, gated.
+def test_defaults_follow_soap_reference_but_the_measured_six():
+    """The reference's defaults but six: beta1, factor EMA, update RMS, each step, first, gated.
 
-    Those five were chosen by measurement (benchmarks/peers.py); REFERENCE_SOAP restores them.
+    Those six were chosen by measurement (benchmarks/peers.py); REFERENCE_SOAP restores them.
     """
     from mlfop_megatron.config import REFERENCE_SOAP
 
@@ -81,7 +81,7 @@ def test_defaults_follow_soap_reference_but_the_measured_five():
     assert cfg.refresh_tolerance == 0.03 and reference.refresh_tolerance == 0.0
     assert reference.betas == (0.95, 0.95) and not cfg.nesterov
     assert cfg.factor_beta == 0.8 and reference.factor_beta == 0.95
-    assert cfg.update_rms == 0.0 and reference.update_rms == 0.0  # an option: see README
+    assert cfg.update_rms == 1.0 and reference.update_rms == 0.0
     assert cfg.correct_bias and not cfg.precondition_1d
 
 

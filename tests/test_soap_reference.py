@@ -300,7 +300,7 @@ def test_update_rms_is_validated():
     for bad in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="update_rms"):
             SOAPConfig(update_rms=bad)
-    assert SOAPConfig(update_rms=0.0).update_rms == 0.0 and SOAPConfig().update_rms == 0.0
+    assert SOAPConfig(update_rms=0.0).update_rms == 0.0 and SOAPConfig().update_rms == 1.0
 
 
 @pytest.mark.parametrize("batched", [True, False])

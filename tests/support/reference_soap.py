@@ -64,7 +64,7 @@ class ReferenceSOAP:
         refresh_tolerance=0.03,
         nesterov=False,
         normalization="adam",
-        update_rms=0.0,
+        update_rms=1.0,
     ):
         self.w = w.clone()
         self.kl, self.kl_damping = factor_estimator == "kl", kl_damping
