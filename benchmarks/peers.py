@@ -186,6 +186,12 @@ NOTES = [
     "worktree of the committed code (`PYTHONPATH` set to it), the table rows of the default "
     "and the peers being the earlier session's.",
     "",
+    "The `+sb0.8+rms` row from the package (2026-12-07, session 7; RESULTS section \"Muon's "
+    'update scale, from the package"): every cell re-run from a worktree of the committed '
+    "code with the grid 1e-3..5e-3, seeds 1-3 held out: 0.516 / 0.520 / 0.432 / 0.426, Muon's "
+    "final reached in all four cells, every batch-128 seed better than without the scale. "
+    "`update_rms` = 1 became the default; the rows here pin it to 0 (`REFERENCE`).",
+    "",
     "Caveat, recorded as it happened: `soap-f1+first+order` and `mlfop-f1+first+order` chose "
     "their lr on seed 0 with the code of the time (0.547 and 0.549 there), and their held-out "
     "seeds ran after a null-space mask of the rotated gradient was added (later removed): with "
