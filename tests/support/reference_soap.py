@@ -277,12 +277,13 @@ def budgeted_step(refs, grads, budget, cost, groups=None):
         r._factors(g.reshape(r.rows, r.cols))
         r.chosen = set()
     for group in groups or [range(len(refs))]:
-        sides = [(refs[i], s, cost(n, k)) for i in group for s, n, k in refs[i].sides()]
-        cap = budget * sum(c for _, _, c in sides)
-        ranked = sorted(sides, key=lambda x: x[0].share(x[1]), reverse=True)
+        sides = [
+            (refs[i].share(s), refs[i], s, cost(n, k)) for i in group for s, n, k in refs[i].sides()
+        ]
+        cap = budget * sum(c for _, _, _, c in sides)
         spent = 0.0
-        for r, s, c in ranked:
-            if r.share(s) <= r.tolerance:
+        for share, r, s, c in sorted(sides, key=lambda x: x[0], reverse=True):
+            if share <= r.tolerance:
                 break
             if spent == 0.0 or spent + c <= cap * (1 + 1e-9):
                 r.chosen.add(s)
