@@ -22,6 +22,7 @@ from mlfop_megatron.distributed.comm_config import (
     bucket_sizes,
     level_bucket_sizes,
     level_transient,
+    segment_chunks,
 )
 from mlfop_megatron.distributed.owner_buffer import OwnerLayout
 from mlfop_megatron.runtime.spawn import run_distributed
@@ -61,48 +62,79 @@ def test_auto_takes_buckets_only_where_they_save_memory():
     assert sizes == [gib] * 4  # asked 4 (<= 1 GiB each), no padding
     # two 1 GiB send buffers + the received half, against 4 + 2 GiB in one bucket
     assert level_transient(sizes, 2) == 4 * gib and level_transient([4 * gib], 2) == 6 * gib
-    # two blocks per owner: at most 2 buckets, both alive at once (no saving): one bucket
-    assert level_bucket_sizes(None, [[gib, gib], [gib, gib]]) == [4 * gib]
+    # two whole matrices per owner (70B's owners at DP=64): cut inside them, 4 buckets
+    assert level_bucket_sizes(None, [[gib, gib], [gib, gib]]) == [gib] * 4
+    assert level_bucket_sizes(None, [[2 * gib], [2 * gib]]) == [gib] * 4  # one matrix each
     assert len(level_bucket_sizes(2, [[gib, gib], [gib, gib]])) == 2  # asked: honoured
-    # chunks that never line up across owners: every bucket padded to a big block
+    # 2 GiB packed: 2 buckets, both alive at once, would save nothing: one bucket
+    assert level_bucket_sizes(None, [[gib // 2] * 2, [gib // 2] * 2]) == [2 * gib]
+    # owners whose blocks never line up: the runs are cut by elements, not blocks
     skew = [[gib, 1, 1, 1, 1], [1, 1, 1, 1, gib]]
-    assert level_bucket_sizes(None, skew) == [2 * (gib + 4)]
+    width = -(-(gib + 4) // 3)
+    assert level_bucket_sizes(None, skew) == [2 * width] * 3
+
+
+@pytest.mark.parametrize("used", [[10, 7, 0], [12, 12, 12], [1, 5, 3]])
+@pytest.mark.parametrize("exact", [False, True], ids=["padded", "exact"])
+def test_segment_chunks_are_equal_runs_end_to_end(used, exact):
+    longest = max(used)
+    for buckets in (1, 2, 3, 4, 7, 100):
+        chunks = segment_chunks(used, buckets, exact)
+        assert 1 <= len(chunks) <= min(buckets, longest)
+        for rank, u in enumerate(used):
+            runs = [c[rank] for c in chunks]
+            assert runs[0][0] == 0
+            assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))  # end to end
+            end = runs[-1][1]
+            assert end == u if exact else longest <= end < longest + len(chunks)
+            full = [hi - lo for lo, hi in runs if hi > lo][:-1]
+            assert len(set(full)) <= 1  # equal runs (the last, or trailing ones, shorter)
+        if not exact:  # every rank's run the same: one equal-size collective per bucket
+            assert all(len(set(c)) == 1 for c in chunks)
+        assert bucket_sizes(used, buckets, exact) == [sum(h - lo for lo, h in c) for c in chunks]
 
 
 @pytest.mark.parametrize("segments", ["padded", "exact"])
-def test_split_keeps_each_segment_in_order_and_balances_it(segments):
+def test_chunks_pack_the_one_bucket_buffer_run_by_run(segments):
+    """Each owner's runs, end to end, are its one-bucket segment: blocks cut inside too."""
     world = 3
     assignments = [_assignment(world), _assignment(world, block_size=None)]
     layout = OwnerLayout(assignments, world, segments)
+    grads = [_grads(0, torch.float64), _grads(1, torch.float64)]
+    whole = layout.pack(grads, torch.float64, grads[0][0])
     largest = max(b.numel for a in assignments for b in a.blocks)
-    for buckets in (2, 3, 5):
-        parts = layout.split(buckets)
-        assert len(parts) == buckets
+    for buckets in (2, 3, 5, 64):
+        chunks = layout.chunks(buckets)
+        assert len(chunks) == buckets
+        assert buckets < 64 or max(c.segment_size for c in chunks) < largest  # cuts blocks
+        packed = [c.pack(grads, torch.float64, grads[0][0]) for c in chunks]
         for rank in range(world):
-            joined = [(s.engine, s.block) for p in parts for s in p.segments[rank]]
-            assert joined == [(s.engine, s.block) for s in layout.segments[rank]]
-            for p in parts:  # about used / buckets each, within one block
-                assert abs(p.used[rank] - layout.used[rank] / buckets) <= largest
+            runs = [
+                p[c.starts[rank] : c.starts[rank] + c.sizes[rank]] for c, p in zip(chunks, packed)
+            ]
+            joined = torch.cat(runs)
+            mine = whole[layout.starts[rank] : layout.starts[rank] + layout.sizes[rank]]
+            assert torch.equal(joined[: mine.numel()], mine), (buckets, rank)
+            assert not joined[mine.numel() :].any()  # padding past the segment: zeros
+            pads = sum(c.padding_per_rank()[rank] for c in chunks)
+            assert pads == joined.numel() - layout.used[rank]
         if layout.exact:  # no padding: the buckets hold the buffer's elements
-            assert sum(p.numel for p in parts) == layout.numel
-    # more buckets than blocks: the buckets empty on every rank are dropped
-    most = max(len(s) for s in layout.segments)
-    assert len(layout.split(10 * most)) <= most
-    assert layout.split(1) == [layout]
+            assert sum(c.numel for c in chunks) == layout.numel
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["padded", "exact"])
-def test_planner_bucket_sizes_are_the_split_layouts(exact):
-    """comm_config.bucket_sizes (torch-free, the memory model's) == OwnerLayout.split's."""
+def test_planner_bucket_sizes_are_the_chunks(exact):
+    """comm_config.bucket_sizes (torch-free, the memory model's) == OwnerLayout.chunks'."""
     world = 4
     assignment = _assignment(world)
     layout = OwnerLayout([assignment], world, "exact" if exact else "padded")
     segments = [[b.numel for b in assignment.blocks_of(r)] for r in range(world)]
+    used = [sum(s) for s in segments]
     for buckets in (1, 2, 3, 4, 7):
-        sizes = bucket_sizes(segments, buckets, exact) if buckets > 1 else [layout.numel]
-        assert sizes == [part.numel for part in layout.split(buckets)], buckets
+        sizes = bucket_sizes(used, buckets, exact)
+        assert sizes == [part.numel for part in layout.chunks(buckets)], buckets
     if not exact:  # the planner's padded buckets; auto: one, this buffer is tiny
-        assert level_bucket_sizes(3, segments) == [p.numel for p in layout.split(3)]
+        assert level_bucket_sizes(3, segments) == [p.numel for p in layout.chunks(3)]
         assert level_bucket_sizes(None, segments) == [layout.numel]
 
 
@@ -116,7 +148,7 @@ def _bucket_worker(spec):
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
     for sharded in (True, False):
-        assignment = _assignment(world if sharded else 1)
+        assignment = _assignment(world if sharded else 1, spec["block_size"])
         for wire in ("fp32", "bf16"):
             for segments in ("padded", "exact"):
                 if not sharded and segments == "exact":
@@ -171,9 +203,11 @@ def _bucket_worker(spec):
 
 
 @pytest.mark.distributed
-def test_bucketed_level_reduction_is_bitwise_one_bucket_and_smaller():
+@pytest.mark.parametrize("block_size", [16, None], ids=["blocks16", "whole-matrices"])
+def test_bucketed_level_reduction_is_bitwise_one_bucket_and_smaller(block_size):
+    """Whole matrices at 4 ranks: 2 per owner, so 4 buckets cut inside them."""
     buckets, world = 4, 4
-    runs = run_distributed(_bucket_worker, world, {"buckets": buckets})
+    runs = run_distributed(_bucket_worker, world, {"buckets": buckets, "block_size": block_size})
     for rank, r in enumerate(runs):
         peaks = r.pop("peaks")
         seg, buffer = r.pop("segment_bytes"), r.pop("buffer_bytes")
@@ -258,3 +292,17 @@ def test_megatron_path_bucketed_equals_one_bucket_bitwise(dp, variants):
         assert auto["comm_counts"] == got[0]["comm_counts"]
         for name, p in got[0]["params"].items():
             assert torch.equal(p, auto["params"][name]), name
+
+
+@pytest.mark.distributed
+def test_megatron_path_cuts_whole_matrices_into_buckets_bitwise():
+    """Whole matrices (no blocks) in 7 buckets at DP=2: runs cut inside the matrices."""
+    base = dict(MEGATRON, global_micro=2, block_size=None)
+    specs = [dict(base, comm={"level_buckets": n}) for n in (1, 7)]
+    runs = run_distributed(_megatron_worker, 2, specs)
+    for rank in range(2):
+        one, many = runs[rank]
+        assert one["level_buckets"] == [1] and many["level_buckets"] == [7]
+        assert one["losses"] == many["losses"]
+        for name, p in one["params"].items():
+            assert torch.equal(p, many["params"][name]), (rank, name)

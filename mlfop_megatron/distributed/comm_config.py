@@ -26,42 +26,42 @@ def auto_level_buckets(packed_bytes: int, budget: int = LEVEL_BUCKET_BYTES) -> i
     return max(1, -(-packed_bytes // budget))
 
 
-def bucket_of_blocks(numels: Sequence[int], buckets: int) -> list[int]:
-    """The bucket of each block of one owner segment (``numels``: its blocks, in order).
+def segment_chunks(
+    used: Sequence[int], buckets: int, exact: bool = False
+) -> list[list[tuple[int, int]]]:
+    """Chunk g of every owner segment (``used[rank]``: its elements): ``[(lo, hi) per rank]``.
 
-    Chunks of about equal elements between whole blocks: a block goes to the chunk its middle
-    element falls in (``OwnerLayout.split``).
+    The segments are cut into ``buckets`` runs of equal elements, anywhere (inside a block
+    too): padded, every segment is padded to the longest, ``P``, and cut every ``ceil(P / G)``
+    elements (the padding is the tail of the last chunks, as with one bucket); exact, rank
+    r's segment is cut every ``ceil(used[r] / G)`` of its own elements. Chunk g of rank r is
+    ``[lo, hi)`` of its segment (padded: ``hi`` may pass ``used[r]``, the rest is padding).
+    Chunks empty on every rank are dropped, so fewer than ``buckets`` may come back.
     """
-    used = sum(numels)
-    out, offset = [], 0
-    for n in numels:
-        out.append(min(buckets - 1, int(buckets * (offset + n / 2) / used)))
-        offset += n
-    return out
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1 (got {buckets})")
+    longest = max(used, default=0)
+    if buckets == 1 or longest <= 1:
+        return [[(0, longest if not exact else u) for u in used]]
+    if exact:
+        widths = [-(-u // buckets) for u in used]
+        chunks = [
+            [(min(g * w, u), min((g + 1) * w, u)) for u, w in zip(used, widths)]
+            for g in range(buckets)
+        ]
+        return [c for c in chunks if any(hi > lo for lo, hi in c)]
+    width = -(-longest // buckets)
+    count = -(-longest // width)  # chunks holding an element of the longest segment
+    return [[(g * width, (g + 1) * width)] * len(used) for g in range(count)]
 
 
-def bucket_sizes(segments: Sequence[Sequence[int]], buckets: int, exact: bool = False) -> list[int]:
-    """Elements of each bucket's buffer: ``segments[rank]`` = that owner's block sizes in order.
+def bucket_sizes(used: Sequence[int], buckets: int, exact: bool = False) -> list[int]:
+    """Elements of each bucket's buffer (``used[rank]``: each owner segment's elements).
 
-    Padded: the longest chunk of the bucket x ranks; exact: the chunks end to end. Buckets
-    empty on every rank are dropped, as ``OwnerLayout.split`` drops them.
+    Padded: the chunk width x ranks (every bucket the same); exact: the chunks end to end.
+    Exactly the buffers ``LevelReducer`` launches (``segment_chunks``).
     """
-    chunks = [[0] * len(segments) for _ in range(buckets)]
-    for rank, numels in enumerate(segments):
-        for n, g in zip(numels, bucket_of_blocks(numels, buckets)):
-            chunks[g][rank] += n
-    sizes = [sum(c) if exact else max(c) * len(c) for c in chunks if any(c)]
-    return sizes or [0]
-
-
-def level_bucket_count(level_buckets: int | None, packed_elements: int, max_blocks: int) -> int:
-    """Buckets a sharded level reduction runs (``LevelReducer`` with ``OwnerLayout.split``).
-
-    ``level_buckets``: ``CommConfig.level_buckets`` (None: auto from the fp32 packed
-    buffer of ``packed_elements``); capped by ``max_blocks``, the fullest owner's blocks.
-    """
-    asked = auto_level_buckets(4 * packed_elements) if level_buckets is None else level_buckets
-    return max(1, min(asked, max_blocks))
+    return [sum(hi - lo for lo, hi in chunk) for chunk in segment_chunks(used, buckets, exact)]
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,11 @@ class CommConfig:
     send buffers alive at once; None (default, "auto", ``choose_level_buckets``): one
     bucket while the packed fp32 buffer fits in ``LEVEL_BUCKET_BYTES`` (1 GiB; every model
     below ~250M SOAP elements keeps one collective per level), else up to enough buckets to
-    keep each under it, at most one per block of the fullest owner, the count whose peak
-    (two send buffers + received segments, each bucket padded to its longest chunk) is least,
-    and only where it saves >= 10% of one bucket's (Llama-3-8B at DP=8: 12 buckets of
-    one or two whole matrices per owner), which is what keeps the level reduction inside the
+    keep each under it (each bucket an equal run of every owner's segment, cut inside blocks
+    where it falls: ``segment_chunks``), the count whose peak (two send buffers + received
+    segment) is least, and only where it saves >= 10% of one bucket's (Llama-3-8B at DP=8:
+    26 buckets; Llama-3-70B at DP=64, TP=8, PP=4, whose owners hold one or two whole
+    matrices each: 9), which is what keeps the level reduction inside the
     issue-21 memory budget at 8B. The price of a bucket count above 2: on NCCL the packing of
     bucket g waits for bucket g-2's collective on the compute stream, so that share of the
     level's communication no longer overlaps the next micro-step (set 1 for full overlap).
@@ -154,7 +155,7 @@ class CommConfig:
     level_buckets: int | None = option(
         None,
         "collectives per level reduction: the owner-ordered buffer is cut into this many "
-        "buckets (each a chunk of every owner's segment), at most 2 send buffers alive at "
+        "buckets (each an equal run of every owner's segment), at most 2 send buffers alive at "
         "once (default: auto, each bucket's fp32 send buffer <= 1 GiB; 1: one buffer of the "
         "whole model, all of it overlapping the next micro-step)",
     )
@@ -212,22 +213,22 @@ def level_transient(sizes: Sequence[int], world: int) -> int:
 
 def choose_level_buckets(
     level_buckets: int | None,
-    max_blocks: int,
+    max_elements: int,
     sizes_of: Callable[[int], list[int]],
     world: int,
 ) -> int:
     """Bucket count of a sharded level reduction (``sizes_of(g)``: its g buckets' sizes).
 
-    Asked (``level_buckets`` set): that many, at most one per block of the fullest owner.
-    Auto (None): ``auto_level_buckets`` of the one-bucket fp32 buffer; when that asks for
-    more than one, the count up to it whose ``level_transient`` is least (each bucket is
-    padded to its longest chunk, and two buckets alive at once save nothing), kept only if it
-    saves at least 10% of one bucket's transient: otherwise one bucket, no extra launches.
+    Asked (``level_buckets`` set): that many, at most one per element of the fullest owner
+    segment (``max_elements``). Auto (None): ``auto_level_buckets`` of the one-bucket fp32
+    buffer; when that asks for more than two, the count up to it whose ``level_transient`` is
+    least, kept only if it saves at least 10% of one bucket's transient; otherwise one bucket
+    (two buckets alive at once save nothing), no extra launches.
     """
     if level_buckets is not None:
-        return max(1, min(level_buckets, max_blocks))
+        return max(1, min(level_buckets, max_elements))
     one = sizes_of(1)
-    asked = min(auto_level_buckets(4 * sum(one)), max_blocks)
+    asked = min(auto_level_buckets(4 * sum(one)), max_elements)
     if asked <= 2:
         return 1
     best, best_cost = 1, level_transient(one, world)
@@ -242,15 +243,14 @@ def choose_level_buckets(
 def level_bucket_sizes(level_buckets: int | None, segments: Sequence[Sequence[int]]) -> list[int]:
     """Padded buffer elements of each bucket of a sharded level reduction (the planner's).
 
-    ``segments[rank]``: that owner's block sizes in segment order; ``level_buckets`` as
+    ``segments[rank]``: that owner's block sizes; ``level_buckets`` as
     ``CommConfig.level_buckets`` (None: auto, ``choose_level_buckets``). One bucket: the
     whole padded buffer.
     """
+    used = [sum(s) for s in segments]
     world = len(segments)
-    packed = world * max((sum(s) for s in segments), default=0)
-    most = max((len(s) for s in segments), default=1)
 
     def sizes_of(g: int) -> list[int]:
-        return [packed] if g == 1 else bucket_sizes(segments, g)
+        return bucket_sizes(used, g)
 
-    return sizes_of(choose_level_buckets(level_buckets, most, sizes_of, world))
+    return sizes_of(choose_level_buckets(level_buckets, max(used, default=1), sizes_of, world))

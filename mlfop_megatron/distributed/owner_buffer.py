@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from mlfop_megatron.distributed.assignment import Assignment, Block
 from mlfop_megatron.distributed.collective_device import group_backend
-from mlfop_megatron.distributed.comm_config import choose_level_buckets
+from mlfop_megatron.distributed.comm_config import choose_level_buckets, segment_chunks
 
 
 def block_view(full: torch.Tensor, block: Block) -> torch.Tensor:
@@ -137,37 +137,18 @@ class OwnerLayout:
         self.sizes = list(sizes)  # elements of each rank's segment in the buffer
         self.starts = [sum(sizes[:r]) for r in range(world_size)]
 
-    def split(self, buckets: int) -> list[OwnerLayout]:
-        """This layout cut into ``buckets`` layouts: bucket g holds chunk g of every segment.
+    def chunks(self, buckets: int) -> list[OwnerChunk]:
+        """This layout cut into ``buckets`` chunks: chunk g holds run g of every segment.
 
-        Each rank's segment is cut between whole blocks into ``buckets`` runs of about equal
-        elements (a block goes to the chunk its middle element falls in), kept in segment
-        order, so the buckets' ``segment_views`` concatenated in bucket order are this
-        layout's, engine by engine. At most as many buckets as the fullest segment has
-        blocks; buckets empty on every rank are dropped. Each bucket is padded (or exact) on
-        its own.
+        ``comm_config.segment_chunks``: runs of equal elements, cut anywhere (inside a block
+        too), so a layout whose owners hold one or two large matrices still splits. Chunk g
+        of rank r is elements ``[lo, hi)`` of its segment here, so the chunks' runs, laid end
+        to end, are this layout's segment (padded: with its padding at the tail). Chunks
+        empty on every rank are dropped.
         """
-        if buckets < 1:
-            raise ValueError(f"buckets must be >= 1 (got {buckets})")
-        buckets = min(buckets, max((len(s) for s in self.segments), default=1))
-        if buckets <= 1:
-            return [self]
-        chunks: list[list[list[tuple[int, Block]]]] = [
-            [[] for _ in range(self.world_size)] for _ in range(buckets)
+        return [
+            OwnerChunk(self, bounds) for bounds in segment_chunks(self.used, buckets, self.exact)
         ]
-        for rank, slots in enumerate(self.segments):
-            used = self.used[rank]
-            for slot in slots:
-                middle = slot.offset + slot.block.numel / 2
-                g = min(buckets - 1, int(buckets * middle / used))
-                chunks[g][rank].append((slot.engine, slot.block))
-        segments = "exact" if self.exact else "padded"
-        out = [
-            OwnerLayout(self.assignments, self.world_size, segments, per_rank=chunk)
-            for chunk in chunks
-            if any(chunk)
-        ]
-        return out or [self]
 
     @property
     def numel(self) -> int:
@@ -251,6 +232,86 @@ class OwnerLayout:
         return out
 
 
+def row_pieces(matrix: torch.Tensor, lo: int, hi: int) -> list[torch.Tensor]:
+    """Elements ``[lo, hi)`` of a 2-D view in row-major order, as at most three 2-D views."""
+    cols = matrix.shape[1]
+    r0, c0 = divmod(lo, cols)
+    r1, c1 = divmod(hi, cols)
+    if r0 == r1:
+        return [matrix[r0 : r0 + 1, c0:c1]] if hi > lo else []
+    out = []
+    if c0:
+        out.append(matrix[r0 : r0 + 1, c0:])
+        r0 += 1
+    if r1 > r0:
+        out.append(matrix[r0:r1])
+    if c1:
+        out.append(matrix[r1 : r1 + 1, :c1])
+    return out
+
+
+class OwnerChunk:
+    """One bucket of an :class:`OwnerLayout`: elements ``[lo, hi)`` of every owner's segment.
+
+    ``sizes[r]``: rank r's part of the bucket's buffer (``hi - lo``; padded: the same for
+    every rank, padding where ``hi`` passes ``used[r]``).
+    """
+
+    def __init__(self, layout: OwnerLayout, bounds: Sequence[tuple[int, int]]) -> None:
+        self.layout = layout
+        self.bounds = list(bounds)
+        self.exact = layout.exact
+        self.sizes = [hi - lo for lo, hi in self.bounds]
+        self.starts = [sum(self.sizes[:r]) for r in range(len(self.sizes))]
+
+    @property
+    def numel(self) -> int:
+        """Elements of the bucket's buffer (every rank's part)."""
+        return sum(self.sizes)
+
+    @property
+    def segment_size(self) -> int:
+        """The longest rank's part (padded: every rank's)."""
+        return max(self.sizes, default=0)
+
+    def padding_per_rank(self) -> list[int]:
+        """Padding elements in each rank's part (its elements past the rank's blocks)."""
+        return [
+            hi - max(lo, min(hi, used)) for (lo, hi), used in zip(self.bounds, self.layout.used)
+        ]
+
+    def pack(
+        self, tensors: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype, like: torch.Tensor
+    ) -> torch.Tensor:
+        """Flat copy of every rank's run of blocks in this bucket, zero padded (one launch).
+
+        A block cut by the run's ends contributes its row-major elements inside it, as up to
+        three 2-D pieces (``row_pieces``), converted as they are copied.
+        """
+        flat = like.new_empty(self.numel, dtype=dtype)
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        for rank, ((lo, hi), start) in enumerate(zip(self.bounds, self.starts)):
+            part = flat[start : start + hi - lo]
+            for slot in self.layout.segments[rank]:
+                a = max(lo, slot.offset)
+                b = min(hi, slot.offset + slot.block.numel)
+                if b <= a:
+                    continue
+                src = block_view(tensors[slot.engine][slot.block.param_index], slot.block)
+                at = a - lo
+                for piece in row_pieces(src, a - slot.offset, b - slot.offset):
+                    n = piece.numel()
+                    dsts.append(part[at : at + n].view(piece.shape))
+                    srcs.append(piece)
+                    at += n
+            used = max(0, min(hi, self.layout.used[rank]) - lo)
+            part[used:].zero_()
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        return flat
+
+
 class LevelReducer:
     """Reduces the level sums of the SOAP blocks of engines sharing one data-parallel group.
 
@@ -263,8 +324,9 @@ class LevelReducer:
     every replica and deterministic. ``launch`` is asynchronous; ``wait`` returns the views.
 
     ``buckets`` (``CommConfig.level_buckets``; None: auto, ``choose_level_buckets``) cuts
-    the owner-ordered buffer into that many layouts (``OwnerLayout.split``: bucket g holds
-    chunk g of every owner's segment), one collective each. ``launch`` packs
+    the owner-ordered buffer into that many chunks (``OwnerLayout.chunks``: bucket g holds
+    run g of every owner's segment, equal runs cut anywhere), one collective each, whose
+    results land in one receive buffer of this owner's segment. ``launch`` packs
     bucket g only after bucket g - ``SEND_BUFFERS`` has been waited for and its send buffer
     dropped, so at most ``SEND_BUFFERS`` send buffers (and, bf16 wire, their receive buffers
     of every sender's pieces) are alive at once: the packed transient is about
@@ -277,9 +339,8 @@ class LevelReducer:
     Every element is reduced over the same ranks whatever the bucketing. The bf16 wire sums
     the pieces itself in rank order, so its results are bitwise one bucket's; the fp32
     collectives sum in the backend's order, which may depend on the element's position in
-    the buffer: gloo's padded reduce-scatter gave bitwise one bucket's results at 2, 3 and 4
-    ranks (tests/test_level_buckets.py), its uneven one (``segments="exact"``) only at 2
-    ranks (a + b = b + a; at 3+ ranks fp32 round-off); NCCL may pick another algorithm for
+    the buffer (tests/test_level_buckets.py says where gloo's results are bitwise one
+    bucket's and where they agree to fp32 round-off); NCCL may pick another algorithm for
     another message size.
     """
 
@@ -307,15 +368,15 @@ class LevelReducer:
         self.rank = dist.get_rank(group) if owner_world > 1 else 0
         self.scaling = scaling
         self.wire_dtype = wire_dtype
-        if not self.sharded and wire_dtype == torch.float32:
+        if self.group_size == 1 or (not self.sharded and wire_dtype == torch.float32):
             buckets = 1  # reduced in place: the packed buffer is the result (see auto_buckets)
         elif buckets is None:
             buckets = self.auto_buckets()
-        self.layouts = self.layout.split(buckets)
+        self.chunks = self.layout.chunks(buckets)
         # Buckets launched and not retired: (work, send buffer, receive buffer, bucket).
         self._in_flight: deque[tuple[dist.Work | None, torch.Tensor, torch.Tensor, int]]
         self._in_flight = deque()
-        self._received: list[torch.Tensor | None] = []  # per bucket, once retired
+        self._segment: torch.Tensor | None = None  # this owner's received segment
         self._dtype: torch.dtype | None = None  # the grads' dtype while a reduction is out
 
     def auto_buckets(self) -> int:
@@ -326,12 +387,12 @@ class LevelReducer:
         """
         if self.group_size == 1 or (not self.sharded and self.wire_dtype == torch.float32):
             return 1
-        most = max((len(s) for s in self.layout.segments), default=1)
 
         def sizes_of(g: int) -> list[int]:
-            return [part.numel for part in self.layout.split(g)]
+            return [part.numel for part in self.layout.chunks(g)]
 
-        return choose_level_buckets(None, most, sizes_of, self.layout.world_size)
+        longest = max(self.layout.used, default=1)
+        return choose_level_buckets(None, longest, sizes_of, self.layout.world_size)
 
     @property
     def sharded(self) -> bool:
@@ -340,8 +401,8 @@ class LevelReducer:
 
     @property
     def num_buckets(self) -> int:
-        """Collectives per level reduction (buckets with blocks on some rank)."""
-        return len(self.layouts)
+        """Collectives per level reduction (buckets with elements on some rank)."""
+        return len(self.chunks)
 
     def launch(self, grads: Sequence[Sequence[torch.Tensor]]) -> None:
         """Pack ``grads[engine][param]``'s blocks, scale them and start the reduction.
@@ -352,33 +413,40 @@ class LevelReducer:
             raise RuntimeError("a level reduction is still in flight: wait() for it first")
         ref = next(g for gs in grads for g in gs)
         self._dtype = ref.dtype  # main_grad: fp32 (fp64 in the tests)
-        self._received = [None] * len(self.layouts)
-        for g, layout in enumerate(self.layouts):
+        if len(self.chunks) > 1:  # every bucket's result lands in this owner's one segment
+            mine = sum(chunk.sizes[self.rank] for chunk in self.chunks)
+            self._segment = ref.new_empty(mine)
+        start = 0
+        for g, chunk in enumerate(self.chunks):
             while len(self._in_flight) >= self.SEND_BUFFERS:
                 self._retire()
-            self._launch_bucket(g, layout, grads, ref)
+            self._launch_bucket(g, chunk, grads, ref, start)
+            start += chunk.sizes[self.rank]
 
     def _launch_bucket(
         self,
         g: int,
-        layout: OwnerLayout,
+        chunk: OwnerChunk,
         grads: Sequence[Sequence[torch.Tensor]],
         ref: torch.Tensor,
+        start: int,
     ) -> None:
         dtype = ref.dtype
-        flat = layout.pack(grads, dtype, ref)
+        flat = chunk.pack(grads, dtype, ref)
         if self.scaling != 1.0:
             flat.mul_(self.scaling)
         n = self.group_size
-        seg = layout.sizes[self.rank]  # this rank's segment (padded, or exact)
+        seg = chunk.sizes[self.rank]  # this rank's part of the bucket (padded, or exact)
         work: dist.Work | None = None
         if n == 1:
             out = flat
         elif self.wire_dtype in (torch.float32, dtype):
             if self.sharded:
-                out = flat.new_empty(seg)
-                if layout.exact:
-                    work = reduce_scatter_uneven(out, flat, layout.sizes, self.group, True)
+                # into the bucket's run of this owner's segment (one bucket: its own buffer)
+                segment = self._segment
+                out = flat.new_empty(seg) if segment is None else segment[start : start + seg]
+                if chunk.exact:
+                    work = reduce_scatter_uneven(out, flat, chunk.sizes, self.group, True)
                 else:
                     work = reduce_scatter_flat(out, flat, self.group, async_op=True)
             else:
@@ -393,7 +461,7 @@ class LevelReducer:
                     out,
                     wire,
                     output_split_sizes=[seg] * n,
-                    input_split_sizes=layout.sizes,
+                    input_split_sizes=chunk.sizes,
                     group=self.group,
                     async_op=True,
                 )
@@ -411,11 +479,17 @@ class LevelReducer:
         assert dtype is not None
         if out.dtype != dtype:  # bf16 pieces of every sender: fp32 (grad dtype) sum, rank order
             pieces = out.view(self.group_size, -1)
-            total = pieces[0].to(dtype)
+            if self._segment is None:
+                total = pieces[0].to(dtype)
+            else:  # into the bucket's run of the segment
+                start = sum(chunk.sizes[self.rank] for chunk in self.chunks[:g])
+                total = self._segment[start : start + pieces.shape[1]]
+                total.copy_(pieces[0])
             for piece in pieces[1:]:
                 total.add_(piece.to(dtype))
             out = total
-        self._received[g] = out
+        if self._segment is None:
+            self._segment = out
 
     @property
     def in_flight(self) -> bool:
@@ -427,31 +501,27 @@ class LevelReducer:
 
         Returns:
             This rank's owned blocks, per engine, as (rows, cols) views in the grads' dtype
-            (views into the buckets' receive buffers), in the order of one bucket's.
+            (views into this owner's received segment, whatever the bucketing).
         """
         if self._dtype is None:
             raise RuntimeError("no level reduction in flight")
         while self._in_flight:
             self._retire()
         self._dtype = None
-        received, self._received = self._received, []
-        out: list[list[torch.Tensor]] = [[] for _ in range(self.layout.num_engines)]
-        for layout, segment in zip(self.layouts, received):
-            assert segment is not None
-            for e, views in enumerate(layout.segment_views(segment, self.rank)):
-                out[e].extend(views)
-        return out
+        segment, self._segment = self._segment, None
+        assert segment is not None
+        return self.layout.segment_views(segment, self.rank)
 
     def padding_per_rank(self) -> list[int]:
         """Padding elements in each rank's segments, summed over the buckets."""
-        pads = [layout.padding_per_rank() for layout in self.layouts]
+        pads = [chunk.padding_per_rank() for chunk in self.chunks]
         return [sum(column) for column in zip(*pads)]
 
     def bytes_per_reduction(self) -> int:
         """Bytes one rank sends per reduction with ring algorithms (padding included)."""
-        return sum(self._bucket_bytes(layout) for layout in self.layouts)
+        return sum(self._bucket_bytes(chunk) for chunk in self.chunks)
 
-    def _bucket_bytes(self, layout: OwnerLayout) -> int:
+    def _bucket_bytes(self, layout: OwnerChunk) -> int:
         n = self.group_size
         if n == 1:
             return 0

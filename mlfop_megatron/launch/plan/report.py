@@ -50,9 +50,13 @@ def _transient_lines(m: RankMemory) -> list[str]:
     if m.folding:
         return [
             _row(
-                "transient: metric + fold workspace + estimates while the window folds "
-                "(5 S + 3 g_max)",
+                "transient: metric + class stacks + rotated estimate while the window folds "
+                "(3 S)",
                 fb(m.window_buffers),
+            ),
+            _row(
+                "transient: a fold's eager chains (<= 1 class stack; compiled: none)",
+                fb(m.fold),
             ),
             _row(
                 "transient: the metric and folded estimate left at the step (3 S)",
