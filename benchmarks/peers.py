@@ -335,6 +335,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     # the package defaults, whatever they are (SOAPConfig())
     "soap-default": ("soap", {}),
     "mlfop-default": ("mlfop", {}),
+    "soap-default+blk256": ("soap", {"block_size": 256}),
 }
 PEERS = ("megatron-soap", "megatron-muon")
 
@@ -366,6 +367,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="with --timing: time the row list this many times in turn (round r: seed 100 + r), "
         "so that a slow spell of the machine hits every row alike; the table gives the median "
         "over rounds and the range",
+    )
+    p.add_argument(
+        "--timing-lr",
+        type=float,
+        default=5e-3,
+        help="with --timing: the lr every row is timed at (the refreshes the drift gate asks "
+        "for follow the trajectory, so time ours at the lr it trains at)",
     )
     p.add_argument(
         "--stability",
@@ -650,7 +658,7 @@ TIMING_SEED = 100  # round r of --timing-rounds runs seed TIMING_SEED + r
 
 
 def run_timing(args: Any, path: Path) -> None:
-    """Time every row (lr 5e-3, the first layout and batch) in every round not yet in ``path``."""
+    """Time every row (``--timing-lr``, first layout and batch) in each round not in ``path``."""
     from examples.digits.optimizers import entry
 
     done = load_results(path)
@@ -658,14 +666,14 @@ def run_timing(args: Any, path: Path) -> None:
     for round_ in range(args.timing_rounds):
         seed = TIMING_SEED + round_
         for label in args.rows.split(","):
-            key = run_key(label, layout, batch, 5e-3, seed, args.timing)
+            key = run_key(label, layout, batch, args.timing_lr, seed, args.timing)
             reason = entry(ROWS[label][0]).missing()
             if key in done or reason is not None:
                 if reason:
                     log(f"skip {label}: {reason}")
                 continue
             timing_args = argparse.Namespace(**{**vars(args), "steps": args.timing})
-            spec = make_spec(label, layout, batch, 5e-3, seed, timing_args)
+            spec = make_spec(label, layout, batch, args.timing_lr, seed, timing_args)
             (res,) = train_specs([spec], args.nproc)
             with path.open("a") as f:
                 f.write(json.dumps({"key": key, "label": label, **res}) + "\n")
@@ -681,8 +689,8 @@ def timing_table(path: Path, args: Any) -> list[str]:
     seeds = {TIMING_SEED + r for r in range(args.timing_rounds)}
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for r in load_results(path).values():
-        label, _, _, _, seed, steps = r["key"].split("|")
-        if int(steps) == args.timing and int(seed) in seeds:
+        label, _, _, lr, seed, steps = r["key"].split("|")
+        if int(steps) == args.timing and int(seed) in seeds and float(lr) == args.timing_lr:
             runs.setdefault(label, {})[int(seed)] = r
     if not runs:
         return []
@@ -747,7 +755,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             header = [
                 "",
                 f"Measured with `.venv-peers/bin/python -m benchmarks.peers --timing {args.timing} "
-                f"--timing-rounds {args.timing_rounds} --rows {args.rows}`, the rows one after "
+                f"--timing-rounds {args.timing_rounds} --timing-lr {args.timing_lr} --rows "
+                f"{args.rows}`, the rows one after "
                 "the other with nothing else "
                 "running, on "
                 + machine_facts(f"{args.nproc} gloo ranks")
