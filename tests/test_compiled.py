@@ -34,6 +34,7 @@ from mlfop_megatron.optim import MLFOPSOAP
 # block) and float64 parameters after four folding windows (see the module docstring).
 SUMS_RTOL = 1e-5
 PARAM_RTOL = 1e-9
+EPS = 1e-8  # the metric's eps in the chains' calls: sqrt(v / bias) + eps
 
 
 def _stacks(blocks: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -56,19 +57,15 @@ def test_memory_model_knows_the_chunk_threshold():
 def test_chunked_eager_sums_are_the_bits_of_one_call(monkeypatch):
     """A class above EAGER_CHUNK_BYTES runs in quarter chunks: every block's sums unchanged."""
     z, h, diag, s = _stacks(9)
-    whole = [
-        fused.per_block_sums(fused.fold_phase1_sums, False, z, h, diag, 0.25, 0.75, True),
-        fused.per_block_sums(fused.fold_phase2_sums, False, z, h, diag, s, 0.25, 0.75, True),
-        fused.per_block_sums(fused.fold_phase2_sums, False, z, h, None, s, 0.5, 0.5, False),
-        fused.per_block_sums(fused.eta_sums, False, z, h, diag),
+    calls = [
+        (fused.fold_phase1_sums, (z, h, diag, 0.9, EPS, 0.25, 0.75, True)),
+        (fused.fold_phase2_sums, (z, h, diag, 0.9, EPS, s, 0.25, 0.75, True)),
+        (fused.fold_phase2_sums, (z, h, None, 1.0, EPS, s, 0.5, 0.5, False)),
+        (fused.eta_sums, (z, h, diag, 0.9, EPS)),
     ]
+    whole = [fused.per_block_sums(fn, False, *args) for fn, args in calls]
     monkeypatch.setattr(fused, "EAGER_CHUNK_BYTES", 0)
-    chunked = [
-        fused.per_block_sums(fused.fold_phase1_sums, False, z, h, diag, 0.25, 0.75, True),
-        fused.per_block_sums(fused.fold_phase2_sums, False, z, h, diag, s, 0.25, 0.75, True),
-        fused.per_block_sums(fused.fold_phase2_sums, False, z, h, None, s, 0.5, 0.5, False),
-        fused.per_block_sums(fused.eta_sums, False, z, h, diag),
-    ]
+    chunked = [fused.per_block_sums(fn, False, *args) for fn, args in calls]
     for a, b in zip(whole, chunked):
         assert torch.equal(a, b)
 
@@ -119,13 +116,14 @@ def test_fold_keeps_no_scratch_and_its_transient_is_one_class_stack(monkeypatch)
     opt = MLFOPSOAP(model.parameters(), accumulation_steps=4, enabled=True, step_size="eta_star")
     stack_bytes = 8 * 16 * 16 * 4
     seen: list[tuple[int, int]] = []
+    metric_held: list[bool] = []
     original = BatchedWindowFolder._fold_pair
 
     def tracked(self, z, h, with_eta):
-        _ = self.class_diags  # the window's metric (kept to the step by design): not scratch
         with _LiveBytes() as mem:
             coef = original(self, z, h, with_eta)
         seen.append((mem.peak, mem.live))
+        metric_held.append(self._metric.computed)
         return coef
 
     monkeypatch.setattr(BatchedWindowFolder, "_fold_pair", tracked)
@@ -137,6 +135,8 @@ def test_fold_keeps_no_scratch_and_its_transient_is_one_class_stack(monkeypatch)
         opt.step()
         opt.zero_grad()
     assert len(seen) == 6  # two folds a window
+    # The folds made the metric inside their chains: the window never held it (S bytes).
+    assert metric_held == [False] * 6
     small = 4096  # per-block scalars ([B, 5] sums, coefficients): not stack-sized
     for peak, live in seen:
         assert peak <= stack_bytes + small, (peak, stack_bytes)
@@ -202,8 +202,8 @@ def test_compiled_sums_match_eager_and_do_not_depend_on_class_mates(with_diag):
     z, h, diag, s = _stacks(8)
     m = diag if with_diag else None
     for fn, args in (
-        (fused.fold_phase1_sums, (z, h, m, 0.25, 0.75, True)),
-        (fused.fold_phase2_sums, (z, h, m, s, 0.25, 0.75, True)),
+        (fused.fold_phase1_sums, (z, h, m, 0.9, EPS, 0.25, 0.75, True)),
+        (fused.fold_phase2_sums, (z, h, m, 0.9, EPS, s, 0.25, 0.75, True)),
     ):
         eager = fused.per_block_sums(fn, False, *args)
         compiled = fused.per_block_sums(fn, True, *args)

@@ -122,13 +122,13 @@ def test_rank_memory_folding_off_counts_no_fold_buffers() -> None:
     off = rank_memory(asg, 0, params_numel=9000, adam_numel=808, dp=2)  # the default
     on = rank_memory(asg, 0, params_numel=9000, adam_numel=808, dp=2, folding=True)
     assert not off.folding and on.folding
-    assert on.window_buffers == 3 * owned.grads and on.stacking == 0
+    assert on.window_buffers == 2 * owned.grads and on.stacking == 0  # no metric stack
     assert on.fold == fold_transient(owned.largest_class) and off.fold == 0
     assert off.window_buffers == 0
     assert off.stacking == seg + owned.grads  # received segment + class stacks (no metric)
     assert off.level_buffers == on.level_buffers == 3 * seg
     assert off.step_buffers == 2 * owned.grads  # class stacks + rotation (no metric)
-    assert on.step_buffers == 3 * owned.grads  # metric + the estimate's two forms
+    assert on.step_buffers == 2 * owned.grads  # the estimate's two forms (no metric)
     assert off.refresh == on.refresh
     assert off.transient_window == max(off.level_buffers, off.stacking)
     assert on.transient_window == on.window_buffers + max(on.level_buffers, on.fold)

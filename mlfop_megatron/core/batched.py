@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mlfop_megatron.config import SOAPConfig
+from mlfop_megatron.core import fused
 from mlfop_megatron.core.linalg import (
     LinalgCounters,
     canonical_null_columns,
@@ -162,12 +163,15 @@ class ShapeClass:
             x = torch.matmul(x, _bt(self.tensors["QR"]))
         return x
 
+    def metric_source(self) -> tuple[torch.Tensor | None, float, float]:
+        """(v, bias, eps): the metric is sqrt(v / bias) + eps (``fused.metric``); v None: I."""
+        if not self.initialized or self.step == 0:
+            return None, 1.0, self.cfg.eps
+        return self.tensors["exp_avg_sq"], 1.0 - self.cfg.betas[1] ** self.step, self.cfg.eps
+
     def metric_diag(self) -> torch.Tensor | None:
         """sqrt(v_hat) + eps of every block [B, r, c]; None while the metric is I."""
-        if not self.initialized or self.step == 0:
-            return None
-        v_hat = self.tensors["exp_avg_sq"] / (1.0 - self.cfg.betas[1] ** self.step)
-        return v_hat.sqrt_().add_(self.cfg.eps)
+        return fused.metric(*self.metric_source())
 
     def stack(self, per_block: Sequence[torch.Tensor]) -> torch.Tensor:
         """A [B, r, c] stack (a new tensor, class dtype) of this class's entries of a list.

@@ -13,10 +13,11 @@ call per phase, exactly as in the per-block folder. Nothing here reads a device 
 host.
 
 Per-block views (``metric_diags``, ``rotate_fns``, ``estimate_rot``, ``output()``) exist for
-the grad-group diagnostics and the callers that take per-block lists. The SOAP metric per
-class (``class_diags``, S bytes per rank) is computed at its first read, by a fold or the
-diagnostics (``folding.WindowMetric``): a window that never folds (folding off) and arms no
-diagnostics never holds it.
+the grad-group diagnostics and the callers that take per-block lists. The folds never hold
+the SOAP metric: each chain makes it from the second moment v of the window's start state
+(``fused.metric``, chunk by chunk eager, fused compiled). The metric per class
+(``class_diags``, S bytes per rank) is computed only at a read by the diagnostics
+(``folding.WindowMetric``): a window that arms none never holds it.
 """
 
 from __future__ import annotations
@@ -140,6 +141,11 @@ class BatchedWindowFolder(FoldStack):
         self.micro_steps = self.schedule.boundaries[level]
 
     # ----------------------------------------------------------------- fold
+    def _metric_sources(self) -> list[tuple[torch.Tensor | None, float, float]]:
+        """Per class (v, bias, eps) of the window's start state: the chains make the metric."""
+        self._metric.check_unchanged()
+        return [c.metric_source() for c in self.engine.classes]
+
     def _fold(self, level: int, means: Stacks) -> None:
         if not self.num_blocks:
             return
@@ -168,24 +174,24 @@ class BatchedWindowFolder(FoldStack):
         """
         wz, wh = z.size / (z.size + h.size), h.size / (z.size + h.size)
         z_rot, h_rot = cast(Stacks, z.rot), cast(Stacks, h.rot)  # folds: rotated forms exist
-        classes, diags = self.engine.classes, self.class_diags
+        classes, metrics = self.engine.classes, self._metric_sources()
         f64 = torch.float64
 
         def phase1() -> torch.Tensor:
             rows = [
                 fused.per_block_sums(
-                    fused.fold_phase1_sums, c.cfg.compile, zr, hr, m, wz, wh, self.cfg.diagnostics
+                    fused.fold_phase1_sums, c.cfg.compile, zr, hr, *m, wz, wh, self.cfg.diagnostics
                 ).to(f64)
-                for c, zr, hr, m in zip(classes, z_rot, h_rot, diags)
+                for c, zr, hr, m in zip(classes, z_rot, h_rot, metrics)
             ]
             return self.engine.to_block_order(rows)
 
         def phase2(s: torch.Tensor) -> torch.Tensor:
             rows = []
-            for c, zr, hr, m in zip(classes, z_rot, h_rot, diags):
+            for c, zr, hr, m in zip(classes, z_rot, h_rot, metrics):
                 s_c = s.index_select(0, c.index).to(zr.dtype)
                 sums = fused.per_block_sums(
-                    fused.fold_phase2_sums, c.cfg.compile, zr, hr, m, s_c, wz, wh, with_eta
+                    fused.fold_phase2_sums, c.cfg.compile, zr, hr, *m, s_c, wz, wh, with_eta
                 )
                 rows.append(sums.to(f64))
             return self.engine.to_block_order(rows)
@@ -200,9 +206,9 @@ class BatchedWindowFolder(FoldStack):
         assert self._plain_r is not None and self._estimate is not None
         comb_rots = cast(Stacks, self._estimate.rot)
         rows = [
-            fused.per_block_sums(fused.eta_sums, c.cfg.compile, mean_r, comb_r, diag)
-            for c, mean_r, comb_r, diag in zip(
-                self.engine.classes, self._plain_r, comb_rots, self.class_diags
+            fused.per_block_sums(fused.eta_sums, c.cfg.compile, mean_r, comb_r, *metric)
+            for c, mean_r, comb_r, metric in zip(
+                self.engine.classes, self._plain_r, comb_rots, self._metric_sources()
             )
         ]
         sums = self.engine.to_block_order([r.to(torch.float64) for r in rows])

@@ -213,15 +213,19 @@ class WindowMetric(Sequence[torch.Tensor | None]):
         """Whether the diagonals were read (hence computed) in this window."""
         return self._value is not None
 
+    def check_unchanged(self) -> None:
+        """Raise if an optimizer step changed the state since the window started."""
+        # Invariant: v and step change only in the optimizer step, which follows every read.
+        if self._version() != self._start:
+            raise RuntimeError(
+                "the window's SOAP metric was first read after an optimizer step changed "
+                "the state: read it before the step (folds, grad diagnostics)"
+            )
+
     def values(self) -> list[torch.Tensor | None]:
         """The diagonals (computed at the first call, then cached)."""
         if self._value is None:
-            # Invariant: v and step change only in the optimizer step, which follows every read.
-            if self._version() != self._start:
-                raise RuntimeError(
-                    "the window's SOAP metric was first read after an optimizer step changed "
-                    "the state: read it before the step (folds, grad diagnostics)"
-                )
+            self.check_unchanged()
             value = self._compute()
             if len(value) != self._count:
                 raise ValueError(f"expected {self._count} metric diagonals, got {len(value)}")

@@ -55,17 +55,40 @@ def weighted_pair(
     return z * wz + h * wh, z - h
 
 
+def metric(
+    v: torch.Tensor | None, bias: float | torch.Tensor, eps: float | torch.Tensor
+) -> torch.Tensor | None:
+    """The SOAP metric sqrt(v / bias) + eps (``ClassState.metric_diag``'s ops); None: M = I.
+
+    The fold chains take the second moment ``v`` of the window's start state and make the
+    metric inside, so no metric stack is kept through the window (S bytes per rank).
+    """
+    return None if v is None else (v / bias).sqrt_().add_(eps)
+
+
+def _inner(x: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
+    """<x, M^-1 x> of every block ([B]), one stack-sized temporary."""
+    return _bsum(x * x) if diag is None else _bsum((x / diag).mul_(x))
+
+
 def fold_phase1_sums(
     z: torch.Tensor,
     h: torch.Tensor,
-    diag: torch.Tensor | None,
+    v: torch.Tensor | None,
+    bias: float | torch.Tensor,
+    eps: float | torch.Tensor,
     wz: float | torch.Tensor,
     wh: float | torch.Tensor,
     euclidean: bool,
 ) -> torch.Tensor:
-    """``fop.phase1_sums`` of every block, from z, h and the metric ([B, 5], z's dtype)."""
+    """``fop.phase1_sums`` of every block, from z, h and the metric of v ([B, 5], z's dtype).
+
+    At most four stacks live at once (a, d, the metric, then M a in its place, a product).
+    """
     a, d = weighted_pair(z, h, wz, wh)
+    diag = metric(v, bias, eps)
     ma = a if diag is None else a * diag
+    del diag
     sums = [_bsum(a * ma), _bsum(d * ma)]
     if euclidean:
         sums += [_bsum(a * a), _bsum(a * d), _bsum(d * d)]
@@ -77,7 +100,9 @@ def fold_phase1_sums(
 def fold_phase2_sums(
     z: torch.Tensor,
     h: torch.Tensor,
-    diag: torch.Tensor | None,
+    v: torch.Tensor | None,
+    bias: float | torch.Tensor,
+    eps: float | torch.Tensor,
     s: torch.Tensor,
     wz: float | torch.Tensor,
     wh: float | torch.Tensor,
@@ -85,24 +110,34 @@ def fold_phase2_sums(
 ) -> torch.Tensor:
     """``fop.phase2_sums`` of every block (``s``: [B], z's dtype): [B, 3] or [B, 4].
 
-    Ordered so that at most four stacks are live at once: <d, M^-1 d> and <a, M^-1 a> before
-    d_perp = d - s a replaces d.
+    Ordered so that at most four stacks are live at once (a, d, the metric, one product):
+    <d, M^-1 d> and <a, M^-1 a> before d_perp = d - s a replaces d in place.
     """
     a, d = weighted_pair(z, h, wz, wh)
-    d_mi_d = _bsum(d * (d if diag is None else d / diag))
-    a_mi_a = _bsum(a * (a if diag is None else a / diag)) if with_ama else None
-    d_perp = d - a * s[:, None, None]
-    del d
+    diag = metric(v, bias, eps)
+
+    d_mi_d = _inner(d, diag)
+    a_mi_a = _inner(a, diag) if with_ama else None
+    d_perp = d.sub_(a * s[:, None, None])
     mi_dp = d_perp if diag is None else d_perp / diag
+    del diag
     out = [_bsum(a * mi_dp), _bsum(d_perp * mi_dp), d_mi_d]
     if a_mi_a is not None:
         out.append(a_mi_a)
     return torch.stack(out, dim=1)
 
 
-def eta_sums(mean: torch.Tensor, comb: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
+def eta_sums(
+    mean: torch.Tensor,
+    comb: torch.Tensor,
+    v: torch.Tensor | None,
+    bias: float | torch.Tensor,
+    eps: float | torch.Tensor,
+) -> torch.Tensor:
     """[<mean, M^-1 comb>, <comb, M^-1 comb>] of every block ([B, 2]): eta*'s terms."""
+    diag = metric(v, bias, eps)
     mi_comb = comb if diag is None else comb / diag
+    del diag
     return torch.stack([_bsum(mean * mi_comb), _bsum(comb * mi_comb)], dim=1)
 
 

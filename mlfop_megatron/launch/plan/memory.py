@@ -17,16 +17,16 @@ batched engine):
 
 Folding on (``FoldingConfig.enabled`` with at least one fold: several levels):
 
-* window buffers (while the window folds): the SOAP metric sqrt(v_hat) + eps per class of
-  the window's start state (S, ``batched.metric_diag``, computed at the first fold and kept
-  to the step: ``folding.WindowMetric``), the last level's class stacks (S,
+* window buffers (while the window folds): the last level's class stacks (S,
   ``ShardedSOAP._class_stacks``), the rotated estimate (S, ``batched.rotate``) and a fold's
   transient (:func:`fold_transient`: the eager chains of ``core/fused.py`` keep four
-  temporaries live, of the whole class up to 4 MiB, of a quarter of its blocks above: 4 g_max
-  or g_max, the latter assuming the largest class has four blocks or more; compiled chains
-  have none; nothing of it outlives the fold, and the level's reduce buffers are gone when
-  it runs: measured): 3 S, plus the larger of the level buffers and the fold's transient; at
-  the step the metric and the estimate's two forms are left (3 S).
+  temporaries live, the SOAP metric made from v among them, of the whole class up to 4 MiB,
+  of a quarter of its blocks above: 4 g_max or g_max, the latter assuming the largest class
+  has four blocks or more; compiled chains have none; nothing of it outlives the fold, and
+  the level's reduce buffers are gone when it runs: measured): 2 S, plus the larger of the
+  level buffers and the fold's transient; at the step the estimate's two forms are left
+  (2 S). No metric stack: the chains make sqrt(v_hat) + eps from v (``fused.metric``; it
+  was S more, kept from the first fold to the step, until 2026-12-07).
 * level buffers (fwd/bwd phase): the packed owner-ordered send buffers of the level
   reduce-scatter in flight and this owner's received segment (seg), alive until the next
   level boundary waits; at DP=1 the packed buffer only (S, reduced in place). In G buckets
@@ -34,7 +34,7 @@ Folding on (``FoldingConfig.enabled`` with at least one fold: several levels):
   segment, cut between whole blocks, each padded on its own: ``comm_config.bucket_sizes``)
   bucket g is packed while g-1 is in flight: the largest two consecutive send buffers
   (about 2 N seg / G) + seg; one bucket: N seg + seg.
-* transient peak = max(window buffers + level buffers, 3 S + refresh).
+* transient peak = max(window buffers + level buffers, 2 S + refresh).
 
 Folding off (the default, ``FoldingConfig.enabled=False``; also K=1 or a single level: one
 level, no fold, no rotated estimate, no fold transient):
@@ -48,7 +48,7 @@ level, no fold, no rotated estimate, no fold transient):
   (``folding.WindowMetric``), and without a fold or grad-group diagnostics nothing reads it.
 * step buffers: the class stacks and the statistics gradient rotated in the current bases
   before the early refresh (``BatchedBlocks.step`` phase 1, ``refresh_first``, the default;
-  kept until the class steps use it): 2 S (folding on: 3 S, with the metric). With
+  kept until the class steps use it): 2 S (folding on: 2 S, the estimate's two forms). With
   ``refresh_first=False`` the rotation is made per class after the refresh and dropped, so
   2 S is then an upper bound.
 * transient peak = max(level buffers, stacking, 2 S + refresh).
@@ -66,7 +66,7 @@ Both:
   ``backend="gloo"``, what the CPU measurement sees; NCCL has none). Folding on, the last
   fold's peak (both estimates of the fold beside its transient) is above the window buffers
   at DP=1 but below the step's. Windows armed for grad-group diagnostics
-  (``arm_grad_diagnostics``): their group sums and, folding off, the metric they read
+  (``arm_grad_diagnostics``): their group sums and the metric they read
   before the step (S, then kept through it).
 * null-probe cache (``linalg.null_probe``, module level, kept for the process): one fp32
   n x n per distinct rotated dimension n whose factor was ever rank-deficient (counted as
@@ -144,10 +144,10 @@ class RankMemory:
     soap_state: int
     adam_state: int
     probe_cache: int
-    window_buffers: int  # folding on: metric + estimates (3 S); folding off: 0
+    window_buffers: int  # folding on: class stacks + rotated estimate (2 S); folding off: 0
     level_buffers: int
     refresh: int
-    step_buffers: int = 0  # what of the window is left at the step (folding on 3 S, off 2 S)
+    step_buffers: int = 0  # what of the window is left at the step (2 S, folding on or off)
     stacking: int = 0  # folding off: the one level stacked per class (seg + S); on: 0
     folding: bool = False  # whether the window folds (the terms above follow it)
     level_buckets: int = 1  # collectives per level reduction (CommConfig.level_buckets)
@@ -235,9 +235,9 @@ def rank_memory(
             level += FP32 * max(sizes)
     else:
         received = level = owned.grads  # the packed buffer is reduced in place
-    if folding:  # the metric, estimates, a fold's transient; at the step metric + estimate
-        window, fold = 3 * owned.grads, fold_transient(owned.largest_class)
-        stacking, step = 0, 3 * owned.grads
+    if folding:  # the class stacks, rotated estimate, a fold's transient; at the step both forms
+        window, fold = 2 * owned.grads, fold_transient(owned.largest_class)
+        stacking, step = 0, 2 * owned.grads
     else:  # the class stacks beside the received segment; at the step + their rotation
         window, fold, stacking, step = 0, 0, received + owned.grads, 2 * owned.grads
     return RankMemory(

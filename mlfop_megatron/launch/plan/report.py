@@ -50,8 +50,7 @@ def _transient_lines(m: RankMemory) -> list[str]:
     if m.folding:
         return [
             _row(
-                "transient: metric + class stacks + rotated estimate while the window folds "
-                "(3 S)",
+                "transient: class stacks + rotated estimate while the window folds (2 S)",
                 fb(m.window_buffers),
             ),
             _row(
@@ -59,7 +58,7 @@ def _transient_lines(m: RankMemory) -> list[str]:
                 fb(m.fold),
             ),
             _row(
-                "transient: the metric and folded estimate left at the step (3 S)",
+                "transient: the folded estimate (both forms) left at the step (2 S)",
                 fb(m.step_buffers),
             ),
             _row(
