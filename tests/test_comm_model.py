@@ -69,10 +69,10 @@ def test_llama_table_meets_launch_target_and_reports_padding():
     rows = communication_table("llama3-8b", (256,), levels=4)
     mlfop = next(c for c in rows if c.layout == "mlfop")
     # L x G + 4: the level reductions in G buckets (CommConfig.level_buckets, auto: each fp32
-    # send buffer <= 1 GiB: 26 for the 8B model's 26 GiB buffer, whatever N; about as many
-    # as DistributedOptimizer's reduce-scatters of max(40M, 1M x N) elements per step, 32
-    # here, but per level); one bucket: L + 4 whatever N
-    assert mlfop.launches == 4 * 26 + 4
+    # send buffer <= 1 GiB and <= half an owner's segment, >= 16 MiB, at most 32 buckets: the
+    # cap here, as many as DistributedOptimizer's reduce-scatters of max(40M, 1M x N)
+    # elements per step, 32 here, but per level); one bucket: L + 4 whatever N
+    assert mlfop.launches == 4 * 32 + 4
     distopt = next(c for c in rows if c.layout == "distopt")
     assert distopt.launches == 2 * 32 + 1
     specs = model_shapes("llama3-8b", 1)
@@ -97,11 +97,11 @@ def test_exact_segments_meet_4l_plus_2_where_padding_does_not():
     assert rows["mlfop_exact"].bytes_per_soap_element <= 4 * levels + 2  # (total - min u) / total
     assert rows["mlfop_exact"].launches == rows["mlfop"].launches
     assert rows["mlfop_exact"].seconds < rows["mlfop"].seconds  # despite N x alpha latency
-    # In the auto level buckets (28 per level: the 28 GiB fp32 buffer in 1 GiB runs of every
-    # owner's segment) the N x alpha latency of every exact launch costs more than the
-    # padding it saves.
+    # In the auto level buckets (32 per level, the cap: a 28 MiB owner segment asks for
+    # 16 MiB runs) the N x alpha latency of every exact launch costs more than the padding
+    # it saves.
     auto = {c.layout: c for c in communication_table("llama3-8b", (dp,), levels=levels)}
-    assert auto["mlfop"].launches == levels * 28 + 4
+    assert auto["mlfop"].launches == levels * 32 + 4
     assert auto["mlfop_exact"].seconds > auto["mlfop"].seconds
     low = {c.layout: c for c in communication_table("llama3-8b", (64,), levels=levels)}
     # no padding to remove at DP=64 (104 blocks per owner): only the N x alpha latency is left

@@ -49,10 +49,17 @@ def test_level_buckets_option_is_validated():
 
 
 def test_auto_level_buckets_caps_each_send_buffer():
+    gib, mib = LEVEL_BUCKET_BYTES, 1 << 20
     assert auto_level_buckets(0) == 1
-    assert auto_level_buckets(LEVEL_BUCKET_BYTES) == 1  # small models: one collective
-    assert auto_level_buckets(LEVEL_BUCKET_BYTES + 1) == 2
-    assert auto_level_buckets(26 * LEVEL_BUCKET_BYTES) == 26
+    assert auto_level_buckets(gib) == 1  # small models: one collective
+    assert auto_level_buckets(gib + 1) == 2
+    assert auto_level_buckets(26 * gib) == 26
+    # at most half an owner's segment per send buffer, at least 16 MiB, at most 128 buckets
+    assert auto_level_buckets(8 * gib, 4 * gib) == 8  # 1 GiB binds
+    assert auto_level_buckets(8 * gib, 512 * mib) == 32  # half the segment binds
+    assert auto_level_buckets(gib // 2, 8 * mib) == 32  # 16 MiB binds
+    assert auto_level_buckets(64 * gib, 8 * mib) == 32  # the cap binds
+    assert auto_level_buckets(16 * mib, 8 * mib) == 1  # one 16 MiB buffer: one collective
 
 
 def test_auto_takes_buckets_only_where_they_save_memory():
@@ -66,12 +73,16 @@ def test_auto_takes_buckets_only_where_they_save_memory():
     assert level_bucket_sizes(None, [[gib, gib], [gib, gib]]) == [gib] * 4
     assert level_bucket_sizes(None, [[2 * gib], [2 * gib]]) == [gib] * 4  # one matrix each
     assert len(level_bucket_sizes(2, [[gib, gib], [gib, gib]])) == 2  # asked: honoured
-    # 2 GiB packed: 2 buckets, both alive at once, would save nothing: one bucket
-    assert level_bucket_sizes(None, [[gib // 2] * 2, [gib // 2] * 2]) == [2 * gib]
+    # 2 GiB packed, 1 GiB segments: half a segment per send buffer, 4 buckets
+    assert level_bucket_sizes(None, [[gib // 2] * 2, [gib // 2] * 2]) == [gib // 2] * 4
     # owners whose blocks never line up: the runs are cut by elements, not blocks
     skew = [[gib, 1, 1, 1, 1], [1, 1, 1, 1, gib]]
-    width = -(-(gib + 4) // 3)
-    assert level_bucket_sizes(None, skew) == [2 * width] * 3
+    width = -(-(gib + 4) // 4)  # 2 (gib + 4) packed, (gib + 4) / 2 per send buffer: 4
+    assert level_bucket_sizes(None, skew) == [2 * width] * 4
+    # below 16 MiB of segment the minimum bucket binds: a 24 MiB buffer at 8 owners, 2
+    # buckets asked, both alive at once: one bucket
+    small = [[(3 << 20) // 4]] * 8
+    assert level_bucket_sizes(None, small) == [8 * (3 << 20) // 4]
 
 
 @pytest.mark.parametrize("used", [[10, 7, 0], [12, 12, 12], [1, 5, 3]])

@@ -12,18 +12,29 @@ GRAD_WIRE_DTYPES = ("fp32", "bf16")
 PARAM_SYNC = ("all_gather", "broadcast")
 SEGMENTS = ("padded", "exact")
 ADAM_GRAD_REDUCE = ("reduce_scatter", "all_reduce")
-# level_buckets=None (auto): each bucket's packed fp32 send buffer at most this many bytes.
+# level_buckets=None (auto): each bucket's packed fp32 send buffer at most this many bytes,
+# and at most half the owner's segment (two send buffers alive: the level reduction then holds
+# at most about two segments, what the stacking after it holds anyway), but no smaller than
+# LEVEL_BUCKET_MIN_BYTES (collectives large enough to run at bandwidth), and at most
+# LEVEL_BUCKETS_MAX buckets per level.
 LEVEL_BUCKET_BYTES = 1 << 30
+LEVEL_BUCKET_MIN_BYTES = 16 << 20
+LEVEL_BUCKETS_MAX = 32
 
 
-def auto_level_buckets(packed_bytes: int, budget: int = LEVEL_BUCKET_BYTES) -> int:
-    """Buckets of the level reduction so that each packed send buffer is <= ``budget`` bytes.
+def auto_level_buckets(packed_bytes: int, segment_bytes: int | None = None) -> int:
+    """Buckets of the level reduction so that each packed send buffer fits the auto budget.
 
-    ``packed_bytes``: the whole owner-ordered buffer (all owners' segments, padded) in fp32.
-    One bucket up to the budget: a model whose packed level sums fit in 1 GiB (up to ~250M
-    SOAP elements) launches one collective per level, as before the buckets.
+    ``packed_bytes``: the whole owner-ordered buffer (all owners' segments, padded) in fp32;
+    ``segment_bytes``: one owner's segment (None: no segment bound). The budget per send
+    buffer: ``LEVEL_BUCKET_BYTES`` (1 GiB), at most half the segment, at least
+    ``LEVEL_BUCKET_MIN_BYTES`` (16 MiB); at most ``LEVEL_BUCKETS_MAX`` buckets. One bucket up
+    to the budget: a small model launches one collective per level, as before the buckets.
     """
-    return max(1, -(-packed_bytes // budget))
+    budget = LEVEL_BUCKET_BYTES
+    if segment_bytes is not None:
+        budget = max(LEVEL_BUCKET_MIN_BYTES, min(budget, segment_bytes // 2))
+    return max(1, min(LEVEL_BUCKETS_MAX, -(-packed_bytes // budget)))
 
 
 def segment_chunks(
@@ -85,16 +96,18 @@ class CommConfig:
     changes the kernel order on GPU, not the math; a no-op on CPU). ``level_buckets``: the
     owner-ordered level buffer is reduced in that many buckets (``LevelReducer``), at most two
     send buffers alive at once; None (default, "auto", ``choose_level_buckets``): one
-    bucket while the packed fp32 buffer fits in ``LEVEL_BUCKET_BYTES`` (1 GiB; every model
-    below ~250M SOAP elements keeps one collective per level), else up to enough buckets to
-    keep each under it (each bucket an equal run of every owner's segment, cut inside blocks
-    where it falls: ``segment_chunks``), the count whose peak (two send buffers + received
-    segment) is least, and only where it saves >= 10% of one bucket's (Llama-3-8B at DP=8:
-    26 buckets; Llama-3-70B at DP=64, TP=8, PP=4, whose owners hold one or two whole
-    matrices each: 9), which is what keeps the level reduction inside the
-    issue-21 memory budget at 8B. The price of a bucket count above 2: on NCCL the packing of
-    bucket g waits for bucket g-2's collective on the compute stream, so that share of the
-    level's communication no longer overlaps the next micro-step (set 1 for full overlap).
+    bucket while the packed fp32 buffer fits the budget of one send buffer
+    (``auto_level_buckets``: ``LEVEL_BUCKET_BYTES``, 1 GiB, and half an owner's segment, but
+    at least 16 MiB), else up to enough buckets to keep each within it (at most 32; each
+    bucket an equal run of every owner's segment, cut inside blocks where it falls:
+    ``segment_chunks``), the count whose peak (two send buffers + received segment) is
+    least, and only where it saves >= 10% of one bucket's (Llama-3-8B at DP=8: 26 buckets;
+    Llama-3-70B at DP=64, TP=8, PP=4, whose owners hold one or two whole matrices each: 32),
+    which is what keeps the level reduction inside the issue-21 memory budget. The price of
+    a bucket count above 2: on NCCL the packing of bucket g waits for bucket g-2's
+    collective on the compute stream, so that share of the level's communication no longer
+    overlaps what follows: the next micro-step after an intermediate level (folding on);
+    folding off the step waits for the one level anyway (set 1 for full overlap).
     ``adam_grad_reduce``: how the non-matrix (Adam) gradients are reduced
     once per step when their state is sharded (ZeRO-1) and the levels are owner-reduced:
     "reduce_scatter" (default) hands each rank exactly the slice it steps (4 B per fp32 grad
@@ -156,7 +169,8 @@ class CommConfig:
         None,
         "collectives per level reduction: the owner-ordered buffer is cut into this many "
         "buckets (each an equal run of every owner's segment), at most 2 send buffers alive at "
-        "once (default: auto, each bucket's fp32 send buffer <= 1 GiB; 1: one buffer of the "
+        "once (default: auto, each fp32 send buffer <= 1 GiB and <= half an owner's segment, "
+        ">= 16 MiB, <= 32 buckets; 1: one buffer of the "
         "whole model, all of it overlapping the next micro-step)",
     )
 
@@ -221,14 +235,16 @@ def choose_level_buckets(
 
     Asked (``level_buckets`` set): that many, at most one per element of the fullest owner
     segment (``max_elements``). Auto (None): ``auto_level_buckets`` of the one-bucket fp32
-    buffer; when that asks for more than two, the count up to it whose ``level_transient`` is
-    least, kept only if it saves at least 10% of one bucket's transient; otherwise one bucket
-    (two buckets alive at once save nothing), no extra launches.
+    buffer and its mean owner segment; when that asks for more than two, the count up to it
+    whose ``level_transient`` is least, kept only if it saves at least 10% of one bucket's
+    transient; otherwise one bucket (two buckets alive at once save nothing), no extra
+    launches.
     """
     if level_buckets is not None:
         return max(1, min(level_buckets, max_elements))
     one = sizes_of(1)
-    asked = min(auto_level_buckets(4 * sum(one)), max_elements)
+    segment = -(-sum(one) // max(1, world))
+    asked = min(auto_level_buckets(4 * sum(one), 4 * segment), max_elements)
     if asked <= 2:
         return 1
     best, best_cost = 1, level_transient(one, world)
