@@ -104,3 +104,41 @@ def test_pieces_cover_each_full_matrix_once_over_owners():
         if p.numel:
             _piece_view(shards[t], p).add_(1)
     assert torch.equal(count, torch.ones_like(count))
+
+
+def _bucket_runs(specs):
+    out = []
+    for spec in specs:
+        r = run_tiny_gpt(spec)
+        out.append({k: r[k] for k in ("params", "comm_counts", "tp_level_buckets", "losses")})
+    return out
+
+
+@pytest.mark.distributed
+def test_tp2_dp2_full_owner_reduction_in_buckets_equals_one_bucket():
+    """Step 1 (the DP reduce-scatter) in 5 buckets, runs cut inside pieces: bitwise 1 bucket.
+
+    Each element is summed over the same 2 DP ranks (a + b = b + a; the bf16 wire sums the
+    pieces itself in rank order), and step 2 moves the same reduced values: the params after
+    two steps of three levels are bitwise equal, and each level launches 5 reduce-scatters
+    (or all-to-alls) instead of 1 for the TP-full engine.
+    """
+    base = dict(iters=2, microbatches=4, global_micro=2, tp=2, tp_mode="full", count_comm=True)
+    specs = []
+    for wire in ("fp32", "bf16"):
+        for buckets in (1, 5):
+            comm = {"adam_grad_reduce": "all_reduce", "grad_wire_dtype": wire}
+            specs.append(dict(base, comm={**comm, "level_buckets": buckets}))
+    runs = run_distributed(_bucket_runs, 4, specs, timeout=900)
+    levels = 3  # K=4 dyadic: boundaries 1, 2, 4
+    for rank in range(4):
+        for w, kind in enumerate(("reduce_scatter", "all_to_all")):
+            one, many = runs[rank][2 * w], runs[rank][2 * w + 1]
+            assert one["tp_level_buckets"] == [1] and many["tp_level_buckets"] == [5]
+            assert one["losses"] == many["losses"]
+            for name, p in one["params"].items():
+                assert torch.equal(p, many["params"][name]), (rank, kind, name)
+            (c1, _), (c5, _) = one["comm_counts"][-1], many["comm_counts"][-1]
+            # step 1 per level: 1 or 5 collectives of its kind (bf16: plus step 2's all-to-all)
+            extra = levels if kind == "all_to_all" else 0
+            assert c1[kind] == levels + extra and c5[kind] == 5 * levels + extra, (c1, c5)

@@ -250,6 +250,33 @@ def row_pieces(matrix: torch.Tensor, lo: int, hi: int) -> list[torch.Tensor]:
     return out
 
 
+def add_run_copies(
+    part: torch.Tensor,
+    views: Sequence[tuple[int, torch.Tensor]],
+    lo: int,
+    hi: int,
+    dsts: list[torch.Tensor],
+    srcs: list[torch.Tensor],
+) -> None:
+    """Queue the copies of elements ``[lo, hi)`` of a segment into ``part`` (its flat run).
+
+    ``views``: the segment's 2-D views and their offsets in it, in order; a view cut by the
+    run's ends contributes its row-major elements inside the run (``row_pieces``). The
+    copies go to ``dsts``/``srcs`` for one ``_foreach_copy_`` (converting as it copies).
+    """
+    for offset, view in views:
+        a = max(lo, offset)
+        b = min(hi, offset + view.numel())
+        if b <= a:
+            continue
+        at = a - lo
+        for piece in row_pieces(view, a - offset, b - offset):
+            n = piece.numel()
+            dsts.append(part[at : at + n].view(piece.shape))
+            srcs.append(piece)
+            at += n
+
+
 class OwnerChunk:
     """One bucket of an :class:`OwnerLayout`: elements ``[lo, hi)`` of every owner's segment.
 
@@ -293,18 +320,11 @@ class OwnerChunk:
         srcs: list[torch.Tensor] = []
         for rank, ((lo, hi), start) in enumerate(zip(self.bounds, self.starts)):
             part = flat[start : start + hi - lo]
-            for slot in self.layout.segments[rank]:
-                a = max(lo, slot.offset)
-                b = min(hi, slot.offset + slot.block.numel)
-                if b <= a:
-                    continue
-                src = block_view(tensors[slot.engine][slot.block.param_index], slot.block)
-                at = a - lo
-                for piece in row_pieces(src, a - slot.offset, b - slot.offset):
-                    n = piece.numel()
-                    dsts.append(part[at : at + n].view(piece.shape))
-                    srcs.append(piece)
-                    at += n
+            views = [
+                (slot.offset, block_view(tensors[slot.engine][slot.block.param_index], slot.block))
+                for slot in self.layout.segments[rank]
+            ]
+            add_run_copies(part, views, lo, hi, dsts, srcs)
             used = max(0, min(hi, self.layout.used[rank]) - lo)
             part[used:].zero_()
         if dsts:

@@ -14,6 +14,7 @@ level gradients of the shards are reduced over DP and all-gathered over TP into 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,16 @@ import torch.distributed as dist
 
 from mlfop_megatron.config import MLFOPConfig
 from mlfop_megatron.distributed.assignment import Block
-from mlfop_megatron.distributed.owner_buffer import all_gather_flat, reduce_scatter_flat
+from mlfop_megatron.distributed.comm_config import (
+    bucket_sizes,
+    choose_level_buckets,
+    segment_chunks,
+)
+from mlfop_megatron.distributed.owner_buffer import (
+    add_run_copies,
+    all_gather_flat,
+    reduce_scatter_flat,
+)
 from mlfop_megatron.distributed.sharded_soap import ShardedSOAP
 
 
@@ -156,7 +166,13 @@ class TPFullReducer:
     all-reduced every shard over DP and all-gathered the full matrices over TP on every rank.
     ``wire_dtype`` bfloat16: step 1 is an all-to-all of bf16 pieces summed in fp32 in rank
     order (as in ``LevelReducer``); step 2 moves already-reduced sums in the grads' dtype.
+    ``buckets`` (``CommConfig.level_buckets``; None: auto, ``choose_level_buckets``): step 1
+    in that many collectives, bucket g = run g of every DP segment (``segment_chunks``: equal
+    runs, cut inside pieces), at most ``SEND_BUFFERS`` send buffers alive at once, each
+    bucket's result landing in its run of this rank's one received segment.
     """
+
+    SEND_BUFFERS = 2  # as LevelReducer: bucket g packs while g - 1 is on the wire
 
     def __init__(
         self,
@@ -164,6 +180,7 @@ class TPFullReducer:
         dp_group: dist.ProcessGroup | None,
         scaling: float,
         wire_dtype: torch.dtype = torch.float32,
+        buckets: int | None = 1,
     ) -> None:
         if engine.world_size == 1 or engine.group is None:
             raise ValueError("TPFullReducer needs a TP-full engine sharded over TP x DP")
@@ -209,7 +226,35 @@ class TPFullReducer:
         self.recv = [pieces(me, t2) for t2 in range(self.tp)]
         self.recv_splits = [sum(p.numel for _, p in part) for part in self.recv]
         self.owned_blocks = list(asg.blocks_of(me))
-        self._pending: tuple[dist.Work | None, torch.Tensor, torch.dtype] | None = None
+        # Each DP segment's pieces with their offsets in it: (offset, param index, piece).
+        self._offsets: list[list[tuple[int, int, Piece]]] = []
+        for seg in self.send:
+            at, row = 0, []
+            for part in seg:
+                for b, p in part:
+                    if p.numel:
+                        row.append((at, b.param_index, p))
+                        at += p.numel
+            self._offsets.append(row)
+        if self.dp == 1:
+            buckets = 1
+        elif buckets is None:
+            used = self.used
+
+            def sizes_of(g: int) -> list[int]:
+                return bucket_sizes(used, g)
+
+            buckets = choose_level_buckets(None, max(1, self.segment_size), sizes_of, self.dp)
+        self.runs = segment_chunks(self.used, max(1, buckets))  # per bucket: (lo, hi) per rank
+        self._in_flight: deque[tuple[dist.Work | None, torch.Tensor, torch.Tensor, int]]
+        self._in_flight = deque()
+        self._segment: torch.Tensor | None = None  # this rank's DP-reduced segment
+        self._dtype: torch.dtype | None = None  # the grads' dtype while a reduction is out
+
+    @property
+    def num_buckets(self) -> int:
+        """Collectives of step 1 per level reduction."""
+        return len(self.runs)
 
     def _owner_coords(self) -> list[tuple[int, int]]:
         """(TP rank, DP rank) of every rank of the owner group, gathered once at construction."""
@@ -226,49 +271,89 @@ class TPFullReducer:
         return coords
 
     def launch(self, shard_grads: Sequence[torch.Tensor]) -> None:
-        """Pack this shard's pieces in owner order, scale them and start the DP reduction."""
-        if self._pending is not None:
+        """Pack this shard's pieces in owner order, scale them and start the DP reduction.
+
+        One collective per bucket; bucket g is packed only after bucket g - ``SEND_BUFFERS``
+        was waited for (its send buffer dropped).
+        """
+        if self._dtype is not None:
             raise RuntimeError("a level reduction is still in flight: wait() for it first")
         ref = shard_grads[0]
-        dtype = ref.dtype
-        chunks: list[torch.Tensor] = []
-        for seg, used in zip(self.send, self.used):
-            for part in seg:
-                for b, p in part:
-                    if p.numel:
-                        chunks.append(_piece_view(shard_grads[b.param_index], p).reshape(-1))
-            if self.segment_size > used:
-                chunks.append(ref.new_zeros(self.segment_size - used))
-        flat = torch.cat(chunks).to(dtype) if chunks else ref.new_zeros(0)
+        self._dtype = ref.dtype
+        if self.dp > 1:
+            mine = sum(hi - lo for lo, hi in (run[self.d] for run in self.runs))
+            self._segment = ref.new_empty(mine)
+        start = 0
+        for runs in self.runs:
+            while len(self._in_flight) >= self.SEND_BUFFERS:
+                self._retire()
+            self._launch_bucket(runs, shard_grads, ref, start)
+            start += runs[self.d][1] - runs[self.d][0]
+
+    def _launch_bucket(
+        self,
+        runs: Sequence[tuple[int, int]],
+        shard_grads: Sequence[torch.Tensor],
+        ref: torch.Tensor,
+        start: int,
+    ) -> None:
+        width = runs[0][1] - runs[0][0]  # padded: every DP segment's run is as long
+        flat = ref.new_empty(self.dp * width)
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        for d2, ((lo, hi), offsets, used) in enumerate(zip(runs, self._offsets, self.used)):
+            part = flat[d2 * width : (d2 + 1) * width]
+            views = [(at, _piece_view(shard_grads[i], p)) for at, i, p in offsets]
+            add_run_copies(part, views, lo, hi, dsts, srcs)
+            part[max(0, min(hi, used) - lo) :].zero_()
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
         if self.scaling != 1.0:
             flat.mul_(self.scaling)
         work: dist.Work | None = None
         if self.dp == 1:
             out = flat
-        elif self.wire_dtype in (torch.float32, dtype):
-            out = flat.new_empty(self.segment_size)
+        elif self.wire_dtype in (torch.float32, ref.dtype):
+            assert self._segment is not None  # allocated by launch when dp > 1
+            out = self._segment[start : start + width]
             work = reduce_scatter_flat(out, flat, self.dp_group, async_op=True)
         else:
-            wire = flat.to(self.wire_dtype)
-            out = torch.empty_like(wire)
-            work = dist.all_to_all_single(out, wire, group=self.dp_group, async_op=True)
-        self._pending = (work, out, dtype)
+            flat = flat.to(self.wire_dtype)  # the fp32 pack dies here: only the wire copy
+            out = torch.empty_like(flat)
+            work = dist.all_to_all_single(out, flat, group=self.dp_group, async_op=True)
+        self._in_flight.append((work, flat, out, start))
+
+    def _retire(self) -> None:
+        """Wait for the oldest bucket in flight; sum bf16 pieces into the segment's run."""
+        work, _, out, start = self._in_flight.popleft()
+        if work is not None:
+            work.wait()
+        dtype = self._dtype
+        assert dtype is not None
+        if self.dp == 1:
+            self._segment = out
+        elif out.dtype != dtype:  # bf16 pieces of every DP sender: fp32 sum in rank order
+            assert self._segment is not None
+            pieces = out.view(self.dp, -1)
+            total = self._segment[start : start + pieces.shape[1]]
+            total.copy_(pieces[0])
+            for piece in pieces[1:]:
+                total.add_(piece.to(dtype))
 
     @property
     def in_flight(self) -> bool:
         """Whether a launched reduction has not been waited for yet."""
-        return self._pending is not None
+        return self._dtype is not None
 
     def wait(self) -> list[torch.Tensor]:
         """Finish both steps; this rank's owned blocks, (rows, cols), in the grads' dtype."""
-        if self._pending is None:
+        if self._dtype is None:
             raise RuntimeError("no level reduction in flight")
-        work, out, dtype = self._pending
-        self._pending = None
-        if work is not None:
-            work.wait()
-        if out.dtype != dtype:  # bf16 pieces of every DP sender: fp32 sum in rank order
-            out = out.view(self.dp, -1).to(dtype).sum(dim=0)
+        while self._in_flight:
+            self._retire()
+        self._dtype = None
+        out, self._segment = self._segment, None
+        assert out is not None
         send = out[: sum(self.send_splits)]
         recv = send.new_empty(sum(self.recv_splits))
         dist.all_to_all_single(
@@ -297,7 +382,8 @@ class TPFullReducer:
     def dp_bytes_per_reduction(self) -> int:
         """Bytes this rank sends in step 1 (reduce-scatter or all-to-all, padding included)."""
         wire = torch.finfo(self.wire_dtype).bits // 8
-        return (self.dp - 1) * self.segment_size * wire if self.dp > 1 else 0
+        padded = sum(hi - lo for lo, hi in (run[0] for run in self.runs))
+        return (self.dp - 1) * padded * wire if self.dp > 1 else 0
 
     def tp_bytes_per_reduction(self, elem_bytes: int = 4) -> int:
         """Bytes this rank sends in step 2 (pieces for the other TP ranks' blocks)."""

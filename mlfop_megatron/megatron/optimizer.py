@@ -256,7 +256,10 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             group, scaling = reductions.pop()
             if isinstance(engine, TensorParallelFullSOAP):
                 if engine.world_size > 1:  # owned over TP x DP: each owner gets its blocks
-                    self._tp_reducers.append((TPFullReducer(engine, group, scaling, wire), i))
+                    tp_reducer = TPFullReducer(
+                        engine, group, scaling, wire, buckets=self.comm.level_buckets
+                    )
+                    self._tp_reducers.append((tp_reducer, i))
                 else:
                     self._shard_reducers.append((FlatAllReduce(group, scaling), i))
                 continue

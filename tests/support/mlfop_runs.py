@@ -214,6 +214,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         "comm_bytes": [o.communication_bytes_per_step() for o in optimizer.mlfop],
         # collectives per level reduction of each LevelReducer (CommConfig.level_buckets)
         "level_buckets": [r.num_buckets for o in optimizer.mlfop for r, _ in o._reducers],
+        # the same of each TP-full reducer's step 1 (its DP reduce-scatters)
+        "tp_level_buckets": [r.num_buckets for o in optimizer.mlfop for r, _ in o._tp_reducers],
         # the whole chain: SOAP levels, Adam grads and both parameter all-gathers
         "chain_comm_bytes": optimizer.communication_bytes_per_step(),
         "pending_gathers": pending,
