@@ -250,6 +250,18 @@ def row_pieces(matrix: torch.Tensor, lo: int, hi: int) -> list[torch.Tensor]:
     return out
 
 
+def sum_rank_pieces(pieces: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = the rows of ``pieces`` ([n, k], one per sender) summed in rank order.
+
+    The bf16 wire's receive side: each piece converted to ``out``'s dtype (fp32) as it is
+    added, so the sum is the same on every replica and deterministic.
+    """
+    out.copy_(pieces[0])
+    for piece in pieces[1:]:
+        out.add_(piece.to(out.dtype))
+    return out
+
+
 def add_run_copies(
     part: torch.Tensor,
     views: Sequence[tuple[int, torch.Tensor]],
@@ -500,14 +512,11 @@ class LevelReducer:
         if out.dtype != dtype:  # bf16 pieces of every sender: fp32 (grad dtype) sum, rank order
             pieces = out.view(self.group_size, -1)
             if self._segment is None:
-                total = pieces[0].to(dtype)
+                total = pieces.new_empty(pieces.shape[1], dtype=dtype)
             else:  # into the bucket's run of the segment
                 start = sum(chunk.sizes[self.rank] for chunk in self.chunks[:g])
                 total = self._segment[start : start + pieces.shape[1]]
-                total.copy_(pieces[0])
-            for piece in pieces[1:]:
-                total.add_(piece.to(dtype))
-            out = total
+            out = sum_rank_pieces(pieces, total)
         if self._segment is None:
             self._segment = out
 

@@ -32,6 +32,7 @@ from mlfop_megatron.distributed.owner_buffer import (
     add_run_copies,
     all_gather_flat,
     reduce_scatter_flat,
+    sum_rank_pieces,
 )
 from mlfop_megatron.distributed.sharded_soap import ShardedSOAP
 
@@ -335,10 +336,7 @@ class TPFullReducer:
         elif out.dtype != dtype:  # bf16 pieces of every DP sender: fp32 sum in rank order
             assert self._segment is not None
             pieces = out.view(self.dp, -1)
-            total = self._segment[start : start + pieces.shape[1]]
-            total.copy_(pieces[0])
-            for piece in pieces[1:]:
-                total.add_(piece.to(dtype))
+            sum_rank_pieces(pieces, self._segment[start : start + pieces.shape[1]])
 
     @property
     def in_flight(self) -> bool:
