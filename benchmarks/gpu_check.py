@@ -146,15 +146,15 @@ def compiled_chains(cuda: bool, quick: bool, repeats: int = 5) -> dict[str, Any]
         return torch.randn(shape, generator=gen).to(device)
 
     z, h, zg, hg, g = stack(), stack(), stack(), stack(), stack()
-    diag = stack().abs_().add_(0.1)
+    diag = stack().abs_().add_(0.1)  # v of the metric sqrt(v / bias) + eps, and Adam's v
     s = torch.randn(shape[0], generator=gen).to(device)
     coef = torch.randn(shape[0], 1, 1, generator=gen).to(device)
     chains: dict[str, Callable[[bool], Any]] = {
         "phase 1 sums": lambda c: fused.per_block_sums(
-            fused.fold_phase1_sums, c, z, h, diag, 0.25, 0.75, True
+            fused.fold_phase1_sums, c, z, h, diag, 0.9, 1e-8, 0.25, 0.75, True
         ),
         "phase 2 sums": lambda c: fused.per_block_sums(
-            fused.fold_phase2_sums, c, z, h, diag, s, 0.25, 0.75, True
+            fused.fold_phase2_sums, c, z, h, diag, 0.9, 1e-8, s, 0.25, 0.75, True
         ),
         "fold (both forms)": lambda c: _fold_copy(c, zg, hg, z, h, coef),
         "Adam chain": lambda c: fused.adam_direction(
