@@ -58,7 +58,7 @@ def weighted_pair(
 def metric(
     v: torch.Tensor | None, bias: float | torch.Tensor, eps: float | torch.Tensor
 ) -> torch.Tensor | None:
-    """The SOAP metric sqrt(v / bias) + eps (``ClassState.metric_diag``'s ops); None: M = I.
+    """The SOAP metric sqrt(v / bias) + eps (``ShapeClass.metric_diag`` calls it); None: M = I.
 
     The fold chains take the second moment ``v`` of the window's start state and make the
     metric inside, so no metric stack is kept through the window (S bytes per rank).

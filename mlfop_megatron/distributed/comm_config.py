@@ -256,6 +256,19 @@ def choose_level_buckets(
     return best if best_cost <= limit else 1
 
 
+def level_bucket_count(level_buckets: int | None, used: Sequence[int], exact: bool = False) -> int:
+    """``choose_level_buckets`` for owner segments of ``used[rank]`` elements (one per owner).
+
+    The one rule of ``LevelReducer``, ``TPFullReducer`` and the planner: the buckets'
+    sizes are ``bucket_sizes`` of these segments.
+    """
+
+    def sizes_of(g: int) -> list[int]:
+        return bucket_sizes(used, g, exact)
+
+    return choose_level_buckets(level_buckets, max(used, default=1), sizes_of, len(used))
+
+
 def level_bucket_sizes(level_buckets: int | None, segments: Sequence[Sequence[int]]) -> list[int]:
     """Padded buffer elements of each bucket of a sharded level reduction (the planner's).
 
@@ -264,9 +277,4 @@ def level_bucket_sizes(level_buckets: int | None, segments: Sequence[Sequence[in
     whole padded buffer.
     """
     used = [sum(s) for s in segments]
-    world = len(segments)
-
-    def sizes_of(g: int) -> list[int]:
-        return bucket_sizes(used, g)
-
-    return sizes_of(choose_level_buckets(level_buckets, max(used, default=1), sizes_of, world))
+    return bucket_sizes(used, level_bucket_count(level_buckets, used))

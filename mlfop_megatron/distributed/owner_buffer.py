@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from mlfop_megatron.distributed.assignment import Assignment, Block
 from mlfop_megatron.distributed.collective_device import group_backend
-from mlfop_megatron.distributed.comm_config import choose_level_buckets, segment_chunks
+from mlfop_megatron.distributed.comm_config import level_bucket_count, segment_chunks
 
 
 def block_view(full: torch.Tensor, block: Block) -> torch.Tensor:
@@ -111,28 +111,22 @@ class OwnerLayout:
         assignments: Sequence[Assignment],
         world_size: int,
         segments: str = "padded",
-        per_rank: Sequence[Sequence[tuple[int, Block]]] | None = None,
     ) -> None:
         if segments not in SEGMENTS:
             raise ValueError(f"segments must be one of {SEGMENTS} (got {segments!r})")
         self.exact = segments == "exact"
         self.world_size = world_size
         self.num_engines = len(assignments)
-        if per_rank is None:  # rank r's blocks of engine 0, then engine 1, ...
-            per_rank = [
-                [(e, b) for e, a in enumerate(assignments) for b in a.blocks_of(rank)]
-                for rank in range(world_size)
-            ]
         self.segments: list[list[Slot]] = []
-        for rank in range(world_size):
+        for rank in range(world_size):  # rank r's blocks of engine 0, then engine 1, ...
             slots, offset = [], 0
-            for e, block in per_rank[rank]:
-                slots.append(Slot(e, block, offset))
-                offset += block.numel
+            for e, a in enumerate(assignments):
+                for block in a.blocks_of(rank):
+                    slots.append(Slot(e, block, offset))
+                    offset += block.numel
             self.segments.append(slots)
         self.used = [sum(s.block.numel for s in seg) for seg in self.segments]
         self.segment_size = max(self.used, default=0)
-        self.assignments = list(assignments)
         sizes = self.used if self.exact else [self.segment_size] * world_size
         self.sizes = list(sizes)  # elements of each rank's segment in the buffer
         self.starts = [sum(sizes[:r]) for r in range(world_size)]
@@ -405,26 +399,22 @@ class LevelReducer:
         elif buckets is None:
             buckets = self.auto_buckets()
         self.chunks = self.layout.chunks(buckets)
-        # Buckets launched and not retired: (work, send buffer, receive buffer, bucket).
+        # Buckets launched and not retired: (work, send buffer, receive buffer, its start in
+        # this owner's segment).
         self._in_flight: deque[tuple[dist.Work | None, torch.Tensor, torch.Tensor, int]]
         self._in_flight = deque()
         self._segment: torch.Tensor | None = None  # this owner's received segment
         self._dtype: torch.dtype | None = None  # the grads' dtype while a reduction is out
 
     def auto_buckets(self) -> int:
-        """``choose_level_buckets`` (auto) on this buffer's real split layouts.
+        """``comm_config.level_bucket_count`` (auto) of this buffer's owner segments.
 
         Replicated with the fp32 wire the packed buffer is reduced in place and is the
         result, alive to ``wait`` whatever the bucketing: one bucket. One rank: one bucket.
         """
         if self.group_size == 1 or (not self.sharded and self.wire_dtype == torch.float32):
             return 1
-
-        def sizes_of(g: int) -> list[int]:
-            return [part.numel for part in self.layout.chunks(g)]
-
-        longest = max(self.layout.used, default=1)
-        return choose_level_buckets(None, longest, sizes_of, self.layout.world_size)
+        return level_bucket_count(None, self.layout.used, self.layout.exact)
 
     @property
     def sharded(self) -> bool:
@@ -449,15 +439,14 @@ class LevelReducer:
             mine = sum(chunk.sizes[self.rank] for chunk in self.chunks)
             self._segment = ref.new_empty(mine)
         start = 0
-        for g, chunk in enumerate(self.chunks):
+        for chunk in self.chunks:
             while len(self._in_flight) >= self.SEND_BUFFERS:
                 self._retire()
-            self._launch_bucket(g, chunk, grads, ref, start)
+            self._launch_bucket(chunk, grads, ref, start)
             start += chunk.sizes[self.rank]
 
     def _launch_bucket(
         self,
-        g: int,
         chunk: OwnerChunk,
         grads: Sequence[Sequence[torch.Tensor]],
         ref: torch.Tensor,
@@ -500,11 +489,11 @@ class LevelReducer:
             else:
                 out = wire.new_empty(n * wire.numel())
                 work = all_gather_flat(out, wire, self.group, async_op=True)
-        self._in_flight.append((work, flat, out, g))  # flat: the send buffer, alive to retire
+        self._in_flight.append((work, flat, out, start))  # flat: the send buffer, to retire
 
     def _retire(self) -> None:
         """Wait for the oldest bucket in flight; keep its received sums, drop its buffers."""
-        work, _, out, g = self._in_flight.popleft()
+        work, _, out, start = self._in_flight.popleft()
         if work is not None:
             work.wait()
         dtype = self._dtype
@@ -514,7 +503,6 @@ class LevelReducer:
             if self._segment is None:
                 total = pieces.new_empty(pieces.shape[1], dtype=dtype)
             else:  # into the bucket's run of the segment
-                start = sum(chunk.sizes[self.rank] for chunk in self.chunks[:g])
                 total = self._segment[start : start + pieces.shape[1]]
             out = sum_rank_pieces(pieces, total)
         if self._segment is None:
@@ -550,16 +538,16 @@ class LevelReducer:
         """Bytes one rank sends per reduction with ring algorithms (padding included)."""
         return sum(self._bucket_bytes(chunk) for chunk in self.chunks)
 
-    def _bucket_bytes(self, layout: OwnerChunk) -> int:
+    def _bucket_bytes(self, chunk: OwnerChunk) -> int:
         n = self.group_size
         if n == 1:
             return 0
         wire = torch.finfo(self.wire_dtype).bits // 8
         if self.sharded:  # reduce-scatter or all-to-all: every other owner's segment
-            return (layout.numel - layout.sizes[self.rank]) * wire
+            return (chunk.numel - chunk.sizes[self.rank]) * wire
         if self.wire_dtype == torch.float32:  # ring all-reduce
-            return 2 * (n - 1) * layout.segment_size * wire // n
-        return (n - 1) * layout.segment_size * wire  # all-gather of the bf16 pieces
+            return 2 * (n - 1) * chunk.segment_size * wire // n
+        return (n - 1) * chunk.segment_size * wire  # all-gather of the bf16 pieces
 
 
 class FlatAllReduce:

@@ -23,11 +23,7 @@ import torch.distributed as dist
 
 from mlfop_megatron.config import MLFOPConfig
 from mlfop_megatron.distributed.assignment import Block
-from mlfop_megatron.distributed.comm_config import (
-    bucket_sizes,
-    choose_level_buckets,
-    segment_chunks,
-)
+from mlfop_megatron.distributed.comm_config import level_bucket_count, segment_chunks
 from mlfop_megatron.distributed.owner_buffer import (
     add_run_copies,
     all_gather_flat,
@@ -240,12 +236,7 @@ class TPFullReducer:
         if self.dp == 1:
             buckets = 1
         elif buckets is None:
-            used = self.used
-
-            def sizes_of(g: int) -> list[int]:
-                return bucket_sizes(used, g)
-
-            buckets = choose_level_buckets(None, max(1, self.segment_size), sizes_of, self.dp)
+            buckets = level_bucket_count(None, self.used)
         self.runs = segment_chunks(self.used, max(1, buckets))  # per bucket: (lo, hi) per rank
         self._in_flight: deque[tuple[dist.Work | None, torch.Tensor, torch.Tensor, int]]
         self._in_flight = deque()

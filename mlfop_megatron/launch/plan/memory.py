@@ -30,8 +30,8 @@ Folding on (``FoldingConfig.enabled`` with at least one fold: several levels):
 * level buffers (fwd/bwd phase): the packed owner-ordered send buffers of the level
   reduce-scatter in flight and this owner's received segment (seg), alive until the next
   level boundary waits; at DP=1 the packed buffer only (S, reduced in place). In G buckets
-  (``CommConfig.level_buckets``, ``LevelReducer``: bucket g = chunk g of every owner's
-  segment, cut between whole blocks, each padded on its own: ``comm_config.bucket_sizes``)
+  (``CommConfig.level_buckets``, ``LevelReducer``: bucket g = run g of every owner's
+  segment, equal runs cut inside blocks: ``comm_config.bucket_sizes``)
   bucket g is packed while g-1 is in flight: the largest two consecutive send buffers
   (about 2 N seg / G) + seg; one bucket: N seg + seg.
 * transient peak = max(window buffers + level buffers, 2 S + refresh).
