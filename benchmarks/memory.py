@@ -493,9 +493,10 @@ def model_pairs(run: dict[str, Any], dp: int) -> list[tuple[str, int, int]]:
         ("opt buffers (null-probe cache)", persistent["opt buffers"], m.probe_cache),
     ]
     if m.folding:
-        pairs.append(
-            ("transient, fwd/bwd phase peak", phases["fwd/bwd"]["transient"], m.transient_window)
-        )
+        pairs += [
+            ("transient, fwd/bwd phase peak", phases["fwd/bwd"]["transient"], m.transient_window),
+            ("transient, fold phase peak (last fold)", phases["fold"]["transient"], m.last_fold),
+        ]
     else:
         before = max(phases[p]["transient"] for p in BEFORE_STEP if p in phases)
         pairs += [

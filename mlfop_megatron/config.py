@@ -159,6 +159,13 @@ class SOAPConfig:
         "(off: every drifted side at once; batched engine, refresh before the update)",
         flag="no-refresh-balance",
     )
+    refresh_wave: float = option(
+        1.0,
+        "memory of a basis refresh: refresh the sides in waves whose new bases and QR "
+        "temporaries fit this multiple of the largest shape class's gradient stack, one host "
+        "read per wave, at least one block each (0: every side at once, one host read; "
+        "batched engine)",
+    )
     max_precond_dim: int = option(
         10000, "dimensions larger than this get no rotation (identity basis)"
     )
@@ -249,6 +256,7 @@ class SOAPConfig:
         check_int("precondition_frequency", self.precondition_frequency, 1)
         check_range("refresh_tolerance", self.refresh_tolerance, 0.0, 1.0, high_open=True)
         check_range("refresh_budget", self.refresh_budget, 0.0, 1.0, low_open=True)
+        check_range("refresh_wave", self.refresh_wave, 0.0)
         check_int("max_precond_dim", self.max_precond_dim, 1)
         for name in (
             "precondition_1d",

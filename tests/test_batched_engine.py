@@ -373,6 +373,7 @@ def _ops_per_step(
         precondition_frequency=2,
         batched=batched,
         refresh_method=refresh_method,
+        refresh_wave=0.0,  # one refresh wave: the batching itself (waves: test_refresh_waves)
     )
     engine = ShardedSOAP(params, [f"w{i}" for i in range(layers)], cfg)
     gen = torch.Generator().manual_seed(0)

@@ -18,17 +18,14 @@ replicated runs agree to the compiled-vs-eager tolerance only.
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from mlfop_megatron.core import fused
 from mlfop_megatron.core.batched_folding import BatchedWindowFolder
 from mlfop_megatron.launch.plan import memory
 from mlfop_megatron.optim import MLFOPSOAP
+from tests.support.live_bytes import LiveBytes
 
 # Compiled vs eager, relative to the largest entry: per-block sums (float32, 1.5k terms per
 # block) and float64 parameters after four folding windows (see the module docstring).
@@ -70,39 +67,6 @@ def test_chunked_eager_sums_are_the_bits_of_one_call(monkeypatch):
         assert torch.equal(a, b)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Bytes of the storages the ops under it allocate that are still alive, and their peak."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._seen.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            id(t.untyped_storage())
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = id(storage)
-            if key in inputs or key in self._seen:
-                continue  # in place, or a view of a storage already counted
-            self._seen.add(key)
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key, storage.nbytes())
-        return out
-
-
 def test_fold_keeps_no_scratch_and_its_transient_is_one_class_stack(monkeypatch):
     """A fold allocates at most one class stack while it runs and keeps nothing after it.
 
@@ -120,7 +84,7 @@ def test_fold_keeps_no_scratch_and_its_transient_is_one_class_stack(monkeypatch)
     original = BatchedWindowFolder._fold_pair
 
     def tracked(self, z, h, with_eta):
-        with _LiveBytes() as mem:
+        with LiveBytes() as mem:
             coef = original(self, z, h, with_eta)
         seen.append((mem.peak, mem.live))
         metric_held.append(self._metric.computed)

@@ -282,7 +282,7 @@ def _class_key(state: State, cfg: SOAPConfig, extra: Hashable, position: int) ->
 class _SideJob:
     """A batched basis computation of one side of one class, waiting for the host flags."""
 
-    tensors: dict[str, torch.Tensor]  # the class's stacks (or a part's copies: _Part)
+    tensors: dict[str, torch.Tensor]  # a wave chunk's views of the class's stacks, or copies
     factor_key: str
     basis_key: str
     dim: int
@@ -317,7 +317,12 @@ def _start_eigh(st: dict[str, torch.Tensor], factor_key: str, basis_key: str, di
 
 
 def _start_qr(st: dict[str, torch.Tensor], factor_key: str, basis_key: str, dim: int) -> _SideJob:
-    """``linalg.qr_refresh_basis`` batched over a class side's stacks."""
+    """``linalg.qr_refresh_basis`` batched over a class side's stacks.
+
+    Each intermediate is dropped as soon as the next one exists, so a block holds at most three
+    n x n temporaries at once here (``F Q`` sorted, Q sorted, the QR's input; then its
+    reflectors and the new basis): what :func:`refresh_waves` budgets for.
+    """
     factors, basis = st[factor_key], st[basis_key]
     try:
         fq = torch.matmul(factors, basis)
@@ -326,8 +331,12 @@ def _start_qr(st: dict[str, torch.Tensor], factor_key: str, basis_key: str, dim:
         order = torch.argsort(est, dim=-1, descending=True, stable=True)
         index = order[:, None, :].expand_as(fq)
         sorted_est = torch.gather(est, 1, order)
-        x = power_step_matrix(torch.gather(fq, 2, index), torch.gather(basis, 2, index), sorted_est)
+        sorted_fq = torch.gather(fq, 2, index)
+        del fq
+        x = power_step_matrix(sorted_fq, torch.gather(basis, 2, index), sorted_est)
+        del sorted_fq
         new = orthonormal_factor(x)
+        del x
     except (RuntimeError, torch.linalg.LinAlgError):
         return _SideJob(st, factor_key, basis_key, dim, "qr", None, None, None)
     rank = (est > 0).sum(dim=-1)
@@ -420,61 +429,135 @@ def _set_estimate(st: dict[str, torch.Tensor], factor_key: str) -> None:
 
 
 @dataclass
-class _Part:
-    """Copies of the blocks of one class side that a drift-gated refresh recomputes."""
+class _Piece:
+    """Blocks of one class side that one refresh recomputes: the whole side, or the gate's."""
 
     parent: dict[str, torch.Tensor]  # the class's stacks
-    index: torch.Tensor  # the blocks' positions in the class
-    tensors: dict[str, torch.Tensor]  # their factor and basis, then moments (copies)
+    factor_key: str
+    basis_key: str
+    dim: int
+    members: list[int]  # the blocks' positions in the class, ascending
+
+    def block_bytes(self) -> int:
+        """What one block of this side holds at a refresh's peak (see :func:`refresh_waves`)."""
+        basis = self.parent[self.basis_key]
+        moment = self.parent["exp_avg"]
+        size = basis[0].numel() * basis.element_size()
+        if self.contiguous(self.members):
+            return 3 * size
+        # gathered copies of the factor and basis, and of both moments at the finish
+        return 5 * size + 2 * moment[0].numel() * moment.element_size()
+
+    @staticmethod
+    def contiguous(members: list[int]) -> bool:
+        """Whether ``members`` is a run of consecutive positions (stack views, no copies)."""
+        return members == list(range(members[0], members[0] + len(members)))
+
+
+@dataclass
+class _Chunk:
+    """The blocks of a :class:`_Piece` refreshed in one wave: views of the stacks or copies."""
+
+    piece: _Piece
+    members: list[int]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    index: torch.Tensor | None = None  # positions of copied blocks (None: views)
+
+    def open(self) -> dict[str, torch.Tensor]:
+        """The chunk's factor, basis and estimate (views of a run, else copies), made now."""
+        p = self.piece
+        keys = [k for k in (p.factor_key, p.basis_key, ESTIMATE[p.factor_key]) if k in p.parent]
+        if _Piece.contiguous(self.members):
+            lo, hi = self.members[0], self.members[-1] + 1
+            keys += ["exp_avg", "exp_avg_sq"]  # views: the finish reads them as they are then
+            self.tensors = {k: p.parent[k][lo:hi] for k in keys}
+        else:
+            self.index = _on(self.members, p.parent[p.factor_key].device)
+            self.tensors = {k: p.parent[k].index_select(0, self.index) for k in keys}
+        return self.tensors
 
     def load_moments(self) -> None:
-        """Copy the blocks' moments as they are now (after the class's other side finished)."""
-        for key in ("exp_avg", "exp_avg_sq"):
-            self.tensors[key] = self.parent[key].index_select(0, self.index)
+        """Copies: take the blocks' moments as they are now (after the other side finished)."""
+        if self.index is not None:
+            for key in ("exp_avg", "exp_avg_sq"):
+                self.tensors[key] = self.piece.parent[key].index_select(0, self.index)
 
-    def write_back(self, factor_key: str) -> None:
-        """Put the part's new bases, estimates and re-expressed moments into the class's stacks."""
-        for key in ("Q" + factor_key, ESTIMATE[factor_key], "exp_avg", "exp_avg_sq"):
-            if key in self.tensors:
-                self.parent[key].index_copy_(0, self.index, self.tensors[key])
+    def close(self) -> None:
+        """Copies: put the new bases, estimates and moments into the stacks; drop the chunk's."""
+        if self.index is not None:
+            fk = self.piece.factor_key
+            for key in ("Q" + fk, ESTIMATE[fk], "exp_avg", "exp_avg_sq"):
+                if key in self.tensors:
+                    self.piece.parent[key].index_copy_(0, self.index, self.tensors[key])
+        self.tensors = {}
 
 
-_Side = tuple[dict[str, torch.Tensor], str, str, int]
+def refresh_waves(pieces: Sequence[_Piece], wave_bytes: float) -> list[list[_Chunk]]:
+    """Split the refresh of ``pieces`` into waves whose temporaries fit ``wave_bytes``.
+
+    A wave's sides are started together and finished after one host read; their new bases
+    live until the finish. A block is counted at three of its side's n x n stacks (its new
+    basis, and the two more temporaries the QR start holds beside it), five plus its two moments
+    where the gate took part of a class (its gathered copies). Blocks are taken in order (a
+    class's L side before its R side, as the moments must be re-expressed), at least one per
+    wave. ``wave_bytes`` inf or a bound above everything: one wave, the one host read of an
+    unbounded refresh.
+    """
+    waves: list[list[_Chunk]] = []
+    wave: list[_Chunk] = []
+    used = 0.0
+    for piece in pieces:
+        cost = piece.block_bytes()
+        members = list(piece.members)
+        while members:
+            room = wave_bytes - used
+            take = int(room // cost) if room < cost * len(members) else len(members)
+            if take < 1:
+                if wave:
+                    waves.append(wave)
+                    wave, used = [], 0.0
+                    continue
+                take = 1  # a block larger than the bound goes alone
+            wave.append(_Chunk(piece, members[:take]))
+            used += take * cost
+            members = members[take:]
+    if wave:
+        waves.append(wave)
+    return waves
 
 
 def _drifted(
     sides: list[tuple[ShapeClass, str, str, int]],
     counters: LinalgCounters,
     balance: BalanceFn | None = None,
-) -> tuple[list[_Side], dict[int, _Part]]:
-    """The sides (or parts of them) whose bases drifted past ``refresh_tolerance``.
+) -> list[_Piece]:
+    """The sides (or the blocks of them) whose bases drifted past ``refresh_tolerance``.
 
     Sides of classes with tolerance 0 are kept whole. For the others, the off-diagonal share
     per block comes from the tracked estimate (no product with the factor) and is read for
     all of them in one host read; aligned blocks keep their bases, a side with some drifted
-    blocks becomes a :class:`_Part` (copies of those blocks, written back by the caller).
+    blocks becomes a :class:`_Piece` of those blocks.
     ``balance`` (owner-sharded engines, ``SOAPConfig.refresh_balance``): the gated blocks
     refreshed are chosen by :func:`refresh_budget.balanced_refreshes` against the target the
     ranks agree on (a collective, called exactly once per call, also with nothing gated).
     ``SOAPConfig.refresh_budget`` below 1 caps the refreshed cost at that fraction of the gated
     sides' (``refresh_budget.budget_cap``): the most drifted first, the rest deferred.
-    Returns the sides to refresh and the parts (by id of their stacks).
+    Returns the pieces to refresh, in the order of ``sides``.
     """
     gated, shares = [], []
-    out: list[_Side] = []
+    out: list[_Piece] = []
     for cls, fk, bk, dim in sides:
         tol = cls.cfg.refresh_tolerance
         if tol <= 0.0:
-            out.append((cls.tensors, fk, bk, dim))
+            out.append(_Piece(cls.tensors, fk, bk, dim, list(range(cls.size))))
             continue
         factors, est = cls.tensors[fk], cls.tensors[ESTIMATE[fk]]
         gated.append((cls, fk, bk, dim))
         shares.append(off_diagonal_share(factors, est))
-    parts: dict[int, _Part] = {}
     if not gated:
         if balance is not None:
             balance(0.0, 0.0)
-        return out, parts
+        return out
     share_list = torch.cat(shares).tolist()  # the gate's host read
     tolerances, costs, budgets = [], [], []
     for cls, fk, _, dim in gated:
@@ -503,17 +586,10 @@ def _drifted(
         members = [j for j in range(b) if take[offset + j]]
         offset += b
         counters.refreshes_skipped += b - len(members)
-        if not members:
-            continue
-        if len(members) == b:
-            out.append((cls.tensors, fk, bk, dim))
-            continue
-        index = _on(members, cls.device)
-        copies = {k: cls.tensors[k].index_select(0, index) for k in (fk, bk, ESTIMATE[fk])}
-        part = _Part(cls.tensors, index, copies)
-        out.append((part.tensors, fk, bk, dim))
-        parts[id(part.tensors)] = part
-    return out, parts
+        if members:
+            out.append(_Piece(cls.tensors, fk, bk, dim, members))
+    order = {(id(c.tensors), fk): k for k, (c, fk, _, _) in enumerate(sides)}
+    return sorted(out, key=lambda p: order[(id(p.parent), p.factor_key)])
 
 
 def compute_bases(
@@ -522,51 +598,54 @@ def compute_bases(
     counters: LinalgCounters,
     first: bool,
     balance: BalanceFn | None = None,
+    wave_bytes: float = math.inf,
 ) -> set[int]:
-    """New bases of every side of ``classes``, with one host read for all of them.
+    """New bases of every side of ``classes``, with one host read per wave.
 
     ``first``: eigh of the factors; otherwise the refresh ``method``, gated per block by
     ``refresh_tolerance`` where it is set (then one more host read, before the refresh), and
-    balanced over the ranks with ``balance`` (see :func:`_drifted`).
+    balanced over the ranks with ``balance`` (see :func:`_drifted`). ``wave_bytes``: the most
+    a wave's new bases and temporaries may take (:func:`refresh_waves`; inf: one wave).
     Returns the ids of the stacks (``ShapeClass.tensors``) of the classes whose bases were
     recomputed (in part or whole): the others' rotations still hold.
     """
     sides = [(c, fk, bk, dim) for c in classes for fk, bk, dim in SIDES if fk in c.tensors]
     if first:
-        todo: list[_Side] = [(c.tensors, fk, bk, dim) for c, fk, bk, dim in sides]
-        parts: dict[int, _Part] = {}
+        pieces = [_Piece(c.tensors, fk, bk, dim, list(range(c.size))) for c, fk, bk, dim in sides]
     else:
-        todo, parts = _drifted(sides, counters, balance)
-    jobs = []
-    for st, factor_key, basis_key, dim in todo:
-        if not first:
-            counters.refreshes_done += st[factor_key].shape[0]
-        if first or method == "eigh":
-            jobs.append(_start_eigh(st, factor_key, basis_key, dim))
-        else:
-            jobs.append(_start_qr(st, factor_key, basis_key, dim))
-    flags = [j.flags for j in jobs if j.flags is not None]
-    host = torch.cat(flags, dim=1).tolist() if flags else [[], []]  # the one host sync
-    offset = 0
+        pieces = _drifted(sides, counters, balance)
     changed: set[int] = set()
-    for job in jobs:
-        # A part re-expresses the moments as the class's other side left them (L, then R).
-        part = parts.get(id(job.tensors))
-        changed.add(id(job.tensors if part is None else part.parent))
-        if part is not None:
-            part.load_moments()
-        if job.flags is None:
-            _finish(job, None, counters)
-        else:
-            width = job.flags.shape[1]
-            host_part = [host[0][offset : offset + width], host[1][offset : offset + width]]
-            offset += width
-            if first:  # the first bases replace the identity: no moment to re-express
-                _finish_first(job, host_part, counters)
+    for wave in refresh_waves(pieces, wave_bytes):
+        jobs = []
+        for chunk in wave:
+            p = chunk.piece
+            st = chunk.open()
+            if not first:
+                counters.refreshes_done += len(chunk.members)
+            if first or method == "eigh":
+                jobs.append(_start_eigh(st, p.factor_key, p.basis_key, p.dim))
             else:
-                _finish(job, host_part, counters)
-        if part is not None:
-            part.write_back(job.factor_key)
+                jobs.append(_start_qr(st, p.factor_key, p.basis_key, p.dim))
+        flags = [j.flags for j in jobs if j.flags is not None]
+        host = torch.cat(flags, dim=1).tolist() if flags else [[], []]  # the wave's host read
+        offset = 0
+        for chunk, job in zip(wave, jobs):
+            changed.add(id(chunk.piece.parent))
+            # Copies re-express the moments as the class's other side left them (L, then R).
+            chunk.load_moments()
+            job.tensors = chunk.tensors
+            if job.flags is None:
+                _finish(job, None, counters)
+            else:
+                width = job.flags.shape[1]
+                host_part = [host[0][offset : offset + width], host[1][offset : offset + width]]
+                offset += width
+                if first:  # the first bases replace the identity: no moment to re-express
+                    _finish_first(job, host_part, counters)
+                else:
+                    _finish(job, host_part, counters)
+            chunk.close()
+            job.new = job.order = job.flags = None  # the new basis is in the stacks now
     return changed
 
 
@@ -582,6 +661,21 @@ def _finish_first(job: _SideJob, host: list[list[int]], counters: LinalgCounters
             new[j] = robust_eigh_basis(st[job.factor_key][j], st[job.basis_key][j], counters)
     st[job.basis_key].copy_(new)
     _set_estimate(st, job.factor_key)
+
+
+def refresh_wave_bytes(classes: Sequence[ShapeClass]) -> float:
+    """The bound on a refresh wave (:func:`refresh_waves`) of an engine's classes.
+
+    ``SOAPConfig.refresh_wave`` times the largest class's gradient stack (bytes of its first
+    moment, [B, r, c]); the smallest positive setting among the classes counts; 0 everywhere:
+    inf (one wave).
+    """
+    settings = [c.cfg.refresh_wave for c in classes if c.cfg.refresh_wave > 0]
+    if not settings:
+        return math.inf
+    stacks = [c.tensors["exp_avg"] for c in classes]
+    largest = max(x.numel() * x.element_size() for x in stacks)
+    return min(settings) * largest
 
 
 # ----------------------------------------------------------------------------- engine
@@ -643,6 +737,7 @@ class BatchedBlocks:
             for k, i in enumerate(order):
                 inverse[i] = k
             self._inverse = _on(inverse, device)
+        self.wave_bytes = refresh_wave_bytes(self.classes)
 
     def matches(self, states: Sequence[State]) -> bool:
         """True while ``states`` are this engine's blocks and still hold its views."""
@@ -731,10 +826,10 @@ class BatchedBlocks:
                 if (cls.step + 1) % cls.cfg.precondition_frequency == 0:
                     early.append(cls)
         if first:
-            compute_bases(first, "eigh", counters, first=True)
+            compute_bases(first, "eigh", counters, first=True, wave_bytes=self.wave_bytes)
             for cls in first:
                 cls.initialized = True
-        changed = self._refresh(early, counters, timings, balance)
+        changed = self._refresh(early, counters, timings, balance, self.wave_bytes)
         # Phase 2: the moment and parameter updates, then the reference-order refreshes.
         late = []
         first_ids = {id(c) for c in first}
@@ -750,7 +845,7 @@ class BatchedBlocks:
             )
             if not factors_done and cls.step % cls.cfg.precondition_frequency == 0:
                 late.append(cls)
-        self._refresh(late, counters, timings)
+        self._refresh(late, counters, timings, wave_bytes=self.wave_bytes)
         for cls in self.classes:
             cls.write_scalars()
 
@@ -760,8 +855,9 @@ class BatchedBlocks:
         counters: LinalgCounters,
         timings: dict[str, float] | None,
         balance: BalanceFn | None = None,
+        wave_bytes: float = math.inf,
     ) -> set[int]:
-        """Refresh the bases of ``classes`` by their method (one host read per method).
+        """Refresh the bases of ``classes`` by their method (one host read per method and wave).
 
         Returns the ids of the stacks of the classes whose bases changed (``compute_bases``).
         """
@@ -770,7 +866,7 @@ class BatchedBlocks:
             todo = [c for c in classes if c.cfg.refresh_method == method]
             if todo:
                 t0 = time.perf_counter()
-                changed |= compute_bases(todo, method, counters, False, balance)
+                changed |= compute_bases(todo, method, counters, False, balance, wave_bytes)
                 if timings is not None:
                     timings["refresh"] = timings.get("refresh", 0.0) + time.perf_counter() - t0
         return changed

@@ -202,7 +202,10 @@ def power_step_matrix(fq: torch.Tensor, basis: torch.Tensor, est: torch.Tensor) 
     top = est.amax(dim=-1, keepdim=True)
     scale = torch.where(top > 0, top, torch.ones_like(top))
     kept = (est > 0).unsqueeze(-2)
-    return torch.where(kept, fq, basis * scale.unsqueeze(-1))
+    # Scaled after the choice (a kept column's factor is exactly 1): no stack-sized scaled copy
+    # of Q beside F Q, Q and the result.
+    column_scale = torch.where(kept, torch.ones_like(scale).unsqueeze(-1), scale.unsqueeze(-1))
+    return torch.where(kept, fq, basis).mul_(column_scale)
 
 
 def qr_refresh_basis(

@@ -27,6 +27,9 @@ Folding on (``FoldingConfig.enabled`` with at least one fold: several levels):
   level buffers and the fold's transient; at the step the estimate's two forms are left
   (2 S). No metric stack: the chains make sqrt(v_hat) + eps from v (``fused.metric``; it
   was S more, kept from the first fold to the step, until 2026-12-07).
+* last fold: both estimates' two forms (4 S), the fold's transient, and the last level's
+  received segment (seg; DP=1: its packed buffer, S), alive until the window ends. Since the
+  refresh runs in waves it is the run's peak at small DP on the tiny GPT.
 * level buffers (fwd/bwd phase): the packed owner-ordered send buffers of the level
   reduce-scatter in flight and this owner's received segment (seg), alive until the next
   level boundary waits; at DP=1 the packed buffer only (S, reduced in place). In G buckets
@@ -34,7 +37,7 @@ Folding on (``FoldingConfig.enabled`` with at least one fold: several levels):
   segment, equal runs cut inside blocks: ``comm_config.bucket_sizes``)
   bucket g is packed while g-1 is in flight: the largest two consecutive send buffers
   (about 2 N seg / G) + seg; one bucket: N seg + seg.
-* transient peak = max(window buffers + level buffers, 2 S + refresh).
+* transient peak = max(window buffers + level buffers, last fold, 2 S + refresh).
 
 Folding off (the default, ``FoldingConfig.enabled=False``; also K=1 or a single level: one
 level, no fold, no rotated estimate, no fold transient):
@@ -55,17 +58,19 @@ level, no fold, no rotated estimate, no fold transient):
 
 Both:
 
-* basis refresh (the step): ``batched.compute_bases`` starts every side of every class before
-  it finishes any (one host sync), so every new basis is alive at once (B) while the last
-  side computes ``Q F`` and its sorted copy, the Householder reflectors and the rank mask:
-  4 more stacks of that side (bounded by 4 b_max).
+* basis refresh (the step, :func:`refresh_transient`): ``batched.compute_bases`` refreshes in
+  waves (``SOAPConfig.refresh_wave``, default 1): the sides of a wave start together and
+  finish after one host read, and a wave's new bases and QR temporaries (three n x n stacks
+  per block) fit refresh_wave x g_max, or one block's side where that is larger (3 s_max,
+  s_max = 4 B x the largest n^2). With ``refresh_wave`` 0 (one wave, as before
+  2026-12-08): every new basis is alive at once (B) while the last side holds ``F Q``, its
+  sorted copy and the reflectors: B + 4 b_max.
 * Not modelled: activations (a few MiB on the tiny GPT, the model's business at scale), the
   fp64 chunks of the grad-norm sum of squares (2 x 8 B x min(g_max / 4 B, 4M), beside the
   step's stacks), except gloo's reduce-scatter scratch (the size of the send buffer; in
   buckets, the tracker sees one bucket's at a time, at its wait:
-  ``backend="gloo"``, what the CPU measurement sees; NCCL has none). Folding on, the last
-  fold's peak (both estimates of the fold beside its transient) is above the window buffers
-  at DP=1 but below the step's. Windows armed for grad-group diagnostics
+  ``backend="gloo"``, what the CPU measurement sees; NCCL has none). Windows armed for
+  grad-group diagnostics
   (``arm_grad_diagnostics``): their group sums and the metric they read
   before the step (S, then kept through it).
 * null-probe cache (``linalg.null_probe``, module level, kept for the process): one fp32
@@ -104,6 +109,7 @@ class OwnedShapes:
     largest_class: int  # g_max
     bases: int  # B
     largest_side: int  # b_max
+    largest_block_side: int  # s_max: the largest one block's basis (n^2)
     state: int  # factors, bases, moments (+ fp32 masters)
     probe_cache: int
 
@@ -130,9 +136,29 @@ class OwnedShapes:
             largest_class=FP32 * max((c * m * n for (m, n, _, _), c in classes.items()), default=0),
             bases=FP32 * factors,
             largest_side=FP32 * max(sides, default=0),
+            largest_block_side=FP32 * max((d * d for d in dims), default=0),
             state=state_bytes * (2 * numel + 2 * factors) + (FP32 * numel if masters else 0),
             probe_cache=FP32 * sum(d * d for d in dims),
         )
+
+
+# ``core.batched.refresh_waves``: a block's side counts three of its n x n stacks at the peak.
+WAVE_BLOCK_STACKS = 3
+
+
+def refresh_transient(owned: OwnedShapes, refresh_wave: float = 1.0) -> int:
+    """Peak bytes of a basis refresh (``batched.compute_bases``) beside the step's buffers.
+
+    In waves (``refresh_wave`` > 0, the default 1): at most ``refresh_wave`` x g_max, or one
+    block's side (three n x n stacks: its new basis, the QR's input and reflectors) where that
+    is larger, as ``refresh_waves`` packs them. One wave (0): every new basis at once (B) while
+    the last side also holds ``F Q``, its sorted copy and the reflectors (4 b_max).
+    """
+    one_wave = owned.bases + 4 * owned.largest_side
+    if refresh_wave <= 0:
+        return one_wave
+    bound = max(refresh_wave * owned.largest_class, WAVE_BLOCK_STACKS * owned.largest_block_side)
+    return int(min(one_wave, bound))
 
 
 @dataclass(frozen=True)
@@ -152,6 +178,7 @@ class RankMemory:
     folding: bool = False  # whether the window folds (the terms above follow it)
     level_buckets: int = 1  # collectives per level reduction (CommConfig.level_buckets)
     fold: int = 0  # a fold's transient (fold_transient), not beside the level buffers
+    last_fold: int = 0  # folding on: the last fold's peak (4 S + fold + what a level leaves)
 
     @property
     def opt_state(self) -> int:
@@ -176,7 +203,7 @@ class RankMemory:
     @property
     def transient(self) -> int:
         """Transient peak of window + step."""
-        return max(self.transient_window, self.transient_step)
+        return max(self.transient_window, self.last_fold, self.transient_step)
 
     @property
     def optimizer_peak(self) -> int:
@@ -201,6 +228,7 @@ def rank_memory(
     backend: str = "nccl",
     folding: bool = False,
     level_buckets: int | None = None,
+    refresh_wave: float = 1.0,
 ) -> RankMemory:
     """Modelled peak memory of owner ``rank`` of ``assignment`` (blocks owned over ``dp``).
 
@@ -213,6 +241,7 @@ def rank_memory(
     folds (at least one fold: ``LevelSchedule.num_folds > 0``); default off, as
     ``FoldingConfig.enabled``.
     ``level_buckets``: ``CommConfig.level_buckets`` (None: auto, as the optimizer's default).
+    ``refresh_wave``: ``SOAPConfig.refresh_wave`` (:func:`refresh_transient`).
     """
     masters = param_bytes < FP32
     owned = OwnedShapes.of(assignment.blocks_of(rank), state_bytes, masters)
@@ -235,9 +264,13 @@ def rank_memory(
             level += FP32 * max(sizes)
     else:
         received = level = owned.grads  # the packed buffer is reduced in place
+    last_fold = 0
     if folding:  # the class stacks, rotated estimate, a fold's transient; at the step both forms
         window, fold = 2 * owned.grads, fold_transient(owned.largest_class)
         stacking, step = 0, 2 * owned.grads
+        # the last fold: both estimates' two forms, its transient, and the last level's
+        # received segment (DP=1: its packed buffer), alive until the window ends
+        last_fold = 4 * owned.grads + fold + received
     else:  # the class stacks beside the received segment; at the step + their rotation
         window, fold, stacking, step = 0, 0, received + owned.grads, 2 * owned.grads
     return RankMemory(
@@ -248,9 +281,10 @@ def rank_memory(
         probe_cache=owned.probe_cache,
         window_buffers=window,
         fold=fold,
+        last_fold=last_fold,
         step_buffers=step,
         level_buffers=level,
-        refresh=owned.bases + 4 * owned.largest_side,
+        refresh=refresh_transient(owned, refresh_wave),
         stacking=stacking,
         folding=folding,
         level_buckets=buckets,

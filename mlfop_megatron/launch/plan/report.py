@@ -107,7 +107,7 @@ def _peak_memory_lines(plan: Plan) -> list[str]:
             "optimizer state: null-probe cache (worst case: n^2 per rotated dim)", fb(m.probe_cache)
         ),
         *_transient_lines(m),
-        _row("transient: basis refresh, all new bases + 4 x largest side stack", fb(m.refresh)),
+        _row("transient: basis refresh, one wave (<= g_max or one block's 3 n^2)", fb(m.refresh)),
         _row(f"transient peak ({_peak_phase(m)})", fb(m.transient)),
         _row("optimizer peak: grads + optimizer state + transient", fb(m.optimizer_peak)),
         _row(
