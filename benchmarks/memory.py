@@ -546,7 +546,7 @@ def scale_rows(level_buckets: int | None = None) -> list[str]:
     lines = [
         "| layout (K=8, bf16 params, --auto-block-size) | folding | params | grads | "
         "SOAP state | Adam | probe cache | transient (window / level [buckets] / stacking / "
-        "step + refresh) | optimizer peak | DistOpt-Adam + SOAP state, +10% |",
+        "last fold / step + refresh) | optimizer peak | DistOpt-Adam + SOAP state, +10% |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, dp, tp, pp in SCALE_LAYOUTS:
@@ -572,7 +572,8 @@ def scale_rows(level_buckets: int | None = None) -> list[str]:
                 f"{m.adam_state / gib:.2f} | {m.probe_cache / gib:.2f} | "
                 f"{m.transient / gib:.2f} ({m.window_buffers / gib:.2f} / "
                 f"{m.level_buffers / gib:.2f} [{m.level_buckets}] / {m.stacking / gib:.2f} / "
-                f"{m.transient_step / gib:.2f}) | {m.optimizer_peak / gib:.2f} | "
+                f"{m.last_fold / gib:.2f} / {m.transient_step / gib:.2f}) | "
+                f"{m.optimizer_peak / gib:.2f} | "
                 f"{target / gib:.2f} ({m.optimizer_peak / target:.2f}x) |"
             )
     return lines
@@ -650,8 +651,8 @@ def scale_text() -> list[str]:
     """The scale table with its caption."""
     return [
         "The same model at scale (`mlfop-plan`, GiB per rank, NCCL: no gloo scratch; "
-        "activations not included; folding on: transient = max(window + level, step + "
-        "refresh); folding off: max(level, stacking, step + refresh)):",
+        "activations not included; folding on: transient = max(window + level, last fold, "
+        "step + refresh); folding off: max(level, stacking, step + refresh)):",
         "",
         *scale_rows(),
     ]
@@ -743,21 +744,27 @@ def main(argv: list[str] | None = None) -> None:
                 text,
                 "",
                 "Where the transient comes from (allocation sites above; the model's terms in "
-                "`launch/plan/memory.py`): the peak is the step's basis refresh at every DP. "
-                "`batched.compute_bases` starts the QR of every side of every owned class before "
-                "finishing any (one host sync), so all new bases are alive at once "
-                "(`linalg.orthonormal_factor`) while the last side also holds `Q F`, its sorted "
-                "copy and the rank mask (`_start_qr`: 4 basis stacks), beside the SOAP metric "
-                "and the folded estimate's two forms (3 S). The fold workspace (`a`, `d`, 3 "
-                "scratch stacks) is dropped after the window's last fold (since 2026-12-06; it "
-                "lived to the step). "
-                "In the micro-steps the packed send buffer of the level reduce-scatter (all of "
-                "the rank's SOAP grads, fp32, owner-ordered) lives until the next boundary "
-                "waits, next to the received segment and, on gloo, a full-size scratch of the "
-                "reduce-scatter (with the bf16 wire, only the bf16 copy is kept). The transient "
-                "is still several times one owned shape-class stack (DESIGN target: <= 1). The "
-                "null-probe cache (`linalg._PROBES`, one fp32 n x n per rotated dimension, kept "
-                "for the process) is persistent optimizer memory outside the state dicts.",
+                "`launch/plan/memory.py`). The step's basis refresh runs in waves "
+                "(`SOAPConfig.refresh_wave`, default 1, since 2026-12-08): a wave's sides start "
+                "together and finish after one host read, its new bases and QR temporaries "
+                "within one largest class's gradient stack, or one block's side where that is "
+                "larger (three n x n stacks: on this GPT a 1024-sided basis, 4 MiB, so 12 MiB: "
+                "`diag_in_basis`'s `F Q` and product beside the new basis). Before, every side "
+                "of every class started before any finished, all new bases alive at once with "
+                "the last side's `Q F`, its sorted copy and the reflectors: the step transient "
+                "was 67.08 / 49.04 / 23.27 MiB at DP 1 / 2 / 4 (folding off; 25.00 / 19.00 / "
+                "15.75 now). Folding on, the window's last fold is now the peak at DP 1 and 2: "
+                "both estimates' two forms (4 S), the fold's chunk temporaries and the last "
+                "level's received segment (DP=1: its packed buffer), which the caller's "
+                "references keep alive through the fold. "
+                "In the micro-steps the packed send buffer of the level reduce-scatter lives "
+                "until the next boundary waits, next to the received segment and, on gloo, a "
+                "scratch of the reduce-scatter (with the bf16 wire, only the bf16 copy is kept). "
+                "The step's transient is still several times one owned shape-class stack "
+                "(DESIGN target: <= 1): the class stacks and their rotation (2 S) beside one "
+                "block's refresh. The null-probe cache (`linalg._PROBES`, one fp32 n x n per "
+                "rotated dimension, kept for the process) is persistent optimizer memory outside "
+                "the state dicts.",
                 "",
                 "Folding off (the package default), the window has one level: its reduce-scatter "
                 "is launched by the last backward and waited for in the step's `prepare_grads` "

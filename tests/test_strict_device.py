@@ -194,7 +194,7 @@ def _megatron_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     def checked_run(fold, inputs):
         reads = [t for e in ours.engines for t in [*(e._pending or ()), *_group_sq(e)]]
-        passed = {id(t) for t in inputs}
+        passed = {id(t) for t in inputs()}
         assert all(id(t) in passed for t in reads), "a tensor the fold drops was not passed"
         launches["folds"] += 1
         launches["with_earlier_tensors"] += bool(reads)

@@ -43,22 +43,25 @@ class FoldStream:
         self._allocator_streams = self.enabled and torch.cuda.is_available()
         self._launched = False
 
-    def run(self, fold: Callable[[], None], inputs: Sequence[torch.Tensor]) -> None:
-        """Launch ``fold`` (which reads ``inputs``) after the current stream's work so far.
+    def run(self, fold: Callable[[], None], inputs: Callable[[], Sequence[torch.Tensor]]) -> None:
+        """Launch ``fold`` (which reads ``inputs()``) after the current stream's work so far.
 
-        ``inputs``: every current-stream tensor the fold reads, also those it drops (an
-        engine's ``fold_reads()``: earlier segments, diagnostics sums).
+        ``inputs()``: every current-stream tensor the fold reads, also those it drops (an
+        engine's ``fold_reads()``: earlier segments, diagnostics sums). Called only for a side
+        stream, before the launch (``record_stream`` acts when a tensor is freed, so marking it
+        first is the same), and not kept: inline, nothing here holds what the fold frees (the
+        level's received segment, once the fold has copied it).
         """
         if self.stream is None:
             fold()
             return
+        if self._allocator_streams:
+            for t in inputs():  # 2: not reused before the fold finished
+                t.record_stream(self.stream)
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)  # 1: the reduction's output is complete
         with torch.cuda.stream(self.stream):
             fold()
-        if self._allocator_streams:
-            for t in inputs:  # 2: not reused before the fold finished
-                t.record_stream(self.stream)
         self._launched = True
 
     def join(self) -> None:

@@ -75,6 +75,12 @@ class OwnedBlock:
         return block_view(full, self.block)
 
 
+def _release(grads: Sequence[torch.Tensor]) -> None:
+    """Empty a list of copied gradients (its views would keep their buffer alive)."""
+    if isinstance(grads, list):
+        grads.clear()
+
+
 class ShardedSOAP:
     """SOAP + folding over blocks of ``params``, with block ownership spread over ``group``.
 
@@ -337,7 +343,8 @@ class ShardedSOAP:
 
         Each is a (rows, cols) tensor in ``self.owned`` order, DP-reduced to this owner; times
         ``scale`` they are the level mean. The blocks are copied: the caller may reuse their
-        storage.
+        storage. A list given is emptied once copied, so that the buffer they view (the level's
+        received segment) is freed before the fold when the caller holds nothing else of it.
         """
         if level == 0 or self._folder is None:
             if level != 0:
@@ -345,12 +352,14 @@ class ShardedSOAP:
             self._folder = self._new_folder()
         if self.batched and self._groups is None and self._pending is None:
             stacks = self._class_stacks(owned_grads, scale)
+            _release(owned_grads)
             start = time.perf_counter()
             assert isinstance(self._folder, BatchedWindowFolder)  # self.batched: see _new_folder
             self._folder.fold_level_stacked(level, stacks)
             self.timings["fold"] += time.perf_counter() - start
             return
         slices = self._owned_copies(owned_grads, scale)
+        _release(owned_grads)
         if self._groups is not None or self._pending is not None:
             start = time.perf_counter()
             size = self.schedule.level_size(level)

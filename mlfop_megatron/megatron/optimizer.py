@@ -104,6 +104,11 @@ def grad_stats_bytes() -> int:
     return 8 * (len(grad_norm_groups()) + 1)
 
 
+def _fold_inputs(blocks: Sequence[torch.Tensor], engine: SOAPEngine) -> list[torch.Tensor]:
+    """What a level's fold on a side stream reads: its blocks and the engine's earlier tensors."""
+    return [*blocks, *engine.fold_reads()]
+
+
 class _ParamGroups(torch.optim.Optimizer):
     """Holds param_groups (lr, weight_decay) for Megatron's LR scheduler; state is elsewhere."""
 
@@ -312,8 +317,9 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             self.engines[members[0]].timings["communication"] += time.perf_counter() - start
             for i, blocks in zip(members, owned):
                 if kind == "level":
+                    # the engine empties ``blocks`` once copied: the segment is freed then
                     fold = partial(self.engines[i].fold_owned_level, index, blocks, scale=scale)
-                    self._folds.run(fold, [*blocks, *self.engines[i].fold_reads()])
+                    self._folds.run(fold, partial(_fold_inputs, blocks, self.engines[i]))
                 else:
                     self.engines[i].add_owned_segment(blocks, index, scale)
         for shard_reducer, i in self._shard_reducers:
@@ -330,7 +336,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
             self.engines[i].timings["communication"] += time.perf_counter() - start
             if kind == "level":
                 fold = partial(self.engines[i].fold_owned_level, index, blocks, scale=scale)
-                self._folds.run(fold, [*blocks, *self.engines[i].fold_reads()])
+                self._folds.run(fold, partial(_fold_inputs, blocks, self.engines[i]))
             else:
                 self.engines[i].add_owned_segment(blocks, index, scale)
 

@@ -27,9 +27,10 @@ Folding on (``FoldingConfig.enabled`` with at least one fold: several levels):
   level buffers and the fold's transient; at the step the estimate's two forms are left
   (2 S). No metric stack: the chains make sqrt(v_hat) + eps from v (``fused.metric``; it
   was S more, kept from the first fold to the step, until 2026-12-07).
-* last fold: both estimates' two forms (4 S), the fold's transient, and the last level's
-  received segment (seg; DP=1: its packed buffer, S), alive until the window ends. Since the
-  refresh runs in waves it is the run's peak at small DP on the tiny GPT.
+* last fold: both estimates' two forms (4 S) and the fold's transient; the last level's
+  received segment is freed once stacked (``ShardedSOAP.fold_owned_level`` empties the
+  caller's list of its views; until 2026-12-08 the caller's references kept it, seg more).
+  Since the refresh runs in waves it is the run's peak at small DP on the tiny GPT.
 * level buffers (fwd/bwd phase): the packed owner-ordered send buffers of the level
   reduce-scatter in flight and this owner's received segment (seg), alive until the next
   level boundary waits; at DP=1 the packed buffer only (S, reduced in place). In G buckets
@@ -268,9 +269,9 @@ def rank_memory(
     if folding:  # the class stacks, rotated estimate, a fold's transient; at the step both forms
         window, fold = 2 * owned.grads, fold_transient(owned.largest_class)
         stacking, step = 0, 2 * owned.grads
-        # the last fold: both estimates' two forms, its transient, and the last level's
-        # received segment (DP=1: its packed buffer), alive until the window ends
-        last_fold = 4 * owned.grads + fold + received
+        # the last fold: both estimates' two forms and its transient (the level's received
+        # segment is freed once stacked: ShardedSOAP.fold_owned_level)
+        last_fold = 4 * owned.grads + fold
     else:  # the class stacks beside the received segment; at the step + their rotation
         window, fold, stacking, step = 0, 0, received + owned.grads, 2 * owned.grads
     return RankMemory(
