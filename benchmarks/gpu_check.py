@@ -24,10 +24,12 @@ Sizing of part 3: hidden 2048, 16 heads, ffn 4 x hidden, sequence 1024, micro-ba
 micro-batches (16384 tokens per optimizer step), vocab 64 (the synthetic data's; the stack is
 what is measured), and as many layers, up to 20 (1.0B parameters), as the memory model plus an
 activation estimate fit into 80% of the GPU's memory. With the defaults (whole matrices, every
-side up to 10000 rotated) the model puts a 1.0B stack at ~88 GiB (SOAP factors and bases are
-~31 bytes per parameter, a basis refresh of the largest shape class ~21 GiB more), so an 80 GB
-H100 gets 13 layers (0.66B params, modelled 57 GiB + 3.8 GiB of activations) and a 141 GB
-H200 all 20. An out-of-memory failure retries once at 2/3 of the layers; any other failure
+side up to 10000 rotated) the model puts a 1.0B stack at ~55 GiB (SOAP factors and bases are
+~31 bytes per parameter; the basis refresh runs in waves of at most one largest class's
+gradient stack, ``SOAPConfig.refresh_wave``: it was ~21 GiB more, 88 GiB in all, with every
+new basis at once), so an 80 GB H100 and a 141 GB H200 both get all 20 layers (modelled
+55 GiB + 5.8 GiB of activations); a 40 GB card would get 10. An out-of-memory failure retries
+once at 2/3 of the layers; any other failure
 with NCCL retries once with gloo. Expected time (estimated, not measured): 2-3 minutes, most of
 it SOAP's first step (an eigh of every Kronecker factor, 26 of them 8192 x 8192); one fwd+bwd
 window is ~0.2 s of GEMMs, a step that refreshes bases a few seconds. Every iteration's

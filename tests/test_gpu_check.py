@@ -106,15 +106,18 @@ def test_quick_cpu_path_measures_and_writes_the_figures(tmp_path: Path) -> None:
 def test_sizing_fits_the_stack_into_the_gpu_by_the_memory_model() -> None:
     full = gpu_check.StackSpec()
     at_20 = gpu_check.predicted_memory(full)
-    # ~1.0B params with every side rotated does not fit an 80 GB H100 at DP=1 (the docstring).
-    assert 80 * GIB < at_20["total"] < 100 * GIB
-    h100, h200 = 79.2 * GIB, 139.8 * GIB
-    layers = gpu_check.choose_layers(full, int(h100))
-    assert 10 <= layers <= 15
+    # ~1.0B params with every side rotated: ~55 GiB at DP=1 with the refresh in waves (the
+    # docstring; ~88 GiB with every new basis at once), so it fits an 80 GB H100, not a 40 GB.
+    assert 50 * GIB < at_20["total"] < 60 * GIB
+    a100, h100, h200 = 39.4 * GIB, 79.2 * GIB, 139.8 * GIB
+    layers = gpu_check.choose_layers(full, int(a100))
+    assert 8 <= layers <= 12
     fitted = replace(full, layers=layers)
     need = gpu_check.predicted_memory(fitted)["total"] + gpu_check.activation_bytes(fitted)
-    assert need <= gpu_check.MEMORY_SHARE * h100
+    assert need <= gpu_check.MEMORY_SHARE * a100
+    assert gpu_check.choose_layers(full, int(h100)) == gpu_check.MOST_LAYERS
     assert gpu_check.choose_layers(full, int(h200)) == gpu_check.MOST_LAYERS
+    layers = gpu_check.MOST_LAYERS
     spec = gpu_check.part3_spec(False, True, int(h100))
     assert (spec.layers, spec.backend, spec.cuda) == (layers, "nccl", True)
     assert spec.tokens_per_step == 1024 * 2 * 8
