@@ -301,6 +301,22 @@ def test_level_buckets_meet_the_issue_21_target_at_8b(tmp_path, capsys):
     assert rows["mlfop"]["launches"] == ba["launches_per_step"]
 
 
+def test_refresh_waves_bound_the_step_at_8b(tmp_path, capsys):
+    """--refresh-wave 0 (every new basis at once) puts the step's refresh back at B + 4 b_max."""
+    args = "--model llama3-8b --dp 8 --tp 1 --pp 1 --micro-batches 8 --param-bytes 2".split()
+    _, waves = _run(args, tmp_path, capsys)
+    _, one = _run([*args, "--refresh-wave", "0"], tmp_path, capsys)
+    mw, m1 = waves["busiest"]["peak_memory"], one["busiest"]["peak_memory"]
+    gib = float(1 << 30)
+    # one wave: 10.56 GiB of step transient at this layout (2 S = 6.5 GiB + refresh); in waves
+    # the refresh is at most one largest class stack or one block's three n^2 stacks
+    assert m1["refresh"] > 2 * mw["refresh"]
+    assert m1["step_buffers"] == mw["step_buffers"] == 6.5 * gib
+    assert m1["refresh"] + m1["step_buffers"] == pytest.approx(10.56 * gib, rel=0.01)
+    assert main([*args, "--refresh-wave", "-1"]) == 2
+    assert "--refresh-wave" in capsys.readouterr().err
+
+
 def test_no_folding_counts_no_fold_buffers(tmp_path, capsys):
     """Without --folding no fold buffer, fold workspace or estimate is counted or printed."""
     # one level bucket: the level reduction is the peak (auto: test_level_buckets_meet_target)

@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--max-precond-dim", type=int, default=10000)
     o.add_argument("--precondition-frequency", type=int, default=10)
+    o.add_argument(
+        "--refresh-wave",
+        type=float,
+        default=1.0,
+        help="SOAPConfig.refresh_wave: the basis refresh's memory bound in largest class stacks "
+        "(0: every new basis at once)",
+    )
     o.add_argument("--tp-mode", choices=TP_MODES, default="blockwise")
     o.add_argument("--param-bytes", type=int, default=2, help="bytes/param in the all-gather")
     o.add_argument("--state-bytes", type=int, default=4, help="bytes/float of optimizer state")
@@ -161,6 +168,7 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
             SOAPConfig,
             max_precond_dim=args.max_precond_dim,
             precondition_frequency=args.precondition_frequency,
+            refresh_wave=args.refresh_wave,
         ),
         folding=_config(
             FoldingConfig,
@@ -175,6 +183,7 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
 _FLAGS = {
     "max_precond_dim": "--max-precond-dim",
     "precondition_frequency": "--precondition-frequency",
+    "refresh_wave": "--refresh-wave",
     "accumulation_steps": "--micro-batches",
     "boundaries": "--boundaries / --micro-batches",
 }

@@ -492,6 +492,7 @@ def _stage_plan(
             folding=folds,
             # tp-full owners reduce through TPFullReducer: not bucketed
             level_buckets=1 if cfg.full_mode else cfg.level_buckets,
+            refresh_wave=cfg.soap.refresh_wave,
         )
         for r in range(world)
     ]
