@@ -542,7 +542,8 @@ def _drifted(
     ranks agree on (a collective, called exactly once per call, also with nothing gated).
     ``SOAPConfig.refresh_budget`` below 1 caps the refreshed cost at that fraction of the gated
     sides' (``refresh_budget.budget_cap``): the most drifted first, the rest deferred.
-    Returns the pieces to refresh, in the order of ``sides``.
+    Returns the pieces to refresh: the ungated sides, then the gated ones, each in the order
+    of ``sides`` (a class's L before its R, as the moments are re-expressed).
     """
     gated, shares = [], []
     out: list[_Piece] = []
@@ -588,8 +589,7 @@ def _drifted(
         counters.refreshes_skipped += b - len(members)
         if members:
             out.append(_Piece(cls.tensors, fk, bk, dim, members))
-    order = {(id(c.tensors), fk): k for k, (c, fk, _, _) in enumerate(sides)}
-    return sorted(out, key=lambda p: order[(id(p.parent), p.factor_key)])
+    return out
 
 
 def compute_bases(
@@ -632,8 +632,7 @@ def compute_bases(
         for chunk, job in zip(wave, jobs):
             changed.add(id(chunk.piece.parent))
             # Copies re-express the moments as the class's other side left them (L, then R).
-            chunk.load_moments()
-            job.tensors = chunk.tensors
+            chunk.load_moments()  # into chunk.tensors, the job's dict
             if job.flags is None:
                 _finish(job, None, counters)
             else:
