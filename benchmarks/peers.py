@@ -198,7 +198,8 @@ NOTES = [
     "it they diverged (1.59, 1.51). Updating from the first step is not a default.",
 ]
 
-# label -> (optimizer of examples/digits/optimizers.py, our SOAP options). Every row states
+# label -> (optimizer of examples/digits/optimizers.py, options: our SOAP options for ours,
+# Megatron OptimizerConfig fields over Megatron's defaults for a peer). Every row of ours states
 # every option it ablates (REFERENCE: the 2024 SOAP reference's choices), so a change of the
 # package defaults changes no row.
 REFERENCE: dict[str, Any] = {
@@ -224,6 +225,16 @@ MEGATRON_LIKE = {
     "refresh_first": True,
 }
 ORDER_FIRST = {"first_step_update": True, "refresh_first": True}
+# Megatron's SOAP with --no-soap-use-kl-shampoo in our code: Shampoo's factors at beta2's
+# EMA with its bias correction, every step's QR refresh before the update, an update from the
+# first step, the run's Adam betas (0.9, 0.95)
+MEGATRON_NOKL_LIKE = {
+    **F1,
+    "correct_factor_bias": True,
+    "first_step_update": True,
+    "refresh_first": True,
+    "betas": (0.9, 0.95),
+}
 # every step checked before the update, refreshed where drifted past 0.03: the default until
 # 2026-12-07 (beta1 0.95), and the default since (beta1 0.9)
 GATED = {**F1, "refresh_first": True, "refresh_tolerance": 3e-2}
@@ -236,6 +247,10 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "megatron-soap": ("megatron-soap", {}),
     "megatron-muon": ("megatron-muon", {}),
+    # Megatron's SOAP with Shampoo's factors instead of its default KL-Shampoo ones: with KL,
+    # emerging-optimizers 0.3.0 freezes the bases at the first step's (benchmarks/RESULTS.md,
+    # "Megatron's SOAP keeps its first bases"; benchmarks/megatron_soap_bases.py)
+    "megatron-soap-nokl": ("megatron-soap", {"soap_use_kl_shampoo": False}),
     "soap-reference": ("soap", REFERENCE),
     "soap-f1": ("soap", F1),
     "soap-f1+kl": ("soap", {**F1, "factor_estimator": "kl"}),
@@ -323,6 +338,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "soap-megatron-like-b999": ("soap", {**MEGATRON_LIKE, "betas": (0.9, 0.999)}),
     # emerging-optimizers clamps the eigenvalue estimates KL-Shampoo inverts at eps only
     "soap-megatron-like-kd0": ("soap", {**MEGATRON_LIKE, "kl_damping": 0.0}),
+    "soap-megatron-nokl-like": ("soap", MEGATRON_NOKL_LIKE),
     # Megatron's refresh order and first-step update, Shampoo's factors (KL hurt: see RESULTS)
     "soap-f1+first+order": ("soap", {**F1, **ORDER_FIRST}),
     "soap-f2+first+order": ("soap", {**F1, **ORDER_FIRST, "precondition_frequency": 2}),
@@ -401,9 +417,11 @@ def run_key(label: str, layout: str, batch: int, lr: float, seed: int, steps: in
 
 def make_spec(label: str, layout: str, batch: int, lr: float, seed: int, args: Any) -> Any:
     """The demo's RunSpec of one run (the demo's default model, diagnostics off)."""
+    from examples.digits.optimizers import entry
     from examples.digits.spec import RunSpec
 
     optimizer, options = ROWS[label]
+    ours = entry(optimizer).ours
     threads = max(1, (os.cpu_count() or 1) // args.nproc)
     return RunSpec(
         optimizer=optimizer,
@@ -417,7 +435,8 @@ def make_spec(label: str, layout: str, batch: int, lr: float, seed: int, args: A
         threads=threads,
         log_every=max(1, args.steps // 4),
         layout=layout,
-        soap_options=tuple(sorted(options.items())),
+        soap_options=tuple(sorted(options.items())) if ours else (),
+        megatron_options=() if ours else tuple(sorted(options.items())),
     )
 
 

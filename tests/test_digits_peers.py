@@ -160,3 +160,32 @@ def test_compare_trains_what_is_installed_and_says_what_it_skips(capsys) -> None
     # refuses them by name.
     assert optimizer_names(parse_args(["--compare", "--resume"]))[:3] == names[:3]
     assert not set(PEERS) & set(optimizer_names(parse_args(["--compare", "--resume"])))
+
+
+def _spec(optimizer: str, options: tuple[tuple[str, Any], ...]) -> Any:
+    from examples.digits.spec import RunSpec
+
+    return RunSpec(
+        optimizer=optimizer, out="unused", steps=1, global_batch=8, micro_batch=2, lr=1e-3,
+        seed=0, megatron_options=options,
+    )  # fmt: skip
+
+
+def test_megatron_options_set_a_peers_config_and_are_refused_elsewhere() -> None:
+    """A peer's OptimizerConfig takes the row's fields; ours and unknown fields are refused."""
+    from dataclasses import fields
+
+    from megatron.core.optimizer import OptimizerConfig
+
+    from examples.digits.optimizers import optimizer_config
+
+    config = optimizer_config(_spec("megatron-soap", (("adam_eps", 1e-6),)), "soap")
+    assert config.adam_eps == 1e-6 and config.optimizer == "soap"
+    if "soap_use_kl_shampoo" in {f.name for f in fields(OptimizerConfig)}:  # 0.19+
+        spec = _spec("megatron-soap", (("soap_use_kl_shampoo", False),))
+        assert optimizer_config(spec, "soap").soap_use_kl_shampoo is False
+        assert optimizer_config(_spec("megatron-soap", ()), "soap").soap_use_kl_shampoo is True
+    with pytest.raises(ValueError, match=r"megatron_options.*'soap'.*soap_options"):
+        optimizer_config(_spec("soap", (("adam_eps", 1e-6),)))
+    with pytest.raises(ValueError, match=r"\['no_such_field'\].*not fields"):
+        optimizer_config(_spec("megatron-muon", (("no_such_field", 1),)), "muon")

@@ -35,6 +35,7 @@ all-gather of unequal sizes that NCCL runs and gloo refuses (``gloo_uneven_all_g
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -79,19 +80,41 @@ def check_layer_wise(spec: RunSpec) -> None:
 
 
 # ----------------------------------------------------------------------------------- builders
+def check_megatron_options(spec: RunSpec) -> dict[str, Any]:
+    """``spec.megatron_options`` as a dict, refused for ours or where not OptimizerConfig's."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    options = dict(spec.megatron_options)
+    if not options:
+        return options
+    if TABLE[spec.optimizer].ours:
+        raise ValueError(
+            f"megatron_options {sorted(options)} are Megatron OptimizerConfig fields for "
+            f"Megatron's peers; {spec.optimizer!r} takes SOAP options (soap_options)"
+        )
+    known = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"megatron_options {unknown} are not fields of this megatron-core's "
+            "OptimizerConfig; name fields it has (e.g. soap_use_kl_shampoo on 0.19)"
+        )
+    return options
+
+
 def optimizer_config(spec: RunSpec, optimizer: str = "adam") -> Any:
     """The run's Megatron OptimizerConfig: lr, weight decay, Adam betas / eps, clipping, fp32.
 
     The same numbers for every entry (the Adam part of ours and of Megatron's peers); every
-    other field keeps Megatron's default (for the peers: ``soap_*`` and ``muon_*``). A
-    layer-wise peer (``spec.megatron_layer_wise``) sets
-    ``use_layer_wise_distributed_optimizer`` and bf16, as Megatron-LM's arguments do.
+    other field keeps Megatron's default (for the peers: ``soap_*`` and ``muon_*``) unless
+    ``spec.megatron_options`` sets it (peers only). A layer-wise peer
+    (``spec.megatron_layer_wise``) sets ``use_layer_wise_distributed_optimizer`` and bf16, as
+    Megatron-LM's arguments do.
     """
     from megatron.core.optimizer import OptimizerConfig
 
     layer_wise = bool(spec.megatron_layer_wise)
-    extra = {"use_layer_wise_distributed_optimizer": True} if layer_wise else {}
-    return OptimizerConfig(
+    fields: dict[str, Any] = dict(
         optimizer=optimizer,
         lr=spec.lr,
         min_lr=spec.lr * spec.min_lr_frac,
@@ -103,8 +126,11 @@ def optimizer_config(spec: RunSpec, optimizer: str = "adam") -> Any:
         bf16=layer_wise,
         fp16=False,
         use_distributed_optimizer=False,
-        **extra,
     )
+    if layer_wise:
+        fields["use_layer_wise_distributed_optimizer"] = True
+    fields.update(check_megatron_options(spec))
+    return OptimizerConfig(**fields)
 
 
 @contextlib.contextmanager

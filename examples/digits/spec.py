@@ -126,6 +126,9 @@ class RunSpec:
     statistics_from: str = "folded"  # FoldingConfig.statistics_from: "folded" | "mean"
     # SOAP options of ours (SOAPConfig field -> value) over the demo's; benchmarks/peers.py
     soap_options: tuple[tuple[str, Any], ...] = ()
+    # Megatron's peers only: OptimizerConfig fields over Megatron's defaults (an ablation of
+    # Megatron's own options, e.g. soap_use_kl_shampoo); benchmarks/peers.py
+    megatron_options: tuple[tuple[str, Any], ...] = ()
     # Megatron's peers only (optimizers.LAYER_WISE): "" the plain path (the table's default),
     # "layout" Megatron-LM's --use-distributed-optimizer (LayerWiseDistributedOptimizer on its
     # per-bucket layout), "pingpong" that with --no-use-layer-wise-param-layout (its fallback).
