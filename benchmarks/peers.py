@@ -352,6 +352,8 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "soap-default": ("soap", {}),
     "mlfop-default": ("mlfop", {}),
     "soap-default+blk256": ("soap", {"block_size": 256}),
+    # the learned position embeddings stepped by SOAP, as Megatron's SOAP and Muon do
+    "soap-default+pe": ("soap", {"position_embeddings": "soap"}),
 }
 PEERS = ("megatron-soap", "megatron-muon")
 

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from mlfop_megatron.policies import POSITION_EMBEDDINGS
+
 
 def option(default: Any, help: str, **metadata: Any) -> Any:
     """A config field with its default and its flag metadata (see the module docstring)."""
@@ -495,11 +497,19 @@ class ShardingConfig:
         "(ZeRO-1)",
         flag="replicated-adam",
     )
+    position_embeddings: str = option(
+        "adam",
+        "learned absolute position embeddings: 'adam', or 'soap' as Megatron's SOAP and Muon "
+        "take them (every 2-D param but the word embeddings and the output layer)",
+        choices=POSITION_EMBEDDINGS,
+    )
 
     def __post_init__(self) -> None:
         for name in ("sharded", "shard_adam"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, "True or False", getattr(self, name))
+        if self.position_embeddings not in POSITION_EMBEDDINGS:
+            _fail("position_embeddings", f"one of {POSITION_EMBEDDINGS}", self.position_embeddings)
         if self.block_size is not None:
             check_int("block_size", self.block_size, 1)
         if self.tp_mode not in TP_MODES:

@@ -10,11 +10,26 @@ from __future__ import annotations
 
 # Matrices that stay with Adam: vocabulary-sized embeddings and the output projection.
 ADAM_MATRIX_MARKERS = ("embedding", "output_layer")
+# Learned absolute position embeddings: Adam's, or SOAP's as Megatron's SOAP and Muon take them.
+POSITION_EMBEDDINGS = ("adam", "soap")
+POSITION_EMBEDDING_MARKER = "position_embeddings"
 
 
-def is_soap_matrix(name: str, ndim: int) -> bool:
-    """SOAP takes a parameter of >= 2 dims unless its name marks an embedding or output layer."""
-    return ndim >= 2 and not any(marker in name for marker in ADAM_MATRIX_MARKERS)
+def is_soap_matrix(name: str, ndim: int, position_embeddings: str = "adam") -> bool:
+    """SOAP takes a parameter of >= 2 dims unless its name marks an embedding or output layer.
+
+    ``position_embeddings="soap"`` gives learned position embeddings to SOAP too (Megatron's
+    rule for its emerging optimizers: every 2-D param not tagged embedding or output layer).
+    """
+    if position_embeddings not in POSITION_EMBEDDINGS:
+        raise ValueError(
+            f"position_embeddings must be one of {POSITION_EMBEDDINGS}, got {position_embeddings!r}"
+        )
+    if ndim < 2:
+        return False
+    if position_embeddings == "soap" and POSITION_EMBEDDING_MARKER in name:
+        return True
+    return not any(marker in name for marker in ADAM_MATRIX_MARKERS)
 
 
 def rotates(length: int, max_precond_dim: int) -> bool:

@@ -25,6 +25,16 @@ from mlfop_megatron.policies import is_soap_matrix, padded_vocab_size, rotates
 )
 def test_which_params_soap_takes(name, ndim, expected):
     assert is_soap_matrix(name, ndim) is expected
+    # Megatron's rule moves the learned position embeddings, and only them, to SOAP.
+    positions = "position_embeddings" in name
+    assert is_soap_matrix(name, ndim, "soap") is (expected or positions)
+
+
+def test_position_embeddings_option_is_checked():
+    with pytest.raises(ValueError, match="position_embeddings must be one of"):
+        is_soap_matrix("embedding.position_embeddings.weight", 2, "muon")
+    with pytest.raises(ValueError, match="position_embeddings"):
+        ShardingConfig(position_embeddings="muon")
 
 
 def test_planner_shapes_follow_the_soap_rule():

@@ -79,6 +79,9 @@ ROWS: dict[str, tuple[int, dict[str, Any]]] = {
         ),
     ),
     "dp2-bf16": (2, dict(dtype=torch.bfloat16)),
+    # Megatron's rule: the learned position embeddings are SOAP's too
+    "dp2-position-embeddings-soap": (2, dict(position_embeddings="soap")),
+    "tp2-position-embeddings-soap": (2, dict(tp=2, position_embeddings="soap")),
 }
 
 
@@ -101,6 +104,10 @@ def test_every_soap_block_steps_by_the_equations(row):
     ranks = run_distributed(run_tiny_gpt, nproc, spec)
     rtol = 1e-4 if spec["dtype"] == torch.bfloat16 else 1e-9
     assert _check(ranks, rtol) > 0
+    # The learned position embeddings are stepped by SOAP exactly where the row asks it.
+    names = {b["name"] for r in ranks for rec in r["captured_steps"] for b in rec["blocks"]}
+    soap_positions = any("position_embeddings" in n for n in names)
+    assert soap_positions == (spec.get("position_embeddings") == "soap"), sorted(names)
     # Every weight, SOAP or Adam side, moved over the run (against a run of zero steps).
     start = run_distributed(run_tiny_gpt, nproc, dict(spec, iters=0, check_step=None))
     for r in range(nproc):

@@ -221,11 +221,18 @@ def build_mlfop(spec: RunSpec, model: Any, accumulation_steps: int) -> Any:
         statistics_from=spec.statistics_from,
     )
     options = dict(spec.soap_options)
-    block_size = options.pop("block_size", None)  # ShardingConfig's, not SOAPConfig's
+    # ShardingConfig's, not SOAPConfig's
+    block_size = options.pop("block_size", None)
+    position_embeddings = options.pop("position_embeddings", "adam")
     if options:
         mlfop = mlfop.with_soap(**options)
     return get_mlfop_optimizer(
-        optimizer_config(spec), [model], mlfop, sharded=True, block_size=block_size
+        optimizer_config(spec),
+        [model],
+        mlfop,
+        sharded=True,
+        block_size=block_size,
+        position_embeddings=position_embeddings,
     )
 
 

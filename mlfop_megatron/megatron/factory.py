@@ -23,7 +23,7 @@ from mlfop_megatron.megatron.sharded_adam import ShardedMainParamAdamW
 from mlfop_megatron.policies import is_soap_matrix
 
 
-def is_soap_param(name: str, param: torch.nn.Parameter) -> bool:
+def is_soap_param(name: str, param: torch.nn.Parameter, position_embeddings: str = "adam") -> bool:
     """SOAP takes the transformer's linear weights; embeddings, output, norms, biases -> Adam.
 
     The name and shape rule is :func:`mlfop_megatron.policies.is_soap_matrix`.
@@ -38,7 +38,7 @@ def is_soap_param(name: str, param: torch.nn.Parameter) -> bool:
         param, "average_gradients_across_tp_domain", False
     ):
         return False
-    return is_soap_matrix(name, param.dim())
+    return is_soap_matrix(name, param.dim(), position_embeddings)
 
 
 def is_expert_param(param: torch.nn.Parameter) -> bool:
@@ -87,6 +87,7 @@ def get_mlfop_optimizer(
     shard_adam: bool = True,
     comm: CommConfig | None = None,
     adam_only: bool = False,
+    position_embeddings: str = "adam",
 ) -> MLFOPChainedOptimizer:
     """ML-FOP-SOAP for the matrices, AdamW for everything else.
 
@@ -103,6 +104,8 @@ def get_mlfop_optimizer(
     ``comm`` chooses the level reductions and the parameter sync (default: owner-ordered
     reduce-scatter per level, ZeRO-1 Adam grads reduce-scattered once into the slices each
     rank steps, one parameter all-gather per engine and per Adam buffer).
+    ``position_embeddings``: "adam" (default) or "soap", who steps learned absolute position
+    embeddings (``ShardingConfig.position_embeddings``).
     ``adam_only`` sends every param to the Adam part (an AdamW baseline through the same
     chained optimizer; any Megatron DistributedDataParallel, ``mlfop_config`` unused).
     """
@@ -139,7 +142,7 @@ def get_mlfop_optimizer(
         if not param.requires_grad:
             continue
         name = names[param]
-        if not adam_only and is_soap_param(name, param):
+        if not adam_only and is_soap_param(name, param, position_embeddings):
             soap.append((param, name))
         elif param.dim() >= 2:
             adam_decay.append(param)

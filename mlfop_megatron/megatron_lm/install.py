@@ -108,6 +108,7 @@ def build_mlfop_optimizer(config: Any, model_chunks: list[Any], args: argparse.N
         block_size=layout.block_size,
         tp_mode=layout.tp_mode,
         comm=comm,
+        position_embeddings=layout.position_embeddings,
     )
 
 

@@ -54,7 +54,8 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
     (more FoldingConfig options, e.g. structure, step_size, statistics_from, beta_max), soap
     (more SOAPConfig options, e.g. batched),
     grad_groups (group id per micro-batch: request_grad_diagnostics before every window),
-    shard_adam (ZeRO-1 Adam for the non-matrix params, default True),
+    shard_adam (ZeRO-1 Adam for the non-matrix params, default True), position_embeddings
+    ("adam" or "soap": who steps the learned position embeddings),
     comm (CommConfig options), count_comm (count the collectives of training and steps),
     package_order (the package's default SOAP order instead of REFERENCE_ORDER), check_step
     (capture that iteration's SOAP step of every engine: tests/support/step_capture.py).
@@ -115,6 +116,7 @@ def run_tiny_gpt(spec: dict[str, Any]) -> dict[str, Any]:
         tp_mode=spec.get("tp_mode", "blockwise"),
         comm=CommConfig(**spec.get("comm", {})),
         block_size=spec.get("block_size"),
+        position_embeddings=spec.get("position_embeddings", "adam"),
     )
     # Megatron's own LR/WD scheduler drives the chained optimizer, as in Megatron-LM.
     scheduler = OptimizerParamScheduler(
