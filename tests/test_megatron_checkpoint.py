@@ -130,3 +130,29 @@ def test_save_resume_with_the_separately_clipped_group_bitwise(tmp_path):
         assert _same(full[r]["params"], resumed[r]["params"])
         assert full[r]["losses"][4:] == resumed[r]["losses"]
         assert full[r]["group_norms"][4:] == resumed[r]["group_norms"]
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [("adam", "soap"), ("soap", "adam")])
+def test_a_checkpoint_resumes_only_with_its_choice_of_soap_params(tmp_path, saved, resumed):
+    """Switching --mlfop-position-embeddings across a resume is refused, naming the option.
+
+    Either way the layouts differ: SOAP state missing for a param SOAP now steps, or SOAP
+    state saved for a param Adam now steps. With the same setting the run resumes bitwise,
+    also where one rank owns no block of an engine (the position embeddings, one replicated
+    matrix in an engine of its own at DP=2: dist_checkpointing leaves that engine out of the
+    rank's loaded list).
+    """
+    ckpt = str(tmp_path / "ckpt")
+    base = dict(iters=4, microbatches=2, global_micro=2, precondition_frequency=2)
+    full = run_distributed(
+        run_tiny_gpt, 2, dict(base, save_at=(1, ckpt), position_embeddings=saved)
+    )
+    path = latest_checkpoint(ckpt)
+    with pytest.raises(
+        Exception, match=r"another choice of SOAP params.*mlfop-position-embeddings"
+    ):
+        run_distributed(run_tiny_gpt, 2, dict(base, load_from=path, position_embeddings=resumed))
+    same = run_distributed(run_tiny_gpt, 2, dict(base, load_from=path, position_embeddings=saved))
+    for r in (0, 1):
+        assert _same(full[r]["params"], same[r]["params"])
+        assert full[r]["losses"][2:] == same[r]["losses"]

@@ -172,6 +172,7 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
 
 def load_checkpoint(path: str, model: Any, optimizer: Any) -> int:
     """Load a checkpoint written by save_checkpoint into model and optimizer; returns iteration."""
+    check_soap_params_saved(path, model, optimizer)
     template = _sharded_state(model, optimizer, 0)
     for opt in optimizer.chained_optimizers:
         if hasattr(opt, "init_state_fn") and not hasattr(opt, "engines"):
@@ -182,6 +183,53 @@ def load_checkpoint(path: str, model: Any, optimizer: Any) -> int:
     model.module.load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     return int(loaded["iteration"])
+
+
+def _saved_soap_params(path: str) -> set[str]:
+    """Canonical names of the params a checkpoint holds SOAP blocks of (from its metadata)."""
+    # Keys are _block_key's "<PREFIX>.e<i>.tp<t>.<param>@<row>,<col>.<field>", behind the
+    # chained optimizer's "chained_<k>." where the optimizer is one of a chain.
+    pattern = re.compile(r"(?:^|\.)" + re.escape(PREFIX) + r"\.e\d+\.tp\d+\.(.+)@\d+,\d+\.")
+    names = set()
+    for key in dist_checkpointing.load_tensors_metadata(path):
+        match = pattern.search(key)
+        if match:
+            names.add(match.group(1))
+    return names
+
+
+def check_soap_params_saved(path: str, model: Any, optimizer: Any) -> None:
+    """Refuse a checkpoint whose SOAP-stepped params differ from this optimizer's, naming how.
+
+    Every param this optimizer steps with SOAP must have SOAP blocks saved, and no param of
+    this model stepped by Adam here may have them (params of other pipeline stages may).
+    Otherwise dist_checkpointing would fail on a missing key, or the blocks would be dropped.
+    """
+    from mlfop_megatron.megatron.naming import canonical_param_names
+
+    ours: set[str] = set()
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        ours.update(getattr(opt, "soap_param_names", ()))
+    saved = _saved_soap_params(path)
+    here = set(canonical_param_names(model).values())
+    missing = sorted(ours - saved)
+    extra = sorted((saved & here) - ours)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(
+                f"SOAP steps {missing[:3]} here but the checkpoint has no SOAP state "
+                "for them (they were Adam's when it was saved)"
+            )
+        if extra:
+            parts.append(f"the checkpoint holds SOAP state for {extra[:3]}, which Adam steps here")
+        raise ValueError(
+            f"checkpoint {path} was saved with another choice of SOAP params: "
+            + "; ".join(parts)
+            + ". Resume with the settings it was saved with: the same "
+            "--mlfop-position-embeddings (ShardingConfig.position_embeddings / "
+            "get_mlfop_optimizer(position_embeddings=...)) and the same model"
+        )
 
 
 def _drop_derived_fields_absent_from(template: Any, path: str) -> None:

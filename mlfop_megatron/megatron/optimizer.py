@@ -134,6 +134,7 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
     ) -> None:
         from mlfop_megatron.megatron.param_groups import megatron_group_fields
 
+        self.soap_param_names = list(names)  # canonical names of the params SOAP steps
         self.comm = comm or CommConfig()
         groups = groups or megatron_parallel_groups()
         group = {"params": params, "lr": config.lr, "weight_decay": config.weight_decay}
@@ -603,15 +604,11 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         from mlfop_megatron.megatron.checkpointing import scalars_from_loaded
 
         self.finish_param_sync()
-        if len(state_dict["engines"]) != len(self.engines):
-            raise ValueError(
-                f"checkpoint has {len(state_dict['engines'])} SOAP engines, this optimizer "
-                f"{len(self.engines)}: the set of tensor-parallel matrices differs"
-            )
+        engines = self._saved_engines_in_order(state_dict["engines"])
         # A dist_checkpointing load carries the world totals of the counters (common state):
         # rank 0's first engine takes them, so the stats' sum over ranks carries on.
         totals = state_dict.get("counters")
-        for i, (engine, saved) in enumerate(zip(self.engines, state_dict["engines"])):
+        for i, (engine, saved) in enumerate(zip(self.engines, engines)):
             blocks = {
                 name: scalars_from_loaded(entry) if torch.is_tensor(entry["step"]) else entry
                 for name, entry in saved["blocks"].items()
@@ -624,6 +621,34 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         for group, saved in zip(self.optimizer.param_groups, state_dict["param_groups"]):
             group.update(saved)
         self.skipped_steps = state_dict["skipped_steps"]
+
+    def _saved_engines_in_order(self, saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The saved engine entries, one per engine of this optimizer, in its order.
+
+        dist_checkpointing drops an engine's entry on a rank that owns none of its blocks
+        (all of them ShardedTensors of other ranks: e.g. an engine of one replicated matrix at
+        DP=2), so the loaded list can be shorter: each entry is matched to the engine whose
+        owned blocks it holds, and an engine owning nothing here gets an empty one.
+        """
+        if len(saved) == len(self.engines):
+            return saved
+        rest, ordered = list(saved), []
+        for engine in self.engines:
+            names = {engine.block_name(o) for o in engine.owned}
+            if not names:
+                ordered.append({"blocks": {}})
+                continue
+            match = next((e for e in rest if set(e["blocks"]) == names), None)
+            if match is None:
+                break
+            rest.remove(match)
+            ordered.append(match)
+        if len(ordered) != len(self.engines) or rest:
+            raise ValueError(
+                f"checkpoint has {len(saved)} SOAP engines, this optimizer "
+                f"{len(self.engines)}: the set of tensor-parallel matrices differs"
+            )
+        return ordered
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
         """The state for dist_checkpointing (see ``megatron/checkpointing.py``)."""
