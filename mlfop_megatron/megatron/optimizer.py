@@ -632,7 +632,8 @@ class MLFOPMegatronOptimizer(MegatronOptimizer):
         """
         if len(saved) == len(self.engines):
             return saved
-        rest, ordered = list(saved), []
+        rest = list(saved)
+        ordered: list[dict[str, Any]] = []
         for engine in self.engines:
             names = {engine.block_name(o) for o in engine.owned}
             if not names:
