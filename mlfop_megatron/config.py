@@ -110,8 +110,10 @@ class SOAPConfig:
     own lr on seed 0, held-out seeds 1-3, both layouts) these defaults end at 0.516-0.520
     (batch 32) and 0.426-0.432 (batch 128), against Megatron's Muon at 0.57-0.58 and
     0.439-0.441 and its SOAP at 0.60-0.63 and 0.46-0.47, reaching Muon's final objective in
-    0.72-0.96x its steps in all four cells; they take about 1.3-1.4x Muon's CPU step time at
-    batch 32 (1.1x at 128; timed with the update scale off), mostly the refreshes. On
+    0.72-0.96x its steps in all four cells (Megatron's SOAP with ``--no-soap-use-kl-shampoo``
+    ends at 0.50-0.53 and 0.42, ahead of them per step in three cells of four: RESULTS);
+    they take about 1.3-1.4x Muon's CPU step time at batch 32 (1.1x at 128; timed with the
+    update scale off), mostly the refreshes. On
     DP-sharded blocks the gate's refreshes are balanced over the owner ranks
     (``refresh_balance``), so a step waits for the ranks' mean refresh work. The first step
     still only collects statistics: updating from it (Megatron's choice,
