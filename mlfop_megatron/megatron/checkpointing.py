@@ -37,6 +37,11 @@ def _block_key(engine_index: int, block_name: str) -> str:
     return f"{PREFIX}.e{engine_index}.tp{tp}.{block_name}"
 
 
+# A saved block tensor's key: _block_key's "<PREFIX>.e<i>.tp<t>.<param>@<row>,<col>" and
+# ".<field>", behind "chained_<k>." where the optimizer is one of a chain; group 1: <param>.
+_BLOCK_KEY = re.compile(r"(?:^|\.)" + re.escape(PREFIX) + r"\.e\d+\.tp\d+\.(.+)@\d+,\d+\.")
+
+
 def optimizer_sharded_state_dict(optimizer: Any, is_loading: bool = False) -> dict[str, Any]:
     """Sharded state dict of an MLFOPMegatronOptimizer (see module docstring)."""
     replica = 0 if optimizer.sharded else parallel_state.get_data_parallel_rank()
@@ -172,33 +177,31 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
 
 def load_checkpoint(path: str, model: Any, optimizer: Any) -> int:
     """Load a checkpoint written by save_checkpoint into model and optimizer; returns iteration."""
-    check_soap_params_saved(path, model, optimizer)
+    saved_keys = set(dist_checkpointing.load_tensors_metadata(path))
+    check_soap_params_saved(path, saved_keys, model, optimizer)
     template = _sharded_state(model, optimizer, 0)
     for opt in optimizer.chained_optimizers:
         if hasattr(opt, "init_state_fn") and not hasattr(opt, "engines"):
             opt.init_state_fn(opt.optimizer, opt.config)
     template["optimizer"] = optimizer.sharded_state_dict(template["model"], is_loading=True)
-    _drop_derived_fields_absent_from(template["optimizer"], path)
+    _drop_derived_fields_absent_from(template["optimizer"], saved_keys)
     loaded = dist_checkpointing.load(template, path)
     model.module.load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     return int(loaded["iteration"])
 
 
-def _saved_soap_params(path: str) -> set[str]:
-    """Canonical names of the params a checkpoint holds SOAP blocks of (from its metadata)."""
-    # Keys are _block_key's "<PREFIX>.e<i>.tp<t>.<param>@<row>,<col>.<field>", behind the
-    # chained optimizer's "chained_<k>." where the optimizer is one of a chain.
-    pattern = re.compile(r"(?:^|\.)" + re.escape(PREFIX) + r"\.e\d+\.tp\d+\.(.+)@\d+,\d+\.")
+def _saved_soap_params(saved_keys: set[str]) -> set[str]:
+    """Canonical names of the params whose SOAP blocks a checkpoint's tensor keys hold."""
     names = set()
-    for key in dist_checkpointing.load_tensors_metadata(path):
-        match = pattern.search(key)
+    for key in saved_keys:
+        match = _BLOCK_KEY.search(key)
         if match:
             names.add(match.group(1))
     return names
 
 
-def check_soap_params_saved(path: str, model: Any, optimizer: Any) -> None:
+def check_soap_params_saved(path: str, saved_keys: set[str], model: Any, optimizer: Any) -> None:
     """Refuse a checkpoint whose SOAP-stepped params differ from this optimizer's, naming how.
 
     Every param this optimizer steps with SOAP must have SOAP blocks saved, and no param of
@@ -210,7 +213,7 @@ def check_soap_params_saved(path: str, model: Any, optimizer: Any) -> None:
     ours: set[str] = set()
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         ours.update(getattr(opt, "soap_param_names", ()))
-    saved = _saved_soap_params(path)
+    saved = _saved_soap_params(saved_keys)
     here = set(canonical_param_names(model).values())
     missing = sorted(ours - saved)
     extra = sorted((saved & here) - ours)
@@ -232,15 +235,14 @@ def check_soap_params_saved(path: str, model: Any, optimizer: Any) -> None:
         )
 
 
-def _drop_derived_fields_absent_from(template: Any, path: str) -> None:
+def _drop_derived_fields_absent_from(template: Any, saved: set[str]) -> None:
     """Leave out of a loading template the derived fields a checkpoint does not hold.
 
     A checkpoint saved before the estimates DL, DR were kept loads, and the engines form them
     from the loaded factors and bases. (Megatron-LM's own loader does the same with
     ``--dist-ckpt-strictness log_all``.) ``template``: an optimizer's (or a chain's) sharded
-    state dict, walked whole.
+    state dict, walked whole; ``saved``: the checkpoint's tensor keys.
     """
-    saved = dist_checkpointing.load_tensors_metadata(path)
     suffixes = tuple(f".{field}" for field in DERIVED_FIELDS)
 
     def absent(value: Any) -> bool:
